@@ -1,0 +1,133 @@
+"""The engine's contract with the node (design doc, "Engine contract").
+
+The node submits a `GenerationRequest` (token ids + sampling + limits) and receives, from
+`AsyncEngine.generate`, `TokenChunk`s as tokens are committed and then one `GenerationResult`.
+Nothing here knows about gRPC, peers or money.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class RequestRejected(ValueError):
+    """The engine cannot serve this request (too long, bad sampling values...); message says why."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0          # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    def validate(self, max_new_tokens_limit: int) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0 or self.temperature > 100:
+            raise RequestRejected("bad_sampling", f"temperature must be in [0, 100], got {self.temperature}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise RequestRejected("bad_sampling", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise RequestRejected("bad_sampling", f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_new_tokens > max_new_tokens_limit:
+            raise RequestRejected(
+                "too_long", f"max_new_tokens {self.max_new_tokens} exceeds this engine's limit {max_new_tokens_limit}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise RequestRejected("bad_sampling", f"seed must be in [0, 2^63), got {self.seed}")
+        if len(self.stop) > 8 or any(not s or len(s) > 256 for s in self.stop):
+            raise RequestRejected("bad_sampling", "at most 8 stop strings of 1..256 characters")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+
+
+@dataclass
+class RequestStats:
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    rounds: int = 0               # speculative rounds (the first token, from prefill, is not a round)
+    drafted_tokens: int = 0       # tokens the drafter proposed
+    verified_tokens: int = 0      # draft tokens sent to the target for verification
+    accepted_tokens: int = 0      # draft tokens the target accepted
+    queue_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    # accepted_at[k] / reached[k]: conditional acceptance of draft position k+1 given 1..k accepted
+    reached: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per round, bonus included (reference §4.4)."""
+        return (self.accepted_tokens + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        busy = self.prefill_seconds + self.decode_seconds
+        return self.output_tokens / busy if busy > 0 else 0.0
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        return [a / r if r else 0.0 for a, r in zip(self.accepted_at, self.reached)]
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    output_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason
+    stats: RequestStats
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model_id: str
+    model_digest: bytes          # sha256 over the target weights
+    method: str                  # "ar", "ngram", "dspark", ...
+    drafter_id: str              # "" for plain decoding
+    drafter_digest: bytes
+    device: str                  # "cpu" or the GPU name
+    dtype: str
+    max_context: int             # prompt + new tokens a request may use
+    max_batch: int               # concurrent requests decoded together
+    block_size: int              # draft tokens per round (gamma); 0 for plain decoding
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What one speculative round over the active batch did (issue: metrics per round)."""
+    batch_size: int                  # requests verified together
+    verify_tokens: int               # query tokens in the target forward (anchors + drafts)
+    budgets: tuple[int, ...]         # draft tokens verified per request
+    expected_accepted: float         # scheduler's expectation (sum of prefix survivals), 0 if none
+    accepted: int                    # draft tokens accepted in total
+    committed: int                   # tokens committed in total (accepted + bonus)
+    draft_seconds: float
+    schedule_seconds: float
+    verify_seconds: float
+    round_seconds: float
