@@ -11,6 +11,7 @@ import sys
 COMMANDS = [
     "node.commands.generate",
     "node.commands.bench",
+    "node.commands.health",
 ]
 
 

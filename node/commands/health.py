@@ -1,0 +1,47 @@
+"""`dspark-node health`: ask a node's standard gRPC health service whether it is SERVING.
+
+Container HEALTHCHECKs and Kubernetes probes run it inside the node's own container; exit 0 when
+SERVING, 1 otherwise, with one line saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from node.probe import ProbeError, describe_rpc_error, open_channel, parse_endpoint
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("health", help="check that a node's gRPC health service reports SERVING")
+    parser.add_argument("--grpc", default="127.0.0.1:7440", type=parse_endpoint, metavar="HOST:PORT",
+                        help="the node's gRPC endpoint (default: %(default)s)")
+    parser.add_argument("--tls", default="auto", choices=["auto", "on", "off"],
+                        help="auto: TLS if the endpoint offers it (default), on: require TLS, off: plaintext")
+    parser.add_argument("--service", default="",
+                        help="health service name to ask about (default: the whole server)")
+    parser.add_argument("--timeout", default=3.0, type=float, metavar="SECONDS",
+                        help="give up after this long (default: %(default)s)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.timeout <= 0:
+        print("health: --timeout must be positive", file=sys.stderr)
+        return 2
+    try:
+        with open_channel(args.grpc, args.tls, args.timeout) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+    except ProbeError as exc:
+        print(f"health: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        print(f"health: {describe_rpc_error(args.grpc, exc)}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.grpc}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
