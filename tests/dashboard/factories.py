@@ -1,0 +1,36 @@
+"""Event builders shared by the dashboard tests: realistic stats and round reports."""
+
+from __future__ import annotations
+
+from engine.api import EngineInfo, RequestStats, RoundReport
+from node.events import EngineRound, JobFinished
+
+
+def engine_info(device: str = "cpu") -> EngineInfo:
+    return EngineInfo(model_id="smollm2-135m-instruct", model_digest=bytes(range(32)), method="ngram",
+                      drafter_id="ngram", drafter_digest=b"", device=device, dtype="float32",
+                      max_context=4096, max_batch=8, block_size=4)
+
+
+def stats(output_tokens: int, rounds: int, reached: list[int], accepted_at: list[int],
+          prompt_tokens: int = 12, busy_seconds: float = 2.0) -> RequestStats:
+    accepted = sum(accepted_at)
+    return RequestStats(prompt_tokens=prompt_tokens, output_tokens=output_tokens, rounds=rounds,
+                        drafted_tokens=sum(reached) + rounds, verified_tokens=sum(reached),
+                        accepted_tokens=accepted, queue_seconds=0.01, prefill_seconds=busy_seconds / 4,
+                        decode_seconds=busy_seconds * 3 / 4, reached=reached, accepted_at=accepted_at)
+
+
+def finished(job_id: str, outcome: str, s: RequestStats, amount: int, sequence: int, client: str = "ab" * 32,
+             ttft: float | None = 0.3, at: float | None = None) -> JobFinished:
+    extra = {"at": at} if at is not None else {}
+    return JobFinished(job_id=job_id, client=client, outcome=outcome, stats=s, amount_micros=amount,
+                       receipt_sequence=sequence, time_to_first_token=ttft, **extra)
+
+
+def engine_round(budgets: tuple[int, ...], accepted: int, seconds: float, at: float | None = None) -> EngineRound:
+    report = RoundReport(batch_size=len(budgets), verify_tokens=len(budgets) + sum(budgets), budgets=budgets,
+                         expected_accepted=accepted + 0.5, accepted=accepted, committed=accepted + len(budgets),
+                         draft_seconds=seconds / 4, schedule_seconds=seconds / 20, verify_seconds=seconds / 2,
+                         round_seconds=seconds)
+    return EngineRound(report=report, **({"at": at} if at is not None else {}))
