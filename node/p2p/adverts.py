@@ -1,0 +1,170 @@
+"""Signed capacity adverts: building them, checking received ones, and the table of live ones.
+
+An advert travels as an `Envelope(CapacityAdvert)` signed by the worker's node key. A receiver
+drops it before delivery (gossipsub topic validator) when it is oversized, unsigned or badly
+signed, forged (signing key != the advert's peer ID, or the advert arrives from another origin
+than the peer it describes), stale (sequence not above the last one seen from that peer), expired
+(issued_at + ttl in the past) or issued too far in the future.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from dspark.v1.advert_pb2 import CapacityAdvert
+from dspark.v1.envelope_pb2 import Envelope
+from node.envelope import EnvelopeError, open_envelope, seal
+from node.identity import Identity, IdentityError, public_key_from_peer_id
+
+TOPIC = "/dspark/capacity/1"
+MAX_ADVERT_BYTES = 16 * 1024     # a real advert is ~400 bytes; 16 KiB leaves room for many models
+MAX_TTL_S = 86_400             # same bound as the node config (p2p.advert_ttl_s)
+MAX_CLOCK_SKEW_MS = 30_000
+MAX_REMEMBERED_PEERS = 10_000    # bound on the sequence memory (replay protection)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class AdvertRefused(ValueError):
+    """An advert that must be dropped; `reason` is a short tag (AdvertSeen.reason)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_advert(data: bytes, origin_peer_id: str | None, at_ms: int, known_sequences: Mapping[str, int],
+                 max_skew_ms: int = MAX_CLOCK_SKEW_MS) -> tuple[Envelope, CapacityAdvert]:
+    """Parse and verify one received advert (pure: no state, no I/O); raise AdvertRefused.
+
+    `origin_peer_id` is the gossipsub origin (`from_id`), which must be the advertised peer;
+    None for an advert relayed by request (exchange.py), where only the signature binds it."""
+    if len(data) > MAX_ADVERT_BYTES:
+        raise AdvertRefused("oversized", f"advert of {len(data)} bytes exceeds {MAX_ADVERT_BYTES}")
+    envelope = Envelope()
+    try:
+        envelope.ParseFromString(data)
+    except DecodeError:
+        raise AdvertRefused("malformed", "advert is not a serialized Envelope") from None
+    if not envelope.signature:
+        raise AdvertRefused("unsigned", "advert envelope carries no signature")
+    try:
+        advert = open_envelope(envelope, CapacityAdvert)
+    except EnvelopeError as exc:
+        raise AdvertRefused(exc.reason, f"advert envelope refused: {exc}") from None
+    try:
+        claimed_key = public_key_from_peer_id(advert.peer_id)
+    except IdentityError as exc:
+        raise AdvertRefused("malformed", f"advert peer_id: {exc}") from None
+    if claimed_key != envelope.public_key:
+        raise AdvertRefused("forged", f"advert for {advert.peer_id} is signed by another key")
+    if origin_peer_id is not None and origin_peer_id != advert.peer_id:
+        raise AdvertRefused("forged", f"advert for {advert.peer_id} published by {origin_peer_id}")
+    if not 1 <= advert.ttl_seconds <= MAX_TTL_S:
+        raise AdvertRefused("malformed", f"ttl_seconds {advert.ttl_seconds} outside [1, {MAX_TTL_S}]")
+    if advert.issued_at_ms > at_ms + max_skew_ms:
+        raise AdvertRefused("future", f"advert issued {advert.issued_at_ms - at_ms} ms in the future")
+    if advert.issued_at_ms + advert.ttl_seconds * 1000 <= at_ms:
+        raise AdvertRefused("expired", f"advert from {advert.peer_id} expired")
+    last_sequence = known_sequences.get(advert.peer_id)
+    if last_sequence is not None and advert.sequence <= last_sequence:
+        raise AdvertRefused("stale", f"sequence {advert.sequence} is not above {last_sequence} seen before")
+    host, sep, port = advert.grpc_endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise AdvertRefused("malformed", f"grpc_endpoint {advert.grpc_endpoint!r} is not host:port")
+    return envelope, advert
+
+
+@dataclass(frozen=True)
+class LiveAdvert:
+    advert: CapacityAdvert
+    envelope: Envelope
+    received_at_ms: int
+    expires_at_ms: int
+
+    @property
+    def peer_id(self) -> str:
+        return self.advert.peer_id
+
+    def serves(self, model: str) -> bool:
+        return any(offer.id == model for offer in self.advert.models)
+
+
+class AdvertBook:
+    """Live adverts by peer, plus the last sequence seen per peer (kept past expiry, so an old
+    advert replayed after its sender went quiet is still refused). Thread-safe: the libp2p thread
+    writes, the asyncio side reads."""
+
+    def __init__(self, self_peer_id: str = ""):
+        self._self = self_peer_id
+        self._lock = threading.Lock()
+        self._live: dict[str, LiveAdvert] = {}
+        self._last_sequence: dict[str, int] = {}
+
+    def offer(self, data: bytes, origin_peer_id: str | None, at_ms: int | None = None) -> LiveAdvert:
+        """Check and store an advert; raise AdvertRefused. Our own adverts are checked, not stored."""
+        at = now_ms() if at_ms is None else at_ms
+        with self._lock:
+            envelope, advert = check_advert(data, origin_peer_id, at, self._last_sequence)
+            # The receiver's clock bounds the lifetime too: a worker whose clock runs ahead must
+            # not stay listed longer than its TTL.
+            live = LiveAdvert(advert, envelope, at, min(advert.issued_at_ms, at) + advert.ttl_seconds * 1000)
+            if advert.peer_id == self._self:
+                return live
+            if len(self._last_sequence) >= MAX_REMEMBERED_PEERS and advert.peer_id not in self._last_sequence:
+                self._forget_oldest()
+            self._last_sequence[advert.peer_id] = advert.sequence
+            self._live[advert.peer_id] = live
+            return live
+
+    def _forget_oldest(self) -> None:
+        expired = [p for p in self._last_sequence if p not in self._live]
+        victim = expired[0] if expired else next(iter(self._last_sequence))
+        self._last_sequence.pop(victim, None)
+        self._live.pop(victim, None)
+
+    def live(self, at_ms: int | None = None) -> list[LiveAdvert]:
+        at = now_ms() if at_ms is None else at_ms
+        with self._lock:
+            for peer in [p for p, a in self._live.items() if a.expires_at_ms <= at]:
+                del self._live[peer]
+            return list(self._live.values())
+
+    def get(self, peer_id: str, at_ms: int | None = None) -> LiveAdvert | None:
+        return next((a for a in self.live(at_ms) if a.peer_id == peer_id), None)
+
+
+class AdvertSigner:
+    """Stamps and signs this node's adverts with a strictly increasing sequence. The sequence
+    starts at the current unix ms, so a restarted worker's adverts still outrank its old ones."""
+
+    def __init__(self, identity: Identity, ttl_seconds: int):
+        if not 1 <= ttl_seconds <= MAX_TTL_S:
+            raise ValueError(f"advert ttl {ttl_seconds} s outside [1, {MAX_TTL_S}]")
+        self.identity = identity
+        self.ttl_seconds = ttl_seconds
+        self._sequence = 0
+
+    @property
+    def last_sequence(self) -> int:
+        return self._sequence
+
+    def sign(self, capacity: CapacityAdvert, listen_addrs: list[str]) -> Envelope:
+        advert = CapacityAdvert()
+        advert.CopyFrom(capacity)
+        at = now_ms()
+        self._sequence = max(self._sequence + 1, at)
+        advert.peer_id = self.identity.peer_id
+        del advert.listen_addrs[:]
+        advert.listen_addrs.extend(listen_addrs)
+        advert.sequence = self._sequence
+        advert.ttl_seconds = self.ttl_seconds
+        advert.issued_at_ms = at
+        return seal(self.identity, advert)

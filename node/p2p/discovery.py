@@ -1,0 +1,83 @@
+"""Client-side discovery: join the network through bootstrap peers (or mDNS), and find live workers
+for a model from gossiped adverts and DHT provider records."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from node.identity import Identity
+from node.p2p.adverts import LiveAdvert
+from node.p2p.host import HostConfig, P2PError
+from node.p2p.network import PeerNetwork
+
+JOIN_TIMEOUT_S = 10.0
+POLL_S = 0.2
+
+
+class DiscoveryError(RuntimeError):
+    """The client could not join the network or found no worker; the message says which."""
+
+
+class Discovery:
+    """A client's short-lived network membership (DHT client mode: it answers no DHT queries)."""
+
+    def __init__(self, identity: Identity, bootstrap: Sequence[str], mdns: bool = False,
+                 listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)):
+        if not bootstrap and not mdns:
+            raise DiscoveryError("no bootstrap peer given (and mDNS off): nothing to join")
+        try:
+            config = HostConfig(tuple(listen), tuple(bootstrap), mdns, dht_server=False)
+            self.network = PeerNetwork(identity, config)
+        except P2PError as exc:
+            raise DiscoveryError(str(exc)) from None
+
+    async def start(self, timeout_s: float = JOIN_TIMEOUT_S) -> None:
+        """Start the host, wait for a first peer, then ask the connected peers for their adverts."""
+        try:
+            await self.network.start()
+        except P2PError as exc:
+            raise DiscoveryError(str(exc)) from None
+        deadline = time.monotonic() + timeout_s
+        while not self.network.connected_peers():
+            if time.monotonic() > deadline:
+                await self.network.stop()
+                raise DiscoveryError(f"could not reach any bootstrap peer within {timeout_s:g} s")
+            await asyncio.sleep(POLL_S)
+        await self.network.refresh()
+
+    async def stop(self) -> None:
+        await self.network.stop()
+
+    async def __aenter__(self) -> Discovery:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def adverts(self, model: str | None = None) -> list[LiveAdvert]:
+        return self.network.adverts(model)
+
+    async def find_workers(self, model: str, wait_s: float = 3.0) -> list[LiveAdvert]:
+        """Live adverts of workers serving `model`. Adds DHT providers we have no advert from (by
+        asking them directly), and waits up to `wait_s` for a first one."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            known = {a.peer_id for a in self.adverts(model)}
+            for peer in await self.network.providers(model):
+                if peer not in known:
+                    await self.network.fetch(peer)
+            found = self.adverts(model)
+            if found or time.monotonic() > deadline:
+                return found
+            await asyncio.sleep(POLL_S)
+            await self.network.refresh()
+
+    async def wait_for(self, count: int, model: str | None = None, timeout_s: float = 10.0) -> list[LiveAdvert]:
+        """Wait until at least `count` workers (serving `model`, if given) are visible."""
+        deadline = time.monotonic() + timeout_s
+        while len(found := self.adverts(model)) < count and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S)
+        return found
