@@ -12,6 +12,7 @@ COMMANDS = [
     "node.commands.generate",
     "node.commands.bench",
     "node.commands.health",
+    "node.commands.peers",
 ]
 
 
