@@ -12,6 +12,8 @@ COMMANDS = [
     "node.commands.generate",
     "node.commands.bench",
     "node.commands.health",
+    "node.commands.doctor",
+    "node.commands.receipts",
     "node.commands.peers",
 ]
 

@@ -19,6 +19,7 @@ from typing import Literal
 import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 TlsMode = Literal["auto", "on", "off"]
 
@@ -116,3 +117,12 @@ def describe_rpc_error(endpoint: Endpoint, exc: grpc.RpcError) -> str:
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return f"{endpoint} does not serve this RPC: is it a dspark node?"
     return f"{endpoint} answered {code.name if code else 'an error'}: {details}"
+
+
+def health_status(endpoint: Endpoint, tls: TlsMode, timeout: float, service: str = "") -> str:
+    """The standard health service's answer ("SERVING", "NOT_SERVING", ...); raises ProbeError or
+    grpc.RpcError when there is no answer."""
+    with open_channel(endpoint, tls, timeout) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

@@ -10,9 +10,8 @@ import argparse
 import sys
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from node.probe import ProbeError, describe_rpc_error, open_channel, parse_endpoint
+from node.probe import ProbeError, describe_rpc_error, health_status, parse_endpoint
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,15 +32,12 @@ def run(args: argparse.Namespace) -> int:
         print("health: --timeout must be positive", file=sys.stderr)
         return 2
     try:
-        with open_channel(args.grpc, args.tls, args.timeout) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        status = health_status(args.grpc, args.tls, args.timeout, args.service)
     except ProbeError as exc:
         print(f"health: {exc}", file=sys.stderr)
         return 1
     except grpc.RpcError as exc:
         print(f"health: {describe_rpc_error(args.grpc, exc)}", file=sys.stderr)
         return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{args.grpc}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return 0 if status == "SERVING" else 1

@@ -1,0 +1,213 @@
+"""`dspark-node doctor` on this (GPU-less) machine, and each check against real sockets, files and a
+real gRPC peer serving signed capacity adverts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+from deploy_helpers import free_port, parse_command, start_server
+from grpc_health.v1 import health, health_pb2_grpc
+
+from dspark.v1 import advert_pb2, worker_pb2_grpc
+from node.commands import doctor as doctor_command
+from node.config import load_config
+from node.doctor import (check_clock, check_disk, check_exposure, check_key, check_port,
+                         tcp_listen_of_multiaddr)
+from node.envelope import seal
+from node.identity import Identity
+from node.probe import parse_endpoint
+
+no_gpu_here = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a usable GPU")
+
+
+def doctor(argv: list[str]) -> int:
+    args = parse_command(doctor_command, ["doctor", *argv])
+    return args.func(args)
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return tmp_path / "data"
+
+
+def free_listens(monkeypatch) -> None:
+    """Point the node's three ports at free ones, through the DSPARK_* environment as an operator would."""
+    monkeypatch.setenv("DSPARK_GRPC_LISTEN", f"127.0.0.1:{free_port()}")
+    monkeypatch.setenv("DSPARK_HTTP_LISTEN", f"127.0.0.1:{free_port()}")
+    monkeypatch.setenv("DSPARK_P2P__LISTEN", f'["/ip4/127.0.0.1/tcp/{free_port()}"]')
+
+
+@no_gpu_here
+def test_reports_no_gpu_and_passes_on_a_cpu_node(data_dir, monkeypatch, capsys):
+    free_listens(monkeypatch)
+    assert doctor(["--data-dir", str(data_dir), "--min-free-gb", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "[warn] gpu: no GPU:" in out
+    expected_reason = "CPU-only build" if torch.version.cuda is None else "sees no usable GPU"
+    assert expected_reason in out
+    assert "[skip] cuda:" in out
+    assert "0 failed" in out
+
+
+@no_gpu_here
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_no_gpu_fails_when_one_is_required(how, data_dir, monkeypatch, capsys):
+    free_listens(monkeypatch)
+    argv = ["--data-dir", str(data_dir), "--min-free-gb", "0"]
+    if how == "flag":
+        argv.append("--require-gpu")
+    else:
+        monkeypatch.setenv("DSPARK_ENGINE__DEVICE", "cuda")
+    assert doctor(argv) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] gpu: no GPU" in out
+    assert "fix: start the container with GPUs" in out
+
+
+def test_bad_config_is_reported_not_raised(tmp_path, capsys):
+    config = tmp_path / "node.toml"
+    config.write_text('grpc_listen = "nowhere"\n')
+    assert doctor(["--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] config:" in out and "grpc_listen" in out
+
+
+def test_negative_threshold_is_refused(capsys):
+    assert doctor(["--min-free-gb", "-1"]) == 2
+    assert "--min-free-gb" in capsys.readouterr().err
+
+
+def test_key_missing_present_open_and_corrupt(data_dir):
+    assert check_key(data_dir).status == "ok"
+    identity = Identity.generate()
+    identity.save(data_dir / "node.key")
+    found = check_key(data_dir)
+    assert found.status == "ok" and identity.peer_id in found.detail
+    os.chmod(data_dir / "node.key", 0o644)
+    loose = check_key(data_dir)
+    assert loose.status == "fail" and f"chmod 600 {data_dir / 'node.key'}" == loose.fix
+    os.chmod(data_dir / "node.key", 0o600)
+    (data_dir / "node.key").write_text("not a key\n")
+    assert check_key(data_dir).status == "fail"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the key file to another uid")
+def test_key_owned_by_another_user_fails(data_dir):
+    Identity.generate().save(data_dir / "node.key")
+    os.chown(data_dir / "node.key", 4321, 4321)
+    result = check_key(data_dir)
+    assert result.status == "fail" and "uid 4321" in result.detail
+
+
+def test_port_free_held_and_not_local():
+    port = free_port()
+    assert check_port("grpc_listen", f"127.0.0.1:{port}", node_running=False).status == "ok"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        held = check_port("grpc_listen", f"127.0.0.1:{port}", node_running=False)
+        assert held.status == "fail" and "grpc_listen" in held.fix
+        assert check_port("grpc_listen", f"127.0.0.1:{port}", node_running=True).status == "ok"
+    # 192.0.2.0/24 is reserved for documentation: never an address of this machine; bind sends nothing.
+    foreign = check_port("http_listen", "192.0.2.1:7441", node_running=False)
+    assert foreign.status == "fail" and "not an address of this machine" in foreign.detail
+
+
+def test_running_node_ports_are_recognised(data_dir, monkeypatch, capsys):
+    """A node already serving on the configured gRPC port: its ports are in use, and that is fine."""
+    servicer = health.HealthServicer()
+    server, port = start_server([lambda s: health_pb2_grpc.add_HealthServicer_to_server(servicer, s)], tls=False)
+    try:
+        free_listens(monkeypatch)
+        monkeypatch.setenv("DSPARK_GRPC_LISTEN", f"127.0.0.1:{port}")
+        doctor(["--data-dir", str(data_dir), "--min-free-gb", "0"])
+        assert f"[ok]   port grpc_listen: 127.0.0.1:{port} is served by the running node" in capsys.readouterr().out
+    finally:
+        server.stop(grace=None)
+
+
+def test_multiaddr_ports():
+    assert tcp_listen_of_multiaddr("/ip4/0.0.0.0/tcp/7442") == "0.0.0.0:7442"
+    assert tcp_listen_of_multiaddr("/ip6/::/tcp/7442") == "[::]:7442"
+    assert tcp_listen_of_multiaddr("/ip4/0.0.0.0/udp/7442/quic-v1") is None
+
+
+def test_exposure_warnings():
+    assert check_exposure(load_config())[0].status == "warn"  # loopback gRPC: no market client reaches it
+    public = load_config(overrides={"grpc_listen": "0.0.0.0:7440", "p2p": {"announce_grpc": "203.0.113.7:31440"}})
+    assert [c.status for c in check_exposure(public)] == ["ok"]
+    unannounced = check_exposure(load_config(overrides={"grpc_listen": "0.0.0.0:7440"}))
+    assert unannounced[0].status == "warn" and "announce_grpc" in unannounced[0].fix
+    open_dashboard = check_exposure(load_config(overrides={"grpc_listen": "0.0.0.0:7440", "http_listen": "0.0.0.0:7441",
+                                                           "p2p": {"announce_grpc": "203.0.113.7:31440"}}))
+    assert open_dashboard[0].status == "fail" and "dashboard.token" in open_dashboard[0].fix
+
+
+def test_disk_threshold(tmp_path):
+    assert check_disk("data_dir", tmp_path / "not" / "yet", 0).status == "ok"
+    assert check_disk("data_dir", tmp_path, 1 << 62).status == "fail"
+
+
+class _Peer(worker_pb2_grpc.WorkerServicer):
+    """A peer whose GetCapacity returns an advert stamped now + `offset_s` (payload corrupted if `tamper`)."""
+
+    def __init__(self):
+        self.identity = Identity.generate()
+        self.offset_s = 0.0
+        self.tamper = False
+
+    def GetCapacity(self, request, context):
+        advert = advert_pb2.CapacityAdvert(peer_id=self.identity.peer_id,
+                                           issued_at_ms=int((time.time() + self.offset_s) * 1000))
+        envelope = seal(self.identity, advert)
+        if self.tamper:
+            envelope.payload = envelope.payload + b"\x00"
+        return envelope
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plaintext", "tls"])
+def peer(request):
+    servicer = _Peer()
+    server, port = start_server([lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s)],
+                                tls=request.param)
+    yield servicer, parse_endpoint(f"127.0.0.1:{port}")
+    server.stop(grace=None)
+
+
+def test_clock_in_sync(peer):
+    servicer, endpoint = peer
+    servicer.offset_s, servicer.tamper = 0.0, False
+    result = check_clock(endpoint, "auto", max_skew_s=5)
+    assert result.status == "ok", result.detail
+
+
+@pytest.mark.parametrize("offset", [-120.0, 90.0])
+def test_clock_skew_beyond_tolerance_fails(peer, offset):
+    servicer, endpoint = peer
+    servicer.offset_s, servicer.tamper = offset, False
+    result = check_clock(endpoint, "auto", max_skew_s=30)
+    assert result.status == "fail" and "NTP" in result.fix
+    measured = float(result.detail.split("this clock is ")[1].split(" s off")[0])
+    assert abs(measured - (-offset)) < 2  # the peer is ahead by `offset`: this clock is behind by it
+
+
+def test_clock_refuses_a_badly_signed_advert(peer):
+    servicer, endpoint = peer
+    servicer.offset_s, servicer.tamper = 0.0, True
+    result = check_clock(endpoint, "auto", max_skew_s=30)
+    assert result.status == "fail" and "signature" in result.detail
+
+
+def test_clock_without_peer_is_skipped_with_advice():
+    result = check_clock(None, "auto", max_skew_s=30)
+    assert result.status == "skip" and "--peer" in result.fix
+
+
+def test_clock_peer_that_is_not_a_node(health_server):
+    _, port, _ = health_server
+    result = check_clock(parse_endpoint(f"127.0.0.1:{port}"), "auto", max_skew_s=30)
+    assert result.status == "fail" and "is it a dspark node" in result.detail
