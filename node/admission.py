@@ -1,0 +1,178 @@
+"""Admission: which signed jobs this node accepts, as pure functions returning typed refusals.
+
+No I/O here. The service gathers the inputs (policy from config, the load it tracks, the clock,
+the prompt length once tokenized), calls these, and maps a `Refusal` to a gRPC status. The
+persistent replay check (Ledger.register_job) is the one check that needs storage, so the
+service runs it last, after everything here has passed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+from dspark.v1.envelope_pb2 import Envelope
+from dspark.v1.job_pb2 import JobRequest
+from engine.api import RequestRejected, SamplingParams
+from node.envelope import EnvelopeError, digest, open_envelope
+
+JOB_ID_BYTES = 16
+
+
+class Reason(StrEnum):
+    BAD_SIGNATURE = "bad_signature"
+    MALFORMED = "malformed"
+    WRONG_WORKER = "wrong_worker"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    REPLAYED = "replayed"
+    NOT_ALLOWED = "not_allowed"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_CONCURRENT = "too_many_concurrent"
+    QUEUE_FULL = "queue_full"
+    UNKNOWN_MODEL = "unknown_model"
+    TOO_LONG = "too_long"
+    BAD_SAMPLING = "bad_sampling"
+    PRICE_TOO_LOW = "price_too_low"
+    SHUTTING_DOWN = "shutting_down"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: Reason
+    message: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the node accepts; built once from NodeConfig and the engine's info."""
+    worker_peer_id: str
+    model_id: str
+    max_context: int
+    max_new_tokens_limit: int
+    price_per_mtok_micros: int
+    mode: str                         # "open" | "allowlist" | "denylist"
+    allow: frozenset[bytes]
+    deny: frozenset[bytes]
+    rate_per_minute: int
+    max_concurrent_per_client: int
+    max_queue: int
+    clock_skew_ms: int
+
+
+@dataclass(frozen=True)
+class Load:
+    """The node's state that admission depends on, as the service sees it right now."""
+    client_active: int                # this client's jobs still running
+    client_recent: int                # this client's jobs admitted in the last 60 s
+    queue_depth: int                  # requests waiting for an engine slot
+    draining: bool = False
+
+
+@dataclass(frozen=True)
+class SignedJob:
+    envelope: Envelope
+    request: JobRequest
+    client_key: bytes
+    digest: bytes                     # sha256 of the envelope (receipts bind it)
+    sampling: SamplingParams
+
+
+def open_job(envelope: Envelope) -> SignedJob | Refusal:
+    """Verify the signature over the exact payload bytes, then parse and check the fields."""
+    try:
+        request = open_envelope(envelope, JobRequest)
+    except EnvelopeError as exc:
+        reason = Reason.BAD_SIGNATURE if exc.reason in ("bad_signature", "bad_key") else Reason.MALFORMED
+        return Refusal(reason, str(exc))
+    if len(request.job_id) != JOB_ID_BYTES:
+        return Refusal(Reason.MALFORMED, f"job_id must be {JOB_ID_BYTES} bytes, got {len(request.job_id)}")
+    if request.WhichOneof("prompt") is None:
+        return Refusal(Reason.MALFORMED, "the job has no prompt (chat, text or tokens)")
+    if request.WhichOneof("prompt") == "chat" and not request.chat.messages:
+        return Refusal(Reason.MALFORMED, "the chat prompt has no messages")
+    if request.expires_at_ms <= request.issued_at_ms:
+        return Refusal(Reason.MALFORMED, "expires_at_ms must be after issued_at_ms")
+    s = request.sampling
+    # proto3 floats arrive as 0 when unset: top_p 0 means "no nucleus filter", like 1.
+    sampling = SamplingParams(temperature=s.temperature, top_p=s.top_p if s.top_p > 0 else 1.0,
+                              max_new_tokens=s.max_new_tokens,
+                              seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop))
+    if not math.isfinite(sampling.temperature) or not math.isfinite(sampling.top_p):
+        return Refusal(Reason.BAD_SAMPLING, "temperature and top_p must be finite numbers")
+    return SignedJob(envelope=envelope, request=request, client_key=bytes(envelope.public_key),
+                     digest=digest(envelope), sampling=sampling)
+
+
+def admit(job: SignedJob, policy: Policy, load: Load, now_ms: int) -> Refusal | None:
+    """Every check that needs no tokenizer and no storage, cheapest and least revealing first."""
+    request = job.request
+    if load.draining:
+        return Refusal(Reason.SHUTTING_DOWN, "the node is shutting down and admits no new jobs")
+    if request.worker_peer_id != policy.worker_peer_id:
+        return Refusal(Reason.WRONG_WORKER, f"job is meant for worker {request.worker_peer_id!r}, "
+                                            f"this is {policy.worker_peer_id}")
+    if request.issued_at_ms > now_ms + policy.clock_skew_ms:
+        return Refusal(Reason.NOT_YET_VALID, f"job is issued {(request.issued_at_ms - now_ms) / 1000:.1f} s in "
+                                             f"the future (allowed skew {policy.clock_skew_ms / 1000:.0f} s)")
+    if request.expires_at_ms + policy.clock_skew_ms < now_ms:
+        return Refusal(Reason.EXPIRED, f"job expired {(now_ms - request.expires_at_ms) / 1000:.1f} s ago")
+    refusal = _check_client(job.client_key, policy)
+    if refusal is None:
+        refusal = _check_offer(job, policy)
+    if refusal is None:
+        refusal = _check_load(policy, load)
+    return refusal
+
+
+def _check_client(client_key: bytes, policy: Policy) -> Refusal | None:
+    if policy.mode == "allowlist" and client_key not in policy.allow:
+        return Refusal(Reason.NOT_ALLOWED, "this node serves only allowlisted clients")
+    if policy.mode == "denylist" and client_key in policy.deny:
+        return Refusal(Reason.NOT_ALLOWED, "this client is denied by the node's operator")
+    return None
+
+
+def _check_offer(job: SignedJob, policy: Policy) -> Refusal | None:
+    request = job.request
+    if request.model != policy.model_id:
+        return Refusal(Reason.UNKNOWN_MODEL, f"model {request.model!r} is not served here "
+                                             f"(this node serves {policy.model_id!r})")
+    if request.max_price_per_mtok_micros < policy.price_per_mtok_micros:
+        return Refusal(Reason.PRICE_TOO_LOW, f"price cap {request.max_price_per_mtok_micros} is below this node's "
+                                             f"price of {policy.price_per_mtok_micros} micros per million tokens")
+    try:
+        job.sampling.validate(policy.max_new_tokens_limit)
+    except RequestRejected as exc:
+        return refusal_for_rejection(exc)
+    return None
+
+
+def _check_load(policy: Policy, load: Load) -> Refusal | None:
+    if load.client_active >= policy.max_concurrent_per_client:
+        return Refusal(Reason.TOO_MANY_CONCURRENT, f"this client already has {load.client_active} jobs running "
+                                                   f"(limit {policy.max_concurrent_per_client})")
+    if load.client_recent >= policy.rate_per_minute:
+        return Refusal(Reason.RATE_LIMITED, f"this client submitted {load.client_recent} jobs in the last minute "
+                                            f"(limit {policy.rate_per_minute})")
+    if load.queue_depth >= policy.max_queue:
+        return Refusal(Reason.QUEUE_FULL, f"{load.queue_depth} jobs are already waiting (limit {policy.max_queue})")
+    return None
+
+
+def check_fit(prompt_tokens: int, sampling: SamplingParams, policy: Policy) -> Refusal | None:
+    """Once the prompt is tokenized: prompt + new tokens must fit the context."""
+    if prompt_tokens == 0:
+        return Refusal(Reason.MALFORMED, "the prompt is empty")
+    needed = prompt_tokens + sampling.max_new_tokens
+    if needed > policy.max_context:
+        return Refusal(Reason.TOO_LONG, f"prompt ({prompt_tokens} tokens) + max_new_tokens "
+                                        f"({sampling.max_new_tokens}) = {needed} exceeds the context of "
+                                        f"{policy.max_context}")
+    return None
+
+
+def refusal_for_rejection(exc: RequestRejected) -> Refusal:
+    """The engine's own last word (KV budget, sampling values) as a refusal."""
+    return Refusal(Reason.TOO_LONG if exc.reason == "too_long" else Reason.BAD_SAMPLING, str(exc))

@@ -1,0 +1,218 @@
+"""The node's configuration: embedded defaults < TOML file < `DSPARK_*` environment < CLI flags.
+
+Loaded and validated once at start (`load_config`), then passed down; a bad value is refused with
+a message naming the field (`ConfigError`), before anything is written to the data dir.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from engine.config import EngineConfig
+from node.identity import IdentityError, public_key_from_peer_id
+
+DEFAULT_DATA_DIR = Path("~/.local/share/dspark-node")
+# The parsed TOML file of the load_config call in progress (the settings class has no per-call file).
+_FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("_FILE_VALUES", default={})
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names each bad field."""
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 as `[::1]:PORT`) -> (host, port); raises ValueError naming the problem."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} in {value!r} is above 65535")
+    return host.strip("[]"), port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def client_key_bytes(entry: str) -> bytes:
+    """An allow/deny entry (a peer ID or 64 hex characters) -> the raw 32-byte Ed25519 key."""
+    if len(entry) == 64:
+        try:
+            return bytes.fromhex(entry)
+        except ValueError:
+            pass
+    try:
+        return public_key_from_peer_id(entry)
+    except IdentityError:
+        raise ValueError(f"{entry!r} is neither a peer ID (12D3KooW...) nor a 64-hex-digit public key") from None
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class P2PConfig(_Section):
+    listen: list[str] = Field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/7442"])
+    bootstrap: list[str] = Field(default_factory=list)
+    mdns: bool = False
+    advert_interval_s: float = Field(5.0, gt=0, le=3600)
+    advert_ttl_s: int = Field(30, ge=1, le=86400)
+    announce_grpc: str | None = Field(None, description="HOST:PORT clients should dial (default: grpc_listen)")
+
+    @field_validator("listen", "bootstrap")
+    @classmethod
+    def _multiaddrs(cls, addrs: list[str]) -> list[str]:
+        for addr in addrs:
+            if not addr.startswith("/"):
+                raise ValueError(f"{addr!r} is not a multiaddr (e.g. /ip4/127.0.0.1/tcp/7442)")
+        return addrs
+
+    @field_validator("announce_grpc")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_host_port(value)
+        return value
+
+
+class AdmissionConfig(_Section):
+    mode: Literal["open", "allowlist", "denylist"] = "open"
+    allow: list[str] = Field(default_factory=list, description="peer IDs or hex public keys")
+    deny: list[str] = Field(default_factory=list, description="peer IDs or hex public keys")
+    rate_per_minute: int = Field(120, ge=1, description="jobs admitted per client per minute")
+    max_concurrent_per_client: int = Field(8, ge=1)
+    max_queue: int = Field(64, ge=0, description="jobs waiting for an engine slot before refusing")
+    clock_skew_s: float = Field(30.0, ge=0, le=3600, description="tolerance on issued_at / expires_at")
+    grace_s: float = Field(10.0, ge=0, le=3600, description="on SIGTERM, time running jobs get to finish")
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _keys(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            client_key_bytes(entry)
+        return entries
+
+    @model_validator(mode="after")
+    def _nonempty_allowlist(self) -> AdmissionConfig:
+        if self.mode == "allowlist" and not self.allow:
+            raise ValueError("mode 'allowlist' with an empty 'allow' list would refuse every client")
+        return self
+
+
+class PricingConfig(_Section):
+    per_mtok_micros: int = Field(100_000, ge=0, description="price per million output tokens, micro-units")
+    per_model: dict[str, int] = Field(default_factory=dict)
+    per_gpu_second_micros: int = Field(0, ge=0)
+
+    @field_validator("per_model")
+    @classmethod
+    def _nonnegative(cls, prices: dict[str, int]) -> dict[str, int]:
+        for model, price in prices.items():
+            if price < 0:
+                raise ValueError(f"price for {model!r} is negative ({price})")
+        return prices
+
+    def price_for(self, model: str) -> int:
+        return self.per_model.get(model, self.per_mtok_micros)
+
+
+class TlsConfig(_Section):
+    mode: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: TLS unless gRPC listens on loopback; off: plaintext everywhere")
+
+
+class DashboardConfig(_Section):
+    token: str | None = None
+
+
+class NodeConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DSPARK_", env_nested_delimiter="__", extra="forbid")
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    grpc_listen: str = "127.0.0.1:7440"
+    http_listen: str = "127.0.0.1:7441"
+    p2p: P2PConfig = Field(default_factory=P2PConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
+
+    @field_validator("grpc_listen", "http_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def grpc_tls(self) -> bool:
+        """Whether the gRPC port serves TLS (plaintext only on loopback, or when set to 'off')."""
+        if self.tls.mode == "auto":
+            return not is_loopback(split_host_port(self.grpc_listen)[0])
+        return self.tls.mode == "on"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # CLI flags arrive as init kwargs (highest), then the environment, then the TOML file.
+        # No .env or secrets dir: one place per setting.
+        return init_settings, env_settings, _FileSource(settings_cls)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _FILE_VALUES.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILE_VALUES.get())
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _describe(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"  {field}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    """Build the NodeConfig from TOML (if given), `DSPARK_*` env and `overrides` (CLI flags, nested dicts)."""
+    file_values = _read_toml(path) if path is not None else {}
+    origin = f"{path}, environment and flags" if path is not None else "environment and flags"
+    token = _FILE_VALUES.set(file_values)
+    try:
+        return NodeConfig(**(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from None
+    finally:
+        _FILE_VALUES.reset(token)
