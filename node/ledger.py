@@ -1,0 +1,324 @@
+"""The billing ledger: one SQLite file holding jobs (the persistent replay cache), signed receipts in
+an append-only hash chain, and the clients' acknowledgments beside them.
+
+Durability: WAL with synchronous=FULL, and a receipt row is inserted in the same transaction that
+marks its job finished, so after any crash a job is either 'running' (and `recover` bills what it
+produced: nothing) or 'finished' with its receipt. Calls block (SQLite): async callers use
+`asyncio.to_thread`; one lock serializes them because a sqlite3 connection has one transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from dspark.v1.envelope_pb2 import Envelope
+from dspark.v1.receipt_pb2 import Acknowledgment, Receipt
+from engine.api import RequestStats
+from node.envelope import EnvelopeError, digest, open_envelope
+from node.identity import Identity
+from node.receipts import (GENESIS_DIGEST, JobOutcome, ReceiptError, build_receipt, check_acknowledgment,
+                           sign_receipt)
+
+LEDGER_FILE = "ledger.sqlite3"    # inside the node's data dir
+SCHEMA_VERSION = b"1"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    client_key BLOB NOT NULL, job_id BLOB NOT NULL, job_digest BLOB NOT NULL,
+    expires_at_ms INTEGER NOT NULL, registered_at_ms INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'finished')),
+    receipt_sequence INTEGER,
+    PRIMARY KEY (client_key, job_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+CREATE TABLE IF NOT EXISTS receipts (
+    sequence INTEGER PRIMARY KEY,
+    client_key BLOB NOT NULL, job_id BLOB NOT NULL, digest BLOB NOT NULL UNIQUE,
+    issued_at_ms INTEGER NOT NULL, outcome TEXT NOT NULL,
+    output_tokens INTEGER NOT NULL, amount_micros INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    UNIQUE (client_key, job_id));
+CREATE INDEX IF NOT EXISTS receipts_issued ON receipts (issued_at_ms);
+CREATE TABLE IF NOT EXISTS acknowledgments (
+    sequence INTEGER PRIMARY KEY REFERENCES receipts (sequence),
+    acknowledged_at_ms INTEGER NOT NULL, envelope BLOB NOT NULL);
+CREATE TRIGGER IF NOT EXISTS receipts_append_only_u BEFORE UPDATE ON receipts
+    BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS receipts_append_only_d BEFORE DELETE ON receipts
+    BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
+"""
+_ROW_COLUMNS = ("r.sequence, r.client_key, r.job_id, r.digest, r.issued_at_ms, r.outcome, r.output_tokens, "
+                "r.amount_micros, r.envelope, a.envelope")
+_ROW_FROM = "receipts r LEFT JOIN acknowledgments a ON a.sequence = r.sequence"
+
+
+class LedgerError(ValueError):
+    """A ledger operation refused; `reason` is a short tag, the message says what was wrong."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class ReceiptRow:
+    """One receipt as stored: indexed columns beside the exact signed envelope bytes."""
+    sequence: int
+    client_key: bytes
+    job_id: bytes
+    digest: bytes
+    issued_at_ms: int
+    outcome: str
+    output_tokens: int
+    amount_micros: int
+    envelope_bytes: bytes
+    ack_bytes: bytes | None
+
+    def envelope(self) -> Envelope:
+        return Envelope.FromString(self.envelope_bytes)
+
+    def receipt(self) -> Receipt:
+        """The receipt as stored, not re-verified (audits use node.ledger_audit)."""
+        return Receipt.FromString(self.envelope().payload)
+
+
+@dataclass(frozen=True)
+class LedgerTotals:
+    receipts: int
+    amount_micros: int
+    output_tokens: int
+    acknowledged: int
+    per_client_micros: dict[str, int]    # client key hex -> amount
+    recent: tuple[ReceiptRow, ...]       # newest first
+
+
+class Ledger:
+    def __init__(self, conn: sqlite3.Connection, identity: Identity | None, worker_public_key: bytes):
+        self._conn = conn
+        self._identity = identity        # None: opened read-only (CLI, audits)
+        self._lock = threading.Lock()
+        self.worker_public_key = worker_public_key
+
+    @classmethod
+    def open(cls, path: Path, identity: Identity) -> Ledger:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise LedgerError("storage", f"{path}: SQLite refused WAL mode (got {mode!r})")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("BEGIN IMMEDIATE")
+            # statement by statement: executescript() would COMMIT first and break the transaction
+            for statement in filter(str.strip, _SCHEMA.split(";\n")):
+                conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('worker_public_key', ?)", (identity.public_key,))
+            conn.execute("COMMIT")
+            stored = _meta(conn, "worker_public_key")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise LedgerError("storage", f"{path}: cannot open the ledger: {exc}") from None
+        except LedgerError:
+            conn.close()
+            raise
+        if stored != identity.public_key:
+            conn.close()
+            raise LedgerError("wrong_key", f"{path} holds receipts of another node key ({stored.hex()[:16]}...)")
+        return cls(conn, identity, identity.public_key)
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> Ledger:
+        if not path.is_file():
+            raise LedgerError("missing", f"no ledger at {path}")
+        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
+                               check_same_thread=False, timeout=10)
+        try:
+            key = _meta(conn, "worker_public_key")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise LedgerError("storage", f"{path} is not a dspark-node ledger: {exc}") from None
+        return cls(conn, None, key)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _writer(self) -> Identity:
+        if self._identity is None:
+            raise LedgerError("read_only", "this ledger was opened read-only")
+        return self._identity
+
+    # --- the service's calls ---------------------------------------------------------------
+
+    def register_job(self, client_key: bytes, job_id: bytes, job_digest: bytes, expires_at_ms: int) -> bool:
+        """Record an admitted job as 'running'; False if this client used this job_id before."""
+        self._writer()
+        if len(client_key) != 32 or not 1 <= len(job_id) <= 64 or len(job_digest) != 32:
+            raise LedgerError("bad_job", "client key must be 32 bytes, job_id 1..64, job digest 32")
+        with self._lock:
+            cur = self._conn.execute(
+                "INSERT OR IGNORE INTO jobs (client_key, job_id, job_digest, expires_at_ms, registered_at_ms,"
+                " status) VALUES (?, ?, ?, ?, ?, 'running')",
+                (client_key, job_id, job_digest, int(expires_at_ms), _now_ms()))
+            return cur.rowcount == 1
+
+    def finish_job(self, outcome: JobOutcome) -> Envelope:
+        """Sign the job's receipt, chain it, and mark the job finished, in one transaction.
+        Idempotent: a job that already has a receipt gets that receipt back, unchanged."""
+        identity = self._writer()
+        key = (outcome.client_key, outcome.job_id)
+        with self._lock, self._transaction():
+            existing = self._conn.execute(
+                "SELECT envelope FROM receipts WHERE client_key = ? AND job_id = ?", key).fetchone()
+            if existing:
+                return Envelope.FromString(existing[0])
+            job = self._conn.execute(
+                "SELECT job_digest FROM jobs WHERE client_key = ? AND job_id = ?", key).fetchone()
+            if job is None:
+                raise LedgerError("unknown_job", f"job {outcome.job_id.hex()} was never registered")
+            if job[0] != outcome.job_digest:
+                raise LedgerError("digest_mismatch", f"job {outcome.job_id.hex()} was registered with "
+                                                     "another job digest")
+            tail = self._conn.execute("SELECT sequence, digest FROM receipts ORDER BY sequence DESC LIMIT 1"
+                                      ).fetchone()
+            sequence, previous = (tail[0] + 1, tail[1]) if tail else (1, GENESIS_DIGEST)
+            now = _now_ms()
+            receipt = build_receipt(outcome, identity.peer_id, sequence, previous, now)
+            envelope = sign_receipt(identity, receipt)
+            self._conn.execute(
+                "INSERT INTO receipts (sequence, client_key, job_id, digest, issued_at_ms, outcome,"
+                " output_tokens, amount_micros, envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sequence, *key, digest(envelope), now, receipt.outcome, receipt.output_tokens,
+                 receipt.amount_micros, envelope.SerializeToString(deterministic=True)))
+            self._conn.execute(
+                "UPDATE jobs SET status = 'finished', receipt_sequence = ? WHERE client_key = ? AND job_id = ?",
+                (sequence, *key))
+            return envelope
+
+    def receipt(self, client_key: bytes, job_id: bytes) -> Envelope | None:
+        with self._lock:
+            row = self._conn.execute("SELECT envelope FROM receipts WHERE client_key = ? AND job_id = ?",
+                                     (client_key, job_id)).fetchone()
+        return Envelope.FromString(row[0]) if row else None
+
+    def acknowledge(self, ack: Envelope) -> int:
+        """Store the client's countersignature beside the receipt it names; returns its sequence.
+        A repeated acknowledgment of the same receipt keeps the first one stored."""
+        self._writer()
+        try:
+            receipt_digest = open_envelope(ack, Acknowledgment).receipt_digest
+        except EnvelopeError as exc:
+            raise LedgerError(exc.reason, f"acknowledgment refused: {exc}") from None
+        with self._lock, self._transaction():
+            row = self._conn.execute("SELECT sequence, envelope FROM receipts WHERE digest = ?",
+                                     (receipt_digest,)).fetchone()
+            if row is None:
+                raise LedgerError("unknown_receipt", "acknowledgment names a receipt this ledger does not hold")
+            receipt_envelope = Envelope.FromString(row[1])
+            try:
+                check_acknowledgment(ack, receipt_envelope, Receipt.FromString(receipt_envelope.payload))
+            except ReceiptError as exc:
+                raise LedgerError(exc.reason, str(exc)) from None
+            self._conn.execute("INSERT OR IGNORE INTO acknowledgments VALUES (?, ?, ?)",
+                               (row[0], _now_ms(), ack.SerializeToString(deterministic=True)))
+            return row[0]
+
+    def recover(self) -> int:
+        """At start: jobs a crash left 'running' get a 'failed' receipt for what they produced.
+        Their tokens were never confirmed to the client, so that is zero tokens, zero amount."""
+        with self._lock:
+            running = self._conn.execute(
+                "SELECT client_key, job_id, job_digest FROM jobs WHERE status = 'running'").fetchall()
+        for client_key, job_id, job_digest in running:
+            self.finish_job(JobOutcome(
+                job_id=job_id, client_key=client_key, job_digest=job_digest, model="", model_digest=b"",
+                drafter="", drafter_digest=b"", outcome="failed", stats=RequestStats(), output_ids=(),
+                device="", price_per_mtok_micros=0, price_per_gpu_second_micros=0))
+        return len(running)
+
+    def totals(self, recent: int = 20) -> LedgerTotals:
+        with self._lock:
+            count, amount, tokens = self._conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(amount_micros), 0), COALESCE(SUM(output_tokens), 0)"
+                " FROM receipts").fetchone()
+            acked = self._conn.execute("SELECT COUNT(*) FROM acknowledgments").fetchone()[0]
+            per_client = {k.hex(): v for k, v in self._conn.execute(
+                "SELECT client_key, SUM(amount_micros) FROM receipts GROUP BY client_key")}
+        return LedgerTotals(count, amount, tokens, acked, per_client, tuple(self.latest(recent)))
+
+    # --- reads for audits, exports and the CLI ----------------------------------------------
+
+    def rows(self, since_ms: int | None = None, until_ms: int | None = None,
+             page: int = 2000) -> Iterator[ReceiptRow]:
+        """Receipts in sequence order, optionally those issued in [since_ms, until_ms)."""
+        after = 0
+        lo, hi = since_ms if since_ms is not None else -2**63, until_ms if until_ms is not None else 2**63 - 1
+        while True:
+            with self._lock:
+                batch = self._conn.execute(
+                    f"SELECT {_ROW_COLUMNS} FROM {_ROW_FROM} WHERE r.sequence > ? AND r.issued_at_ms >= ?"
+                    " AND r.issued_at_ms < ? ORDER BY r.sequence LIMIT ?", (after, lo, hi, page)).fetchall()
+            yield from (ReceiptRow(*r) for r in batch)
+            if len(batch) < page:
+                return
+            after = batch[-1][0]
+
+    def latest(self, limit: int, client_key: bytes | None = None) -> list[ReceiptRow]:
+        where, params = ("WHERE r.client_key = ?", (client_key, limit)) if client_key else ("", (limit,))
+        with self._lock:
+            return [ReceiptRow(*r) for r in self._conn.execute(
+                f"SELECT {_ROW_COLUMNS} FROM {_ROW_FROM} {where} ORDER BY r.sequence DESC LIMIT ?", params)]
+
+    def find(self, job_id: bytes, client_key: bytes | None = None) -> list[ReceiptRow]:
+        query = f"SELECT {_ROW_COLUMNS} FROM {_ROW_FROM} WHERE r.job_id = ?"
+        params: tuple = (job_id,)
+        if client_key is not None:
+            query, params = query + " AND r.client_key = ?", (job_id, client_key)
+        with self._lock:
+            return [ReceiptRow(*r) for r in self._conn.execute(query + " ORDER BY r.sequence", params)]
+
+    def job_problems(self) -> list[str]:
+        """Jobs marked finished whose receipt is missing or is another job's, and receipts of jobs
+        the ledger never registered or did not mark finished."""
+        with self._lock:
+            missing = self._conn.execute(
+                "SELECT j.job_id, j.receipt_sequence FROM jobs j LEFT JOIN receipts r ON r.client_key ="
+                " j.client_key AND r.job_id = j.job_id AND r.sequence = j.receipt_sequence"
+                " WHERE j.status = 'finished' AND r.sequence IS NULL ORDER BY j.receipt_sequence").fetchall()
+            orphans = self._conn.execute(
+                "SELECT r.sequence, r.job_id FROM receipts r LEFT JOIN jobs j ON j.client_key = r.client_key"
+                " AND j.job_id = r.job_id WHERE j.status IS NOT 'finished' ORDER BY r.sequence").fetchall()
+        return ([f"job {job_id.hex()} is marked finished but its receipt (sequence {seq}) is missing"
+                 for job_id, seq in missing]
+                + [f"sequence {seq}: receipt of job {job_id.hex()}, which the jobs table does not show finished"
+                   for seq, job_id in orphans])
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE takes the write lock before the chain tail is read, so two writers (even
+        in two processes) can never give out the same sequence."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> bytes:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    if row is None:
+        raise sqlite3.DatabaseError(f"meta entry {key!r} is missing")
+    return row[0]

@@ -1,0 +1,42 @@
+"""Helpers for the receipts / ledger tests (and the crash-test child): fixed identities, outcomes."""
+
+from __future__ import annotations
+
+import hashlib
+
+from engine.api import RequestStats
+from node.identity import Identity
+from node.ledger import Ledger
+from node.receipts import JobOutcome
+
+WORKER = Identity.from_seed(hashlib.sha256(b"test worker").digest())
+CLIENT = Identity.from_seed(hashlib.sha256(b"test client").digest())
+OTHER_CLIENT = Identity.from_seed(hashlib.sha256(b"other client").digest())
+
+
+def job_id(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+def job_digest(client: Identity, n: int) -> bytes:
+    return hashlib.sha256(client.public_key + job_id(n)).digest()
+
+
+def outcome(n: int, client: Identity = CLIENT, output_ids: tuple[int, ...] = (11, 12, 13), outcome: str = "completed",
+            price_mtok: int = 250_000, price_gpu_s: int = 0, prefill: float = 0.05, decode: float = 0.2,
+            drafted: int = 8, accepted: int = 5) -> JobOutcome:
+    stats = RequestStats(prompt_tokens=7, output_tokens=len(output_ids), rounds=2, drafted_tokens=drafted,
+                         verified_tokens=drafted, accepted_tokens=accepted, queue_seconds=0.01,
+                         prefill_seconds=prefill, decode_seconds=decode)
+    return JobOutcome(job_id=job_id(n), client_key=client.public_key, job_digest=job_digest(client, n),
+                      model="smollm2-135m-instruct", model_digest=hashlib.sha256(b"weights").digest(),
+                      drafter="ngram", drafter_digest=b"", outcome=outcome, stats=stats, output_ids=output_ids,
+                      device="cpu", price_per_mtok_micros=price_mtok, price_per_gpu_second_micros=price_gpu_s)
+
+
+def bill(ledger: Ledger, n: int, client: Identity = CLIENT, **kwargs):
+    """Register and finish job n, as the gRPC service does; returns the receipt envelope."""
+    ledger.register_job(client.public_key, job_id(n), job_digest(client, n), expires_at_ms=0)
+    return ledger.finish_job(outcome(n, client, **kwargs))
+
+
