@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from engine.api import EngineInfo, RequestStats, RoundReport
 from node.events import EngineRound, JobFinished
+
+
+@dataclass
+class EngineState:
+    """The engine attributes metrics and the dashboard read (node.metrics.EngineView), as plain values."""
+    info: EngineInfo
+    free_slots: int = 8
+    queue_depth: int = 0
+    active: int = 0
 
 
 def engine_info(device: str = "cpu") -> EngineInfo:

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import threading
-from dataclasses import dataclass
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.api import EngineInfo
 from node.events import AdvertPublished, AdvertSeen, EventBus, JobAdmitted, JobRefused, PeerChange
 from node.metrics import MAX_REASONS, NodeMetrics
 
-from .factories import engine_info, engine_round, finished, stats
-
-
-@dataclass
-class EngineState:
-    """The attributes NodeMetrics reads from the engine (EngineView), as plain values."""
-    info: EngineInfo
-    free_slots: int = 8
-    queue_depth: int = 0
-    active: int = 0
+from .factories import EngineState, engine_info, engine_round, finished, stats
 
 
 def samples(metrics: NodeMetrics) -> dict[tuple[str, tuple], float]:

@@ -1,0 +1,204 @@
+// The dashboard: reads /api/v1/*, listens to /api/v1/events, redraws panels. Text from the node
+// (client keys, refusal messages) is always set with textContent, never parsed as HTML.
+"use strict";
+
+const API = "/api/v1";
+const $ = id => document.getElementById(id);
+const state = { series: null, status: null };
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = text;
+  if (cls) e.className = cls;
+  return e;
+}
+
+function row(cells) {
+  const tr = document.createElement("tr");
+  for (const [text, cls] of cells) tr.appendChild(el("td", text, cls));
+  return tr;
+}
+
+function fill(tbody, rows, emptyText, columns) {
+  tbody.replaceChildren(...rows);
+  if (!rows.length) {
+    const td = el("td", emptyText, "muted");
+    td.colSpan = columns;
+    const tr = document.createElement("tr");
+    tr.appendChild(td);
+    tbody.appendChild(tr);
+  }
+}
+
+const fmt = {
+  short: hex => hex ? (hex.length > 14 ? hex.slice(0, 8) + "…" + hex.slice(-4) : hex) : "-",
+  money: micros => (micros / 1e6).toFixed(6),
+  num: (v, digits = 1) => (v === null || v === undefined) ? "-" : Number(v).toFixed(digits),
+  bytes: b => {
+    if (!b) return "-";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (b >= 1024 && i < units.length - 1) { b /= 1024; i++; }
+    return `${b.toFixed(i ? 1 : 0)} ${units[i]}`;
+  },
+  duration: s => {
+    s = Math.floor(s);
+    const d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600), m = Math.floor(s % 3600 / 60);
+    return d ? `${d}d ${h}h` : h ? `${h}h ${m}m` : `${m}m ${s % 60}s`;
+  },
+  time: t => new Date(t * 1000).toLocaleTimeString(),
+};
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function api(path) {
+  const response = await fetch(API + path, { credentials: "same-origin", cache: "no-store" });
+  if (!response.ok) throw new Error(`${path}: HTTP ${response.status} ${await response.text()}`);
+  return response.json();
+}
+
+// Each panel's loader; a failing one shows its error without stopping the others.
+const panels = {
+  async status() {
+    const s = state.status = await api("/status");
+    const e = s.engine;
+    $("peer-id").textContent = s.peer_id;
+    $("model").textContent = `${e.model_id} (${e.dtype}, ${e.model_digest.slice(0, 12)})`;
+    $("drafter").textContent = e.drafter_id ? `${e.method} / ${e.drafter_id}` : `${e.method} (no drafter)`;
+    const gpu = s.gpu || {};
+    $("device").textContent = gpu.name && gpu.name !== "cpu"
+      ? `${e.device} · ${gpu.count || 1}× ${gpu.name}${gpu.compute_capability ? " (sm " + gpu.compute_capability + ")" : ""}`
+      : e.device;
+    const gpuMem = Number(gpu.memory_bytes || 0);
+    $("memory").textContent = (gpuMem ? `${fmt.bytes(gpuMem)} per GPU · ` : "") +
+      `process ${fmt.bytes(s.process_rss_bytes)}`;
+    $("slots").textContent = `${s.load.active} active · ${s.load.free_slots} free of ${e.max_batch}`;
+    $("queue").textContent = String(s.load.queue_depth);
+    $("context").textContent = `${e.max_context} tokens`;
+    $("price").textContent = fmt.money(Number(s.price_per_mtok_micros));
+    $("uptime").textContent = fmt.duration(s.uptime_seconds);
+  },
+
+  async jobs() {
+    const j = await api("/jobs");
+    const c = j.counts;
+    $("job-counts").textContent =
+      `${c.admitted} admitted · ${c.completed} completed · ${c.cancelled} cancelled · ${c.failed} failed · ${c.refused} refused`;
+    fill($("active-jobs").tBodies[0], j.active.map(a => row([
+      [fmt.short(a.job_id), "id"], [fmt.short(a.client), "id"], [String(a.output_tokens), "num"],
+      [fmt.num(a.tokens_per_second), "num tps"], [fmt.num(a.age_seconds) + " s", "num"]])), "no active job", 5);
+    fill($("recent-jobs").tBodies[0], j.recent.slice(0, 8).map(r => row([
+      [fmt.short(r.job_id), "id"], [r.outcome, "outcome-" + r.outcome], [String(r.output_tokens), "num"],
+      [fmt.num(r.tokens_per_second), "num"], [fmt.num(r.tau, 2), "num"],
+      [r.time_to_first_token === null ? "-" : fmt.num(r.time_to_first_token, 2) + " s", "num"],
+      [fmt.money(r.amount_micros), "num"]])), "no finished job yet", 7);
+  },
+
+  async series() {
+    state.series = await api("/series");
+    drawSeries();
+  },
+
+  async acceptance() {
+    const a = await api("/acceptance");
+    Charts.barsAndLine($("chart-acceptance"), a.positions, "position", "acceptance", "survival",
+                       { barMax: 1, lineMax: 1, emptyText: "no speculative rounds yet" });
+  },
+
+  async budget() {
+    const b = await api("/budget");
+    Charts.barsAndLine($("chart-budget"), b.rows, "batch_size", "mean_budget", "tau",
+                       { emptyText: "no rounds yet", lineMax: 1 });
+  },
+
+  async earnings() {
+    const e = await api("/earnings");
+    $("earned").textContent = fmt.money(e.amount_micros);
+    $("receipts").textContent = String(e.receipts);
+    $("billed-tokens").textContent = String(e.output_tokens);
+    const clients = Object.entries(e.per_client_micros).sort((x, y) => y[1] - x[1]).slice(0, 6);
+    fill($("per-client").tBodies[0], clients.map(([k, v]) => row([[fmt.short(k), "id"], [fmt.money(v), "num"]])),
+         "no receipts yet", 2);
+    $("export-jsonl").href = e.export.jsonl;
+    $("export-csv").href = e.export.csv;
+  },
+
+  async peers() {
+    const p = await api("/peers");
+    $("peers-connected").textContent = String(p.connected);
+    $("adverts-published").textContent = String(p.adverts_published);
+    $("adverts-seen").textContent = `${p.adverts_seen.accepted}` +
+      (p.adverts_seen.dropped ? ` (+${p.adverts_seen.dropped} dropped)` : "");
+    const last = p.recent_adverts[0];
+    $("last-advert").textContent = last
+      ? `last advert #${last.sequence} at ${fmt.time(last.at)}: ${last.free_slots} free slots, queue ${last.queue_depth}, ${last.size_bytes} B`
+      : (p.listen.length ? "no advert published yet" : "peer network off (no p2p.listen)");
+    $("peers-seen").replaceChildren(...p.peers_seen.slice(0, 8).map(s =>
+      el("li", `${fmt.short(s.peer_id)} · ${s.adverts} adverts${s.accepted ? "" : " · dropped: " + s.reason}`)));
+  },
+
+  async problems() {
+    const p = (await api("/problems")).problems;
+    const list = $("problem-list");
+    if (!p.length) return list.replaceChildren(el("li", "none", "muted"));
+    list.replaceChildren(...p.slice(0, 30).map(x => {
+      const li = el("li");
+      li.append(el("span", fmt.time(x.at) + " ", "muted"), el("b", x.reason), " " + x.message);
+      return li;
+    }));
+  },
+};
+
+function drawSeries() {
+  if (!state.series) return;
+  const now = Date.now() / 1000, { points, bucket_seconds: bucket, span_seconds: span } = state.series;
+  Charts.timeLine($("chart-tps"), points, "tokens_per_second", { now, span, bucket, color: "a" });
+  Charts.timeLine($("chart-tau"), points, "tau", { now, span, bucket, color: "b", minMax: 1,
+                                                   emptyText: "no rounds yet" });
+}
+
+async function refresh(...names) {
+  const results = await Promise.allSettled(names.map(n => panels[n]()));
+  const failed = results.map((r, i) => r.status === "rejected" ? `${names[i]}: ${r.reason.message}` : null)
+    .filter(Boolean);
+  showError(failed.join(" · "));
+}
+
+function onTick(live) {
+  $("uptime").textContent = fmt.duration(live.uptime_seconds);
+  $("tps-now").textContent = live.active.length ? `now ${fmt.num(live.tokens_per_second)} tok/s` : "idle";
+  $("tau-now").textContent = live.tau === null ? "" : `now ${fmt.num(live.tau, 2)}`;
+  // Live speeds of active jobs without refetching the table.
+  const speeds = new Map(live.active.map(a => [fmt.short(a.job_id), a]));
+  for (const tr of $("active-jobs").tBodies[0].rows) {
+    const a = speeds.get(tr.cells[0].textContent);
+    if (a && tr.cells.length === 5) {
+      tr.cells[2].textContent = String(a.output_tokens);
+      tr.cells[3].textContent = fmt.num(a.tokens_per_second);
+    }
+  }
+}
+
+function connect() {
+  const source = new EventSource(API + "/events");
+  const live = $("live");
+  source.onopen = () => { live.textContent = "live"; live.className = "badge"; };
+  source.onerror = () => { live.textContent = "reconnecting"; live.className = "badge off"; };
+  source.addEventListener("tick", e => onTick(JSON.parse(e.data)));
+  source.addEventListener("admitted", () => refresh("jobs", "status"));
+  source.addEventListener("finished", () => refresh("jobs", "status", "earnings", "acceptance", "budget", "series"));
+  source.addEventListener("refused", () => refresh("problems", "jobs"));
+  for (const name of ["peers", "advert_published", "advert_seen"]) {
+    source.addEventListener(name, () => refresh("peers"));
+  }
+}
+
+refresh(...Object.keys(panels));
+connect();
+setInterval(() => refresh("jobs", "status"), 2000);
+setInterval(() => refresh("series", "budget", "peers"), 5000);
+setInterval(drawSeries, 1000);

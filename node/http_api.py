@@ -1,0 +1,179 @@
+"""The JSON API under /api/v1 (documented in docs/api.md), `/metrics`, and the dashboard's files.
+
+Handlers only read: live engine attributes, `Activity` snapshots, and the ledger and capacity
+through `asyncio.to_thread` (both may touch SQLite, which must stay off the event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from dspark.v1 import advert_pb2
+from node.activity import Activity
+from node.billing import BillingError, load_period, parse_time_ms, write_export
+from node.identity import Identity
+from node.ledger import Ledger
+from node.live_feed import LiveFeed
+from node.metrics import EngineView, NodeMetrics
+
+DASHBOARD_DIR = Path(__file__).parent / "dashboard"
+API = "/api/v1"
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """Everything the handlers read, gathered once by HttpService."""
+    identity: Identity
+    engine: EngineView
+    ledger: Ledger
+    capacity: Callable[[], advert_pb2.CapacityAdvert]
+    activity: Activity
+    metrics: NodeMetrics
+    feed: LiveFeed
+    listen: dict[str, Any]       # {"grpc": ..., "http": ..., "p2p": [...]}
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON data from our dataclasses, protobuf messages and bytes (as hex)."""
+    if isinstance(value, Message):
+        return MessageToDict(value, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    if isinstance(value, dict):
+        return {str(k.hex() if isinstance(k, bytes) else k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def _rss_bytes() -> int | None:
+    """Resident memory of this process (Linux); None where /proc is absent."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _export(ledger: Ledger, fmt: str, since_ms: int | None, until_ms: int | None) -> str:
+    out = io.StringIO()
+    write_export(load_period(ledger, since_ms, until_ms), fmt, out)
+    return out.getvalue()
+
+
+def build_routes(node: NodeView) -> list:
+    activity = node.activity
+
+    async def status(request: Request) -> Response:
+        info = node.engine.info
+        advert = await asyncio.to_thread(node.capacity)
+        now = time.time()
+        return JSONResponse({
+            "peer_id": node.identity.peer_id,
+            "started_at": activity.started_at, "uptime_seconds": round(now - activity.started_at, 1),
+            "engine": jsonable(info),
+            "load": {"active": node.engine.active, "free_slots": node.engine.free_slots,
+                     "queue_depth": node.engine.queue_depth},
+            "gpu": jsonable(advert.gpu),
+            "process_rss_bytes": _rss_bytes(),
+            "price_per_mtok_micros": advert.price_per_mtok_micros,
+            "listen": node.listen,
+        })
+
+    async def capacity(request: Request) -> Response:
+        return JSONResponse(jsonable(await asyncio.to_thread(node.capacity)))
+
+    async def jobs(request: Request) -> Response:
+        return JSONResponse(activity.jobs())
+
+    async def series(request: Request) -> Response:
+        return JSONResponse(activity.series())
+
+    async def acceptance(request: Request) -> Response:
+        return JSONResponse(activity.acceptance())
+
+    async def budget(request: Request) -> Response:
+        return JSONResponse(activity.budget())
+
+    async def problems(request: Request) -> Response:
+        return JSONResponse({"problems": activity.problems()})
+
+    async def peers(request: Request) -> Response:
+        return JSONResponse({**activity.peers(), "peer_id": node.identity.peer_id, "listen": node.listen["p2p"]})
+
+    async def earnings(request: Request) -> Response:
+        totals = await asyncio.to_thread(node.ledger.totals)
+        return JSONResponse({
+            "receipts": totals.receipts, "amount_micros": totals.amount_micros,
+            "output_tokens": totals.output_tokens, "acknowledged": totals.acknowledged,
+            "per_client_micros": totals.per_client_micros,
+            "recent": [{"sequence": r.sequence, "issued_at_ms": r.issued_at_ms, "client": r.client_key.hex(),
+                        "job_id": r.job_id.hex(), "outcome": r.outcome, "output_tokens": r.output_tokens,
+                        "amount_micros": r.amount_micros, "acknowledged": r.ack_bytes is not None}
+                       for r in totals.recent],
+            "export": {fmt: f"{API}/earnings/export?format={fmt}" for fmt in EXPORT_FORMATS}})
+
+    async def export(request: Request) -> Response:
+        """The billing export of node/billing.py (receipts re-verified, per-client totals, Merkle root)."""
+        fmt = request.query_params.get("format", "jsonl")
+        if fmt not in EXPORT_FORMATS:
+            return JSONResponse({"error": f"format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}"},
+                                status_code=400)
+        try:
+            since, until = (parse_time_ms(request.query_params[k]) if k in request.query_params else None
+                            for k in ("since", "until"))
+            body = await asyncio.to_thread(_export, node.ledger, fmt, since, until)
+        except BillingError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return Response(body, media_type=EXPORT_FORMATS[fmt], headers={
+            "Content-Disposition": f'attachment; filename="dspark-receipts.{fmt}"'})
+
+    async def events(request: Request) -> Response:
+        if node.feed.full:
+            return JSONResponse({"error": "too many live dashboards connected"}, status_code=503)
+        return StreamingResponse(node.feed.stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def metrics(request: Request) -> Response:
+        body, content_type = node.metrics.render()
+        return Response(body, media_type=content_type)
+
+    async def index(request: Request) -> Response:
+        return FileResponse(DASHBOARD_DIR / "index.html", headers={"Cache-Control": "no-store"})
+
+    return [
+        Route("/", index),
+        Route("/metrics", metrics),
+        Route(f"{API}/status", status),
+        Route(f"{API}/capacity", capacity),
+        Route(f"{API}/jobs", jobs),
+        Route(f"{API}/series", series),
+        Route(f"{API}/acceptance", acceptance),
+        Route(f"{API}/budget", budget),
+        Route(f"{API}/problems", problems),
+        Route(f"{API}/peers", peers),
+        Route(f"{API}/earnings", earnings),
+        Route(f"{API}/earnings/export", export),
+        Route(f"{API}/events", events),
+        Mount("/static", StaticFiles(directory=DASHBOARD_DIR), name="static"),
+    ]
+
+
+EXPORT_FORMATS = {"jsonl": "application/x-ndjson", "csv": "text/csv"}

@@ -1,0 +1,162 @@
+"""The HTTP service over a real socket: JSON API, metrics, export, live events, and access rules."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from node.events import JobRefused
+from node.http_server import COOKIE, HttpConfigError, HttpService
+from node.identity import Identity
+
+from .harness import NodeUnderTest, new_job_id
+
+TOKEN = "s3cret-dashboard-token-0123"
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    n = NodeUnderTest(tmp_path_factory.mktemp("http")).start()
+    yield n
+    n.stop()
+
+
+@pytest.fixture(scope="module")
+def client(node):
+    with httpx.Client(base_url=node.url, timeout=10) as c:
+        yield c
+
+
+def test_status_names_model_device_and_load(node, client):
+    s = client.get("/api/v1/status").json()
+    assert s["peer_id"] == node.identity.peer_id
+    assert s["engine"]["model_id"] == "smollm2-135m-instruct" and s["engine"]["device"] == "cpu"
+    assert s["engine"]["model_digest"] == bytes(range(32)).hex()
+    assert s["load"] == {"active": node.engine.active, "free_slots": node.engine.free_slots, "queue_depth": 0}
+    assert s["gpu"]["name"] == "cpu" and s["process_rss_bytes"] > 10_000_000
+    assert s["price_per_mtok_micros"] == node.config.pricing.per_mtok_micros
+
+
+def test_a_job_shows_in_jobs_earnings_metrics_and_export(node, client):
+    buyer = Identity.generate()
+    job = new_job_id()
+    node.admit(job, buyer)
+    node.progress(job, 1, 0.2)
+    node.progress(job, 11, 1.2)
+    (active,) = [j for j in client.get("/api/v1/jobs").json()["active"] if j["job_id"] == job.hex()]
+    assert active["output_tokens"] == 11 and active["tokens_per_second"] == pytest.approx(10.0)
+    before = client.get("/api/v1/earnings").json()
+    receipt = node.finish(job, buyer, tokens=24)
+    jobs = client.get("/api/v1/jobs").json()
+    assert job.hex() not in {j["job_id"] for j in jobs["active"]}
+    assert jobs["recent"][0]["job_id"] == job.hex() and jobs["recent"][0]["amount_micros"] == receipt.amount_micros
+    earnings = client.get("/api/v1/earnings").json()
+    assert earnings["receipts"] == before["receipts"] + 1 and receipt.amount_micros > 0
+    assert earnings["amount_micros"] == before["amount_micros"] + receipt.amount_micros
+    assert earnings["per_client_micros"][buyer.public_key.hex()] == receipt.amount_micros
+    assert earnings["recent"][0]["sequence"] == receipt.sequence
+    metrics = client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert f"dspark_receipts_total {float(earnings['receipts'])}" in metrics.text
+    export = client.get(earnings["export"]["jsonl"])
+    records = [json.loads(line) for line in export.text.splitlines()]
+    assert {r["sequence"] for r in records if r["record"] == "receipt"} >= {receipt.sequence}
+    assert records[-1]["record"] == "period" and records[-1]["amount_micros"] == earnings["amount_micros"]
+    csv_lines = client.get(earnings["export"]["csv"]).text.splitlines()
+    assert csv_lines[0].startswith("record,") and len(csv_lines) == len(records) + 1
+
+
+def test_series_acceptance_and_budget_have_data_after_rounds(node, client):
+    job = new_job_id()
+    buyer = Identity.generate()
+    node.admit(job, buyer)
+    node.progress(job, 1, 0.1, budgets=(4, 2))
+    node.finish(job, buyer, tokens=9)
+    series = client.get("/api/v1/series").json()
+    assert series["points"] and series["points"][-1]["tokens_per_second"] > 0
+    assert client.get("/api/v1/acceptance").json()["positions"][0]["reached"] > 0
+    assert {r["batch_size"] for r in client.get("/api/v1/budget").json()["rows"]} >= {1, 2}
+
+
+@pytest.mark.parametrize("query, problem", [("format=xml", "format must be one of"),
+                                            ("format=csv&since=yesterday", "neither unix milliseconds")])
+def test_export_refuses_bad_parameters(client, query, problem):
+    response = client.get(f"/api/v1/earnings/export?{query}")
+    assert response.status_code == 400 and problem in response.json()["error"]
+
+
+def test_events_stream_ticks_and_forwards_refusals(node, client):
+    with client.stream("GET", "/api/v1/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("event:")) == "event: tick"
+        threading.Timer(0.2, lambda: node.bus.publish(JobRefused(reason="expired", message="too old"))).start()
+        deadline = time.monotonic() + 5
+        for line in lines:
+            if line == "event: refused":
+                data = json.loads(next(lines)[len("data: "):])
+                assert data["reason"] == "expired" and data["message"] == "too old"
+                break
+            assert time.monotonic() < deadline, "no refused event within 5 s"
+    problems = client.get("/api/v1/problems").json()["problems"]
+    assert problems[0]["reason"] == "expired"
+
+
+def test_foreign_host_header_is_refused_on_loopback(client):
+    response = client.get("/api/v1/status", headers={"Host": "evil.example:7441"})
+    assert response.status_code == 421 and "loopback" in response.text
+    assert client.get("/", headers={"Host": "localhost:7441"}).status_code == 200
+
+
+def test_dashboard_files_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>dspark-node</title>" in page.text
+    for asset in ("/static/app.js", "/static/charts.js", "/static/style.css"):
+        assert client.get(asset).status_code == 200, asset
+
+
+def test_token_is_required_everywhere_when_set(tmp_path):
+    node = NodeUnderTest(tmp_path, token=TOKEN).start()
+    try:
+        with httpx.Client(base_url=node.url, timeout=10) as c:
+            for path in ("/", "/metrics", "/api/v1/status", "/static/app.js"):
+                assert c.get(path).status_code == 401, path
+            assert c.get("/metrics", headers={"Authorization": "Bearer wrong-token-wrong-token"}).status_code == 401
+            assert c.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+            page = c.get(f"/?token={TOKEN}")
+            assert page.status_code == 200 and page.cookies.get(COOKIE) == TOKEN
+            assert c.get("/api/v1/status").status_code == 200      # the cookie now carries it
+            c.cookies.clear()
+            assert c.get("/api/v1/status").status_code == 401
+    finally:
+        node.stop()
+
+
+def _service(node: NodeUnderTest, **changes) -> HttpService:
+    config = node.config.model_copy(update=changes)
+    return HttpService(config, node.identity, node.engine, node.ledger, node.bus, node.capacity)
+
+
+def test_non_loopback_bind_without_token_refuses_to_start(node):
+    with pytest.raises(HttpConfigError, match="dashboard.token"):
+        _service(node, http_listen="0.0.0.0:7441")
+
+
+def test_weak_token_is_refused(node):
+    with pytest.raises(HttpConfigError, match="at least 16"):
+        _service(node, dashboard=node.config.dashboard.model_copy(update={"token": "short"}))
+
+
+def test_port_in_use_is_a_clear_error(node):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        service = _service(node, http_listen=f"127.0.0.1:{taken.getsockname()[1]}")
+        with pytest.raises(HttpConfigError, match="cannot listen on 127.0.0.1"):
+            asyncio.run(service.start())
