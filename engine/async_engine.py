@@ -1,0 +1,160 @@
+"""The engine for an asyncio server: `Engine.step()` runs in one thread that owns the model.
+
+Requests and cancellations cross into the thread through a lock-protected inbox; events come back
+to each request's asyncio queue with `call_soon_threadsafe`. Torch releases the GIL inside its
+kernels, so the event loop stays responsive while a round runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import AsyncIterator, Callable
+
+from engine.api import GenerationRequest, GenerationResult, RequestRejected, RoundReport, TokenChunk
+from engine.build import build_engine
+from engine.config import EngineConfig
+from engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    name = "engine"
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.info = engine.info
+        self.tokenizer = engine.tokenizer
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list[tuple[GenerationRequest, asyncio.Queue, asyncio.AbstractEventLoop]] = []
+        self._cancels: list[str] = []
+        self._queues: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._listeners: list[Callable[[RoundReport], None]] = []
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.failure: BaseException | None = None
+
+    # ---- what the node reads ------------------------------------------------------------
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def check(self, request: GenerationRequest) -> None:
+        self.engine.check(request)
+
+    @property
+    def active(self) -> int:
+        return len(self.engine.active)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.engine.waiting) + len(self._inbox)
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, len(self.engine.free_slots) - self.queue_depth)
+
+    def add_round_listener(self, callback: Callable[[RoundReport], None]) -> None:
+        self._listeners.append(callback)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="dspark-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        with self._wake:
+            self._running = False
+            self._wake.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    # ---- requests -----------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk | GenerationResult]:
+        if not self._running:
+            raise RequestRejected("stopping", "the engine is not running")
+        self.engine.check(request)
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        with self._wake:
+            self._inbox.append((request, queue, loop))
+            self._wake.notify()
+        finished = False
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, GenerationResult):
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the consumer went away (client cancelled, deadline): free the slot
+                self.cancel(request.request_id)
+
+    def cancel(self, request_id: str) -> bool:
+        with self._wake:
+            if request_id not in self._queues and all(r.request_id != request_id for r, _, _ in self._inbox):
+                return False
+            self._cancels.append(request_id)
+            self._wake.notify()
+        return True
+
+    # ---- the engine thread --------------------------------------------------------------
+    def _deliver(self, request_id: str, event) -> None:
+        target = self._queues.get(request_id)
+        if target is None:
+            return
+        queue, loop = target
+        if isinstance(event, GenerationResult):
+            del self._queues[request_id]
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:  # the request's event loop has closed
+            pass
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while self._running and not (self._inbox or self._cancels or self.engine.has_work):
+                        self._wake.wait()
+                    if not self._running:
+                        break
+                    inbox, self._inbox = self._inbox, []
+                    cancels, self._cancels = self._cancels, []
+                for request, queue, loop in inbox:
+                    self._queues[request.request_id] = (queue, loop)
+                    try:
+                        self.engine.add(request)
+                    except RequestRejected as exc:
+                        self._deliver(request.request_id, exc)
+                        self._queues.pop(request.request_id, None)
+                for request_id in cancels:
+                    self.engine.cancel(request_id)
+                events, report = self.engine.step()
+                for event in events:
+                    self._deliver(event.request_id, event)
+                if report is not None:
+                    for listener in self._listeners:
+                        listener(report)
+        except BaseException as exc:  # the model failed: fail every waiting request, surface it
+            log.exception("engine loop failed")
+            self.failure = exc
+            for request_id in list(self._queues):
+                self._deliver(request_id, RuntimeError(f"engine failed: {exc}"))
+        finally:
+            for result in self.engine.abort_all():
+                self._deliver(result.request_id, result)
+
+
+def load_async_engine(config: EngineConfig) -> AsyncEngine:
+    return AsyncEngine(build_engine(config))

@@ -1,0 +1,34 @@
+"""Engine configuration: what model and drafter to serve, how, and within which limits."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+METHODS = ("ar", "ngram", "dspark", "dflash", "eagle3")
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(EMBEDDED_MODEL, description="embedded model name, a local HF checkpoint dir, or an HF id")
+    method: Literal["ar", "ngram", "dspark", "dflash", "eagle3"] = "ar"
+    drafter: str | None = Field(None, description="DeepSpec-format drafter directory")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "cpu"
+    block_size: int = Field(7, ge=1, le=32, description="draft tokens per round (gamma)")
+    ngram_max: int = Field(3, ge=1, le=8, description="longest n-gram the prompt-lookup drafter matches")
+    max_batch: int = Field(8, ge=1, le=1024, description="requests decoded together")
+    max_context: int = Field(4096, ge=16, description="prompt + new tokens per request")
+    max_queue: int = Field(256, ge=0, description="requests waiting for a slot before new ones are refused")
+    prefill_chunk: int = Field(512, ge=16, description="prompt tokens per prefill forward")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    allow_download: bool = Field(False, description="let an HF id be fetched from the hub when not cached")
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.method in ("dflash", "eagle3") and not self.drafter:
+            raise ValueError(f"method {self.method!r} needs a drafter directory (--drafter)")
+        return self

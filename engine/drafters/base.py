@@ -1,0 +1,43 @@
+"""The drafter interface: what the speculative round asks of any drafter.
+
+A drafter proposes up to `block_size` tokens per request, with the distribution each was sampled
+from (None when proposals are deterministic) and, for DSpark, a per-position conditional confidence.
+It may read the target's hidden states at `tap_layers` for the committed tokens (reference §1.1),
+which the engine hands over at `start` (prompt) and `commit` (each round's verified prefix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.sequence import Sequence
+
+
+@dataclass
+class Proposal:
+    tokens: list[list[int]]                          # per request, 0..block_size tokens
+    probs: list[torch.Tensor | None]                 # per request [len, V] or None (deterministic)
+    confidence: list[torch.Tensor | None] = field(default_factory=list)  # per request [len], c_k in (0, 1)
+
+
+class Drafter:
+    """Plain autoregressive decoding: proposes nothing, so each round verifies only the anchor."""
+
+    name = "ar"
+    block_size = 0
+    tap_layers: tuple[int, ...] = ()
+    digest = b""
+
+    def start(self, seq: Sequence, prompt_features: torch.Tensor | None) -> None:
+        """Called after prefill; features: [prompt_len, m*H] of the tapped layers, or None."""
+
+    def propose(self, seqs: list[Sequence]) -> Proposal:
+        return Proposal(tokens=[[] for _ in seqs], probs=[None] * len(seqs), confidence=[None] * len(seqs))
+
+    def commit(self, seq: Sequence, features: torch.Tensor | None) -> None:
+        """Called after verification with the features of the newly cached positions [a+1, m*H]."""
+
+    def release(self, seq: Sequence) -> None:
+        """The request left the batch."""

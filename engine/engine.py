@@ -1,0 +1,176 @@
+"""The synchronous engine: a queue, a fixed set of KV-cache slots, and continuous batching.
+
+Each `step()` admits waiting requests into free slots (prefill, which also samples their first
+token), then runs one speculative round over every active request. Requests join and leave between
+rounds. `engine/async_engine.py` runs `step()` in a thread for the node.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+
+import torch
+
+from engine.api import (EngineInfo, GenerationRequest, GenerationResult, RequestRejected, RoundReport,
+                        TokenChunk)
+from engine.config import EngineConfig
+from engine.drafters.base import Drafter
+from engine.loading import LoadedTarget
+from engine.sampling import first_token
+from engine.sequence import Sequence
+from engine.spec_round import Schedule, full_block, speculative_round
+
+Event = TokenChunk | GenerationResult
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, target: LoadedTarget, drafter: Drafter,
+                 schedule: Schedule = full_block):
+        self.config = config
+        self.target = target
+        self.model = target.model
+        self.tokenizer = target.tokenizer
+        self.drafter = drafter
+        self.schedule = schedule
+        # Slack past max_context: a round may write padding and draft K/V beyond the last position.
+        self.cache = self.model.new_cache(config.max_batch, config.max_context + config.block_size + 2)
+        self.free_slots = list(range(config.max_batch - 1, -1, -1))
+        self.waiting: deque[Sequence] = deque()
+        self.active: list[Sequence] = []
+        self.cancelled: set[str] = set()
+        self.info = EngineInfo(
+            model_id=target.model_id, model_digest=target.digest, method=config.method,
+            drafter_id="" if drafter.block_size == 0 else drafter.name, drafter_digest=drafter.digest,
+            device=config.device if config.device == "cpu" else torch.cuda.get_device_name(),
+            dtype=config.dtype, max_context=config.max_context, max_batch=config.max_batch,
+            block_size=drafter.block_size)
+
+    # ---- admission -------------------------------------------------------------------------
+    def check(self, request: GenerationRequest) -> None:
+        request.sampling.validate(self.config.max_context - 1)
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise RequestRejected("empty_prompt", "the prompt has no tokens")
+        if n + request.sampling.max_new_tokens > self.config.max_context:
+            raise RequestRejected(
+                "too_long", f"prompt ({n} tokens) + max_new_tokens ({request.sampling.max_new_tokens}) "
+                f"exceeds the context of {self.config.max_context} tokens")
+        vocab = self.model.args.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_ids):
+            raise RequestRejected("bad_tokens", f"prompt token ids must be in [0, {vocab})")
+
+    def add(self, request: GenerationRequest) -> Sequence:
+        self.check(request)
+        if len(self.waiting) >= self.config.max_queue:
+            raise RequestRejected("queue_full", f"the queue is full ({self.config.max_queue} waiting)")
+        seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
+        seq = Sequence(request=request, generator=torch.Generator().manual_seed(seed),
+                       tokens=list(request.prompt_ids), prompt_len=len(request.prompt_ids))
+        self.waiting.append(seq)
+        return seq
+
+    def cancel(self, request_id: str) -> bool:
+        known = any(s.request_id == request_id for s in (*self.waiting, *self.active))
+        if known:
+            self.cancelled.add(request_id)
+        return known
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def step(self) -> tuple[list[Event], RoundReport | None]:
+        events: list[Event] = []
+        for seq in [s for s in (*self.waiting, *self.active) if s.request_id in self.cancelled]:
+            events.append(self._finish(seq, "cancelled"))
+        self.cancelled.clear()
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            self._prefill(seq)
+            events.extend(self._after_commit(seq))
+        if not self.active:
+            return events, None
+        batch = list(self.active)
+        report, _ = speculative_round(self.model, self.cache, self.drafter, batch, self.schedule,
+                                      self.target.eos_token_ids)
+        for seq in batch:
+            events.extend(self._after_commit(seq))
+        return events, report
+
+    @torch.inference_mode()
+    def _prefill(self, seq: Sequence) -> None:
+        start = time.perf_counter()
+        seq.stats.queue_seconds = start - seq.enqueued_at
+        seq.stats.prompt_tokens = seq.prompt_len
+        seq.slot = self.free_slots.pop()
+        self.active.append(seq)
+        slot = torch.tensor([seq.slot], device=self.model.device)
+        chunks, taps = [], self.drafter.tap_layers
+        for lo in range(0, seq.prompt_len, self.config.prefill_chunk):
+            ids = seq.tokens[lo:lo + self.config.prefill_chunk]
+            out = self.model.forward(torch.tensor([ids], device=self.model.device),
+                                     torch.arange(lo, lo + len(ids), device=self.model.device)[None],
+                                     slot, self.cache, taps=taps)
+            if out.taps is not None:
+                chunks.append(out.taps[0])
+        seq.kv_len = seq.prompt_len
+        logits = self.model.logits(out.hidden[0, -1])
+        seq.tokens.append(first_token(logits, seq.request.sampling, seq.generator))
+        self.drafter.start(seq, torch.cat(chunks) if chunks else None)
+        seq.stats.prefill_seconds = time.perf_counter() - start
+
+    def _after_commit(self, seq: Sequence) -> list[Event]:
+        """Stream what the last commit added, then finish the request if it is done."""
+        out = seq.output_ids
+        seq.stats.output_tokens = len(out)
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        reason = None
+        for stop in seq.request.sampling.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        if out and out[-1] in self.target.eos_token_ids:
+            reason = "stop"
+        elif reason is None and seq.remaining <= 0:
+            reason = "length"
+        seq.text = text
+        events: list[Event] = []
+        # While running, hold back an incomplete UTF-8 tail and anything a stop string could start with.
+        hold = 0 if reason else max((len(s) - 1 for s in seq.request.sampling.stop), default=0)
+        visible = text[:len(text) - hold] if hold else text
+        if not reason:
+            visible = visible.rstrip("\ufffd")
+        if len(out) > seq.sent_tokens or len(visible) > seq.sent_text_len:
+            events.append(TokenChunk(seq.request_id, tuple(out[seq.sent_tokens:]),
+                                     visible[seq.sent_text_len:]))
+            seq.sent_tokens, seq.sent_text_len = len(out), max(seq.sent_text_len, len(visible))
+        if reason:
+            events.append(self._finish(seq, reason))
+        return events
+
+    def _finish(self, seq: Sequence, reason: str) -> GenerationResult:
+        seq.finish_reason = reason
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.active:
+            self.active.remove(seq)
+            self.free_slots.append(seq.slot)
+            self.drafter.release(seq)
+        seq.stats.output_tokens = len(seq.output_ids)
+        return GenerationResult(seq.request_id, tuple(seq.output_ids), seq.text, reason, seq.stats)
+
+    def abort_all(self) -> list[GenerationResult]:
+        """Cancel everything queued or running (the engine is stopping)."""
+        return [self._finish(seq, "cancelled") for seq in [*self.waiting, *self.active]]
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Run one request to completion (alone or alongside whatever is active)."""
+        self.add(request)
+        while True:
+            events, _ = self.step()
+            for event in events:
+                if isinstance(event, GenerationResult) and event.request_id == request.request_id:
+                    return event

@@ -1,0 +1,108 @@
+"""One speculative round over the active batch (reference §4.3):
+draft -> schedule -> verify (one target forward over a ragged batch) -> accept -> commit.
+
+Plain decoding is the same round with an empty proposal: each request verifies only its anchor.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from engine.api import RoundReport
+from engine.drafters.base import Drafter, Proposal
+from engine.model import KVCache, TargetModel
+from engine.sampling import verify_block
+from engine.sequence import Sequence
+
+# (seqs, proposal, caps) -> per-request number of draft tokens to verify, each <= its cap
+Schedule = Callable[[list[Sequence], Proposal, list[int]], tuple[list[int], float]]
+
+
+def full_block(seqs: list[Sequence], proposal: Proposal, caps: list[int]) -> tuple[list[int], float]:
+    """Verify everything proposed (the fixed-gamma baseline)."""
+    return [min(len(t), c) for t, c in zip(proposal.tokens, caps)], 0.0
+
+
+def build_verify_batch(seqs: list[Sequence], proposal: Proposal, budgets: list[int],
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [anchor, x_1..x_L] at positions kv_len.., padded to the longest row.
+
+    Padding repeats the row's last token at the following positions: those writes land beyond
+    the row's valid cache length, are never read by a real query, and are overwritten later.
+    """
+    width = max(budgets) + 1
+    tokens = torch.empty((len(seqs), width), dtype=torch.long)
+    positions = torch.empty((len(seqs), width), dtype=torch.long)
+    for r, (seq, L) in enumerate(zip(seqs, budgets)):
+        row = [seq.tokens[-1], *proposal.tokens[r][:L]]
+        row += [row[-1]] * (width - len(row))
+        tokens[r] = torch.tensor(row)
+        positions[r] = torch.arange(seq.kv_len, seq.kv_len + width)
+    return tokens.to(device), positions.to(device)
+
+
+def commit_tokens(seq: Sequence, draft: list[int], accepted: int, bonus: int,
+                  eos_ids: tuple[int, ...]) -> list[int]:
+    """Tokens this round commits: the accepted drafts and the bonus, cut after an EOS (no bonus
+    follows an accepted EOS, reference §4.3 step 5) and at the request's token limit."""
+    new = [*draft[:accepted], bonus]
+    for i, tok in enumerate(new):
+        if tok in eos_ids:
+            new = new[:i + 1]
+            break
+    return new[:seq.remaining]
+
+
+def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seqs: list[Sequence],
+                      schedule: Schedule, eos_ids: tuple[int, ...]) -> tuple[RoundReport, list[list[int]]]:
+    t0 = time.perf_counter()
+    proposal = drafter.propose(seqs)
+    t1 = time.perf_counter()
+    # Never verify more than can be committed: a round commits at most budget + 1 tokens.
+    caps = [max(0, min(drafter.block_size, seq.remaining - 1)) for seq in seqs]
+    budgets, expected = schedule(seqs, proposal, caps)
+    t2 = time.perf_counter()
+    tokens, positions = build_verify_batch(seqs, proposal, budgets, target.device)
+    slots = torch.tensor([seq.slot for seq in seqs], device=target.device)
+    out = target.forward(tokens, positions, slots, cache, taps=drafter.tap_layers)
+    logits = target.logits(out.hidden)
+    committed: list[list[int]] = []
+    accepted_total = 0
+    for r, (seq, L) in enumerate(zip(seqs, budgets)):
+        draft = proposal.tokens[r][:L]
+        probs = proposal.probs[r]
+        a, bonus = verify_block(draft, None if probs is None else probs[:L], logits[r, :L + 1],
+                                seq.request.sampling, seq.generator)
+        new = commit_tokens(seq, draft, a, bonus, eos_ids)
+        seq.tokens.extend(new)
+        seq.kv_len += a + 1
+        _count(seq, len(proposal.tokens[r]), L, a)
+        accepted_total += a
+        committed.append(new)
+        drafter.commit(seq, None if out.taps is None else out.taps[r, :a + 1])
+    t3 = time.perf_counter()
+    for seq in seqs:
+        seq.stats.decode_seconds += t3 - t0
+    report = RoundReport(
+        batch_size=len(seqs), verify_tokens=sum(budgets) + len(seqs), budgets=tuple(budgets),
+        expected_accepted=expected, accepted=accepted_total, committed=sum(map(len, committed)),
+        draft_seconds=t1 - t0, schedule_seconds=t2 - t1, verify_seconds=t3 - t2, round_seconds=t3 - t0)
+    return report, committed
+
+
+def _count(seq: Sequence, drafted: int, verified: int, accepted: int) -> None:
+    s = seq.stats
+    s.rounds += 1
+    s.drafted_tokens += drafted
+    s.verified_tokens += verified
+    s.accepted_tokens += accepted
+    while len(s.reached) < verified:
+        s.reached.append(0)
+        s.accepted_at.append(0)
+    for k in range(verified):
+        if accepted >= k:
+            s.reached[k] += 1
+            s.accepted_at[k] += int(accepted > k)
