@@ -62,8 +62,9 @@ def _check_columns(row: ReceiptRow, receipt: Receipt) -> None:
 def _check_row(row: ReceiptRow, expected_sequence: int, previous_digest: bytes,
                worker_public_key: bytes) -> Receipt:
     if row.sequence != expected_sequence:  # rows come in sequence order, so this is a gap
-        raise _RowProblem(f"expected sequence {expected_sequence}: receipts {expected_sequence}.."
-                          f"{row.sequence - 1} are missing (deleted?)")
+        gap = (f"receipt {expected_sequence} is" if row.sequence == expected_sequence + 1
+               else f"receipts {expected_sequence}..{row.sequence - 1} are")
+        raise _RowProblem(f"expected sequence {expected_sequence}: {gap} missing (deleted?)")
     if hashlib.sha256(row.envelope_bytes).digest() != row.digest:
         raise _RowProblem("digest column does not match the stored envelope (envelope edited?)")
     try:

@@ -1,0 +1,203 @@
+"""`dspark-node receipts list|show|verify|export|verify-proof`: read the node's billing ledger.
+
+The ledger is opened read-only, so these are safe while the daemon runs (they read a consistent
+WAL snapshot). Exit status: 0 ok, 1 the ledger or proof does not verify, 2 bad arguments or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from contextlib import contextmanager
+from typing import Callable, Iterator, TextIO
+
+from node.billing import (BillingError, check_proof, iso_time, load_period, parse_time_ms, period_proof,
+                          receipt_record, write_export)
+from node.config import DEFAULT_DATA_DIR
+from node.identity import IdentityError, public_key_from_peer_id
+from node.ledger import LEDGER_FILE, Ledger, LedgerError
+from node.ledger_audit import audit_ledger
+
+
+class _UsageError(ValueError):
+    pass
+
+
+def _hex(text: str, what: str, size: int | None = None) -> bytes:
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        raise _UsageError(f"{what} {text!r} is not hexadecimal") from None
+    if size is not None and len(value) != size:
+        raise _UsageError(f"{what} must be {size} bytes ({2 * size} hex digits), got {len(value)}")
+    return value
+
+
+def _time(text: str | None) -> int | None:
+    try:
+        return parse_time_ms(text) if text is not None else None
+    except BillingError as exc:
+        raise _UsageError(str(exc)) from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("receipts", help="list, show, verify and export the node's signed receipts")
+    sub = parser.add_subparsers(dest="receipts_command", metavar="ACTION", required=True)
+    ledger_args = argparse.ArgumentParser(add_help=False)
+    ledger_args.add_argument("--data-dir", type=Path,
+                             default=Path(os.environ.get("DSPARK_DATA_DIR") or DEFAULT_DATA_DIR).expanduser(),
+                             help=f"the node's data directory, holding {LEDGER_FILE} (default: %(default)s)")
+
+    p = sub.add_parser("list", parents=[ledger_args], help="the newest receipts, one line each")
+    p.add_argument("--limit", type=int, default=20, help="how many (default: %(default)s)")
+    p.add_argument("--client", help="only this client's receipts (public key hex)")
+    p.set_defaults(func=_run(_list))
+
+    p = sub.add_parser("show", parents=[ledger_args], help="one receipt in full, as JSON")
+    p.add_argument("job_id", help="job id (hex)")
+    p.add_argument("--client", help="the client's public key (hex), if several clients used this job id")
+    p.set_defaults(func=_run(_show))
+
+    p = sub.add_parser("verify", parents=[ledger_args],
+                       help="check every signature, the hash chain and the sequence; names the first bad row")
+    p.add_argument("--peer-id", help="check against this worker peer ID instead of the ledger's own key")
+    p.set_defaults(func=_run(_verify))
+
+    p = sub.add_parser("export", parents=[ledger_args],
+                       help="a period's receipts (JSON lines or CSV) with totals per client and a Merkle root")
+    p.add_argument("--since", help="start of the period, inclusive (ISO 8601 date/time in UTC, or unix ms)")
+    p.add_argument("--until", help="end of the period, exclusive")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    p.add_argument("--output", type=Path, help="write here (atomically) instead of standard output")
+    p.add_argument("--proof", metavar="JOB_ID", help="print the inclusion proof of this job's receipt instead")
+    p.add_argument("--client", help="with --proof: the client's public key (hex)")
+    p.set_defaults(func=_run(_export))
+
+    p = sub.add_parser("verify-proof", help="check an inclusion proof written by `export --proof`")
+    p.add_argument("proof", type=Path, help="the proof JSON file ('-' for standard input)")
+    p.add_argument("--root", help="the period's published Merkle root (hex) to check against")
+    p.set_defaults(func=_run(_verify_proof))
+
+
+def _run(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return action(args)
+        except (_UsageError, LedgerError, BillingError, OSError) as exc:
+            print(f"receipts {args.receipts_command}: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+def _open(args: argparse.Namespace) -> Ledger:
+    return Ledger.open_readonly(args.data_dir / LEDGER_FILE)
+
+
+def _list(args: argparse.Namespace) -> int:
+    client = _hex(args.client, "--client", 32) if args.client else None
+    if args.limit < 1:
+        raise _UsageError("--limit must be at least 1")
+    ledger = _open(args)
+    rows = ledger.latest(args.limit, client)
+    print(f"{'SEQ':>7}  {'ISSUED (UTC)':<19}  {'CLIENT':<12}  {'JOB':<32}  {'OUTCOME':<9}  {'TOKENS':>7}  "
+          f"{'AMOUNT':>10}  ACK")
+    for row in rows:
+        issued = iso_time(row.issued_at_ms)[:19].replace("T", " ")
+        print(f"{row.sequence:>7}  {issued:<19}  {row.client_key.hex()[:12]}  {row.job_id.hex():<32}  "
+              f"{row.outcome:<9}  {row.output_tokens:>7}  {row.amount_micros:>10}  "
+              f"{'yes' if row.ack_bytes else 'no'}")
+    ledger.close()
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    job_id = _hex(args.job_id, "job id")
+    client = _hex(args.client, "--client", 32) if args.client else None
+    ledger = _open(args)
+    rows = ledger.find(job_id, client)
+    ledger.close()
+    if not rows:
+        raise _UsageError(f"no receipt for job {job_id.hex()}")
+    if len(rows) > 1:
+        raise _UsageError(f"job id {job_id.hex()} was used by {len(rows)} clients; pass --client")
+    print(json.dumps(receipt_record(rows[0], rows[0].receipt()), indent=2))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    try:
+        key = public_key_from_peer_id(args.peer_id) if args.peer_id else None
+    except IdentityError as exc:
+        raise _UsageError(str(exc)) from None
+    ledger = _open(args)
+    report = audit_ledger(ledger, key)
+    ledger.close()
+    if report.ok:
+        print(f"ok: {report.checked} receipts, chain head {report.head_digest.hex()}, "
+              f"{report.amount_micros} micros billed, {report.acknowledged} acknowledged")
+        return 0
+    print(f"FAILED: first bad row: {report.problems[0]}", file=sys.stderr)
+    for problem in report.problems[1:]:
+        print(f"  also: {problem}", file=sys.stderr)
+    print(f"{report.checked} receipts checked, {len(report.problems)} problems", file=sys.stderr)
+    return 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    since, until = _time(args.since), _time(args.until)
+    if since is not None and until is not None and since >= until:
+        raise _UsageError("--since must be before --until")
+    proof_job = _hex(args.proof, "--proof job id") if args.proof else None
+    client = _hex(args.client, "--client", 32) if args.client else None
+    ledger = _open(args)
+    period = load_period(ledger, since, until)
+    ledger.close()
+    with _output(args.output) as out:
+        if proof_job is not None:
+            out.write(json.dumps(period_proof(period, proof_job, client), indent=2) + "\n")
+        else:
+            summary = write_export(period, args.format, out)
+            print(f"{summary['receipts']} receipts, {summary['amount_micros']} micros, "
+                  f"merkle root {summary['merkle_root']}", file=sys.stderr)
+    return 0
+
+
+def _verify_proof(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if str(args.proof) == "-" else args.proof.read_text()
+    try:
+        proof = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"{args.proof} is not JSON: {exc}") from None
+    if not isinstance(proof, dict):
+        raise _UsageError(f"{args.proof} is not a proof object")
+    root = _hex(args.root, "--root", 32) if args.root else None
+    try:
+        check_proof(proof, root)
+    except BillingError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(f"ok: receipt {proof['receipt_digest']} is leaf {proof['leaf_index']} of {proof['tree_size']} "
+          f"under root {proof['merkle_root']}")
+    return 0
+
+
+@contextmanager
+def _output(path: Path | None) -> Iterator[TextIO]:
+    """Standard output, or a file written under a temporary name and renamed when complete, so an
+    interrupted export never leaves a truncated bill behind."""
+    if path is None:
+        yield sys.stdout
+        return
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
+                                     newline="") as tmp:
+        try:
+            yield tmp
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
+    os.replace(tmp.name, path)

@@ -1,0 +1,136 @@
+"""`dspark-node receipts list|show|export|verify-proof` on a real ledger file."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import json
+import time
+
+import pytest
+from receipts_helpers import CLIENT, OTHER_CLIENT, WORKER, bill, job_id
+
+from dspark.v1.envelope_pb2 import Envelope
+from dspark.v1.receipt_pb2 import Receipt
+from node.merkle import merkle_root
+from node.receipts import acknowledgment, verify_receipt
+
+
+@pytest.fixture
+def two_periods(ledger):
+    """Jobs 0-2 (CLIENT), then a boundary, then jobs 3-4 (CLIENT) and 5 (OTHER_CLIENT)."""
+    first = [bill(ledger, n, output_ids=tuple(range(10 * (n + 1)))) for n in range(3)]
+    ledger.acknowledge(acknowledgment(CLIENT, first[1]))
+    time.sleep(0.005)
+    boundary = int(time.time() * 1000)
+    time.sleep(0.005)
+    second = [bill(ledger, n, output_ids=tuple(range(10 * (n + 1)))) for n in (3, 4)]
+    second.append(bill(ledger, 5, client=OTHER_CLIENT, output_ids=tuple(range(2000))))
+    return first, second, boundary
+
+
+def _records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_list_and_show(data_dir, two_periods, cli):
+    code, out, _ = cli("list", "--data-dir", str(data_dir), "--limit", "4")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:2] == ["SEQ", "ISSUED"]
+    assert [int(line.split()[0]) for line in lines[1:]] == [6, 5, 4, 3]
+    code, out, _ = cli("list", "--data-dir", str(data_dir), "--client", OTHER_CLIENT.public_key.hex())
+    assert [int(line.split()[0]) for line in out.splitlines()[1:]] == [6]
+
+    code, out, _ = cli("show", "--data-dir", str(data_dir), job_id(1).hex())
+    shown = json.loads(out)
+    assert (shown["sequence"], shown["output_tokens"], shown["acknowledged"]) == (2, 20, True)
+    envelope = Envelope.FromString(base64.b64decode(shown["envelope"]))
+    assert verify_receipt(envelope, WORKER.peer_id, list(range(20))).amount_micros == shown["amount_micros"]
+
+
+def test_export_jsonl_for_a_period_has_totals_and_root(data_dir, two_periods, cli):
+    _, second, boundary = two_periods
+    code, out, err = cli("export", "--data-dir", str(data_dir), "--since", str(boundary))
+    assert code == 0
+    records = _records(out)
+    receipts = [r for r in records if r["record"] == "receipt"]
+    assert [r["sequence"] for r in receipts] == [4, 5, 6]
+    signed = [Receipt.FromString(e.payload) for e in second]
+    totals = {r["client"]: r for r in records if r["record"] == "client_total"}
+    assert totals[CLIENT.public_key.hex()]["amount_micros"] == sum(r.amount_micros for r in signed[:2])
+    assert totals[OTHER_CLIENT.public_key.hex()]["output_tokens"] == 2000
+    period = records[-1]
+    assert period["record"] == "period" and period["receipts"] == 3
+    assert period["amount_micros"] == sum(r.amount_micros for r in signed)
+    digests = [bytes.fromhex(r["receipt_digest"]) for r in receipts]
+    assert period["merkle_root"] == merkle_root(digests).hex()
+    assert period["merkle_root"] in err
+
+
+def test_export_csv_to_a_file(data_dir, two_periods, cli, tmp_path):
+    first, _, boundary = two_periods
+    target = tmp_path / "bill.csv"
+    code, _, _ = cli("export", "--data-dir", str(data_dir), "--format", "csv", "--until", str(boundary),
+                     "--output", str(target))
+    rows = list(csv.DictReader(io.StringIO(target.read_text())))
+    assert code == 0
+    assert [r["record"] for r in rows] == ["receipt"] * 3 + ["client_total", "period"]
+    assert [int(r["amount_micros"]) for r in rows[:3]] == [Receipt.FromString(e.payload).amount_micros for e in first]
+    assert rows[3]["acknowledged"] == "1"
+    assert not list(tmp_path.glob(".bill.csv.*"))  # no temporary file left behind
+
+
+def test_an_empty_period_is_a_valid_export(data_dir, two_periods, cli):
+    code, out, _ = cli("export", "--data-dir", str(data_dir), "--until", "1970-01-02")
+    period = _records(out)[-1]
+    assert code == 0 and len(_records(out)) == 1
+    assert (period["receipts"], period["amount_micros"], period["first_sequence"]) == (0, 0, None)
+    assert period["merkle_root"] == hashlib.sha256(b"").hexdigest()
+
+
+def test_inclusion_proof_round_trip_and_tampering(data_dir, two_periods, cli, tmp_path):
+    _, _, boundary = two_periods
+    root = _records(cli("export", "--data-dir", str(data_dir), "--since", str(boundary))[1])[-1]["merkle_root"]
+    code, out, _ = cli("export", "--data-dir", str(data_dir), "--since", str(boundary), "--proof", job_id(4).hex())
+    proof = json.loads(out)
+    assert code == 0 and proof["merkle_root"] == root and proof["tree_size"] == 3 and proof["leaf_index"] == 1
+    path = tmp_path / "proof.json"
+    path.write_text(out)
+    code, out, _ = cli("verify-proof", str(path), "--root", root)
+    assert code == 0 and out.startswith("ok:")
+
+    altered = {"path": [p[:-2] + ("00" if p[-2:] != "00" else "11") for p in proof["path"]],
+               "leaf_index": 2, "receipt_digest": proof["path"][0]}
+    for key, value in altered.items():
+        path.write_text(json.dumps(proof | {key: value}))
+        code, _, err = cli("verify-proof", str(path))
+        assert code == 1 and "FAILED" in err, key
+    path.write_text(json.dumps(proof))
+    assert cli("verify-proof", str(path), "--root", "00" * 32)[0] == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["export", "--since", "yesterday"], "neither unix milliseconds nor an ISO 8601"),
+    (["export", "--since", "2026-02-01", "--until", "2026-01-01"], "--since must be before --until"),
+    (["show", "zz"], "not hexadecimal"),
+    (["show", "ff" * 16], "no receipt for job"),
+    (["list", "--client", "abcd"], "must be 32 bytes"),
+    (["export", "--proof", "ff" * 16], "no receipt for job"),
+])
+def test_bad_arguments_are_refused_with_a_message(data_dir, two_periods, cli, argv, message):
+    code, out, err = cli(argv[0], "--data-dir", str(data_dir), *argv[1:])
+    assert code == 2
+    assert message in err
+
+
+def test_missing_ledger_and_bad_proof_files(tmp_path, cli):
+    code, _, err = cli("verify", "--data-dir", str(tmp_path / "nowhere"))
+    assert code == 2 and "no ledger at" in err
+    bad = tmp_path / "proof.json"
+    bad.write_text("[1, 2]")
+    assert cli("verify-proof", str(bad))[0] == 2
+    bad.write_text('{"merkle_rule": "rfc6962-sha256"}')
+    code, _, err = cli("verify-proof", str(bad))
+    assert code == 1 and "malformed proof" in err

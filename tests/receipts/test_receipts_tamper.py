@@ -1,0 +1,135 @@
+"""`receipts verify` against a ledger file edited behind the node's back: every edit is caught and
+the first bad row is named."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from receipts_helpers import CLIENT, OTHER_CLIENT, bill
+
+from dspark.v1.envelope_pb2 import Envelope
+from dspark.v1.receipt_pb2 import Receipt
+from node.envelope import seal
+from node.ledger import LEDGER_FILE, Ledger
+from node.ledger_audit import audit_ledger
+from node.receipts import acknowledgment
+
+
+@pytest.fixture
+def filled(ledger):
+    """Six receipts, the first acknowledged, then the writer closed (as after a daemon stop)."""
+    envelopes = [bill(ledger, n, output_ids=tuple(range(n + 1))) for n in range(6)]
+    ledger.acknowledge(acknowledgment(CLIENT, envelopes[0]))
+    ledger.close()
+    return envelopes
+
+
+def audit(data_dir):
+    reader = Ledger.open_readonly(data_dir / LEDGER_FILE)
+    report = audit_ledger(reader)
+    reader.close()
+    return report
+
+
+def test_untouched_ledger_verifies(data_dir, filled, cli):
+    code, out, _ = cli("verify", "--data-dir", str(data_dir))
+    assert code == 0
+    assert out.startswith("ok: 6 receipts")
+    assert "1 acknowledged" in out
+
+
+def test_edited_amount_column_is_named(data_dir, filled, tamper, cli):
+    tamper("UPDATE receipts SET amount_micros = amount_micros + 1000 WHERE sequence = 4")
+    code, _, err = cli("verify", "--data-dir", str(data_dir))
+    assert code == 1
+    assert "first bad row: sequence 4" in err
+    assert "amount_micros column" in err
+
+
+def test_edited_signed_amount_is_named(data_dir, filled, tamper):
+    envelope = Envelope.FromString(_envelope_bytes(data_dir, 3))
+    receipt = Receipt.FromString(envelope.payload)
+    receipt.amount_micros *= 100
+    envelope.payload = receipt.SerializeToString(deterministic=True)
+    tamper(f"UPDATE receipts SET envelope = x'{envelope.SerializeToString(deterministic=True).hex()}'"
+           " WHERE sequence = 3")
+    report = audit(data_dir)
+    assert report.problems[0].sequence == 3
+    assert "digest column" in report.problems[0].message
+
+
+def test_edited_receipt_with_recomputed_digest_fails_the_signature(data_dir, filled, tamper):
+    envelope = Envelope.FromString(_envelope_bytes(data_dir, 2))
+    receipt = Receipt.FromString(envelope.payload)
+    receipt.output_tokens, receipt.amount_micros = 10**6, receipt.amount_micros * 10**6
+    envelope.payload = receipt.SerializeToString(deterministic=True)
+    data = envelope.SerializeToString(deterministic=True)
+    tamper(f"UPDATE receipts SET envelope = x'{data.hex()}', digest = x'{_sha256(data).hex()}' WHERE sequence = 2")
+    report = audit(data_dir)
+    assert report.problems[0].sequence == 2
+    assert "signature" in report.problems[0].message
+
+
+def test_deleted_row_is_named(data_dir, filled, tamper, cli):
+    tamper("DELETE FROM receipts WHERE sequence = 3")
+    code, _, err = cli("verify", "--data-dir", str(data_dir))
+    assert code == 1
+    assert "first bad row: sequence 4" in err
+    assert "receipt 3 is missing" in err
+    # The jobs table still says job 2 finished with receipt 3.
+    assert "is marked finished but its receipt (sequence 3) is missing" in err
+
+
+def test_deleted_newest_row_is_caught_by_the_jobs_table(data_dir, filled, tamper):
+    tamper("DELETE FROM receipts WHERE sequence = 6")
+    report = audit(data_dir)
+    assert not report.ok
+    assert "receipt (sequence 6) is missing" in report.problems[0].message
+
+
+def test_reordered_rows_are_named(data_dir, filled, tamper):
+    # Swap the contents of rows 2 and 5, keeping the sequence column in order.
+    columns = "client_key, job_id, digest, issued_at_ms, outcome, output_tokens, amount_micros, envelope"
+    tamper("CREATE TEMP TABLE saved AS SELECT * FROM receipts WHERE sequence IN (2, 5)",
+           "DELETE FROM receipts WHERE sequence IN (2, 5)",
+           f"INSERT INTO receipts (sequence, {columns}) SELECT 7 - sequence, {columns} FROM saved")
+    report = audit(data_dir)
+    assert report.problems[0].sequence == 2
+    assert "says sequence 5" in report.problems[0].message
+    assert {p.sequence for p in report.problems} >= {2, 5}
+
+
+def test_receipt_signed_by_another_key_is_named(data_dir, filled, tamper):
+    forged = seal(OTHER_CLIENT, Receipt.FromString(Envelope.FromString(_envelope_bytes(data_dir, 5)).payload))
+    data = forged.SerializeToString(deterministic=True)
+    tamper(f"UPDATE receipts SET envelope = x'{data.hex()}', digest = x'{_sha256(data).hex()}' WHERE sequence = 5")
+    report = audit(data_dir)
+    assert report.problems[0].sequence == 5
+    assert "not signed by the worker" in report.problems[0].message
+
+
+def test_forged_acknowledgment_is_named(data_dir, filled, tamper):
+    forged = acknowledgment(OTHER_CLIENT, filled[0]).SerializeToString(deterministic=True)
+    tamper(f"UPDATE acknowledgments SET envelope = x'{forged.hex()}' WHERE sequence = 1")
+    report = audit(data_dir)
+    assert report.problems[0].sequence == 1
+    assert "acknowledgment is invalid" in report.problems[0].message
+
+
+def test_verify_against_an_expected_peer_id(data_dir, filled, cli):
+    assert cli("verify", "--data-dir", str(data_dir), "--peer-id", OTHER_CLIENT.peer_id)[0] == 1
+    code, _, err = cli("verify", "--data-dir", str(data_dir), "--peer-id", "not-a-peer-id")
+    assert code == 2
+    assert "base58" in err
+
+
+def _envelope_bytes(data_dir, sequence: int) -> bytes:
+    reader = Ledger.open_readonly(data_dir / LEDGER_FILE)
+    row = next(r for r in reader.rows() if r.sequence == sequence)
+    reader.close()
+    return row.envelope_bytes
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
