@@ -1,0 +1,85 @@
+"""The dashboard in Debian's headless Chromium (Playwright): no console errors, the node's identity
+on the page, a job appearing live with its speed, then the earnings panel after its receipt."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from node.identity import Identity
+
+from .harness import NodeUnderTest, new_job_id
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    n = NodeUnderTest(tmp_path_factory.mktemp("browser")).start()
+    yield n
+    n.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    page = context.new_page()
+    page.console_problems = []
+    page.on("console", lambda m: m.type in ("error", "warning") and page.console_problems.append(m.text))
+    page.on("pageerror", lambda e: page.console_problems.append(str(e)))
+    yield page
+    context.close()
+
+
+def play_job(node: NodeUnderTest, job: bytes, client: Identity, tokens: int, seconds: float) -> None:
+    """Stream `tokens` over `seconds` the way the service reports progress, then sign its receipt."""
+    start = time.monotonic()
+    for produced in range(1, tokens + 1):
+        node.progress(job, produced, time.monotonic() - start, budgets=(4,) * max(1, node.engine.active))
+        time.sleep(seconds / tokens)
+    node.finish(job, client, tokens)
+
+
+def test_dashboard_live_job_and_earnings(node, page):
+    page.goto(node.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('smollm2')")
+    assert "cpu" in page.text_content("#device")
+    assert page.text_content("#peer-id") == node.identity.peer_id
+    page.wait_for_function("document.getElementById('live').textContent === 'live'")
+    assert page.text_content("#earned") == "0.000000"
+
+    buyer = Identity.generate()
+    job = new_job_id()
+    node.admit(job, buyer)
+    player = threading.Thread(target=play_job, args=(node, job, buyer, 40, 4.0))
+    player.start()
+    short = job.hex()[:8]
+    # The active job appears (SSE "admitted"), then its live speed fills in from the ticks.
+    page.wait_for_function(f"""() => [...document.querySelectorAll('#active-jobs tbody tr')].some(
+        r => r.cells[0].textContent.startsWith('{short}') && parseFloat(r.cells[3].textContent) > 0)""",
+                           timeout=8000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-active-job.png"), full_page=True)
+    player.join()
+    page.wait_for_function("document.getElementById('receipts').textContent === '1'", timeout=8000)
+    earned = float(page.text_content("#earned"))
+    assert earned > 0 and earned * 1e6 == pytest.approx(node.ledger.totals().amount_micros)
+    page.wait_for_function(f"""() => [...document.querySelectorAll('#recent-jobs tbody tr')].some(
+        r => r.cells[0].textContent.startsWith('{short}') && r.cells[1].textContent === 'completed')""")
+    assert page.locator("#chart-tps path").count() == 1         # the throughput line is drawn
+    page.screenshot(path=str(ARTIFACTS / "dashboard-after-job.png"), full_page=True)
+    assert page.console_problems == []
