@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -49,15 +48,17 @@ class NodeView:
 
 
 def jsonable(value: Any) -> Any:
-    """Plain JSON data from our dataclasses, protobuf messages and bytes (as hex)."""
+    """Plain JSON data from our dataclasses and protobuf messages; bytes as hex, 64-bit ints as numbers
+    (protobuf's own JSON mapping would give base64 and strings, unlike the rest of this API)."""
     if isinstance(value, Message):
-        return MessageToDict(value, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        return {f.name: [jsonable(v) for v in getattr(value, f.name)] if f.is_repeated
+                else jsonable(getattr(value, f.name)) for f in value.DESCRIPTOR.fields}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).hex()
     if isinstance(value, dict):
-        return {str(k.hex() if isinstance(k, bytes) else k): jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return value

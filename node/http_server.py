@@ -121,7 +121,7 @@ class HttpService:
         activity = Activity(events)
         self.metrics = NodeMetrics(events, engine, identity.peer_id)
         self.feed = LiveFeed(events, activity)
-        view = NodeView(identity=identity, engine=engine, ledger=ledger, capacity=capacity, activity=activity,
+        self._view = view = NodeView(identity=identity, engine=engine, ledger=ledger, capacity=capacity, activity=activity,
                         metrics=self.metrics, feed=self.feed,
                         listen={"grpc": config.grpc_listen, "http": config.http_listen,
                                 "p2p": list(config.p2p.listen)})
@@ -149,6 +149,7 @@ class HttpService:
             sock.close()
             raise HttpConfigError(f"cannot listen on {self.host}:{self._port} for HTTP: {exc.strerror}") from None
         self._port = sock.getsockname()[1]
+        self._view.listen["http"] = self.url.removeprefix("http://")
         self.feed.bind(asyncio.get_running_loop())
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=STOP_SECONDS)

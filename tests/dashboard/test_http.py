@@ -160,3 +160,11 @@ def test_port_in_use_is_a_clear_error(node):
         service = _service(node, http_listen=f"127.0.0.1:{taken.getsockname()[1]}")
         with pytest.raises(HttpConfigError, match="cannot listen on 127.0.0.1"):
             asyncio.run(service.start())
+
+
+def test_capacity_and_listen_use_plain_json(node, client):
+    advert = client.get("/api/v1/capacity").json()
+    assert advert["peer_id"] == node.identity.peer_id
+    assert advert["models"][0]["digest"] == bytes(range(32)).hex()          # hex, as everywhere in the API
+    assert isinstance(advert["sequence"], int) and advert["sequence"] > 0    # a number, not a string
+    assert client.get("/api/v1/status").json()["listen"]["http"] == node.url.removeprefix("http://")
