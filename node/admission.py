@@ -18,6 +18,8 @@ from engine.api import RequestRejected, SamplingParams
 from node.envelope import EnvelopeError, digest, open_envelope
 
 JOB_ID_BYTES = 16
+# Trailing-metadata key under which a refused RPC carries its Reason (for programs; people read the message).
+REFUSAL_KEY = "dspark-refusal"
 
 
 class Reason(StrEnum):

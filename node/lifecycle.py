@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -49,8 +50,9 @@ class Supervisor:
         """Safe to call from a signal handler on the loop; idempotent."""
         self._stop_requested.set()
 
-    async def run(self) -> SupervisorReport:
-        """Start all, run until a stop request or a failure, stop all; never raises for a service."""
+    async def run(self, on_started: Callable[[], None] | None = None) -> SupervisorReport:
+        """Start all, call `on_started`, run until a stop request or a failure, stop all; never
+        raises for a service."""
         report = SupervisorReport()
         started: list[Service] = []
         for service in self._services:
@@ -64,7 +66,9 @@ class Supervisor:
                 break
             started.append(service)
             log.info("service %s started", service.name)
-        if report.ok:
+        if report.ok and len(started) == len(self._services):
+            if on_started is not None:
+                on_started()
             await self._wait(started, report)
         await self._stop_all(started, report)
         return report

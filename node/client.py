@@ -1,0 +1,246 @@
+"""Client SDK: connect to a worker, check who it is, sign jobs, stream them, verify the receipts.
+
+Who the worker is: `connect` fetches its signed CapacityAdvert. Over TLS it first fetches the
+server certificate and pins it as the channel's only root, then requires the advert, signed by the
+expected peer ID (or, when none is given, by whoever signed it), to name that certificate's
+fingerprint; a man in the middle would present another certificate and fail the check. A job is
+sent only after this, and its receipt must be signed by the same peer ID and cover exactly the
+tokens received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import grpc
+
+from dspark.v1 import job_pb2, worker_pb2, worker_pb2_grpc
+from dspark.v1.advert_pb2 import CapacityAdvert
+from dspark.v1.envelope_pb2 import Envelope
+from dspark.v1.receipt_pb2 import Receipt
+from node.admission import REFUSAL_KEY
+from node.config import is_loopback, split_host_port
+from node.envelope import EnvelopeError, digest, open_envelope, seal
+from node.identity import Identity, IdentityError, peer_id_from_public_key
+from node.receipts import ReceiptError, acknowledgment, verify_receipt
+from node.tls import SERVER_NAME, TlsError, fetch_server_cert, fingerprint
+
+
+class ClientError(Exception):
+    """The worker could not be reached or is not who it must be, or its answer does not verify."""
+
+
+class JobRefused(Exception):
+    """The worker refused the job (or the RPC failed); `reason` is the worker's tag when it gave one."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str):
+        super().__init__(f"{code.name}: {message}" + (f" [{reason}]" if reason else ""))
+        self.code = code
+        self.reason = reason
+        self.details = message
+
+
+def _refusal(error: grpc.aio.AioRpcError) -> JobRefused:
+    reason = dict(error.trailing_metadata() or ()).get(REFUSAL_KEY, "")
+    return JobRefused(error.code(), reason, error.details() or "")
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job_id: bytes
+    accepted: job_pb2.JobAccepted
+    text: str
+    output_ids: tuple[int, ...]
+    finish_reason: str
+    receipt_envelope: Envelope
+    receipt: Receipt
+    time_to_first_token_s: float | None
+    elapsed_s: float
+
+
+class WorkerClient:
+    def __init__(self, channel: grpc.aio.Channel, identity: Identity, advert: CapacityAdvert):
+        self._channel = channel
+        self._stub = worker_pb2_grpc.WorkerStub(channel)
+        self.identity = identity
+        self.advert = advert
+        self.peer_id = advert.peer_id
+
+    @classmethod
+    async def connect(cls, target: str, identity: Identity, peer_id: str | None = None,
+                      tls: Literal["auto", "on", "off"] = "auto", timeout_s: float = 10.0) -> WorkerClient:
+        """Dial `target` (HOST:PORT); TLS unless it is loopback (auto) or `tls="off"`."""
+        try:
+            host, port = split_host_port(target)
+        except ValueError as exc:
+            raise ClientError(str(exc)) from None
+        use_tls = tls == "on" or (tls == "auto" and not is_loopback(host))
+        cert_pem = b""
+        if use_tls:
+            try:
+                cert_pem = await asyncio.to_thread(fetch_server_cert, host, port, timeout_s)
+            except TlsError as exc:
+                raise ClientError(str(exc)) from None
+            channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=cert_pem),
+                                              options=[("grpc.ssl_target_name_override", SERVER_NAME)])
+        else:
+            channel = grpc.aio.insecure_channel(target)
+        try:
+            envelope = await worker_pb2_grpc.WorkerStub(channel).GetCapacity(
+                worker_pb2.GetCapacityRequest(), timeout=timeout_s)
+            advert = _check_advert(envelope, peer_id, fingerprint(cert_pem) if use_tls else None)
+        except grpc.aio.AioRpcError as exc:
+            await channel.close()
+            raise ClientError(f"cannot reach the worker at {target}: {exc.code().name}: {exc.details()}") from None
+        except ClientError:
+            await channel.close()
+            raise
+        return cls(channel, identity, advert)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> WorkerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- jobs -------------------------------------------------------------------------------------
+
+    def sign_job(self, *, text: str | None = None, chat: Sequence[dict[str, str]] | None = None,
+                 token_ids: Sequence[int] | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (), model: str | None = None,
+                 max_price_per_mtok_micros: int | None = None, ttl_s: float = 300.0,
+                 job_id: bytes | None = None) -> Envelope:
+        """A signed JobRequest for this worker. Exactly one of text / chat / token_ids. Model and
+        price cap default to what the worker advertises."""
+        if sum(p is not None for p in (text, chat, token_ids)) != 1:
+            raise ValueError("give exactly one of text, chat, token_ids")
+        now = int(time.time() * 1000)
+        sampling = job_pb2.SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                          stop=list(stop))
+        if seed is not None:
+            sampling.seed = seed
+        request = job_pb2.JobRequest(
+            job_id=job_id if job_id is not None else secrets.token_bytes(16), worker_peer_id=self.peer_id,
+            model=model if model is not None else self.advert.models[0].id, sampling=sampling,
+            max_price_per_mtok_micros=(max_price_per_mtok_micros if max_price_per_mtok_micros is not None
+                                       else self.advert.price_per_mtok_micros),
+            issued_at_ms=now, expires_at_ms=now + int(ttl_s * 1000))
+        if text is not None:
+            request.text = text
+        elif chat is not None:
+            request.chat.messages.extend(job_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in chat)
+        else:
+            request.tokens.ids.extend(token_ids)
+        return seal(self.identity, request)
+
+    async def stream(self, job: Envelope, timeout_s: float | None = None) -> AsyncIterator[job_pb2.SubmitEvent]:
+        """The raw event stream; raises JobRefused on a refusal or a failed RPC."""
+        call = self._stub.Submit(job, timeout=timeout_s)
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise _refusal(exc) from None
+        finally:
+            call.cancel()
+
+    async def run(self, job: Envelope, on_text: Callable[[str], None] | None = None,
+                  timeout_s: float | None = None) -> JobResult:
+        """Submit, stream (text to `on_text` as it comes), and verify the receipt; raises
+        JobRefused on refusal and ClientError when the result does not verify."""
+        started = time.monotonic()
+        first_token: float | None = None
+        accepted = job_pb2.JobAccepted()
+        streamed: list[int] = []
+        async for event in self.stream(job, timeout_s):
+            kind = event.WhichOneof("event")
+            if kind == "accepted":
+                accepted = event.accepted
+            elif kind == "chunk":
+                if first_token is None:
+                    first_token = time.monotonic() - started
+                streamed.extend(event.chunk.token_ids)
+                if on_text is not None:
+                    on_text(event.chunk.text)
+            elif kind == "result":
+                return self._verify(job, accepted, event.result, streamed, first_token, time.monotonic() - started)
+        raise ClientError("the worker closed the stream without a result")
+
+    def _verify(self, job: Envelope, accepted: job_pb2.JobAccepted, result: job_pb2.JobResult,
+                streamed: list[int], first_token: float | None, elapsed: float) -> JobResult:
+        output_ids = tuple(result.output_token_ids)
+        if output_ids != tuple(streamed):
+            raise ClientError("the result's token ids differ from the tokens streamed")
+        if not result.HasField("receipt"):
+            raise ClientError(f"the job ended ({result.finish_reason}) without a receipt")
+        try:
+            receipt = verify_receipt(result.receipt, self.peer_id, output_ids)
+        except ReceiptError as exc:
+            raise ClientError(f"receipt does not verify: {exc}") from None
+        request = job_pb2.JobRequest.FromString(job.payload)
+        if receipt.job_digest != digest(job) or receipt.job_id != request.job_id:
+            raise ClientError("the receipt is for another job")
+        return JobResult(job_id=request.job_id, accepted=accepted, text=result.text, output_ids=output_ids,
+                         finish_reason=result.finish_reason, receipt_envelope=result.receipt, receipt=receipt,
+                         time_to_first_token_s=first_token, elapsed_s=elapsed)
+
+    async def cancel(self, job_id: bytes, timeout_s: float = 10.0) -> bool:
+        envelope = seal(self.identity, job_pb2.CancelJob(job_id=job_id, worker_peer_id=self.peer_id,
+                                                         issued_at_ms=int(time.time() * 1000)))
+        try:
+            return (await self._stub.Cancel(envelope, timeout=timeout_s)).cancelled
+        except grpc.aio.AioRpcError as exc:
+            raise _refusal(exc) from None
+
+    async def get_receipt(self, job_id: bytes, timeout_s: float = 10.0) -> Receipt:
+        """Fetch (and verify) the receipt of one of this client's jobs, e.g. after a disconnect."""
+        try:
+            envelope = await self._stub.GetReceipt(worker_pb2.GetReceiptRequest(
+                job_id=job_id, client_public_key=self.identity.public_key), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _refusal(exc) from None
+        try:
+            return verify_receipt(envelope, self.peer_id)
+        except ReceiptError as exc:
+            raise ClientError(f"receipt does not verify: {exc}") from None
+
+    async def acknowledge(self, receipt_envelope: Envelope, timeout_s: float = 10.0) -> int:
+        """Countersign a receipt this client accepted; returns its ledger sequence."""
+        try:
+            response = await self._stub.Acknowledge(acknowledgment(self.identity, receipt_envelope), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _refusal(exc) from None
+        return response.sequence
+
+    async def capacity(self, timeout_s: float = 10.0) -> CapacityAdvert:
+        try:
+            envelope = await self._stub.GetCapacity(worker_pb2.GetCapacityRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _refusal(exc) from None
+        return _check_advert(envelope, self.peer_id, None)
+
+
+def _check_advert(envelope: Envelope, peer_id: str | None, cert_sha256: bytes | None) -> CapacityAdvert:
+    try:
+        advert = open_envelope(envelope, CapacityAdvert)
+        signer = peer_id_from_public_key(bytes(envelope.public_key))
+    except (EnvelopeError, IdentityError) as exc:
+        raise ClientError(f"the worker's capacity advert does not verify: {exc}") from None
+    if advert.peer_id != signer:
+        raise ClientError(f"the advert names peer {advert.peer_id!r} but is signed by {signer}")
+    if peer_id is not None and signer != peer_id:
+        raise ClientError(f"the worker is {signer}, not the expected {peer_id}")
+    if cert_sha256 is not None and advert.tls_cert_sha256 != cert_sha256:
+        raise ClientError("the worker's TLS certificate is not the one its signed advert names "
+                          "(possible interception)")
+    if not advert.models:
+        raise ClientError("the worker advertises no model")
+    return advert

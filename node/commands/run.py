@@ -1,0 +1,56 @@
+"""`dspark-node run`: start the worker daemon (embedded defaults when given no config)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from node.config import ConfigError, load_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("run", help="run the worker node (gRPC, dashboard, p2p adverts)")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (default: embedded defaults)")
+    parser.add_argument("--data-dir", type=Path, metavar="DIR", help="key, ledger and replay cache")
+    parser.add_argument("--grpc-listen", metavar="HOST:PORT", help="gRPC address (default 127.0.0.1:7440)")
+    parser.add_argument("--http-listen", metavar="HOST:PORT", help="metrics + dashboard (default 127.0.0.1:7441)")
+    parser.add_argument("--p2p-listen", metavar="MULTIADDR", action="append",
+                        help="libp2p listen address (repeatable; default /ip4/127.0.0.1/tcp/7442; "
+                             "pass '' to run without the peer network)")
+    parser.add_argument("--bootstrap", metavar="MULTIADDR", nargs="+", help="libp2p peers to join through")
+    parser.set_defaults(func=run)
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that were given, as a nested dict laid over the config file and environment."""
+    values: dict[str, Any] = {}
+    for flag in ("data_dir", "grpc_listen", "http_listen"):
+        if getattr(args, flag) is not None:
+            values[flag] = getattr(args, flag)
+    p2p: dict[str, Any] = {}
+    if args.p2p_listen is not None:
+        p2p["listen"] = [addr for addr in args.p2p_listen if addr]
+    if args.bootstrap is not None:
+        p2p["bootstrap"] = args.bootstrap
+    if p2p:
+        values["p2p"] = p2p
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, overrides(args))
+    except ConfigError as exc:
+        print(f"dspark-node run: {exc}", file=sys.stderr)
+        return 2
+    # Imported here: loading torch and the engine is not needed to report a bad config.
+    from node.daemon import run_daemon
+
+    try:
+        return asyncio.run(run_daemon(config))
+    except ValueError as exc:   # IdentityError, TlsError, ModelLoadError, HttpConfigError...: a bad setup
+        print(f"dspark-node run: {exc}", file=sys.stderr)
+        return 2

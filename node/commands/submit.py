@@ -1,0 +1,73 @@
+"""`dspark-node submit`: sign a job, stream its text to stdout, verify the receipt."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from node.client import ClientError, JobRefused, WorkerClient
+from node.commands.keys import DEFAULT_CLIENT_KEY
+from node.identity import Identity, IdentityError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("submit", help="send a signed job to a worker and stream the answer")
+    parser.add_argument("--node", required=True, metavar="HOST:PORT", help="the worker's gRPC endpoint")
+    parser.add_argument("--prompt", required=True, metavar="TEXT", help="the user message (chat template applied)")
+    parser.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    parser.add_argument("--seed", type=int, metavar="S", help="makes a sampled job reproducible on one worker")
+    parser.add_argument("--max-price", type=int, metavar="MICROS",
+                        help="refuse to pay more per million output tokens (default: the advertised price)")
+    parser.add_argument("--key", type=Path, default=DEFAULT_CLIENT_KEY, metavar="FILE",
+                        help="client key (created if missing; default: %(default)s)")
+    parser.add_argument("--peer-id", metavar="PEER_ID", help="the worker's expected peer ID (default: trust its advert)")
+    parser.add_argument("--tls", default="auto", choices=["auto", "on", "off"],
+                        help="auto: TLS unless the node is on loopback (default)")
+    parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="deadline for the job")
+    parser.set_defaults(func=run)
+
+
+def _fail(message: str) -> int:
+    print(f"dspark-node submit: {message}", file=sys.stderr)
+    return 1
+
+
+async def _submit(args: argparse.Namespace, identity: Identity) -> int:
+    try:
+        client = await WorkerClient.connect(args.node, identity, peer_id=args.peer_id, tls=args.tls)
+    except ClientError as exc:
+        return _fail(str(exc))
+    async with client:
+        prompt = {"text": args.prompt} if args.raw else {"chat": [{"role": "user", "content": args.prompt}]}
+        job = client.sign_job(**prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              seed=args.seed, max_price_per_mtok_micros=args.max_price)
+        try:
+            result = await client.run(job, on_text=lambda text: print(text, end="", flush=True),
+                                      timeout_s=args.timeout)
+        except JobRefused as exc:
+            return _fail(f"refused: {exc}")
+        except ClientError as exc:
+            return _fail(str(exc))
+        print()
+        receipt = result.receipt
+        print(f"[{result.finish_reason}] {receipt.output_tokens} tokens, {receipt.tokens_per_second:.1f} tok/s, "
+              f"amount {receipt.amount_micros} micros, receipt #{receipt.sequence} verified "
+              f"(worker {client.peer_id})", file=sys.stderr)
+        return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        return _fail("--max-new-tokens must be at least 1")
+    path = args.key.expanduser()
+    try:
+        if not path.exists():
+            print(f"dspark-node submit: creating client key {path}", file=sys.stderr)
+        identity = Identity.load_or_create(path)
+    except IdentityError as exc:
+        return _fail(str(exc))
+    return asyncio.run(_submit(args, identity))

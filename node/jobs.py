@@ -1,0 +1,170 @@
+"""The node's running jobs: per-client quotas, one runner task per job, receipts, and the drain.
+
+A job runs in its own task, apart from the RPC that submitted it: if the client goes away or its
+deadline passes, the RPC only asks the engine to cancel, and the runner still collects the engine's
+final result and writes the receipt (billed for what was streamed), which GetReceipt then serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+from dspark.v1 import job_pb2
+from dspark.v1.receipt_pb2 import Receipt
+from engine.api import EngineInfo, GenerationRequest, GenerationResult, RequestStats, TokenChunk
+from node.admission import Load, SignedJob
+from node.events import EventBus, JobAdmitted, JobFinished, JobProgress
+from node.receipts import JobOutcome
+
+log = logging.getLogger(__name__)
+
+_WINDOW_S = 60.0
+_OUTCOMES = {"stop": "completed", "length": "completed", "cancelled": "cancelled", "error": "failed"}
+
+
+@dataclass
+class RunningJob:
+    job: SignedJob
+    request: GenerationRequest
+    # SubmitEvents for the RPC to stream: chunks as committed, then exactly one result.
+    stream: asyncio.Queue[job_pb2.SubmitEvent] = field(default_factory=asyncio.Queue)
+    runner: asyncio.Task[None] | None = None
+
+
+class JobTable:
+    def __init__(self, engine, ledger, events: EventBus, info: EngineInfo, price_per_mtok_micros: int,
+                 price_per_gpu_second_micros: int):
+        self._engine = engine
+        self._ledger = ledger
+        self._events = events
+        self._info = info
+        self._price = price_per_mtok_micros
+        self._price_gpu_s = price_per_gpu_second_micros
+        self._jobs: dict[tuple[bytes, bytes], RunningJob] = {}
+        self._active: dict[bytes, int] = defaultdict(int)
+        self._admitted: dict[bytes, deque[float]] = defaultdict(deque)
+        self.draining = False
+
+    # --- quotas -------------------------------------------------------------------------------
+
+    def load(self, client: bytes) -> Load:
+        recent = self._admitted.get(client)
+        cutoff = time.monotonic() - _WINDOW_S
+        while recent and recent[0] < cutoff:
+            recent.popleft()
+        return Load(client_active=self._active.get(client, 0), client_recent=len(recent or ()),
+                    queue_depth=self._engine.queue_depth, draining=self.draining)
+
+    def reserve(self, client: bytes) -> None:
+        """Count a job against its client's quotas as soon as it passes admission, before any
+        await, so concurrent submissions from one client cannot all slip under the limit."""
+        self._active[client] += 1
+        self._admitted[client].append(time.monotonic())
+
+    def release(self, client: bytes, admitted: bool) -> None:
+        self._active[client] -= 1
+        if self._active[client] <= 0:
+            del self._active[client]
+        if not admitted and self._admitted.get(client):
+            self._admitted[client].pop()      # a job refused later (replay, fit) uses no rate
+        if not self._admitted.get(client, True):
+            del self._admitted[client]
+
+    # --- running --------------------------------------------------------------------------------
+
+    def find(self, client: bytes, job_id: bytes) -> RunningJob | None:
+        return self._jobs.get((client, job_id))
+
+    def start(self, job: SignedJob, request: GenerationRequest) -> RunningJob:
+        running = RunningJob(job, request)
+        self._jobs[(job.client_key, job.request.job_id)] = running
+        self._events.publish(JobAdmitted(job_id=job.request.job_id.hex(), client=job.client_key.hex(),
+                                         prompt_tokens=len(request.prompt_ids),
+                                         max_new_tokens=request.sampling.max_new_tokens))
+        running.runner = asyncio.create_task(self._run(running), name=f"job-{job.request.job_id.hex()}")
+        return running
+
+    def cancel(self, running: RunningJob) -> bool:
+        return self._engine.cancel(running.request.request_id)
+
+    async def _run(self, running: RunningJob) -> None:
+        job = running.job
+        admitted_at = time.monotonic()
+        first_token_at: float | None = None
+        output: list[int] = []
+        result: GenerationResult | None = None
+        try:
+            generation = self._engine.generate(running.request)
+            try:
+                async for item in generation:
+                    if isinstance(item, TokenChunk):
+                        first = first_token_at is None
+                        if first:
+                            first_token_at = time.monotonic()
+                        output.extend(item.token_ids)
+                        running.stream.put_nowait(job_pb2.SubmitEvent(
+                            chunk=job_pb2.TokenChunk(token_ids=item.token_ids, text=item.text)))
+                        self._events.publish(JobProgress(job_id=job.request.job_id.hex(), output_tokens=len(output),
+                                                         elapsed_seconds=time.monotonic() - admitted_at,
+                                                         first_token=first))
+                    else:
+                        result = item
+            finally:
+                await generation.aclose()
+        except Exception:
+            log.exception("job %s failed in the engine", job.request.job_id.hex())
+        try:
+            await self._finish(running, result, tuple(output),
+                               None if first_token_at is None else first_token_at - admitted_at)
+        finally:
+            del self._jobs[(job.client_key, job.request.job_id)]
+            self.release(job.client_key, admitted=True)
+
+    async def _finish(self, running: RunningJob, result: GenerationResult | None, streamed: tuple[int, ...],
+                      ttft: float | None) -> None:
+        job = running.job
+        if result is None:   # the engine raised: bill nothing beyond what was streamed
+            result = GenerationResult(running.request.request_id, streamed, "", "error",
+                                      RequestStats(prompt_tokens=len(running.request.prompt_ids),
+                                                   output_tokens=len(streamed)))
+        outcome = JobOutcome(
+            job_id=job.request.job_id, client_key=job.client_key, job_digest=job.digest,
+            model=self._info.model_id, model_digest=self._info.model_digest, drafter=self._info.drafter_id,
+            drafter_digest=self._info.drafter_digest, outcome=_OUTCOMES[result.finish_reason],
+            stats=result.stats, output_ids=tuple(result.output_ids), device=self._info.device,
+            price_per_mtok_micros=self._price, price_per_gpu_second_micros=self._price_gpu_s)
+        event = job_pb2.JobResult(finish_reason=result.finish_reason, text=result.text,
+                                  output_token_ids=result.output_ids)
+        try:
+            # Shielded: a drain that cancels this task must not lose the receipt mid-write.
+            envelope = await asyncio.shield(asyncio.to_thread(self._ledger.finish_job, outcome))
+        except Exception:
+            log.exception("job %s: the ledger could not write its receipt", job.request.job_id.hex())
+            event.finish_reason = "error"
+        else:
+            event.receipt.CopyFrom(envelope)
+            receipt = Receipt.FromString(envelope.payload)
+            self._events.publish(JobFinished(
+                job_id=job.request.job_id.hex(), client=job.client_key.hex(), outcome=outcome.outcome,
+                stats=result.stats, amount_micros=receipt.amount_micros, receipt_sequence=receipt.sequence,
+                time_to_first_token=ttft))
+        running.stream.put_nowait(job_pb2.SubmitEvent(result=event))
+
+    async def drain(self, grace_s: float, cancel_wait_s: float = 10.0) -> int:
+        """Stop admitting, let running jobs finish within `grace_s`, cancel the rest (they still
+        get receipts). Returns how many had to be cancelled."""
+        self.draining = True
+        runners = [r.runner for r in self._jobs.values() if r.runner]
+        if runners:
+            await asyncio.wait(runners, timeout=grace_s)
+        leftover = list(self._jobs.values())
+        for running in leftover:
+            self.cancel(running)
+        pending = [r.runner for r in leftover if r.runner]
+        if pending:
+            await asyncio.wait(pending, timeout=cancel_wait_s)
+        return len(leftover)

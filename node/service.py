@@ -1,0 +1,190 @@
+"""The Worker gRPC servicer: decode, check (node/admission.py), call the engine, encode.
+
+Every refusal ends the RPC with the status of `STATUS[reason]`, a message that says what was wrong,
+and the reason tag in the trailing metadata (`dspark-refusal`) for programs; each is published as
+a JobRefused event, which is how refusals are counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import NoReturn
+
+import grpc
+
+from dspark.v1 import job_pb2, worker_pb2, worker_pb2_grpc
+from dspark.v1.advert_pb2 import CapacityAdvert
+from dspark.v1.envelope_pb2 import Envelope
+from engine.api import GenerationRequest, RequestRejected
+from node import admission
+from node.admission import REFUSAL_KEY, Policy, Reason, Refusal, SignedJob
+from node.config import NodeConfig, client_key_bytes
+from node.envelope import EnvelopeError, open_envelope, seal
+from node.events import EventBus, JobRefused
+from node.identity import Identity
+from node.jobs import JobTable
+from node.ledger import LedgerError
+
+STATUS = {
+    Reason.BAD_SIGNATURE: grpc.StatusCode.UNAUTHENTICATED,
+    Reason.MALFORMED: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.BAD_SAMPLING: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.WRONG_WORKER: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.NOT_YET_VALID: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.PRICE_TOO_LOW: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.REPLAYED: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.NOT_ALLOWED: grpc.StatusCode.PERMISSION_DENIED,
+    Reason.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.TOO_MANY_CONCURRENT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.UNKNOWN_MODEL: grpc.StatusCode.NOT_FOUND,
+    Reason.TOO_LONG: grpc.StatusCode.OUT_OF_RANGE,
+    Reason.SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE,
+}
+_CHAT_ROLES = ("system", "user", "assistant")
+
+
+def build_policy(config: NodeConfig, peer_id: str, engine) -> Policy:
+    info = engine.info
+    return Policy(
+        worker_peer_id=peer_id, model_id=info.model_id, max_context=info.max_context,
+        max_new_tokens_limit=info.max_context - 1,     # the prompt takes at least one token
+        price_per_mtok_micros=config.pricing.price_for(info.model_id), mode=config.admission.mode,
+        allow=frozenset(map(client_key_bytes, config.admission.allow)),
+        deny=frozenset(map(client_key_bytes, config.admission.deny)),
+        rate_per_minute=config.admission.rate_per_minute,
+        max_concurrent_per_client=config.admission.max_concurrent_per_client,
+        max_queue=config.admission.max_queue, clock_skew_ms=int(config.admission.clock_skew_s * 1000))
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, identity: Identity, policy: Policy, engine, ledger, events: EventBus, jobs: JobTable,
+                 capacity: Callable[[], CapacityAdvert]):
+        self._identity = identity
+        self._policy = policy
+        self._engine = engine
+        self._ledger = ledger
+        self._events = events
+        self._jobs = jobs
+        self._capacity = capacity
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, refusal: Refusal, client: bytes = b"") -> NoReturn:
+        self._events.publish(JobRefused(reason=refusal.reason.value, message=refusal.message, client=client.hex()))
+        await context.abort(STATUS[refusal.reason], refusal.message,
+                            trailing_metadata=((REFUSAL_KEY, refusal.reason.value),))
+
+    async def Submit(self, request: Envelope, context: grpc.aio.ServicerContext) -> AsyncIterator[job_pb2.SubmitEvent]:
+        job = admission.open_job(request)
+        if isinstance(job, Refusal):
+            await self._refuse(context, job)
+        client = job.client_key
+        refusal = admission.admit(job, self._policy, self._jobs.load(client), int(time.time() * 1000))
+        if refusal:
+            await self._refuse(context, refusal, client)
+        self._jobs.reserve(client)
+        try:
+            generation = await self._prepare(job)
+            registered = await asyncio.to_thread(self._ledger.register_job, client, job.request.job_id,
+                                                 job.digest, job.request.expires_at_ms)
+            if not registered:
+                generation = Refusal(Reason.REPLAYED, f"job id {job.request.job_id.hex()} was already "
+                                                      "submitted by this client")
+        except BaseException:
+            self._jobs.release(client, admitted=False)
+            raise
+        if isinstance(generation, Refusal):
+            self._jobs.release(client, admitted=False)
+            await self._refuse(context, generation, client)
+        running = self._jobs.start(job, generation)
+        yield job_pb2.SubmitEvent(accepted=job_pb2.JobAccepted(
+            job_id=job.request.job_id, worker_peer_id=self._policy.worker_peer_id,
+            prompt_tokens=len(generation.prompt_ids), queue_position=self._engine.queue_depth))
+        try:
+            while True:
+                event = await running.stream.get()
+                yield event
+                if event.HasField("result"):
+                    return
+        except asyncio.CancelledError:
+            # The client cancelled or its deadline passed: free the slot; the runner still writes
+            # the receipt for what was produced.
+            self._jobs.cancel(running)
+            raise
+
+    async def _prepare(self, job: SignedJob) -> GenerationRequest | Refusal:
+        """Tokenize (off the loop: a 1 MiB prompt takes a while) and check that the job fits."""
+        try:
+            prompt_ids = await asyncio.to_thread(self._encode, job.request)
+        except ValueError as exc:
+            return Refusal(Reason.MALFORMED, str(exc))
+        refusal = admission.check_fit(len(prompt_ids), job.sampling, self._policy)
+        if refusal:
+            return refusal
+        generation = GenerationRequest(request_id=f"{job.request.job_id.hex()}-{secrets.token_hex(4)}",
+                                       prompt_ids=prompt_ids, sampling=job.sampling)
+        try:
+            self._engine.check(generation)
+        except RequestRejected as exc:
+            return admission.refusal_for_rejection(exc)
+        return generation
+
+    def _encode(self, request: job_pb2.JobRequest) -> tuple[int, ...]:
+        kind = request.WhichOneof("prompt")
+        if kind == "chat":
+            for message in request.chat.messages:
+                if message.role not in _CHAT_ROLES:
+                    raise ValueError(f"chat role {message.role!r} is not one of {_CHAT_ROLES}")
+            return tuple(self._engine.encode_chat([{"role": m.role, "content": m.content}
+                                                   for m in request.chat.messages]))
+        if kind == "text":
+            return tuple(self._engine.encode_text(request.text))
+        vocab = len(self._engine.tokenizer)
+        bad = [i for i in request.tokens.ids if i >= vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the model's vocabulary of {vocab}")
+        return tuple(request.tokens.ids)
+
+    async def Cancel(self, request: Envelope, context: grpc.aio.ServicerContext) -> worker_pb2.CancelResponse:
+        try:
+            cancel = open_envelope(request, job_pb2.CancelJob)
+        except EnvelopeError as exc:
+            code = grpc.StatusCode.UNAUTHENTICATED if exc.reason in ("bad_signature", "bad_key") \
+                else grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(exc))
+        if cancel.worker_peer_id != self._policy.worker_peer_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"cancel is meant for worker {cancel.worker_peer_id!r}")
+        if abs(cancel.issued_at_ms - time.time() * 1000) > self._policy.clock_skew_ms:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "cancel request is outside the clock window")
+        # Keyed by the signer's key: only the client that submitted a job can find it to cancel it.
+        running = self._jobs.find(bytes(request.public_key), cancel.job_id)
+        if running is not None:
+            return worker_pb2.CancelResponse(cancelled=self._jobs.cancel(running))
+        if await asyncio.to_thread(self._ledger.receipt, bytes(request.public_key), cancel.job_id) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no job with this id from this client")
+        return worker_pb2.CancelResponse(cancelled=False)
+
+    async def GetCapacity(self, request: worker_pb2.GetCapacityRequest,
+                          context: grpc.aio.ServicerContext) -> Envelope:
+        return seal(self._identity, self._capacity())
+
+    async def GetReceipt(self, request: worker_pb2.GetReceiptRequest, context: grpc.aio.ServicerContext) -> Envelope:
+        if len(request.client_public_key) != 32 or not request.job_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "need a job_id and a 32-byte client_public_key")
+        envelope = await asyncio.to_thread(self._ledger.receipt, request.client_public_key, request.job_id)
+        if envelope is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no receipt for this job and client")
+        return envelope
+
+    async def Acknowledge(self, request: Envelope, context: grpc.aio.ServicerContext) -> worker_pb2.AcknowledgeResponse:
+        try:
+            sequence = await asyncio.to_thread(self._ledger.acknowledge, request)
+        except LedgerError as exc:
+            code = {"bad_signature": grpc.StatusCode.UNAUTHENTICATED, "bad_key": grpc.StatusCode.UNAUTHENTICATED,
+                    "unknown_receipt": grpc.StatusCode.NOT_FOUND}.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT)
+            await context.abort(code, str(exc))
+        return worker_pb2.AcknowledgeResponse(sequence=sequence)
