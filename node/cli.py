@@ -15,6 +15,9 @@ COMMANDS = [
     "node.commands.doctor",
     "node.commands.receipts",
     "node.commands.peers",
+    "node.commands.run",
+    "node.commands.submit",
+    "node.commands.keys",
 ]
 
 
