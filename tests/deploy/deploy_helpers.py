@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
+import shutil
 import socket
+import sys
 from concurrent import futures
+from pathlib import Path
 
 import grpc
+import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from node.config import NodeConfig, load_config
 
 
 def parse_command(module, argv: list[str]) -> argparse.Namespace:
@@ -57,3 +65,39 @@ def start_server(servicers, tls: bool) -> tuple[grpc.Server, int]:
         server.add_insecure_port(address)
     server.start()
     return server, port
+
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+
+
+def tool(name: str, install_hint: str) -> str:
+    """Path of a checker binary (from the venv's test extra or the system); skips, saying why, if absent.
+    Tests never download: the hint says what CI installs."""
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if found:
+        return found
+    reason = f"{name} not installed ({install_hint}); check skipped"
+    print(reason)
+    pytest.skip(reason)
+
+
+def load_yaml_documents(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+def env_pairs(entries: list[str]) -> dict[str, str]:
+    """`NAME=value` strings (SDL, compose lists) -> dict."""
+    return dict(entry.split("=", 1) for entry in entries)
+
+
+def config_from_env(env: dict[str, str], monkeypatch) -> NodeConfig:
+    """The NodeConfig a node started with exactly this DSPARK_* environment would use (raises
+    ConfigError naming any bad field): proves a manifest's settings mean what it says."""
+    for name in [n for n in os.environ if n.startswith("DSPARK_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return load_config()
