@@ -39,6 +39,11 @@ T = TypeVar("T")
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
 BOOTSTRAP_RETRY_S = 2.0     # re-dial bootstrap peers while connected to none of them
+# One connection per peer (a second one costs a ~250 ms dial delay per connect), and watermarks
+# sized for a market of tens of peers: the library's defaults (50..100) make the auto-connector
+# re-dial every known peer, dead ones included, every few seconds.
+CONNECTIONS = ConnectionConfig(max_connections_per_peer=1, min_connections=8, low_watermark=16,
+                               high_watermark=64, max_connections=128)
 
 
 class P2PError(RuntimeError):
@@ -181,7 +186,7 @@ class P2PHost:
         self.host = new_host(
             key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise}, muxer_preference="YAMUX",
             listen_addrs=self._listen, enable_mDNS=self.config.mdns,
-            connection_config=ConnectionConfig(max_connections_per_peer=1))
+            connection_config=CONNECTIONS)
         gossipsub = GossipSub(
             protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID], degree=6, degree_low=4,
             degree_high=12, heartbeat_initial_delay=0.1, heartbeat_interval=1)

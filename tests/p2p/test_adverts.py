@@ -1,0 +1,107 @@
+"""Advert checks (pure): each refusal reason, sequence memory, expiry, own adverts."""
+
+from __future__ import annotations
+
+import pytest
+
+from dspark.v1.advert_pb2 import CapacityAdvert, ModelOffer
+from dspark.v1.envelope_pb2 import Envelope
+from node.envelope import seal
+from node.identity import Identity
+from node.p2p.adverts import MAX_ADVERT_BYTES, AdvertBook, AdvertRefused, AdvertSigner, now_ms
+
+WORKER = Identity.from_seed(bytes(range(32)))
+OTHER = Identity.from_seed(bytes(range(1, 33)))
+
+
+def capacity(model: str = "m", endpoint: str = "127.0.0.1:7440") -> CapacityAdvert:
+    return CapacityAdvert(grpc_endpoint=endpoint, models=[ModelOffer(id=model)], free_slots=2)
+
+
+def signed(signer: AdvertSigner | None = None, **kw) -> bytes:
+    signer = signer or AdvertSigner(WORKER, ttl_seconds=30)
+    return signer.sign(capacity(**kw), ["/ip4/127.0.0.1/tcp/1"]).SerializeToString()
+
+
+def refusal(data: bytes, origin: str | None = WORKER.peer_id, book: AdvertBook | None = None,
+            at_ms: int | None = None) -> str:
+    with pytest.raises(AdvertRefused) as info:
+        (book or AdvertBook()).offer(data, origin, at_ms)
+    return info.value.reason
+
+
+def test_valid_advert_is_stored_with_its_fields():
+    book = AdvertBook()
+    live = book.offer(signed(model="llama"), WORKER.peer_id)
+    assert live.peer_id == WORKER.peer_id and live.serves("llama") and not live.serves("other")
+    assert [a.peer_id for a in book.live()] == [WORKER.peer_id]
+    assert list(live.advert.listen_addrs) == ["/ip4/127.0.0.1/tcp/1"]
+
+
+def test_advert_signed_by_another_key_is_forged():
+    advert = CapacityAdvert()
+    advert.ParseFromString(Envelope.FromString(signed()).payload)
+    forged = seal(OTHER, advert).SerializeToString()  # claims WORKER's peer ID, signed by OTHER
+    assert refusal(forged) == "forged"
+    assert refusal(forged, origin=OTHER.peer_id) == "forged"
+
+
+def test_advert_published_by_another_origin_is_forged():
+    assert refusal(signed(), origin=OTHER.peer_id) == "forged"
+
+
+def test_tampered_payload_fails_the_signature():
+    envelope = Envelope.FromString(signed())
+    envelope.payload = envelope.payload.replace(b"127.0.0.1:7440", b"127.0.0.1:9999")
+    assert refusal(envelope.SerializeToString()) == "bad_signature"
+
+
+def test_unsigned_and_garbage_and_oversized_are_refused():
+    envelope = Envelope.FromString(signed())
+    envelope.signature = b""
+    assert refusal(envelope.SerializeToString()) == "unsigned"
+    assert refusal(b"\xff\xff not protobuf") == "malformed"
+    assert refusal(signed(model="x" * (MAX_ADVERT_BYTES + 1))) == "oversized"
+
+
+def test_sequence_must_increase_per_peer_even_after_expiry():
+    signer = AdvertSigner(WORKER, ttl_seconds=1)
+    old, new = signed(signer), signed(signer)
+    book = AdvertBook()
+    book.offer(new, WORKER.peer_id)
+    assert refusal(old, book=book) == "stale"
+    assert refusal(new, book=book) == "stale"  # the same advert replayed
+    later = now_ms() + 500
+    assert book.live(later + 1000) == []        # expired and gone from the live view...
+    assert refusal(old, book=book, at_ms=later) == "stale"   # ...but its sequence is remembered
+
+
+def test_expired_and_future_adverts_are_refused():
+    data = signed(AdvertSigner(WORKER, ttl_seconds=2))
+    assert refusal(data, at_ms=now_ms() + 2_500) == "expired"
+    assert refusal(data, at_ms=now_ms() - 60_000) == "future"
+
+
+def test_bad_endpoint_is_malformed():
+    assert refusal(signed(endpoint="no-port")) == "malformed"
+    assert refusal(signed(endpoint="host:99999")) == "malformed"
+
+
+def test_own_adverts_are_checked_but_not_listed():
+    book = AdvertBook(self_peer_id=WORKER.peer_id)
+    book.offer(signed(), WORKER.peer_id)
+    assert book.live() == []
+
+
+def test_relayed_advert_is_accepted_on_its_signature_alone():
+    book = AdvertBook()
+    assert book.offer(signed(), origin_peer_id=None).peer_id == WORKER.peer_id
+
+
+def test_signer_sequence_is_strictly_increasing_and_above_wall_clock_ms():
+    signer = AdvertSigner(WORKER, ttl_seconds=5)
+    before = now_ms()
+    seqs = [CapacityAdvert.FromString(signer.sign(capacity(), []).payload).sequence for _ in range(5)]
+    assert seqs == sorted(set(seqs)) and seqs[0] >= before
+    with pytest.raises(ValueError):
+        AdvertSigner(WORKER, ttl_seconds=0)

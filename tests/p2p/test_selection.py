@@ -1,0 +1,42 @@
+"""The worker choice policy (node/p2p/selection.py), one rule per test."""
+
+from __future__ import annotations
+
+from dspark.v1.advert_pb2 import CapacityAdvert, ModelOffer
+from node.p2p.selection import rank
+
+
+def advert(peer: str, model: str = "m", price: int = 100, free: int = 1, queue: int = 0, tps: float = 10.0):
+    return CapacityAdvert(peer_id=peer, grpc_endpoint="127.0.0.1:1", models=[ModelOffer(id=model)],
+                          price_per_mtok_micros=price, free_slots=free, queue_depth=queue, tokens_per_second=tps)
+
+
+def order(adverts, **kw) -> list[str]:
+    return [c.peer_id for c in rank(adverts, "m", **kw)]
+
+
+def test_only_workers_serving_the_model_within_the_price_cap():
+    ads = [advert("a", model="other"), advert("b", price=500), advert("c", price=100)]
+    assert order(ads, max_price_per_mtok_micros=200) == ["c"]
+    assert order(ads) == ["c", "b"]
+
+
+def test_excluded_workers_are_skipped():
+    assert order([advert("a"), advert("b")], exclude=frozenset({"a"})) == ["b"]
+
+
+def test_free_capacity_before_price_and_saturated_by_queue():
+    ads = [advert("full-short", price=1, free=0, queue=1), advert("full-long", price=1, free=0, queue=9),
+           advert("free-dear", price=900, free=1)]
+    assert order(ads) == ["free-dear", "full-short", "full-long"]
+
+
+def test_cheaper_then_faster_then_closer():
+    ads = [advert("slow", tps=5), advert("fast", tps=50), advert("cheap", price=10, tps=1)]
+    assert order(ads) == ["cheap", "fast", "slow"]
+    ties = [advert("far"), advert("near"), advert("unknown")]
+    assert order(ties, latencies={"far": 0.2, "near": 0.01}) == ["near", "far", "unknown"]
+
+
+def test_non_finite_speed_counts_as_unmeasured():
+    assert order([advert("nan", tps=float("nan")), advert("ok", tps=1.0)]) == ["ok", "nan"]
