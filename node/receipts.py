@@ -13,6 +13,7 @@ language (or a settlement contract fed `gpu_us`) recomputes the same amount.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import struct
@@ -24,7 +25,7 @@ from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.receipt_pb2 import Acknowledgment, Receipt
 from engine.api import RequestStats
 from node.envelope import EnvelopeError, digest, open_envelope, seal
-from node.identity import Identity, IdentityError, public_key_from_peer_id
+from node.identity import Identity, IdentityError, peer_id_from_public_key, public_key_from_peer_id
 
 OUTCOMES = ("completed", "cancelled", "failed")
 GENESIS_DIGEST = bytes(32)     # previous_receipt_digest of the first receipt in a ledger
@@ -127,6 +128,12 @@ def _u32(value: int) -> int:
     return min(max(int(value), 0), _U32 - 1)
 
 
+@functools.lru_cache(maxsize=64)
+def _peer_id(public_key: bytes) -> str:
+    """Cached: an audit checks the same worker's peer ID on every one of its receipts."""
+    return peer_id_from_public_key(public_key)
+
+
 def sign_receipt(identity: Identity, receipt: Receipt) -> Envelope:
     return seal(identity, receipt)
 
@@ -139,11 +146,7 @@ def check_receipt(envelope: Envelope, worker_public_key: bytes) -> Receipt:
         receipt = open_envelope(envelope, Receipt)
     except EnvelopeError as exc:
         raise ReceiptError(exc.reason, f"receipt envelope refused: {exc}") from None
-    try:
-        signer_matches = public_key_from_peer_id(receipt.worker_peer_id) == worker_public_key
-    except IdentityError:
-        signer_matches = False
-    if not signer_matches:
+    if receipt.worker_peer_id != _peer_id(worker_public_key):
         raise ReceiptError("wrong_worker", f"receipt names worker {receipt.worker_peer_id!r}, not its signer")
     if receipt.outcome not in OUTCOMES:
         raise ReceiptError("bad_outcome", f"receipt outcome {receipt.outcome!r} is not one of {OUTCOMES}")
