@@ -1,0 +1,58 @@
+"""`dspark-node bench`: every method on the same prompts, interleaved, JSON + a readable table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from engine.bench import PEERS, BenchSettings, format_table, run_bench
+from engine.config import METHODS
+from engine.loading import ModelLoadError
+from engine.prompts import PromptFileError, load_first_turns
+from node.commands.generate import add_engine_arguments
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark decoding methods side by side",
+                       description="Run each method on the same prompts in one process, interleaved; "
+                                   "report median tokens/s, tau, per-position acceptance and exactness.")
+    p.add_argument("--prompts", type=Path, required=True, help='JSON-lines file of {"turns": [...]}')
+    p.add_argument("--methods", default="ar,ngram,hf-greedy,hf-pld",
+                   help=f"comma-separated, from {', '.join((*METHODS, *PEERS))}")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--limit", type=int, default=10, help="first N prompts (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write the report here")
+    add_engine_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in (*METHODS, *PEERS)]
+    if unknown or not methods:
+        print(f"error: unknown method(s) {', '.join(unknown) or '(none given)'}; "
+              f"choose from {', '.join((*METHODS, *PEERS))}", file=sys.stderr)
+        return 2
+    if args.max_new_tokens < 1 or args.limit < 1:
+        print("error: --max-new-tokens and --limit must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        prompts = load_first_turns(args.prompts, args.limit)
+        settings = BenchSettings(model=args.model, methods=methods, max_new_tokens=args.max_new_tokens,
+                                 dtype=args.dtype, temperature=args.temperature, drafter=args.drafter,
+                                 block_size=args.block_size, seed=args.seed)
+        report = run_bench(settings, prompts, progress=lambda line: print(line, file=sys.stderr))
+    except (ValidationError, ModelLoadError, PromptFileError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report["prompts"] = str(args.prompts)
+    print(format_table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
