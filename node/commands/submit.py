@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 
 from node.client import ClientError, JobRefused, WorkerClient
+from node.commands import submit_network
 from node.commands.keys import DEFAULT_CLIENT_KEY
 from node.identity import Identity, IdentityError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("submit", help="send a signed job to a worker and stream the answer")
-    parser.add_argument("--node", required=True, metavar="HOST:PORT", help="the worker's gRPC endpoint")
+    parser.add_argument("--node", metavar="HOST:PORT",
+                        help="the worker's gRPC endpoint (omit to find one on the peer network: --model, --bootstrap)")
     parser.add_argument("--prompt", required=True, metavar="TEXT", help="the user message (chat template applied)")
     parser.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
@@ -28,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tls", default="auto", choices=["auto", "on", "off"],
                         help="auto: TLS unless the node is on loopback (default)")
     parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="deadline for the job")
+    submit_network.add_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -70,4 +73,6 @@ def run(args: argparse.Namespace) -> int:
         identity = Identity.load_or_create(path)
     except IdentityError as exc:
         return _fail(str(exc))
+    if args.node is None:
+        return submit_network.run(args, identity)
     return asyncio.run(_submit(args, identity))

@@ -1,0 +1,58 @@
+"""The peer-network path of `dspark-node submit` (no --node): its flags and its run, called by
+node/commands/submit.py. Finds a worker for --model through --bootstrap peers (or mDNS), with
+failover (node/p2p/failover.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from node.identity import Identity
+from node.p2p.discovery import DiscoveryError
+from node.p2p.failover import Attempt, NoWorkerError, submit_via_network
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("peer network (used when --node is not given)")
+    group.add_argument("--model", metavar="MODEL", help="model id to find workers for")
+    group.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                       help="peer to join through, /ip4/.../tcp/.../p2p/<peer id> (repeatable)")
+    group.add_argument("--mdns", action="store_true", help="also find peers on the LAN by mDNS")
+    group.add_argument("--attempts", type=int, default=3, metavar="N",
+                       help="workers to try before giving up (default: %(default)s)")
+
+
+def _fail(message: str) -> int:
+    print(f"dspark-node submit: {message}", file=sys.stderr)
+    return 1
+
+
+def _failed_over(attempt: Attempt) -> None:
+    print(f"\n[worker {attempt.peer_id} {attempt.outcome}: {attempt.detail}; trying the next one]",
+          file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace, identity: Identity) -> int:
+    if not args.model:
+        return _fail("give --node HOST:PORT, or --model MODEL to find a worker on the peer network")
+    if not args.bootstrap and not args.mdns:
+        return _fail("to find a worker on the peer network give --bootstrap MULTIADDR (or --mdns)")
+    if args.attempts < 1:
+        return _fail("--attempts must be at least 1")
+    prompt = {"text": args.prompt} if args.raw else {"chat": [{"role": "user", "content": args.prompt}]}
+    try:
+        outcome = asyncio.run(submit_via_network(
+            identity, args.bootstrap, args.model, prompt, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, seed=args.seed, max_price_per_mtok_micros=args.max_price, tls=args.tls,
+            timeout_s=args.timeout, max_attempts=args.attempts, mdns=args.mdns,
+            on_text=lambda text: print(text, end="", flush=True), on_failover=_failed_over))
+    except (DiscoveryError, NoWorkerError) as exc:
+        return _fail(str(exc))
+    print()
+    receipt = outcome.result.receipt
+    first = f"{outcome.time_to_first_token_s:.2f} s" if outcome.time_to_first_token_s is not None else "n/a"
+    print(f"[{outcome.result.finish_reason}] {receipt.output_tokens} tokens, {receipt.tokens_per_second:.1f} tok/s, "
+          f"amount {receipt.amount_micros} micros, receipt #{receipt.sequence} verified (worker {outcome.worker}); "
+          f"discovery {outcome.discovery_s:.2f} s, first token {first}", file=sys.stderr)
+    return 0

@@ -1,0 +1,177 @@
+"""Submit a job through the peer network: discover workers for the model, choose by the policy of
+selection.py, check each worker's gRPC identity against its advertised peer ID, and fail over.
+
+Failover: when a worker refuses, is unreachable, is not who its advert says, or dies mid-job, the
+job is signed again with a NEW job id bound to the next worker (the signed job of one worker is
+never replayed to another) and runs from the start there. The abandoned job is cancelled if its
+worker still answers, so it stops and bills at most the tokens it produced; a worker that died
+bills nothing (its ledger's crash recovery gives the job a 'failed' receipt of 0 tokens). Only the
+final worker's receipt covers the returned output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dspark.v1.job_pb2 import JobRequest
+from node.client import ClientError, JobRefused, JobResult, WorkerClient
+from node.identity import Identity
+from node.p2p.discovery import Discovery, DiscoveryError
+from node.p2p.selection import Candidate, rank
+
+log = logging.getLogger(__name__)
+
+PROBE_TOP = 3            # candidates probed at once (identity check + latency) before choosing
+
+
+class NoWorkerError(RuntimeError):
+    """No worker could run the job; `attempts` says what happened with each one tried."""
+
+    def __init__(self, message: str, attempts: list[Attempt]):
+        super().__init__(message)
+        self.attempts = attempts
+
+
+@dataclass(frozen=True)
+class Attempt:
+    peer_id: str
+    endpoint: str
+    outcome: Literal["completed", "refused", "unreachable", "died"]
+    detail: str = ""
+    job_id: bytes = b""            # empty when no job was sent
+    chunks_received: int = 0       # streamed chunks before it ended
+
+
+@dataclass(frozen=True)
+class NetworkResult:
+    result: JobResult
+    worker: str                    # peer ID whose receipt covers `result`
+    attempts: list[Attempt]
+    discovery_s: float             # join + find workers
+    time_to_first_token_s: float | None   # from the call, discovery and failovers included
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+async def _probe(candidate: Candidate, identity: Identity, tls: str, timeout_s: float
+                 ) -> tuple[Candidate, WorkerClient | None, str]:
+    """Dial a candidate and check that its gRPC endpoint is the advertised peer (signed advert,
+    TLS fingerprint); returns the candidate with its measured latency, the client or the error."""
+    started = time.monotonic()
+    try:
+        client = await WorkerClient.connect(candidate.grpc_endpoint, identity, peer_id=candidate.peer_id,
+                                            tls=tls, timeout_s=timeout_s)
+    except ClientError as exc:
+        return candidate, None, str(exc)
+    latency = time.monotonic() - started
+    return Candidate.from_advert(client.advert, latency), client, ""
+
+
+async def submit_via_network(
+        identity: Identity, bootstrap: Sequence[str], model: str, prompt: dict[str, Any], *,
+        max_new_tokens: int = 128, temperature: float = 0.0, seed: int | None = None,
+        stop: Sequence[str] = (), max_price_per_mtok_micros: int | None = None,
+        tls: Literal["auto", "on", "off"] = "auto", timeout_s: float = 600.0, max_attempts: int = 3,
+        on_text: Callable[[str], None] | None = None, on_failover: Callable[[Attempt], None] | None = None,
+        mdns: bool = False, discovery_wait_s: float = 5.0) -> NetworkResult:
+    """Run one job on the best live worker for `model`. `prompt` is one of {"text": str},
+    {"chat": [{"role", "content"}...]}, {"token_ids": [...]} (as WorkerClient.sign_job takes).
+    `on_text` gets streamed text; after a failover the text restarts (on_failover is told first).
+    Raises DiscoveryError (cannot join) or NoWorkerError (every worker tried failed)."""
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    started = time.monotonic()
+    attempts: list[Attempt] = []
+    discovery = Discovery(identity, bootstrap, mdns=mdns)
+    await discovery.start()
+    try:
+        found = await discovery.find_workers(model, wait_s=discovery_wait_s)
+        discovery_s = time.monotonic() - started
+        if not found:
+            raise NoWorkerError(f"no live worker advertises model {model!r}", attempts)
+        tried: set[str] = set()
+        while len(tried) < max_attempts:
+            ranked = rank([a.advert for a in discovery.adverts(model)], model, max_price_per_mtok_micros,
+                          frozenset(tried))
+            if not ranked:
+                break
+            client = await _choose(ranked[:PROBE_TOP], identity, tls, model, max_price_per_mtok_micros,
+                                   attempts, tried)
+            if client is None:
+                continue
+            async with client:
+                outcome = await _run_on(client, model, prompt, dict(
+                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=stop,
+                    max_price_per_mtok_micros=max_price_per_mtok_micros), on_text, timeout_s)
+            if isinstance(outcome, JobResult):
+                attempts.append(Attempt(client.peer_id, client.advert.grpc_endpoint, "completed",
+                                        job_id=outcome.job_id, chunks_received=len(outcome.output_ids)))
+                first = (outcome.time_to_first_token_s + (time.monotonic() - started - outcome.elapsed_s)
+                         if outcome.time_to_first_token_s is not None else None)
+                return NetworkResult(outcome, client.peer_id, attempts, discovery_s, first,
+                                     [Candidate.from_advert(a.advert) for a in found])
+            attempts.append(outcome)
+            if on_failover is not None:
+                on_failover(outcome)
+        tried_text = "; ".join(f"{a.peer_id}: {a.outcome} ({a.detail})" for a in attempts) or "none eligible"
+        raise NoWorkerError(f"no worker for {model!r} completed the job: {tried_text}", attempts)
+    finally:
+        await discovery.stop()
+
+
+async def _choose(top: list[Candidate], identity: Identity, tls: str, model: str, max_price: int | None,
+                  attempts: list[Attempt], tried: set[str]) -> WorkerClient | None:
+    """Probe the top candidates at once; keep the best verified one (latency now known), close the
+    others. Candidates that fail the probe are recorded and excluded."""
+    probes = await asyncio.gather(*(_probe(c, identity, tls, 10.0) for c in top))
+    alive: dict[str, WorkerClient] = {}
+    for candidate, client, error in probes:
+        if client is None:
+            tried.add(candidate.peer_id)
+            attempts.append(Attempt(candidate.peer_id, candidate.grpc_endpoint, "unreachable", error))
+        else:
+            alive[candidate.peer_id] = client
+    latencies = {c.peer_id: c.latency_s for c, client, _ in probes if client is not None}
+    best = rank([client.advert for client in alive.values()], model, max_price, latencies=latencies)
+    for peer, client in alive.items():
+        if not best or peer != best[0].peer_id:
+            await client.close()
+    if not best:  # every probed worker answered but none serves the model at that price now
+        tried.update(alive)
+        return None
+    tried.add(best[0].peer_id)
+    return alive[best[0].peer_id]
+
+
+async def _run_on(client: WorkerClient, model: str, prompt: dict[str, Any], sampling: dict[str, Any],
+                  on_text: Callable[[str], None] | None, timeout_s: float) -> JobResult | Attempt:
+    """Run the job on one worker; an Attempt (refused / died) instead of raising."""
+    job = client.sign_job(**prompt, model=model, **sampling)   # a new job id, bound to this worker
+    job_id = JobRequest.FromString(job.payload).job_id
+    received = 0
+
+    def count(text: str) -> None:
+        nonlocal received
+        received += 1
+        if on_text is not None:
+            on_text(text)
+
+    endpoint = client.advert.grpc_endpoint
+    try:
+        return await client.run(job, on_text=count, timeout_s=timeout_s)
+    except JobRefused as exc:
+        if received == 0 and exc.reason:
+            return Attempt(client.peer_id, endpoint, "refused", str(exc), job_id)
+        detail = str(exc)
+    except ClientError as exc:
+        detail = str(exc)
+    # Broken mid-job: stop the abandoned job if its worker still answers, so it bills no more.
+    with contextlib.suppress(JobRefused, ClientError, asyncio.TimeoutError):
+        await client.cancel(job_id, timeout_s=2.0)
+    log.warning("worker %s failed mid-job after %d chunks: %s", client.peer_id, received, detail)
+    return Attempt(client.peer_id, endpoint, "died", detail, job_id, received)
