@@ -69,7 +69,8 @@ USER 10001:10001
 # DSPARK_DASHBOARD__TOKEN when published), 7442 libp2p (capacity adverts, DHT).
 EXPOSE 7440/tcp 7441/tcp 7442/tcp
 # First start converts the embedded model (~40 s on a CPU) before gRPC serves: a long start period.
+# The health module directly, not `dspark-node health`: the full CLI imports torch for every probe.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
-    CMD ["dspark-node", "health", "--grpc", "127.0.0.1:7440", "--timeout", "5"]
+    CMD ["python", "-m", "node.commands.health", "--grpc", "127.0.0.1:7440", "--timeout", "5"]
 ENTRYPOINT ["dspark-node"]
 CMD ["run"]

@@ -1,7 +1,9 @@
 """`dspark-node health`: ask a node's standard gRPC health service whether it is SERVING.
 
 Container HEALTHCHECKs and Kubernetes probes run it inside the node's own container; exit 0 when
-SERVING, 1 otherwise, with one line saying why.
+SERVING, 1 otherwise, with one line saying why. Probes run it as `python -m node.commands.health`:
+`dspark-node` loads every subcommand (torch, libp2p), seconds of CPU that a probe every few
+seconds should not spend.
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ import grpc
 from node.probe import ProbeError, describe_rpc_error, health_status, parse_endpoint
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("health", help="check that a node's gRPC health service reports SERVING")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc", default="127.0.0.1:7440", type=parse_endpoint, metavar="HOST:PORT",
                         help="the node's gRPC endpoint (default: %(default)s)")
     parser.add_argument("--tls", default="auto", choices=["auto", "on", "off"],
@@ -24,7 +25,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="health service name to ask about (default: the whole server)")
     parser.add_argument("--timeout", default=3.0, type=float, metavar="SECONDS",
                         help="give up after this long (default: %(default)s)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("health", help="check that a node's gRPC health service reports SERVING")
+    add_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def standalone_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m node.commands.health",
+                                     description="Exit 0 if the node's gRPC health service reports SERVING.")
+    add_arguments(parser)
+    return parser
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,3 +54,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.grpc}: {status}")
     return 0 if status == "SERVING" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(standalone_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,7 @@ import shlex
 import subprocess
 
 import pytest
-from deploy_helpers import REPO, config_from_env, parse_command, tool
+from deploy_helpers import REPO, config_from_env, tool
 
 from node.cli import build_parser
 from node.commands import health as health_command
@@ -155,8 +155,8 @@ def test_healthcheck_and_entrypoint_are_real_commands():
     options, _, command = health.partition(" CMD ")
     assert "--start-period=" in options
     argv = json.loads(command)
-    assert argv[:2] == ["dspark-node", "health"]
-    args = parse_command(health_command, argv[1:])
+    assert argv[:3] == ["python", "-m", "node.commands.health"]
+    args = health_command.standalone_parser().parse_args(argv[3:])
     assert (args.grpc.host, args.grpc.port, args.tls) == ("127.0.0.1", 7440, "auto")
     entry, cmd = json.loads(one(node, "ENTRYPOINT")), json.loads(one(node, "CMD"))
     assert entry == ["dspark-node"]

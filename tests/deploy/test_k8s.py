@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from deploy_helpers import DEPLOY, config_from_env, load_yaml_documents, parse_command
+from deploy_helpers import DEPLOY, config_from_env, load_yaml_documents
 
 from node.commands import health as health_command
 
@@ -76,8 +76,8 @@ def test_probes_run_the_health_command():
     container = node_container()
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         argv = container[probe]["exec"]["command"]
-        assert argv[0] == "dspark-node"
-        args = parse_command(health_command, argv[1:])
+        assert argv[:3] == ["python", "-m", "node.commands.health"]
+        args = health_command.standalone_parser().parse_args(argv[3:])
         assert (args.grpc.port, args.tls) == (7440, "auto")
         # the probe's own timeout must not be shorter than the command's
         assert container[probe]["timeoutSeconds"] >= args.timeout
