@@ -23,6 +23,7 @@ RECENT_PROBLEMS = 100
 RECENT_ADVERTS = 20
 MAX_PEERS_SHOWN = 64
 MAX_POSITIONS = 32
+MIN_SPEED_SPAN_SECONDS = 1.0
 
 
 @dataclass
@@ -174,7 +175,7 @@ class Activity:
                 "job_id": j.job_id, "client": j.client, "prompt_tokens": j.prompt_tokens,
                 "max_new_tokens": j.max_new_tokens, "admitted_at": j.admitted_at,
                 "output_tokens": j.output_tokens, "age_seconds": round(now - j.admitted_at, 3),
-                "tokens_per_second": round(_streaming_speed(j), 3),
+                "tokens_per_second": _streaming_speed(j),
             } for j in self._active.values()]
             return {"active": active, "recent": list(self._recent), "counts": dict(self._counts)}
 
@@ -233,16 +234,17 @@ class Activity:
             last = self._series[-1] if self._series and self._series[-1].start > now - 2 * SERIES_BUCKET_SECONDS \
                 else None
             active = [{"job_id": j.job_id, "output_tokens": j.output_tokens,
-                       "tokens_per_second": round(_streaming_speed(j), 3)} for j in self._active.values()]
+                       "tokens_per_second": _streaming_speed(j)} for j in self._active.values()]
             return {"at": now, "uptime_seconds": round(now - self.started_at, 1), "active": active,
                     "counts": dict(self._counts), "peers_connected": self._peers_connected,
                     "tau": round(last.committed / last.request_rounds, 4) if last and last.request_rounds else None,
-                    "tokens_per_second": sum(a["tokens_per_second"] for a in active)}
+                    "tokens_per_second": sum(a["tokens_per_second"] or 0.0 for a in active)}
 
 
-def _streaming_speed(job: _ActiveJob) -> float:
-    """Tokens per second since the first progress event (the speed a client sees while it streams)."""
+def _streaming_speed(job: _ActiveJob) -> float | None:
+    """Tokens per second since the first progress event (the speed a client sees while it streams);
+    None until a second has passed, since chunks arrive in bursts and a shorter span says nothing."""
     if job.first_token_seconds is None:
-        return 0.0
+        return None
     span = job.elapsed_seconds - job.first_token_seconds
-    return (job.output_tokens - job.first_tokens) / span if span > 0 else 0.0
+    return round((job.output_tokens - job.first_tokens) / span, 3) if span >= MIN_SPEED_SPAN_SECONDS else None

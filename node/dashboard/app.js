@@ -200,5 +200,5 @@ function connect() {
 refresh(...Object.keys(panels));
 connect();
 setInterval(() => refresh("jobs", "status"), 2000);
-setInterval(() => refresh("series", "budget", "peers"), 5000);
+setInterval(() => refresh("series", "budget", "acceptance", "peers"), 3000);
 setInterval(drawSeries, 1000);

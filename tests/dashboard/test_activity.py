@@ -81,6 +81,8 @@ def test_job_lifecycle_active_speed_then_recent(setup):
     bus, activity, clock = setup
     bus.publish(JobAdmitted(job_id="j1", client="c1", prompt_tokens=9, max_new_tokens=64, at=T0))
     bus.publish(JobProgress(job_id="j1", output_tokens=1, elapsed_seconds=0.5, first_token=True))
+    bus.publish(JobProgress(job_id="j1", output_tokens=3, elapsed_seconds=0.6))
+    assert activity.jobs()["active"][0]["tokens_per_second"] is None     # a 0.1 s burst is not a speed
     bus.publish(JobProgress(job_id="j1", output_tokens=21, elapsed_seconds=2.5))
     clock.now = T0 + 3
     (job,) = activity.jobs()["active"]
