@@ -95,8 +95,8 @@ class Supervisor:
             try:
                 await asyncio.wait_for(service.stop(), self._stop_timeout_s)
             except TimeoutError:
-                log.error("service %s did not stop within %.0f s", service.name, self._stop_timeout_s)
-                report.failed.append((service.name, f"stop timed out after {self._stop_timeout_s:.0f} s"))
+                log.error("service %s did not stop within %g s", service.name, self._stop_timeout_s)
+                report.failed.append((service.name, f"stop timed out after {self._stop_timeout_s:g} s"))
             except Exception as exc:
                 log.exception("service %s failed to stop", service.name)
                 report.failed.append((service.name, f"stop failed: {exc}"))

@@ -103,17 +103,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         yield job_pb2.SubmitEvent(accepted=job_pb2.JobAccepted(
             job_id=job.request.job_id, worker_peer_id=self._policy.worker_peer_id,
             prompt_tokens=len(generation.prompt_ids), queue_position=self._engine.queue_depth))
+        finished = False
         try:
-            while True:
+            while not finished:
                 event = await running.stream.get()
                 yield event
-                if event.HasField("result"):
-                    return
-        except asyncio.CancelledError:
-            # The client cancelled or its deadline passed: free the slot; the runner still writes
-            # the receipt for what was produced.
-            self._jobs.cancel(running)
-            raise
+                finished = event.HasField("result")
+        finally:
+            if not finished:
+                # The client cancelled or its deadline passed (grpc cancels this task or closes
+                # this generator): free the slot; the runner still writes the receipt.
+                self._jobs.cancel(running)
 
     async def _prepare(self, job: SignedJob) -> GenerationRequest | Refusal:
         """Tokenize (off the loop: a 1 MiB prompt takes a while) and check that the job fits."""

@@ -1,0 +1,156 @@
+"""Admission as pure functions: one property per test, every refusal reason reachable."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dspark.v1 import job_pb2
+from dspark.v1.envelope_pb2 import Envelope
+from engine.api import SamplingParams
+from node.admission import Load, Policy, Reason, Refusal, SignedJob, admit, check_fit, open_job
+from node.envelope import pae, seal
+from node.identity import Identity
+
+WORKER = Identity.from_seed(b"w" * 32)
+CLIENT = Identity.from_seed(b"c" * 32)
+NOW = 1_800_000_000_000
+POLICY = Policy(worker_peer_id=WORKER.peer_id, model_id="m", max_context=100, max_new_tokens_limit=99,
+                price_per_mtok_micros=1000, mode="open", allow=frozenset(), deny=frozenset(), rate_per_minute=3,
+                max_concurrent_per_client=2, max_queue=4, clock_skew_ms=5000)
+IDLE = Load(client_active=0, client_recent=0, queue_depth=0)
+
+
+def request(**fields) -> job_pb2.JobRequest:
+    job = job_pb2.JobRequest(job_id=b"j" * 16, worker_peer_id=WORKER.peer_id, model="m", text="hi",
+                             sampling=job_pb2.SamplingParams(max_new_tokens=10), max_price_per_mtok_micros=1000,
+                             issued_at_ms=NOW, expires_at_ms=NOW + 60_000)
+    for name, value in fields.items():
+        if name == "sampling":
+            job.sampling.CopyFrom(value)
+        else:
+            setattr(job, name, value)
+    return job
+
+
+def opened(**fields) -> SignedJob:
+    job = open_job(seal(CLIENT, request(**fields)))
+    assert isinstance(job, SignedJob), job
+    return job
+
+
+def reason(result: Refusal | SignedJob | None) -> Reason | None:
+    return result.reason if isinstance(result, Refusal) else None
+
+
+def test_a_valid_job_is_admitted():
+    job = opened()
+    assert job.client_key == CLIENT.public_key
+    assert job.sampling == SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=10)
+    assert admit(job, POLICY, IDLE, NOW) is None
+
+
+def test_signature_is_checked_before_parsing():
+    envelope = seal(CLIENT, request())
+    envelope.payload = envelope.payload + b"\x00"
+    assert reason(open_job(envelope)) is Reason.BAD_SIGNATURE
+    envelope = seal(CLIENT, request())
+    envelope.public_key = WORKER.public_key
+    assert reason(open_job(envelope)) is Reason.BAD_SIGNATURE
+
+
+@pytest.mark.parametrize("fields", [{"job_id": b"short"}, {"expires_at_ms": NOW}])
+def test_malformed_fields(fields):
+    assert reason(open_job(seal(CLIENT, request(**fields)))) is Reason.MALFORMED
+
+
+def test_missing_prompt_is_malformed():
+    job = request()
+    job.ClearField("text")
+    assert reason(open_job(seal(CLIENT, job))) is Reason.MALFORMED
+
+
+def test_wrong_payload_type_is_malformed():
+    assert reason(open_job(seal(CLIENT, job_pb2.CancelJob(job_id=b"j" * 16)))) is Reason.MALFORMED
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"worker_peer_id": CLIENT.peer_id}, Reason.WRONG_WORKER),
+    ({"issued_at_ms": NOW + 5001, "expires_at_ms": NOW + 60_000}, Reason.NOT_YET_VALID),
+    ({"issued_at_ms": NOW - 60_000, "expires_at_ms": NOW - 5001}, Reason.EXPIRED),
+    ({"model": "other"}, Reason.UNKNOWN_MODEL),
+    ({"max_price_per_mtok_micros": 999}, Reason.PRICE_TOO_LOW),
+    ({"sampling": job_pb2.SamplingParams(max_new_tokens=100)}, Reason.TOO_LONG),
+    ({"sampling": job_pb2.SamplingParams(max_new_tokens=0)}, Reason.BAD_SAMPLING),
+    ({"sampling": job_pb2.SamplingParams(max_new_tokens=5, temperature=-1)}, Reason.BAD_SAMPLING),
+    ({"sampling": job_pb2.SamplingParams(max_new_tokens=5, top_p=1.5)}, Reason.BAD_SAMPLING),
+])
+def test_each_refusal(fields, expected):
+    assert reason(admit(opened(**fields), POLICY, IDLE, NOW)) is expected
+
+
+def test_clock_skew_window_is_inclusive():
+    assert admit(opened(issued_at_ms=NOW + 5000, expires_at_ms=NOW + 9000), POLICY, IDLE, NOW) is None
+    assert admit(opened(issued_at_ms=NOW - 9000, expires_at_ms=NOW - 5000), POLICY, IDLE, NOW) is None
+
+
+def test_non_finite_temperature_is_refused():
+    sampling = job_pb2.SamplingParams(max_new_tokens=5, temperature=float("nan"))
+    assert reason(open_job(seal(CLIENT, request(sampling=sampling)))) is Reason.BAD_SAMPLING
+
+
+def test_allow_and_deny_lists():
+    allow = dataclasses.replace(POLICY, mode="allowlist", allow=frozenset({WORKER.public_key}))
+    assert reason(admit(opened(), allow, IDLE, NOW)) is Reason.NOT_ALLOWED
+    assert admit(opened(), dataclasses.replace(allow, allow=frozenset({CLIENT.public_key})), IDLE, NOW) is None
+    deny = dataclasses.replace(POLICY, mode="denylist", deny=frozenset({CLIENT.public_key}))
+    assert reason(admit(opened(), deny, IDLE, NOW)) is Reason.NOT_ALLOWED
+    # Open mode ignores the lists.
+    assert admit(opened(), dataclasses.replace(deny, mode="open"), IDLE, NOW) is None
+
+
+@pytest.mark.parametrize("load, expected", [
+    (Load(client_active=2, client_recent=0, queue_depth=0), Reason.TOO_MANY_CONCURRENT),
+    (Load(client_active=0, client_recent=3, queue_depth=0), Reason.RATE_LIMITED),
+    (Load(client_active=0, client_recent=0, queue_depth=4), Reason.QUEUE_FULL),
+    (Load(client_active=0, client_recent=0, queue_depth=0, draining=True), Reason.SHUTTING_DOWN),
+])
+def test_load_refusals(load, expected):
+    assert reason(admit(opened(), POLICY, load, NOW)) is expected
+
+
+def test_load_just_under_the_limits_is_admitted():
+    assert admit(opened(), POLICY, Load(client_active=1, client_recent=2, queue_depth=3), NOW) is None
+
+
+def test_fit_counts_prompt_and_new_tokens():
+    sampling = SamplingParams(max_new_tokens=10)
+    assert check_fit(90, sampling, POLICY) is None
+    assert reason(check_fit(91, sampling, POLICY)) is Reason.TOO_LONG
+    assert reason(check_fit(0, sampling, POLICY)) is Reason.MALFORMED
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload_type=st.sampled_from(["dspark.v1.JobRequest", "dspark.v1.Receipt", "", "x" * 300]),
+       payload=st.binary(max_size=512), public_key=st.binary(max_size=40), signature=st.binary(max_size=70))
+def test_arbitrary_envelopes_are_refused_never_raise(payload_type, payload, public_key, signature):
+    result = open_job(Envelope(payload_type=payload_type, payload=payload, public_key=public_key,
+                               signature=signature))
+    assert isinstance(result, Refusal)   # nothing random carries a valid signature
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=st.binary(max_size=512))
+def test_signed_garbage_payloads_never_raise(payload):
+    envelope = Envelope(payload_type="dspark.v1.JobRequest", payload=payload, public_key=CLIENT.public_key)
+    envelope.signature = CLIENT.sign(pae(envelope.payload_type, payload))
+    result = open_job(envelope)
+    if isinstance(result, SignedJob):
+        # It parsed and passed the field checks: admission must still decide without raising.
+        admit(result, POLICY, IDLE, int(time.time() * 1000))
+    else:
+        assert result.reason in (Reason.MALFORMED, Reason.BAD_SAMPLING)

@@ -1,0 +1,256 @@
+"""One real daemon process (tiny model, loopback gRPC) driven through the real client SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from dspark.v1 import job_pb2, worker_pb2, worker_pb2_grpc
+from engine.api import GenerationRequest, GenerationResult, SamplingParams
+from node.client import ClientError, JobRefused, WorkerClient
+from node.envelope import seal
+from node.identity import Identity
+from node.receipts import verify_receipt
+from node_harness import node_toml, start_daemon
+
+pytestmark = pytest.mark.slow
+
+DENIED = Identity.from_seed(bytes(range(32)))
+RATE = 6
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_model, tmp_path_factory):
+    extra = f"""
+[admission]
+mode = "denylist"
+deny = ["{DENIED.peer_id}"]
+rate_per_minute = {RATE}
+max_concurrent_per_client = 2
+clock_skew_s = 5
+[pricing]
+per_mtok_micros = 250000
+"""
+    node = start_daemon(tmp_path_factory.mktemp("daemon"), node_toml(tiny_model, extra))
+    yield node
+    assert node.stop() == 0, node.stderr_text()[-3000:]
+
+
+async def connect(daemon, identity: Identity | None = None) -> WorkerClient:
+    return await WorkerClient.connect(daemon.grpc, identity or Identity.generate(), peer_id=daemon.peer_id)
+
+
+async def refused(client: WorkerClient, job) -> JobRefused:
+    with pytest.raises(JobRefused) as info:
+        await client.run(job, timeout_s=60)
+    return info.value
+
+
+@pytest.mark.asyncio
+async def test_streamed_text_equals_the_engine_in_process(daemon, tiny_model):
+    from engine.async_engine import load_async_engine
+    from engine.config import EngineConfig
+
+    async with await connect(daemon) as client:
+        chunks: list[str] = []
+        job = client.sign_job(chat=[{"role": "user", "content": "Write a haiku about rivers."}], max_new_tokens=24)
+        result = await client.run(job, on_text=chunks.append, timeout_s=60)
+    engine = load_async_engine(EngineConfig(model=str(tiny_model), max_batch=2, max_context=2048, threads=1))
+    await engine.start()
+    try:
+        prompt = engine.encode_chat([{"role": "user", "content": "Write a haiku about rivers."}])
+        items = [item async for item in engine.generate(GenerationRequest(
+            "ref", tuple(prompt), SamplingParams(max_new_tokens=24)))]
+    finally:
+        await engine.stop()
+    expected = items[-1]
+    assert isinstance(expected, GenerationResult)
+    assert result.output_ids == expected.output_ids
+    assert "".join(chunks) == result.text == expected.text
+    assert result.accepted.prompt_tokens == len(prompt)
+    assert result.receipt.output_tokens == len(expected.output_ids)
+    assert result.receipt.worker_peer_id == daemon.peer_id
+    assert result.receipt.amount_micros == -(-len(expected.output_ids) * 250000 // 1_000_000)
+
+
+@pytest.mark.asyncio
+async def test_receipt_can_be_fetched_and_acknowledged(daemon):
+    async with await connect(daemon) as client:
+        result = await client.run(client.sign_job(text="Once upon a time", max_new_tokens=5), timeout_s=60)
+        fetched = await client.get_receipt(result.job_id)
+        assert fetched == result.receipt
+        assert await client.acknowledge(result.receipt_envelope) == result.receipt.sequence
+        with pytest.raises(JobRefused) as info:
+            await client.get_receipt(secrets.token_bytes(16))
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+        # Another client cannot acknowledge someone else's receipt.
+        async with await connect(daemon) as other:
+            with pytest.raises(JobRefused) as info:
+                await other.acknowledge(result.receipt_envelope)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _job(client: WorkerClient, **fields) -> job_pb2.JobRequest:
+    now = int(time.time() * 1000)
+    request = job_pb2.JobRequest(job_id=secrets.token_bytes(16), worker_peer_id=client.peer_id,
+                                 model=client.advert.models[0].id, text="Hello",
+                                 sampling=job_pb2.SamplingParams(max_new_tokens=4),
+                                 max_price_per_mtok_micros=client.advert.price_per_mtok_micros,
+                                 issued_at_ms=now, expires_at_ms=now + 60_000)
+    for name, value in fields.items():
+        setattr(request, name, value)
+    return request
+
+
+@pytest.mark.asyncio
+async def test_each_refusal_has_its_status_and_is_counted(daemon):
+    identity = Identity.generate()
+    async with await connect(daemon, identity) as client:
+        tampered = client.sign_job(text="Hello", max_new_tokens=4)
+        tampered.payload = tampered.payload[:-1] + bytes([tampered.payload[-1] ^ 1])
+        now = int(time.time() * 1000)
+        cases = {
+            "bad_signature": (tampered, grpc.StatusCode.UNAUTHENTICATED),
+            "wrong_worker": (seal(identity, _job(client, worker_peer_id=Identity.generate().peer_id)),
+                             grpc.StatusCode.INVALID_ARGUMENT),
+            "expired": (seal(identity, _job(client, issued_at_ms=now - 120_000, expires_at_ms=now - 60_000)),
+                        grpc.StatusCode.FAILED_PRECONDITION),
+            "not_yet_valid": (seal(identity, _job(client, issued_at_ms=now + 60_000, expires_at_ms=now + 120_000)),
+                              grpc.StatusCode.FAILED_PRECONDITION),
+            "unknown_model": (seal(identity, _job(client, model="gpt-17")), grpc.StatusCode.NOT_FOUND),
+            "price_too_low": (client.sign_job(text="Hello", max_price_per_mtok_micros=249_999),
+                              grpc.StatusCode.FAILED_PRECONDITION),
+            "too_long": (client.sign_job(text="word " * 1500, max_new_tokens=1000), grpc.StatusCode.OUT_OF_RANGE),
+            "malformed": (seal(identity, _job(client, job_id=b"short")), grpc.StatusCode.INVALID_ARGUMENT),
+        }
+        for reason, (job, code) in cases.items():
+            error = await refused(client, job)
+            assert (error.reason, error.code) == (reason, code), error
+        job = client.sign_job(text="Hello", max_new_tokens=2)
+        await client.run(job, timeout_s=60)
+        error = await refused(client, job)
+        assert (error.reason, error.code) == ("replayed", grpc.StatusCode.ALREADY_EXISTS)
+    async with await connect(daemon, DENIED) as denied:
+        error = await refused(denied, denied.sign_job(text="Hello"))
+        assert (error.reason, error.code) == ("not_allowed", grpc.StatusCode.PERMISSION_DENIED)
+    metrics = httpx.get(daemon.ready["http"] + "/metrics", timeout=10).text
+    for reason in (*cases, "replayed", "not_allowed"):
+        match = re.search(rf'dspark_jobs_refused_total{{reason="{reason}"}} (\d+)', metrics)
+        assert match and int(float(match.group(1))) >= 1, reason
+
+
+@pytest.mark.asyncio
+async def test_rate_limit_per_client(daemon):
+    async with await connect(daemon) as client:
+        for _ in range(RATE):
+            await client.run(client.sign_job(text="Hi", max_new_tokens=1), timeout_s=60)
+        error = await refused(client, client.sign_job(text="Hi", max_new_tokens=1))
+        assert (error.reason, error.code) == ("rate_limited", grpc.StatusCode.RESOURCE_EXHAUSTED)
+        async with await connect(daemon) as other:     # the quota is per client
+            await other.run(other.sign_job(text="Hi", max_new_tokens=1), timeout_s=60)
+
+
+async def _first_chunk(stream) -> None:
+    async for event in stream:
+        if event.WhichOneof("event") == "chunk":
+            return
+
+
+@pytest.mark.asyncio
+async def test_concurrency_quota_and_cancel_frees_the_slot(daemon):
+    async with await connect(daemon) as client:
+        jobs = [client.sign_job(text="Count:", max_new_tokens=2000) for _ in range(2)]
+        streams = [client.stream(job, timeout_s=120) for job in jobs]
+        await asyncio.wait_for(asyncio.gather(*(_first_chunk(s) for s in streams)), 60)
+        assert (await client.capacity()).free_slots == 0
+        error = await refused(client, client.sign_job(text="Hi", max_new_tokens=1))
+        assert (error.reason, error.code) == ("too_many_concurrent", grpc.StatusCode.RESOURCE_EXHAUSTED)
+        # A signed Cancel by the owner ends the first job; the stream still delivers a receipt.
+        job_id = job_pb2.JobRequest.FromString(jobs[0].payload).job_id
+        assert await client.cancel(job_id) is True
+        events = [event async for event in streams[0]]
+        result = events[-1].result
+        assert result.finish_reason == "cancelled"
+        receipt = verify_receipt(result.receipt, daemon.peer_id, result.output_token_ids)
+        assert receipt.outcome == "cancelled" and receipt.output_tokens < 2000
+        # A client going away (closing its stream) cancels the second one.
+        await streams[1].aclose()
+        deadline = time.monotonic() + 30
+        while (await client.capacity()).free_slots < 2:
+            assert time.monotonic() < deadline, "the slot was not freed"
+            await asyncio.sleep(0.1)
+        second = job_pb2.JobRequest.FromString(jobs[1].payload).job_id
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert (await client.get_receipt(second)).outcome == "cancelled"
+                break
+            except JobRefused:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        # Only the owner can cancel; a finished job is no longer cancellable.
+        async with await connect(daemon) as stranger:
+            with pytest.raises(JobRefused) as info:
+                await stranger.cancel(job_id)
+            assert info.value.code == grpc.StatusCode.NOT_FOUND
+        assert await client.cancel(job_id) is False
+        await client.run(client.sign_job(text="Hi", max_new_tokens=1), timeout_s=60)
+
+
+@pytest.mark.asyncio
+async def test_deadline_cancels_the_job(daemon):
+    async with await connect(daemon) as client:
+        job = client.sign_job(text="Count:", max_new_tokens=2000)
+        with pytest.raises(JobRefused) as info:
+            await client.run(job, timeout_s=0.5)
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        job_id = job_pb2.JobRequest.FromString(job.payload).job_id
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                receipt = await client.get_receipt(job_id)
+                break
+            except JobRefused:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        assert receipt.outcome == "cancelled" and receipt.output_tokens < 2000
+
+
+@pytest.mark.asyncio
+async def test_health_serving_and_reflection_lists_the_service(daemon):
+    async with grpc.aio.insecure_channel(daemon.grpc) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "dspark.v1.Worker"):
+            response = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = [r async for r in stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)]
+        names = {s.name for s in responses[0].list_services_response.service}
+        assert {"dspark.v1.Worker", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.asyncio
+async def test_client_refuses_a_worker_with_another_peer_id(daemon):
+    with pytest.raises(ClientError, match="not the expected"):
+        await WorkerClient.connect(daemon.grpc, Identity.generate(), peer_id=Identity.generate().peer_id)
+
+
+@pytest.mark.asyncio
+async def test_malformed_bytes_are_refused_not_crashed_on(daemon):
+    async with grpc.aio.insecure_channel(daemon.grpc) as channel:
+        submit = channel.unary_stream("/dspark.v1.Worker/Submit")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in submit(b"\xff\xff\xff", timeout=10):
+                pass
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        capacity = await worker_pb2_grpc.WorkerStub(channel).GetCapacity(worker_pb2.GetCapacityRequest(), timeout=10)
+        assert capacity.payload_type == "dspark.v1.CapacityAdvert"
