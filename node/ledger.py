@@ -125,7 +125,7 @@ class Ledger:
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('worker_public_key', ?)", (identity.public_key,))
             conn.execute("COMMIT")
-            stored = _meta(conn, "worker_public_key")
+            stored = _worker_key(conn, path)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise LedgerError("storage", f"{path}: cannot open the ledger: {exc}") from None
@@ -144,10 +144,13 @@ class Ledger:
         conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
                                check_same_thread=False, timeout=10)
         try:
-            key = _meta(conn, "worker_public_key")
+            key = _worker_key(conn, path)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise LedgerError("storage", f"{path} is not a dspark-node ledger: {exc}") from None
+        except LedgerError:
+            conn.close()
+            raise
         return cls(conn, None, key)
 
     def close(self) -> None:
@@ -317,8 +320,10 @@ class Ledger:
         self._conn.execute("COMMIT")
 
 
-def _meta(conn: sqlite3.Connection, key: str) -> bytes:
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    if row is None:
-        raise sqlite3.DatabaseError(f"meta entry {key!r} is missing")
-    return row[0]
+def _worker_key(conn: sqlite3.Connection, path: Path) -> bytes:
+    """The node key the ledger belongs to, after checking it is a ledger of this schema."""
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    if meta.get("schema_version") != SCHEMA_VERSION or "worker_public_key" not in meta:
+        raise LedgerError("schema", f"{path} is not a dspark-node ledger of schema version "
+                                    f"{SCHEMA_VERSION.decode()} (found {meta.get('schema_version')!r})")
+    return meta["worker_public_key"]

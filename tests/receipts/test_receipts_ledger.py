@@ -149,3 +149,26 @@ def test_totals_per_client_and_recent(ledger):
                                         OTHER_CLIENT.public_key.hex(): b.amount_micros}
     assert [row.sequence for row in totals.recent] == [4, 3]
     assert totals.output_tokens == 3 * 3 + 5000
+
+
+def test_concurrent_jobs_get_distinct_sequences_in_one_chain(ledger):
+    with ThreadPoolExecutor(4) as pool:
+        envelopes = list(pool.map(lambda n: bill(ledger, n), range(40)))
+    assert sorted(Receipt.FromString(e.payload).sequence for e in envelopes) == list(range(1, 41))
+    assert audit_ledger(ledger).ok
+
+
+def test_a_file_that_is_not_a_ledger_is_refused(tmp_path):
+    other = tmp_path / "other.sqlite3"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB)")
+    conn.execute("INSERT INTO meta VALUES ('schema_version', x'39')")
+    conn.commit()
+    conn.close()
+    with pytest.raises(LedgerError, match="schema version 1"):
+        Ledger.open_readonly(other)
+    (tmp_path / "garbage.sqlite3").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(LedgerError, match="not a dspark-node ledger"):
+        Ledger.open_readonly(tmp_path / "garbage.sqlite3")
+    with pytest.raises(LedgerError, match="cannot open the ledger"):
+        Ledger.open(tmp_path / "garbage.sqlite3", WORKER)
