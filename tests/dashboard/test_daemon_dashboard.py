@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 
 from node.client import JobResult, WorkerClient
@@ -65,7 +66,7 @@ def run_load(ready: dict, results: list) -> None:
     asyncio.run(load())
 
 
-def test_dashboard_under_concurrent_load(daemon, chromium):
+def test_dashboard_under_concurrent_load(daemon, chromium, promtool):
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
@@ -98,5 +99,9 @@ def test_dashboard_under_concurrent_load(daemon, chromium):
         page.screenshot(path=str(ARTIFACTS / "dashboard-daemon-after.png"))
         browser.close()
     assert problems == []
+    metrics = httpx.get(daemon["http"] + "/metrics", timeout=10).text
+    check = subprocess.run([promtool, "check", "metrics"], input=metrics.encode(), capture_output=True, timeout=60)
+    assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
+    assert f'dspark_jobs_finished_total{{outcome="completed"}} {float(len(results))}' in metrics
     if os.environ.get("DSPARK_DASHBOARD_SCREENSHOT"):   # how docs/img/dashboard.png is made
         Path(os.environ["DSPARK_DASHBOARD_SCREENSHOT"]).write_bytes((ARTIFACTS / "dashboard-daemon-load.png").read_bytes())
