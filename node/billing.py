@@ -1,7 +1,8 @@
 """Billing exports: a period's receipts as JSON lines or CSV, totals per client, and the period's
 Merkle root (node/merkle.py) with inclusion proofs, for a market's billing system or a settlement
-contract. Every exported receipt is re-verified first; amounts come from the signed receipts, never
-from the ledger's index columns.
+contract. Every exported receipt is re-verified as it is read; amounts come from the signed receipts,
+never from the ledger's index columns. Exports stream: a failure midway leaves a partial output,
+which is why `receipts export --output` writes to a temporary file and renames it when complete.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, TextIO
+from typing import Any, Iterator, TextIO
 
 from dspark.v1.receipt_pb2 import Receipt
 from node.ledger import Ledger, ReceiptRow
@@ -52,28 +53,25 @@ def iso_time(ms: int) -> str:
 
 
 @dataclass(frozen=True)
-class PeriodReceipts:
-    """A period's verified receipts in sequence order, with the leaves of its Merkle tree."""
+class Period:
+    """A billing period of a ledger: receipts issued in [since_ms, until_ms). Read lazily, one
+    pass per use, so a period of 100k receipts never sits in memory; the ledger must stay open."""
+    ledger: Ledger
     since_ms: int | None
     until_ms: int | None
-    worker_peer_id: str
-    items: tuple[tuple[ReceiptRow, Receipt], ...]
 
-    @property
-    def leaves(self) -> list[bytes]:
-        return [row.digest for row, _ in self.items]
+    def receipts(self) -> Iterator[tuple[ReceiptRow, Receipt]]:
+        """The period's receipts in sequence order, each re-verified; BillingError names a bad one."""
+        for row in self.ledger.rows(self.since_ms, self.until_ms):
+            try:
+                receipt = check_receipt(row.envelope(), self.ledger.worker_public_key)
+            except ReceiptError as exc:
+                raise BillingError(f"sequence {row.sequence}: {exc}; run `receipts verify`") from None
+            yield row, receipt
 
 
-def load_period(ledger: Ledger, since_ms: int | None, until_ms: int | None) -> PeriodReceipts:
-    items = []
-    for row in ledger.rows(since_ms, until_ms):
-        try:
-            receipt = check_receipt(row.envelope(), ledger.worker_public_key)
-        except ReceiptError as exc:
-            raise BillingError(f"sequence {row.sequence}: {exc}; run `receipts verify`") from None
-        items.append((row, receipt))
-    worker = items[0][1].worker_peer_id if items else ""
-    return PeriodReceipts(since_ms, until_ms, worker, tuple(items))
+def load_period(ledger: Ledger, since_ms: int | None, until_ms: int | None) -> Period:
+    return Period(ledger, since_ms, until_ms)
 
 
 def receipt_record(row: ReceiptRow, r: Receipt) -> dict[str, Any]:
@@ -92,54 +90,79 @@ def receipt_record(row: ReceiptRow, r: Receipt) -> dict[str, Any]:
     }
 
 
-def summary_records(period: PeriodReceipts) -> list[dict[str, Any]]:
-    """One 'client_total' record per client (by key hex), then one 'period' record."""
-    totals: dict[str, dict[str, Any]] = {}
-    for row, r in period.items:
-        t = totals.setdefault(r.client_public_key.hex(), dict.fromkeys(_TOTAL_FIELDS[1:], 0))
+class _Summary:
+    """Per-client totals, the period totals and the Merkle leaves, accumulated in one pass."""
+
+    def __init__(self, period: Period):
+        self._period = period
+        self._clients: dict[str, dict[str, int]] = {}
+        self._leaves: list[bytes] = []
+        self._sequences: list[int] = []
+        self._amount = 0
+        self._worker = ""
+
+    def add(self, row: ReceiptRow, r: Receipt) -> None:
+        t = self._clients.setdefault(r.client_public_key.hex(), dict.fromkeys(_TOTAL_FIELDS[1:], 0))
         t["receipts"] += 1
         t["output_tokens"] += r.output_tokens
         t["amount_micros"] += r.amount_micros
         t["acknowledged"] += row.ack_bytes is not None
-    records = [{"record": "client_total", "client": client, **t} for client, t in sorted(totals.items())]
-    sequences = [r.sequence for _, r in period.items]
-    records.append({
-        "record": "period", "since_ms": period.since_ms, "until_ms": period.until_ms,
-        "receipts": len(period.items), "amount_micros": sum(r.amount_micros for _, r in period.items),
-        "first_sequence": min(sequences, default=None), "last_sequence": max(sequences, default=None),
-        "worker_peer_id": period.worker_peer_id, "merkle_rule": MERKLE_RULE,
-        "merkle_root": merkle_root(period.leaves).hex()})
-    return records
+        self._leaves.append(row.digest)
+        self._sequences.append(r.sequence)
+        self._amount += r.amount_micros
+        self._worker = r.worker_peer_id
+
+    def records(self) -> list[dict[str, Any]]:
+        """One 'client_total' record per client (by key hex), then one 'period' record."""
+        records: list[dict[str, Any]] = [{"record": "client_total", "client": client, **t}
+                                         for client, t in sorted(self._clients.items())]
+        records.append({
+            "record": "period", "since_ms": self._period.since_ms, "until_ms": self._period.until_ms,
+            "receipts": len(self._leaves), "amount_micros": self._amount,
+            "first_sequence": self._sequences[0] if self._sequences else None,
+            "last_sequence": self._sequences[-1] if self._sequences else None,
+            "worker_peer_id": self._worker, "merkle_rule": MERKLE_RULE,
+            "merkle_root": merkle_root(self._leaves).hex()})
+        return records
 
 
-def write_export(period: PeriodReceipts, fmt: str, out: TextIO) -> dict[str, Any]:
-    """Write receipts then totals then the period record; returns the period record."""
-    records: Iterable[dict[str, Any]] = [{"record": "receipt", **receipt_record(row, r)} for row, r in period.items]
-    summary = summary_records(period)
+def write_export(period: Period, fmt: str, out: TextIO) -> dict[str, Any]:
+    """Stream receipts, then per-client totals, then the period record; returns the period record."""
     if fmt == "jsonl":
-        for record in [*records, *summary]:
+        def write(record: dict[str, Any]) -> None:
             out.write(json.dumps(record, separators=(",", ":")) + "\n")
     elif fmt == "csv":
         # One table: a 'record' column says which fields of a row are filled.
         columns = ["record", *dict.fromkeys(_RECEIPT_FIELDS + _TOTAL_FIELDS + _PERIOD_FIELDS)]
         writer = csv.DictWriter(out, fieldnames=columns, restval="", lineterminator="\n")
         writer.writeheader()
-        writer.writerows([*records, *summary])
+        write = writer.writerow
     else:
         raise BillingError(f"unknown export format {fmt!r} (jsonl or csv)")
-    return summary[-1]
+    summary = _Summary(period)
+    for row, r in period.receipts():
+        write({"record": "receipt", **receipt_record(row, r)})
+        summary.add(row, r)
+    records = summary.records()
+    for record in records:
+        write(record)
+    return records[-1]
 
 
-def period_proof(period: PeriodReceipts, job_id: bytes, client_key: bytes | None) -> dict[str, Any]:
+def period_proof(period: Period, job_id: bytes, client_key: bytes | None) -> dict[str, Any]:
     """Inclusion proof of one job's receipt in the period's Merkle tree, as a JSON-able dict."""
-    matches = [i for i, (_, r) in enumerate(period.items)
-               if r.job_id == job_id and (client_key is None or r.client_public_key == client_key)]
+    leaves: list[bytes] = []
+    matches: list[tuple[int, ReceiptRow, Receipt]] = []
+    for row, r in period.receipts():
+        if r.job_id == job_id and (client_key is None or r.client_public_key == client_key):
+            matches.append((len(leaves), row, r))
+        leaves.append(row.digest)
     if not matches:
         raise BillingError(f"no receipt for job {job_id.hex()} in this period")
     if len(matches) > 1:
         raise BillingError(f"job id {job_id.hex()} was used by {len(matches)} clients; pass --client")
-    row, receipt = period.items[matches[0]]
-    proof = inclusion_proof(period.leaves, matches[0])
+    index, row, receipt = matches[0]
+    proof = inclusion_proof(leaves, index)
     return {"merkle_rule": MERKLE_RULE, "job_id": job_id.hex(), "client": receipt.client_public_key.hex(),
             "sequence": receipt.sequence, "since_ms": period.since_ms, "until_ms": period.until_ms,
             "receipt_digest": proof.leaf.hex(), "leaf_index": proof.leaf_index, "tree_size": proof.tree_size,

@@ -30,7 +30,7 @@ from node.identity import Identity, IdentityError, peer_id_from_public_key, publ
 OUTCOMES = ("completed", "cancelled", "failed")
 GENESIS_DIGEST = bytes(32)     # previous_receipt_digest of the first receipt in a ledger
 _U32 = 2**32
-_U64 = 2**64
+_MAX_AMOUNT = 2**63     # SQLite integers are signed 64-bit
 _MAX_JOB_ID_BYTES = 64
 
 
@@ -106,8 +106,8 @@ def build_receipt(outcome: JobOutcome, worker_peer_id: str, sequence: int,
     gpu_seconds = max(0.0, stats.prefill_seconds + stats.decode_seconds)
     amount = billed_amount(output_tokens, outcome.price_per_mtok_micros, gpu_seconds,
                            outcome.price_per_gpu_second_micros)
-    if amount >= _U64:
-        raise ValueError(f"amount {amount} does not fit the receipt's u64")
+    if amount >= _MAX_AMOUNT:
+        raise ValueError(f"amount {amount} exceeds the largest the ledger stores (2^63 - 1)")
     return Receipt(
         job_digest=outcome.job_digest, job_id=outcome.job_id, client_public_key=outcome.client_key,
         worker_peer_id=worker_peer_id, model=outcome.model, model_digest=outcome.model_digest,

@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import Callable, Iterator, TextIO
 
 from node.billing import (BillingError, check_proof, iso_time, load_period, parse_time_ms, period_proof,
@@ -93,16 +93,16 @@ def _run(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     return run
 
 
-def _open(args: argparse.Namespace) -> Ledger:
-    return Ledger.open_readonly(args.data_dir / LEDGER_FILE)
+def _open(args: argparse.Namespace) -> closing[Ledger]:
+    return closing(Ledger.open_readonly(args.data_dir / LEDGER_FILE))
 
 
 def _list(args: argparse.Namespace) -> int:
     client = _hex(args.client, "--client", 32) if args.client else None
     if args.limit < 1:
         raise _UsageError("--limit must be at least 1")
-    ledger = _open(args)
-    rows = ledger.latest(args.limit, client)
+    with _open(args) as ledger:
+        rows = ledger.latest(args.limit, client)
     print(f"{'SEQ':>7}  {'ISSUED (UTC)':<19}  {'CLIENT':<12}  {'JOB':<32}  {'OUTCOME':<9}  {'TOKENS':>7}  "
           f"{'AMOUNT':>10}  ACK")
     for row in rows:
@@ -110,16 +110,14 @@ def _list(args: argparse.Namespace) -> int:
         print(f"{row.sequence:>7}  {issued:<19}  {row.client_key.hex()[:12]}  {row.job_id.hex():<32}  "
               f"{row.outcome:<9}  {row.output_tokens:>7}  {row.amount_micros:>10}  "
               f"{'yes' if row.ack_bytes else 'no'}")
-    ledger.close()
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
     job_id = _hex(args.job_id, "job id")
     client = _hex(args.client, "--client", 32) if args.client else None
-    ledger = _open(args)
-    rows = ledger.find(job_id, client)
-    ledger.close()
+    with _open(args) as ledger:
+        rows = ledger.find(job_id, client)
     if not rows:
         raise _UsageError(f"no receipt for job {job_id.hex()}")
     if len(rows) > 1:
@@ -133,9 +131,8 @@ def _verify(args: argparse.Namespace) -> int:
         key = public_key_from_peer_id(args.peer_id) if args.peer_id else None
     except IdentityError as exc:
         raise _UsageError(str(exc)) from None
-    ledger = _open(args)
-    report = audit_ledger(ledger, key)
-    ledger.close()
+    with _open(args) as ledger:
+        report = audit_ledger(ledger, key)
     if report.ok:
         print(f"ok: {report.checked} receipts, chain head {report.head_digest.hex()}, "
               f"{report.amount_micros} micros billed, {report.acknowledged} acknowledged")
@@ -153,10 +150,8 @@ def _export(args: argparse.Namespace) -> int:
         raise _UsageError("--since must be before --until")
     proof_job = _hex(args.proof, "--proof job id") if args.proof else None
     client = _hex(args.client, "--client", 32) if args.client else None
-    ledger = _open(args)
-    period = load_period(ledger, since, until)
-    ledger.close()
-    with _output(args.output) as out:
+    with _open(args) as ledger, _output(args.output) as out:
+        period = load_period(ledger, since, until)
         if proof_job is not None:
             out.write(json.dumps(period_proof(period, proof_job, client), indent=2) + "\n")
         else:
