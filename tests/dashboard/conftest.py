@@ -13,9 +13,11 @@ def debian_tool(binary: str, package: str) -> str:
     path = shutil.which(binary)
     if path:
         return path
+    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
     try:
-        subprocess.run(["apt-get", "install", "-y", "-q", package], check=True, capture_output=True, timeout=600,
-                       env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        # A fresh machine has no package lists yet: update first, then install.
+        for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", package]):
+            subprocess.run(command, check=True, capture_output=True, timeout=600, env=env)
     except (OSError, subprocess.SubprocessError) as exc:
         reason = f"{binary} is missing and `apt-get install {package}` failed: {exc}"
         print(reason)
