@@ -74,18 +74,22 @@ class WorkerClient:
     @classmethod
     async def connect(cls, target: str, identity: Identity, peer_id: str | None = None,
                       tls: Literal["auto", "on", "off"] = "auto", timeout_s: float = 10.0) -> WorkerClient:
-        """Dial `target` (HOST:PORT); TLS unless it is loopback (auto) or `tls="off"`."""
+        """Dial `target` (HOST:PORT). TLS is required off loopback (auto) or with `tls="on"`;
+        on loopback, auto uses TLS when the node offers it and plaintext otherwise."""
         try:
             host, port = split_host_port(target)
         except ValueError as exc:
             raise ClientError(str(exc)) from None
-        use_tls = tls == "on" or (tls == "auto" and not is_loopback(host))
+        required = tls == "on" or (tls == "auto" and not is_loopback(host))
         cert_pem = b""
-        if use_tls:
+        if tls != "off":
             try:
                 cert_pem = await asyncio.to_thread(fetch_server_cert, host, port, timeout_s)
             except TlsError as exc:
-                raise ClientError(str(exc)) from None
+                if required:
+                    raise ClientError(str(exc)) from None
+        use_tls = bool(cert_pem)
+        if use_tls:
             channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=cert_pem),
                                               options=[("grpc.ssl_target_name_override", SERVER_NAME)])
         else:

@@ -1,0 +1,122 @@
+"""A daemon serving TLS on loopback (tls.mode = "on"): the certificate's binding to the peer ID,
+SIGTERM during a job, and what survives a restart (key, certificate, replay cache)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import stat
+import time
+
+import grpc
+import pytest
+
+from node.client import ClientError, JobRefused, WorkerClient
+from node.identity import Identity
+from node.receipts import verify_receipt
+from node.tls import SERVER_NAME, fetch_server_cert, fingerprint
+from node.tls import load_or_create as load_or_create_tls
+from node_harness import node_toml, start_daemon
+
+pytestmark = pytest.mark.slow
+
+GRACE_S = 2
+EXTRA = f"""
+[tls]
+mode = "on"
+[admission]
+grace_s = {GRACE_S}
+"""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tls-daemon")
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_model, data_dir):
+    node = start_daemon(data_dir, node_toml(tiny_model, EXTRA))
+    yield node
+    node.stop()
+
+
+@pytest.mark.asyncio
+async def test_tls_client_checks_the_certificate_binding(daemon, data_dir):
+    assert daemon.ready["tls"] is True
+    assert stat.S_IMODE((data_dir / "node.key").stat().st_mode) == 0o600
+    async with await WorkerClient.connect(daemon.grpc, Identity.generate(), peer_id=daemon.peer_id) as client:
+        assert client.advert.tls_cert_sha256 == fingerprint((data_dir / "tls" / "cert.pem").read_bytes())
+        result = await client.run(client.sign_job(text="Hello", max_new_tokens=3), timeout_s=60)
+        assert result.receipt.output_tokens == len(result.output_ids)
+    with pytest.raises(ClientError, match="cannot reach"):
+        await WorkerClient.connect(daemon.grpc, Identity.generate(), tls="off", timeout_s=5)
+
+
+@pytest.mark.asyncio
+async def test_a_relaying_man_in_the_middle_is_detected(daemon, tmp_path):
+    """A server with its own certificate that relays the real node's signed advert."""
+    host, port = daemon.grpc.rsplit(":", 1)
+    async with grpc.aio.secure_channel(daemon.grpc, grpc.ssl_channel_credentials(
+            root_certificates=fetch_server_cert(host, int(port))),
+            options=[("grpc.ssl_target_name_override", SERVER_NAME)]) as upstream:
+        relay = upstream.unary_unary("/dspark.v1.Worker/GetCapacity")
+
+        async def get_capacity(request: bytes, context) -> bytes:
+            return await relay(request)
+
+        mitm = grpc.aio.server()
+        mitm.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("dspark.v1.Worker", {
+            "GetCapacity": grpc.unary_unary_rpc_method_handler(get_capacity)})])
+        own = load_or_create_tls(tmp_path / "mitm", daemon.peer_id)
+        mitm_port = mitm.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(own.key_pem, own.cert_pem)]))
+        await mitm.start()
+        try:
+            with pytest.raises(ClientError, match="possible interception"):
+                await WorkerClient.connect(f"127.0.0.1:{mitm_port}", Identity.generate(), peer_id=daemon.peer_id,
+                                           tls="on")
+        finally:
+            await mitm.stop(None)
+
+
+@pytest.mark.asyncio
+async def test_sigterm_during_a_job_then_restart(daemon, tiny_model, data_dir):
+    identity = Identity.generate()
+    async with await WorkerClient.connect(daemon.grpc, identity, peer_id=daemon.peer_id) as client:
+        first = client.sign_job(text="Hi", max_new_tokens=2)
+        done = await client.run(first, timeout_s=60)
+        long_job = client.sign_job(text="Count:", max_new_tokens=2000)
+        events = client.stream(long_job, timeout_s=120)
+        async for event in events:
+            if event.WhichOneof("event") == "chunk":
+                break
+        stopped_at = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        # Draining: new jobs are refused while the running one gets its grace period.
+        with pytest.raises(JobRefused) as info:
+            await client.run(client.sign_job(text="Hi", max_new_tokens=1), timeout_s=30)
+        assert (info.value.code, info.value.reason) == (grpc.StatusCode.UNAVAILABLE, "shutting_down")
+        rest = [event async for event in events]
+        result = rest[-1].result
+        assert result.finish_reason == "cancelled"
+        receipt = verify_receipt(result.receipt, daemon.peer_id)
+        assert receipt.outcome == "cancelled" and 0 < receipt.output_tokens < 2000
+    assert await asyncio.to_thread(daemon.proc.wait, 60) == 0, daemon.stderr_text()[-3000:]
+    assert time.monotonic() - stopped_at < GRACE_S + 20
+
+    restarted = start_daemon(data_dir, node_toml(tiny_model, EXTRA))
+    try:
+        assert restarted.peer_id == daemon.peer_id        # the key survived
+        async with await WorkerClient.connect(restarted.grpc, identity, peer_id=daemon.peer_id) as client:
+            assert client.advert.tls_cert_sha256 == fingerprint((data_dir / "tls" / "cert.pem").read_bytes())
+            assert (await client.get_receipt(done.job_id)) == done.receipt
+            # The replay cache is in the ledger: the same signed job, or a new one reusing its id,
+            # is refused after a restart.
+            for job in (first, client.sign_job(text="Hi", max_new_tokens=2, job_id=done.job_id)):
+                with pytest.raises(JobRefused) as info:
+                    await client.run(job, timeout_s=30)
+                assert (info.value.code, info.value.reason) == (grpc.StatusCode.ALREADY_EXISTS, "replayed")
+            assert (await client.capacity()).free_slots == 2
+    finally:
+        assert restarted.stop() == 0
