@@ -172,3 +172,11 @@ def test_a_file_that_is_not_a_ledger_is_refused(tmp_path):
         Ledger.open_readonly(tmp_path / "garbage.sqlite3")
     with pytest.raises(LedgerError, match="cannot open the ledger"):
         Ledger.open(tmp_path / "garbage.sqlite3", WORKER)
+
+
+def test_an_amount_too_large_to_store_is_refused_and_nothing_is_written(ledger):
+    ledger.register_job(CLIENT.public_key, job_id(1), job_digest(CLIENT, 1), 0)
+    with pytest.raises(ValueError, match="largest the ledger stores"):
+        ledger.finish_job(outcome(1, price_gpu_s=2**63 - 1, decode=10.0))
+    assert ledger.receipt(CLIENT.public_key, job_id(1)) is None
+    assert ledger.recover() == 1   # still 'running', so a restart would bill it as failed
