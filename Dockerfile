@@ -37,7 +37,7 @@ RUN python3 -m venv /opt/dspark \
  && pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" torch==2.13.0
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 COPY requirements/lock.txt requirements/lock.txt
 COPY proto proto
 COPY kernels kernels
