@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -22,47 +22,13 @@ from dspark.v1.receipt_pb2 import Acknowledgment, Receipt
 from engine.api import RequestStats
 from node.envelope import EnvelopeError, digest, open_envelope
 from node.identity import Identity
+from node.ledger_schema import LEDGER_FILE, LedgerError, connect_reader, connect_writer  # noqa: F401 (re-exported)
 from node.receipts import (GENESIS_DIGEST, JobOutcome, ReceiptError, build_receipt, check_acknowledgment,
                            sign_receipt)
 
-LEDGER_FILE = "ledger.sqlite3"    # inside the node's data dir
-SCHEMA_VERSION = b"1"
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (
-    client_key BLOB NOT NULL, job_id BLOB NOT NULL, job_digest BLOB NOT NULL,
-    expires_at_ms INTEGER NOT NULL, registered_at_ms INTEGER NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('running', 'finished')),
-    receipt_sequence INTEGER,
-    PRIMARY KEY (client_key, job_id)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
-CREATE TABLE IF NOT EXISTS receipts (
-    sequence INTEGER PRIMARY KEY,
-    client_key BLOB NOT NULL, job_id BLOB NOT NULL, digest BLOB NOT NULL UNIQUE,
-    issued_at_ms INTEGER NOT NULL, outcome TEXT NOT NULL,
-    output_tokens INTEGER NOT NULL, amount_micros INTEGER NOT NULL,
-    envelope BLOB NOT NULL,
-    UNIQUE (client_key, job_id));
-CREATE INDEX IF NOT EXISTS receipts_issued ON receipts (issued_at_ms);
-CREATE TABLE IF NOT EXISTS acknowledgments (
-    sequence INTEGER PRIMARY KEY REFERENCES receipts (sequence),
-    acknowledged_at_ms INTEGER NOT NULL, envelope BLOB NOT NULL);
-CREATE TRIGGER IF NOT EXISTS receipts_append_only_u BEFORE UPDATE ON receipts
-    BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS receipts_append_only_d BEFORE DELETE ON receipts
-    BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
-"""
 _ROW_COLUMNS = ("r.sequence, r.client_key, r.job_id, r.digest, r.issued_at_ms, r.outcome, r.output_tokens, "
                 "r.amount_micros, r.envelope, a.envelope")
 _ROW_FROM = "receipts r LEFT JOIN acknowledgments a ON a.sequence = r.sequence"
-
-
-class LedgerError(ValueError):
-    """A ledger operation refused; `reason` is a short tag, the message says what was wrong."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 def _now_ms() -> int:
@@ -101,57 +67,40 @@ class LedgerTotals:
     recent: tuple[ReceiptRow, ...]       # newest first
 
 
+@dataclass
+class _Tally:
+    """Running sums of the receipts up to `sequence` (see Ledger.totals)."""
+    sequence: int = 0
+    receipts: int = 0
+    amount_micros: int = 0
+    output_tokens: int = 0
+    per_client_micros: dict[str, int] = field(default_factory=dict)
+
+    def add(self, sequence: int, client: str, amount: int, tokens: int) -> None:
+        self.sequence, self.receipts = sequence, self.receipts + 1
+        self.amount_micros += amount
+        self.output_tokens += tokens
+        self.per_client_micros[client] = self.per_client_micros.get(client, 0) + amount
+
+
 class Ledger:
     def __init__(self, conn: sqlite3.Connection, identity: Identity | None, worker_public_key: bytes):
         self._conn = conn
         self._identity = identity        # None: opened read-only (CLI, audits)
         self._lock = threading.Lock()
+        self._tally = _Tally()
         self.worker_public_key = worker_public_key
 
     @classmethod
     def open(cls, path: Path, identity: Identity) -> Ledger:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-        try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":
-                raise LedgerError("storage", f"{path}: SQLite refused WAL mode (got {mode!r})")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("BEGIN IMMEDIATE")
-            # statement by statement: executescript() would COMMIT first and break the transaction
-            for statement in filter(str.strip, _SCHEMA.split(";\n")):
-                conn.execute(statement)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('worker_public_key', ?)", (identity.public_key,))
-            conn.execute("COMMIT")
-            stored = _worker_key(conn, path)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise LedgerError("storage", f"{path}: cannot open the ledger: {exc}") from None
-        except LedgerError:
-            conn.close()
-            raise
-        if stored != identity.public_key:
-            conn.close()
-            raise LedgerError("wrong_key", f"{path} holds receipts of another node key ({stored.hex()[:16]}...)")
-        return cls(conn, identity, identity.public_key)
+        """The node's writable ledger (created if absent); refuses one of another node key."""
+        return cls(connect_writer(path, identity.public_key), identity, identity.public_key)
 
     @classmethod
     def open_readonly(cls, path: Path) -> Ledger:
-        if not path.is_file():
-            raise LedgerError("missing", f"no ledger at {path}")
-        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
-                               check_same_thread=False, timeout=10)
-        try:
-            key = _worker_key(conn, path)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise LedgerError("storage", f"{path} is not a dspark-node ledger: {exc}") from None
-        except LedgerError:
-            conn.close()
-            raise
-        return cls(conn, None, key)
+        """For audits and the CLI: consistent WAL snapshots, safe while the daemon writes."""
+        conn, worker_key = connect_reader(path)
+        return cls(conn, None, worker_key)
 
     def close(self) -> None:
         with self._lock:
@@ -251,14 +200,18 @@ class Ledger:
         return len(running)
 
     def totals(self, recent: int = 20) -> LedgerTotals:
+        """Counts for metrics and the dashboard. Receipts are append-only, so the sums carry on from
+        the last call over the new rows only (a dashboard poll costs the same at 100k receipts)."""
         with self._lock:
-            count, amount, tokens = self._conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(amount_micros), 0), COALESCE(SUM(output_tokens), 0)"
-                " FROM receipts").fetchone()
+            tally = self._tally
+            for sequence, client_key, amount, tokens in self._conn.execute(
+                    "SELECT sequence, client_key, amount_micros, output_tokens FROM receipts WHERE sequence > ?"
+                    " ORDER BY sequence", (tally.sequence,)):
+                tally.add(sequence, client_key.hex(), amount, tokens)
             acked = self._conn.execute("SELECT COUNT(*) FROM acknowledgments").fetchone()[0]
-            per_client = {k.hex(): v for k, v in self._conn.execute(
-                "SELECT client_key, SUM(amount_micros) FROM receipts GROUP BY client_key")}
-        return LedgerTotals(count, amount, tokens, acked, per_client, tuple(self.latest(recent)))
+            totals = LedgerTotals(tally.receipts, tally.amount_micros, tally.output_tokens, acked,
+                                  dict(tally.per_client_micros), ())
+        return replace(totals, recent=tuple(self.latest(recent)))
 
     # --- reads for audits, exports and the CLI ----------------------------------------------
 
@@ -318,12 +271,3 @@ class Ledger:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
-
-
-def _worker_key(conn: sqlite3.Connection, path: Path) -> bytes:
-    """The node key the ledger belongs to, after checking it is a ledger of this schema."""
-    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    if meta.get("schema_version") != SCHEMA_VERSION or "worker_public_key" not in meta:
-        raise LedgerError("schema", f"{path} is not a dspark-node ledger of schema version "
-                                    f"{SCHEMA_VERSION.decode()} (found {meta.get('schema_version')!r})")
-    return meta["worker_public_key"]

@@ -149,6 +149,12 @@ def test_totals_per_client_and_recent(ledger):
                                         OTHER_CLIENT.public_key.hex(): b.amount_micros}
     assert [row.sequence for row in totals.recent] == [4, 3]
     assert totals.output_tokens == 3 * 3 + 5000
+    # Later calls carry the sums on over the new receipts only.
+    extra = Receipt.FromString(bill(ledger, 8, client=OTHER_CLIENT, output_ids=(1,) * 40).payload).amount_micros
+    again = ledger.totals(recent=1)
+    assert (again.receipts, again.output_tokens) == (5, 3 * 3 + 5000 + 40)
+    assert again.per_client_micros[OTHER_CLIENT.public_key.hex()] == b.amount_micros + extra
+    assert again.amount_micros == sum(a) + b.amount_micros + extra
 
 
 def test_concurrent_jobs_get_distinct_sequences_in_one_chain(ledger):
