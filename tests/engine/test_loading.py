@@ -1,0 +1,91 @@
+"""Bad checkpoints and bad requests get clear errors and leave nothing half-written."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from engine.api import GenerationRequest, RequestRejected, SamplingParams
+from engine.build import build_engine
+from engine.config import EngineConfig
+from engine.loading import ModelLoadError, load_target
+
+
+def test_unknown_model_path():
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_target("/nonexistent/model/dir", torch.float32)
+
+
+def test_hub_id_not_cached_is_refused_without_download():
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        load_target("nobody-here/no-such-model-xyz", torch.float32)
+
+
+def test_corrupt_safetensors(tiny_llama, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_llama, bad)
+    (bad / "model.safetensors").write_bytes(b"\x00\x01garbage" * 10)
+    with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
+        load_target(str(bad), torch.float32)
+
+
+def test_other_architecture(tiny_llama, tmp_path):
+    bad = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_llama, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    config["model_type"] = "gpt2"
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="GPT2LMHeadModel is not supported"):
+        load_target(str(bad), torch.float32)
+
+
+def test_weights_of_another_shape(tiny_llama, tmp_path):
+    bad = tmp_path / "wide"
+    shutil.copytree(tiny_llama, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["hidden_size"] = 128
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="has shape"):
+        load_target(str(bad), torch.float32)
+
+
+def test_file_instead_of_directory(tiny_llama):
+    with pytest.raises(ModelLoadError, match="is a file"):
+        load_target(str(tiny_llama / "config.json"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_llama):
+    return build_engine(EngineConfig(model=str(tiny_llama), max_context=64, max_batch=2, max_queue=2))
+
+
+@pytest.mark.parametrize("sampling, reason", [
+    (SamplingParams(max_new_tokens=0), "bad_sampling"),
+    (SamplingParams(max_new_tokens=10**9), "too_long"),
+    (SamplingParams(max_new_tokens=60), "too_long"),  # 10-token prompt + 60 > 64
+    (SamplingParams(temperature=-1.0), "bad_sampling"),
+    (SamplingParams(temperature=float("nan")), "bad_sampling"),
+    (SamplingParams(top_p=0.0), "bad_sampling"),
+])
+def test_bad_requests_are_rejected(tiny_engine, sampling, reason):
+    with pytest.raises(RequestRejected) as err:
+        tiny_engine.add(GenerationRequest("r", tuple(range(10)), sampling))
+    assert err.value.reason == reason
+    assert not tiny_engine.has_work
+
+
+def test_prompt_tokens_outside_vocab(tiny_engine):
+    with pytest.raises(RequestRejected, match="token ids"):
+        tiny_engine.add(GenerationRequest("r", (1, 2, 10**6), SamplingParams(max_new_tokens=4)))
+
+
+def test_full_queue_refuses(tiny_engine):
+    for i in range(2):
+        tiny_engine.add(GenerationRequest(f"q{i}", (1, 2, 3), SamplingParams(max_new_tokens=2)))
+    with pytest.raises(RequestRejected) as err:
+        tiny_engine.add(GenerationRequest("q2", (1, 2, 3), SamplingParams(max_new_tokens=2)))
+    assert err.value.reason == "queue_full"
+    while tiny_engine.has_work:
+        tiny_engine.step()

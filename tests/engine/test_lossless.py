@@ -1,0 +1,54 @@
+"""fp32 greedy speculative decoding is token-for-token plain decoding, on real prompts."""
+
+import pytest
+
+from engine.api import GenerationRequest, SamplingParams
+from engine.build import build_engine
+from engine.config import EngineConfig
+from tests.conftest import eval_prompts
+
+N_TOKENS = 48
+
+
+def chat(tokenizer, text):
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return tuple(ids if isinstance(ids, list) else ids["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def engines(smollm_fp32):
+    return {m: build_engine(EngineConfig(method=m, max_batch=1, max_context=2048, block_size=5), smollm_fp32)
+            for m in ("ar", "ngram")}
+
+
+def run(engine, ids, n, **sampling):
+    return engine.generate(GenerationRequest("r", ids, SamplingParams(max_new_tokens=n, **sampling)))
+
+
+@pytest.mark.parametrize("prompt", eval_prompts("humaneval.jsonl", 2) + eval_prompts("mt-bench.jsonl", 1))
+def test_ngram_equals_plain_decoding(engines, smollm_fp32, prompt):
+    ids = chat(smollm_fp32.tokenizer, prompt)
+    plain = run(engines["ar"], ids, N_TOKENS)
+    spec = run(engines["ngram"], ids, N_TOKENS)
+    assert spec.output_ids == plain.output_ids
+    assert spec.text == plain.text
+    assert spec.stats.rounds < plain.stats.rounds  # it did speculate, and it paid off
+
+
+def test_eos_edge(engines, smollm_fp32):
+    """A short answer ends on EOS inside a round; nothing is emitted past it."""
+    ids = chat(smollm_fp32.tokenizer, "Reply with the single word: yes")
+    plain = run(engines["ar"], ids, 64)
+    spec = run(engines["ngram"], ids, 64)
+    assert plain.finish_reason == "stop" and len(plain.output_ids) < 64
+    assert spec.output_ids == plain.output_ids and spec.finish_reason == "stop"
+    assert spec.output_ids[-1] in smollm_fp32.eos_token_ids
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 9])
+def test_max_token_edges(engines, smollm_fp32, n):
+    ids = chat(smollm_fp32.tokenizer, "Write a Python function that reverses a list, then repeat it.")
+    plain = run(engines["ar"], ids, n)
+    spec = run(engines["ngram"], ids, n)
+    assert len(spec.output_ids) == n and spec.output_ids == plain.output_ids
+    assert spec.finish_reason == "length"
