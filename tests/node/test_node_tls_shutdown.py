@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import stat
+import subprocess
+import sys
 import time
 
 import grpc
@@ -16,7 +18,7 @@ from node.identity import Identity
 from node.receipts import verify_receipt
 from node.tls import SERVER_NAME, fetch_server_cert, fingerprint
 from node.tls import load_or_create as load_or_create_tls
-from node_harness import node_toml, start_daemon
+from node_harness import ROOT, node_toml, start_daemon
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +81,20 @@ async def test_a_relaying_man_in_the_middle_is_detected(daemon, tmp_path):
             await mitm.stop(None)
 
 
+def test_submit_command_streams_and_verifies(daemon, tmp_path):
+    key = tmp_path / "client.key"
+    ok = subprocess.run([sys.executable, "-m", "node.cli", "submit", "--node", daemon.grpc, "--prompt", "Hello",
+                         "--max-new-tokens", "4", "--key", str(key)], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert f"verified (worker {daemon.peer_id})" in ok.stderr and "4 tokens" in ok.stderr
+    refused = subprocess.run([sys.executable, "-m", "node.cli", "submit", "--node", daemon.grpc, "--prompt", "Hi",
+                              "--max-price", "1", "--key", str(key)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 1
+    assert "refused: FAILED_PRECONDITION: price cap 1 is below this node's price" in refused.stderr
+
+
 @pytest.mark.asyncio
 async def test_sigterm_during_a_job_then_restart(daemon, tiny_model, data_dir):
     identity = Identity.generate()
@@ -120,3 +136,4 @@ async def test_sigterm_during_a_job_then_restart(daemon, tiny_model, data_dir):
             assert (await client.capacity()).free_slots == 2
     finally:
         assert restarted.stop() == 0
+
