@@ -61,19 +61,16 @@ class Discovery:
         return self.network.adverts(model)
 
     async def find_workers(self, model: str, wait_s: float = 3.0) -> list[LiveAdvert]:
-        """Live adverts of workers serving `model`. Adds DHT providers we have no advert from (by
-        asking them directly), and waits up to `wait_s` for a first one."""
+        """Live adverts of workers serving `model`. When none is known yet, asks the DHT for
+        providers and fetches their adverts directly, waiting up to `wait_s` for a first one."""
         deadline = time.monotonic() + wait_s
-        while True:
-            known = {a.peer_id for a in self.adverts(model)}
+        while not self.adverts(model) and time.monotonic() < deadline:
             for peer in await self.network.providers(model):
-                if peer not in known:
-                    await self.network.fetch(peer)
-            found = self.adverts(model)
-            if found or time.monotonic() > deadline:
-                return found
-            await asyncio.sleep(POLL_S)
-            await self.network.refresh()
+                await self.network.fetch(peer)
+            if not self.adverts(model):
+                await asyncio.sleep(POLL_S)
+                await self.network.refresh()
+        return self.adverts(model)
 
     async def wait_for(self, count: int, model: str | None = None, timeout_s: float = 10.0) -> list[LiveAdvert]:
         """Wait until at least `count` workers (serving `model`, if given) are visible."""

@@ -55,7 +55,10 @@ async def fetch_adverts(host: P2PHost, book: AdvertBook, peer_id: str) -> list[L
         try:
             chunks, size = [], 0
             while True:
-                chunk = await stream.read(65536)
+                try:
+                    chunk = await stream.read(65536)
+                except EOFError:  # py-libp2p ends a stream with StreamEOF (an EOFError), not b""
+                    break
                 if not chunk:
                     break
                 size += len(chunk)

@@ -63,10 +63,11 @@ class PeerNetwork:
         try:
             live = self.book.offer(message.data, origin)
         except AdvertRefused as exc:
-            if exc.reason != "stale" or origin != self.identity.peer_id:
-                self.dropped[exc.reason] = self.dropped.get(exc.reason, 0) + 1
-                log.info("advert from %s dropped (%s): %s", origin, exc.reason, exc)
-                self._notify(origin, False, exc.reason)
+            self.dropped[exc.reason] = self.dropped.get(exc.reason, 0) + 1
+            # Stale copies are routine (gossip re-delivers adverts a newer one already replaced).
+            log.log(logging.DEBUG if exc.reason == "stale" else logging.INFO,
+                    "advert from %s dropped (%s): %s", origin, exc.reason, exc)
+            self._notify(origin, False, exc.reason)
             return False
         if live.peer_id != self.identity.peer_id:
             self._notify(live.peer_id, True, "")
@@ -97,7 +98,7 @@ class PeerNetwork:
         try:
             return await self.host.call(fetch_adverts, self.host, self.book, peer_id)
         except (Exception, trio.TooSlowError) as exc:  # unreachable peers are expected
-            log.info("fetching adverts from %s failed: %s", peer_id, exc)
+            log.info("fetching adverts from %s failed: %r", peer_id, exc)
             return []
 
     async def refresh(self) -> None:
