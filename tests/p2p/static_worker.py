@@ -32,6 +32,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--grpc-endpoint", default="127.0.0.1:1")
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--ttl", type=int, default=4)
+    p.add_argument("--mdns", action="store_true")
     p.add_argument("--key", type=Path, help="key file (created if missing); a fresh key otherwise")
     return p.parse_args()
 
@@ -40,7 +41,7 @@ async def main() -> int:
     args = parse_args()
     identity = Identity.load_or_create(args.key) if args.key else Identity.generate()
     config = NodeConfig(grpc_listen=args.grpc_endpoint, p2p=P2PConfig(
-        listen=[args.listen], bootstrap=args.bootstrap, advert_interval_s=args.interval, advert_ttl_s=args.ttl))
+        listen=[args.listen], bootstrap=args.bootstrap, mdns=args.mdns, advert_interval_s=args.interval, advert_ttl_s=args.ttl))
     advert = CapacityAdvert(
         grpc_endpoint=args.grpc_endpoint, gpu=GpuInfo(name="cpu", count=1),
         models=[ModelOffer(id=m, max_context=2048) for m in args.model],
