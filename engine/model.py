@@ -126,16 +126,25 @@ class TargetModel:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                cache: KVCache, taps: tuple[int, ...] = ()) -> ForwardOutput:
+                cache: KVCache, taps: tuple[int, ...] = (), lengths: list[int] | None = None
+                ) -> ForwardOutput:
         """tokens, positions: [R, Q]; slots: [R] cache rows. Writes K/V at each token's position.
 
         A query at position p sees the cache entries 0..p of its row: the caller guarantees entries
         below the row's first position are valid (committed) and the ones written here are the rest.
+        `lengths` (ragged batches): row r has lengths[r] real tokens, the rest is padding. The
+        per-token work (projections, MLP) then runs on the packed real tokens only, so a
+        verification batch costs what its token count says (the B of SPS(B), paper §3.2.2); only
+        attention sees the padded layout, and padding never touches the cache.
         `taps` are layer ids (-1 = embedding output) whose outputs are returned concatenated.
         """
         a = self.args
         R, Q = tokens.shape
-        x = self.embed[tokens]
+        valid = None
+        if lengths is not None and any(n < Q for n in lengths):
+            valid = torch.arange(Q, device=self.device)[None, :] < torch.tensor(lengths, device=self.device)[:, None]
+        pack = (lambda t: t[valid]) if valid is not None else (lambda t: t)
+        x = self.embed[pack(tokens)]
         tapped = {-1: x} if -1 in taps else {}
         kv_end = int(positions.max()) + 1
         # Batch 1 decoding sees every cached entry: no mask lets SDPA take its fastest path.
@@ -145,12 +154,20 @@ class TargetModel:
         cos, sin = self.cos[positions], self.sin[positions]
         contiguous = R == 1 or bool((slots[1:] - slots[:-1] == 1).all())
         s0 = int(slots[0])
+        rows, cols = (valid.nonzero(as_tuple=True) if valid is not None else
+                      (slots[:, None].expand(R, Q), positions))
+        write_slots = slots[rows] if valid is not None else rows
+        write_pos = positions[rows, cols] if valid is not None else cols
         nq, nkv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer["attn_norm"], a.rms_norm_eps)
             qkv = h @ layer["wqkv"].t()
             if a.attention_bias:
                 qkv = qkv + layer["bqkv"]
+            if valid is not None:
+                padded = qkv.new_zeros(R, Q, qkv.shape[-1])
+                padded[valid] = qkv
+                qkv = padded
             q = qkv[..., :nq].view(R, Q, a.num_heads, a.head_dim)
             k = qkv[..., nq:nq + nkv].view(R, Q, a.num_kv_heads, a.head_dim)
             v = qkv[..., nq + nkv:].view(R, Q, a.num_kv_heads, a.head_dim)
@@ -159,17 +176,26 @@ class TargetModel:
                 k = rms_norm(k, layer["k_norm"], a.rms_norm_eps)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             ck, cv = cache.k[i], cache.v[i]
-            ck[slots[:, None], positions] = k
-            cv[slots[:, None], positions] = v
+            ck[write_slots, write_pos] = pack(k)
+            cv[write_slots, write_pos] = pack(v)
             if contiguous:
                 keys, values = ck[s0:s0 + R, :kv_end], cv[s0:s0 + R, :kv_end]
             else:
                 keys, values = ck[slots, :kv_end], cv[slots, :kv_end]
-            o = attention(q, keys, values, mask).reshape(R, Q, nq)
+            o = pack(attention(q, keys, values, mask).reshape(R, Q, nq))
             x = x + o @ layer["wo"].t()
             x = x + swiglu(rms_norm(x, layer["mlp_norm"], a.rms_norm_eps), layer["w_gate_up"], layer["w_down"])
             if i in taps:
                 tapped[i] = x
         hidden = rms_norm(x, self.final_norm, a.rms_norm_eps)
         tap_tensor = torch.cat([tapped[t] for t in taps], dim=-1) if taps else None
+        if valid is not None:
+            hidden = self._unpack(hidden, valid)
+            tap_tensor = None if tap_tensor is None else self._unpack(tap_tensor, valid)
         return ForwardOutput(hidden=hidden, taps=tap_tensor)
+
+    @staticmethod
+    def _unpack(packed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        out = packed.new_zeros(*valid.shape, packed.shape[-1])
+        out[valid] = packed
+        return out

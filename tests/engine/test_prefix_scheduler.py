@@ -1,0 +1,85 @@
+"""Algorithm 1 and the asynchronous variant on hand-made confidences and SPS tables."""
+
+import torch
+
+from engine.drafters.base import Proposal
+from engine.prefix_scheduler import PrefixScheduler, algorithm1, capacity, survivals, top_k
+from engine.sps import SpsTable
+
+
+def table(*sps):
+    return lambda b: sps[min(b, len(sps)) - 1]
+
+
+def test_appendix_a_stops_before_looking_at_c2():
+    """R=1, a_1=0.8, SPS(1,2,3)=(1, .5, .45): Theta_1=0.9 < Theta_0=1, so l=0 whatever c_2 is."""
+    for c2 in (0.9, 0.0, 1.0):
+        lengths, expected = algorithm1(survivals([torch.tensor([0.8, c2])], [2]), table(1.0, 0.5, 0.45))
+        assert lengths == [0] and expected == 0
+
+
+def test_flat_sps_admits_every_positive_candidate():
+    surv = survivals([torch.tensor([0.9, 0.5, 0.1]), torch.tensor([0.3, 0.0, 0.9])], [3, 3])
+    lengths, expected = algorithm1(surv, table(1.0))
+    assert lengths == [3, 1]  # request 1 stops where survival hits zero
+    assert abs(expected - (0.9 + 0.45 + 0.045 + 0.3)) < 1e-6
+
+
+def test_greedy_order_interleaves_requests_by_survival():
+    """c: r0=(.9,.9), r1=(.5,.5); a: r0=(.9,.81), r1=(.5,.25). Step time grows 10% per token, so:
+    Theta(B=2)=2*1; +r0j1 -> 2.9/1.1=2.64; +r0j2 -> 3.71/1.2=3.09; +r1j1 -> 4.21/1.3=3.24;
+    +r1j2 -> 4.46/1.4=3.19 < 3.24: stop. Expected l=(2,1)."""
+    sps = lambda b: 1 / (1 + 0.1 * (b - 2)) if b >= 2 else 1.0
+    surv = survivals([torch.tensor([0.9, 0.9]), torch.tensor([0.5, 0.5])], [2, 2])
+    lengths, expected = algorithm1(surv, sps)
+    assert lengths == [2, 1]
+    assert abs(expected - (0.9 + 0.81 + 0.5)) < 1e-6
+
+
+def test_budget_is_never_exceeded():
+    surv = survivals([torch.full((7,), 0.99)] * 4, [7] * 4)
+    for budget in (4, 5, 9, 13):
+        lengths, _ = algorithm1(surv, table(1.0), budget)
+        assert sum(1 + l for l in lengths) <= budget
+        k_lengths, _ = top_k(surv, capacity(surv, table(1.0), budget), budget)
+        assert sum(1 + l for l in k_lengths) <= budget
+
+
+def test_capacity_searches_past_a_dip():
+    """A jagged curve: Theta dips at B=2 and peaks at B=4; the async capacity finds the peak where
+    Algorithm 1 stops at the dip."""
+    sps = table(1.0, 0.45, 0.6, 0.55, 0.2)
+    surv = survivals([torch.tensor([1.0, 1.0, 1.0, 1.0])], [4])
+    assert algorithm1(surv, sps)[0] == [0]
+    assert capacity(surv, sps) == 3  # Theta: 1, .9, 1.8, 2.2, 1.0
+
+
+def test_top_k_is_prefix_closed():
+    surv = survivals([torch.tensor([0.9, 0.9, 0.9]), torch.tensor([0.95, 0.2, 1.0])], [3, 3])
+    lengths, _ = top_k(surv, 3)
+    assert lengths == [2, 1]  # 0.95 (r1 j1), 0.9 (r0 j1), 0.81 (r0 j2)
+
+
+class _Seq:
+    def __init__(self, rid):
+        self.request_id = rid
+
+
+def test_async_uses_confidences_from_two_rounds_earlier():
+    """Round 1 and 2 have no history, so capacity is 0; in round 3 capacity comes from round 1's
+    confidences (high) even though this round's are low, and admission uses this round's order."""
+    sched = PrefixScheduler(table(1.0), mode="async")
+    seqs = [_Seq("a")]
+    high, low = torch.tensor([0.9, 0.9, 0.9]), torch.tensor([0.5, 0.1, 0.1])
+    proposal = lambda conf: Proposal(tokens=[[1, 2, 3]], probs=[None], confidence=[conf])
+    assert sched(seqs, proposal(high), [3])[0] == [0]
+    assert sched(seqs, proposal(low), [3])[0] == [0]
+    assert sched(seqs, proposal(low), [3])[0] == [3]   # K=3 from round 1's high confidences
+    assert sched(seqs, proposal(high), [3])[0] == [3]  # K from round 2's low ones: 3 with flat SPS
+
+
+def test_sps_table_interpolates_and_smooths():
+    t = SpsTable(tokens=[1, 2, 4], measured=[10.0, 11.0, 5.0], context=8)
+    assert t(1) == 10.0 and t(2) == 10.0  # noise that says "faster with more tokens" is smoothed away
+    assert abs(1 / t(3) - (0.1 + 0.2) / 2) < 1e-12  # step time interpolated between 2 and 4
+    assert abs(t(8) - 2.5) < 1e-12  # beyond the profile, time grows with B
