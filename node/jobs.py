@@ -33,6 +33,21 @@ class RunningJob:
     # SubmitEvents for the RPC to stream: chunks as committed, then exactly one result.
     stream: asyncio.Queue[job_pb2.SubmitEvent] = field(default_factory=asyncio.Queue)
     runner: asyncio.Task[None] | None = None
+    _held: job_pb2.SubmitEvent | None = None
+
+    async def next_event(self) -> job_pb2.SubmitEvent:
+        """The next event to send. Chunks already waiting are merged into one message: no token
+        is delayed, but a lagging client or a busy loop costs fewer gRPC writes."""
+        event, self._held = self._held or await self.stream.get(), None
+        if event.HasField("chunk"):
+            while not self.stream.empty():
+                following = self.stream.get_nowait()
+                if not following.HasField("chunk"):
+                    self._held = following
+                    break
+                event.chunk.token_ids.extend(following.chunk.token_ids)
+                event.chunk.text += following.chunk.text
+        return event
 
 
 class JobTable:

@@ -106,7 +106,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finished = False
         try:
             while not finished:
-                event = await running.stream.get()
+                event = await running.next_event()
                 yield event
                 finished = event.HasField("result")
         finally:

@@ -83,12 +83,13 @@ async def through_node(endpoint: str, peer_id: str, identities: list[Identity], 
 
 async def main(args: argparse.Namespace) -> dict:
     clients_list = [int(c) for c in args.clients.split(",")]
-    settings = {"model": args.model, "max_batch": max(clients_list), "max_context": 1024}
+    settings = {"model": args.model, "max_batch": max(clients_list), "max_context": 1024, "threads": args.threads}
     engine = load_async_engine(EngineConfig(**settings))
     await engine.start()
     data_dir = Path(tempfile.mkdtemp(prefix="bench-node-"))
     toml = (f'grpc_listen = "127.0.0.1:0"\nhttp_listen = "127.0.0.1:0"\n[p2p]\nlisten = []\n[engine]\n'
-            f'model = "{args.model}"\nmax_batch = {settings["max_batch"]}\nmax_context = 1024\n')
+            f'model = "{args.model}"\nmax_batch = {settings["max_batch"]}\nmax_context = 1024\n'
+            + (f"threads = {args.threads}\n" if args.threads else ""))
     daemon = start_daemon(data_dir, toml)
     identities = [Identity.generate() for _ in range(max(clients_list))]
     report: dict = {"settings": {**settings, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats}}
@@ -123,6 +124,7 @@ if __name__ == "__main__":
     parser.add_argument("--clients", default="1,16", help="comma-separated concurrent client counts")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads of the engine on both sides (default: all cores)")
     parser.add_argument("--json", type=Path, help="write the report here")
     arguments = parser.parse_args()
     result = asyncio.run(main(arguments))

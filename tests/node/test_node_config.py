@@ -79,3 +79,22 @@ def test_tls_modes():
     assert load_config(None, {"grpc_listen": "0.0.0.0:7440"}).grpc_tls is True
     assert load_config(None, {"grpc_listen": "0.0.0.0:7440", "tls": {"mode": "off"}}).grpc_tls is False
     assert load_config(None, {"tls": {"mode": "on"}}).grpc_tls is True
+
+
+def test_run_flags_override_the_file(tmp_path):
+    import argparse
+
+    from node.commands import run
+
+    parser = argparse.ArgumentParser()
+    run.register(parser.add_subparsers())
+    path = write(tmp_path, '[p2p]\nbootstrap = ["/ip4/10.0.0.1/tcp/7442"]\nmdns = true\n')
+    args = parser.parse_args(["run", "--config", str(path), "--data-dir", str(tmp_path / "d"), "--grpc-listen",
+                              "127.0.0.1:0", "--p2p-listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap",
+                              "/ip4/127.0.0.2/tcp/1", "/ip4/127.0.0.3/tcp/1"])
+    config = load_config(args.config, run.overrides(args))
+    assert config.data_dir == tmp_path / "d" and config.grpc_listen == "127.0.0.1:0"
+    assert config.p2p.listen == ["/ip4/127.0.0.1/tcp/0"]
+    assert config.p2p.bootstrap == ["/ip4/127.0.0.2/tcp/1", "/ip4/127.0.0.3/tcp/1"] and config.p2p.mdns is True
+    no_p2p = parser.parse_args(["run", "--p2p-listen", ""])
+    assert load_config(None, run.overrides(no_p2p)).p2p.listen == []
