@@ -1,0 +1,58 @@
+"""Confidence calibration during decoding (reference §4.5).
+
+Per round and per verified draft position k, the prediction is the running product
+prod_{i<=k} c_i of the drafter's conditional confidences and the label is whether the prefix
+1..k was accepted. Per position: ECE over 20 equal-width bins, AUROC (exact, by ranks) and Brier.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.api import RequestStats
+
+ECE_BINS = 20
+
+
+def record(stats: RequestStats, confidence: torch.Tensor | None, verified: int, accepted: int) -> None:
+    """Append (position, prediction, label) for each verified position of one round."""
+    if confidence is None or verified == 0:
+        return
+    survival = torch.cumprod(confidence[:verified].double(), 0).tolist()
+    stats.confidence_samples.extend((k, p, accepted > k) for k, p in enumerate(survival))
+
+
+def calibration_metrics(samples: list[tuple[int, float, bool]]) -> list[dict]:
+    """One row per draft position: n, mean prediction, acceptance rate, ECE, AUROC (None when a
+    position saw only one label), Brier."""
+    by_position: dict[int, list[tuple[float, bool]]] = {}
+    for k, p, y in samples:
+        by_position.setdefault(k, []).append((p, y))
+    rows = []
+    for k in sorted(by_position):
+        p = torch.tensor([s[0] for s in by_position[k]], dtype=torch.float64)
+        y = torch.tensor([float(s[1]) for s in by_position[k]], dtype=torch.float64)
+        rows.append({"position": k + 1, "n": len(p), "mean_confidence": float(p.mean()),
+                     "accept_rate": float(y.mean()), "ece": ece(p, y), "auroc": auroc(p, y),
+                     "brier": float(((p - y) ** 2).mean())})
+    return rows
+
+
+def ece(p: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """sum over bins of |bin| / n * |mean prediction - accuracy|; bin b holds p in [b/bins, (b+1)/bins)."""
+    index = (p * bins).long().clamp(0, bins - 1)
+    total = 0.0
+    for b in index.unique():
+        sel = index == b
+        total += float(sel.sum()) / len(p) * abs(float(p[sel].mean() - y[sel].mean()))
+    return total
+
+
+def auroc(p: torch.Tensor, y: torch.Tensor) -> float | None:
+    """P(prediction of a positive > that of a negative), ties counted half (Mann-Whitney U)."""
+    pos, neg = p[y > 0.5], p[y <= 0.5]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    greater = (pos[:, None] > neg[None, :]).double().sum()
+    ties = (pos[:, None] == neg[None, :]).double().sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))

@@ -1,0 +1,123 @@
+"""The DSpark drafter (reference §1, §4.3) and DFlash, the same backbone without the two heads.
+
+One round, batched over every active request:
+  1. draft_block: the tapped target features of the newly committed positions are fused
+     (hidden_norm(fc(x))) and projected into each draft layer's K/V cache, never run through the
+     layers; then the block [anchor, MASK x (B-1)] at absolute positions anchor..anchor+B-1 attends to
+     the cached context (positions < anchor) and bidirectionally to itself. Its K/V entries are
+     dropped afterwards ("crop to start"): the cache only ever holds context.
+  2. sample_block: left-to-right sampling through the Markov head; q = the corrected distribution.
+  3. confidence: c_k from [h_k ; W1[x_{k-1}]].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.drafters.base import Drafter, Proposal
+from engine.drafters.checkpoint import DrafterCheckpoint
+from engine.drafters.confidence import ConfidenceHead
+from engine.drafters.layers import DraftCache, Projector, fuse_layer
+from engine.drafters.markov import MarkovHead, sample_block
+from engine.model import TargetModel
+from engine.sequence import Sequence
+from kernels.ops import attention, rms_norm, swiglu
+
+
+@dataclass
+class DSparkState:
+    pending: torch.Tensor | None      # [n, m*H] features of positions cached..cached+n-1, not yet in the cache
+    cached: int = 0                   # the draft cache holds context positions 0..cached-1
+
+
+class DSparkDrafter(Drafter):
+    def __init__(self, checkpoint: DrafterCheckpoint, target: TargetModel, name: str, block_size: int,
+                 max_slots: int, max_context: int):
+        c = checkpoint.config
+        w = {k: v.to(device=target.device, dtype=target.dtype) for k, v in checkpoint.weights.items()}
+        self.name, self.config, self.target = name, c, target
+        self.block = c.block                        # the block the drafter was trained on (input length)
+        self.block_size = min(block_size, c.block)  # tokens proposed: a prefix of the block
+        self.tap_layers = tuple(c.target_layer_ids)
+        self.digest = checkpoint.digest
+        self.mask_token_id = c.mask_token_id
+        self.eps = c.rms_norm_eps
+        self.fc, self.hidden_norm, self.norm = w["fc.weight"], w["hidden_norm.weight"], w["norm.weight"]
+        self.layers = [fuse_layer(w, f"layers.{i}.", c.family == "qwen3") for i in range(c.num_hidden_layers)]
+        self.proj = Projector(c, target.cos, target.sin)
+        self.cache = DraftCache(c, max_slots, max_context + self.block + 2, target.dtype, target.device)
+        self.markov = MarkovHead(c.markov_head_type, w) if c.markov_rank else None
+        self.confidence = (ConfidenceHead(w, c.confidence_head_with_markov, c.confidence_temperatures, c.block)
+                           if c.enable_confidence_head else None)
+
+    # ---- per-request state -----------------------------------------------------------------
+    def start(self, seq: Sequence, prompt_features: torch.Tensor | None) -> None:
+        seq.drafter_state = DSparkState(pending=prompt_features)
+
+    def commit(self, seq: Sequence, features: torch.Tensor | None) -> None:
+        st: DSparkState = seq.drafter_state
+        st.pending = features if st.pending is None else torch.cat([st.pending, features])
+
+    def release(self, seq: Sequence) -> None:
+        seq.drafter_state = None
+
+    # ---- the round -------------------------------------------------------------------------
+    def propose(self, seqs: list[Sequence]) -> Proposal:
+        hidden = self.draft_block(seqs)[:, :self.block_size]
+        base_logits = self.target.logits(hidden)
+        anchors = torch.tensor([seq.tokens[-1] for seq in seqs], device=self.target.device)
+        tokens, probs = sample_block(base_logits, hidden, anchors, self.markov, seqs, self.block_size)
+        confidence: list[torch.Tensor | None] = [None] * len(seqs)
+        if self.confidence is not None:
+            prev = torch.cat([anchors[:, None], tokens[:, :-1].to(anchors.device)], dim=1)
+            prev_features = self.markov.prev_features(prev) if self.confidence.with_markov else None
+            confidence = list(self.confidence(hidden, prev_features).cpu())
+        return Proposal(tokens=tokens.tolist(), probs=probs, confidence=confidence)
+
+    @torch.inference_mode()
+    def draft_block(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Ingest pending context, run the anchor-first block: post-norm hidden states [R, B, H]."""
+        dev, B, R = self.target.device, self.block, len(seqs)
+        ctx, ctx_slots, ctx_pos = self._take_context(seqs)
+        slots = torch.tensor([seq.slot for seq in seqs], device=dev)
+        starts = torch.tensor([seq.kv_len for seq in seqs], device=dev)      # anchor positions
+        ids = torch.full((R, B), self.mask_token_id, device=dev)
+        ids[:, 0] = torch.tensor([seq.tokens[-1] for seq in seqs], device=dev)
+        positions = starts[:, None] + torch.arange(B, device=dev)
+        kv_end = int(starts.max()) + B
+        # Keys at or beyond a row's anchor + B are stale entries of other rounds or rows' padding.
+        mask = None
+        if R > 1:
+            mask = (torch.arange(kv_end, device=dev)[None, None, :] < (starts + B)[:, None, None]).expand(R, B, kv_end)
+        h = self.target.embed_tokens(ids)
+        for i, layer in enumerate(self.layers):
+            ck, cv = self.cache.k[i], self.cache.v[i]
+            if ctx is not None:
+                k, v = self.proj.kv(layer, ctx, ctx_pos)
+                ck[ctx_slots, ctx_pos], cv[ctx_slots, ctx_pos] = k, v
+            q, k, v = self.proj.qkv(layer, rms_norm(h, layer["attn_norm"], self.eps), positions)
+            ck[slots[:, None], positions], cv[slots[:, None], positions] = k, v
+            o = attention(q, ck[slots, :kv_end], cv[slots, :kv_end], mask)
+            h = h + o.flatten(2) @ layer["wo"].t()
+            h = h + swiglu(rms_norm(h, layer["mlp_norm"], self.eps), layer["w_gate_up"], layer["w_down"])
+        return rms_norm(h, self.norm, self.eps)
+
+    def _take_context(self, seqs: list[Sequence]):
+        """All rows' pending features, flattened: fused context [N, H], cache slots [N], positions [N]."""
+        feats, slots, positions = [], [], []
+        for seq in seqs:
+            st: DSparkState = seq.drafter_state
+            if st.pending is not None and len(st.pending):
+                n = st.pending.shape[0]
+                feats.append(st.pending)
+                slots.append(torch.full((n,), seq.slot))
+                positions.append(torch.arange(st.cached, st.cached + n))
+            st.pending, st.cached = None, seq.kv_len
+        if not feats:
+            return None, None, None
+        dev = self.target.device
+        x = torch.cat(feats).to(self.fc.dtype)
+        ctx = rms_norm(x @ self.fc.t(), self.hidden_norm, self.eps)
+        return ctx, torch.cat(slots).to(dev), torch.cat(positions).to(dev)

@@ -1,0 +1,93 @@
+"""The Markov head (reference §1.3) and the left-to-right block sampler (§4.3 step 2).
+
+The parallel backbone gives base logits U_k for every slot at once; the head adds a transition bias
+that depends on the previous token, so slot k is sampled only after slot k-1:
+    vanilla: bias_k = W2 W1[x_{k-1}]
+    gated:   g = sigmoid(gate([h_k ; W1[x_{k-1}]])),  bias_k = W2 (g * W1[x_{k-1}])
+    rnn:     (g, c, o) = joint([s_{k-1} ; W1[x_{k-1}] ; h_k]),  s_k = sig(g) s_{k-1} + (1 - sig(g)) tanh(c),
+             bias_k = W2 tanh(o),  s_{-1} = 0
+with x_{-1} the anchor. The corrected logits define the draft distribution q used in verification.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.sampling import sample_from, target_distribution
+from engine.sequence import Sequence
+
+
+class MarkovHead:
+    def __init__(self, kind: str, weights: dict[str, torch.Tensor]):
+        self.kind = kind
+        self.w1 = weights["markov_head.markov_w1.weight"]          # [V, r]
+        self.w2 = weights["markov_head.markov_w2.weight"]          # [V, r]
+        self.rank = self.w1.shape[1]
+        if kind == "gated":
+            self.gate_w, self.gate_b = weights["markov_head.gate_proj.weight"], weights["markov_head.gate_proj.bias"]
+        elif kind == "rnn":
+            self.joint_w, self.joint_b = weights["markov_head.joint_proj.weight"], weights["markov_head.joint_proj.bias"]
+
+    def prev_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """W1[x_{k-1}]: [..., r]."""
+        return self.w1[tokens]
+
+    def initial_state(self, rows: int) -> torch.Tensor | None:
+        return self.w1.new_zeros(rows, self.rank) if self.kind == "rnn" else None
+
+    def step_bias(self, hidden: torch.Tensor, prev: torch.Tensor, state: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden [R, H] (h_k), prev [R] token ids -> (bias [R, V] fp32, next RNN state)."""
+        e = self.prev_features(prev)
+        if self.kind == "vanilla":
+            z = e
+        elif self.kind == "gated":
+            gate = torch.sigmoid(torch.cat([hidden, e], dim=-1) @ self.gate_w.t() + self.gate_b)
+            z = gate * e
+        else:
+            g, c, o = (torch.cat([state, e, hidden], dim=-1) @ self.joint_w.t() + self.joint_b).chunk(3, dim=-1)
+            keep = torch.sigmoid(g)
+            state = keep * state + (1 - keep) * torch.tanh(c)
+            z = torch.tanh(o)
+        return (z @ self.w2.t()).float(), state
+
+
+def sample_block(base_logits: torch.Tensor, hidden: torch.Tensor, anchors: torch.Tensor,
+                 head: MarkovHead | None, seqs: list[Sequence], length: int
+                 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Sample `length` draft tokens per row, left to right.
+
+    base_logits [R, B, V] fp32, hidden [R, B, H] (post-norm h_k), anchors [R].
+    Returns tokens [R, length] and, per row, q [length, V] (None for greedy rows: q is one-hot).
+    Each row samples with its own request's temperature / top_p and generator.
+    """
+    R = base_logits.shape[0]
+    tokens = torch.empty((R, length), dtype=torch.long)
+    probs = new_probs(seqs, length, base_logits.shape[-1], base_logits.device)
+    prev, state = anchors, None if head is None else head.initial_state(R)
+    for k in range(length):
+        logits = base_logits[:, k]
+        if head is not None:
+            bias, state = head.step_bias(hidden[:, k], prev, state)
+            logits = logits + bias
+        sample_step(logits, seqs, tokens[:, k], probs, k)
+        prev = tokens[:, k].to(anchors.device)
+    return tokens, probs
+
+
+def new_probs(seqs: list[Sequence], length: int, vocab: int, device: torch.device) -> list[torch.Tensor | None]:
+    return [None if s.request.sampling.greedy else torch.empty(length, vocab, device=device) for s in seqs]
+
+
+def sample_step(logits: torch.Tensor, seqs: list[Sequence], out: torch.Tensor,
+                probs: list[torch.Tensor | None], k: int) -> None:
+    """Sample one slot for every row from logits [R, V]: argmax for greedy rows, otherwise from
+    q = the request's temperature / top-p distribution, recorded as probs[r][k]."""
+    for r, seq in enumerate(seqs):
+        params = seq.request.sampling
+        if params.greedy:
+            out[r] = int(logits[r].argmax())
+        else:
+            q = target_distribution(logits[r:r + 1], params)[0]
+            probs[r][k] = q
+            out[r] = sample_from(q, seq.generator)

@@ -1,0 +1,124 @@
+"""Each drafter leaves the target's output unchanged: fp32 greedy token for token, and the sampling
+distribution of the first tokens (chi-square against the exact target distribution)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from engine.build import build_engine
+from engine.config import EngineConfig
+from tests.drafters.helpers import aligned_state, request
+
+from engine.drafters.checkpoint import save_checkpoint
+from engine.drafters.init import init_drafter
+
+VARIANTS = [("dspark", "vanilla"), ("dspark", "gated"), ("dspark", "rnn"), ("dflash", None), ("eagle3", None)]
+PROMPTS = [list(range(5, 25)), [101, 7, 3000, 42, 42, 9, 17]]
+
+
+def drafter_dir(target, tmp_path_factory, kind: str, markov_type: str | None):
+    config, state = init_drafter(target, kind, layers=2, markov_rank=target.model.args.hidden_size,
+                                 markov_type=markov_type or "vanilla", block_size=5,
+                                 target_layer_ids=[0, 2] if kind == "eagle3" else [-1, 1], seed=11)
+    return save_checkpoint(tmp_path_factory.mktemp(kind), config, aligned_state(target, config, state))
+
+
+def engine_for(target, method: str, drafter=None, **kwargs):
+    return build_engine(EngineConfig(model=str(target.path), method=method, drafter=drafter and str(drafter),
+                                     max_batch=2, max_context=256, **kwargs), target)
+
+
+def run_batch(engine, requests):
+    """Decode requests together (continuous batching), return outputs and stats by request."""
+    for r in requests:
+        engine.add(r)
+    results = {}
+    while len(results) < len(requests):
+        events, _ = engine.step()
+        results.update({e.request_id: e for e in events if hasattr(e, "finish_reason")})
+    return [results[r.request_id] for r in requests]
+
+
+@pytest.mark.parametrize("kind,markov_type", VARIANTS)
+def test_greedy_matches_plain_decoding(target, tmp_path_factory, kind, markov_type):
+    plain = engine_for(target, "ar")
+    spec = engine_for(target, kind, drafter_dir(target, tmp_path_factory, kind, markov_type))
+    for n in (1, 2, 30):  # token-limit edges: no round, one round, many
+        reqs = [request(p, max_new_tokens=n) for p in PROMPTS]
+        want = [r.output_ids for r in run_batch(plain, reqs)]
+        got = run_batch(spec, [request(p, max_new_tokens=n) for p in PROMPTS])
+        assert [r.output_ids for r in got] == want
+        assert all(len(r.output_ids) == n for r in got)
+    if kind != "eagle3":  # the aligned DSpark/DFlash drafters are right often enough to accept drafts
+        assert sum(r.stats.accepted_tokens for r in got) > 0
+
+
+@pytest.mark.parametrize("kind,markov_type", [("dspark", "rnn"), ("eagle3", None)])
+def test_greedy_stops_at_eos_like_plain_decoding(target, tmp_path_factory, kind, markov_type):
+    reference = run_batch(engine_for(target, "ar"), [request(PROMPTS[0], max_new_tokens=30)])[0].output_ids
+    eos = reference[6]  # make a token the target emits mid-output an end-of-sequence token
+    stop_target = dataclasses.replace(target, eos_token_ids=(eos,))
+    want = run_batch(engine_for(stop_target, "ar"), [request(PROMPTS[0], max_new_tokens=30)])[0]
+    got = run_batch(engine_for(stop_target, kind, drafter_dir(target, tmp_path_factory, kind, markov_type)),
+                    [request(PROMPTS[0], max_new_tokens=30)])[0]
+    assert got.output_ids == want.output_ids == reference[:reference.index(eos) + 1]
+    assert got.finish_reason == "stop"
+
+
+def exact_pair_distribution(target, prompt, temperature, top_p):
+    """P(first two generated tokens), computed from the target alone."""
+    from engine.sampling import target_distribution
+    from engine.api import SamplingParams
+    params = SamplingParams(temperature=temperature, top_p=top_p)
+    model = target.model
+    cache = model.new_cache(1, 64)
+    slot = torch.tensor([0])
+    out = model.forward(torch.tensor([prompt]), torch.arange(len(prompt))[None], slot, cache)
+    p1 = target_distribution(model.logits(out.hidden[0, -1:]), params)[0]
+    joint = {}
+    for x1 in p1.nonzero().flatten().tolist():
+        o = model.forward(torch.tensor([[x1]]), torch.tensor([[len(prompt)]]), slot, cache)
+        p2 = target_distribution(model.logits(o.hidden[0, -1:]), params)[0]
+        for x2 in p2.nonzero().flatten().tolist():
+            joint[(x1, x2)] = float(p1[x1] * p2[x2])
+    return joint
+
+
+@pytest.mark.parametrize("kind,markov_type", [("dspark", "gated"), ("eagle3", None)])
+def test_sampling_distribution_matches_target(target, tmp_path_factory, kind, markov_type):
+    if target.model.args.family != "qwen3":
+        pytest.skip("one family is enough for the distribution test (the greedy tests cover both)")
+    from scipy.stats import chi2
+    prompt, temperature, top_p, draws = PROMPTS[1], 0.5, 0.8, 700
+    exact = exact_pair_distribution(target, prompt, temperature, top_p)
+    assert 4 <= len(exact) <= 200
+    engine = engine_for(target, kind, drafter_dir(target, tmp_path_factory, kind, markov_type))
+    counts: dict[tuple[int, int], int] = {}
+    accepted = 0
+    for seed in range(draws):
+        # three tokens: the one round after prefill then verifies one draft for the second token
+        result = engine.generate(request(prompt, temperature=temperature, top_p=top_p, max_new_tokens=3,
+                                         seed=seed))
+        key = tuple(result.output_ids[:2])
+        assert key in exact, f"{key} has probability 0 under the target"
+        counts[key] = counts.get(key, 0) + 1
+        accepted += result.stats.accepted_tokens
+    # pool rare outcomes so every cell expects at least 5 draws
+    stat, pooled_obs, pooled_exp, cells = 0.0, 0, 0.0, 0
+    for key, p in sorted(exact.items(), key=lambda kv: -kv[1]):
+        expected, observed = p * draws, counts.get(key, 0)
+        if expected >= 5:
+            stat += (observed - expected) ** 2 / expected
+            cells += 1
+        else:
+            pooled_obs, pooled_exp = pooled_obs + observed, pooled_exp + expected
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
+        cells += 1
+    assert cells >= 3
+    assert stat < chi2.ppf(0.999, cells - 1), f"chi-square {stat:.1f} over {cells} cells"
+    if kind != "eagle3":
+        assert accepted > 0  # the accept path, not only the residual path, was exercised
