@@ -71,6 +71,9 @@ class RequestStats:
     # accepted_at[k] / reached[k]: conditional acceptance of draft position k+1 given 1..k accepted
     reached: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
+    # (draft position k from 0, running product of confidences c_1..c_{k+1}, prefix accepted?) per
+    # verified position of each round, for drafters with a confidence head (engine/calibration.py)
+    confidence_samples: list[tuple[int, float, bool]] = field(default_factory=list)
 
     @property
     def tau(self) -> float:

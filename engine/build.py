@@ -6,9 +6,16 @@ import torch
 
 from engine.config import EngineConfig
 from engine.drafters.base import Drafter
+from engine.drafters.checkpoint import CheckpointError, load_checkpoint
+from engine.drafters.dspark import DSparkDrafter
+from engine.drafters.eagle3 import Eagle3Drafter
 from engine.drafters.ngram import NgramDrafter
 from engine.engine import Engine
-from engine.loading import LoadedTarget, load_target
+from engine.loading import LoadedTarget, cache_root, load_target, resolve_model_dir
+from engine.prefix_scheduler import PrefixScheduler
+from engine.schedulers import build_schedule
+from engine.spec_round import Schedule
+from engine.sps import load_or_profile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -18,7 +25,24 @@ def build_drafter(config: EngineConfig, target: LoadedTarget) -> Drafter:
         return Drafter()
     if config.method == "ngram":
         return NgramDrafter(config.block_size, config.ngram_max)
-    raise ValueError(f"method {config.method!r} is not available in this build")
+    if config.drafter is None:  # no trained DSpark drafter ships yet (the training issue adds one)
+        raise ValueError(f"method {config.method!r} needs a drafter directory (--drafter)")
+    checkpoint = load_checkpoint(resolve_model_dir(config.drafter, config.allow_download), target)
+    c = checkpoint.config
+    where = f"{checkpoint.path} ({c.architectures[0]})"
+    if config.method == "eagle3":
+        if c.kind != "eagle3":
+            raise CheckpointError(f"{where} is not an EAGLE-3 drafter; use --method dspark or dflash")
+        return Eagle3Drafter(checkpoint, target.model, config.block_size, config.max_batch, config.max_context,
+                             target.eos_token_ids)
+    if c.kind != "dspark":
+        raise CheckpointError(f"{where} is an EAGLE-3 drafter; use --method eagle3")
+    if config.method == "dflash" and (c.markov_rank or c.enable_confidence_head):
+        raise CheckpointError(f"{where} has a Markov or confidence head (a DSpark drafter); use --method dspark")
+    if config.confidence_threshold > 0 and not c.enable_confidence_head:
+        raise CheckpointError(f"{where} has no confidence head, so confidence_threshold cannot apply")
+    return DSparkDrafter(checkpoint, target.model, config.method, config.block_size, config.max_batch,
+                         config.max_context)
 
 
 def build_engine(config: EngineConfig, target: LoadedTarget | None = None) -> Engine:
@@ -26,4 +50,13 @@ def build_engine(config: EngineConfig, target: LoadedTarget | None = None) -> En
         torch.set_num_threads(config.threads)
     if target is None:
         target = load_target(config.model, DTYPES[config.dtype], config.device, config.allow_download)
-    return Engine(config, target, build_drafter(config, target))
+    return Engine(config, target, build_drafter(config, target), make_schedule(config, target))
+
+
+def make_schedule(config: EngineConfig, target: LoadedTarget) -> Schedule:
+    if config.scheduler == "static":
+        return build_schedule(config)
+    # SPS(B) depends on the model, dtype, device and thread count: profile once per combination.
+    key = f"{target.digest.hex()[:16]}-{config.dtype}-{config.device.replace(':', '')}-t{torch.get_num_threads()}"
+    sps = load_or_profile(target.model, key, config.verify_budget, cache_root() / "sps")
+    return PrefixScheduler(sps, mode=config.scheduler, budget=config.verify_budget)

@@ -19,6 +19,13 @@ class EngineConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = "cpu"
     block_size: int = Field(7, ge=1, le=32, description="draft tokens per round (gamma)")
+    confidence_threshold: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "dspark: verify a proposal only up to the first position whose confidence is below this (0 = off)"))
+    scheduler: Literal["static", "sync", "async"] = Field("static", description=(
+        "how many draft tokens each request verifies: static = all proposed (or up to the confidence "
+        "threshold), sync = Algorithm 1 over SPS(B), async = the §5.2 top-K variant"))
+    token_budget: int | None = Field(None, ge=1, description=(
+        "most query tokens one verification forward may hold (default max_batch * (block_size + 1))"))
     ngram_max: int = Field(3, ge=1, le=8, description="longest n-gram the prompt-lookup drafter matches")
     max_batch: int = Field(8, ge=1, le=1024, description="requests decoded together")
     max_context: int = Field(4096, ge=16, description="prompt + new tokens per request")
@@ -29,6 +36,13 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
+        if self.token_budget is not None and self.token_budget < self.max_batch:
+            raise ValueError(f"token_budget ({self.token_budget}) must hold at least one token per "
+                             f"request (max_batch {self.max_batch})")
         if self.method in ("dflash", "eagle3") and not self.drafter:
             raise ValueError(f"method {self.method!r} needs a drafter directory (--drafter)")
         return self
+
+    @property
+    def verify_budget(self) -> int:
+        return self.token_budget or self.max_batch * (self.block_size + 1)

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from engine.api import RoundReport
+from engine.calibration import record as record_confidence
 from engine.drafters.base import Drafter, Proposal
 from engine.model import KVCache, TargetModel
 from engine.sampling import verify_block
@@ -26,13 +27,19 @@ def full_block(seqs: list[Sequence], proposal: Proposal, caps: list[int]) -> tup
     return [min(len(t), c) for t, c in zip(proposal.tokens, caps)], 0.0
 
 
+def fit_budget(budgets: list[int], budget: int) -> list[int]:
+    """Trim the longest proposals until anchors + drafts fit the step's token budget."""
+    budgets = list(budgets)
+    while sum(budgets) + len(budgets) > budget and any(budgets):
+        longest = max(range(len(budgets)), key=budgets.__getitem__)
+        budgets[longest] -= 1
+    return budgets
+
+
 def build_verify_batch(seqs: list[Sequence], proposal: Proposal, budgets: list[int],
                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows [anchor, x_1..x_L] at positions kv_len.., padded to the longest row.
-
-    Padding repeats the row's last token at the following positions: those writes land beyond
-    the row's valid cache length, are never read by a real query, and are overwritten later.
-    """
+    """Rows [anchor, x_1..x_L] at positions kv_len.., padded to the longest row (the forward
+    packs real tokens and ignores the padding)."""
     width = max(budgets) + 1
     tokens = torch.empty((len(seqs), width), dtype=torch.long)
     positions = torch.empty((len(seqs), width), dtype=torch.long)
@@ -57,17 +64,20 @@ def commit_tokens(seq: Sequence, draft: list[int], accepted: int, bonus: int,
 
 
 def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seqs: list[Sequence],
-                      schedule: Schedule, eos_ids: tuple[int, ...]) -> tuple[RoundReport, list[list[int]]]:
+                      schedule: Schedule, eos_ids: tuple[int, ...], token_budget: int
+                      ) -> tuple[RoundReport, list[list[int]]]:
     t0 = time.perf_counter()
     proposal = drafter.propose(seqs)
     t1 = time.perf_counter()
     # Never verify more than can be committed: a round commits at most budget + 1 tokens.
     caps = [max(0, min(drafter.block_size, seq.remaining - 1)) for seq in seqs]
     budgets, expected = schedule(seqs, proposal, caps)
+    budgets = fit_budget(budgets, token_budget)
     t2 = time.perf_counter()
     tokens, positions = build_verify_batch(seqs, proposal, budgets, target.device)
     slots = torch.tensor([seq.slot for seq in seqs], device=target.device)
-    out = target.forward(tokens, positions, slots, cache, taps=drafter.tap_layers)
+    out = target.forward(tokens, positions, slots, cache, taps=drafter.tap_layers,
+                         lengths=[L + 1 for L in budgets])
     logits = target.logits(out.hidden)
     committed: list[list[int]] = []
     accepted_total = 0
@@ -80,6 +90,8 @@ def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seq
         seq.tokens.extend(new)
         seq.kv_len += a + 1
         _count(seq, len(proposal.tokens[r]), L, a)
+        if r < len(proposal.confidence):
+            record_confidence(seq.stats, proposal.confidence[r], L, a)
         accepted_total += a
         committed.append(new)
         drafter.commit(seq, None if out.taps is None else out.taps[r, :a + 1])
