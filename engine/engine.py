@@ -58,7 +58,7 @@ class Engine:
                 "too_long", f"prompt ({n} tokens) + max_new_tokens ({request.sampling.max_new_tokens}) "
                 f"exceeds the context of {self.config.max_context} tokens")
         vocab = self.model.args.vocab_size
-        if any(not 0 <= t < vocab for t in request.prompt_ids):
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in request.prompt_ids):
             raise RequestRejected("bad_tokens", f"prompt token ids must be in [0, {vocab})")
 
     def add(self, request: GenerationRequest) -> Sequence:
@@ -95,7 +95,7 @@ class Engine:
             return events, None
         batch = list(self.active)
         report, _ = speculative_round(self.model, self.cache, self.drafter, batch, self.schedule,
-                                      self.target.eos_token_ids)
+                                      self.target.eos_token_ids, self.config.verify_budget)
         for seq in batch:
             events.extend(self._after_commit(seq))
         return events, report

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from engine.bench import PEERS, BenchSettings, format_table, run_bench
+from engine.bench_batch import run_serving_bench
 from engine.config import METHODS
 from engine.loading import ModelLoadError
 from engine.prompts import PromptFileError, load_first_turns
@@ -27,6 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=10, help="first N prompts (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concurrency", default=None,
+                   help="serving benchmark: comma-separated concurrencies (e.g. 1,2,4,8), methods from "
+                        "ar, ngram, dspark-fixed, dspark-threshold, dspark-scheduled, dspark-async")
+    p.add_argument("--plots", type=Path, default=None, help="with --concurrency: write PNG plots into this folder")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     add_engine_arguments(p)
     p.set_defaults(func=run)
@@ -34,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.concurrency is not None:
+        return run_serving(args, methods)
     unknown = [m for m in methods if m not in (*METHODS, *PEERS)]
     if unknown or not methods:
         print(f"error: unknown method(s) {', '.join(unknown) or '(none given)'}; "
@@ -55,4 +62,34 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def run_serving(args: argparse.Namespace, methods: list[str]) -> int:
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1 or max(levels) > 1024:
+        print(f"error: --concurrency must be comma-separated integers in 1..1024, got {args.concurrency!r}",
+              file=sys.stderr)
+        return 2
+    try:
+        prompts = load_first_turns(args.prompts, args.limit)
+        settings = BenchSettings(model=args.model, methods=methods, max_new_tokens=args.max_new_tokens,
+                                 dtype=args.dtype, temperature=args.temperature, drafter=args.drafter,
+                                 block_size=args.block_size, seed=args.seed)
+        report = run_serving_bench(settings, prompts, levels, progress=lambda line: print(line, file=sys.stderr))
+    except (ValidationError, ModelLoadError, PromptFileError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report["prompts"] = str(args.prompts)
+    for row in report["rows"]:
+        print(json.dumps(row))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.plots:
+        from engine.bench_plots import plot_serving
+        for path in plot_serving(report, args.plots):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
