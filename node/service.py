@@ -88,9 +88,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._jobs.reserve(client)
         try:
             generation = await self._prepare(job)
-            registered = await asyncio.to_thread(self._ledger.register_job, client, job.request.job_id,
-                                                 job.digest, job.request.expires_at_ms)
-            if not registered:
+            # Registered last: a job refused above leaves its id unused, so the client may retry it.
+            if not isinstance(generation, Refusal) and not await asyncio.to_thread(
+                    self._ledger.register_job, client, job.request.job_id, job.digest, job.request.expires_at_ms):
                 generation = Refusal(Reason.REPLAYED, f"job id {job.request.job_id.hex()} was already "
                                                       "submitted by this client")
         except BaseException:
@@ -100,11 +100,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self._jobs.release(client, admitted=False)
             await self._refuse(context, generation, client)
         running = self._jobs.start(job, generation)
-        yield job_pb2.SubmitEvent(accepted=job_pb2.JobAccepted(
-            job_id=job.request.job_id, worker_peer_id=self._policy.worker_peer_id,
-            prompt_tokens=len(generation.prompt_ids), queue_position=self._engine.queue_depth))
         finished = False
         try:
+            yield job_pb2.SubmitEvent(accepted=job_pb2.JobAccepted(
+                job_id=job.request.job_id, worker_peer_id=self._policy.worker_peer_id,
+                prompt_tokens=len(generation.prompt_ids), queue_position=self._engine.queue_depth))
             while not finished:
                 event = await running.next_event()
                 yield event

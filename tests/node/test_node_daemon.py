@@ -137,7 +137,9 @@ async def test_each_refusal_has_its_status_and_is_counted(daemon):
         for reason, (job, code) in cases.items():
             error = await refused(client, job)
             assert (error.reason, error.code) == (reason, code), error
-        job = client.sign_job(text="Hello", max_new_tokens=2)
+        # A job refused before it ran leaves its id unused; a job that ran consumes it for good.
+        job = client.sign_job(text="Hello", max_new_tokens=2,
+                              job_id=job_pb2.JobRequest.FromString(cases["too_long"][0].payload).job_id)
         await client.run(job, timeout_s=60)
         error = await refused(client, job)
         assert (error.reason, error.code) == ("replayed", grpc.StatusCode.ALREADY_EXISTS)
