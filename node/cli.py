@@ -18,6 +18,7 @@ COMMANDS = [
     "node.commands.run",
     "node.commands.submit",
     "node.commands.keys",
+    "node.commands.gateway",
 ]
 
 

@@ -216,10 +216,14 @@ class WorkerClient:
         except ReceiptError as exc:
             raise ClientError(f"receipt does not verify: {exc}") from None
 
-    async def acknowledge(self, receipt_envelope: Envelope, timeout_s: float = 10.0) -> int:
-        """Countersign a receipt this client accepted; returns its ledger sequence."""
+    async def acknowledge(self, receipt_envelope: Envelope, timeout_s: float = 10.0,
+                          ack: Envelope | None = None) -> int:
+        """Countersign a receipt this client accepted; returns its ledger sequence. `ack`: an
+        acknowledgment already built with node.receipts.acknowledgment (a caller that keeps a copy)."""
+        if ack is None:
+            ack = acknowledgment(self.identity, receipt_envelope)
         try:
-            response = await self._stub.Acknowledge(acknowledgment(self.identity, receipt_envelope), timeout=timeout_s)
+            response = await self._stub.Acknowledge(ack, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _refusal(exc) from None
         return response.sequence

@@ -21,6 +21,8 @@ from node.config import DEFAULT_DATA_DIR
 from node.identity import IdentityError, public_key_from_peer_id
 from node.ledger import LEDGER_FILE, Ledger, LedgerError
 from node.ledger_audit import audit_ledger
+from node.gateway.receipt_audit import audit_store
+from node.gateway.receipt_store import STORE_FILE, ReceiptStore
 
 
 class _UsageError(ValueError):
@@ -93,7 +95,11 @@ def _run(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     return run
 
 
-def _open(args: argparse.Namespace) -> closing[Ledger]:
+def _open(args: argparse.Namespace) -> closing[Ledger | ReceiptStore]:
+    """The node's ledger; or, in a gateway's data dir, the gateway's store of the receipts workers
+    signed for it (node/gateway/receipt_store.py: list, show and verify read it the same way)."""
+    if not (args.data_dir / LEDGER_FILE).exists() and (args.data_dir / STORE_FILE).exists():
+        return closing(ReceiptStore.open_readonly(args.data_dir / STORE_FILE))
     return closing(Ledger.open_readonly(args.data_dir / LEDGER_FILE))
 
 
@@ -132,7 +138,13 @@ def _verify(args: argparse.Namespace) -> int:
     except IdentityError as exc:
         raise _UsageError(str(exc)) from None
     with _open(args) as ledger:
-        report = audit_ledger(ledger, key)
+        if isinstance(ledger, ReceiptStore):
+            if key is not None:
+                raise _UsageError("--peer-id applies to a node's ledger; a gateway's store holds many "
+                                  "workers' receipts")
+            report = audit_store(ledger)
+        else:
+            report = audit_ledger(ledger, key)
     if report.ok:
         print(f"ok: {report.checked} receipts, chain head {report.head_digest.hex()}, "
               f"{report.amount_micros} micros billed, {report.acknowledged} acknowledged")
@@ -151,6 +163,9 @@ def _export(args: argparse.Namespace) -> int:
     proof_job = _hex(args.proof, "--proof job id") if args.proof else None
     client = _hex(args.client, "--client", 32) if args.client else None
     with _open(args) as ledger, _output(args.output) as out:
+        if isinstance(ledger, ReceiptStore):
+            raise _UsageError(f"{args.data_dir} holds a gateway's receipt store: export reads a node's ledger "
+                              "(list, show and verify work here)")
         period = load_period(ledger, since, until)
         if proof_job is not None:
             out.write(json.dumps(period_proof(period, proof_job, client), indent=2) + "\n")

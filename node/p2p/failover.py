@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +46,7 @@ class Attempt:
     detail: str = ""
     job_id: bytes = b""            # empty when no job was sent
     chunks_received: int = 0       # streamed chunks before it ended
+    reason: str = ""               # the worker's refusal tag (node.admission.Reason), when it gave one
 
 
 @dataclass(frozen=True)
@@ -74,54 +75,80 @@ async def _probe(candidate: Candidate, identity: Identity, tls: str, timeout_s: 
 
 async def submit_via_network(
         identity: Identity, bootstrap: Sequence[str], model: str, prompt: dict[str, Any], *,
-        max_new_tokens: int = 128, temperature: float = 0.0, seed: int | None = None,
-        stop: Sequence[str] = (), max_price_per_mtok_micros: int | None = None,
-        tls: Literal["auto", "on", "off"] = "auto", timeout_s: float = 600.0, max_attempts: int = 3,
-        on_text: Callable[[str], None] | None = None, on_failover: Callable[[Attempt], None] | None = None,
-        mdns: bool = False, discovery_wait_s: float = 5.0) -> NetworkResult:
-    """Run one job on the best live worker for `model`. `prompt` is one of {"text": str},
-    {"chat": [{"role", "content"}...]}, {"token_ids": [...]} (as WorkerClient.sign_job takes).
-    `on_text` gets streamed text; after a failover the text restarts (on_failover is told first).
-    Raises DiscoveryError (cannot join) or NoWorkerError (every worker tried failed)."""
-    if max_attempts < 1:
-        raise ValueError("max_attempts must be at least 1")
+        mdns: bool = False, **job: Any) -> NetworkResult:
+    """Join the network through `bootstrap` (or mDNS), run one job with `run_with_failover` (which
+    takes the other keyword arguments), and leave. Raises DiscoveryError (cannot join) or
+    NoWorkerError (every worker tried failed)."""
     started = time.monotonic()
-    attempts: list[Attempt] = []
     discovery = Discovery(identity, bootstrap, mdns=mdns)
     await discovery.start()
     try:
-        found = await discovery.find_workers(model, wait_s=discovery_wait_s)
-        discovery_s = time.monotonic() - started
-        if not found:
-            raise NoWorkerError(f"no live worker advertises model {model!r}", attempts)
-        tried: set[str] = set()
-        while len(tried) < max_attempts:
-            ranked = rank([a.advert for a in discovery.adverts(model)], model, max_price_per_mtok_micros,
-                          frozenset(tried))
-            if not ranked:
-                break
-            client = await _choose(ranked[:PROBE_TOP], identity, tls, model, max_price_per_mtok_micros,
-                                   attempts, tried)
-            if client is None:
-                continue
-            async with client:
-                outcome = await _run_on(client, model, prompt, dict(
-                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=stop,
-                    max_price_per_mtok_micros=max_price_per_mtok_micros), on_text, timeout_s)
-            if isinstance(outcome, JobResult):
-                attempts.append(Attempt(client.peer_id, client.advert.grpc_endpoint, "completed",
-                                        job_id=outcome.job_id, chunks_received=len(outcome.output_ids)))
-                first = (outcome.time_to_first_token_s + (time.monotonic() - started - outcome.elapsed_s)
-                         if outcome.time_to_first_token_s is not None else None)
-                return NetworkResult(outcome, client.peer_id, attempts, discovery_s, first,
-                                     [Candidate.from_advert(a.advert) for a in found])
-            attempts.append(outcome)
-            if on_failover is not None:
-                on_failover(outcome)
-        tried_text = "; ".join(f"{a.peer_id}: {a.outcome} ({a.detail})" for a in attempts) or "none eligible"
-        raise NoWorkerError(f"no worker for {model!r} completed the job: {tried_text}", attempts)
+        return await run_with_failover(discovery, identity, model, prompt, started=started, **job)
     finally:
         await discovery.stop()
+
+
+async def run_with_failover(
+        discovery: Discovery, identity: Identity, model: str, prompt: dict[str, Any], *,
+        max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+        stop: Sequence[str] = (), max_price_per_mtok_micros: int | None = None,
+        tls: Literal["auto", "on", "off"] = "auto", timeout_s: float = 600.0, max_attempts: int = 3,
+        on_text: Callable[[str], None] | None = None, on_failover: Callable[[Attempt], None] | None = None,
+        on_worker: Callable[[str], None] | None = None,
+        on_completed: Callable[[WorkerClient, JobResult], Awaitable[None]] | None = None,
+        failover_after_output: bool = True, discovery_wait_s: float = 5.0,
+        started: float | None = None) -> NetworkResult:
+    """Run one job on the best live worker for `model`, through an already started `discovery`
+    (a long-lived client such as the gateway keeps one). `prompt` is one of {"text": str},
+    {"chat": [{"role", "content"}...]}, {"token_ids": [...]} (as WorkerClient.sign_job takes).
+    `on_text` gets streamed text; after a failover the text restarts (on_failover is told first),
+    unless `failover_after_output` is False: then a worker dying after its first chunk ends the
+    call with NoWorkerError (a caller that already forwarded the text cannot take it back).
+    `on_worker` is told each worker's peer ID before the job is sent to it; `on_completed` is
+    awaited with the worker's client and the verified result while the connection is still open
+    (e.g. to acknowledge the receipt). `started` (monotonic) is when the caller's clock started.
+    Raises NoWorkerError (every worker tried failed)."""
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    started = time.monotonic() if started is None else started
+    attempts: list[Attempt] = []
+    found = await discovery.find_workers(model, wait_s=discovery_wait_s)
+    discovery_s = time.monotonic() - started
+    if not found:
+        raise NoWorkerError(f"no live worker advertises model {model!r}", attempts)
+    tried: set[str] = set()
+    while len(tried) < max_attempts:
+        ranked = rank([a.advert for a in discovery.adverts(model)], model, max_price_per_mtok_micros,
+                      frozenset(tried))
+        if not ranked:
+            break
+        client = await _choose(ranked[:PROBE_TOP], identity, tls, model, max_price_per_mtok_micros,
+                               attempts, tried)
+        if client is None:
+            continue
+        async with client:
+            if on_worker is not None:
+                on_worker(client.peer_id)
+            outcome = await _run_on(client, model, prompt, dict(
+                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                max_price_per_mtok_micros=max_price_per_mtok_micros), on_text, timeout_s)
+            if isinstance(outcome, JobResult) and on_completed is not None:
+                await on_completed(client, outcome)
+        if isinstance(outcome, JobResult):
+            attempts.append(Attempt(client.peer_id, client.advert.grpc_endpoint, "completed",
+                                    job_id=outcome.job_id, chunks_received=len(outcome.output_ids)))
+            first = (outcome.time_to_first_token_s + (time.monotonic() - started - outcome.elapsed_s)
+                     if outcome.time_to_first_token_s is not None else None)
+            return NetworkResult(outcome, client.peer_id, attempts, discovery_s, first,
+                                 [Candidate.from_advert(a.advert) for a in found])
+        attempts.append(outcome)
+        if outcome.chunks_received and not failover_after_output:
+            raise NoWorkerError(f"worker {outcome.peer_id} failed after {outcome.chunks_received} chunks: "
+                                f"{outcome.detail}", attempts)
+        if on_failover is not None:
+            on_failover(outcome)
+    tried_text = "; ".join(f"{a.peer_id}: {a.outcome} ({a.detail})" for a in attempts) or "none eligible"
+    raise NoWorkerError(f"no worker for {model!r} completed the job: {tried_text}", attempts)
 
 
 async def _choose(top: list[Candidate], identity: Identity, tls: str, model: str, max_price: int | None,
@@ -166,7 +193,7 @@ async def _run_on(client: WorkerClient, model: str, prompt: dict[str, Any], samp
         return await client.run(job, on_text=count, timeout_s=timeout_s)
     except JobRefused as exc:
         if received == 0 and exc.reason:
-            return Attempt(client.peer_id, endpoint, "refused", str(exc), job_id)
+            return Attempt(client.peer_id, endpoint, "refused", str(exc), job_id, reason=exc.reason)
         detail = str(exc)
     except ClientError as exc:
         detail = str(exc)

@@ -1,0 +1,191 @@
+"""The gateway's HTTP API (OpenAI-compatible), a Starlette app served by uvicorn:
+POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent events with `stream`),
+GET /v1/models. Access: with API keys, every request needs `Authorization: Bearer KEY`; without
+(loopback only, see config.py), the Host header must name a loopback host (no DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from node.config import is_loopback
+from node.envelope import digest
+from node.gateway.errors import ApiError
+from node.gateway.gateway import Gateway
+from node.gateway.openai_schema import (ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+                                        ChatMessageOut, ChunkDelta, Completion, CompletionChoice,
+                                        CompletionChunk, Extension, JobParams, Usage, parse_request)
+from node.gateway.receipt_store import account_of
+from node.http_server import _host_of
+from node.p2p.failover import NetworkResult
+
+Kind = Literal["chat", "completion"]
+
+
+def _extension(outcome: NetworkResult) -> Extension:
+    result = outcome.result
+    return Extension(worker=outcome.worker, receipt_digest=digest(result.receipt_envelope).hex(),
+                     receipt_sequence=result.receipt.sequence, tau=result.receipt.tau,
+                     amount_micros=result.receipt.amount_micros, job_id=result.job_id.hex(),
+                     failovers=len(outcome.attempts) - 1)
+
+
+def _usage(outcome: NetworkResult) -> Usage:
+    receipt = outcome.result.receipt
+    return Usage(prompt_tokens=receipt.prompt_tokens, completion_tokens=receipt.output_tokens,
+                 total_tokens=receipt.prompt_tokens + receipt.output_tokens)
+
+
+def _receipt_headers(outcome: NetworkResult) -> dict[str, str]:
+    result = outcome.result
+    return {"x-dspark-receipt": digest(result.receipt_envelope).hex(), "x-dspark-worker": outcome.worker,
+            "x-dspark-tau": f"{result.receipt.tau:.4f}"}
+
+
+async def _error_response(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)   # registered for ApiError only
+    return exc.response()
+
+
+class GatewayApp:
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        self._keys = [k.encode() for k in gateway.config.api_keys]
+        self.app = Starlette(routes=[
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/completions", self._completion, methods=["POST"]),
+            Route("/v1/models", self._models, methods=["GET"]),
+        ], exception_handlers={ApiError: _error_response})
+
+    def _account(self, request: Request) -> str:
+        """The spending account of the request's key; raises 401/403."""
+        if not self._keys:
+            if not is_loopback(_host_of(request.headers.get("host", ""))):
+                raise ApiError(403, "this gateway serves loopback clients only (Host header is not a loopback "
+                                    "name)", code="forbidden_host")
+            return account_of(None)
+        header = request.headers.get("authorization", "")
+        if not header.startswith("Bearer ") or not header[7:].strip():
+            raise ApiError(401, "this gateway needs an API key: Authorization: Bearer KEY", code="missing_api_key")
+        key = header[7:].strip()
+        if not any(hmac.compare_digest(key.encode(), known) for known in self._keys):
+            raise ApiError(403, "the API key is not one this gateway accepts", code="invalid_api_key")
+        return account_of(key)
+
+    async def _models(self, request: Request) -> Response:
+        self._account(request)
+        return JSONResponse(self.gateway.models().model_dump())
+
+    async def _chat(self, request: Request) -> Response:
+        return await self._complete(request, "chat")
+
+    async def _completion(self, request: Request) -> Response:
+        return await self._complete(request, "completion")
+
+    async def _complete(self, request: Request, kind: Kind) -> Response:
+        account = self._account(request)
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not JSON: {exc}") from None
+        params = parse_request(kind, body)
+        self.gateway.check_model(params.model)
+        await self.gateway.check_budget(account)
+        stream = _Stream(kind, params)
+        task = asyncio.create_task(self.gateway.run(params, account, stream.queue.put_nowait, stream.set_worker))
+        if not params.stream:
+            outcome = await task
+            return JSONResponse(stream.whole(outcome).model_dump(), headers=_receipt_headers(outcome))
+        # Hold the response until the first token (or the end): errors before it are plain HTTP errors.
+        getter = asyncio.ensure_future(stream.queue.get())
+        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            getter.cancel()
+            task.result()          # raises the ApiError of a job that failed before any text
+            first = None
+        else:
+            first = getter.result()
+        return StreamingResponse(stream.events(task, first), media_type="text/event-stream",
+                                 headers={"x-dspark-worker": stream.worker, "cache-control": "no-cache"})
+
+
+class _Stream:
+    """One request's chunks in OpenAI's format, fed by the job's streamed text."""
+
+    def __init__(self, kind: Kind, params: JobParams):
+        self.kind = kind
+        self.params = params
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.worker = ""
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+
+    def set_worker(self, peer_id: str) -> None:
+        self.worker = peer_id
+
+    def whole(self, outcome: NetworkResult) -> ChatCompletion | Completion:
+        result = outcome.result
+        common = dict(id=self.id, created=self.created, model=self.params.model, usage=_usage(outcome),
+                      dspark=_extension(outcome))
+        if self.kind == "chat":
+            return ChatCompletion(choices=[ChatChoice(message=ChatMessageOut(content=result.text),
+                                                      finish_reason=result.finish_reason)], **common)
+        return Completion(choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
+                          **common)
+
+    def _chunk(self, text: str | None, finish: str | None = None, **extra) -> str:
+        common = dict(id=self.id, created=self.created, model=self.params.model, **extra)
+        if self.kind == "chat":
+            choices = [] if extra.get("usage") else [ChatChunkChoice(
+                delta=ChunkDelta(role="assistant" if text == "" and finish is None else None, content=text),
+                finish_reason=finish)]
+            body = ChatCompletionChunk(choices=choices, **common)
+        else:
+            choices = [] if extra.get("usage") else [CompletionChoice(text=text or "", finish_reason=finish)]
+            body = CompletionChunk(choices=choices, **common)
+        return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
+
+    async def events(self, task: asyncio.Task[NetworkResult], first: str | None) -> AsyncIterator[str]:
+        try:
+            if self.kind == "chat":
+                yield self._chunk("")           # OpenAI's first chunk: the role, no text
+            if first:
+                yield self._chunk(first)
+            while True:
+                getter = asyncio.ensure_future(self.queue.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    break
+                if text := getter.result():
+                    yield self._chunk(text)
+            while not self.queue.empty():       # text that came with the end
+                if text := self.queue.get_nowait():
+                    yield self._chunk(text)
+            try:
+                outcome = task.result()
+            except ApiError as exc:           # the worker died after the first token: end with an error
+                yield f"data: {json.dumps(exc.body())}\n\n"
+                return
+            yield self._chunk(None if self.kind == "chat" else "", outcome.result.finish_reason,
+                              dspark=_extension(outcome))
+            if self.params.include_usage:
+                yield self._chunk(None, usage=_usage(outcome))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not task.done():                # the client went away: stop the job on its worker
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ApiError):
+                    await task

@@ -1,0 +1,68 @@
+"""The gateway's settings, validated once from the command line (`dspark-node gateway`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from node.config import DEFAULT_DATA_DIR, P2PConfig, is_loopback, split_host_port
+
+MIN_API_KEY_CHARS = 16
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    listen: str = "127.0.0.1:8080"
+    bootstrap: list[str] = Field(default_factory=list)
+    mdns: bool = False
+    data_dir: Path = DEFAULT_DATA_DIR / "gateway"
+    key: Path | None = None                       # default: <data_dir>/client.key
+    max_price_per_mtok_micros: int | None = Field(None, ge=0, lt=2**63)
+    budget_micros: int | None = Field(None, ge=0, lt=2**63)   # per API key; None = unlimited
+    api_keys: tuple[str, ...] = ()
+    tls: str = Field("auto", pattern="^(auto|on|off)$")
+    attempts: int = Field(3, ge=1, le=16)
+    timeout_s: float = Field(600.0, gt=0, le=86400)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _bootstrap(cls, addrs: list[str]) -> list[str]:
+        try:
+            return P2PConfig(listen=[], bootstrap=addrs).bootstrap   # the node's own multiaddr check
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        for key in keys:
+            if len(key) < MIN_API_KEY_CHARS or not key.isprintable() or " " in key:
+                raise ValueError(f"an API key must be at least {MIN_API_KEY_CHARS} printable characters "
+                                 "without spaces")
+        return keys
+
+    @field_validator("data_dir", "key")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @model_validator(mode="after")
+    def _exposed_needs_keys(self) -> GatewayConfig:
+        host, _ = split_host_port(self.listen)
+        if not is_loopback(host) and not self.api_keys:
+            raise ValueError(f"listen {self.listen!r} is not a loopback address: give --api-key so only "
+                             "holders of a key can spend through this gateway")
+        if not self.bootstrap and not self.mdns:
+            raise ValueError("give --bootstrap MULTIADDR (or --mdns) to join the peer network")
+        return self
+
+    @property
+    def key_path(self) -> Path:
+        return self.key if self.key is not None else self.data_dir / "client.key"

@@ -1,0 +1,106 @@
+"""The gateway's work behind the HTTP layer: one long-lived network membership, jobs run with the
+network's selection and failover, receipts verified, kept and countersigned, budgets per key."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from node.client import ClientError, JobRefused, JobResult, WorkerClient
+from node.gateway.config import GatewayConfig
+from node.gateway.errors import ApiError, network_error
+from node.gateway.openai_schema import JobParams, ModelCard, ModelList
+from node.gateway.receipt_store import STORE_FILE, ReceiptStore
+from node.identity import Identity
+from node.p2p.discovery import Discovery
+from node.p2p.failover import NetworkResult, NoWorkerError, run_with_failover
+from node.receipts import acknowledgment
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, identity: Identity):
+        self.config = config
+        self.identity = identity
+        self.discovery = Discovery(identity, config.bootstrap, mdns=config.mdns)
+        self.store = ReceiptStore.open(config.data_dir / STORE_FILE, identity.public_key)
+        self._spent: dict[str, int] = {}     # account -> micros, loaded from the store on first use
+
+    async def start(self) -> None:
+        await self.discovery.start()
+
+    async def stop(self) -> None:
+        try:
+            await self.discovery.stop()
+        finally:
+            self.store.close()
+
+    def models(self) -> ModelList:
+        """Each model workers advertise now, with its best price and best measured speed."""
+        cards: dict[str, dict] = {}
+        for live in self.discovery.adverts():
+            advert = live.advert
+            for offer in advert.models:
+                card = cards.setdefault(offer.id, {"workers": 0, "best_price_per_mtok_micros": None,
+                                                   "tokens_per_second": 0.0, "free_slots": 0, "drafters": [],
+                                                   "max_context": 0})
+                card["workers"] += 1
+                price = card["best_price_per_mtok_micros"]
+                card["best_price_per_mtok_micros"] = min(advert.price_per_mtok_micros, price if price is not None
+                                                         else advert.price_per_mtok_micros)
+                card["tokens_per_second"] = max(card["tokens_per_second"], advert.tokens_per_second)
+                card["free_slots"] += advert.free_slots
+                card["max_context"] = max(card["max_context"], offer.max_context)
+                if offer.drafter and offer.drafter not in card["drafters"]:
+                    card["drafters"].append(offer.drafter)
+        return ModelList(data=[ModelCard(id=model, dspark=card) for model, card in sorted(cards.items())])
+
+    def check_model(self, model: str) -> None:
+        if not any(live.advert.models for live in self.discovery.adverts()):
+            raise ApiError(503, "no worker serving a model is visible on the peer network", code="no_workers")
+        if not self.discovery.adverts(model):
+            raise ApiError(404, f"the model {model!r} does not exist on the network (GET /v1/models lists "
+                                "what workers serve)", param="model", code="model_not_found")
+
+    async def check_budget(self, account: str) -> None:
+        budget = self.config.budget_micros
+        if budget is None:
+            return
+        if account not in self._spent:
+            self._spent[account] = await asyncio.to_thread(self.store.spent, account)
+        if self._spent[account] >= budget:
+            raise ApiError(402, f"this key's budget of {budget} micro-units is spent "
+                                f"({self._spent[account]} billed)", code="budget_exhausted")
+
+    async def run(self, params: JobParams, account: str, on_text: Callable[[str], None],
+                  on_worker: Callable[[str], None] | None = None) -> NetworkResult:
+        """Run the job; a worker failing before its first token is replaced, after it the call ends
+        (the client already has text). Raises ApiError on what the client must be told."""
+        async def keep_receipt(client: WorkerClient, result: JobResult) -> None:
+            await self._keep(client, result, account)
+
+        try:
+            return await run_with_failover(
+                self.discovery, self.identity, params.model, params.prompt, max_new_tokens=params.max_new_tokens,
+                temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop=params.stop,
+                max_price_per_mtok_micros=self.config.max_price_per_mtok_micros, tls=self.config.tls,
+                timeout_s=self.config.timeout_s, max_attempts=self.config.attempts, on_text=on_text,
+                on_worker=on_worker, on_completed=keep_receipt, failover_after_output=False,
+                discovery_wait_s=0.0)
+        except NoWorkerError as exc:
+            raise network_error(exc, params.model) from None
+
+    async def _keep(self, client: WorkerClient, result: JobResult, account: str) -> None:
+        """The receipt (verified by WorkerClient.run) is stored with the gateway's acknowledgment
+        before the worker is sent that acknowledgment, so the gateway's copy never lags."""
+        ack = acknowledgment(self.identity, result.receipt_envelope)
+        await asyncio.to_thread(self.store.add, result.receipt_envelope, result.receipt, ack, account)
+        if account in self._spent:
+            self._spent[account] += result.receipt.amount_micros
+        try:
+            await client.acknowledge(result.receipt_envelope, ack=ack)
+        except (JobRefused, ClientError) as exc:   # the receipt is kept; the worker lacks our countersignature
+            log.warning("worker %s did not take the acknowledgment of job %s: %s", client.peer_id,
+                        result.job_id.hex(), exc)

@@ -1,0 +1,264 @@
+"""The OpenAI request and response bodies the gateway speaks, and the one-to-one mapping of a
+request onto a signed job's parameters.
+
+Mapped: model, messages / prompt, temperature, top_p, max_tokens / max_completion_tokens, seed,
+stop, stream (+ stream_options.include_usage), n (1 only) and `user` (an end-user tag: it changes
+no output). Any other parameter is refused with a 400 naming it, unless it is given at its
+no-effect value (n=1, presence_penalty=0, logprobs=false, tools=[], response_format text...):
+a client must never believe the network honoured a parameter it ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from node.gateway.errors import ApiError
+
+# OpenAI's own defaults where the node's would differ (the node's temperature default is greedy).
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_CHAT_MAX_TOKENS = 256      # OpenAI's is "up to the context": a bounded default bills predictably
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default
+MAX_STOP = 4
+
+_NEUTRAL: dict[str, Callable[[Any], bool]] = {
+    "n": lambda v: v in (None, 1),
+    "presence_penalty": lambda v: v in (None, 0),
+    "frequency_penalty": lambda v: v in (None, 0),
+    "logprobs": lambda v: v in (None, False),
+    "top_logprobs": lambda v: v is None,
+    "logit_bias": lambda v: v in (None, {}),
+    "tools": lambda v: v in (None, []),
+    "functions": lambda v: v in (None, []),
+    "tool_choice": lambda v: v in (None, "none"),
+    "function_call": lambda v: v in (None, "none"),
+    "parallel_tool_calls": lambda v: v is None,
+    "response_format": lambda v: v in (None, {"type": "text"}),
+    "echo": lambda v: v in (None, False),
+    "best_of": lambda v: v in (None, 1),
+    "suffix": lambda v: v in (None, ""),
+}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, max_length=256)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)    # 0 would mean "no nucleus filter" on the worker
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP or any(not s for s in stops):
+            raise ValueError(f"stop takes at most {MAX_STOP} non-empty strings")
+        return stops
+
+    def unsupported(self) -> None:
+        for name, value in (self.model_extra or {}).items():
+            neutral = _NEUTRAL.get(name)
+            if neutral is None or not neutral(value):
+                raise ApiError(400, f"parameter {name!r} is not supported by this gateway"
+                                    + (f" (only its no-effect value)" if neutral else ""),
+                               param=name, code="unsupported_parameter")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Body):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+
+
+class CompletionRequest(_Body):
+    prompt: str | list[str] | list[int]
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """What a request asks of the network, in the node's terms (WorkerClient.sign_job's)."""
+    model: str
+    prompt: dict[str, Any]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+def parse_request(kind: Literal["chat", "completion"], body: Any) -> JobParams:
+    """Validate an OpenAI request body; raises ApiError(400) naming the first bad parameter."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    try:
+        request = schema.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = ".".join(str(p) for p in error["loc"] if not str(p).startswith(("str", "list", "function")))
+        raise ApiError(400, f"invalid parameter {param!r}: {error['msg']}", param=param) from None
+    request.unsupported()
+    if request.stream_options is not None and not request.stream:
+        raise ApiError(400, "stream_options is only allowed with stream=true", param="stream_options")
+    if isinstance(request, ChatCompletionRequest):
+        max_tokens = _max_tokens(request)
+        prompt: dict[str, Any] = {"chat": [{"role": "system" if m.role == "developer" else m.role,
+                                            "content": m.text()} for m in request.messages]}
+    else:
+        max_tokens = request.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+        prompt = _completion_prompt(request.prompt)
+    return JobParams(
+        model=request.model, prompt=prompt, max_new_tokens=max_tokens,
+        temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed, stop=tuple(request.stop or ()),
+        stream=request.stream, include_usage=bool(request.stream_options and request.stream_options.include_usage))
+
+
+def _max_tokens(request: ChatCompletionRequest) -> int:
+    both = (request.max_tokens, request.max_completion_tokens)
+    if None not in both and both[0] != both[1]:
+        raise ApiError(400, "max_tokens and max_completion_tokens disagree; give one", param="max_tokens")
+    return request.max_completion_tokens or request.max_tokens or DEFAULT_CHAT_MAX_TOKENS
+
+
+def _completion_prompt(prompt: str | list[str] | list[int]) -> dict[str, Any]:
+    if isinstance(prompt, str):
+        return {"text": prompt}
+    if prompt and all(isinstance(p, str) for p in prompt):
+        if len(prompt) != 1:
+            raise ApiError(400, "a batch of prompts is not supported: send one prompt per request", param="prompt")
+        return {"text": prompt[0]}
+    if not prompt or any(not 0 <= t < 2**32 for t in prompt):
+        raise ApiError(400, "prompt token ids must be a non-empty list of u32", param="prompt")
+    return {"token_ids": list(prompt)}
+
+
+# --- response bodies -------------------------------------------------------------------------
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Extension(BaseModel):
+    """The `dspark` field: who ran the job and the signed receipt that bills it."""
+    worker: str
+    receipt_digest: str | None = None     # sha256 of the receipt Envelope, hex
+    receipt_sequence: int | None = None
+    tau: float | None = None
+    amount_micros: int | None = None
+    job_id: str | None = None
+    failovers: int = 0
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    dspark: Extension
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None    # None in stream chunks before the last
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    dspark: Extension
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    dspark: Extension | None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    dspark: Extension | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "dspark-network"
+    dspark: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

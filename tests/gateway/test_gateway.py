@@ -1,0 +1,178 @@
+"""The gateway end to end: real worker daemons on a loopback peer network, a real gateway process,
+and the official `openai` SDK as the client. Tests run in file order; the last ones kill workers."""
+
+from __future__ import annotations
+
+import signal
+
+import httpx
+import openai
+import pytest
+
+from node.cli import main as cli_main
+from node.ledger import Ledger
+from node.gateway.receipt_store import STORE_FILE, ReceiptStore
+from tests.gateway.conftest import API_KEY
+from tests.gateway.harness import wait_for_workers
+
+pytestmark = pytest.mark.slow
+PROMPT = "Write a haiku about the sea."
+
+
+@pytest.fixture(scope="module")
+def client(gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def submit(network, tmp_path, *args: str, capsys) -> str:
+    """The text `dspark-node submit` prints for the same job, on the worker the gateway chose."""
+    capsys.readouterr()
+    code = cli_main(["submit", "--node", network.cheap.grpc, "--key", str(tmp_path / "submit.key"),
+                     "--prompt", PROMPT, *args])
+    assert code == 0
+    return capsys.readouterr().out.removesuffix("\n")
+
+
+def test_models_lists_what_workers_advertise(client, network):
+    models = {m.id: m for m in client.models.list().data}
+    card = models[network.model].model_extra["dspark"]
+    assert card["workers"] == 2
+    assert card["best_price_per_mtok_micros"] == 1_000      # the cheaper of the two workers
+
+
+def test_chat_equals_submit_with_usage_and_receipt(client, network, gateway, tmp_path, capsys):
+    raw = client.chat.completions.with_raw_response.create(
+        model=network.model, messages=[{"role": "user", "content": PROMPT}], max_tokens=8, temperature=0)
+    chat = raw.parse()
+    assert chat.choices[0].message.content == submit(network, tmp_path, "--max-new-tokens", "8", capsys=capsys)
+    extension = chat.model_extra["dspark"]
+    assert raw.headers["x-dspark-worker"] == extension["worker"] == network.cheap.peer_id
+    assert raw.headers["x-dspark-receipt"] == extension["receipt_digest"]
+    assert float(raw.headers["x-dspark-tau"]) == pytest.approx(extension["tau"], abs=1e-4)
+    # usage is the receipt's, and the receipt is kept by the gateway and countersigned at the worker
+    store = ReceiptStore.open_readonly(gateway.data_dir / STORE_FILE)
+    try:
+        (row,) = store.find(bytes.fromhex(extension["job_id"]))
+    finally:
+        store.close()
+    assert row.digest.hex() == extension["receipt_digest"] and row.ack_bytes
+    assert (chat.usage.completion_tokens, chat.usage.prompt_tokens) == (row.output_tokens, row.receipt().prompt_tokens)
+    worker = Ledger.open_readonly(network.cheap.data_dir / "ledger.sqlite3")
+    try:
+        (stored,) = worker.find(row.job_id)
+    finally:
+        worker.close()
+    assert stored.ack_bytes == row.ack_bytes
+
+
+def test_seeded_sampled_completion_equals_submit(client, network, tmp_path, capsys):
+    completion = client.completions.create(model=network.model, prompt=PROMPT, max_tokens=8, temperature=1.0,
+                                           seed=7)
+    expected = submit(network, tmp_path, "--raw", "--max-new-tokens", "8", "--temperature", "1", "--seed", "7",
+                      capsys=capsys)
+    assert completion.choices[0].text == expected
+    assert completion.usage.completion_tokens == 8 and completion.choices[0].finish_reason == "length"
+
+
+def test_streams_equal_the_whole_answers(client, network):
+    messages = [{"role": "user", "content": PROMPT}]
+    whole = client.chat.completions.create(model=network.model, messages=messages, max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(model=network.model, messages=messages, max_tokens=12,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(final) == 1 and final[0].model_extra["dspark"]["receipt_digest"]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 12
+
+    text = client.completions.create(model=network.model, prompt=PROMPT, max_tokens=10, temperature=0)
+    streamed = list(client.completions.create(model=network.model, prompt=PROMPT, max_tokens=10, temperature=0,
+                                              stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"logprobs": True}, "logprobs"), ({"n": 2}, "n"), ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({"temperature": 2.5}, "temperature"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_unsupported_or_bad_parameter_is_400_naming_it(client, network, extra, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=network.model, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=4, **extra)
+    assert caught.value.status_code == 400 and caught.value.body["param"] == param
+
+
+def test_neutral_values_of_unsupported_parameters_are_accepted(client, network):
+    chat = client.chat.completions.create(model=network.model, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=2, temperature=0, n=1, presence_penalty=0, logprobs=False)
+    assert chat.usage.completion_tokens == 2
+
+
+def test_keys_and_unknown_model(gateway, client):
+    response = httpx.get(f"{gateway.base_url}/models")          # 401: no key
+    assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.PermissionDeniedError):   # 403: a key the gateway does not accept
+        openai.OpenAI(base_url=gateway.base_url, api_key="not-the-key-0123456789", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["code"] == "model_not_found"
+
+
+def test_receipts_commands_work_on_the_gateway_dir(gateway, capsys):
+    capsys.readouterr()
+    assert cli_main(["receipts", "verify", "--data-dir", str(gateway.data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ok: ") and "receipts" in out
+    checked = int(out.split()[1])
+    acknowledged = int(out.rsplit(",", 1)[1].split()[0])
+    assert checked == acknowledged >= 6
+    assert cli_main(["receipts", "list", "--data-dir", str(gateway.data_dir), "--limit", "3"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4
+
+
+def test_budget_stops_new_requests_and_survives_a_restart(gateway_factory, network, tmp_path):
+    data_dir = tmp_path / "budgeted"
+    proc = gateway_factory(data_dir, "--budget", "1")
+    wait_for_workers(proc.base_url, network.model, 2)
+    budgeted = openai.OpenAI(base_url=proc.base_url, api_key="unused-on-loopback", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "hi"}]
+    first = budgeted.chat.completions.create(model=network.model, messages=messages, max_tokens=4, temperature=0)
+    assert first.model_extra["dspark"]["amount_micros"] >= 1
+    with pytest.raises(openai.APIStatusError) as caught:
+        budgeted.chat.completions.create(model=network.model, messages=messages, max_tokens=4)
+    assert caught.value.status_code == 402 and caught.value.body["code"] == "budget_exhausted"
+    proc.stop()
+    again = gateway_factory(data_dir, "--budget", "1")
+    wait_for_workers(again.base_url, network.model, 2)
+    with pytest.raises(openai.APIStatusError) as caught:
+        openai.OpenAI(base_url=again.base_url, api_key="x", max_retries=0).chat.completions.create(
+            model=network.model, messages=messages, max_tokens=4)
+    assert caught.value.status_code == 402
+
+
+def test_a_dead_worker_fails_over_before_the_first_token(client, network):
+    network.cheap.stop(signal.SIGKILL)       # its advert stays live until its TTL: the gateway tries it first
+    chat = client.chat.completions.create(model=network.model, messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=6, temperature=0)
+    extension = chat.model_extra["dspark"]
+    assert extension["worker"] == network.dear.peer_id and extension["failovers"] >= 1
+    assert chat.usage.completion_tokens == 6
+
+
+def test_a_worker_dying_mid_stream_ends_the_stream_with_an_error(client, network):
+    stream = client.chat.completions.create(model=network.model, messages=[{"role": "user", "content": PROMPT}],
+                                            max_tokens=2000, temperature=0, stream=True)
+    received = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk)
+                if len(received) == 1:
+                    network.dear.stop(signal.SIGKILL)
+    assert received and "failed after" in caught.value.message
+    # With no worker left: 503 (first its advert, still live, is unreachable; then none is advertised).
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model=network.model, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2)
+    assert caught.value.status_code == 503

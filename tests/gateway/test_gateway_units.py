@@ -1,0 +1,121 @@
+"""The gateway's pure parts: OpenAI request validation and mapping, error mapping, and the client-side
+receipt store with its audit (real SQLite files, receipts signed by a real worker ledger)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from dspark.v1.receipt_pb2 import Receipt
+from node.gateway.errors import ApiError, network_error
+from node.gateway.openai_schema import DEFAULT_COMPLETION_MAX_TOKENS, parse_request
+from node.gateway.receipt_audit import audit_store
+from node.gateway.receipt_store import LOCAL_KEY, ReceiptStore, account_of
+from node.ledger import Ledger, LedgerError
+from node.p2p.failover import Attempt, NoWorkerError
+from node.receipts import acknowledgment
+from tests.receipts.receipts_helpers import CLIENT, OTHER_CLIENT, WORKER, bill
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_chat_maps_one_to_one():
+    params = parse_request("chat", {**CHAT, "messages": [{"role": "developer", "content": "be brief"},
+                                                         {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                                      {"type": "text", "text": "b"}]}],
+                                    "temperature": 0.3, "top_p": 0.9, "max_completion_tokens": 5, "seed": 3,
+                                    "stop": "\n", "stream": True, "stream_options": {"include_usage": True}})
+    assert params.prompt == {"chat": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]}
+    assert (params.temperature, params.top_p, params.max_new_tokens, params.seed, params.stop) == (0.3, 0.9, 5, 3, ("\n",))
+    assert params.stream and params.include_usage
+
+
+def test_completion_prompts_and_defaults():
+    assert parse_request("completion", {"model": "m", "prompt": "x"}).max_new_tokens == DEFAULT_COMPLETION_MAX_TOKENS
+    assert parse_request("completion", {"model": "m", "prompt": [5, 6]}).prompt == {"token_ids": [5, 6]}
+    assert parse_request("completion", {"model": "m", "prompt": ["only"]}).prompt == {"text": "only"}
+
+
+@pytest.mark.parametrize("kind, body, param", [
+    ("chat", {**CHAT, "frequency_penalty": 1}, "frequency_penalty"),
+    ("chat", {**CHAT, "some_new_knob": 1}, "some_new_knob"),
+    ("chat", {**CHAT, "top_p": 0}, "top_p"),
+    ("chat", {**CHAT, "seed": -1}, "seed"),
+    ("chat", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("chat", {**CHAT, "max_tokens": 4, "max_completion_tokens": 5}, "max_tokens"),
+    ("chat", {**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
+    ("chat", {"model": "m", "messages": []}, "messages"),
+    ("chat", {**CHAT, "messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages.0.name"),
+    ("chat", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content"),
+    ("completion", {"model": "m", "prompt": ["a", "b"]}, "prompt"),
+    ("completion", {"model": "m", "prompt": "a", "echo": True}, "echo"),
+    ("completion", {"model": "m", "prompt": "a", "best_of": 2}, "best_of"),
+])
+def test_refusals_name_the_parameter(kind, body, param):
+    with pytest.raises(ApiError) as caught:
+        parse_request(kind, body)
+    assert caught.value.status == 400
+    assert caught.value.param is not None and caught.value.param.startswith(param)
+
+
+def test_network_failures_map_to_statuses():
+    def status(*attempts: Attempt) -> int:
+        return network_error(NoWorkerError("x", list(attempts)), "m").status
+
+    assert status() == 429                                            # none within the price cap
+    assert status(Attempt("a", "e", "refused", reason="queue_full"), Attempt("b", "e", "refused",
+                                                                            reason="rate_limited")) == 429
+    assert status(Attempt("a", "e", "refused", reason="too_long")) == 400
+    assert status(Attempt("a", "e", "unreachable"), Attempt("b", "e", "refused", reason="queue_full")) == 503
+    assert status(Attempt("a", "e", "died", chunks_received=3)) == 503
+
+
+@pytest.fixture
+def worker_receipts(tmp_path):
+    ledger = Ledger.open(tmp_path / "worker.sqlite3", WORKER)
+    envelopes = [bill(ledger, n) for n in range(1, 5)]
+    ledger.close()
+    return envelopes
+
+
+def _keep(store: ReceiptStore, envelope, account: str = LOCAL_KEY, signer=CLIENT) -> None:
+    store.add(envelope, Receipt.FromString(envelope.payload), acknowledgment(signer, envelope), account)
+
+
+def test_store_audits_clean_and_counts_spending(tmp_path, worker_receipts):
+    store = ReceiptStore.open(tmp_path / "store.sqlite3", CLIENT.public_key)
+    for envelope in worker_receipts[:2] + worker_receipts[3:]:          # a gap (another client's job) is fine
+        _keep(store, envelope, account_of("key-a"))
+    report = audit_store(store)
+    assert report.ok and report.checked == report.acknowledged == 3
+    amounts = [Receipt.FromString(e.payload).amount_micros for e in worker_receipts]
+    assert store.spent(account_of("key-a")) == report.amount_micros == amounts[0] + amounts[1] + amounts[3] > 0
+    assert store.spent(LOCAL_KEY) == 0
+    with pytest.raises(sqlite3.IntegrityError):                             # append-only
+        store._conn.execute("UPDATE receipts SET amount_micros = 0")
+    store.close()
+    with pytest.raises(LedgerError):
+        ReceiptStore.open(tmp_path / "store.sqlite3", OTHER_CLIENT.public_key)
+
+
+def test_audit_names_a_forked_worker_a_broken_chain_and_a_bad_ack(tmp_path, worker_receipts):
+    forked = Ledger.open(tmp_path / "fork.sqlite3", WORKER)
+    fork = bill(forked, 99)                                  # another receipt 1, signed by the same worker
+    forked.close()
+    store = ReceiptStore.open(tmp_path / "store.sqlite3", CLIENT.public_key)
+    _keep(store, worker_receipts[0])
+    _keep(store, fork)
+    _keep(store, worker_receipts[2], signer=OTHER_CLIENT)    # acknowledgment signed by someone else
+    problems = [str(p) for p in audit_store(store).problems]
+    store.close()
+    assert any("forked" in p for p in problems)
+    assert any("acknowledgment is not signed by the receipt's client" in p for p in problems)
+
+    store = ReceiptStore.open(tmp_path / "chain.sqlite3", CLIENT.public_key)
+    _keep(store, fork)                                       # receipt 1 of the fork...
+    _keep(store, worker_receipts[1])                         # ...then receipt 2 of the real chain
+    problems = [str(p) for p in audit_store(store).problems]
+    store.close()
+    assert problems and "chain broken" in problems[0]
