@@ -66,8 +66,15 @@ class AsyncEngine:
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         self._running = True
-        self._thread = threading.Thread(target=self._run, name="dspark-engine", daemon=True)
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(loop,), name="dspark-engine", daemon=True)
         self._thread.start()
+
+    async def wait(self) -> None:
+        """Returns when the engine thread ends; raises what killed it (the daemon's supervisor
+        watches this to stop the node when the model fails)."""
+        await asyncio.shield(self._done)
 
     async def stop(self) -> None:
         with self._wake:
@@ -121,7 +128,7 @@ class AsyncEngine:
         except RuntimeError:  # the request's event loop has closed
             pass
 
-    def _run(self) -> None:
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             while True:
                 with self._wake:
@@ -154,6 +161,18 @@ class AsyncEngine:
         finally:
             for result in self.engine.abort_all():
                 self._deliver(result.request_id, result)
+            try:
+                loop.call_soon_threadsafe(self._finish_wait)
+            except RuntimeError:  # the loop is already closed
+                pass
+
+    def _finish_wait(self) -> None:
+        if self._done.done():
+            return
+        if self.failure is not None:
+            self._done.set_exception(RuntimeError(f"engine thread failed: {self.failure}"))
+        else:
+            self._done.set_result(None)
 
 
 def load_async_engine(config: EngineConfig) -> AsyncEngine:

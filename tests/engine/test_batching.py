@@ -93,3 +93,19 @@ async def test_stream_concatenates_to_final_text(tiny_llama):
         assert sum((c.token_ids for c in chunks), ()) == final.output_ids
     finally:
         await engine.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_failing_model_fails_requests_and_wakes_the_supervisor(tiny_llama):
+    engine = AsyncEngine(build_engine(EngineConfig(model=str(tiny_llama), max_batch=1)))
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("CUDA error: device lost")
+    engine.engine.model.forward = broken_forward
+    await engine.start()
+    with pytest.raises(RuntimeError, match="engine failed"):
+        async for _ in engine.generate(GenerationRequest("x", (1, 2), SamplingParams(max_new_tokens=4))):
+            pass
+    with pytest.raises(RuntimeError, match="device lost"):
+        await asyncio.wait_for(engine.wait(), 10)
+    await engine.stop()
