@@ -1,0 +1,122 @@
+"""DeepSpec checkpoints: the documented fields, a save/load round trip, and every refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from engine.build import build_engine
+from engine.config import EngineConfig
+from engine.drafters.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from engine.drafters.init import init_drafter
+from engine.sequence import Sequence
+from tests.drafters.helpers import request, write_drafter
+
+
+def test_config_has_the_deepspec_fields(target, tmp_path):
+    path = write_drafter(target, tmp_path / "d", "dspark", markov_type="gated")
+    config = json.loads((path / "config.json").read_text())
+    family = "Qwen3" if target.model.args.family == "qwen3" else "Llama"
+    assert config["architectures"] == [f"{family}DSparkModel"]
+    assert config["model_type"] == target.hf_config.model_type          # deep copy of the target config
+    assert config["hidden_size"] == target.model.args.hidden_size
+    assert config["num_target_layers"] == target.model.args.num_layers
+    assert (config["block_size"], config["target_layer_ids"], config["num_anchors"]) == (5, [-1, 1], 512)
+    assert (config["markov_rank"], config["markov_head_type"]) == (16, "gated")
+    assert config["enable_confidence_head"] and config["confidence_head_with_markov"]
+    assert config["tie_word_embeddings"] is False and config["shares_target_embeddings"] is True
+    assert config["mask_token_id"] == target.tokenizer.convert_tokens_to_ids("<gh_stars>")
+    names = set(load_file(path / "model.safetensors"))
+    assert {"fc.weight", "hidden_norm.weight", "norm.weight", "markov_head.markov_w1.weight",
+            "markov_head.gate_proj.bias", "confidence_head.proj.weight", "layers.1.mlp.down_proj.weight"} <= names
+    assert "embed_tokens.weight" not in names
+    eagle = json.loads((write_drafter(target, tmp_path / "e", "eagle3") / "config.json").read_text())
+    assert eagle["architectures"] == [f"{family}Eagle3Model"]
+    assert (eagle["num_hidden_layers"], eagle["ttt_length"]) == (1, 5)
+
+
+@pytest.mark.parametrize("kind", ["dspark", "eagle3"])
+def test_round_trip_gives_identical_drafts(target, tmp_path, kind):
+    config, state = init_drafter(target, kind, layers=2, markov_rank=16, markov_type="rnn", block_size=5,
+                                 target_layer_ids=[0, 2] if kind == "eagle3" else [-1, 1], seed=3)
+    first = save_checkpoint(tmp_path / "a", config, state)
+    reloaded = load_checkpoint(first, target)
+    # write what was loaded (plus the stored embeddings a DeepSpec checkpoint carries) and load again
+    full = dict(reloaded.weights, **{"embed_tokens.weight": target.model.embed,
+                                     "lm_head.weight": target.model.lm_head})
+    second = save_checkpoint(tmp_path / "b", json.loads((first / "config.json").read_text()), full)
+    assert json.loads((second / "config.json").read_text())["shares_target_embeddings"] is False
+    drafts = []
+    for path in (first, second):
+        engine = build_engine(EngineConfig(model=str(target.path), method=kind, drafter=str(path),
+                                           max_batch=1, max_context=128), target)
+        prompt = [5, 6, 7, 8, 9, 10]
+        engine.add(request(prompt, temperature=0.8, seed=4))
+        engine.step()  # prefill + one round
+        seq: Sequence = engine.active[0]
+        drafts.append(engine.drafter.propose([seq]).tokens)
+    assert drafts[0] == drafts[1]
+
+
+REFUSALS = [
+    ("hidden_size", lambda c, p: c.update(hidden_size=c["hidden_size"] * 2)),
+    ("vocab_size", lambda c, p: c.update(vocab_size=1000)),
+    ("num_target_layers", lambda c, p: c.update(num_target_layers=36)),
+    ("target_layer_ids", lambda c, p: c.update(target_layer_ids=[-1, 3])),    # the final layer
+    ("target_layer_ids", lambda c, p: c.update(target_layer_ids=[1, 0])),     # not increasing
+    ("mask_token_id", lambda c, p: c.update(mask_token_id=151669)),
+    ("rope_theta", lambda c, p: c.update(rope_parameters={"rope_theta": 1e6, "rope_type": "default"})),
+    ("markov_head_type", lambda c, p: c.pop("markov_head_type")),
+    ("not a drafter", lambda c, p: c.update(architectures=["Qwen3ForCausalLM"])),
+    ("unexpected tensor", lambda c, p: c.update(markov_head_type="vanilla")),  # weights are gated
+    ("fc.weight", lambda c, p: c.update(target_layer_ids=[-1, 0, 1])),        # fc is [H, 2H]
+]
+
+
+@pytest.mark.parametrize("needle,change", REFUSALS)
+def test_mismatched_checkpoint_is_refused(target, tmp_path, needle, change):
+    path = write_drafter(target, tmp_path / "d", "dspark", markov_type="gated")
+    config = json.loads((path / "config.json").read_text())
+    change(config, path)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=needle):
+        load_checkpoint(path, target)
+
+
+def test_file_problems_are_refused(target, tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_checkpoint(tmp_path / "missing", target)
+    path = write_drafter(target, tmp_path / "d", "dspark")
+    (path / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(path, target)
+    path = write_drafter(target, tmp_path / "e", "dspark")
+    weights = load_file(path / "model.safetensors")
+    del weights["norm.weight"]
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="norm.weight is missing"):
+        load_checkpoint(path, target)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(path, target)
+
+
+def test_eagle3_cannot_tap_the_embedding(target, tmp_path):
+    path = write_drafter(target, tmp_path / "e", "eagle3")
+    config = json.loads((path / "config.json").read_text())
+    config["target_layer_ids"] = [-1, 2]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"embedding output \(-1\)"):
+        load_checkpoint(path, target)
+
+
+def test_method_and_architecture_must_agree(target, tmp_path):
+    dspark = write_drafter(target, tmp_path / "d", "dspark")
+    eagle = write_drafter(target, tmp_path / "e", "eagle3")
+    for method, path, needle in [("eagle3", dspark, "not an EAGLE-3"), ("dspark", eagle, "use --method eagle3"),
+                                 ("dflash", dspark, "use --method dspark")]:
+        with pytest.raises(CheckpointError, match=needle):
+            build_engine(EngineConfig(model=str(target.path), method=method, drafter=str(path), max_context=64),
+                         target)

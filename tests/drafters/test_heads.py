@@ -1,0 +1,118 @@
+"""Markov-head variants, the confidence head, threshold truncation and calibration metrics, each on a
+small hand-computed case."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.api import GenerationRequest, SamplingParams
+from engine.calibration import auroc, calibration_metrics, ece
+from engine.drafters.base import Proposal
+from engine.drafters.confidence import ConfidenceHead
+from engine.drafters.markov import MarkovHead, sample_block
+from engine.schedulers import threshold_schedule
+from engine.sequence import Sequence
+
+# V = 3 tokens, r = 2, H = 1
+W1 = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, -1.0]])
+W2 = torch.tensor([[1.0, 1.0], [0.5, -1.0], [0.0, 3.0]])
+H = torch.tensor([[0.5]])
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_vanilla_bias_is_w2_w1():
+    bias, _ = MarkovHead("vanilla", {"markov_head.markov_w1.weight": W1, "markov_head.markov_w2.weight": W2}
+                         ).step_bias(H, torch.tensor([1]), None)
+    # W1[1] = (0, 2): W2 . (0, 2) = (2, -2, 6)
+    assert bias.tolist() == [[2.0, -2.0, 6.0]]
+
+
+def test_gated_bias_gates_w1():
+    gate_w, gate_b = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), torch.tensor([0.0, 1.0])
+    head = MarkovHead("gated", {"markov_head.markov_w1.weight": W1, "markov_head.markov_w2.weight": W2,
+                                "markov_head.gate_proj.weight": gate_w, "markov_head.gate_proj.bias": gate_b})
+    bias, _ = head.step_bias(H, torch.tensor([2]), None)
+    # input [h ; W1[2]] = (0.5, 1, -1): g = (sig(0.5), sig(-1 + 1)) = (sig(.5), .5); z = g * (1, -1)
+    z = (sig(0.5), -0.5)
+    want = [z[0] + z[1], 0.5 * z[0] - z[1], 3 * z[1]]
+    assert torch.allclose(bias[0], torch.tensor(want))
+
+
+def test_rnn_bias_and_state():
+    r = 2
+    joint_w = torch.zeros(3 * r, 2 * r + 1)
+    joint_w[0, 0] = 1.0      # g_0 reads s_0
+    joint_w[2, 2] = 1.0      # c_0 reads W1[x]_0
+    joint_w[4, 4] = 2.0      # o_0 reads h
+    joint_b = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.0, 0.0])
+    head = MarkovHead("rnn", {"markov_head.markov_w1.weight": W1, "markov_head.markov_w2.weight": W2,
+                              "markov_head.joint_proj.weight": joint_w, "markov_head.joint_proj.bias": joint_b})
+    state = head.initial_state(1)
+    bias, state = head.step_bias(H, torch.tensor([0]), state)
+    # s_-1 = 0, W1[0] = (1, 0): g = (0, 0), c = (1, .5), o = (1, 0)
+    s = (0.5 * math.tanh(1.0), 0.5 * math.tanh(0.5))
+    assert torch.allclose(state[0], torch.tensor(s))
+    o = (math.tanh(1.0), 0.0)
+    assert torch.allclose(bias[0], torch.tensor([o[0], 0.5 * o[0], 0.0]))
+    _, state2 = head.step_bias(H, torch.tensor([0]), state)  # the state carries: g_0 = s_0 now
+    keep = sig(s[0])
+    assert math.isclose(float(state2[0, 0]), keep * s[0] + (1 - keep) * math.tanh(1.0), rel_tol=1e-6)
+
+
+def _seq(temperature: float, seed: int = 0) -> Sequence:
+    req = GenerationRequest("r", (0,), SamplingParams(temperature=temperature))
+    return Sequence(request=req, generator=torch.Generator().manual_seed(seed), tokens=[0], prompt_len=1)
+
+
+def test_greedy_block_follows_the_corrected_logits_left_to_right():
+    # bias favours token (prev + 1) % 3 strongly; base logits favour token 0 everywhere
+    w1, w2 = torch.eye(3), torch.roll(torch.eye(3), 1, dims=0) * 10
+    head = MarkovHead("vanilla", {"markov_head.markov_w1.weight": w1, "markov_head.markov_w2.weight": w2})
+    base = torch.tensor([[[1.0, 0.0, 0.0]] * 4])
+    tokens, probs = sample_block(base, torch.zeros(1, 4, 1), torch.tensor([1]), head, [_seq(0.0)], 4)
+    assert tokens.tolist() == [[2, 0, 1, 2]] and probs == [None]
+    tokens, _ = sample_block(base, torch.zeros(1, 4, 1), torch.tensor([1]), None, [_seq(0.0)], 4)
+    assert tokens.tolist() == [[0, 0, 0, 0]]  # DFlash: every slot from its base logits
+
+
+def test_sampled_q_is_the_corrected_distribution():
+    w1, w2 = torch.eye(3), torch.roll(torch.eye(3), 1, dims=0)
+    head = MarkovHead("vanilla", {"markov_head.markov_w1.weight": w1, "markov_head.markov_w2.weight": w2})
+    base = torch.zeros(1, 2, 3)
+    tokens, probs = sample_block(base, torch.zeros(1, 2, 1), torch.tensor([0]), head, [_seq(2.0, 5)], 2)
+    for k, prev in enumerate([0, int(tokens[0, 0])]):
+        want = torch.softmax(torch.roll(torch.eye(3), 1, dims=0)[:, prev] / 2.0, dim=0)
+        assert torch.allclose(probs[0][k], want)
+
+
+def test_confidence_uses_previous_token_and_temperature():
+    w = {"confidence_head.proj.weight": torch.tensor([[1.0, 2.0, -1.0]]), "confidence_head.proj.bias": torch.tensor([0.5])}
+    head = ConfidenceHead(w, with_markov=True, temperatures=[1.0, 2.0], block_size=2)
+    hidden = torch.tensor([[[1.0], [1.0]]])
+    prev = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+    c = head(hidden, prev)
+    assert torch.allclose(c, torch.tensor([[sig(1 + 0 - 1 + 0.5), sig((1 + 2 + 0.5) / 2)]]))
+
+
+def test_threshold_truncates_at_first_low_confidence():
+    proposal = Proposal(tokens=[[1, 2, 3, 4], [5, 6, 7], [8, 9]], probs=[None] * 3,
+                        confidence=[torch.tensor([0.9, 0.8, 0.3, 0.9]), torch.tensor([0.2, 0.9, 0.9]), None])
+    budgets, expected = threshold_schedule(0.5)([_seq(0.0)] * 3, proposal, [4, 3, 1])
+    assert budgets == [2, 0, 1]
+    assert math.isclose(expected, 0.9 + 0.72, rel_tol=1e-6)  # float32 confidences
+
+
+def test_calibration_metrics_on_a_small_case():
+    p = torch.tensor([0.9, 0.8, 0.3, 0.1], dtype=torch.float64)
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    # bins: 0.9 -> 18, 0.8 -> 16, 0.3 -> 6, 0.1 -> 2; each |p - y| / 4
+    assert math.isclose(ece(p, y), (0.1 + 0.8 + 0.7 + 0.1) / 4)
+    assert math.isclose(auroc(p, y), 3 / 4)  # positive pairs ordered right: (.9>.8), (.9>.1), (.3>.1)
+    rows = calibration_metrics([(0, 0.9, True), (0, 0.8, False), (0, 0.3, True), (0, 0.1, False), (1, 0.5, True)])
+    assert rows[0]["position"] == 1 and math.isclose(rows[0]["brier"], (0.01 + 0.64 + 0.49 + 0.01) / 4)
+    assert rows[1]["auroc"] is None and rows[1]["n"] == 1
