@@ -18,24 +18,48 @@ COMMANDS = [
     "node.commands.run",
     "node.commands.submit",
     "node.commands.keys",
+    "node.commands.train_drafter",
+    "node.commands.calibrate",
     "node.commands.gateway",
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_name(module: str) -> str:
+    return module.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def _chosen_command(argv: list[str]) -> str | None:
+    args = iter(argv)
+    for arg in args:
+        if arg == "--log-level":
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dspark-node",
         description="Worker node for decentralized GPU markets, serving DSpark speculative decoding.")
     parser.add_argument("--log-level", default="WARNING",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity (stderr)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        importlib.import_module(name).register(sub)
+    names = {command_name(m): m for m in COMMANDS}
+    chosen = _chosen_command(sys.argv[1:] if argv is None else argv)
+    for name, module in names.items():
+        # Only the chosen command's module is imported (torch, libp2p... are slow to load): a
+        # health probe or `receipts verify` starts in a fraction of a second. Top-level --help
+        # loads them all to list their help lines.
+        if chosen in names and name != chosen:
+            sub.add_parser(name)
+        else:
+            importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
