@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 
 import trio
+from libp2p.bitswap.cid import parse_cid
 
 from node.p2p.host import P2PHost
 
@@ -26,6 +27,8 @@ _MULTIHASH_SHA2_256 = 0x12
 # and also as soon as the routing table grows, so peers that join later get the records.
 REPROVIDE_INTERVAL_S = 600.0
 CHECK_INTERVAL_S = 2.0
+LOOKUP_TIMEOUT_S = 12.0   # above py-libp2p's 10 s per-peer query timeout: one silent peer must not end it
+PROVIDE_TIMEOUT_S = 30.0
 
 
 def model_key_name(model_id: str) -> str:
@@ -39,13 +42,32 @@ def model_cid(model_id: str) -> str:
     return "b" + base64.b32encode(raw).decode().lower().rstrip("=")
 
 
+async def _tell(host: P2PHost, peer, key: bytes) -> None:
+    with trio.move_on_after(LOOKUP_TIMEOUT_S):
+        try:
+            # py-libp2p 0.8.1's one-peer ADD_PROVIDER (a pinned version; no public equivalent).
+            await host.dht.provider_store._send_add_provider(peer, key)
+        except Exception as exc:  # that peer misses this round; the next refresh retries
+            log.debug("ADD_PROVIDER to %s failed: %s", peer, exc)
+
+
 async def provide_models(host: P2PHost, models: list[str]) -> int:
-    """Trio side: announce this peer as a provider of each model; returns how many succeeded."""
+    """Trio side: announce this peer as a provider of each model; returns how many succeeded.
+
+    The peers already in the routing table get the record at once; then the library's `provide`
+    looks up the k closest peers network-wide, which can take tens of seconds on py-libp2p
+    (10 s per silent peer), so it is bounded."""
     done = 0
     for model in models:
+        cid = model_cid(model)
+        key = parse_cid(cid).multihash
+        async with trio.open_nursery() as nursery:
+            for peer in host.dht.routing_table.get_peer_ids():
+                nursery.start_soon(_tell, host, peer, key)
         try:
-            if await host.dht.provide(model_cid(model)):
-                done += 1
+            with trio.move_on_after(PROVIDE_TIMEOUT_S):
+                await host.dht.provide(cid)
+            done += 1
         except Exception as exc:  # one unreachable DHT peer must not stop the other records
             log.warning("providing %s failed: %s", model, exc)
     return done
@@ -66,10 +88,17 @@ async def keep_providing(host: P2PHost, models: Callable[[], list[str]],
         await trio.sleep(CHECK_INTERVAL_S)
 
 
-async def find_model_providers(host: P2PHost, model: str, count: int = 20) -> list[str]:
+async def find_model_providers(host: P2PHost, model: str, count: int = 20,
+                               timeout_s: float = LOOKUP_TIMEOUT_S) -> list[str]:
     """Trio side: peer IDs providing `model`, deduplicated (the library may return one twice),
-    addresses added to the peerstore so the peer can be dialled."""
-    infos = await host.dht.find_providers(model_cid(model), count)
+    addresses added to the peerstore so the peer can be dialled. A lookup still running after
+    `timeout_s` returns what it has found so far (py-libp2p waits 10 s on each silent peer)."""
+    cid = model_cid(model)
+    infos = []
+    with trio.move_on_after(timeout_s):
+        infos = await host.dht.find_providers(cid, count)
+    if not infos:  # cut short: providers heard from so far are in the local provider store
+        infos = host.dht.provider_store.get_providers(parse_cid(cid).multihash)
     seen: dict[str, object] = {}
     for info in infos:
         peer = info.peer_id.to_base58()

@@ -14,6 +14,7 @@ from node.p2p.network import PeerNetwork
 
 JOIN_TIMEOUT_S = 10.0
 POLL_S = 0.2
+PULL_INTERVAL_S = 2.0
 
 
 class DiscoveryError(RuntimeError):
@@ -75,6 +76,10 @@ class Discovery:
     async def wait_for(self, count: int, model: str | None = None, timeout_s: float = 10.0) -> list[LiveAdvert]:
         """Wait until at least `count` workers (serving `model`, if given) are visible."""
         deadline = time.monotonic() + timeout_s
+        pulled = time.monotonic()
         while len(found := self.adverts(model)) < count and time.monotonic() < deadline:
             await asyncio.sleep(POLL_S)
+            if time.monotonic() - pulled >= PULL_INTERVAL_S:  # gossip may lag; also ask our peers
+                await self.network.refresh()
+                pulled = time.monotonic()
         return found

@@ -92,14 +92,19 @@ class P2PService:
 
     async def _publish_loop(self, last: tuple) -> None:
         interval = self.config.p2p.advert_interval_s
-        published_at = time.monotonic()
+        published_at, peers_then = time.monotonic(), len(self.network.connected_peers())
         while True:
             await asyncio.sleep(CHECK_INTERVAL_S)
             try:
                 advert = self._advert()
-                if _fingerprint(advert) != last or time.monotonic() - published_at >= interval:
+                # A new peer also triggers a publish: an advert sent before any mesh existed (at
+                # start) reached nobody, and waiting a full interval would hide this worker.
+                peers_now = len(self.network.connected_peers())
+                if (_fingerprint(advert) != last or peers_now > peers_then
+                        or time.monotonic() - published_at >= interval):
                     last = await self._publish(advert)
                     published_at = time.monotonic()
+                peers_then = peers_now
             except Exception:  # a failed round must not end advertising; the next one retries
                 log.exception("publishing the capacity advert failed")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dspark.v1.advert_pb2 import CapacityAdvert, GpuInfo, ModelOffer
 from node.config import NodeConfig, P2PConfig
-from node.events import AdvertPublished, EventBus
+from node.events import AdvertPublished, AdvertSeen, EventBus
 from node.identity import Identity
 from node.p2p.service import P2PService
 
@@ -48,7 +48,15 @@ async def main() -> int:
         price_per_mtok_micros=args.price, free_slots=args.free_slots, tokens_per_second=args.tokens_per_second)
     events = EventBus()
     published: list[int] = []
-    events.subscribe(lambda e: published.append(e.size_bytes) if isinstance(e, AdvertPublished) else None)
+    received = [0]
+
+    def count(event: object) -> None:
+        if isinstance(event, AdvertPublished):
+            published.append(event.size_bytes)
+        elif isinstance(event, AdvertSeen) and event.accepted:
+            received[0] += 1
+
+    events.subscribe(count)
     service = P2PService(config, identity, events, capacity=lambda: _copy(advert))
     await service.start()
     print(json.dumps({"peer_id": identity.peer_id, "addrs": service.network.listen_addrs()}), flush=True)
@@ -57,8 +65,9 @@ async def main() -> int:
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
     await service.stop()
-    # The advert bytes this node published, for the bandwidth figure in scripts/p2p_swarm.py.
-    print(json.dumps({"adverts_published": len(published), "advert_bytes": sum(published)}), flush=True)
+    # What this node published and accepted, for the figures of scripts/p2p_swarm.py.
+    print(json.dumps({"adverts_published": len(published), "advert_bytes": sum(published),
+                      "adverts_received": received[0]}), flush=True)
     return 0
 
 
