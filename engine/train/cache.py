@@ -1,0 +1,181 @@
+"""The target cache (reference §3.1): what the target computes on the training text, on disk.
+
+Per token: input id, loss mask (1 on assistant content), the raw outputs of the tapped layers
+concatenated [m*H] and the post-final-norm hidden state [H] (bf16), plus the target's top-k
+next-token probabilities derived from it (what the losses use: recomputing the full-vocabulary
+softmax every epoch would cost more than the drafter itself on a CPU).
+
+Layout: `shard-NNNNN.safetensors` files (tensors concatenated over their sequences, `offsets` marks
+the boundaries) and `manifest.json`, written last: model id and weight digest, tapped layer ids,
+hidden size, vocabulary size, k, and a sha256 per shard. Opening a cache checks the manifest
+against the target and layer set asked for; loading a shard checks its digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from engine.loading import LoadedTarget
+
+VERSION = 1
+FIELDS = ("input_ids", "loss_mask", "taps", "last_hidden", "topk_ids", "topk_probs", "offsets")
+
+
+class CacheError(ValueError):
+    """A target cache that cannot be used for this run; the message names the problem."""
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    loss_mask: list[int]          # 1 where the token is supervised (assistant content)
+    source: str
+
+
+@dataclass
+class CachedSequence:
+    input_ids: torch.Tensor       # [S] long
+    loss_mask: torch.Tensor       # [S] bool
+    taps: torch.Tensor            # [S, m*H] bf16
+    last_hidden: torch.Tensor     # [S, H] bf16
+    topk_ids: torch.Tensor        # [S, k] long: the target's most likely next tokens at each position
+    topk_probs: torch.Tensor      # [S, k] fp32
+
+
+def expected_manifest(target: LoadedTarget, layer_ids: list[int], topk: int) -> dict:
+    return {"version": VERSION, "model_id": target.model_id, "model_digest": target.digest.hex(),
+            "target_layer_ids": list(layer_ids), "hidden_size": target.model.args.hidden_size,
+            "vocab_size": target.model.args.vocab_size, "topk": topk}
+
+
+@torch.inference_mode()
+def score(target: LoadedTarget, samples: list[Sample], layer_ids: list[int], topk: int
+          ) -> dict[str, torch.Tensor]:
+    """One batch through the target (ragged, right-padded): the shard tensors of these samples."""
+    model = target.model
+    lengths = [len(s.input_ids) for s in samples]
+    width = max(lengths)
+    tokens = torch.zeros((len(samples), width), dtype=torch.long)
+    for r, s in enumerate(samples):
+        tokens[r, :len(s.input_ids)] = torch.tensor(s.input_ids)
+    cache = model.new_cache(len(samples), width)
+    out = model.forward(tokens.to(model.device), torch.arange(width)[None].expand(len(samples), -1).to(model.device),
+                        torch.arange(len(samples), device=model.device), cache, taps=tuple(layer_ids),
+                        lengths=lengths)
+    valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    hidden = out.hidden.cpu()[valid]
+    probs = torch.softmax(model.logits(hidden.to(model.device)), dim=-1).cpu()
+    top = probs.topk(topk, dim=-1)
+    return {"input_ids": tokens[valid].to(torch.int32),
+            "loss_mask": torch.tensor([m for s in samples for m in s.loss_mask], dtype=torch.uint8),
+            "taps": out.taps.cpu()[valid].to(torch.bfloat16), "last_hidden": hidden.to(torch.bfloat16),
+            "topk_ids": top.indices.to(torch.int32), "topk_probs": top.values.to(torch.float16)}
+
+
+def build_cache(target: LoadedTarget, samples: list[Sample], directory: Path, layer_ids: list[int],
+                topk: int = 8, batch_tokens: int = 2048, shard_tokens: int = 200_000,
+                sources: dict | None = None) -> Path:
+    """Score `samples` with the target and write the cache; an existing complete cache for the same
+    target, layers and k is kept as it is."""
+    directory = Path(directory)
+    want = expected_manifest(target, layer_ids, topk)
+    if (directory / "manifest.json").exists():
+        open_cache(directory, want)
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))   # less padding
+    shards, pending, pending_tokens = [], [], 0
+    batch: list[Sample] = []
+    bar = tqdm(total=sum(len(s.input_ids) for s in samples), unit="tok", desc="target cache", mininterval=10)
+
+    def flush_batch():
+        nonlocal pending_tokens
+        if batch:
+            part = score(target, batch, layer_ids, topk)
+            part["lengths"] = torch.tensor([len(s.input_ids) for s in batch])
+            pending.append(part)
+            pending_tokens += len(part["input_ids"])
+            bar.update(len(part["input_ids"]))
+            batch.clear()
+
+    for i in order:
+        if batch and (len(batch) + 1) * len(samples[i].input_ids) > batch_tokens:
+            flush_batch()
+        batch.append(samples[i])
+        if pending_tokens >= shard_tokens:
+            shards.append(_write_shard(directory, len(shards), pending))
+            pending, pending_tokens = [], 0
+    flush_batch()
+    if pending:
+        shards.append(_write_shard(directory, len(shards), pending))
+    bar.close()
+    manifest = dict(want, shards=shards, sequences=len(samples),
+                    tokens=sum(len(s.input_ids) for s in samples), sources=sources or {})
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return directory
+
+
+def _write_shard(directory: Path, index: int, parts: list[dict[str, torch.Tensor]]) -> dict:
+    tensors = {name: torch.cat([p[name] for p in parts]) for name in FIELDS if name != "offsets"}
+    lengths = torch.cat([p["lengths"] for p in parts])
+    tensors["offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    name = f"shard-{index:05d}.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / name)
+    return {"file": name, "sequences": len(lengths), "tokens": int(lengths.sum()),
+            "sha256": hashlib.sha256((directory / name).read_bytes()).hexdigest()}
+
+
+def open_cache(directory: Path, want: dict) -> dict:
+    """Read and check the manifest against the target / layer set / k of this run."""
+    path = Path(directory) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CacheError(f"{directory}: no manifest.json (not a target cache, or its build was interrupted: "
+                         "delete the directory to rebuild it)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CacheError(f"{path} cannot be read: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{path}: expected a JSON object")
+    for key, value in want.items():
+        if manifest.get(key) != value:
+            raise CacheError(f"{directory}: the cache was built with {key}={manifest.get(key)!r}, this run needs "
+                             f"{value!r} (another model or layer set: use another --cache-dir or delete it)")
+    if not isinstance(manifest.get("shards"), list) or not manifest["shards"]:
+        raise CacheError(f"{path}: lists no shards")
+    return manifest
+
+
+def load_sequences(directory: Path, manifest: dict) -> list[CachedSequence]:
+    """Every sequence of the cache, in memory; a shard whose bytes changed is refused."""
+    sequences = []
+    for shard in manifest["shards"]:
+        path = Path(directory) / shard["file"]
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CacheError(f"{path}: cannot be read ({exc.strerror})") from None
+        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise CacheError(f"{path} is corrupt: its sha256 does not match the manifest (rebuild the cache)")
+        try:
+            t = load_file(path)
+        except SafetensorError as exc:
+            raise CacheError(f"{path} is corrupt: {exc}") from None
+        missing = [f for f in FIELDS if f not in t]
+        if missing:
+            raise CacheError(f"{path} lacks {', '.join(missing)}")
+        off = t["offsets"].tolist()
+        for a, b in zip(off, off[1:]):
+            sequences.append(CachedSequence(
+                input_ids=t["input_ids"][a:b].long(), loss_mask=t["loss_mask"][a:b].bool(),
+                taps=t["taps"][a:b], last_hidden=t["last_hidden"][a:b], topk_ids=t["topk_ids"][a:b].long(),
+                topk_probs=t["topk_probs"][a:b].float()))
+    return sequences

@@ -1,0 +1,171 @@
+"""Training text, all of it available offline on this machine (reference §3.1, adapted).
+
+Two sources, both recorded in the checkpoint's metadata:
+  generated: the target's own responses (T=0.7, top-p 0.8, as DeepSpec regenerates its data) to
+    prompts built here: "write a function" requests made from the Python standard library's own
+    function signatures and docstrings, and a fixed list of general requests. None comes from the
+    evaluation sets in shared/eval. Every 20th stdlib prompt is held out for calibration.
+  stdlib: Python standard library source files cut at top-level definitions, as assistant replies
+    to a request naming the module. The target scores this text (its distributions become the soft
+    labels), which costs one forward per token instead of one decoding step.
+Every sample is a chat: template + user turn (loss mask 0), assistant content + end of turn (1).
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import sysconfig
+import time
+import uuid
+from pathlib import Path
+
+from engine.api import GenerationRequest, SamplingParams
+from engine.engine import Engine
+from engine.train.cache import Sample
+
+HELD_OUT_EVERY = 20
+GENERAL_PROMPTS = [
+    "Explain how a hash table handles collisions.", "Write a short story about a lighthouse keeper.",
+    "What are the main differences between TCP and UDP?", "Give three tips for writing clear emails.",
+    "Summarize the water cycle for a ten-year-old.", "How does public-key cryptography work?",
+    "Write a haiku about autumn rain.", "Describe the rules of chess in a few paragraphs.",
+    "What is the difference between a list and a tuple in Python?", "Explain recursion with an example.",
+    "How do vaccines train the immune system?", "Write a polite reply declining a meeting invitation.",
+    "List five healthy breakfast ideas.", "Explain what a database index is and when to use one.",
+    "What causes the seasons on Earth?", "Write a SQL query that counts orders per customer.",
+    "How do I reverse a linked list? Show code.", "Explain the difference between git merge and git rebase.",
+    "Write a bash script that backs up a directory with a date in the file name.",
+    "What is gradient descent?", "Describe how a bill becomes a law.", "Explain big-O notation.",
+    "Write a JavaScript function that debounces another function.", "How do solar panels make electricity?",
+    "Give a recipe for a simple tomato soup.", "Explain the CAP theorem.", "What is a closure in programming?",
+    "Write a limerick about a cat who codes.", "How should I prepare for a job interview?",
+    "Explain how HTTPS keeps a connection private.", "Write a Python class for a bank account.",
+    "What are prime numbers? Give a function that tests primality.", "Compare renting and buying a home.",
+    "Explain the difference between weather and climate.", "Write a unit test for a function that adds two numbers.",
+    "How does a binary search work? Include code.", "What is the role of mitochondria in a cell?",
+    "Write a regular expression that matches e-mail addresses and explain it.",
+    "Explain what Docker containers are.", "Translate 'good morning, how are you?' into French and Spanish.",
+]
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = ("test", "tests", "idlelib", "site-packages", "lib2to3", "tkinter", "turtledemo", "ensurepip")
+    return sorted(p for p in root.rglob("*.py") if not any(part in skip for part in p.relative_to(root).parts))
+
+
+def function_prompts() -> tuple[list[str], list[str]]:
+    """(training, held-out) 'write a function' prompts from stdlib signatures and docstrings."""
+    prompts = []
+    for path in stdlib_files():
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 30:
+                    first = doc.strip().split("\n\n")[0].replace("\n", " ")
+                    args = ", ".join(a.arg for a in node.args.args)
+                    prompts.append(f"Write a Python function `{node.name}({args})`. {first}")
+    train = [p for i, p in enumerate(prompts) if i % HELD_OUT_EVERY]
+    return train, prompts[::HELD_OUT_EVERY]
+
+
+def chat_sample(tokenizer, user: str, reply: list[int], end_of_turn: int | None, max_len: int,
+                source: str) -> Sample | None:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
+    prompt = list(prompt if isinstance(prompt, list) else prompt["input_ids"])
+    reply = reply + ([end_of_turn] if end_of_turn is not None else [])
+    ids = (prompt + reply)[:max_len]
+    mask = ([0] * len(prompt) + [1] * len(reply))[:max_len]
+    return Sample(ids, mask, source) if sum(mask) >= 14 else None   # DeepSpec drops < 14 loss tokens
+
+
+def stdlib_samples(tokenizer, end_of_turn: int, token_budget: int, max_len: int, seed: int) -> list[Sample]:
+    """Source chunks (cut before top-level def/class lines) as replies, until token_budget tokens."""
+    files = stdlib_files()
+    random.Random(seed).shuffle(files)
+    samples, total = [], 0
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        module = path.stem
+        for chunk in _chunks(text, tokenizer, max_len - 48):
+            sample = chat_sample(tokenizer, f"Show me Python code from the `{module}` module.", chunk,
+                                 end_of_turn, max_len, f"stdlib:{path.name}")
+            if sample is not None:
+                samples.append(sample)
+                total += len(sample.input_ids)
+            if total >= token_budget:
+                return samples
+    return samples
+
+
+def _chunks(text: str, tokenizer, max_tokens: int) -> list[list[int]]:
+    pieces, current = [], []
+    for line in text.splitlines(keepends=True):
+        if line.startswith(("def ", "class ", "@")) and current:
+            pieces.append("".join(current))
+            current = []
+        current.append(line)
+    pieces.append("".join(current))
+    out, buf = [], []
+    for piece in pieces:
+        ids = tokenizer.encode(piece, add_special_tokens=False)
+        if buf and len(buf) + len(ids) > max_tokens:
+            out.append(buf)
+            buf = []
+        buf = (buf + ids)[:max_tokens]
+    if buf:
+        out.append(buf)
+    return out
+
+
+def generated_samples(engine: Engine, tokenizer, prompts: list[str], max_new_tokens: int, max_len: int,
+                      minutes: float, seed: int, log=print) -> list[Sample]:
+    """The target's responses to `prompts`, decoded in batches by the engine until the time is up
+    (responses still running then are kept as they are: target text, just shorter)."""
+    deadline = time.monotonic() + minutes * 60
+    queue = list(prompts)
+    pending: dict[str, str] = {}
+    samples: list[Sample] = []
+    eos = set(engine.target.eos_token_ids)
+
+    def keep(result) -> None:
+        user = pending.pop(result.request_id)
+        ids = list(result.output_ids)
+        end = None
+        if ids and ids[-1] in eos:
+            end = ids.pop()
+        sample = chat_sample(tokenizer, user, ids, end, max_len, "generated")
+        if sample is not None:
+            samples.append(sample)
+
+    n = 0
+    while queue or pending:
+        while queue and len(pending) < engine.config.max_batch and time.monotonic() < deadline:
+            user = queue.pop(0)
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
+            ids = tuple(ids if isinstance(ids, list) else ids["input_ids"])
+            rid = uuid.uuid4().hex
+            pending[rid] = user
+            engine.add(GenerationRequest(rid, ids, SamplingParams(temperature=0.7, top_p=0.8,
+                                                                  max_new_tokens=max_new_tokens, seed=seed + n)))
+            n += 1
+        if time.monotonic() >= deadline:
+            for result in engine.abort_all():
+                keep(result)
+            break
+        events, _ = engine.step()
+        for event in events:
+            if hasattr(event, "finish_reason"):
+                keep(event)
+        if not queue and not pending:
+            break
+    log(f"generated {len(samples)} responses, {sum(sum(s.loss_mask) for s in samples)} tokens")
+    return samples

@@ -1,0 +1,149 @@
+"""train-drafter end to end: data -> target cache -> training -> DeepSpec checkpoint with metadata."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.build import build_engine
+from engine.config import EMBEDDED_MODEL, EngineConfig
+from engine.drafters.checkpoint import parse_config
+from engine.drafters.init import default_layer_ids, init_drafter
+from engine.loading import LoadedTarget, cache_root, load_target
+from engine.train import data
+from engine.train.cache import build_cache, expected_manifest, load_sequences, open_cache
+from engine.train.trainer import STATE_FILE, TrainingError, TrainSettings, build_module, export, train
+
+DRAFT_CONFIG = "draft_config.json"   # the untrained drafter's config, kept so a resumed run rebuilds it
+
+
+class TrainOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["dspark", "dflash", "eagle3"] = "dspark"
+    model: str = EMBEDDED_MODEL
+    out: Path
+    cache_dir: Path | None = None
+    layers: int = Field(1, ge=1, le=16)
+    markov_rank: int = Field(64, ge=0, le=4096)
+    markov_type: Literal["vanilla", "gated", "rnn"] = "vanilla"
+    block_size: int = Field(7, ge=2, le=16)
+    target_layers: list[int] | None = None
+    steps: int = Field(1000, ge=1)
+    minutes: float | None = Field(None, gt=0)
+    batch: int = Field(4, ge=1, le=256)
+    anchors: int = Field(512, ge=1, le=4096)
+    lr: float = Field(6e-4, gt=0, lt=1)
+    seed: int = Field(42, ge=0)
+    resume: bool = False
+    gen_minutes: float = Field(5.0, ge=0)
+    gen_max_new_tokens: int = Field(256, ge=16, le=2048)
+    stdlib_tokens: int = Field(100_000, ge=0)
+    max_len: int = Field(512, ge=32, le=4096)
+    topk: int = Field(8, ge=1, le=1024)
+    norm_init: float = Field(0.1, gt=0, le=1)
+    threads: int | None = Field(None, ge=1)
+
+    @field_validator("target_layers")
+    @classmethod
+    def _layers(cls, ids: list[int] | None) -> list[int] | None:
+        if ids is not None and (not ids or any(b <= a for a, b in zip(ids, ids[1:]))):
+            raise ValueError(f"target layers must be a strictly increasing list, got {ids}")
+        return ids
+
+
+def layer_ids(opts: TrainOptions, target: LoadedTarget) -> list[int]:
+    ids = opts.target_layers or default_layer_ids(target.model.args.num_layers, 4)
+    if opts.kind == "eagle3" and -1 in ids:
+        raise TrainingError("an EAGLE-3 drafter cannot tap the embedding output (-1)")
+    return ids
+
+
+def prepare_cache(opts: TrainOptions, target: LoadedTarget, ids: list[int], log) -> tuple[Path, dict]:
+    """Build the cache unless a matching one exists (one cache serves all three kinds)."""
+    directory = opts.cache_dir or cache_root() / "train-cache" / f"{target.digest.hex()[:16]}-{'_'.join(map(str, ids))}"
+    want = expected_manifest(target, ids, opts.topk)
+    if not (directory / "manifest.json").exists():
+        tok = target.tokenizer
+        eot = target.eos_token_ids[0]
+        samples: list = []
+        if opts.gen_minutes > 0:
+            prompts, _ = data.function_prompts()
+            gen_prompts = [p for pair in zip(data.GENERAL_PROMPTS * 50, prompts) for p in pair]
+            engine = build_engine(EngineConfig(model=opts.model, method="ar", max_batch=32,
+                                               max_context=opts.max_len + opts.gen_max_new_tokens + 8), target)
+            samples += data.generated_samples(engine, tok, gen_prompts, opts.gen_max_new_tokens, opts.max_len,
+                                              opts.gen_minutes, opts.seed, log)
+            del engine
+        n_generated = len(samples)
+        if opts.stdlib_tokens:
+            samples += data.stdlib_samples(tok, eot, opts.stdlib_tokens, opts.max_len, opts.seed)
+        if not samples:
+            raise TrainingError("no training data: give --gen-minutes or --stdlib-tokens")
+        sources = {
+            "generated": {"prompts": "engine/train/data.py: 'write a function' requests from Python stdlib "
+                                     "signatures + docstrings (every 20th held out), and GENERAL_PROMPTS; "
+                                     "none from shared/eval", "sampling": "T=0.7 top_p=0.8",
+                          "responses": n_generated,
+                          "tokens": sum(sum(s.loss_mask) for s in samples[:n_generated])},
+            "stdlib": {"root": str(data.stdlib_files()[0].parent) if data.stdlib_files() else "",
+                       "chunks": len(samples) - n_generated,
+                       "tokens": sum(sum(s.loss_mask) for s in samples[n_generated:])},
+        }
+        log(f"scoring {len(samples)} sequences ({sum(len(s.input_ids) for s in samples)} tokens) with the target")
+        build_cache(target, samples, directory, ids, opts.topk, sources=sources)
+    return directory, open_cache(directory, want)
+
+
+def run(opts: TrainOptions, log=print) -> dict:
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    state_file = opts.out / STATE_FILE
+    if state_file.exists() and not opts.resume:
+        raise TrainingError(f"{opts.out} holds an unfinished or finished run ({STATE_FILE}); "
+                            "pass --resume to continue it or choose another --out")
+    if opts.resume and not state_file.exists():
+        raise TrainingError(f"--resume: {state_file} does not exist")
+    target = load_target(opts.model, torch.float32)
+    ids = layer_ids(opts, target)
+    t0 = time.monotonic()
+    cache_dir, manifest = prepare_cache(opts, target, ids, log)
+    cache_seconds = time.monotonic() - t0
+    sequences = load_sequences(cache_dir, manifest)
+    if opts.resume:   # the weights come from the saved state; the stored config gives the shapes
+        config = json.loads((opts.out / DRAFT_CONFIG).read_text())
+        module = build_module(parse_config(config, DRAFT_CONFIG), None)
+    else:
+        config, state = init_drafter(target, opts.kind, layers=opts.layers, markov_rank=opts.markov_rank,
+                                     markov_type=opts.markov_type, block_size=opts.block_size,
+                                     target_layer_ids=ids, seed=opts.seed)
+        # With the target's LM head, a fresh drafter copies the anchor (its slot-0 input is the anchor's
+        # embedding, whose logit dominates): a small final norm starts it near uniform instead.
+        state["norm.weight"] = state["norm.weight"] * opts.norm_init
+        opts.out.mkdir(parents=True, exist_ok=True)
+        (opts.out / DRAFT_CONFIG).write_text(json.dumps(config))
+        module = build_module(parse_config(config, DRAFT_CONFIG), state)
+    settings = TrainSettings(kind=opts.kind, steps=opts.steps, batch=opts.batch, lr=opts.lr, seed=opts.seed,
+                             max_len=opts.max_len, max_anchors=opts.anchors, minutes=opts.minutes)
+    result = train(module, target.model, sequences, settings, opts.out, config)
+    last = result.history[-20:]
+    summary = {
+        "kind": opts.kind, "steps_done": result.steps_done, "steps": opts.steps, "finished": result.finished,
+        "train_seconds": round(result.seconds, 1), "cache_seconds": round(cache_seconds, 1),
+        "anchors_per_s": round(result.anchors_per_s, 1), "seed": opts.seed, "lr": opts.lr, "batch": opts.batch, "anchors": opts.anchors,
+        "final_loss": sum(h["loss"] for h in last) / max(len(last), 1),
+        "final_accept": [round(sum(h["accept"][t] for h in last) / max(len(last), 1), 4)
+                         for t in range(len(last[0]["accept"]))] if last else [],
+        "data": {"cache": str(cache_dir), "sequences": manifest["sequences"], "tokens": manifest["tokens"],
+                 "topk": manifest["topk"], "sources": manifest.get("sources", {})},
+    }
+    export(module, dict(config, training=summary), opts.out)
+    (opts.out / "train_log.json").write_text(json.dumps(result.history))
+    return summary
+

@@ -1,0 +1,170 @@
+"""The training loop (reference §3.4): AdamW, linear warmup then cosine to 0, grad clip 1.0.
+
+Deterministic with a seed: step n draws its sequences and anchors from a generator seeded with
+(seed, n), so a resumed run replays exactly what an uninterrupted one would. The resumable state
+(`train_state.pt`: weights, optimizer, step) is written atomically every `save_every` steps, at
+the end, when the time budget runs out and on Ctrl-C; the drafter itself (DeepSpec format) is
+written when the run ends, by steps or by time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from engine.drafters.checkpoint import save_checkpoint
+from engine.model import TargetModel
+from engine.train.blocks import dspark_sequence_loss, eagle3_sequence_loss
+from engine.train.cache import CachedSequence
+from engine.train.modules import DSparkTrainable, Eagle3Trainable
+
+STATE_FILE = "train_state.pt"
+
+
+class TrainingError(ValueError):
+    pass
+
+
+@dataclass
+class TrainSettings:
+    kind: str                          # dspark | dflash | eagle3
+    steps: int
+    batch: int = 4                     # sequences per optimizer step
+    lr: float = 6e-4
+    warmup: float = 0.04
+    clip: float = 1.0
+    max_anchors: int = 512
+    max_len: int = 512                 # EAGLE-3 window
+    seed: int = 42
+    save_every: int = 100
+    minutes: float | None = None       # stop (resumably) after this long
+    on_step: Callable[[int, dict], None] | None = None
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    finished: bool                     # all `steps` done (False: stopped by the time budget)
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    anchors_per_s: float = 0.0
+
+
+def lr_at(step: int, s: TrainSettings, elapsed_fraction: float = 0.0) -> float:
+    """Warmup over the first 4% then cosine to 0. Progress counts steps, or the share of the time
+    budget already spent when that is further along (a --minutes run then ends with its LR at 0,
+    at the price of bit-reproducibility)."""
+    warm = max(1, round(s.warmup * s.steps))
+    if step < warm and elapsed_fraction < s.warmup:
+        return s.lr * max((step + 1) / warm, elapsed_fraction / s.warmup)
+    progress = max((step - warm) / max(1, s.steps - warm), (elapsed_fraction - s.warmup) / (1 - s.warmup))
+    return s.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_module(config, state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    """The trainable twin of a drafter config, with `state` loaded (names must match exactly)."""
+    module = Eagle3Trainable(config) if config.kind == "eagle3" else DSparkTrainable(config)
+    if state is not None:
+        module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return module
+
+
+def train(module: torch.nn.Module, target: TargetModel, data: list[CachedSequence], settings: TrainSettings,
+          out: Path, config: dict) -> TrainResult:
+    """Train `module` in place; resumes from out/train_state.pt when it exists."""
+    if not data:
+        raise TrainingError("the training set is empty")
+    out.mkdir(parents=True, exist_ok=True)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=settings.lr,
+                            betas=(0.9, 0.999), weight_decay=0.0)
+    step = 0
+    state_path = out / STATE_FILE
+    if state_path.exists():
+        saved = torch.load(state_path, weights_only=True)
+        if saved["kind"] != settings.kind or saved["steps"] != settings.steps or saved["seed"] != settings.seed:
+            raise TrainingError(f"{state_path} is a {saved['kind']} run of {saved['steps']} steps with seed "
+                                f"{saved['seed']}; this one asks for {settings.kind}, {settings.steps}, "
+                                f"{settings.seed} (use another --out or the same settings)")
+        module.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        step = saved["step"]
+    result = TrainResult(steps_done=step, finished=False)
+    deadline = None if settings.minutes is None else time.monotonic() + settings.minutes * 60
+    start, anchors = time.monotonic(), 0
+    bar = tqdm(total=settings.steps, initial=step, desc=f"train {settings.kind}", unit="step", mininterval=5)
+    try:
+        while step < settings.steps:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            spent = 0.0 if deadline is None else (time.monotonic() - start) / (settings.minutes * 60)
+            metrics = _step(module, target, data, settings, opt, step, spent)
+            step += 1
+            anchors += metrics.pop("anchors")
+            rate = anchors / max(time.monotonic() - start, 1e-9)
+            metrics.update(step=step, anchors_per_s=round(rate, 1))
+            result.history.append(metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc1=f"{metrics['accept'][0]:.2f}",
+                            anchors_s=f"{rate:.0f}")
+            bar.update(1)
+            if settings.on_step is not None:
+                settings.on_step(step, metrics)
+            if step % settings.save_every == 0:
+                _save_state(state_path, module, opt, step, settings)
+    except KeyboardInterrupt:
+        _save_state(state_path, module, opt, step, settings)
+        bar.close()
+        raise
+    bar.close()
+    _save_state(state_path, module, opt, step, settings)
+    result.steps_done, result.finished = step, step >= settings.steps
+    result.seconds = time.monotonic() - start
+    result.anchors_per_s = anchors / max(result.seconds, 1e-9)
+    return result
+
+
+def _step(module, target, data, settings: TrainSettings, opt, step: int, spent: float) -> dict:
+    g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+    picks = torch.randint(0, len(data), (settings.batch,), generator=g).tolist()
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, settings, spent)
+    opt.zero_grad(set_to_none=True)
+    parts, anchors = [], 0
+    for i in picks:
+        seq = data[i]
+        if settings.kind == "eagle3":
+            loss = eagle3_sequence_loss(module, target, seq, settings.max_len, g)
+        else:
+            loss = dspark_sequence_loss(module, target, seq, settings.max_anchors, g,
+                                        ce_only=settings.kind == "dflash")
+        if loss is None:
+            continue
+        (loss.total / settings.batch).backward()
+        parts.append(loss)
+        anchors += min(len(seq.input_ids), settings.max_anchors if settings.kind != "eagle3" else settings.max_len)
+    torch.nn.utils.clip_grad_norm_(module.parameters(), settings.clip)
+    opt.step()
+    n = max(len(parts), 1)
+    width = max((len(p.accept) for p in parts), default=1)
+    accept = [sum(p.accept[t] for p in parts if t < len(p.accept)) / n for t in range(width)]
+    return {"loss": sum(p.total.item() for p in parts) / n, "ce": sum(p.ce for p in parts) / n,
+            "l1": sum(p.l1 for p in parts) / n, "conf": sum(p.conf for p in parts) / n,
+            "accept": [round(a, 4) for a in accept], "lr": opt.param_groups[0]["lr"], "anchors": anchors}
+
+
+def _save_state(path: Path, module, opt, step: int, settings: TrainSettings) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": module.state_dict(), "optimizer": opt.state_dict(), "step": step, "kind": settings.kind,
+                "steps": settings.steps, "seed": settings.seed}, tmp)
+    os.replace(tmp, path)
+
+
+def export(module: torch.nn.Module, config: dict, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """The DeepSpec-format drafter: config.json + model.safetensors (shared embeddings left out)."""
+    return save_checkpoint(out, config, dict(module.state_dict()), dtype=dtype)

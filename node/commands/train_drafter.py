@@ -1,0 +1,81 @@
+"""`dspark-node train-drafter`: train a DSpark, DFlash or EAGLE-3 drafter for a target on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from engine.config import EMBEDDED_MODEL
+from engine.loading import ModelLoadError
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer ids, got {text!r}") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-drafter", help="train a drafter (DSpark, DFlash or EAGLE-3) for a target",
+                       description="Build the target cache (target-generated responses + stdlib code scored by "
+                                   "the target), train with the DeepSpec losses, write a DeepSpec checkpoint.")
+    p.add_argument("--kind", choices=["dspark", "dflash", "eagle3"], default="dspark")
+    p.add_argument("--target", default=EMBEDDED_MODEL, help="target model (default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="output drafter directory (also holds the resumable state)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="target cache directory (default: under ~/.cache/dspark-node/train-cache)")
+    p.add_argument("--layers", type=int, default=1, help="drafter layers (DSpark/DFlash; EAGLE-3 has 1)")
+    p.add_argument("--markov-rank", type=int, default=64)
+    p.add_argument("--markov-type", choices=["vanilla", "gated", "rnn"], default="vanilla")
+    p.add_argument("--block-size", type=int, default=7)
+    p.add_argument("--target-layers", type=_layer_list, default=None,
+                   help="tapped target layers, e.g. 1,10,18,27 (default: 4 evenly spaced)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the LR schedule spans them)")
+    p.add_argument("--minutes", type=float, default=None, help="stop after this long (resumable)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--anchors", type=int, default=512, help="anchors (blocks) per sequence, at most")
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--gen-minutes", type=float, default=5.0, help="time for target-generated responses")
+    p.add_argument("--gen-max-new-tokens", type=int, default=256)
+    p.add_argument("--stdlib-tokens", type=int, default=100_000, help="tokens of stdlib code scored by the target")
+    p.add_argument("--max-len", type=int, default=512, help="tokens per training sequence")
+    p.add_argument("--topk", type=int, default=8, help="target probabilities kept per token in the cache")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.train.cache import CacheError
+    from engine.train.pipeline import TrainOptions, run as run_pipeline
+    from engine.train.trainer import TrainingError
+    from engine.drafters.checkpoint import CheckpointError
+
+    try:
+        opts = TrainOptions(kind=args.kind, model=args.target, out=args.out, cache_dir=args.cache_dir,
+                            layers=args.layers, markov_rank=args.markov_rank, markov_type=args.markov_type,
+                            block_size=args.block_size, target_layers=args.target_layers, steps=args.steps,
+                            minutes=args.minutes, batch=args.batch, anchors=args.anchors, lr=args.lr,
+                            seed=args.seed, resume=args.resume, gen_minutes=args.gen_minutes,
+                            gen_max_new_tokens=args.gen_max_new_tokens, stdlib_tokens=args.stdlib_tokens,
+                            max_len=args.max_len, topk=args.topk, threads=args.threads)
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        print(f"error: {problems}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_pipeline(opts, log=lambda line: print(line, file=sys.stderr))
+    except (ModelLoadError, CacheError, TrainingError, CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the state is saved, continue with --resume --out {args.out}", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2))
+    return 0
