@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.api import GenerationRequest, SamplingParams
+from engine.calibration import calibration_metrics
 from engine.build import DTYPES, build_engine
 from engine.config import EngineConfig
 from engine.loading import LoadedTarget, load_target
@@ -31,8 +32,10 @@ class MethodRun:
     accepted: int = 0
     reached: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
+    confidence_samples: list[tuple[int, float, bool]] = field(default_factory=list)
 
     def add_stats(self, stats) -> None:
+        self.confidence_samples.extend(stats.confidence_samples)
         self.rounds += stats.rounds
         self.accepted += stats.accepted_tokens
         for k, (r, a) in enumerate(zip(stats.reached, stats.accepted_at)):
@@ -110,6 +113,8 @@ def run_bench(settings: BenchSettings, prompts: list[str], progress=print) -> di
             "tokens_per_s": statistics.median(run.tokens_per_s),
             "tau": (run.accepted + run.rounds) / run.rounds if run.rounds else None,
             "per_position_acceptance": [a / r if r else 0.0 for a, r in zip(run.accepted_at, run.reached)],
+            # per draft position: ECE / AUROC / Brier of the running confidence product (DSpark only)
+            "calibration": calibration_metrics(run.confidence_samples) if run.confidence_samples else None,
             "exact_match": exact,
             "output_tokens": sum(map(len, run.outputs)),
         })
