@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from node.http_server import _host_of
 from node.p2p.failover import NetworkResult
 
 Kind = Literal["chat", "completion"]
+log = logging.getLogger(__name__)
 
 
 def _extension(outcome: NetworkResult) -> Extension:
@@ -55,8 +57,17 @@ def _receipt_headers(outcome: NetworkResult) -> dict[str, str]:
 
 
 async def _error_response(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)   # registered for ApiError only
-    return exc.response()
+    return _as_api_error(exc).response()
+
+
+def _as_api_error(exc: BaseException) -> ApiError:
+    """An ApiError as it is; anything else is a bug: logged here, and the client gets a reference
+    to the log line, never the exception text."""
+    if isinstance(exc, ApiError):
+        return exc
+    reference = secrets.token_hex(6)
+    log.error("unexpected error (reference %s)", reference, exc_info=exc)
+    return ApiError(500, f"internal error in the gateway (reference {reference} in its log)")
 
 
 class GatewayApp:
@@ -67,7 +78,7 @@ class GatewayApp:
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/completions", self._completion, methods=["POST"]),
             Route("/v1/models", self._models, methods=["GET"]),
-        ], exception_handlers={ApiError: _error_response})
+        ], exception_handlers={ApiError: _error_response, Exception: _error_response})
 
     def _account(self, request: Request) -> str:
         """The spending account of the request's key; raises 401/403."""
@@ -108,15 +119,15 @@ class GatewayApp:
         if not params.stream:
             outcome = await task
             return JSONResponse(stream.whole(outcome).model_dump(), headers=_receipt_headers(outcome))
+        task.add_done_callback(lambda _: stream.queue.put_nowait(None))     # the end of the text
         # Hold the response until the first token (or the end): errors before it are plain HTTP errors.
-        getter = asyncio.ensure_future(stream.queue.get())
-        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-        if not getter.done():
-            getter.cancel()
+        try:
+            first = await stream.queue.get()
+        except asyncio.CancelledError:        # the client left before the first token
+            task.cancel()
+            raise
+        if first is None:
             task.result()          # raises the ApiError of a job that failed before any text
-            first = None
-        else:
-            first = getter.result()
         return StreamingResponse(stream.events(task, first), media_type="text/event-stream",
                                  headers={"x-dspark-worker": stream.worker, "cache-control": "no-cache"})
 
@@ -127,7 +138,7 @@ class _Stream:
     def __init__(self, kind: Kind, params: JobParams):
         self.kind = kind
         self.params = params
-        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()   # streamed text, then None at the end
         self.worker = ""
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
@@ -161,23 +172,15 @@ class _Stream:
         try:
             if self.kind == "chat":
                 yield self._chunk("")           # OpenAI's first chunk: the role, no text
-            if first:
-                yield self._chunk(first)
-            while True:
-                getter = asyncio.ensure_future(self.queue.get())
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    break
-                if text := getter.result():
+            text = first
+            while text is not None:
+                if text:
                     yield self._chunk(text)
-            while not self.queue.empty():       # text that came with the end
-                if text := self.queue.get_nowait():
-                    yield self._chunk(text)
+                text = await self.queue.get()
             try:
                 outcome = task.result()
-            except ApiError as exc:           # the worker died after the first token: end with an error
-                yield f"data: {json.dumps(exc.body())}\n\n"
+            except Exception as exc:          # e.g. the worker died after the first token: end with an error
+                yield f"data: {json.dumps(_as_api_error(exc).body())}\n\n"
                 return
             yield self._chunk(None if self.kind == "chat" else "", outcome.result.finish_reason,
                               dspark=_extension(outcome))

@@ -4,6 +4,7 @@ and the official `openai` SDK as the client. Tests run in file order; the last o
 from __future__ import annotations
 
 import signal
+import time
 
 import httpx
 import openai
@@ -149,6 +150,26 @@ def test_budget_stops_new_requests_and_survives_a_restart(gateway_factory, netwo
         openai.OpenAI(base_url=again.base_url, api_key="x", max_retries=0).chat.completions.create(
             model=network.model, messages=messages, max_tokens=4)
     assert caught.value.status_code == 402
+
+
+def test_a_client_leaving_mid_stream_cancels_the_job_on_its_worker(client, network):
+    stream = client.chat.completions.create(model=network.model, messages=[{"role": "user", "content": PROMPT}],
+                                            max_tokens=2000, temperature=0, stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    stream.close()
+    deadline = time.monotonic() + 30
+    while True:       # the worker's ledger gets the job's 'cancelled' receipt, billed for what it produced
+        worker = Ledger.open_readonly(network.cheap.data_dir / "ledger.sqlite3")
+        try:
+            (latest,) = worker.latest(1)
+        finally:
+            worker.close()
+        if latest.outcome == "cancelled" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert latest.outcome == "cancelled" and 0 < latest.output_tokens < 2000
 
 
 def test_a_dead_worker_fails_over_before_the_first_token(client, network):

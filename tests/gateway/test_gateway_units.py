@@ -27,7 +27,8 @@ def test_chat_maps_one_to_one():
                                     "temperature": 0.3, "top_p": 0.9, "max_completion_tokens": 5, "seed": 3,
                                     "stop": "\n", "stream": True, "stream_options": {"include_usage": True}})
     assert params.prompt == {"chat": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]}
-    assert (params.temperature, params.top_p, params.max_new_tokens, params.seed, params.stop) == (0.3, 0.9, 5, 3, ("\n",))
+    assert (params.temperature, params.top_p, params.max_new_tokens) == (0.3, 0.9, 5)
+    assert (params.seed, params.stop) == (3, ("\n",))
     assert params.stream and params.include_usage
 
 
@@ -119,3 +120,18 @@ def test_audit_names_a_forked_worker_a_broken_chain_and_a_bad_ack(tmp_path, work
     problems = [str(p) for p in audit_store(store).problems]
     store.close()
     assert problems and "chain broken" in problems[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--listen", "0.0.0.0:8080", "--bootstrap", "/ip4/127.0.0.1/tcp/1"], "not a loopback address: give --api-key"),
+    (["--bootstrap", "/ip4/127.0.0.1/tcp/1", "--api-key", "short"], "--api-key: an API key must be at least 16"),
+    (["--bootstrap", "/ip4/127.0.0.1/tcp/1", "--budget", "-5"], "--budget: Input should be greater than or equal"),
+    (["--bootstrap", "not-a-multiaddr"], "--bootstrap: 'not-a-multiaddr' is not a multiaddr"),
+    ([], "give --bootstrap MULTIADDR (or --mdns)"),
+])
+def test_gateway_command_refuses_bad_flags_before_starting(tmp_path, capsys, flags, message):
+    from node.cli import main
+
+    assert main(["gateway", "--data-dir", str(tmp_path / "gw"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "gw").exists()          # nothing written: no key, no store
