@@ -23,7 +23,6 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
-from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
@@ -224,10 +223,6 @@ class P2PHost:
         """Start a background trio task in the host's nursery (trio side; ends with the host)."""
         self._nursery.start_soon(fn, *args)
 
-    async def connect(self, info: PeerInfo) -> bool:
-        """Dial a peer (trio side) and add it to the DHT routing table; False if unreachable."""
-        return await self._dial(info)
-
     async def _keep_bootstrapped(self) -> None:
         """Dial the bootstrap peers until one is connected, and again whenever all of them drop."""
         while self._bootstrap:
@@ -252,7 +247,3 @@ class P2PHost:
                     pass
 
         peerDiscovery.register_peer_discovered_handler(discovered)
-
-
-def peer_id_of(text: str) -> ID:
-    return ID.from_base58(text)
