@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from engine.api import GenerationRequest, SamplingParams
 from engine.drafters.checkpoint import save_checkpoint
 from engine.drafters.init import init_drafter
-from engine.loading import LoadedTarget, load_target
+from engine.loading import LoadedTarget
 from engine.testing import make_tiny_model
 
 EMBED_SCALE = 1.0
