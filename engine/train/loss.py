@@ -94,6 +94,6 @@ def eagle3_loss(step_logits: list[torch.Tensor], step_targets: list[torch.Tensor
         total = total + EAGLE_STEP_DECAY ** s * step
         ce_sum += step.item()
         sup = None if support is None else support[s]
-        c_star = (1.0 - 0.5 * l1_distance(logp.exp(), p_t.float(), sup)).clamp(0, 1)
+        c_star = (1.0 - 0.5 * l1_distance(logp.detach().exp(), p_t.float(), sup)).clamp(0, 1)
         accept.append(float((c_star * valid).sum() / n))
     return LossParts(total, ce_sum / len(step_logits), math.nan, math.nan, accept)

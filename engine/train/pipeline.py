@@ -75,7 +75,8 @@ def prepare_cache(opts: TrainOptions, target: LoadedTarget, ids: list[int], log)
         if opts.gen_minutes > 0:
             prompts, _ = data.function_prompts()
             gen_prompts = [p for pair in zip(data.GENERAL_PROMPTS * 50, prompts) for p in pair]
-            engine = build_engine(EngineConfig(model=opts.model, method="ar", max_batch=32,
+            # A few requests at a time: on a loaded CPU, prefilling a big batch could eat the whole budget.
+            engine = build_engine(EngineConfig(model=opts.model, method="ar", max_batch=8,
                                                max_context=opts.max_len + opts.gen_max_new_tokens + 8), target)
             samples += data.generated_samples(engine, tok, gen_prompts, opts.gen_max_new_tokens, opts.max_len,
                                               opts.gen_minutes, opts.seed, log)

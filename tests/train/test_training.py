@@ -1,0 +1,96 @@
+"""Training on the tiny target: the loss goes down, runs are reproducible and resumable, and the
+exported checkpoint is one the engine serves, losslessly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.build import build_engine
+from engine.config import EngineConfig
+from engine.drafters.checkpoint import load_checkpoint, parse_config
+from engine.drafters.init import init_drafter
+from engine.train.blocks import dspark_sequence_loss
+from engine.train.trainer import STATE_FILE, TrainingError, TrainSettings, build_module, export, train
+from tests.drafters.helpers import request
+
+
+def fresh(target, kind="dspark"):
+    config, state = init_drafter(target, kind, layers=1, markov_rank=16, block_size=4,
+                                 target_layer_ids=[0, 2] if kind == "eagle3" else [-1, 1], seed=0)
+    state["norm.weight"] = state["norm.weight"] * 0.1
+    return config, build_module(parse_config(config, "test"), state)
+
+
+def settings(kind="dspark", steps=6, **kw):
+    return TrainSettings(kind=kind, steps=steps, batch=2, lr=3e-3, max_anchors=48, max_len=64, seed=5,
+                         save_every=2, **kw)
+
+
+def eval_loss(module, target, sequences) -> float:
+    with torch.no_grad():
+        parts = [dspark_sequence_loss(module, target.model, s, 10_000, torch.Generator().manual_seed(0), False)
+                 for s in sequences[:6]]
+    return sum(float(p.total) for p in parts if p is not None)
+
+
+def test_a_few_steps_reduce_the_loss(target, sequences, tmp_path):
+    config, module = fresh(target)
+    before = eval_loss(module, target, sequences)
+    s = settings(steps=40)
+    s.lr = 1e-2
+    result = train(module, target.model, sequences, s, tmp_path, config)
+    assert result.finished and result.steps_done == 40
+    after = eval_loss(module, target, sequences)
+    assert after < 0.85 * before
+    assert result.anchors_per_s > 0
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_baselines_train_too(target, sequences, tmp_path, kind):
+    config, module = fresh(target, kind)
+    history = train(module, target.model, sequences, settings(kind, steps=12), tmp_path, config).history
+    assert sum(h["loss"] for h in history[-3:]) < sum(h["loss"] for h in history[:3])
+
+
+def test_resume_gives_the_uninterrupted_result(target, sequences, tmp_path):
+    config, whole = fresh(target)
+    train(whole, target.model, sequences, settings(steps=6), tmp_path / "whole", config)
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def stop_at_3(step, metrics):
+        if step == 3:
+            raise Stop()
+
+    config, part = fresh(target)
+    with pytest.raises(KeyboardInterrupt):               # Ctrl-C mid-run: the state is saved
+        train(part, target.model, sequences, settings(steps=6, on_step=stop_at_3), tmp_path / "part", config)
+    assert torch.load(tmp_path / "part" / STATE_FILE, weights_only=True)["step"] == 3
+    config, resumed = fresh(target)
+    result = train(resumed, target.model, sequences, settings(steps=6), tmp_path / "part", config)
+    assert result.steps_done == 6 and len(result.history) == 3
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    with pytest.raises(TrainingError, match="seed"):     # another run's state is not silently reused
+        train(resumed, target.model, sequences, TrainSettings(kind="dspark", steps=6, seed=6), tmp_path / "part",
+              config)
+
+
+def test_the_exported_drafter_is_served_losslessly(target, sequences, tmp_path):
+    config, module = fresh(target)
+    train(module, target.model, sequences, settings(steps=10), tmp_path / "run", config)
+    path = export(module, config, tmp_path / "drafter")
+    ckpt = load_checkpoint(path, target)
+    assert ckpt.config.shares_target_embeddings and "embed_tokens.weight" not in ckpt.weights
+    prompt = sequences[0].input_ids[:30].tolist()
+
+    def run(method, drafter=None):
+        engine = build_engine(EngineConfig(model=str(target.path), method=method, drafter=drafter, max_batch=1,
+                                           max_context=128, block_size=4), target)
+        return engine.generate(request(prompt, max_new_tokens=24))
+
+    plain, spec = run("ar"), run("dspark", str(path))
+    assert spec.output_ids == plain.output_ids
+    assert spec.stats.rounds > 0
