@@ -55,6 +55,7 @@ class BenchSettings:
     temperature: float = 0.0
     drafter: str | None = None
     block_size: int = 7
+    confidence_threshold: float = 0.0
     seed: int = 0
 
 
@@ -70,6 +71,7 @@ def _runner(method: str, settings: BenchSettings, target: LoadedTarget):
         return lambda ids, n: (peer.generate(ids, n, target.eos_token_ids), None)
     engine = build_engine(EngineConfig(model=settings.model, method=method, drafter=settings.drafter,
                                        dtype=settings.dtype, block_size=settings.block_size, max_batch=1,
+                                       confidence_threshold=settings.confidence_threshold,
                                        max_context=max(4096, settings.max_new_tokens + 2048)), target)
 
     def run(ids: list[int], n: int):

@@ -22,7 +22,7 @@ SERVING_METHODS = {
     "ar": ("ar", "static", 0.0),
     "ngram": ("ngram", "static", 0.0),
     "dspark-fixed": ("dspark", "static", 0.0),
-    "dspark-threshold": ("dspark", "static", 0.5),
+    "dspark-threshold": ("dspark", "static", None),  # --confidence-threshold, 0.5 if unset
     "dspark-scheduled": ("dspark", "sync", 0.0),
     "dspark-async": ("dspark", "async", 0.0),
 }
@@ -68,6 +68,8 @@ def run_serving_bench(settings: BenchSettings, prompts: list[str], concurrencies
     engines = {}
     for name in settings.methods:
         method, scheduler, threshold = SERVING_METHODS[name]
+        if threshold is None:
+            threshold = settings.confidence_threshold or 0.5
         engines[name] = build_engine(EngineConfig(
             model=settings.model, method=method, drafter=settings.drafter, dtype=settings.dtype,
             block_size=settings.block_size, scheduler=scheduler, confidence_threshold=threshold,

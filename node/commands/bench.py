@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         prompts = load_first_turns(args.prompts, args.limit)
         settings = BenchSettings(model=args.model, methods=methods, max_new_tokens=args.max_new_tokens,
                                  dtype=args.dtype, temperature=args.temperature, drafter=args.drafter,
-                                 block_size=args.block_size, seed=args.seed)
+                                 block_size=args.block_size, seed=args.seed,
+                                 confidence_threshold=args.confidence_threshold)
         report = run_bench(settings, prompts, progress=lambda line: print(line, file=sys.stderr))
     except (ValidationError, ModelLoadError, PromptFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -78,7 +79,8 @@ def run_serving(args: argparse.Namespace, methods: list[str]) -> int:
         prompts = load_first_turns(args.prompts, args.limit)
         settings = BenchSettings(model=args.model, methods=methods, max_new_tokens=args.max_new_tokens,
                                  dtype=args.dtype, temperature=args.temperature, drafter=args.drafter,
-                                 block_size=args.block_size, seed=args.seed)
+                                 block_size=args.block_size, seed=args.seed,
+                                 confidence_threshold=args.confidence_threshold)
         report = run_serving_bench(settings, prompts, levels, progress=lambda line: print(line, file=sys.stderr))
     except (ValidationError, ModelLoadError, PromptFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

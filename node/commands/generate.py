@@ -24,6 +24,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--block-size", type=int, default=7, help="draft tokens per round (default: %(default)s)")
+    parser.add_argument("--confidence-threshold", type=float, default=0.0,
+                        help="dspark: verify drafts only up to the first confidence below this (0 = off)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def engine_config(args: argparse.Namespace, method: str, max_context: int = 4096) -> EngineConfig:
     return EngineConfig(model=args.model, method=method, drafter=args.drafter, dtype=args.dtype,
-                        device=args.device, block_size=args.block_size, max_batch=1, max_context=max_context)
+                        device=args.device, block_size=args.block_size, max_batch=1, max_context=max_context,
+                        confidence_threshold=args.confidence_threshold)
 
 
 def run(args: argparse.Namespace) -> int:
