@@ -113,6 +113,8 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
 
     drafter = Path(drafter)
     config_file = drafter / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{drafter}: no config.json (a DeepSpec drafter directory is expected)")
     engine = build_engine(EngineConfig(model=model, method="dspark", drafter=str(drafter), max_batch=8,
                                        max_context=2048))
     c = engine.drafter.config
