@@ -41,6 +41,10 @@ BOOTSTRAP_RETRY_S = 2.0     # re-dial bootstrap peers while connected to none of
 # One connection per peer (a second one costs a ~250 ms dial delay per connect), and watermarks
 # sized for a market of tens of peers: the library's defaults (50..100) make the auto-connector
 # re-dial every known peer, dead ones included, every few seconds.
+# py-libp2p drops messages beyond 10 per second per forwarding peer and topic: a relay carrying
+# the adverts of 50+ workers (or a burst after a stall) exceeds that and its peers go blind.
+# Adverts are bounded by the validator (signed, one live sequence per worker) instead.
+MAX_RELAYED_PER_S = 500.0
 CONNECTIONS = ConnectionConfig(max_connections_per_peer=1, min_connections=8, low_watermark=16,
                                high_watermark=64, max_connections=128)
 
@@ -188,7 +192,8 @@ class P2PHost:
             connection_config=CONNECTIONS)
         gossipsub = GossipSub(
             protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID], degree=6, degree_low=4,
-            degree_high=12, heartbeat_initial_delay=0.1, heartbeat_interval=1)
+            degree_high=12, heartbeat_initial_delay=0.1, heartbeat_interval=1,
+            max_messages_per_topic_per_second=MAX_RELAYED_PER_S)
         self.pubsub = Pubsub(self.host, gossipsub)
         self.dht = KadDHT(self.host, DHTMode.SERVER if self.config.dht_server else DHTMode.CLIENT)
         self._stop_event = trio.Event()
