@@ -33,6 +33,7 @@ from node.http_server import _host_of
 from node.p2p.failover import NetworkResult
 
 Kind = Literal["chat", "completion"]
+MAX_BODY_BYTES = 4 * 1024 * 1024      # a prompt far beyond any worker's context still fits
 log = logging.getLogger(__name__)
 
 
@@ -107,8 +108,13 @@ class GatewayApp:
 
     async def _complete(self, request: Request, kind: Kind) -> Response:
         account = self._account(request)
+        raw = bytearray()
+        async for part in request.stream():     # read at most MAX_BODY_BYTES, whatever Content-Length says
+            raw += part
+            if len(raw) > MAX_BODY_BYTES:
+                raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="body_too_large")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the request body is not JSON: {exc}") from None
         params = parse_request(kind, body)

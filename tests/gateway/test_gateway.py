@@ -120,6 +120,15 @@ def test_keys_and_unknown_model(gateway, client):
     assert caught.value.body["code"] == "model_not_found"
 
 
+def test_bodies_that_are_not_requests(gateway):
+    url, auth = f"{gateway.base_url}/chat/completions", {"Authorization": f"Bearer {API_KEY}"}
+    not_json = httpx.post(url, content=b"{not json", headers=auth)
+    assert not_json.status_code == 400 and "not JSON" in not_json.json()["error"]["message"]
+    huge = httpx.post(url, content=b"x" * (5 * 1024 * 1024), headers=auth, timeout=60)
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
+    assert httpx.post(url, json=[1, 2], headers=auth).status_code == 400
+
+
 def test_receipts_commands_work_on_the_gateway_dir(gateway, capsys):
     capsys.readouterr()
     assert cli_main(["receipts", "verify", "--data-dir", str(gateway.data_dir)]) == 0
