@@ -56,25 +56,6 @@ async def test_every_client_sees_every_worker_within_seconds(network):
 
 
 @pytest.mark.asyncio
-async def test_dht_provider_records_find_the_worker_of_a_model(peer_factory):
-    """On a network of its own: py-libp2p 0.8.1 lookups stall 10 s on every departed peer left
-    in routing tables (the other tests' clients), which would only measure that."""
-    hub = peer_factory("--ttl", str(TTL_S))
-    provider = peer_factory("--model", "dht-model", "--ttl", str(TTL_S), "--bootstrap", hub.addr)
-    client = await joined(hub.addr)
-    try:
-        deadline = time.monotonic() + 45  # py-libp2p lookups wait 10 s on each silent peer
-        providers: list[str] = []
-        while provider.peer_id not in providers and time.monotonic() < deadline:
-            providers = await client.network.providers("dht-model")
-            await asyncio.sleep(0.3)
-        assert providers == [provider.peer_id], f"providers of dht-model: {providers}"
-        assert await client.network.providers("no-such-model") == []
-    finally:
-        await client.stop()
-
-
-@pytest.mark.asyncio
 async def test_new_worker_becomes_visible_then_disappears_after_its_ttl(network, peer_factory):
     client = await joined(network[1].addr)
     try:
@@ -178,3 +159,22 @@ def test_model_cid_is_a_cidv1_raw_sha256_of_the_documented_name():
     assert cid.version == 1 and str(cid.codec) == "raw"
     assert cid.multihash == bytes([0x12, 0x20]) + hashlib.sha256(b"dspark/model/smollm2-135m-instruct").digest()
     assert model_cid("a") != model_cid("b")
+
+
+@pytest.mark.asyncio
+async def test_dht_provider_records_find_the_worker_of_a_model(peer_factory):
+    """On a network of its own: py-libp2p 0.8.1 lookups stall 10 s on every departed peer left
+    in routing tables (the other tests' clients), which would only measure that."""
+    hub = peer_factory("--ttl", str(TTL_S))
+    provider = peer_factory("--model", "dht-model", "--ttl", str(TTL_S), "--bootstrap", hub.addr)
+    client = await joined(hub.addr)
+    try:
+        deadline = time.monotonic() + 45  # py-libp2p lookups wait 10 s on each silent peer
+        providers: list[str] = []
+        while provider.peer_id not in providers and time.monotonic() < deadline:
+            providers = await client.network.providers("dht-model")
+            await asyncio.sleep(0.3)
+        assert providers == [provider.peer_id], f"providers of dht-model: {providers}"
+        assert await client.network.providers("no-such-model") == []
+    finally:
+        await client.stop()
