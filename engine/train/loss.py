@@ -31,6 +31,7 @@ class LossParts:
     l1: float
     conf: float
     accept: list[float]            # mean c* per position (teacher-forced acceptance), weighted by eval_mask
+    blocks: int = 0                # blocks (DSpark) or positions (EAGLE-3 step 0) supervised
 
 
 def position_weights(eval_mask: torch.Tensor, gamma: float = LOSS_DECAY_GAMMA) -> torch.Tensor:
@@ -77,7 +78,7 @@ def dspark_loss(draft_logits: torch.Tensor, target_probs: torch.Tensor, labels: 
         total = CE_WEIGHT * l_ce + L1_WEIGHT * l_l1 + CONF_WEIGHT * l_conf
     mask = torch.cumprod(eval_mask.to(torch.float32), dim=-1)
     accept = ((c_star * mask).sum(0) / mask.sum(0).clamp_min(1)).tolist()
-    return LossParts(total, l_ce.item(), l_l1.item(), l_conf.item(), accept)
+    return LossParts(total, l_ce.item(), l_l1.item(), l_conf.item(), accept, int(eval_mask[:, 0].sum()))
 
 
 def eagle3_loss(step_logits: list[torch.Tensor], step_targets: list[torch.Tensor],
@@ -96,4 +97,4 @@ def eagle3_loss(step_logits: list[torch.Tensor], step_targets: list[torch.Tensor
         sup = None if support is None else support[s]
         c_star = (1.0 - 0.5 * l1_distance(logp.detach().exp(), p_t.float(), sup)).clamp(0, 1)
         accept.append(float((c_star * valid).sum() / n))
-    return LossParts(total, ce_sum / len(step_logits), math.nan, math.nan, accept)
+    return LossParts(total, ce_sum / len(step_logits), math.nan, math.nan, accept, int(step_masks[0].sum()))

@@ -147,7 +147,7 @@ def _step(module, target, data, settings: TrainSettings, opt, step: int, spent: 
             continue
         (loss.total / settings.batch).backward()
         parts.append(loss)
-        anchors += min(len(seq.input_ids), settings.max_anchors if settings.kind != "eagle3" else settings.max_len)
+        anchors += loss.blocks
     torch.nn.utils.clip_grad_norm_(module.parameters(), settings.clip)
     opt.step()
     n = max(len(parts), 1)
