@@ -11,6 +11,7 @@ from node.client import ClientError, JobRefused, JobResult, WorkerClient
 from node.gateway.config import GatewayConfig
 from node.gateway.errors import ApiError, network_error
 from node.gateway.openai_schema import JobParams, ModelCard, ModelList
+from node.gateway.pool import WorkerPool
 from node.gateway.receipt_store import STORE_FILE, ReceiptStore
 from node.identity import Identity
 from node.p2p.discovery import Discovery
@@ -27,12 +28,14 @@ class Gateway:
         self.discovery = Discovery(identity, config.bootstrap, mdns=config.mdns)
         self.store = ReceiptStore.open(config.data_dir / STORE_FILE, identity.public_key)
         self._spent: dict[str, int] = {}     # account -> micros, loaded from the store on first use
+        self.pool = WorkerPool()
 
     async def start(self) -> None:
         await self.discovery.start()
 
     async def stop(self) -> None:
         try:
+            await self.pool.close()
             await self.discovery.stop()
         finally:
             self.store.close()
@@ -88,7 +91,7 @@ class Gateway:
                 max_price_per_mtok_micros=self.config.max_price_per_mtok_micros, tls=self.config.tls,
                 timeout_s=self.config.timeout_s, max_attempts=self.config.attempts, on_text=on_text,
                 on_worker=on_worker, on_completed=keep_receipt, failover_after_output=False,
-                discovery_wait_s=0.0)
+                discovery_wait_s=0.0, connect=self.pool.connect)
         except NoWorkerError as exc:
             raise network_error(exc, params.model) from None
 

@@ -28,6 +28,8 @@ from node.p2p.selection import Candidate, rank
 log = logging.getLogger(__name__)
 
 PROBE_TOP = 3            # candidates probed at once (identity check + latency) before choosing
+# How a worker is dialled: WorkerClient.connect's signature (a long-lived caller may keep connections).
+Connect = Callable[..., Awaitable[WorkerClient]]
 
 
 class NoWorkerError(RuntimeError):
@@ -59,14 +61,14 @@ class NetworkResult:
     candidates: list[Candidate] = field(default_factory=list)
 
 
-async def _probe(candidate: Candidate, identity: Identity, tls: str, timeout_s: float
-                 ) -> tuple[Candidate, WorkerClient | None, str]:
+async def _probe(candidate: Candidate, identity: Identity, tls: str, timeout_s: float,
+                 connect: Connect = WorkerClient.connect) -> tuple[Candidate, WorkerClient | None, str]:
     """Dial a candidate and check that its gRPC endpoint is the advertised peer (signed advert,
     TLS fingerprint); returns the candidate with its measured latency, the client or the error."""
     started = time.monotonic()
     try:
-        client = await WorkerClient.connect(candidate.grpc_endpoint, identity, peer_id=candidate.peer_id,
-                                            tls=tls, timeout_s=timeout_s)
+        client = await connect(candidate.grpc_endpoint, identity, peer_id=candidate.peer_id, tls=tls,
+                               timeout_s=timeout_s)
     except ClientError as exc:
         return candidate, None, str(exc)
     latency = time.monotonic() - started
@@ -97,7 +99,7 @@ async def run_with_failover(
         on_worker: Callable[[str], None] | None = None,
         on_completed: Callable[[WorkerClient, JobResult], Awaitable[None]] | None = None,
         failover_after_output: bool = True, discovery_wait_s: float = 5.0,
-        started: float | None = None) -> NetworkResult:
+        started: float | None = None, connect: Connect = WorkerClient.connect) -> NetworkResult:
     """Run one job on the best live worker for `model`, through an already started `discovery`
     (a long-lived client such as the gateway keeps one). `prompt` is one of {"text": str},
     {"chat": [{"role", "content"}...]}, {"token_ids": [...]} (as WorkerClient.sign_job takes).
@@ -107,6 +109,7 @@ async def run_with_failover(
     `on_worker` is told each worker's peer ID before the job is sent to it; `on_completed` is
     awaited with the worker's client and the verified result while the connection is still open
     (e.g. to acknowledge the receipt). `started` (monotonic) is when the caller's clock started.
+    `connect` dials a worker (default WorkerClient.connect; the gateway passes its connection pool).
     Raises NoWorkerError (every worker tried failed)."""
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
@@ -123,7 +126,7 @@ async def run_with_failover(
         if not ranked:
             break
         client = await _choose(ranked[:PROBE_TOP], identity, tls, model, max_price_per_mtok_micros,
-                               attempts, tried)
+                               attempts, tried, connect)
         if client is None:
             continue
         async with client:
@@ -152,10 +155,10 @@ async def run_with_failover(
 
 
 async def _choose(top: list[Candidate], identity: Identity, tls: str, model: str, max_price: int | None,
-                  attempts: list[Attempt], tried: set[str]) -> WorkerClient | None:
+                  attempts: list[Attempt], tried: set[str], connect: Connect) -> WorkerClient | None:
     """Probe the top candidates at once; keep the best verified one (latency now known), close the
     others. Candidates that fail the probe are recorded and excluded."""
-    probes = await asyncio.gather(*(_probe(c, identity, tls, 10.0) for c in top))
+    probes = await asyncio.gather(*(_probe(c, identity, tls, 10.0, connect) for c in top))
     alive: dict[str, WorkerClient] = {}
     for candidate, client, error in probes:
         if client is None:
