@@ -179,3 +179,15 @@ def load_sequences(directory: Path, manifest: dict) -> list[CachedSequence]:
                 taps=t["taps"][a:b], last_hidden=t["last_hidden"][a:b], topk_ids=t["topk_ids"][a:b].long(),
                 topk_probs=t["topk_probs"][a:b].float()))
     return sequences
+
+
+def feature_rms(sequences: list[CachedSequence], max_tokens: int = 50_000) -> torch.Tensor:
+    """Root mean square of each tapped feature [m*H] over (up to max_tokens of) the cache."""
+    total, count = None, 0
+    for seq in sequences:
+        x = seq.taps.float()
+        total = x.pow(2).sum(0) if total is None else total + x.pow(2).sum(0)
+        count += len(x)
+        if count >= max_tokens:
+            break
+    return (total / max(count, 1)).sqrt().clamp_min(1e-3)

@@ -16,7 +16,7 @@ from engine.drafters.checkpoint import parse_config
 from engine.drafters.init import default_layer_ids, init_drafter
 from engine.loading import LoadedTarget, cache_root, load_target
 from engine.train import data
-from engine.train.cache import build_cache, expected_manifest, load_sequences, open_cache
+from engine.train.cache import build_cache, expected_manifest, feature_rms, load_sequences, open_cache
 from engine.train.trainer import STATE_FILE, TrainingError, TrainSettings, build_module, export, train
 
 DRAFT_CONFIG = "draft_config.json"   # the untrained drafter's config, kept so a resumed run rebuilds it
@@ -127,6 +127,10 @@ def run(opts: TrainOptions, log=print) -> dict:
         # With the target's LM head, a fresh drafter copies the anchor (its slot-0 input is the anchor's
         # embedding, whose logit dominates): a small final norm starts it near uniform instead.
         state["norm.weight"] = state["norm.weight"] * opts.norm_init
+        # Raw residual streams carry a few massive dimensions (SmolLM2 layers 18 and 27: one dim of
+        # rms ~1300 against a median of ~5); fc over them would see little else. Scaling fc's input
+        # columns by 1 / rms gives every feature an equal start; the architecture is unchanged.
+        state["fc.weight"] = state["fc.weight"] / feature_rms(sequences)[None, :]
         opts.out.mkdir(parents=True, exist_ok=True)
         (opts.out / DRAFT_CONFIG).write_text(json.dumps(config))
         module = build_module(parse_config(config, DRAFT_CONFIG), state)

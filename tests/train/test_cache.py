@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from engine.train.cache import CacheError, expected_manifest, load_sequences, open_cache
+from engine.train.cache import CacheError, expected_manifest, feature_rms, load_sequences, open_cache
 from tests.train.conftest import TAPS
 
 
@@ -60,3 +60,8 @@ def test_an_unfinished_cache_is_refused(target, tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(CacheError, match="cannot be read"):
         open_cache(tmp_path, expected_manifest(target, TAPS, 8))
+
+
+def test_feature_rms_is_per_feature(sequences):
+    x = torch.cat([s.taps.float() for s in sequences])
+    torch.testing.assert_close(feature_rms(sequences, max_tokens=10**9), x.pow(2).mean(0).sqrt())
