@@ -49,21 +49,29 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1 or args.limit < 1:
         print("error: --max-new-tokens and --limit must be at least 1", file=sys.stderr)
         return 2
+    report = _run(args, lambda settings, prompts, progress: run_bench(settings, prompts, progress), methods)
+    if report is None:
+        return 2
+    print(format_table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _run(args: argparse.Namespace, bench, methods: list[str]) -> dict | None:
+    """Load the prompts, run `bench(settings, prompts, progress)`; None after printing a bad input."""
     try:
         prompts = load_first_turns(args.prompts, args.limit)
         settings = BenchSettings(model=args.model, methods=methods, max_new_tokens=args.max_new_tokens,
                                  dtype=args.dtype, temperature=args.temperature, drafter=args.drafter,
                                  block_size=args.block_size, seed=args.seed,
                                  confidence_threshold=args.confidence_threshold)
-        report = run_bench(settings, prompts, progress=lambda line: print(line, file=sys.stderr))
+        report = bench(settings, prompts, lambda line: print(line, file=sys.stderr))
     except (ValidationError, ModelLoadError, PromptFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return None
     report["prompts"] = str(args.prompts)
-    print(format_table(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    return 0
+    return report
 
 
 def run_serving(args: argparse.Namespace, methods: list[str]) -> int:
@@ -75,17 +83,10 @@ def run_serving(args: argparse.Namespace, methods: list[str]) -> int:
         print(f"error: --concurrency must be comma-separated integers in 1..1024, got {args.concurrency!r}",
               file=sys.stderr)
         return 2
-    try:
-        prompts = load_first_turns(args.prompts, args.limit)
-        settings = BenchSettings(model=args.model, methods=methods, max_new_tokens=args.max_new_tokens,
-                                 dtype=args.dtype, temperature=args.temperature, drafter=args.drafter,
-                                 block_size=args.block_size, seed=args.seed,
-                                 confidence_threshold=args.confidence_threshold)
-        report = run_serving_bench(settings, prompts, levels, progress=lambda line: print(line, file=sys.stderr))
-    except (ValidationError, ModelLoadError, PromptFileError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    report = _run(args, lambda settings, prompts, progress: run_serving_bench(settings, prompts, levels, progress),
+                  methods)
+    if report is None:
         return 2
-    report["prompts"] = str(args.prompts)
     for row in report["rows"]:
         print(json.dumps(row))
     if args.json:
