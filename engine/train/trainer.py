@@ -26,6 +26,7 @@ from engine.train.cache import CachedSequence
 from engine.train.modules import DSparkTrainable, Eagle3Trainable
 
 STATE_FILE = "train_state.pt"
+NORM_LR_SCALE = 10.0
 
 
 class TrainingError(ValueError):
@@ -82,8 +83,12 @@ def train(module: torch.nn.Module, target: TargetModel, data: list[CachedSequenc
     if not data:
         raise TrainingError("the training set is empty")
     out.mkdir(parents=True, exist_ok=True)
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=settings.lr,
-                            betas=(0.9, 0.999), weight_decay=0.0)
+    # The final norm starts small (it sets the logit scale; see pipeline.py) and must grow ~10x to
+    # reach the target's: it learns 10x faster, or a short run ends with flat distributions.
+    norm = [p for n, p in module.named_parameters() if n == "norm.weight"]
+    rest = [p for n, p in module.named_parameters() if n != "norm.weight"]
+    opt = torch.optim.AdamW([{"params": rest, "lr_scale": 1.0}, {"params": norm, "lr_scale": NORM_LR_SCALE}],
+                            lr=settings.lr, betas=(0.9, 0.999), weight_decay=0.0)
     step = 0
     state_path = out / STATE_FILE
     if state_path.exists():
@@ -133,7 +138,7 @@ def _step(module, target, data, settings: TrainSettings, opt, step: int, spent: 
     g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
     picks = torch.randint(0, len(data), (settings.batch,), generator=g).tolist()
     for group in opt.param_groups:
-        group["lr"] = lr_at(step, settings, spent)
+        group["lr"] = lr_at(step, settings, spent) * group["lr_scale"]
     opt.zero_grad(set_to_none=True)
     parts, anchors = [], 0
     for i in picks:
