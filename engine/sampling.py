@@ -28,7 +28,9 @@ def target_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.T
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator))
+    # Each request's generator lives on the CPU (seeded streams are then the same on any device),
+    # so the distribution comes to it: one V-float copy per sampled token on a GPU.
+    return int(torch.multinomial(probs.float().cpu(), 1, generator=generator))
 
 
 def first_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
