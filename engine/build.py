@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from engine.config import EngineConfig
+from engine.config import EMBEDDED_MODEL, EngineConfig
 from engine.drafters.base import Drafter
 from engine.drafters.checkpoint import CheckpointError, load_checkpoint
 from engine.drafters.dspark import DSparkDrafter
@@ -18,6 +20,9 @@ from engine.spec_round import Schedule
 from engine.sps import load_or_profile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# DSpark drafters trained for a target and shipped with the node (docs/training.md): the default
+# for --method dspark without --drafter.
+SHIPPED_DRAFTERS = {EMBEDDED_MODEL: Path(__file__).parent / "drafters" / "shipped" / "smollm2-135m-dspark"}
 
 
 def build_drafter(config: EngineConfig, target: LoadedTarget) -> Drafter:
@@ -25,9 +30,12 @@ def build_drafter(config: EngineConfig, target: LoadedTarget) -> Drafter:
         return Drafter()
     if config.method == "ngram":
         return NgramDrafter(config.block_size, config.ngram_max)
-    if config.drafter is None:  # no trained DSpark drafter ships yet (the training issue adds one)
+    drafter = config.drafter
+    if drafter is None and config.method == "dspark":
+        drafter = SHIPPED_DRAFTERS.get(config.model)
+    if drafter is None:
         raise ValueError(f"method {config.method!r} needs a drafter directory (--drafter)")
-    checkpoint = load_checkpoint(resolve_model_dir(config.drafter, config.allow_download), target)
+    checkpoint = load_checkpoint(resolve_model_dir(str(drafter), config.allow_download), target)
     c = checkpoint.config
     where = f"{checkpoint.path} ({c.architectures[0]})"
     if config.method == "eagle3":
