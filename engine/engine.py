@@ -16,6 +16,7 @@ import torch
 from engine.api import (EngineInfo, GenerationRequest, GenerationResult, RequestRejected, RoundReport,
                         TokenChunk)
 from engine.config import EngineConfig
+from engine.draft_backoff import DraftBackoff
 from engine.drafters.base import Drafter
 from engine.loading import LoadedTarget
 from engine.sampling import first_token
@@ -40,6 +41,9 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []
         self.cancelled: set[str] = set()
+        # Only a confidence-driven schedule can decide a draft is not worth verifying.
+        confidence_driven = config.scheduler != "static" or config.confidence_threshold > 0
+        self.backoff = DraftBackoff() if confidence_driven and drafter.block_size else None
         self.info = EngineInfo(
             model_id=target.model_id, model_digest=target.digest, method=config.method,
             drafter_id="" if drafter.block_size == 0 else drafter.name, drafter_digest=drafter.digest,
@@ -94,8 +98,11 @@ class Engine:
         if not self.active:
             return events, None
         batch = list(self.active)
+        drafting = self.backoff is None or self.backoff.should_draft()
         report, _ = speculative_round(self.model, self.cache, self.drafter, batch, self.schedule,
-                                      self.target.eos_token_ids, self.config.verify_budget)
+                                      self.target.eos_token_ids, self.config.verify_budget, drafting)
+        if drafting and self.backoff is not None:
+            self.backoff.observe(report.budgets)
         for seq in batch:
             events.extend(self._after_commit(seq))
         return events, report

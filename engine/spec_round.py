@@ -64,10 +64,12 @@ def commit_tokens(seq: Sequence, draft: list[int], accepted: int, bonus: int,
 
 
 def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seqs: list[Sequence],
-                      schedule: Schedule, eos_ids: tuple[int, ...], token_budget: int
+                      schedule: Schedule, eos_ids: tuple[int, ...], token_budget: int, draft: bool = True
                       ) -> tuple[RoundReport, list[list[int]]]:
+    """`draft=False` skips the proposal (plain decoding this round); the drafter still receives the
+    verified positions' features, so its context stays complete."""
     t0 = time.perf_counter()
-    proposal = drafter.propose(seqs)
+    proposal = drafter.propose(seqs) if draft else Drafter.propose(drafter, seqs)
     t1 = time.perf_counter()
     # Never verify more than can be committed: a round commits at most budget + 1 tokens.
     caps = [max(0, min(drafter.block_size, seq.remaining - 1)) for seq in seqs]

@@ -47,3 +47,18 @@ def test_engine_profiles_sps_once_and_caches_it(target, tmp_path_factory, monkey
     assert table.tokens[0] == 1 and all(s > 0 for s in table.measured)
     engine_for(target, "dspark", drafter, scheduler="async")  # same key: loaded, not profiled again
     assert list((cache_root() / "sps").glob("*.json")) == files
+
+
+def test_backoff_rounds_stay_lossless(target, tmp_path_factory):
+    """A scheduler that never finds drafts worth verifying: the engine stops drafting for a while
+    (rounds without a proposal), and the output is still plain decoding's."""
+    drafter = drafter_dir(target, tmp_path_factory, "dspark", "vanilla")
+    plain = engine_for(target, "ar")
+    spec = engine_for(target, "dspark", drafter, scheduler="sync")
+    spec.schedule = PrefixScheduler(lambda b: 1.0 / b, mode="sync")  # any extra token halves speed
+    reqs = [request(p, max_new_tokens=24) for p in PROMPTS]
+    want = [r.output_ids for r in run_batch(plain, [request(p, max_new_tokens=24) for p in PROMPTS])]
+    got = run_batch(spec, reqs)
+    assert [r.output_ids for r in got] == want
+    assert spec.backoff is not None and spec.backoff.next_skip > 1  # it did back off
+    assert all(r.stats.drafted_tokens < r.stats.rounds * 5 for r in got)  # some rounds drafted nothing
