@@ -23,7 +23,7 @@ def plot_serving(report: dict, folder: Path) -> list[Path]:
             ax.annotate(str(r["concurrency"]), (r["per_user_tokens_per_s"], r["tokens_per_s"]), fontsize=7)
     ax.set_xlabel("per-user tokens/s")
     ax.set_ylabel("aggregate tokens/s")
-    ax.set_title(f"{report['model']} ({report['dtype']}): throughput vs per-user speed")
+    ax.set_title(f"{report['model']} ({report['dtype']}): throughput vs per-user speed", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(folder / "serving-throughput.png")
