@@ -183,9 +183,14 @@ def _check_weights(path: Path, args: ModelArgs, weights: dict[str, torch.Tensor]
         expected[p + "mlp.down_proj.weight"] = (args.hidden_size, args.intermediate_size)
     if not args.tie_word_embeddings:
         expected["lm_head.weight"] = (args.vocab_size, args.hidden_size)
+    check_shapes(weights, expected, path, ModelLoadError)
+
+
+def check_shapes(weights: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], where: Path,
+                 error: type[ModelLoadError]) -> None:
+    """Every expected tensor is present with the shape its config implies (targets and drafters)."""
     for name, shape in expected.items():
         if name not in weights:
-            raise ModelLoadError(f"{path}: weight {name} is missing (checkpoint of another architecture?)")
+            raise error(f"{where}: tensor {name} is missing (a checkpoint of another architecture?)")
         if tuple(weights[name].shape) != shape:
-            raise ModelLoadError(f"{path}: weight {name} has shape {tuple(weights[name].shape)}, "
-                                 f"config says {shape}")
+            raise error(f"{where}: tensor {name} has shape {tuple(weights[name].shape)}, the config says {shape}")

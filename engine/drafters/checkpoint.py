@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from engine.loading import LoadedTarget, ModelLoadError
+from engine.loading import LoadedTarget, ModelLoadError, check_shapes
 
 # architectures[0] -> (drafter kind, layer family: qwen3 has per-head q/k norms, llama has none)
 ARCHITECTURES = {
@@ -232,12 +232,7 @@ def load_checkpoint(path: str | Path, target: LoadedTarget) -> DrafterCheckpoint
                         weights[name] = fh.get_tensor(name)
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{f} is not a readable safetensors file: {exc}") from None
-    for name, shape in shapes.items():
-        if name not in weights:
-            raise CheckpointError(f"{path}: tensor {name} is missing")
-        if tuple(weights[name].shape) != shape:
-            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(weights[name].shape)}, "
-                                  f"the config says {shape}")
+    check_shapes(weights, shapes, path, CheckpointError)
     digest = hashlib.sha256()
     for f in (config_file, *files):
         digest.update(f.read_bytes())
