@@ -43,8 +43,11 @@ class LedgerError(ValueError):
         self.reason = reason
 
 
-def connect_writer(path: Path, public_key: bytes) -> sqlite3.Connection:
-    """Open (creating if needed) with WAL + synchronous=FULL; refuse a ledger of another key."""
+def open_keyed_store(path: Path, schema: str, version: bytes, key_name: str, key: bytes,
+                     what: str) -> sqlite3.Connection:
+    """Open (creating if needed) a receipts database with WAL + synchronous=FULL, stamped with the
+    key it belongs to; refuse one stamped with another key. Serves the node's ledger and the
+    gateway's client-side store (`what` names it in errors)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
     try:
@@ -55,21 +58,36 @@ def connect_writer(path: Path, public_key: bytes) -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("BEGIN IMMEDIATE")
         # statement by statement: executescript() would COMMIT first and break the transaction
-        for statement in filter(str.strip, _SCHEMA.split(";\n")):
+        for statement in filter(str.strip, schema.split(";\n")):
             conn.execute(statement)
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('worker_public_key', ?)", (public_key,))
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (version,))
+        conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key_name, key))
         conn.execute("COMMIT")
-        stored = _worker_key(conn, path)
-        if stored != public_key:
-            raise LedgerError("wrong_key", f"{path} holds receipts of another node key ({stored.hex()[:16]}...)")
+        stored = stored_key(conn, path, version, key_name, what)
+        if stored != key:
+            owner = "node" if key_name == "worker_public_key" else "client"
+            raise LedgerError("wrong_key", f"{path} holds receipts of another {owner} key ({stored.hex()[:16]}...)")
     except sqlite3.DatabaseError as exc:
         conn.close()
-        raise LedgerError("storage", f"{path}: cannot open the ledger: {exc}") from None
+        raise LedgerError("storage", f"{path}: cannot open the {what}: {exc}") from None
     except LedgerError:
         conn.close()
         raise
     return conn
+
+
+def stored_key(conn: sqlite3.Connection, path: Path, version: bytes, key_name: str, what: str) -> bytes:
+    """The key a receipts database belongs to, after checking its schema version."""
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    if meta.get("schema_version") != version or key_name not in meta:
+        raise LedgerError("schema", f"{path} is not a dspark-node {what} of schema version "
+                                    f"{version.decode()} (found {meta.get('schema_version')!r})")
+    return meta[key_name]
+
+
+def connect_writer(path: Path, public_key: bytes) -> sqlite3.Connection:
+    """The node's ledger, writable; refuses a ledger of another node key."""
+    return open_keyed_store(path, _SCHEMA, SCHEMA_VERSION, "worker_public_key", public_key, "ledger")
 
 
 def connect_reader(path: Path) -> tuple[sqlite3.Connection, bytes]:
@@ -89,9 +107,4 @@ def connect_reader(path: Path) -> tuple[sqlite3.Connection, bytes]:
 
 
 def _worker_key(conn: sqlite3.Connection, path: Path) -> bytes:
-    """The node key the ledger belongs to, after checking it is a ledger of this schema."""
-    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    if meta.get("schema_version") != SCHEMA_VERSION or "worker_public_key" not in meta:
-        raise LedgerError("schema", f"{path} is not a dspark-node ledger of schema version "
-                                    f"{SCHEMA_VERSION.decode()} (found {meta.get('schema_version')!r})")
-    return meta["worker_public_key"]
+    return stored_key(conn, path, SCHEMA_VERSION, "worker_public_key", "ledger")

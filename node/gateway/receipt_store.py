@@ -21,7 +21,7 @@ from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.receipt_pb2 import Receipt
 from node.envelope import digest
 from node.ledger import ReceiptRow
-from node.ledger_schema import LedgerError
+from node.ledger_schema import LedgerError, open_keyed_store, stored_key
 
 STORE_FILE = "client-receipts.sqlite3"
 SCHEMA_VERSION = b"client-1"
@@ -62,27 +62,8 @@ class ReceiptStore:
     @classmethod
     def open(cls, path: Path, client_public_key: bytes) -> ReceiptStore:
         """The gateway's writable store (created if absent); refuses one of another client key."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in filter(str.strip, _SCHEMA.split(";\n")):
-                conn.execute(statement)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('client_public_key', ?)", (client_public_key,))
-            conn.execute("COMMIT")
-            stored = _client_key(conn, path)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise LedgerError("storage", f"{path}: cannot open the receipt store: {exc}") from None
-        except LedgerError:
-            conn.close()
-            raise
-        if stored != client_public_key:
-            conn.close()
-            raise LedgerError("wrong_key", f"{path} holds receipts of another client key ({stored.hex()[:16]}...)")
+        conn = open_keyed_store(path, _SCHEMA, SCHEMA_VERSION, "client_public_key", client_public_key,
+                                "receipt store")
         return cls(conn, client_public_key, writable=True)
 
     @classmethod
@@ -143,8 +124,4 @@ class ReceiptStore:
 
 
 def _client_key(conn: sqlite3.Connection, path: Path) -> bytes:
-    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    if meta.get("schema_version") != SCHEMA_VERSION or "client_public_key" not in meta:
-        raise LedgerError("schema", f"{path} is not a dspark-node receipt store of schema "
-                                    f"{SCHEMA_VERSION.decode()} (found {meta.get('schema_version')!r})")
-    return meta["client_public_key"]
+    return stored_key(conn, path, SCHEMA_VERSION, "client_public_key", "receipt store")
