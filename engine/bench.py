@@ -54,6 +54,7 @@ class BenchSettings:
     dtype: str
     temperature: float = 0.0
     drafter: str | None = None
+    drafters: dict[str, str] = field(default_factory=dict)   # per-method drafter, over `drafter`
     block_size: int = 7
     confidence_threshold: float = 0.0
     seed: int = 0
@@ -69,7 +70,8 @@ def _runner(method: str, settings: BenchSettings, target: LoadedTarget):
     if method in PEERS:
         peer = HfPeer(target.path, DTYPES[settings.dtype], PEERS[method])
         return lambda ids, n: (peer.generate(ids, n, target.eos_token_ids), None)
-    engine = build_engine(EngineConfig(model=settings.model, method=method, drafter=settings.drafter,
+    engine = build_engine(EngineConfig(model=settings.model, method=method,
+                                       drafter=settings.drafters.get(method, settings.drafter),
                                        dtype=settings.dtype, block_size=settings.block_size, max_batch=1,
                                        confidence_threshold=settings.confidence_threshold,
                                        max_context=max(4096, settings.max_new_tokens + 2048)), target)
@@ -127,6 +129,8 @@ def run_bench(settings: BenchSettings, prompts: list[str], progress=print) -> di
         "model": target.model_id, "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "dtype": settings.dtype, "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
         "block_size": settings.block_size, "n_prompts": len(prompts), "exact_match_reference": reference,
+        "drafters": {m: settings.drafters.get(m, settings.drafter) for m in settings.methods
+                     if m in ("dspark", "dflash", "eagle3")},
         "results": results,
     }
 

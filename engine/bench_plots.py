@@ -1,17 +1,43 @@
-"""PNG plots of the serving benchmark: throughput vs per-user speed (paper Fig. 7) and the
-verification budget per request vs concurrency (Fig. 8)."""
+"""PNG plots of the benchmarks: per-position conditional acceptance (paper Fig. 2), and for the
+serving benchmark throughput vs per-user speed (Fig. 7) and verification budget per request vs
+concurrency (Fig. 8)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def plot_serving(report: dict, folder: Path) -> list[Path]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot_acceptance(report: dict, path: Path) -> Path:
+    """Acceptance at draft position k given that positions 1..k-1 were accepted, one line per method."""
+    plt = _pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in report["results"]:
+        curve = row["per_position_acceptance"]
+        if curve:
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", label=f"{row['method']} (tau {row['tau']:.2f})")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("draft position k")
+    ax.set_ylabel("P(accept k | accepted 1..k-1)")
+    name = Path(report.get("prompts", "")).stem
+    ax.set_title(f"{report['model']}: {name}, T={report['temperature']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_serving(report: dict, folder: Path) -> list[Path]:
+    plt = _pyplot()
     folder.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(r["method"] for r in report["rows"]))
     paths = []

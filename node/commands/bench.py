@@ -31,7 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", default=None,
                    help="serving benchmark: comma-separated concurrencies (e.g. 1,2,4,8), methods from "
                         "ar, ngram, dspark-fixed, dspark-threshold, dspark-scheduled, dspark-async")
-    p.add_argument("--plots", type=Path, default=None, help="with --concurrency: write PNG plots into this folder")
+    p.add_argument("--plots", type=Path, default=None,
+                   help="write PNG plots into this folder (acceptance per position; with --concurrency: "
+                        "throughput and budget)")
+    p.add_argument("--method-drafter", action="append", default=[], metavar="METHOD=DIR",
+                   help="drafter for one method (dspark, dflash, eagle3), over --drafter; repeatable, "
+                        "so that several trained drafters are compared in one run")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     add_engine_arguments(p)
     p.set_defaults(func=run)
@@ -55,7 +60,22 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+    if args.plots:
+        from engine.bench_plots import plot_acceptance
+        name = f"acceptance-{Path(args.prompts).stem}-t{args.temperature:g}.png"
+        print(f"wrote {plot_acceptance(report, args.plots / name)}", file=sys.stderr)
     return 0
+
+
+def _method_drafters(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        method, sep, directory = pair.partition("=")
+        if not sep or method not in ("dspark", "dflash", "eagle3") or not directory:
+            raise ValueError(f"--method-drafter expects METHOD=DIR with METHOD one of dspark, dflash, eagle3; "
+                             f"got {pair!r}")
+        out[method] = directory
+    return out
 
 
 def _run(args: argparse.Namespace, bench, methods: list[str]) -> dict | None:
@@ -64,6 +84,7 @@ def _run(args: argparse.Namespace, bench, methods: list[str]) -> dict | None:
         prompts = load_first_turns(args.prompts, args.limit)
         settings = BenchSettings(model=args.model, methods=methods, max_new_tokens=args.max_new_tokens,
                                  dtype=args.dtype, temperature=args.temperature, drafter=args.drafter,
+                                 drafters=_method_drafters(args.method_drafter),
                                  block_size=args.block_size, seed=args.seed,
                                  confidence_threshold=args.confidence_threshold)
         report = bench(settings, prompts, lambda line: print(line, file=sys.stderr))

@@ -2,8 +2,12 @@
 
 import json
 
+import torch
+
+from engine.loading import load_target
 from node.cli import main
 from tests.conftest import EVAL_DIR
+from tests.drafters.helpers import write_drafter
 
 
 def test_generate_streams_text(tiny_llama, capsys):
@@ -27,6 +31,27 @@ def test_bench_reports_methods_side_by_side(tiny_llama, tmp_path, capsys):
     assert rows["ngram"]["exact_match"] == 1.0 and rows["ar"]["tau"] == 1.0
     assert rows["ngram"]["tokens_per_s"] > 0 and report["n_prompts"] == 2
     assert "ngram" in capsys.readouterr().out
+
+
+def test_bench_compares_drafters_of_each_kind_in_one_run(tiny_llama, tmp_path, capsys):
+    target = load_target(str(tiny_llama), torch.float32)
+    dspark = write_drafter(target, tmp_path / "dspark", "dspark", block_size=7, target_layer_ids=[-1, 0])
+    dflash = write_drafter(target, tmp_path / "dflash", "dflash", block_size=7, target_layer_ids=[-1, 0])
+    out = tmp_path / "report.json"
+    code = main(["bench", "--model", str(tiny_llama), "--prompts", str(EVAL_DIR / "gsm8k.jsonl"), "--limit", "2",
+                 "--max-new-tokens", "10", "--methods", "ar,dspark,dflash", "--method-drafter", f"dspark={dspark}",
+                 "--method-drafter", f"dflash={dflash}", "--json", str(out), "--plots", str(tmp_path / "img")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["drafters"] == {"dspark": str(dspark), "dflash": str(dflash)}
+    rows = {r["method"]: r for r in report["results"]}
+    assert rows["dspark"]["exact_match"] == rows["dflash"]["exact_match"] == 1.0
+    assert len(rows["dspark"]["per_position_acceptance"]) == 7 and rows["dspark"]["calibration"] is not None
+    assert rows["dflash"]["calibration"] is None   # no confidence head
+    assert (tmp_path / "img" / "acceptance-gsm8k-t0.png").stat().st_size > 0
+    assert main(["bench", "--model", str(tiny_llama), "--prompts", str(EVAL_DIR / "gsm8k.jsonl"),
+                 "--methods", "ar,dspark", "--method-drafter", "medusa=/x"]) == 2
+    assert "METHOD=DIR" in capsys.readouterr().err
 
 
 def test_serving_bench_rows_per_concurrency(tiny_llama, tmp_path, capsys):
