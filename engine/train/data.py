@@ -3,7 +3,8 @@
 Two sources, both recorded in the checkpoint's metadata:
   generated: the target's own responses (T=0.7, top-p 0.8, as DeepSpec regenerates its data) to
     prompts built here: "write a function" requests made from the Python standard library's own
-    function signatures and docstrings, and a fixed list of general requests. None comes from the
+    function signatures and docstrings, word problems from templates, and a fixed list of general
+    requests. None comes from the
     evaluation sets in shared/eval. Every 20th stdlib prompt is held out for calibration.
   stdlib: Python standard library source files cut at top-level definitions, as assistant replies
     to a request naming the module. The target scores this text (its distributions become the soft
@@ -47,6 +48,29 @@ GENERAL_PROMPTS = [
     "Write a regular expression that matches e-mail addresses and explain it.",
     "Explain what Docker containers are.", "Translate 'good morning, how are you?' into French and Spanish.",
 ]
+
+
+# Word problems made here from templates (numbers drawn per prompt), so that the target's step-by-step
+# arithmetic is in the data without touching GSM8K or MATH.
+MATH_TEMPLATES = [
+    "A baker makes {a} loaves a day and sells {b} of them. How many loaves are left after {c} days? Explain step by step.",
+    "Tom has {a} marbles. He gives {b} to his sister and then buys {c} more. How many marbles does he have now?",
+    "A train travels {a} km in {b} hours. At the same speed, how far does it go in {c} hours? Show your work.",
+    "A shirt costs ${a}. It is on sale for {b}% off. What is the sale price? Reason step by step.",
+    "What is the sum of all integers from {b} to {a}{c}? Explain how you computed it.",
+    "A rectangle is {a} cm long and {b} cm wide. What are its area and perimeter?",
+    "Solve for x: {b}x + {c} = {a}. Show each step.",
+    "A class has {a} students; {b} of them walk to school and the rest take the bus in groups of {c}. "
+    "How many buses are full, and how many students are left over?",
+    "If {b} workers build a wall in {a} days, how long do {c} workers take at the same rate?",
+    "What is the greatest common divisor of {a}{c} and {b}{c}? Explain the method.",
+]
+
+
+def math_prompts(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [rng.choice(MATH_TEMPLATES).format(a=rng.randint(20, 400), b=rng.randint(2, 19), c=rng.randint(2, 9))
+            for _ in range(count)]
 
 
 def stdlib_files() -> list[Path]:
