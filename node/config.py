@@ -10,9 +10,9 @@ import ipaddress
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from engine.config import EngineConfig
@@ -36,6 +36,14 @@ def split_host_port(value: str) -> tuple[str, int]:
     if port > 65535:
         raise ValueError(f"port {port} in {value!r} is above 65535")
     return host.strip("[]"), port
+
+
+def _checked_listen(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+ListenAddress = Annotated[str, AfterValidator(_checked_listen)]   # HOST:PORT, checked
 
 
 def is_loopback(host: str) -> bool:
@@ -142,20 +150,14 @@ class NodeConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DSPARK_", env_nested_delimiter="__", extra="forbid")
 
     data_dir: Path = DEFAULT_DATA_DIR
-    grpc_listen: str = "127.0.0.1:7440"
-    http_listen: str = "127.0.0.1:7441"
+    grpc_listen: ListenAddress = "127.0.0.1:7440"
+    http_listen: ListenAddress = "127.0.0.1:7441"
     p2p: P2PConfig = Field(default_factory=P2PConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
     dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
-
-    @field_validator("grpc_listen", "http_listen")
-    @classmethod
-    def _listen(cls, value: str) -> str:
-        split_host_port(value)
-        return value
 
     @field_validator("data_dir")
     @classmethod

@@ -6,14 +6,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from node.config import DEFAULT_DATA_DIR, P2PConfig, is_loopback, split_host_port
+from node.config import DEFAULT_DATA_DIR, ListenAddress, P2PConfig, is_loopback, split_host_port
 
 MIN_API_KEY_CHARS = 16
 
 
 class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    listen: str = "127.0.0.1:8080"
+    listen: ListenAddress = "127.0.0.1:8080"
     bootstrap: list[str] = Field(default_factory=list)
     mdns: bool = False
     data_dir: Path = DEFAULT_DATA_DIR / "gateway"
@@ -24,12 +24,6 @@ class GatewayConfig(BaseModel):
     tls: str = Field("auto", pattern="^(auto|on|off)$")
     attempts: int = Field(3, ge=1, le=16)
     timeout_s: float = Field(600.0, gt=0, le=86400)
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, value: str) -> str:
-        split_host_port(value)
-        return value
 
     @field_validator("bootstrap")
     @classmethod
