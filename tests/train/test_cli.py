@@ -39,3 +39,28 @@ def test_calibrate_refuses_a_drafter_without_confidence_head(target, tmp_path, c
     assert "no confidence head" in capsys.readouterr().err
     assert main(["calibrate", "--drafter", str(tmp_path / "missing"), "--model", str(target.path)]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_train_drafter_end_to_end_builds_one_cache_for_two_kinds(target, tmp_path, capsys):
+    """Generated responses + stdlib text -> cache (--cache-only) -> a DSpark and a DFlash run from it."""
+    import json
+
+    cache = tmp_path / "cache"
+    common = ["--target", str(target.path), "--cache-dir", str(cache), "--target-layers=-1,1", "--max-len", "96",
+              "--gen-minutes", "0.1", "--gen-batch", "4", "--gen-max-new-tokens", "24", "--stdlib-tokens", "1500",
+              "--block-size", "4", "--anchors", "8", "--batch", "2", "--threads", "1"]
+    assert main(["train-drafter", "--out", str(tmp_path / "x"), "--cache-only", *common]) == 0
+    built = json.loads(capsys.readouterr().out)
+    sources = built["sources"]
+    assert sources["generated"]["responses"] > 0 and sources["stdlib"]["chunks"] > 0
+    assert "none from shared/eval" in sources["generated"]["prompts"]
+    assert (cache / "manifest.json").exists() and not (tmp_path / "x" / "config.json").exists()
+    stamp = (cache / "manifest.json").stat().st_mtime_ns
+    for kind in ("dspark", "dflash"):
+        out = tmp_path / kind
+        assert main(["train-drafter", "--kind", kind, "--out", str(out), "--steps", "3", *common]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["steps_done"] == 3 and summary["data"]["tokens"] == built["tokens"]
+        config = json.loads((out / "config.json").read_text())
+        assert config["training"]["data"]["sources"] == sources and (out / "model.safetensors").exists()
+    assert (cache / "manifest.json").stat().st_mtime_ns == stamp   # reused, not rebuilt
