@@ -90,6 +90,7 @@ class P2PHost:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._ended: asyncio.Future[BaseException | None] | None = None   # set when the thread ends
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self._stop_event: trio.Event | None = None
@@ -99,6 +100,7 @@ class P2PHost:
 
     # -- asyncio side -----------------------------------------------------------------------
     async def start(self) -> None:
+        self._ended = asyncio.get_running_loop().create_future()
         self._thread = threading.Thread(target=self._thread_main, name="libp2p-trio", daemon=True)
         self._thread.start()
         ready = await asyncio.to_thread(self._ready.wait, START_TIMEOUT_S)
@@ -119,6 +121,13 @@ class P2PHost:
         if self._thread.is_alive():
             raise P2PError(f"libp2p thread still running {STOP_TIMEOUT_S} s after stop")
         self._thread = None
+
+    async def wait(self) -> None:
+        """Return when the host thread ends after a stop; raise P2PError if it ends otherwise."""
+        error = await asyncio.shield(self._ended)
+        if self._stop_event is not None and self._stop_event.is_set():
+            return
+        raise P2PError(f"libp2p host thread died: {error!r}" if error else "libp2p host thread ended")
 
     @property
     def running(self) -> bool:
@@ -173,15 +182,20 @@ class P2PHost:
 
     # -- trio side --------------------------------------------------------------------------
     def _thread_main(self) -> None:
+        error: BaseException | None = None
         try:
             trio.run(self._trio_main)
-        except BaseException as exc:  # reported to start() or logged: the thread must not die silently
+        except BaseException as exc:  # reported to start(), logged and to wait(): never silent
+            error = exc
             if not self._ready.is_set():
                 self._error = exc
             else:
                 log.exception("libp2p host thread died")
         finally:
             self._ready.set()
+            loop = self._ended.get_loop()
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(lambda: self._ended.done() or self._ended.set_result(error))
 
     async def _trio_main(self) -> None:
         key_pair = _key_pair(self.identity)

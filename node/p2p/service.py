@@ -17,7 +17,7 @@ from node.events import AdvertPublished, AdvertSeen, EventBus, PeerChange
 from node.identity import Identity
 from node.p2p.adverts import AdvertSigner
 from node.p2p.dht import keep_providing
-from node.p2p.host import HostConfig, P2PHost
+from node.p2p.host import HostConfig, P2PError, P2PHost
 from node.p2p.network import PeerNetwork
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,20 @@ class P2PService:
         self._tasks = []
         if self.network is not None:
             await self.network.stop()
+
+    async def wait(self) -> None:
+        """For the supervisor: raises when the libp2p thread or an advertising task dies (the node
+        would otherwise keep serving while invisible to the market)."""
+        host = asyncio.create_task(self.network.host.wait())
+        try:
+            done, _ = await asyncio.wait([host, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            host.cancel()
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()
+            if task is not host:
+                raise P2PError(f"{task.get_name()} ended")
 
     def _start_providing(self, host: P2PHost) -> None:
         host.spawn(keep_providing, host, lambda: self._models)

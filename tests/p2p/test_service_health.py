@@ -1,0 +1,48 @@
+"""The p2p service reports its own death to the supervisor (a node that can no longer advertise
+must not keep running unnoticed), and a clean stop is not a death."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dspark.v1.advert_pb2 import CapacityAdvert, ModelOffer
+from node.config import NodeConfig, P2PConfig
+from node.events import EventBus
+from node.identity import Identity
+from node.lifecycle import Supervisor
+from node.p2p.service import P2PService
+
+
+def service() -> P2PService:
+    config = NodeConfig(p2p=P2PConfig(listen=["/ip4/127.0.0.1/tcp/0"], advert_interval_s=1))
+    advert = CapacityAdvert(models=[ModelOffer(id="m", max_context=512)], free_slots=1)
+    return P2PService(config, Identity.generate(), EventBus(), capacity=lambda: advert)
+
+
+async def _crash() -> None:
+    raise RuntimeError("boom in the trio nursery")
+
+
+@pytest.mark.asyncio
+async def test_a_dead_libp2p_thread_stops_the_node_with_the_reason():
+    p2p = service()
+    supervisor = Supervisor([p2p], stop_timeout_s=20)
+    run = asyncio.create_task(supervisor.run(on_started=lambda: p2p.network.host._token.run_sync_soon(
+        p2p.network.host.spawn, _crash)))
+    report = await asyncio.wait_for(run, 60)
+    assert not report.ok
+    name, reason = report.failed[0]
+    assert name == "p2p" and "libp2p host thread died" in reason and "boom" in reason
+
+
+@pytest.mark.asyncio
+async def test_wait_returns_quietly_after_a_clean_stop():
+    p2p = service()
+    await p2p.start()
+    waiter = asyncio.create_task(p2p.network.host.wait())
+    await asyncio.sleep(0.2)
+    assert not waiter.done()
+    await p2p.stop()
+    await asyncio.wait_for(waiter, 10)      # returns, does not raise
