@@ -68,3 +68,24 @@ def test_eagle3_soft_ce_with_step_decay():
     parts = eagle3_loss(logits, targets, masks)
     assert float(parts.total) == pytest.approx(math.log(2) * (1 + 0.8), rel=1e-6)
     assert parts.accept == pytest.approx([0.5, 0.7])                 # 1 - TV to (1, 0), to (.2, .8)
+
+
+def test_outside_column_is_exact_when_every_outside_token_is_sampled():
+    from engine.train.blocks import outside_sample, with_outside
+
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(3, 50, generator=g) * 3
+    vocab = torch.tensor([2, 7, 11, 40])
+    negatives, log_scale = outside_sample(vocab, 50, 1000, g)
+    assert log_scale == 0.0 and sorted(negatives.tolist()) == [v for v in range(50) if v not in vocab.tolist()]
+    q = with_outside(full[:, torch.cat([vocab, negatives])], len(vocab), log_scale).softmax(-1)
+    exact = full.softmax(-1)
+    torch.testing.assert_close(q[:, :4], exact[:, vocab])
+    torch.testing.assert_close(q[:, 4], 1 - exact[:, vocab].sum(-1))
+    # A sample of the outside scales its exp-sum by |outside| / M: unbiased over draws.
+    estimates = []
+    for _ in range(400):
+        negatives, log_scale = outside_sample(vocab, 50, 10, g)
+        estimates.append(with_outside(full[:1, torch.cat([vocab, negatives])], 4, log_scale)[0, 4].exp())
+    true_rest = full[0, [v for v in range(50) if v not in vocab.tolist()]].exp().sum()
+    assert abs(float(torch.stack(estimates).mean() / true_rest) - 1) < 0.15
