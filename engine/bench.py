@@ -17,6 +17,7 @@ from engine.api import GenerationRequest, SamplingParams
 from engine.calibration import calibration_metrics
 from engine.build import DTYPES, build_engine
 from engine.config import EngineConfig
+from engine.drafters.init import KINDS
 from engine.loading import LoadedTarget, load_target
 from engine.peers import HfPeer
 
@@ -59,6 +60,9 @@ class BenchSettings:
     confidence_threshold: float = 0.0
     seed: int = 0
 
+    def drafter_for(self, method: str) -> str | None:
+        return self.drafters.get(method, self.drafter)
+
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
@@ -71,7 +75,7 @@ def _runner(method: str, settings: BenchSettings, target: LoadedTarget):
         peer = HfPeer(target.path, DTYPES[settings.dtype], PEERS[method])
         return lambda ids, n: (peer.generate(ids, n, target.eos_token_ids), None)
     engine = build_engine(EngineConfig(model=settings.model, method=method,
-                                       drafter=settings.drafters.get(method, settings.drafter),
+                                       drafter=settings.drafter_for(method),
                                        dtype=settings.dtype, block_size=settings.block_size, max_batch=1,
                                        confidence_threshold=settings.confidence_threshold,
                                        max_context=max(4096, settings.max_new_tokens + 2048)), target)
@@ -129,8 +133,7 @@ def run_bench(settings: BenchSettings, prompts: list[str], progress=print) -> di
         "model": target.model_id, "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "dtype": settings.dtype, "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
         "block_size": settings.block_size, "n_prompts": len(prompts), "exact_match_reference": reference,
-        "drafters": {m: settings.drafters.get(m, settings.drafter) for m in settings.methods
-                     if m in ("dspark", "dflash", "eagle3")},
+        "drafters": {m: settings.drafter_for(m) for m in settings.methods if m in KINDS},
         "results": results,
     }
 

@@ -71,7 +71,7 @@ def run_serving_bench(settings: BenchSettings, prompts: list[str], concurrencies
         if threshold is None:
             threshold = settings.confidence_threshold or 0.5
         engines[name] = build_engine(EngineConfig(
-            model=settings.model, method=method, drafter=settings.drafter, dtype=settings.dtype,
+            model=settings.model, method=method, drafter=settings.drafter_for(method), dtype=settings.dtype,
             block_size=settings.block_size, scheduler=scheduler, confidence_threshold=threshold,
             max_batch=max(concurrencies), max_context=2048), target)
     ids = [chat_ids(target.tokenizer, p) for p in prompts]

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from engine.bench import PEERS, BenchSettings, format_table, run_bench
 from engine.bench_batch import run_serving_bench
 from engine.config import METHODS
+from engine.drafters.init import KINDS
 from engine.loading import ModelLoadError
 from engine.prompts import PromptFileError, load_first_turns
 from node.commands.generate import add_engine_arguments
@@ -71,8 +72,8 @@ def _method_drafters(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         method, sep, directory = pair.partition("=")
-        if not sep or method not in ("dspark", "dflash", "eagle3") or not directory:
-            raise ValueError(f"--method-drafter expects METHOD=DIR with METHOD one of dspark, dflash, eagle3; "
+        if not sep or method not in KINDS or not directory:
+            raise ValueError(f"--method-drafter expects METHOD=DIR with METHOD one of {', '.join(KINDS)}; "
                              f"got {pair!r}")
         out[method] = directory
     return out

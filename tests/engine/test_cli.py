@@ -49,6 +49,12 @@ def test_bench_compares_drafters_of_each_kind_in_one_run(tiny_llama, tmp_path, c
     assert len(rows["dspark"]["per_position_acceptance"]) == 7 and rows["dspark"]["calibration"] is not None
     assert rows["dflash"]["calibration"] is None   # no confidence head
     assert (tmp_path / "img" / "acceptance-gsm8k-t0.png").stat().st_size > 0
+    # The serving benchmark's dspark-* methods take the dspark drafter given the same way.
+    serving = tmp_path / "serving.json"
+    assert main(["bench", "--model", str(tiny_llama), "--prompts", str(EVAL_DIR / "gsm8k.jsonl"), "--limit", "1",
+                 "--max-new-tokens", "6", "--methods", "dspark-fixed", "--method-drafter", f"dspark={dspark}",
+                 "--concurrency", "1", "--json", str(serving)]) == 0
+    assert json.loads(serving.read_text())["rows"][0]["tau"] is not None
     assert main(["bench", "--model", str(tiny_llama), "--prompts", str(EVAL_DIR / "gsm8k.jsonl"),
                  "--methods", "ar,dspark", "--method-drafter", "medusa=/x"]) == 2
     assert "METHOD=DIR" in capsys.readouterr().err
