@@ -47,7 +47,8 @@ def outside_sample(vocab: torch.Tensor, vocab_size: int, count: int, generator: 
     pool = torch.nonzero(outside).flatten()
     count = min(count, len(pool))
     picks = pool[torch.randperm(len(pool), generator=generator)[:count]]
-    return picks, math.log(len(pool) / max(count, 1))
+    # No token outside (a vocabulary the sequence covers): the column's exp-sum is empty, i.e. 0.
+    return picks, math.log(len(pool) / count) if count else 0.0
 
 
 def with_outside(logits: torch.Tensor, inside: int, log_scale: float) -> torch.Tensor:
