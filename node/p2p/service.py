@@ -80,8 +80,7 @@ class P2PService:
         finally:
             host.cancel()
         for task in done:
-            if task.exception() is not None:
-                raise task.exception()
+            task.result()                       # re-raises what ended it
             if task is not host:
                 raise P2PError(f"{task.get_name()} ended")
 
