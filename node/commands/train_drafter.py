@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
                             block_size=args.block_size, target_layers=args.target_layers, steps=args.steps,
                             minutes=args.minutes, batch=args.batch, anchors=args.anchors, lr=args.lr,
                             seed=args.seed, resume=args.resume, gen_minutes=args.gen_minutes,
-                            gen_max_new_tokens=args.gen_max_new_tokens, gen_batch=args.gen_batch, stdlib_tokens=args.stdlib_tokens,
-                            max_len=args.max_len, topk=args.topk, threads=args.threads,
+                            gen_max_new_tokens=args.gen_max_new_tokens, gen_batch=args.gen_batch,
+                            stdlib_tokens=args.stdlib_tokens, max_len=args.max_len, topk=args.topk, threads=args.threads,
                             cache_only=args.cache_only)
     except ValidationError as exc:
         problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
