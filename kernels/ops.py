@@ -46,6 +46,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out.transpose(1, 2)
 
 
+# Output rows of the vocabulary projection per GEMM call on CPU (see project_vocab).
+VOCAB_CHUNK = 1024
+
+
+def project_vocab(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., H] @ weight[V, H].T -> [..., V] (LM-head logits).
+
+    `weight_t` (a contiguous [H, V] copy) selects the CPU path. For the few rows a decode step or a
+    verify block has, the CPU BLAS runs this tall-and-thin product far below memory bandwidth; on the
+    2-core dev box (SmolLM2, 49152 x 576 fp32, 2 threads, median ms) the plain product costs 12 ms for
+    1 row and 33 ms for 8, against ~7 ms to stream the weight once. Two measured fixes: for 1-2
+    rows, the [H, V] layout (6.5 ms for 1 row); for more, 1024 vocabulary rows per call (16-19 ms for
+    8 rows, 43 ms instead of 67 for 64). Each output element is the same length-H dot product
+    either way.
+    """
+    if weight_t is None:
+        return x @ weight.t()
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] <= 2:
+        out = rows @ weight_t
+    else:
+        out = torch.cat([F.linear(rows, w) for w in weight.split(VOCAB_CHUNK)], dim=1)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     gate, up = (x @ w_gate_up.t()).chunk(2, dim=-1)
     return (F.silu(gate) * up) @ w_down.t()
