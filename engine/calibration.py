@@ -40,12 +40,16 @@ def calibration_metrics(samples: list[tuple[int, float, bool]]) -> list[dict]:
 
 def ece(p: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> float:
     """sum over bins of |bin| / n * |mean prediction - accuracy|; bin b holds p in [b/bins, (b+1)/bins)."""
-    index = (p * bins).long().clamp(0, bins - 1)
-    total = 0.0
-    for b in index.unique():
-        sel = index == b
-        total += float(sel.sum()) / len(p) * abs(float(p[sel].mean() - y[sel].mean()))
-    return total
+    return float(ece_rows(p[None], y)[0])
+
+
+def ece_rows(p: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> torch.Tensor:
+    """ECE of each row of predictions p [G, n] against one label vector y [n] (a calibration grid at
+    once): per bin, |bin| / n * |mean p - mean y| = |sum p - sum y| / n."""
+    index = (p * bins).long().clamp(0, bins - 1) + bins * torch.arange(p.shape[0])[:, None]
+    diff = torch.zeros(p.shape[0] * bins, dtype=torch.float64)
+    diff.index_add_(0, index.flatten(), (p - y[None]).double().flatten())
+    return diff.view(p.shape[0], bins).abs().sum(1) / p.shape[1]
 
 
 def auroc(p: torch.Tensor, y: torch.Tensor) -> float | None:

@@ -7,13 +7,15 @@ never through AutoModel (its `model_type` is the target's, which would build a p
 The embedding and LM head are the target's at run time: a stored copy is never loaded (only its
 shape is checked), and the checkpoints we write leave them out and say so with
 `"shares_target_embeddings": true`. Extensions we add to the config, both optional:
-`shares_target_embeddings` and `confidence_temperatures` (per-position STS temperatures, §4.5).
+`shares_target_embeddings`, `confidence_temperatures` (per-position STS temperatures, §4.5) and
+`confidence_biases` (per-position offsets added after them, engine/train/calibrate.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -65,6 +67,7 @@ class DrafterConfig(BaseModel):
     enable_confidence_head: bool = False
     confidence_head_with_markov: bool = False
     confidence_temperatures: list[float] | None = None
+    confidence_biases: list[float] | None = None
     shares_target_embeddings: bool = False
 
     @field_validator("target_layer_ids")
@@ -81,6 +84,13 @@ class DrafterConfig(BaseModel):
             raise ValueError(f"temperatures must be > 0, got {temps}")
         return temps
 
+    @field_validator("confidence_biases")
+    @classmethod
+    def _finite(cls, biases: list[float] | None) -> list[float] | None:
+        if biases is not None and any(not math.isfinite(b) for b in biases):
+            raise ValueError(f"biases must be finite, got {biases}")
+        return biases
+
     @model_validator(mode="after")
     def _consistent(self) -> DrafterConfig:
         if self.architectures[0] not in ARCHITECTURES:
@@ -94,9 +104,10 @@ class DrafterConfig(BaseModel):
             raise ValueError("a DSpark/DFlash drafter needs block_size and mask_token_id")
         if self.kind == "eagle3" and -1 in self.target_layer_ids:
             raise ValueError("an EAGLE-3 drafter cannot tap the embedding output (-1)")
-        if self.confidence_temperatures is not None and len(self.confidence_temperatures) != self.block:
-            raise ValueError(f"confidence_temperatures has {len(self.confidence_temperatures)} entries, "
-                             f"block size is {self.block}")
+        for name in ("confidence_temperatures", "confidence_biases"):
+            values = getattr(self, name)
+            if values is not None and len(values) != self.block:
+                raise ValueError(f"{name} has {len(values)} entries, block size is {self.block}")
         return self
 
     @property

@@ -49,7 +49,8 @@ class DSparkDrafter(Drafter):
         self.proj = Projector(c, target.cos, target.sin)
         self.cache = DraftCache(c, max_slots, max_context + self.block + 2, target.dtype, target.device)
         self.markov = MarkovHead(c.markov_head_type, w) if c.markov_rank else None
-        self.confidence = (ConfidenceHead(w, c.confidence_head_with_markov, c.confidence_temperatures, c.block)
+        self.confidence = (ConfidenceHead(w, c.confidence_head_with_markov, c.confidence_temperatures,
+                                          c.confidence_biases, c.block)
                            if c.enable_confidence_head else None)
 
     # ---- per-request state -----------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`dspark-node calibrate`: Sequential Temperature Scaling of a DSpark drafter's confidence head."""
+"""`dspark-node calibrate`: Sequential Temperature Scaling (with offsets) of a DSpark drafter's
+confidence head."""
 
 from __future__ import annotations
 
@@ -16,18 +17,21 @@ from engine.prompts import PromptFileError, load_first_turns
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="calibrate a DSpark drafter's confidences (STS)",
-                       description="Decode held-out prompts with the drafter, fit one temperature per draft "
-                                   "position (left to right, minimising the ECE of the cumulative product) and "
-                                   "store them in the drafter's config.json; prints ECE/AUROC/Brier per "
-                                   "position before and after.")
+                       description="Decode held-out prompts with the drafter, fit a temperature and an offset "
+                                   "per draft position (left to right, minimising the ECE of the cumulative "
+                                   "product) and store them in the drafter's config.json; prints "
+                                   "ECE/AUROC/Brier per position before and after.")
     p.add_argument("--drafter", type=Path, required=True, help="DSpark drafter directory (rewritten in place)")
     p.add_argument("--prompts", type=Path, default=None,
-                   help='JSON-lines {"turns": [...]} (default: the training recipe\'s held-out prompts)')
+                   help='JSON-lines {"turns": [...]} (default: the training recipe\'s held-out code requests '
+                        'alternating with unseen word problems)')
     p.add_argument("--model", default=EMBEDDED_MODEL, help="target model (default: %(default)s)")
     p.add_argument("--limit", type=int, default=24, help="prompts to decode (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the held-out decoding")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature-only", action="store_true",
+                   help="the paper's STS exactly: temperatures, no offsets")
     p.add_argument("--dry-run", action="store_true", help="report only; leave config.json as it is")
     p.set_defaults(func=run)
 
@@ -41,15 +45,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         prompts = load_first_turns(args.prompts, args.limit) if args.prompts else None
         result = calibrate_drafter(args.drafter, args.model, prompts, args.limit, args.max_new_tokens,
-                                   args.temperature, args.seed, write=not args.dry_run)
+                                   args.temperature, args.seed, write=not args.dry_run,
+                                   temperature_only=args.temperature_only)
     except (ValidationError, ModelLoadError, PromptFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{result['rounds']} rounds; temperatures {result['temperatures']}")
+    print(f"{result['rounds']} rounds; temperatures {result['temperatures']}, offsets {result['offsets']}")
     print(f"{'pos':>3} {'n':>5} {'ECE before':>10} {'ECE after':>9} {'AUROC':>6} {'Brier before':>12} {'after':>6}")
     for b, a in zip(result["before"], result["after"]):
         auroc = "-" if a["auroc"] is None else f"{a['auroc']:.3f}"
         print(f"{a['position']:>3} {a['n']:>5} {b['ece']:>10.4f} {a['ece']:>9.4f} {auroc:>6} "
               f"{b['brier']:>12.4f} {a['brier']:>6.4f}")
-    print(json.dumps({"temperatures": result["temperatures"]}))
+    print(json.dumps({"temperatures": result["temperatures"], "offsets": result["offsets"]}))
     return 0

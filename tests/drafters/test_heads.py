@@ -90,13 +90,14 @@ def test_sampled_q_is_the_corrected_distribution():
         assert torch.allclose(probs[0][k], want)
 
 
-def test_confidence_uses_previous_token_and_temperature():
+def test_confidence_uses_previous_token_temperature_and_offset():
     w = {"confidence_head.proj.weight": torch.tensor([[1.0, 2.0, -1.0]]), "confidence_head.proj.bias": torch.tensor([0.5])}
-    head = ConfidenceHead(w, with_markov=True, temperatures=[1.0, 2.0], block_size=2)
     hidden = torch.tensor([[[1.0], [1.0]]])
     prev = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
-    c = head(hidden, prev)
-    assert torch.allclose(c, torch.tensor([[sig(1 + 0 - 1 + 0.5), sig((1 + 2 + 0.5) / 2)]]))
+    head = ConfidenceHead(w, with_markov=True, temperatures=[1.0, 2.0], biases=None, block_size=2)
+    assert torch.allclose(head(hidden, prev), torch.tensor([[sig(1 + 0 - 1 + 0.5), sig((1 + 2 + 0.5) / 2)]]))
+    head = ConfidenceHead(w, with_markov=True, temperatures=[1.0, 2.0], biases=[-0.25, 1.0], block_size=2)
+    assert torch.allclose(head(hidden, prev), torch.tensor([[sig(0.5 - 0.25), sig(3.5 / 2 + 1.0)]]))
 
 
 def test_threshold_truncates_at_first_low_confidence():

@@ -64,3 +64,27 @@ def test_train_drafter_end_to_end_builds_one_cache_for_two_kinds(target, tmp_pat
         config = json.loads((out / "config.json").read_text())
         assert config["training"]["data"]["sources"] == sources and (out / "model.safetensors").exists()
     assert (cache / "manifest.json").stat().st_mtime_ns == stamp   # reused, not rebuilt
+
+
+def test_calibrate_fits_and_stores_temperatures_and_offsets(target, tmp_path, capsys):
+    import json
+
+    from engine.drafters.checkpoint import load_checkpoint
+
+    config, state = init_drafter(target, "dspark", layers=1, markov_rank=8, block_size=4, target_layer_ids=[-1, 1])
+    save_checkpoint(tmp_path, config, state)
+    argv = ["calibrate", "--drafter", str(tmp_path), "--model", str(target.path), "--limit", "4",
+            "--max-new-tokens", "12"]
+    before = (tmp_path / "config.json").read_text()
+    assert main([*argv, "--dry-run"]) == 0
+    assert "offsets" in capsys.readouterr().out and (tmp_path / "config.json").read_text() == before
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stored = json.loads((tmp_path / "config.json").read_text())
+    assert stored["confidence_temperatures"] == printed["temperatures"] and len(printed["temperatures"]) == 4
+    assert stored["confidence_biases"] == printed["offsets"] and len(printed["offsets"]) == 4
+    assert stored["calibration"]["method"] == "STS with offsets" and stored["calibration"]["prompts"] == 4
+    loaded = load_checkpoint(tmp_path, target).config
+    assert loaded.confidence_biases == printed["offsets"]
+    assert main([*argv, "--temperature-only"]) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["confidence_biases"] == [0.0] * 4
