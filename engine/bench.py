@@ -16,12 +16,20 @@ import torch
 from engine.api import GenerationRequest, SamplingParams
 from engine.calibration import calibration_metrics
 from engine.build import DTYPES, build_engine
-from engine.config import EngineConfig
+from engine.config import METHODS, EngineConfig
 from engine.drafters.init import KINDS
 from engine.loading import LoadedTarget, load_target
 from engine.peers import HfPeer
 
 PEERS = {"hf-greedy": None, "hf-pld": 7}
+# bench name -> (engine method, scheduler, confidence threshold: None = --confidence-threshold, or 0.5
+# for dspark-threshold). The plain method names verify every proposed token (or up to the threshold).
+ENGINE_METHODS = {m: (m, "static", None) for m in METHODS} | {
+    "dspark-fixed": ("dspark", "static", 0.0),
+    "dspark-threshold": ("dspark", "static", None),
+    "dspark-scheduled": ("dspark", "sync", 0.0),
+    "dspark-async": ("dspark", "async", 0.0),
+}
 
 
 @dataclass
@@ -63,6 +71,15 @@ class BenchSettings:
     def drafter_for(self, method: str) -> str | None:
         return self.drafters.get(method, self.drafter)
 
+    def engine_config(self, name: str, max_batch: int, max_context: int) -> EngineConfig:
+        """The engine a bench method name stands for (ENGINE_METHODS)."""
+        method, scheduler, threshold = ENGINE_METHODS[name]
+        if threshold is None:
+            threshold = self.confidence_threshold or (0.5 if name == "dspark-threshold" else 0.0)
+        return EngineConfig(model=self.model, method=method, drafter=self.drafter_for(method), dtype=self.dtype,
+                            block_size=self.block_size, scheduler=scheduler, confidence_threshold=threshold,
+                            max_batch=max_batch, max_context=max_context)
+
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
@@ -74,11 +91,7 @@ def _runner(method: str, settings: BenchSettings, target: LoadedTarget):
     if method in PEERS:
         peer = HfPeer(target.path, DTYPES[settings.dtype], PEERS[method])
         return lambda ids, n: (peer.generate(ids, n, target.eos_token_ids), None)
-    engine = build_engine(EngineConfig(model=settings.model, method=method,
-                                       drafter=settings.drafter_for(method),
-                                       dtype=settings.dtype, block_size=settings.block_size, max_batch=1,
-                                       confidence_threshold=settings.confidence_threshold,
-                                       max_context=max(4096, settings.max_new_tokens + 2048)), target)
+    engine = build_engine(settings.engine_config(method, 1, max(4096, settings.max_new_tokens + 2048)), target)
 
     def run(ids: list[int], n: int):
         sampling = SamplingParams(temperature=settings.temperature, max_new_tokens=n, seed=settings.seed)
@@ -89,6 +102,8 @@ def _runner(method: str, settings: BenchSettings, target: LoadedTarget):
 
 def run_bench(settings: BenchSettings, prompts: list[str], progress=print) -> dict:
     for method in settings.methods:
+        if method not in ENGINE_METHODS and method not in PEERS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join((*ENGINE_METHODS, *PEERS))}")
         if method in PEERS and settings.temperature > 0:
             raise ValueError(f"{method} is a greedy peer; use --temperature 0 or drop it")
     target = load_target(settings.model, DTYPES[settings.dtype])
@@ -133,7 +148,8 @@ def run_bench(settings: BenchSettings, prompts: list[str], progress=print) -> di
         "model": target.model_id, "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "dtype": settings.dtype, "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
         "block_size": settings.block_size, "n_prompts": len(prompts), "exact_match_reference": reference,
-        "drafters": {m: settings.drafter_for(m) for m in settings.methods if m in KINDS},
+        "drafters": {m: settings.drafter_for(ENGINE_METHODS[m][0]) for m in settings.methods
+                     if m in ENGINE_METHODS and ENGINE_METHODS[m][0] in KINDS},
         "results": results,
     }
 

@@ -12,20 +12,9 @@ import time
 import uuid
 
 from engine.api import GenerationRequest, GenerationResult, SamplingParams
-from engine.bench import BenchSettings, chat_ids
+from engine.bench import ENGINE_METHODS, BenchSettings, chat_ids
 from engine.build import DTYPES, build_engine
-from engine.config import EngineConfig
 from engine.loading import load_target
-
-# bench name -> (engine method, scheduler, confidence threshold)
-SERVING_METHODS = {
-    "ar": ("ar", "static", 0.0),
-    "ngram": ("ngram", "static", 0.0),
-    "dspark-fixed": ("dspark", "static", 0.0),
-    "dspark-threshold": ("dspark", "static", None),  # --confidence-threshold, 0.5 if unset
-    "dspark-scheduled": ("dspark", "sync", 0.0),
-    "dspark-async": ("dspark", "async", 0.0),
-}
 
 
 def serve_once(engine, prompt_ids: list[list[int]], settings: BenchSettings) -> dict:
@@ -61,19 +50,12 @@ def serve_once(engine, prompt_ids: list[list[int]], settings: BenchSettings) -> 
 
 def run_serving_bench(settings: BenchSettings, prompts: list[str], concurrencies: list[int],
                       progress=print) -> dict:
-    unknown = [m for m in settings.methods if m not in SERVING_METHODS]
+    unknown = [m for m in settings.methods if m not in ENGINE_METHODS]
     if unknown:
-        raise ValueError(f"--concurrency supports the methods {', '.join(SERVING_METHODS)}; not {', '.join(unknown)}")
+        raise ValueError(f"--concurrency supports the methods {', '.join(ENGINE_METHODS)}; not {', '.join(unknown)}")
     target = load_target(settings.model, DTYPES[settings.dtype])
-    engines = {}
-    for name in settings.methods:
-        method, scheduler, threshold = SERVING_METHODS[name]
-        if threshold is None:
-            threshold = settings.confidence_threshold or 0.5
-        engines[name] = build_engine(EngineConfig(
-            model=settings.model, method=method, drafter=settings.drafter_for(method), dtype=settings.dtype,
-            block_size=settings.block_size, scheduler=scheduler, confidence_threshold=threshold,
-            max_batch=max(concurrencies), max_context=2048), target)
+    engines = {name: build_engine(settings.engine_config(name, max(concurrencies), 2048), target)
+               for name in settings.methods}
     ids = [chat_ids(target.tokenizer, p) for p in prompts]
     for engine in engines.values():  # warm-up
         serve_once(engine, ids[:1], BenchSettings(**{**settings.__dict__, "max_new_tokens": 4}))

@@ -9,9 +9,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from engine.bench import PEERS, BenchSettings, format_table, run_bench
+from engine.bench import ENGINE_METHODS, PEERS, BenchSettings, format_table, run_bench
 from engine.bench_batch import run_serving_bench
-from engine.config import METHODS
 from engine.drafters.init import KINDS
 from engine.loading import ModelLoadError
 from engine.prompts import PromptFileError, load_first_turns
@@ -24,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "report median tokens/s, tau, per-position acceptance and exactness.")
     p.add_argument("--prompts", type=Path, required=True, help='JSON-lines file of {"turns": [...]}')
     p.add_argument("--methods", default="ar,ngram,hf-greedy,hf-pld",
-                   help=f"comma-separated, from {', '.join((*METHODS, *PEERS))}")
+                   help=f"comma-separated, from {', '.join((*ENGINE_METHODS, *PEERS))} "
+                        "(with --concurrency: all but the hf- peers)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--limit", type=int, default=10, help="first N prompts (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -47,10 +47,10 @@ def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.concurrency is not None:
         return run_serving(args, methods)
-    unknown = [m for m in methods if m not in (*METHODS, *PEERS)]
+    unknown = [m for m in methods if m not in (*ENGINE_METHODS, *PEERS)]
     if unknown or not methods:
         print(f"error: unknown method(s) {', '.join(unknown) or '(none given)'}; "
-              f"choose from {', '.join((*METHODS, *PEERS))}", file=sys.stderr)
+              f"choose from {', '.join((*ENGINE_METHODS, *PEERS))}", file=sys.stderr)
         return 2
     if args.max_new_tokens < 1 or args.limit < 1:
         print("error: --max-new-tokens and --limit must be at least 1", file=sys.stderr)

@@ -39,13 +39,15 @@ def test_bench_compares_drafters_of_each_kind_in_one_run(tiny_llama, tmp_path, c
     dflash = write_drafter(target, tmp_path / "dflash", "dflash", block_size=7, target_layer_ids=[-1, 0])
     out = tmp_path / "report.json"
     code = main(["bench", "--model", str(tiny_llama), "--prompts", str(EVAL_DIR / "gsm8k.jsonl"), "--limit", "2",
-                 "--max-new-tokens", "10", "--methods", "ar,dspark,dflash", "--method-drafter", f"dspark={dspark}",
+                 "--max-new-tokens", "10", "--methods", "ar,dspark,dflash,dspark-scheduled",
+                 "--method-drafter", f"dspark={dspark}",
                  "--method-drafter", f"dflash={dflash}", "--json", str(out), "--plots", str(tmp_path / "img")])
     assert code == 0, capsys.readouterr().err
     report = json.loads(out.read_text())
-    assert report["drafters"] == {"dspark": str(dspark), "dflash": str(dflash)}
+    assert report["drafters"] == {"dspark": str(dspark), "dflash": str(dflash), "dspark-scheduled": str(dspark)}
     rows = {r["method"]: r for r in report["results"]}
-    assert rows["dspark"]["exact_match"] == rows["dflash"]["exact_match"] == 1.0
+    # dspark-scheduled: the same drafter served through Algorithm 1 (fewer tokens verified per round)
+    assert all(rows[m]["exact_match"] == 1.0 for m in ("dspark", "dflash", "dspark-scheduled"))
     assert len(rows["dspark"]["per_position_acceptance"]) == 7 and rows["dspark"]["calibration"] is not None
     assert rows["dflash"]["calibration"] is None   # no confidence head
     assert (tmp_path / "img" / "acceptance-gsm8k-t0.png").stat().st_size > 0
