@@ -175,7 +175,7 @@ def check_key(data_dir: Path) -> Check:
         where = _existing_ancestor(data_dir)
         if not os.access(where, os.W_OK):
             return Check("key", "fail", f"no key yet, and {where} is not writable by uid {os.geteuid()}",
-                         f"chown the data dir to the node's user, or pass --data-dir to a writable one")
+                         "chown the data dir to the node's user, or pass --data-dir to a writable one")
         return Check("key", "ok", f"no key yet at {path}: one is created (mode 0600) on first start")
     info = path.stat()
     if info.st_uid != os.geteuid():

@@ -73,7 +73,7 @@ class _Body(BaseModel):
             neutral = _NEUTRAL.get(name)
             if neutral is None or not neutral(value):
                 raise ApiError(400, f"parameter {name!r} is not supported by this gateway"
-                                    + (f" (only its no-effect value)" if neutral else ""),
+                                    + (" (only its no-effect value)" if neutral else ""),
                                param=name, code="unsupported_parameter")
 
 

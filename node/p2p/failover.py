@@ -22,7 +22,7 @@ from typing import Any, Literal
 from dspark.v1.job_pb2 import JobRequest
 from node.client import ClientError, JobRefused, JobResult, WorkerClient
 from node.identity import Identity
-from node.p2p.discovery import Discovery, DiscoveryError
+from node.p2p.discovery import Discovery
 from node.p2p.selection import Candidate, rank
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,5 @@
 """Sampling: the verification rule reproduces the target distribution; seeds reproduce runs."""
 
-import itertools
-
 import pytest
 import torch
 from scipy.stats import chisquare
