@@ -1,22 +1,30 @@
-"""Stop paying for drafts nobody verifies.
+"""Stop paying for drafts that do not pay for themselves.
 
-When the confidence scheduler verifies nothing for a whole round (on hardware where a wider verify
-is expensive, or with a weak drafter), the draft forward was pure overhead. After such a round the
-engine skips drafting for 1, 2, 4, ... up to `max_skip` rounds, then drafts again to re-probe; any
-round that verifies a draft resets the backoff. Not drafting is always lossless: the round then
-verifies only the anchors, i.e. plain decoding. (A deviation from the paper, which always drafts:
-there the draft is cheap next to the target; here, with a 135M target and a 49k vocabulary, the
-draft's LM head alone costs about one target step.)
+The paper always drafts: on its GPUs a draft is cheap next to the target, and Algorithm 1 only
+decides how much of it to verify. Here (a 135M target and a 49k vocabulary on a CPU) one draft
+costs most of a target step, so a round that verifies little can commit tokens more slowly than
+plain decoding would have. After each drafted round the engine compares the round's realised
+speed, committed tokens per second, with plain decoding's at the same batch size, R tokens per
+1 / SPS(R) seconds from the profile (paper §3.2.2). The ratio is smoothed over rounds (one round
+commits a whole number of tokens, so a single round says little). While it is below 1 or a round
+verified nothing, the engine skips drafting for 1, 2, 4, ... up to `max_skip` rounds, then drafts
+again to re-probe; a round that pays resets the backoff. Without a profile (threshold truncation)
+only "verified nothing" counts. Not drafting is always lossless: the round then verifies only the
+anchors, i.e. plain decoding.
 """
 
 from __future__ import annotations
 
+from engine.api import RoundReport
+
 
 class DraftBackoff:
-    def __init__(self, max_skip: int = 16):
+    def __init__(self, max_skip: int = 16, smoothing: float = 0.75):
         self.max_skip = max_skip
+        self.smoothing = smoothing
         self.skip = 0
         self.next_skip = 1
+        self.speed_ratio = 1.0      # smoothed speed of drafted rounds / plain decoding's
 
     def should_draft(self) -> bool:
         if self.skip > 0:
@@ -24,9 +32,14 @@ class DraftBackoff:
             return False
         return True
 
-    def observe(self, budgets: tuple[int, ...]) -> None:
-        """After a round that drafted: back off if it verified nothing, else reset."""
-        if any(budgets):
+    def observe(self, report: RoundReport, plain_seconds: float | None) -> None:
+        """After a round that drafted; `plain_seconds`: what a plain round of this batch would take."""
+        paid = any(report.budgets)
+        if plain_seconds is not None and report.round_seconds > 0:
+            ratio = report.committed * plain_seconds / (report.batch_size * report.round_seconds)
+            self.speed_ratio = self.smoothing * self.speed_ratio + (1 - self.smoothing) * ratio
+            paid = paid and self.speed_ratio >= 1.0
+        if paid:
             self.next_skip = 1
         else:
             self.skip = self.next_skip

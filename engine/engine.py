@@ -19,6 +19,7 @@ from engine.config import EngineConfig
 from engine.draft_backoff import DraftBackoff
 from engine.drafters.base import Drafter
 from engine.loading import LoadedTarget
+from engine.prefix_scheduler import PrefixScheduler
 from engine.sampling import first_token
 from engine.sequence import Sequence
 from engine.spec_round import Schedule, full_block, speculative_round
@@ -102,7 +103,8 @@ class Engine:
         report, _ = speculative_round(self.model, self.cache, self.drafter, batch, self.schedule,
                                       self.target.eos_token_ids, self.config.verify_budget, drafting)
         if drafting and self.backoff is not None:
-            self.backoff.observe(report.budgets)
+            sps = self.schedule.sps if isinstance(self.schedule, PrefixScheduler) else None
+            self.backoff.observe(report, None if sps is None else 1.0 / sps(report.batch_size))
         for seq in batch:
             events.extend(self._after_commit(seq))
         return events, report
