@@ -6,11 +6,15 @@ For k = 1..gamma, left to right: T_k = argmin over a grid of ECE(prod_{i<=k} sig
 the rounds that verified position k, the earlier T_i already fixed. Temperature scaling keeps the
 order of the c_k, so a position's own AUROC is unchanged (that of the product may move a little).
 
-Deviation: by default each position also gets an offset, c_k = sigmoid(z_k / T_k + b_k), the two
-fitted together on a grid (Platt scaling, still monotone, so AUROC is kept too). A temperature
-cannot move a logit across 0: a head that is sure too often on the wrong side, as our CPU-trained
-drafter's is at position 1 (ECE 5.3% after temperature-only STS on its own fitting set), stays
-miscalibrated. `temperature_only=True` is the paper's method exactly.
+Deviation: by default each position also gets an offset, c_k = sigmoid(z_k / T_k + b_k) (Platt
+scaling, still monotone, so a position's AUROC is kept too). A temperature cannot move a logit
+across 0: a head that is sure too often on the wrong side, as our CPU-trained drafter's is at
+position 1 (ECE 5.3% after temperature-only STS on its own fitting set), stays miscalibrated. The
+pair is fitted by the log loss of the cumulative product, not by ECE: with an offset, ECE alone is
+minimised by a near-constant prediction at the base rate (one bin, ECE 0; measured: T_1 = 11,
+every confidence ~0.27), which says nothing about which rounds will be accepted, and that is what
+the scheduler needs. Log loss rewards both calibration and resolution. `temperature_only=True` is
+the paper's method exactly (ECE, temperatures only).
 """
 
 from __future__ import annotations
@@ -86,12 +90,20 @@ def predictions(rounds: list[Round], temperatures: list[float], offsets: list[fl
     return out
 
 
+def log_loss_rows(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean log loss of each row of predictions p [G, n] against labels y [n]."""
+    p = p.clamp(1e-12, 1 - 1e-12)
+    return -(y[None] * p.log() + (1 - y[None]) * (1 - p).log()).mean(1)
+
+
 def sequential_scaling(rounds: list[Round], block: int, temperature_only: bool = False
                        ) -> tuple[list[float], list[float]]:
-    """Per position left to right, (T_k, b_k) minimising the ECE of the cumulative product with the
-    earlier positions fixed; (1, 0) unless the grid does strictly better."""
+    """Per position left to right, with the earlier positions fixed: T_k minimising the ECE of the
+    cumulative product (temperature_only, the paper's STS), or (T_k, b_k) minimising its log loss;
+    (1, 0) unless the grid does strictly better."""
     temps, offsets = [1.0] * block, [0.0] * block
     grid_b = torch.tensor([0.0] if temperature_only else OFFSETS, dtype=torch.float64)
+    score_rows = ece_rows if temperature_only else log_loss_rows
     for k in range(block):
         reached = [r for r in rounds if len(r.logits) > k]
         if not reached:
@@ -101,10 +113,10 @@ def sequential_scaling(rounds: list[Round], block: int, temperature_only: bool =
                                          for z, t, b in zip(r.logits[:k], temps, offsets))
                                for r in reached], dtype=torch.float64)
         z = torch.tensor([r.logits[k] for r in reached], dtype=torch.float64)
-        best = (float(ece_rows((prefix * torch.sigmoid(z))[None], labels)[0]), 1.0, 0.0)
+        best = (float(score_rows((prefix * torch.sigmoid(z))[None], labels)[0]), 1.0, 0.0)
         for ts in torch.tensor(GRID, dtype=torch.float64).split(8):     # 8 temperatures x all offsets at once
             t, b = torch.cartesian_prod(ts, grid_b).view(-1, 2).unbind(1)
-            scores = ece_rows(prefix[None] * torch.sigmoid(z[None] / t[:, None] + b[:, None]), labels)
+            scores = score_rows(prefix[None] * torch.sigmoid(z[None] / t[:, None] + b[:, None]), labels)
             i = int(scores.argmin())
             if float(scores[i]) < best[0] - 1e-12:
                 best = (float(scores[i]), round(float(t[i]), 4), round(float(b[i]), 1))
