@@ -11,9 +11,9 @@ scaling, still monotone, so a position's AUROC is kept too). A temperature canno
 across 0: a head that is sure too often on the wrong side, as our CPU-trained drafter's is at
 position 1 (ECE 5.3% after temperature-only STS on its own fitting set), stays miscalibrated. The
 pair is fitted by the log loss of the cumulative product, not by ECE: with an offset, ECE alone is
-minimised by a near-constant prediction at the base rate (one bin, ECE 0; measured: T_1 = 11,
-every confidence ~0.27), which says nothing about which rounds will be accepted, and that is what
-the scheduler needs. Log loss rewards both calibration and resolution. `temperature_only=True` is
+minimised by a near-constant prediction at the base rate (measured: T_1 = 11, every c_1 ~0.27,
+ECE 1.7%), which says nothing about which rounds will be accepted, and that is what the
+scheduler needs. Log loss rewards both calibration and resolution. `temperature_only=True` is
 the paper's method exactly (ECE, temperatures only).
 """
 
