@@ -8,7 +8,7 @@ The embedding and LM head are the target's at run time: a stored copy is never l
 shape is checked), and the checkpoints we write leave them out and say so with
 `"shares_target_embeddings": true`. Extensions we add to the config, both optional:
 `shares_target_embeddings`, `confidence_temperatures` (per-position STS temperatures, §4.5) and
-`confidence_biases` (per-position offsets added after them, engine/train/calibrate.py).
+`confidence_offsets` (per-position offsets added after them, engine/train/calibrate.py).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class DrafterConfig(BaseModel):
     enable_confidence_head: bool = False
     confidence_head_with_markov: bool = False
     confidence_temperatures: list[float] | None = None
-    confidence_biases: list[float] | None = None
+    confidence_offsets: list[float] | None = None
     shares_target_embeddings: bool = False
 
     @field_validator("target_layer_ids")
@@ -84,12 +84,12 @@ class DrafterConfig(BaseModel):
             raise ValueError(f"temperatures must be > 0, got {temps}")
         return temps
 
-    @field_validator("confidence_biases")
+    @field_validator("confidence_offsets")
     @classmethod
-    def _finite(cls, biases: list[float] | None) -> list[float] | None:
-        if biases is not None and any(not math.isfinite(b) for b in biases):
-            raise ValueError(f"biases must be finite, got {biases}")
-        return biases
+    def _finite(cls, offsets: list[float] | None) -> list[float] | None:
+        if offsets is not None and any(not math.isfinite(b) for b in offsets):
+            raise ValueError(f"offsets must be finite, got {offsets}")
+        return offsets
 
     @model_validator(mode="after")
     def _consistent(self) -> DrafterConfig:
@@ -104,7 +104,7 @@ class DrafterConfig(BaseModel):
             raise ValueError("a DSpark/DFlash drafter needs block_size and mask_token_id")
         if self.kind == "eagle3" and -1 in self.target_layer_ids:
             raise ValueError("an EAGLE-3 drafter cannot tap the embedding output (-1)")
-        for name in ("confidence_temperatures", "confidence_biases"):
+        for name in ("confidence_temperatures", "confidence_offsets"):
             values = getattr(self, name)
             if values is not None and len(values) != self.block:
                 raise ValueError(f"{name} has {len(values)} entries, block size is {self.block}")

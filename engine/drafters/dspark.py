@@ -50,7 +50,7 @@ class DSparkDrafter(Drafter):
         self.cache = DraftCache(c, max_slots, max_context + self.block + 2, target.dtype, target.device)
         self.markov = MarkovHead(c.markov_head_type, w) if c.markov_rank else None
         self.confidence = (ConfidenceHead(w, c.confidence_head_with_markov, c.confidence_temperatures,
-                                          c.confidence_biases, c.block)
+                                          c.confidence_offsets, c.block)
                            if c.enable_confidence_head else None)
 
     # ---- per-request state -----------------------------------------------------------------

@@ -162,7 +162,7 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
     c = engine.drafter.config
     if not c.enable_confidence_head:
         raise CheckpointError(f"{drafter} has no confidence head: nothing to calibrate")
-    current = (list(c.confidence_temperatures or [1.0] * c.block), list(c.confidence_biases or [0.0] * c.block))
+    current = (list(c.confidence_temperatures or [1.0] * c.block), list(c.confidence_offsets or [0.0] * c.block))
     if prompts is None:
         prompts = default_prompts(limit, seed)
     tok = engine.tokenizer
@@ -174,7 +174,7 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
     result = report(rounds, current, fitted)
     if write:
         raw = json.loads(config_file.read_text())
-        raw["confidence_temperatures"], raw["confidence_biases"] = fitted
+        raw["confidence_temperatures"], raw["confidence_offsets"] = fitted
         raw["calibration"] = {"method": "STS" if temperature_only else "STS with offsets", "rounds": len(rounds),
                               "temperature": temperature, "max_new_tokens": max_new_tokens, "prompts": len(ids),
                               "ece_before": [round(r["ece"], 4) for r in result["before"]],

@@ -18,9 +18,9 @@ from engine.prompts import PromptFileError, load_first_turns
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="calibrate a DSpark drafter's confidences (STS)",
                        description="Decode held-out prompts with the drafter, fit a temperature and an offset "
-                                   "per draft position (left to right, minimising the ECE of the cumulative "
-                                   "product) and store them in the drafter's config.json; prints "
-                                   "ECE/AUROC/Brier per position before and after.")
+                                   "per draft position (left to right, minimising the log loss of the "
+                                   "cumulative product; the ECE with --temperature-only) and store them in the "
+                                   "drafter's config.json; prints ECE/AUROC/Brier per position before and after.")
     p.add_argument("--drafter", type=Path, required=True, help="DSpark drafter directory (rewritten in place)")
     p.add_argument("--prompts", type=Path, default=None,
                    help='JSON-lines {"turns": [...]} (default: the training recipe\'s held-out code requests '

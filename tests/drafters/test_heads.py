@@ -94,9 +94,9 @@ def test_confidence_uses_previous_token_temperature_and_offset():
     w = {"confidence_head.proj.weight": torch.tensor([[1.0, 2.0, -1.0]]), "confidence_head.proj.bias": torch.tensor([0.5])}
     hidden = torch.tensor([[[1.0], [1.0]]])
     prev = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
-    head = ConfidenceHead(w, with_markov=True, temperatures=[1.0, 2.0], biases=None, block_size=2)
+    head = ConfidenceHead(w, with_markov=True, temperatures=[1.0, 2.0], offsets=None, block_size=2)
     assert torch.allclose(head(hidden, prev), torch.tensor([[sig(1 + 0 - 1 + 0.5), sig((1 + 2 + 0.5) / 2)]]))
-    head = ConfidenceHead(w, with_markov=True, temperatures=[1.0, 2.0], biases=[-0.25, 1.0], block_size=2)
+    head = ConfidenceHead(w, with_markov=True, temperatures=[1.0, 2.0], offsets=[-0.25, 1.0], block_size=2)
     assert torch.allclose(head(hidden, prev), torch.tensor([[sig(0.5 - 0.25), sig(3.5 / 2 + 1.0)]]))
 
 

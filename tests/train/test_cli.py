@@ -82,9 +82,9 @@ def test_calibrate_fits_and_stores_temperatures_and_offsets(target, tmp_path, ca
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     stored = json.loads((tmp_path / "config.json").read_text())
     assert stored["confidence_temperatures"] == printed["temperatures"] and len(printed["temperatures"]) == 4
-    assert stored["confidence_biases"] == printed["offsets"] and len(printed["offsets"]) == 4
+    assert stored["confidence_offsets"] == printed["offsets"] and len(printed["offsets"]) == 4
     assert stored["calibration"]["method"] == "STS with offsets" and stored["calibration"]["prompts"] == 4
     loaded = load_checkpoint(tmp_path, target).config
-    assert loaded.confidence_biases == printed["offsets"]
+    assert loaded.confidence_offsets == printed["offsets"]
     assert main([*argv, "--temperature-only"]) == 0
-    assert json.loads((tmp_path / "config.json").read_text())["confidence_biases"] == [0.0] * 4
+    assert json.loads((tmp_path / "config.json").read_text())["confidence_offsets"] == [0.0] * 4

@@ -26,7 +26,7 @@ def test_shipped_drafter_is_small_and_complete(smollm2):
     assert c.kind == "dspark" and c.markov_rank > 0 and c.enable_confidence_head
     assert c.shares_target_embeddings and "embed_tokens.weight" not in ckpt.weights
     assert c.confidence_temperatures is not None and len(c.confidence_temperatures) == c.block
-    assert c.confidence_biases is not None and len(c.confidence_biases) == c.block
+    assert c.confidence_offsets is not None and len(c.confidence_offsets) == c.block
     assert "sources" in c.model_dump()["training"]["data"]
     assert sum(f.stat().st_size for f in ckpt.path.iterdir()) < 40e6
 
