@@ -10,6 +10,7 @@ import statistics
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -22,13 +23,23 @@ from engine.loading import LoadedTarget, load_target
 from engine.peers import HfPeer
 
 PEERS = {"hf-greedy": None, "hf-pld": 7}
-# bench name -> (engine method, scheduler, confidence threshold: None = --confidence-threshold, or 0.5
-# for dspark-threshold). The plain method names verify every proposed token (or up to the threshold).
-ENGINE_METHODS = {m: (m, "static", None) for m in METHODS} | {
-    "dspark-fixed": ("dspark", "static", 0.0),
-    "dspark-threshold": ("dspark", "static", None),
-    "dspark-scheduled": ("dspark", "sync", 0.0),
-    "dspark-async": ("dspark", "async", 0.0),
+
+
+class BenchMethod(NamedTuple):
+    """What a bench method name runs: an engine method, its scheduler, and a confidence threshold
+    (None: --confidence-threshold, or `threshold_unset` without it)."""
+    engine: str
+    scheduler: str = "static"
+    threshold: float | None = None
+    threshold_unset: float = 0.0
+
+
+# The plain method names verify every proposed token (or up to --confidence-threshold).
+ENGINE_METHODS = {m: BenchMethod(m) for m in METHODS} | {
+    "dspark-fixed": BenchMethod("dspark", threshold=0.0),
+    "dspark-threshold": BenchMethod("dspark", threshold_unset=0.5),
+    "dspark-scheduled": BenchMethod("dspark", "sync", 0.0),
+    "dspark-async": BenchMethod("dspark", "async", 0.0),
 }
 
 
@@ -73,11 +84,10 @@ class BenchSettings:
 
     def engine_config(self, name: str, max_batch: int, max_context: int) -> EngineConfig:
         """The engine a bench method name stands for (ENGINE_METHODS)."""
-        method, scheduler, threshold = ENGINE_METHODS[name]
-        if threshold is None:
-            threshold = self.confidence_threshold or (0.5 if name == "dspark-threshold" else 0.0)
-        return EngineConfig(model=self.model, method=method, drafter=self.drafter_for(method), dtype=self.dtype,
-                            block_size=self.block_size, scheduler=scheduler, confidence_threshold=threshold,
+        m = ENGINE_METHODS[name]
+        threshold = m.threshold if m.threshold is not None else self.confidence_threshold or m.threshold_unset
+        return EngineConfig(model=self.model, method=m.engine, drafter=self.drafter_for(m.engine), dtype=self.dtype,
+                            block_size=self.block_size, scheduler=m.scheduler, confidence_threshold=threshold,
                             max_batch=max_batch, max_context=max_context)
 
 
@@ -148,8 +158,8 @@ def run_bench(settings: BenchSettings, prompts: list[str], progress=print) -> di
         "model": target.model_id, "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "dtype": settings.dtype, "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
         "block_size": settings.block_size, "n_prompts": len(prompts), "exact_match_reference": reference,
-        "drafters": {m: settings.drafter_for(ENGINE_METHODS[m][0]) for m in settings.methods
-                     if m in ENGINE_METHODS and ENGINE_METHODS[m][0] in KINDS},
+        "drafters": {m: settings.drafter_for(ENGINE_METHODS[m].engine) for m in settings.methods
+                     if m in ENGINE_METHODS and ENGINE_METHODS[m].engine in KINDS},
         "results": results,
     }
 
