@@ -18,6 +18,7 @@ from engine.prefix_scheduler import PrefixScheduler
 from engine.schedulers import build_schedule
 from engine.spec_round import Schedule
 from engine.sps import load_or_profile
+from kernels import KERNELS_VERSION
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # DSpark drafters trained for a target and shipped with the node (docs/training.md): the default
@@ -64,7 +65,8 @@ def build_engine(config: EngineConfig, target: LoadedTarget | None = None) -> En
 def make_schedule(config: EngineConfig, target: LoadedTarget) -> Schedule:
     if config.scheduler == "static":
         return build_schedule(config)
-    # SPS(B) depends on the model, dtype, device and thread count: profile once per combination.
-    key = f"{target.digest.hex()[:16]}-{config.dtype}-{config.device.replace(':', '')}-t{torch.get_num_threads()}"
+    # SPS(B) depends on the model, dtype, device, thread count and operators: profile once per combination.
+    key = (f"{target.digest.hex()[:16]}-{config.dtype}-{config.device.replace(':', '')}"
+           f"-t{torch.get_num_threads()}-k{KERNELS_VERSION}")
     sps = load_or_profile(target.model, key, config.verify_budget, cache_root() / "sps")
     return PrefixScheduler(sps, mode=config.scheduler, budget=config.verify_budget)

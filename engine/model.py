@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.ops import apply_rope, attention, project_vocab, rms_norm, rope_tables, swiglu
+from kernels.ops import apply_rope, attention, linear, pack_linear, rms_norm, rope_tables, swiglu
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -89,9 +89,9 @@ class TargetModel:
         w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
         self.embed = w["model.embed_tokens.weight"]
         self.lm_head = self.embed if args.tie_word_embeddings else w["lm_head.weight"]
-        # CPU only: a second, transposed copy of the LM head for kernels.ops.project_vocab (113 MB
-        # for SmolLM2 in fp32) buys ~2x on the one-row decode step's largest matmul.
-        self.lm_head_t = self.lm_head.t().contiguous() if device.type == "cpu" else None
+        # Layouts for kernels.ops.linear: on CPU two more copies of the LM head (2 x 113 MB for
+        # SmolLM2 in fp32) beside the embedding table it is tied to; nothing is copied elsewhere.
+        self.vocab_projection = pack_linear(self.lm_head)
         self.final_norm = w["model.norm.weight"]
         self.layers = []
         for i in range(args.num_layers):
@@ -99,11 +99,11 @@ class TargetModel:
             layer = {
                 # One matmul for q, k and v, one for gate and up: fewer ops per token, which is what
                 # a small model on a CPU pays for (per-op overhead dominates, see docs/benchmarks.md).
-                "wqkv": torch.cat([w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"],
-                                   w[p + "self_attn.v_proj.weight"]]),
-                "wo": w[p + "self_attn.o_proj.weight"],
-                "w_gate_up": torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
-                "w_down": w[p + "mlp.down_proj.weight"],
+                "wqkv": pack_linear(torch.cat([w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"],
+                                               w[p + "self_attn.v_proj.weight"]])),
+                "wo": pack_linear(w[p + "self_attn.o_proj.weight"]),
+                "w_gate_up": pack_linear(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])),
+                "w_down": pack_linear(w[p + "mlp.down_proj.weight"]),
                 "attn_norm": w[p + "input_layernorm.weight"],
                 "mlp_norm": w[p + "post_attention_layernorm.weight"],
             }
@@ -125,7 +125,7 @@ class TargetModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of hidden states that already went through the final norm."""
-        return project_vocab(hidden, self.lm_head, self.lm_head_t).float()
+        return linear(hidden, self.vocab_projection).float()
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -164,7 +164,7 @@ class TargetModel:
         nq, nkv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer["attn_norm"], a.rms_norm_eps)
-            qkv = h @ layer["wqkv"].t()
+            qkv = linear(h, layer["wqkv"])
             if a.attention_bias:
                 qkv = qkv + layer["bqkv"]
             if valid is not None:
@@ -186,7 +186,7 @@ class TargetModel:
             else:
                 keys, values = ck[slots, :kv_end], cv[slots, :kv_end]
             o = pack(attention(q, keys, values, mask).reshape(R, Q, nq))
-            x = x + o @ layer["wo"].t()
+            x = x + linear(o, layer["wo"])
             x = x + swiglu(rms_norm(x, layer["mlp_norm"], a.rms_norm_eps), layer["w_gate_up"], layer["w_down"])
             if i in taps:
                 tapped[i] = x

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -46,31 +48,41 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out.transpose(1, 2)
 
 
-# Output rows of the vocabulary projection per GEMM call on CPU (see project_vocab).
-VOCAB_CHUNK = 1024
+@dataclass(frozen=True)
+class LinearWeight:
+    """A linear layer's weight [out, in] in the layouts `linear` picks from by row count.
 
-
-def project_vocab(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., H] @ weight[V, H].T -> [..., V] (LM-head logits).
-
-    `weight_t` (a contiguous [H, V] copy) selects the CPU path. For the few rows a decode step or a
-    verify block has, the CPU BLAS runs this tall-and-thin product far below memory bandwidth; on the
-    2-core dev box (SmolLM2, 49152 x 576 fp32, 2 threads, median ms) the plain product costs 12 ms for
-    1 row and 33 ms for 8, against ~7 ms to stream the weight once. Two measured fixes: for 1-2
-    rows, the [H, V] layout (6.5 ms for 1 row); for more, 1024 vocabulary rows per call (16-19 ms for
-    8 rows, 43 ms instead of 67 for 64). Each output element is the same length-H dot product
-    either way.
+    On CPU in fp32 there are two copies, measured on the 2-core dev box (AVX2, MKL as torch's BLAS,
+    median ms for SmolLM2's 30 layers, four projections each / its 49152 x 576 LM head):
+      - one row (a decode step): `x @ w_t` with w_t a contiguous [in, out] copy, 45-48 / 6.5-8.6,
+        against 47-60 / 12 for `x @ w.t()`;
+      - more rows (a verify block, prefill, a batch): oneDNN's kernel on its own blocked copy,
+        51 / 9.4 for 2 rows, 65 / 13 for 8 and 70 / 17 for 16 (2 threads), where MKL's small-M
+        GEMM takes 106 / 16, 104 / 24 and 140 / 26.
+    The second is what makes verifying a few draft tokens nearly as cheap as decoding one, which is
+    what SPS(B) rewards (paper §3.2.2). Elsewhere (CUDA, bf16) `w_t` is a view and nothing is copied.
     """
-    if weight_t is None:
-        return x @ weight.t()
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] <= 2:
-        out = rows @ weight_t
-    else:
-        out = torch.cat([F.linear(rows, w) for w in weight.split(VOCAB_CHUNK)], dim=1)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    w_t: torch.Tensor                  # [in, out]
+    packed: torch.Tensor | None = None  # oneDNN layout (CPU fp32 only)
+
+    @property
+    def out_features(self) -> int:
+        return self.w_t.shape[1]
 
 
-def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    gate, up = (x @ w_gate_up.t()).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ w_down.t()
+def pack_linear(weight: torch.Tensor) -> LinearWeight:
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return LinearWeight(weight.t())
+    return LinearWeight(weight.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None))
+
+
+def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
+    """x [..., in] -> [..., out]."""
+    if weight.packed is not None and x.numel() > x.shape[-1]:
+        return torch.ops.mkldnn._linear_pointwise(x, weight.packed, None, "none", [], "")
+    return x @ weight.w_t
+
+
+def swiglu(x: torch.Tensor, w_gate_up: LinearWeight, w_down: LinearWeight) -> torch.Tensor:
+    gate, up = linear(x, w_gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w_down)

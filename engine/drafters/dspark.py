@@ -23,7 +23,7 @@ from engine.drafters.layers import DraftCache, Projector, fuse_layer
 from engine.drafters.markov import MarkovHead, sample_block
 from engine.model import TargetModel
 from engine.sequence import Sequence
-from kernels.ops import attention, rms_norm, swiglu
+from kernels.ops import attention, linear, rms_norm, swiglu
 
 
 @dataclass
@@ -101,7 +101,7 @@ class DSparkDrafter(Drafter):
             q, k, v = self.proj.qkv(layer, rms_norm(h, layer["attn_norm"], self.eps), positions)
             ck[slots[:, None], positions], cv[slots[:, None], positions] = k, v
             o = attention(q, ck[slots, :kv_end], cv[slots, :kv_end], mask)
-            h = h + o.flatten(2) @ layer["wo"].t()
+            h = h + linear(o.flatten(2), layer["wo"])
             h = h + swiglu(rms_norm(h, layer["mlp_norm"], self.eps), layer["w_gate_up"], layer["w_down"])
         return rms_norm(h, self.norm, self.eps)
 

@@ -20,7 +20,7 @@ from engine.drafters.layers import DraftCache, Projector, fuse_layer
 from engine.drafters.markov import new_probs, sample_step
 from engine.model import TargetModel
 from engine.sequence import Sequence
-from kernels.ops import attention, rms_norm, swiglu
+from kernels.ops import attention, linear, rms_norm, swiglu
 
 
 @dataclass
@@ -121,7 +121,7 @@ class Eagle3Drafter(Drafter):
         if R > 1 or Q > 1:
             mask = torch.arange(kv_end, device=ids.device)[None, None, :] <= positions[:, :, None]
         o = attention(q, ck[slots, :kv_end], cv[slots, :kv_end], mask)
-        h = hidden + o.flatten(2) @ lay["wo"].t()
+        h = hidden + linear(o.flatten(2), lay["wo"])
         return h + swiglu(rms_norm(h, lay["mlp_norm"], eps), lay["w_gate_up"], lay["w_down"])
 
 

@@ -10,16 +10,20 @@ from __future__ import annotations
 import torch
 
 from engine.drafters.checkpoint import DrafterConfig
-from kernels.ops import apply_rope, rms_norm
+from kernels.ops import apply_rope, linear, pack_linear, rms_norm
 
 
-def fuse_layer(w: dict[str, torch.Tensor], prefix: str, qk_norm: bool) -> dict[str, torch.Tensor]:
-    """One decoder layer's weights with q/k/v and gate/up concatenated (one matmul each)."""
+def fuse_layer(w: dict[str, torch.Tensor], prefix: str, qk_norm: bool) -> dict:
+    """One decoder layer's weights with q/k/v and gate/up concatenated (one matmul each), in the
+    layouts of kernels.ops.linear; "wkv" is k/v alone, for context features that only become keys
+    and values."""
+    k, v = (w[prefix + f"self_attn.{n}_proj.weight"] for n in "kv")
     layer = {
-        "wqkv": torch.cat([w[prefix + f"self_attn.{n}_proj.weight"] for n in "qkv"]),
-        "wo": w[prefix + "self_attn.o_proj.weight"],
-        "w_gate_up": torch.cat([w[prefix + "mlp.gate_proj.weight"], w[prefix + "mlp.up_proj.weight"]]),
-        "w_down": w[prefix + "mlp.down_proj.weight"],
+        "wqkv": pack_linear(torch.cat([w[prefix + "self_attn.q_proj.weight"], k, v])),
+        "wkv": pack_linear(torch.cat([k, v])),
+        "wo": pack_linear(w[prefix + "self_attn.o_proj.weight"]),
+        "w_gate_up": pack_linear(torch.cat([w[prefix + "mlp.gate_proj.weight"], w[prefix + "mlp.up_proj.weight"]])),
+        "w_down": pack_linear(w[prefix + "mlp.down_proj.weight"]),
         "attn_norm": w[prefix + "input_layernorm.weight"],
         "mlp_norm": w[prefix + "post_attention_layernorm.weight"],
     }
@@ -49,8 +53,8 @@ class Projector:
 
     def kv(self, layer: dict, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [..., D] -> k, v [..., nkv, hd] (k normed and rotated)."""
-        nq, nkv = self.nh * self.hd, self.nkv * self.hd
-        kv = x @ layer["wqkv"][nq:].t()
+        nkv = self.nkv * self.hd
+        kv = linear(x, layer["wkv"])
         k = kv[..., :nkv].unflatten(-1, (self.nkv, self.hd))
         v = kv[..., nkv:].unflatten(-1, (self.nkv, self.hd))
         return self._rope(self._norm(k, layer, "k_norm"), positions), v
@@ -59,7 +63,7 @@ class Projector:
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [R, Q, D] -> q [R, Q, nh, hd], k, v [R, Q, nkv, hd]."""
         nq, nkv = self.nh * self.hd, self.nkv * self.hd
-        qkv = x @ layer["wqkv"].t()
+        qkv = linear(x, layer["wqkv"])
         q = qkv[..., :nq].unflatten(-1, (self.nh, self.hd))
         k = qkv[..., nq:nq + nkv].unflatten(-1, (self.nkv, self.hd))
         v = qkv[..., nq + nkv:].unflatten(-1, (self.nkv, self.hd))

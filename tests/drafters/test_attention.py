@@ -39,11 +39,11 @@ def reference_block(drafter, feats: torch.Tensor, anchor: int) -> torch.Tensor:
     nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.dim_head
     for layer in drafter.layers:
         x = rms_norm(h, layer["attn_norm"], c.rms_norm_eps)
-        wq, wk, wv = layer["wqkv"].split([nh * hd, nkv * hd, nkv * hd])
-        q = (x @ wq.t()).view(1, -1, nh, hd)
+        wq, wk, wv = layer["wqkv"].w_t.split([nh * hd, nkv * hd, nkv * hd], dim=1)   # [in, out]
+        q = (x @ wq).view(1, -1, nh, hd)
         kv_in = torch.cat([ctx[None], x], dim=1)          # the context is never run through the layer
-        k = (kv_in @ wk.t()).view(1, -1, nkv, hd)
-        v = (kv_in @ wv.t()).view(1, -1, nkv, hd)
+        k = (kv_in @ wk).view(1, -1, nkv, hd)
+        v = (kv_in @ wv).view(1, -1, nkv, hd)
         if "q_norm" in layer:
             q, k = rms_norm(q, layer["q_norm"], c.rms_norm_eps), rms_norm(k, layer["k_norm"], c.rms_norm_eps)
         q = apply_rope(q, m.cos[pos[n:]][None], m.sin[pos[n:]][None])
@@ -51,7 +51,7 @@ def reference_block(drafter, feats: torch.Tensor, anchor: int) -> torch.Tensor:
         k, v = k.repeat_interleave(nh // nkv, dim=2), v.repeat_interleave(nh // nkv, dim=2)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=visible[None, None, None, :])
-        h = h + o.transpose(1, 2).flatten(2) @ layer["wo"].t()
+        h = h + o.transpose(1, 2).flatten(2) @ layer["wo"].w_t
         h = h + swiglu(rms_norm(h, layer["mlp_norm"], c.rms_norm_eps), layer["w_gate_up"], layer["w_down"])
     return rms_norm(h, drafter.norm, c.rms_norm_eps)[0]
 
