@@ -1,8 +1,11 @@
 """Serving benchmark: many users at once through continuous batching (paper Figures 7-8).
 
-For each concurrency c, c requests start together; the engine batches them into one target forward
-per round. Reported per method and c: aggregate tokens/s, median per-user tokens/s, tau, and the
-mean verification budget per request (draft tokens verified per request per round).
+For each concurrency c, c closed-loop users share the engine: c requests start together and each
+time one finishes the next prompt joins, until every prompt (at least c of them) has been served,
+so requests join and leave between rounds as in a live node and a level measures more than one
+wave. Reported per method and c: aggregate tokens/s, median per-user tokens/s (a request's tokens
+over its time from joining to finishing), tau, and the mean verification budget per request (draft
+tokens verified per request per round).
 """
 
 from __future__ import annotations
@@ -17,30 +20,43 @@ from engine.build import DTYPES, build_engine
 from engine.loading import load_target
 
 
-def serve_once(engine, prompt_ids: list[list[int]], settings: BenchSettings) -> dict:
+def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, settings: BenchSettings) -> dict:
+    """Serve every prompt with at most `concurrency` in flight."""
     start = time.perf_counter()
-    finished: dict[str, tuple[GenerationResult, float]] = {}
-    for i, ids in enumerate(prompt_ids):
+    joined: dict[str, float] = {}
+    finished: list[tuple[GenerationResult, float]] = []
+    queue = list(enumerate(prompt_ids))
+
+    def join() -> None:
+        i, ids = queue.pop(0)
         sampling = SamplingParams(temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
                                   seed=settings.seed + i)
-        engine.add(GenerationRequest(uuid.uuid4().hex, tuple(ids), sampling))
+        request = GenerationRequest(uuid.uuid4().hex, tuple(ids), sampling)
+        engine.add(request)
+        joined[request.request_id] = time.perf_counter()
+
+    while queue and len(joined) < concurrency:
+        join()
     budgets: list[float] = []
     while engine.has_work:
         events, report = engine.step()
         now = time.perf_counter()
         for event in events:
             if isinstance(event, GenerationResult):
-                finished[event.request_id] = (event, now)
+                finished.append((event, now - joined[event.request_id]))
+                if queue:
+                    join()
         if report is not None:
             budgets.append(sum(report.budgets) / report.batch_size)
     wall = time.perf_counter() - start
-    results = [r for r, _ in finished.values()]
+    results = [r for r, _ in finished]
     out_tokens = sum(len(r.output_ids) for r in results)
     rounds = sum(r.stats.rounds for r in results)
     accepted = sum(r.stats.accepted_tokens for r in results)
     return {
+        "requests": len(results),
         "tokens_per_s": out_tokens / wall,
-        "per_user_tokens_per_s": statistics.median(len(r.output_ids) / (t - start) for r, t in finished.values()),
+        "per_user_tokens_per_s": statistics.median(len(r.output_ids) / seconds for r, seconds in finished),
         "tau": (accepted + rounds) / rounds if rounds else None,
         "mean_budget": statistics.fmean(budgets) if budgets else 0.0,
         "output_tokens": out_tokens,
@@ -58,12 +74,12 @@ def run_serving_bench(settings: BenchSettings, prompts: list[str], concurrencies
                for name in settings.methods}
     ids = [chat_ids(target.tokenizer, p) for p in prompts]
     for engine in engines.values():  # warm-up
-        serve_once(engine, ids[:1], BenchSettings(**{**settings.__dict__, "max_new_tokens": 4}))
+        serve_closed_loop(engine, ids[:1], 1, BenchSettings(**{**settings.__dict__, "max_new_tokens": 4}))
     rows = []
     for c in concurrencies:
-        batch = [ids[i % len(ids)] for i in range(c)]
+        batch = [ids[i % len(ids)] for i in range(max(c, len(ids)))]
         for name in settings.methods:
-            row = {"method": name, "concurrency": c, **serve_once(engines[name], batch, settings)}
+            row = {"method": name, "concurrency": c, **serve_closed_loop(engines[name], batch, c, settings)}
             rows.append(row)
             progress(f"c={c:<3} {name:<17} {row['tokens_per_s']:7.2f} tok/s aggregate, "
                      f"{row['per_user_tokens_per_s']:6.2f} per user, tau {row['tau'] or 0:.2f}, "

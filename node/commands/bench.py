@@ -30,8 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concurrency", default=None,
-                   help="serving benchmark: comma-separated concurrencies (e.g. 1,2,4,8), methods from "
-                        "ar, ngram, dspark-fixed, dspark-threshold, dspark-scheduled, dspark-async")
+                   help="serving benchmark: comma-separated concurrencies (e.g. 1,2,4,8); at each, c users "
+                        "serve the --limit prompts (at least c) closed-loop, a new request joining as one "
+                        "finishes. Methods from ar, ngram, dspark-fixed, dspark-threshold, dspark-scheduled, "
+                        "dspark-async")
     p.add_argument("--plots", type=Path, default=None,
                    help="write PNG plots into this folder (acceptance per position; with --concurrency: "
                         "throughput and budget)")
