@@ -65,15 +65,15 @@ class LinearWeight:
     w_t: torch.Tensor                  # [in, out]
     packed: torch.Tensor | None = None  # oneDNN layout (CPU fp32 only)
 
-    @property
-    def out_features(self) -> int:
-        return self.w_t.shape[1]
-
 
 def pack_linear(weight: torch.Tensor) -> LinearWeight:
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return LinearWeight(weight.t())
-    return LinearWeight(weight.t().contiguous(), torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None))
+    try:  # the ops torch's own compiled CPU path (inductor) uses; absent from builds without oneDNN
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+    except (AttributeError, RuntimeError):
+        packed = None
+    return LinearWeight(weight.t().contiguous(), packed)
 
 
 def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:

@@ -14,7 +14,7 @@ def test_linear_equals_plain_product(shape):
     weight = torch.randn(2085, 64, generator=g)
     x = torch.randn(shape, generator=g)
     packed = pack_linear(weight)
-    assert packed.packed is not None and packed.out_features == 2085   # this CPU build has oneDNN
+    assert packed.packed is not None   # this CPU build has oneDNN
     out = linear(x, packed)
     assert out.shape == (*shape[:-1], weight.shape[0])
     torch.testing.assert_close(out, x @ weight.t(), rtol=1e-5, atol=1e-5)
