@@ -52,13 +52,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 class LinearWeight:
     """A linear layer's weight [out, in] in the layouts `linear` picks from by row count.
 
-    On CPU in fp32 there are two copies, measured on the 2-core dev box (AVX2, MKL as torch's BLAS,
-    median ms for SmolLM2's 30 layers, four projections each / its 49152 x 576 LM head):
-      - one row (a decode step): `x @ w_t` with w_t a contiguous [in, out] copy, 45-48 / 6.5-8.6,
-        against 47-60 / 12 for `x @ w.t()`;
-      - more rows (a verify block, prefill, a batch): oneDNN's kernel on its own blocked copy,
-        51 / 9.4 for 2 rows, 65 / 13 for 8 and 70 / 17 for 16 (2 threads), where MKL's small-M
-        GEMM takes 106 / 16, 104 / 24 and 140 / 26.
+    On CPU in fp32 there are two copies, measured on the 2-core dev box (AVX2, MKL as torch's BLAS;
+    scripts/linear_layouts.py, docs/benchmarks.md "Linear layers on CPU"):
+      - one row (a batch-1 decode step): `x @ w_t` with w_t a contiguous [in, out] copy, which beats
+        `x @ w.t()` (LM head 7.0 vs 11.6 ms) and, with one thread, oneDNN (8.6 vs 16.7 ms);
+      - more rows (a verify block, prefill, a batch): oneDNN's kernel on its own blocked copy. For
+        SmolLM2's 30 layers at 2 / 8 / 16 rows it takes 40 / 53 / 54 ms where MKL's small-M GEMM
+        takes 79 / 85 / 90 (one row through w_t: 35), and 7.7 / 12 / 14 ms for the LM head against
+        28 / 36 / 35.
     The second is what makes verifying a few draft tokens nearly as cheap as decoding one, which is
     what SPS(B) rewards (paper §3.2.2). Elsewhere (CUDA, bf16) `w_t` is a view and nothing is copied.
     """
