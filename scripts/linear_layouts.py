@@ -10,23 +10,12 @@ Defaults: SmolLM2-135M's shapes (30 layers; fused q/k/v, o, fused gate/up, down;
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from drafter_cost import median_ms   # scripts/ is on sys.path when a script runs
 
 SMOLLM2_LAYER = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
 SMOLLM2_LM_HEAD = (49152, 576)
-
-
-def timed(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -47,9 +36,9 @@ def main() -> None:
         print(f"{name:8} {'rows':>4} {'x @ w.t()':>10} {'x @ w_t':>10} {'oneDNN':>10}")
         for m in rows:
             xs = [torch.randn(m, w.shape[1], generator=g) for w in weights]
-            plain = timed(lambda: [x @ w.t() for x, w in zip(xs, weights)], args.reps)
-            trans = timed(lambda: [x @ w for x, w in zip(xs, transposed)], args.reps)
-            dnnl = timed(lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            plain = median_ms(lambda: [x @ w.t() for x, w in zip(xs, weights)], args.reps)
+            trans = median_ms(lambda: [x @ w for x, w in zip(xs, transposed)], args.reps)
+            dnnl = median_ms(lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
                                   for x, w in zip(xs, packed)], args.reps)
             print(f"{'':8} {m:>4} {plain:>10.1f} {trans:>10.1f} {dnnl:>10.1f}")
 
