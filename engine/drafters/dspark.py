@@ -45,7 +45,8 @@ class DSparkDrafter(Drafter):
         self.mask_token_id = c.mask_token_id
         self.eps = c.rms_norm_eps
         self.fc, self.hidden_norm, self.norm = w["fc.weight"], w["hidden_norm.weight"], w["norm.weight"]
-        self.layers = [fuse_layer(w, f"layers.{i}.", c.family == "qwen3") for i in range(c.num_hidden_layers)]
+        self.layers = [fuse_layer(w, f"layers.{i}.", c.family == "qwen3", context_kv=True)
+                       for i in range(c.num_hidden_layers)]
         self.proj = Projector(c, target.cos, target.sin)
         self.cache = DraftCache(c, max_slots, max_context + self.block + 2, target.dtype, target.device)
         self.markov = MarkovHead(c.markov_head_type, w) if c.markov_rank else None

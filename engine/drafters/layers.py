@@ -13,20 +13,21 @@ from engine.drafters.checkpoint import DrafterConfig
 from kernels.ops import apply_rope, linear, pack_linear, rms_norm
 
 
-def fuse_layer(w: dict[str, torch.Tensor], prefix: str, qk_norm: bool) -> dict:
+def fuse_layer(w: dict[str, torch.Tensor], prefix: str, qk_norm: bool, context_kv: bool = False) -> dict:
     """One decoder layer's weights with q/k/v and gate/up concatenated (one matmul each), in the
-    layouts of kernels.ops.linear; "wkv" is k/v alone, for context features that only become keys
-    and values."""
+    layouts of kernels.ops.linear. `context_kv` adds "wkv", k/v alone, for a drafter whose context
+    features only become keys and values (DSpark / DFlash; EAGLE-3 runs its context through q too)."""
     k, v = (w[prefix + f"self_attn.{n}_proj.weight"] for n in "kv")
     layer = {
         "wqkv": pack_linear(torch.cat([w[prefix + "self_attn.q_proj.weight"], k, v])),
-        "wkv": pack_linear(torch.cat([k, v])),
         "wo": pack_linear(w[prefix + "self_attn.o_proj.weight"]),
         "w_gate_up": pack_linear(torch.cat([w[prefix + "mlp.gate_proj.weight"], w[prefix + "mlp.up_proj.weight"]])),
         "w_down": pack_linear(w[prefix + "mlp.down_proj.weight"]),
         "attn_norm": w[prefix + "input_layernorm.weight"],
         "mlp_norm": w[prefix + "post_attention_layernorm.weight"],
     }
+    if context_kv:
+        layer["wkv"] = pack_linear(torch.cat([k, v]))
     if qk_norm:
         layer["q_norm"] = w[prefix + "self_attn.q_norm.weight"]
         layer["k_norm"] = w[prefix + "self_attn.k_norm.weight"]
