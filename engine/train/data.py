@@ -151,9 +151,11 @@ def _chunks(text: str, tokenizer, max_tokens: int) -> list[list[int]]:
 
 
 def generated_samples(engine: Engine, tokenizer, prompts: list[str], max_new_tokens: int, max_len: int,
-                      minutes: float, seed: int, log=print) -> list[Sample]:
+                      minutes: float, seed: int, temperatures: tuple[float, ...] = (0.7,),
+                      log=print) -> list[Sample]:
     """The target's responses to `prompts`, decoded in batches by the engine until the time is up
-    (responses still running then are kept as they are: target text, just shorter)."""
+    (responses still running then are kept as they are: target text, just shorter). Request n is
+    decoded at temperatures[n % len] (0 = greedy; otherwise with top-p 0.8, as DeepSpec)."""
     deadline = time.monotonic() + minutes * 60
     queue = list(prompts)
     pending: dict[str, str] = {}
@@ -178,7 +180,8 @@ def generated_samples(engine: Engine, tokenizer, prompts: list[str], max_new_tok
             ids = tuple(ids if isinstance(ids, list) else ids["input_ids"])
             rid = uuid.uuid4().hex
             pending[rid] = user
-            engine.add(GenerationRequest(rid, ids, SamplingParams(temperature=0.7, top_p=0.8,
+            t = temperatures[n % len(temperatures)]
+            engine.add(GenerationRequest(rid, ids, SamplingParams(temperature=t, top_p=0.8 if t else 1.0,
                                                                   max_new_tokens=max_new_tokens, seed=seed + n)))
             n += 1
         if time.monotonic() >= deadline:

@@ -20,6 +20,13 @@ def _layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer ids, got {text!r}") from None
 
 
+def _temperature_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated temperatures, got {text!r}") from None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-drafter", help="train a drafter (DSpark, DFlash or EAGLE-3) for a target",
                        description="Build the target cache (target-generated responses + stdlib code scored by "
@@ -44,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--gen-minutes", type=float, default=5.0, help="time for target-generated responses")
     p.add_argument("--gen-max-new-tokens", type=int, default=256)
+    p.add_argument("--gen-temperatures", type=_temperature_list, default=[0.7],
+                   help="response n is decoded at the n-th of these, cyclically (0 = greedy; default 0.7)")
     p.add_argument("--gen-batch", type=int, default=32, help="responses generated at a time")
     p.add_argument("--stdlib-tokens", type=int, default=100_000, help="tokens of stdlib code scored by the target")
     p.add_argument("--max-len", type=int, default=512, help="tokens per training sequence")
@@ -67,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
                             minutes=args.minutes, batch=args.batch, anchors=args.anchors, lr=args.lr,
                             seed=args.seed, resume=args.resume, gen_minutes=args.gen_minutes,
                             gen_max_new_tokens=args.gen_max_new_tokens, gen_batch=args.gen_batch,
+                            gen_temperatures=args.gen_temperatures,
                             stdlib_tokens=args.stdlib_tokens, max_len=args.max_len, topk=args.topk, threads=args.threads,
                             cache_only=args.cache_only)
     except ValidationError as exc:

@@ -15,6 +15,7 @@ from node.cli import main
     (["--lr", "-1"], "--lr"),
     (["--resume"], "train_state.pt does not exist"),
     (["--kind", "eagle3", "--target-layers=-1,1"], "cannot tap the embedding"),
+    (["--gen-temperatures", "0,3"], "temperatures must lie in [0, 2]"),
 ])
 def test_train_drafter_refuses(target, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
@@ -48,12 +49,14 @@ def test_train_drafter_end_to_end_builds_one_cache_for_two_kinds(target, tmp_pat
     cache = tmp_path / "cache"
     common = ["--target", str(target.path), "--cache-dir", str(cache), "--target-layers=-1,1", "--max-len", "96",
               "--gen-minutes", "0.1", "--gen-batch", "4", "--gen-max-new-tokens", "24", "--stdlib-tokens", "1500",
+              "--gen-temperatures", "0,0.7",
               "--block-size", "4", "--anchors", "8", "--batch", "2", "--threads", "1"]
     assert main(["train-drafter", "--out", str(tmp_path / "x"), "--cache-only", *common]) == 0
     built = json.loads(capsys.readouterr().out)
     sources = built["sources"]
     assert sources["generated"]["responses"] > 0 and sources["stdlib"]["chunks"] > 0
     assert "none from shared/eval" in sources["generated"]["prompts"]
+    assert sources["generated"]["sampling"].startswith("T=0 (greedy), T=0.7 top_p=0.8")
     assert (cache / "manifest.json").exists() and not (tmp_path / "x" / "config.json").exists()
     stamp = (cache / "manifest.json").stat().st_mtime_ns
     for kind in ("dspark", "dflash"):

@@ -1,0 +1,27 @@
+"""Target-generated training responses: each request at the temperature the recipe asks for."""
+
+from __future__ import annotations
+
+from engine.build import build_engine
+from engine.config import EngineConfig
+from engine.train.data import generated_samples
+
+
+def _generate(target, prompts, temperatures):
+    engine = build_engine(EngineConfig(model=str(target.path), method="ar", max_batch=4, max_context=256), target)
+    return generated_samples(engine, target.tokenizer, prompts, max_new_tokens=24, max_len=256, minutes=5,
+                             seed=3, temperatures=temperatures, log=lambda _: None)
+
+
+def _replies(samples):
+    return sorted(tuple(t for t, m in zip(s.input_ids, s.loss_mask) if m) for s in samples)
+
+
+def test_greedy_responses_repeat_and_sampled_ones_vary(target):
+    """Four copies of one prompt: at T=0 (any seed) one reply four times; cycling (0, 1.5) gives
+    two equal greedy replies and two sampled ones (seeds differ per request) that are not."""
+    prompts = ["Write a function that adds two numbers."] * 4
+    greedy = _replies(_generate(target, prompts, (0.0,)))
+    assert len(greedy) == 4 and len(set(greedy)) == 1
+    mixed = _replies(_generate(target, prompts, (0.0, 1.5)))
+    assert mixed.count(greedy[0]) == 2 and len(set(mixed)) == 3
