@@ -150,12 +150,27 @@ def _chunks(text: str, tokenizer, max_tokens: int) -> list[list[int]]:
     return out
 
 
+GEN_TOP_P = 0.8   # DeepSpec's nucleus for regenerated responses
+
+
+def sampling_params(temperature: float, max_new_tokens: int, seed: int) -> SamplingParams:
+    """A training response's decoding: greedy at T=0, else top-p GEN_TOP_P at that temperature."""
+    return SamplingParams(temperature=temperature, top_p=GEN_TOP_P if temperature else 1.0,
+                          max_new_tokens=max_new_tokens, seed=seed)
+
+
+def describe_sampling(temperatures: tuple[float, ...]) -> str:
+    """What `generated_samples` did, for the checkpoint's metadata."""
+    parts = (f"T={t:g} top_p={GEN_TOP_P:g}" if t else "T=0 (greedy)" for t in temperatures)
+    return ", ".join(parts) + ", request n at T[n mod count]"
+
+
 def generated_samples(engine: Engine, tokenizer, prompts: list[str], max_new_tokens: int, max_len: int,
                       minutes: float, seed: int, temperatures: tuple[float, ...] = (0.7,),
                       log=print) -> list[Sample]:
     """The target's responses to `prompts`, decoded in batches by the engine until the time is up
     (responses still running then are kept as they are: target text, just shorter). Request n is
-    decoded at temperatures[n % len] (0 = greedy; otherwise with top-p 0.8, as DeepSpec)."""
+    decoded at temperatures[n % len] (see `sampling_params`)."""
     deadline = time.monotonic() + minutes * 60
     queue = list(prompts)
     pending: dict[str, str] = {}
@@ -180,9 +195,8 @@ def generated_samples(engine: Engine, tokenizer, prompts: list[str], max_new_tok
             ids = tuple(ids if isinstance(ids, list) else ids["input_ids"])
             rid = uuid.uuid4().hex
             pending[rid] = user
-            t = temperatures[n % len(temperatures)]
-            engine.add(GenerationRequest(rid, ids, SamplingParams(temperature=t, top_p=0.8 if t else 1.0,
-                                                                  max_new_tokens=max_new_tokens, seed=seed + n)))
+            engine.add(GenerationRequest(rid, ids, sampling_params(temperatures[n % len(temperatures)],
+                                                                   max_new_tokens, seed + n)))
             n += 1
         if time.monotonic() >= deadline:
             for result in engine.abort_all():

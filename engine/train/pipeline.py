@@ -44,9 +44,10 @@ class TrainOptions(BaseModel):
     gen_minutes: float = Field(5.0, ge=0)
     gen_max_new_tokens: int = Field(256, ge=16, le=2048)
     gen_batch: int = Field(32, ge=1, le=256)
-    # Greedy responses are what a T=0 request meets: SmolLM2's repeat itself twice as often as its
-    # T=0.7 samples (3-gram copy rate 0.33-0.42 vs 0.16, measured), and a drafter can only learn
-    # to copy from data that does. DeepSpec samples at 0.7 alone.
+    # Greedy responses are what a T=0 request meets: SmolLM2's repeat themselves twice as often as
+    # its T=0.7 samples (3-gram copy rate 0.33-0.42 vs 0.16, measured). DeepSpec samples at 0.7
+    # alone, the default; half greedy (0,0.7) did not move τ of the 1-layer CPU-trained drafters
+    # (docs/benchmarks.md, "Two recipe changes tried").
     gen_temperatures: list[float] = Field(default_factory=lambda: [0.7], min_length=1)
     stdlib_tokens: int = Field(100_000, ge=0)
     max_len: int = Field(512, ge=32, le=4096)
@@ -107,8 +108,7 @@ def prepare_cache(opts: TrainOptions, target: LoadedTarget, ids: list[int], log)
                                      "signatures + docstrings (every 20th held out), MATH_TEMPLATES word "
                                      "problems, and GENERAL_PROMPTS; "
                                      "none from shared/eval",
-                          "sampling": ", ".join(f"T={t:g}" + (" top_p=0.8" if t else " (greedy)")
-                                                for t in opts.gen_temperatures) + ", request n at T[n mod count]",
+                          "sampling": data.describe_sampling(tuple(opts.gen_temperatures)),
                           "responses": n_generated,
                           "tokens": sum(sum(s.loss_mask) for s in samples[:n_generated])},
             "stdlib": {"root": str(data.stdlib_files()[0].parent) if data.stdlib_files() else "",

@@ -13,18 +13,14 @@ from engine.config import EMBEDDED_MODEL
 from engine.loading import ModelLoadError
 
 
-def _layer_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer ids, got {text!r}") from None
-
-
-def _temperature_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated temperatures, got {text!r}") from None
+def _comma_list(cast, what: str):
+    """An argparse type: "a,b,c" -> [cast(a), cast(b), cast(c)], refused with `what` named."""
+    def parse(text: str) -> list:
+        try:
+            return [cast(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+    return parse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--markov-rank", type=int, default=64)
     p.add_argument("--markov-type", choices=["vanilla", "gated", "rnn"], default="vanilla")
     p.add_argument("--block-size", type=int, default=7)
-    p.add_argument("--target-layers", type=_layer_list, default=None,
+    p.add_argument("--target-layers", type=_comma_list(int, "layer ids"), default=None,
                    help="tapped target layers, e.g. 1,10,18,27 (default: 4 evenly spaced)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the LR schedule spans them)")
     p.add_argument("--minutes", type=float, default=None, help="stop after this long (resumable)")
@@ -51,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--gen-minutes", type=float, default=5.0, help="time for target-generated responses")
     p.add_argument("--gen-max-new-tokens", type=int, default=256)
-    p.add_argument("--gen-temperatures", type=_temperature_list, default=[0.7],
+    p.add_argument("--gen-temperatures", type=_comma_list(float, "temperatures"), default=[0.7],
                    help="response n is decoded at the n-th of these, cyclically (0 = greedy; default 0.7)")
     p.add_argument("--gen-batch", type=int, default=32, help="responses generated at a time")
     p.add_argument("--stdlib-tokens", type=int, default=100_000, help="tokens of stdlib code scored by the target")
