@@ -26,6 +26,7 @@ from engine.engine import Engine
 from engine.train.cache import Sample
 
 HELD_OUT_EVERY = 20
+MIN_LOSS_TOKENS = 14   # DeepSpec drops samples with fewer supervised tokens
 GENERAL_PROMPTS = [
     "Explain how a hash table handles collisions.", "Write a short story about a lighthouse keeper.",
     "What are the main differences between TCP and UDP?", "Give three tips for writing clear emails.",
@@ -105,7 +106,7 @@ def chat_sample(tokenizer, user: str, reply: list[int], end_of_turn: int | None,
     reply = reply + ([end_of_turn] if end_of_turn is not None else [])
     ids = (prompt + reply)[:max_len]
     mask = ([0] * len(prompt) + [1] * len(reply))[:max_len]
-    return Sample(ids, mask, source) if sum(mask) >= 14 else None   # DeepSpec drops < 14 loss tokens
+    return Sample(ids, mask, source) if sum(mask) >= MIN_LOSS_TOKENS else None
 
 
 def stdlib_samples(tokenizer, end_of_turn: int, token_budget: int, max_len: int, seed: int) -> list[Sample]:
@@ -193,6 +194,8 @@ def generated_samples(engine: Engine, tokenizer, prompts: list[str], max_new_tok
             user = queue.pop(0)
             ids = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
             ids = tuple(ids if isinstance(ids, list) else ids["input_ids"])
+            if len(ids) > max_len - MIN_LOSS_TOKENS:   # a long docstring: no room left for a reply
+                continue
             rid = uuid.uuid4().hex
             pending[rid] = user
             engine.add(GenerationRequest(rid, ids, sampling_params(temperatures[n % len(temperatures)],
