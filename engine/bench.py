@@ -78,6 +78,7 @@ class BenchSettings:
     block_size: int = 7
     confidence_threshold: float = 0.0
     seed: int = 0
+    device: str = "cpu"
 
     def drafter_for(self, method: str) -> str | None:
         return self.drafters.get(method, self.drafter)
@@ -88,7 +89,11 @@ class BenchSettings:
         threshold = m.threshold if m.threshold is not None else self.confidence_threshold or m.threshold_unset
         return EngineConfig(model=self.model, method=m.engine, drafter=self.drafter_for(m.engine), dtype=self.dtype,
                             block_size=self.block_size, scheduler=m.scheduler, confidence_threshold=threshold,
-                            max_batch=max_batch, max_context=max_context)
+                            max_batch=max_batch, max_context=max_context, device=self.device)
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
@@ -99,7 +104,7 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
 def _runner(method: str, settings: BenchSettings, target: LoadedTarget):
     """A callable prompt_ids -> (output ids, stats or None)."""
     if method in PEERS:
-        peer = HfPeer(target.path, DTYPES[settings.dtype], PEERS[method])
+        peer = HfPeer(target.path, DTYPES[settings.dtype], PEERS[method], settings.device)
         return lambda ids, n: (peer.generate(ids, n, target.eos_token_ids), None)
     engine = build_engine(settings.engine_config(method, 1, max(4096, settings.max_new_tokens + 2048)), target)
 
@@ -116,7 +121,7 @@ def run_bench(settings: BenchSettings, prompts: list[str], progress=print) -> di
             raise ValueError(f"unknown method {method!r}; choose from {', '.join((*ENGINE_METHODS, *PEERS))}")
         if method in PEERS and settings.temperature > 0:
             raise ValueError(f"{method} is a greedy peer; use --temperature 0 or drop it")
-    target = load_target(settings.model, DTYPES[settings.dtype])
+    target = load_target(settings.model, DTYPES[settings.dtype], settings.device)
     runners = {m: _runner(m, settings, target) for m in settings.methods}
     runs = {m: MethodRun(m) for m in settings.methods}
     prompt_ids = [chat_ids(target.tokenizer, p) for p in prompts]
@@ -155,7 +160,7 @@ def run_bench(settings: BenchSettings, prompts: list[str], progress=print) -> di
     for row in results:
         row["speedup"] = {f"vs_{b}": row["tokens_per_s"] / v for b, v in base.items() if v > 0}
     return {
-        "model": target.model_id, "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "model": target.model_id, "device": device_name(settings.device),
         "dtype": settings.dtype, "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
         "block_size": settings.block_size, "n_prompts": len(prompts), "exact_match_reference": reference,
         "drafters": {m: settings.drafter_for(ENGINE_METHODS[m].engine) for m in settings.methods

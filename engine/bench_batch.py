@@ -69,7 +69,7 @@ def run_serving_bench(settings: BenchSettings, prompts: list[str], concurrencies
     unknown = [m for m in settings.methods if m not in ENGINE_METHODS]
     if unknown:
         raise ValueError(f"--concurrency supports the methods {', '.join(ENGINE_METHODS)}; not {', '.join(unknown)}")
-    target = load_target(settings.model, DTYPES[settings.dtype])
+    target = load_target(settings.model, DTYPES[settings.dtype], settings.device)
     engines = {name: build_engine(settings.engine_config(name, max(concurrencies), 2048), target)
                for name in settings.methods}
     ids = [chat_ids(target.tokenizer, p) for p in prompts]

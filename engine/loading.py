@@ -123,11 +123,25 @@ def weights_digest(files: list[Path]) -> bytes:
     return h.digest()
 
 
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot use here, before any weights are read."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ModelLoadError(f"device {device!r} is not available: CUDA devices visible to torch "
+                             f"{torch.__version__} here: {torch.cuda.device_count()}")
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"device {device!r}: only cpu and cuda are supported")
+
+
 def load_target(model: str, dtype: torch.dtype, device: str = "cpu",
                 allow_download: bool = False) -> LoadedTarget:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+    check_device(device)
     path = resolve_model_dir(model, allow_download)
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face checkpoint directory")

@@ -26,8 +26,8 @@ from engine.train.modules import DSparkTrainable, Eagle3Trainable
 def sample_anchors(loss_mask: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
     """Positions i with loss_mask[i] and loss_mask[i+1]; a random `count` of them, ascending."""
     candidates = torch.nonzero(loss_mask[:-1] & loss_mask[1:]).flatten()
-    if len(candidates) > count:
-        candidates = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+    if len(candidates) > count:   # the generator is a CPU one wherever the data lives (reproducible)
+        candidates = candidates[torch.randperm(len(candidates), generator=generator)[:count].to(candidates.device)]
     return candidates.sort().values
 
 
@@ -42,11 +42,11 @@ def outside_sample(vocab: torch.Tensor, vocab_size: int, count: int, generator: 
                    ) -> tuple[torch.Tensor, float]:
     """`count` tokens drawn uniformly without replacement from those not in `vocab`, and log of the
     factor that scales their exp-sum to an estimate over all of them."""
-    outside = torch.ones(vocab_size, dtype=torch.bool)
+    outside = torch.ones(vocab_size, dtype=torch.bool, device=vocab.device)
     outside[vocab] = False
     pool = torch.nonzero(outside).flatten()
     count = min(count, len(pool))
-    picks = pool[torch.randperm(len(pool), generator=generator)[:count]]
+    picks = pool[torch.randperm(len(pool), generator=generator)[:count].to(pool.device)]
     # No token outside (a vocabulary the sequence covers): the column's exp-sum is empty, i.e. 0.
     return picks, math.log(len(pool) / count) if count else 0.0
 
@@ -67,9 +67,9 @@ def target_rows(seq: CachedSequence, positions: torch.Tensor, vocab: torch.Tenso
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target probabilities at `positions` [...] over `vocab`: (probs [..., |vocab|], support bool)."""
     cols = torch.searchsorted(vocab, seq.topk_ids[positions])
-    probs = torch.zeros(*positions.shape, len(vocab))
+    probs = torch.zeros(*positions.shape, len(vocab), device=vocab.device)
     probs.scatter_(-1, cols, seq.topk_probs[positions])
-    support = torch.zeros(*positions.shape, len(vocab), dtype=torch.bool)
+    support = torch.zeros(*positions.shape, len(vocab), dtype=torch.bool, device=vocab.device)
     support.scatter_(-1, cols, True)
     return probs, support
 
@@ -82,7 +82,7 @@ def dspark_sequence_loss(model: DSparkTrainable, target: TargetModel, seq: Cache
         return None
     vocab = sequence_vocab(seq)
     negatives, log_scale = outside_sample(vocab, target.lm_head.shape[0], OUTSIDE_SAMPLES, generator)
-    label_pos = anchors[:, None] + torch.arange(B) + 1                      # slot t predicts a + t + 1
+    label_pos = anchors[:, None] + torch.arange(B, device=anchors.device) + 1  # slot t predicts a + t + 1
     in_range = label_pos < S
     label_pos = label_pos.clamp_max(S - 1)
     eval_mask = in_range & seq.loss_mask[label_pos]
@@ -116,7 +116,7 @@ def eagle3_sequence_loss(model: Eagle3Trainable, target: TargetModel, seq: Cache
     head = target.lm_head[torch.cat([vocab, negatives])].float()
     for s, h in enumerate(outputs):
         n = h.shape[0]
-        pred_pos = torch.arange(n) + s + 1                                  # p_t here predicts token i+2+s
+        pred_pos = torch.arange(n, device=h.device) + s + 1           # p_t here predicts token i+2+s
         valid = (pred_pos + 1 < n_tokens) & mask[(pred_pos + 1).clamp_max(n_tokens - 1)]
         probs, support = pad_outside(*target_rows(seq, pred_pos + start, vocab))
         logits.append(with_outside(h @ head.t(), len(vocab), log_scale))

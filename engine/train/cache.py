@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -48,6 +48,9 @@ class CachedSequence:
     last_hidden: torch.Tensor     # [S, H] bf16
     topk_ids: torch.Tensor        # [S, k] long: the target's most likely next tokens at each position
     topk_probs: torch.Tensor      # [S, k] fp32
+
+    def to(self, device: torch.device | str) -> "CachedSequence":
+        return CachedSequence(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def expected_manifest(target: LoadedTarget, layer_ids: list[int], topk: int) -> dict:

@@ -167,10 +167,10 @@ class DSparkTrainable(nn.Module):
         """taps [S, m*H], ids [S], anchors [N] -> post-norm hidden [N, B, H] of the anchor-first blocks."""
         c, B, S = self.config, self.config.block, taps.shape[0]
         ctx = self.hidden_norm(self.fc(taps.float()))
-        blk = torch.full((len(anchors), B), c.mask_token_id, dtype=torch.long)
+        blk = torch.full((len(anchors), B), c.mask_token_id, dtype=torch.long, device=ids.device)
         blk[:, 0] = ids[anchors]
-        positions = anchors[:, None] + torch.arange(B)
-        ctx_pos = torch.arange(S)
+        positions = anchors[:, None] + torch.arange(B, device=ids.device)
+        ctx_pos = torch.arange(S, device=ids.device)
         visible = (ctx_pos[None, :] < anchors[:, None])[:, None, None, None, :]    # [N, 1, 1, 1, S]
         h = target.embed_tokens(blk).float()
         for layer in self.layers:
@@ -215,7 +215,7 @@ class Eagle3Trainable(nn.Module):
         layer, attn = self.layers[0], self.layers[0].self_attn
         S = taps.shape[0]
         hidden = self.fc(taps.float())[:S - 1]
-        index = torch.arange(S - 1)
+        index = torch.arange(S - 1, device=ids.device)
         causal = (index[None, :] <= index[:, None])[:, None, None, :]          # [S-1, 1, 1, S-1]
         past: list[tuple[torch.Tensor, torch.Tensor]] = []
         outputs = []

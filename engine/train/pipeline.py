@@ -41,6 +41,7 @@ class TrainOptions(BaseModel):
     lr: float = Field(6e-4, gt=0, lt=1)
     seed: int = Field(42, ge=0)
     resume: bool = False
+    save_every: int = Field(100, ge=1)
     gen_minutes: float = Field(5.0, ge=0)
     gen_max_new_tokens: int = Field(256, ge=16, le=2048)
     gen_batch: int = Field(32, ge=1, le=256)
@@ -54,6 +55,7 @@ class TrainOptions(BaseModel):
     topk: int = Field(8, ge=1, le=1024)
     norm_init: float = Field(0.1, gt=0, le=1)
     threads: int | None = Field(None, ge=1)
+    device: str = "cpu"          # checked by load_target (engine.loading.check_device)
     cache_only: bool = False
 
     @field_validator("target_layers")
@@ -94,7 +96,8 @@ def prepare_cache(opts: TrainOptions, target: LoadedTarget, ids: list[int], log)
             # Decoding is weight-bound at small batches: 64 requests at a time give ~2.5x the tokens/s
             # of 8 on 2 CPU cores (measured), at the price of a longer first prefill.
             engine = build_engine(EngineConfig(model=opts.model, method="ar", max_batch=opts.gen_batch,
-                                               max_context=opts.max_len + opts.gen_max_new_tokens + 8), target)
+                                               max_context=opts.max_len + opts.gen_max_new_tokens + 8,
+                                               device=opts.device), target)
             samples += data.generated_samples(engine, tok, gen_prompts, opts.gen_max_new_tokens, opts.max_len,
                                               opts.gen_minutes, opts.seed, tuple(opts.gen_temperatures), log)
             del engine
@@ -130,7 +133,7 @@ def run(opts: TrainOptions, log=print) -> dict:
                             "pass --resume to continue it or choose another --out")
     if opts.resume and not state_file.exists():
         raise TrainingError(f"--resume: {state_file} does not exist")
-    target = load_target(opts.model, torch.float32)
+    target = load_target(opts.model, torch.float32, opts.device)
     ids = layer_ids(opts, target)
     t0 = time.monotonic()
     cache_dir, manifest = prepare_cache(opts, target, ids, log)
@@ -157,7 +160,8 @@ def run(opts: TrainOptions, log=print) -> dict:
         (opts.out / DRAFT_CONFIG).write_text(json.dumps(config))
         module = build_module(parse_config(config, DRAFT_CONFIG), state)
     settings = TrainSettings(kind=opts.kind, steps=opts.steps, batch=opts.batch, lr=opts.lr, seed=opts.seed,
-                             max_len=opts.max_len, max_anchors=opts.anchors, minutes=opts.minutes)
+                             max_len=opts.max_len, max_anchors=opts.anchors, minutes=opts.minutes,
+                             save_every=opts.save_every, device=opts.device)
     result = train(module, target.model, sequences, settings, opts.out, config)
     last = result.history[-20:]
     summary = {

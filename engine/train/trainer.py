@@ -46,6 +46,7 @@ class TrainSettings:
     seed: int = 42
     save_every: int = 100
     minutes: float | None = None       # stop (resumably) after this long
+    device: str = "cpu"                # where the drafter, the target's shared weights and the cache live
     on_step: Callable[[int, dict], None] | None = None
 
 
@@ -83,6 +84,11 @@ def train(module: torch.nn.Module, target: TargetModel, data: list[CachedSequenc
     if not data:
         raise TrainingError("the training set is empty")
     out.mkdir(parents=True, exist_ok=True)
+    module.to(settings.device)
+    # The whole cache goes to the device once (~6 KB a token): per-step copies of the taps would
+    # cost more than a GPU step. Index draws stay on CPU generators, so a run samples the same
+    # sequences and anchors on any device.
+    data = [seq.to(settings.device) for seq in data]
     # The final norm starts small (it sets the logit scale; see pipeline.py) and must grow ~10x to
     # reach the target's: it learns 10x faster, or a short run ends with flat distributions.
     norm = [p for n, p in module.named_parameters() if n == "norm.weight"]
@@ -92,7 +98,7 @@ def train(module: torch.nn.Module, target: TargetModel, data: list[CachedSequenc
     step = 0
     state_path = out / STATE_FILE
     if state_path.exists():
-        saved = torch.load(state_path, weights_only=True)
+        saved = torch.load(state_path, weights_only=True, map_location=settings.device)
         if saved["kind"] != settings.kind or saved["steps"] != settings.steps or saved["seed"] != settings.seed:
             raise TrainingError(f"{state_path} is a {saved['kind']} run of {saved['steps']} steps with seed "
                                 f"{saved['seed']}; this one asks for {settings.kind}, {settings.steps}, "

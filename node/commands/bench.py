@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace, bench, methods: list[str]) -> dict | None:
                                  dtype=args.dtype, temperature=args.temperature, drafter=args.drafter,
                                  drafters=_method_drafters(args.method_drafter),
                                  block_size=args.block_size, seed=args.seed,
-                                 confidence_threshold=args.confidence_threshold)
+                                 confidence_threshold=args.confidence_threshold, device=args.device)
         report = bench(settings, prompts, lambda line: print(line, file=sys.stderr))
     except (ValidationError, ModelLoadError, PromptFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--save-every", type=int, default=100,
+                   help="steps between resumable states (weights + optimizer; raise it for fast GPU steps)")
     p.add_argument("--gen-minutes", type=float, default=5.0, help="time for target-generated responses")
     p.add_argument("--gen-max-new-tokens", type=int, default=256)
     p.add_argument("--gen-temperatures", type=_comma_list(float, "temperatures"), default=[0.7],
@@ -54,6 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-len", type=int, default=512, help="tokens per training sequence")
     p.add_argument("--topk", type=int, default=8, help="target probabilities kept per token in the cache")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda[:N]: where generation, the target cache and training run (default: cpu)")
     p.add_argument("--cache-only", action="store_true",
                    help="build the target cache and stop (train the kinds from it later, e.g. side by side)")
     p.set_defaults(func=run)
@@ -70,11 +74,12 @@ def run(args: argparse.Namespace) -> int:
                             layers=args.layers, markov_rank=args.markov_rank, markov_type=args.markov_type,
                             block_size=args.block_size, target_layers=args.target_layers, steps=args.steps,
                             minutes=args.minutes, batch=args.batch, anchors=args.anchors, lr=args.lr,
-                            seed=args.seed, resume=args.resume, gen_minutes=args.gen_minutes,
+                            seed=args.seed, resume=args.resume, save_every=args.save_every,
+                            gen_minutes=args.gen_minutes,
                             gen_max_new_tokens=args.gen_max_new_tokens, gen_batch=args.gen_batch,
                             gen_temperatures=args.gen_temperatures,
                             stdlib_tokens=args.stdlib_tokens, max_len=args.max_len, topk=args.topk, threads=args.threads,
-                            cache_only=args.cache_only)
+                            device=args.device, cache_only=args.cache_only)
     except ValidationError as exc:
         problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
         print(f"error: {problems}", file=sys.stderr)

@@ -83,3 +83,5 @@ def test_bench_refuses_bad_input(capsys):
     assert main(["bench", "--prompts", str(EVAL_DIR / "mbpp.jsonl"), "--concurrency", "0,x"]) == 2
     assert main(["bench", "--prompts", str(EVAL_DIR / "mbpp.jsonl"), "--methods", "hf-greedy",
                  "--temperature", "1.0", "--model", "/no/such"]) == 2
+    assert main(["bench", "--prompts", str(EVAL_DIR / "mbpp.jsonl"), "--methods", "ar", "--device", "gpu"]) == 2
+    assert "'gpu' is not a torch device" in capsys.readouterr().err

@@ -17,6 +17,17 @@ def test_unknown_model_path():
         load_target("/nonexistent/model/dir", torch.float32)
 
 
+@pytest.mark.parametrize("device,message", [
+    ("gpu", "not a torch device"), ("meta", "only cpu and cuda"),
+    pytest.param("cuda", "is not available: CUDA devices visible", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                        reason="this machine has a GPU")),
+    ("cuda:64", "is not available: CUDA devices visible"),
+])
+def test_unusable_device_is_refused_before_loading(tiny_llama, device, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_target(str(tiny_llama), torch.float32, device)
+
+
 def test_hub_id_not_cached_is_refused_without_download():
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
         load_target("nobody-here/no-such-model-xyz", torch.float32)

@@ -16,6 +16,9 @@ from node.cli import main
     (["--resume"], "train_state.pt does not exist"),
     (["--kind", "eagle3", "--target-layers=-1,1"], "cannot tap the embedding"),
     (["--gen-temperatures", "0,3"], "temperatures must lie in [0, 2]"),
+    (["--device", "gpu"], "'gpu' is not a torch device"),
+    (["--save-every", "0"], "--save-every"),
+    (["--device", "cuda:64"], "is not available: CUDA devices visible"),
 ])
 def test_train_drafter_refuses(target, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
