@@ -50,7 +50,8 @@ class AsyncEngine:
 
     @property
     def active(self) -> int:
-        return len(self.engine.active)
+        """Requests holding a slot: prefilling or decoding."""
+        return len(self.engine.prefilling) + len(self.engine.active)
 
     @property
     def queue_depth(self) -> int:

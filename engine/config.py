@@ -30,7 +30,9 @@ class EngineConfig(BaseModel):
     max_batch: int = Field(8, ge=1, le=1024, description="requests decoded together")
     max_context: int = Field(4096, ge=16, description="prompt + new tokens per request")
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before new ones are refused")
-    prefill_chunk: int = Field(512, ge=16, description="prompt tokens per prefill forward")
+    prefill_chunk: int = Field(512, ge=16, description=(
+        "most prompt tokens prefilled per step, over all new requests: a longer prompt is spread over "
+        "steps and the running requests decode in between"))
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     allow_download: bool = Field(False, description="let an HF id be fetched from the hub when not cached")
 

@@ -1,7 +1,10 @@
 """The synchronous engine: a queue, a fixed set of KV-cache slots, and continuous batching.
 
-Each `step()` admits waiting requests into free slots (prefill, which also samples their first
-token), then runs one speculative round over every active request. Requests join and leave between
+Each `step()` admits waiting requests into free slots, prefills at most `prefill_chunk` prompt tokens
+(oldest request first, one ragged forward; a prompt's last chunk also samples its first token), then
+runs one speculative round over every request whose prompt is in the cache. A long prompt is thus
+spread over several steps and the running requests decode between its chunks instead of waiting
+for all of it (chunked prefill, as in Sarathi-Serve and vLLM). Requests join and leave between
 rounds. `engine/async_engine.py` runs `step()` in a thread for the node.
 """
 
@@ -40,7 +43,8 @@ class Engine:
         self.cache = self.model.new_cache(config.max_batch, config.max_context + config.block_size + 2)
         self.free_slots = list(range(config.max_batch - 1, -1, -1))
         self.waiting: deque[Sequence] = deque()
-        self.active: list[Sequence] = []
+        self.prefilling: list[Sequence] = []   # holding a slot, prompt partly in the cache
+        self.active: list[Sequence] = []       # prompt cached, decoding
         self.cancelled: set[str] = set()
         # Only a confidence-driven schedule can decide a draft is not worth verifying.
         confidence_driven = config.scheduler != "static" or config.confidence_threshold > 0
@@ -77,24 +81,24 @@ class Engine:
         return seq
 
     def cancel(self, request_id: str) -> bool:
-        known = any(s.request_id == request_id for s in (*self.waiting, *self.active))
+        known = any(s.request_id == request_id for s in (*self.waiting, *self.prefilling, *self.active))
         if known:
             self.cancelled.add(request_id)
         return known
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.active)
+        return bool(self.waiting or self.prefilling or self.active)
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> tuple[list[Event], RoundReport | None]:
         events: list[Event] = []
-        for seq in [s for s in (*self.waiting, *self.active) if s.request_id in self.cancelled]:
+        for seq in [s for s in (*self.waiting, *self.prefilling, *self.active) if s.request_id in self.cancelled]:
             events.append(self._finish(seq, "cancelled"))
         self.cancelled.clear()
         while self.waiting and self.free_slots:
-            seq = self.waiting.popleft()
-            self._prefill(seq)
+            self._admit(self.waiting.popleft())
+        for seq in self._prefill_step():
             events.extend(self._after_commit(seq))
         if not self.active:
             return events, None
@@ -109,27 +113,55 @@ class Engine:
             events.extend(self._after_commit(seq))
         return events, report
 
-    @torch.inference_mode()
-    def _prefill(self, seq: Sequence) -> None:
-        start = time.perf_counter()
-        seq.stats.queue_seconds = start - seq.enqueued_at
+    def _admit(self, seq: Sequence) -> None:
+        seq.stats.queue_seconds = time.perf_counter() - seq.enqueued_at
         seq.stats.prompt_tokens = seq.prompt_len
         seq.slot = self.free_slots.pop()
-        self.active.append(seq)
-        slot = torch.tensor([seq.slot], device=self.model.device)
-        chunks, taps = [], self.drafter.tap_layers
-        for lo in range(0, seq.prompt_len, self.config.prefill_chunk):
-            ids = seq.tokens[lo:lo + self.config.prefill_chunk]
-            out = self.model.forward(torch.tensor([ids], device=self.model.device),
-                                     torch.arange(lo, lo + len(ids), device=self.model.device)[None],
-                                     slot, self.cache, taps=taps)
+        self.prefilling.append(seq)
+
+    @torch.inference_mode()
+    def _prefill_step(self) -> list[Sequence]:
+        """Cache the next prompt chunks (at most `prefill_chunk` tokens, oldest request first) in one
+        ragged forward; the requests whose prompt is now complete get their first token and join
+        `active`, and are returned."""
+        budget, rows = self.config.prefill_chunk, []
+        for seq in self.prefilling:
+            if budget == 0:
+                break
+            n = min(budget, seq.prompt_len - seq.kv_len)
+            rows.append((seq, n))
+            budget -= n
+        if not rows:
+            return []
+        start, dev = time.perf_counter(), self.model.device
+        lengths = [n for _, n in rows]
+        width = max(lengths)
+        tokens = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.empty((len(rows), width), dtype=torch.long)
+        for r, (seq, n) in enumerate(rows):
+            tokens[r, :n] = torch.tensor(seq.tokens[seq.kv_len:seq.kv_len + n])
+            # Padding repeats the last real position: it stays inside the cache and the RoPE table.
+            positions[r] = torch.arange(seq.kv_len, seq.kv_len + width).clamp_max(seq.kv_len + n - 1)
+        out = self.model.forward(tokens.to(dev), positions.to(dev),
+                                 torch.tensor([seq.slot for seq, _ in rows], device=dev), self.cache,
+                                 taps=self.drafter.tap_layers, lengths=lengths)
+        done = []
+        for r, (seq, n) in enumerate(rows):
+            seq.kv_len += n
             if out.taps is not None:
-                chunks.append(out.taps[0])
-        seq.kv_len = seq.prompt_len
-        logits = self.model.logits(out.hidden[0, -1])
-        seq.tokens.append(first_token(logits, seq.request.sampling, seq.generator))
-        self.drafter.start(seq, torch.cat(chunks) if chunks else None)
-        seq.stats.prefill_seconds = time.perf_counter() - start
+                seq.prompt_taps.append(out.taps[r, :n])
+            if seq.kv_len == seq.prompt_len:
+                seq.tokens.append(first_token(self.model.logits(out.hidden[r, n - 1]), seq.request.sampling,
+                                              seq.generator))
+                self.drafter.start(seq, torch.cat(seq.prompt_taps) if seq.prompt_taps else None)
+                seq.prompt_taps = []
+                self.prefilling.remove(seq)
+                self.active.append(seq)
+                done.append(seq)
+        elapsed = time.perf_counter() - start
+        for seq, _ in rows:
+            seq.stats.prefill_seconds += elapsed
+        return done
 
     def _after_commit(self, seq: Sequence) -> list[Event]:
         """Stream what the last commit added, then finish the request if it is done."""
@@ -164,6 +196,10 @@ class Engine:
         seq.finish_reason = reason
         if seq in self.waiting:
             self.waiting.remove(seq)
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+            self.free_slots.append(seq.slot)
+            seq.prompt_taps = []
         if seq in self.active:
             self.active.remove(seq)
             self.free_slots.append(seq.slot)
@@ -173,7 +209,7 @@ class Engine:
 
     def abort_all(self) -> list[GenerationResult]:
         """Cancel everything queued or running (the engine is stopping)."""
-        return [self._finish(seq, "cancelled") for seq in [*self.waiting, *self.active]]
+        return [self._finish(seq, "cancelled") for seq in [*self.waiting, *self.prefilling, *self.active]]
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run one request to completion (alone or alongside whatever is active)."""

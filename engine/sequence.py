@@ -18,6 +18,7 @@ class Sequence:
     prompt_len: int
     slot: int = -1                         # row of the KV cache while active
     kv_len: int = 0                        # positions 0..kv_len-1 hold valid K/V
+    prompt_taps: list[torch.Tensor] = field(default_factory=list)   # drafter features of cached prompt chunks
     stats: RequestStats = field(default_factory=RequestStats)
     finish_reason: FinishReason | None = None
     drafter_state: object = None

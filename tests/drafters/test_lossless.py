@@ -56,6 +56,16 @@ def test_greedy_matches_plain_decoding(target, tmp_path_factory, kind, markov_ty
         assert sum(r.stats.accepted_tokens for r in got) > 0
 
 
+@pytest.mark.parametrize("kind,markov_type", [("dspark", "vanilla"), ("eagle3", None)])
+def test_greedy_matches_plain_decoding_with_prompts_prefilled_in_chunks(target, tmp_path_factory, kind,
+                                                                      markov_type):
+    """Prompts of 20 and 7 tokens through a 16-token prefill budget: the first is cached over two
+    steps in ragged forwards beside the second, and the drafter starts from the concatenated taps."""
+    want = [r.output_ids for r in run_batch(engine_for(target, "ar"), [request(p, max_new_tokens=20) for p in PROMPTS])]
+    spec = engine_for(target, kind, drafter_dir(target, tmp_path_factory, kind, markov_type), prefill_chunk=16)
+    assert [r.output_ids for r in run_batch(spec, [request(p, max_new_tokens=20) for p in PROMPTS])] == want
+
+
 @pytest.mark.parametrize("kind,markov_type", [("dspark", "rnn"), ("eagle3", None)])
 def test_greedy_stops_at_eos_like_plain_decoding(target, tmp_path_factory, kind, markov_type):
     reference = run_batch(engine_for(target, "ar"), [request(PROMPTS[0], max_new_tokens=30)])[0].output_ids

@@ -66,6 +66,48 @@ def test_real_prompts_batched_equal_alone(smollm_fp32):
         assert results[f"r{i}"].output_ids == solo(plain, p, 24 + 4 * i)
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode(tiny_llama):
+    """Chunked prefill: a 100-token prompt joining a running request is cached 16 tokens a step;
+    the running request gets a token every one of those steps, and both outputs equal solo runs."""
+    config = dict(model=str(tiny_llama), method="ar", max_context=256, prefill_chunk=16)
+    engine = build_engine(EngineConfig(**config, max_batch=2))
+    short, long = (3, 14, 15, 92), tuple(random.Random(5).randrange(0, 49152) for _ in range(100))
+    engine.add(GenerationRequest("running", short, SamplingParams(max_new_tokens=30)))
+    engine.step()
+    engine.add(GenerationRequest("joining", long, SamplingParams(max_new_tokens=5)))
+    for step in range(7):                      # ceil(100 / 16) steps to cache the prompt
+        events, _ = engine.step()
+        got = {e.request_id for e in events}
+        assert "running" in got, f"the running request stalled at step {step}"
+        assert ("joining" in got) == (step == 6), f"first token of the long prompt at step {step}"
+        if step < 6:
+            assert engine.prefilling[0].kv_len == 16 * (step + 1)
+    results = {}
+    while engine.has_work:
+        results.update({e.request_id: e for e in engine.step()[0] if isinstance(e, GenerationResult)})
+    plain = build_engine(EngineConfig(**config, max_batch=1))
+    assert results["running"].output_ids == solo(plain, short, 30)
+    assert results["joining"].output_ids == solo(plain, long, 5)
+
+
+def test_short_prompts_share_one_prefill_forward_and_a_cancel_mid_prefill_frees_the_slot(tiny_llama):
+    engine = build_engine(EngineConfig(model=str(tiny_llama), method="ar", max_batch=4, max_context=128,
+                                       prefill_chunk=16))
+    calls = []
+    forward = engine.model.forward
+    engine.model.forward = lambda tokens, *a, **kw: calls.append(tuple(tokens.shape)) or forward(tokens, *a, **kw)
+    prompts = [(5, 6, 7, 8, 9), (10, 11, 12, 13, 14), (20, 21, 22, 23, 24), tuple(range(30, 60))]
+    for i, p in enumerate(prompts):
+        engine.add(GenerationRequest(f"r{i}", p, SamplingParams(max_new_tokens=4)))
+    engine.step()
+    assert calls[0] == (4, 5)                   # 5 + 5 + 5 + 1 tokens: one ragged forward
+    assert [s.request_id for s in engine.active] == ["r0", "r1", "r2"] and engine.prefilling[0].kv_len == 1
+    engine.cancel("r3")
+    events, _ = engine.step()
+    assert any(isinstance(e, GenerationResult) and e.finish_reason == "cancelled" for e in events)
+    assert not engine.prefilling and len(engine.free_slots) == 1
+
+
 @pytest.mark.asyncio
 async def test_cancel_mid_stream_frees_the_slot(tiny_llama):
     engine = AsyncEngine(build_engine(EngineConfig(model=str(tiny_llama), max_batch=1, max_context=512)))
