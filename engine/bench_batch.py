@@ -4,8 +4,10 @@ For each concurrency c, c closed-loop users share the engine: c requests start t
 time one finishes the next prompt joins, until every prompt (at least c of them) has been served,
 so requests join and leave between rounds as in a live node and a level measures more than one
 wave. Reported per method and c: aggregate tokens/s, median per-user tokens/s (a request's tokens
-over its time from joining to finishing), tau, and the mean verification budget per request (draft
-tokens verified per request per round).
+over its time from joining to finishing), tau, the mean verification budget per request (draft
+tokens verified per request per round), and the latencies a serving benchmark reports (as vLLM's
+does): time to first token (median and p90, from joining, queueing included) and time per output
+token after the first (median over requests).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import statistics
 import time
 import uuid
 
-from engine.api import GenerationRequest, GenerationResult, SamplingParams
-from engine.bench import ENGINE_METHODS, BenchSettings, chat_ids
+from engine.api import GenerationRequest, GenerationResult, SamplingParams, TokenChunk
+from engine.bench import ENGINE_METHODS, BenchSettings, chat_ids, device_name
 from engine.build import DTYPES, build_engine
 from engine.loading import load_target
 
@@ -24,6 +26,7 @@ def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, set
     """Serve every prompt with at most `concurrency` in flight."""
     start = time.perf_counter()
     joined: dict[str, float] = {}
+    first: dict[str, float] = {}                     # seconds from joining to the first token
     finished: list[tuple[GenerationResult, float]] = []
     queue = list(enumerate(prompt_ids))
 
@@ -42,6 +45,8 @@ def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, set
         events, report = engine.step()
         now = time.perf_counter()
         for event in events:
+            if isinstance(event, TokenChunk) and event.token_ids and event.request_id not in first:
+                first[event.request_id] = now - joined[event.request_id]
             if isinstance(event, GenerationResult):
                 finished.append((event, now - joined[event.request_id]))
                 if queue:
@@ -50,6 +55,9 @@ def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, set
             budgets.append(sum(report.budgets) / report.batch_size)
     wall = time.perf_counter() - start
     results = [r for r, _ in finished]
+    ttft = sorted(first[r.request_id] for r in results)
+    tpot = [(seconds - first[r.request_id]) / (len(r.output_ids) - 1) for r, seconds in finished
+            if len(r.output_ids) > 1]
     out_tokens = sum(len(r.output_ids) for r in results)
     rounds = sum(r.stats.rounds for r in results)
     accepted = sum(r.stats.accepted_tokens for r in results)
@@ -59,6 +67,9 @@ def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, set
         "per_user_tokens_per_s": statistics.median(len(r.output_ids) / seconds for r, seconds in finished),
         "tau": (accepted + rounds) / rounds if rounds else None,
         "mean_budget": statistics.fmean(budgets) if budgets else 0.0,
+        "ttft_s": statistics.median(ttft),
+        "ttft_p90_s": ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))],
+        "tpot_s": statistics.median(tpot) if tpot else None,
         "output_tokens": out_tokens,
         "wall_s": wall,
     }
@@ -83,6 +94,6 @@ def run_serving_bench(settings: BenchSettings, prompts: list[str], concurrencies
             rows.append(row)
             progress(f"c={c:<3} {name:<17} {row['tokens_per_s']:7.2f} tok/s aggregate, "
                      f"{row['per_user_tokens_per_s']:6.2f} per user, tau {row['tau'] or 0:.2f}, "
-                     f"budget {row['mean_budget']:.2f}")
-    return {"model": target.model_id, "dtype": settings.dtype, "max_new_tokens": settings.max_new_tokens,
+                     f"budget {row['mean_budget']:.2f}, ttft {row['ttft_s']:.2f} s")
+    return {"model": target.model_id, "device": device_name(settings.device), "dtype": settings.dtype, "max_new_tokens": settings.max_new_tokens,
             "temperature": settings.temperature, "n_prompts": len(prompts), "rows": rows}

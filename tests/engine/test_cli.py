@@ -72,6 +72,8 @@ def test_serving_bench_rows_per_concurrency(tiny_llama, tmp_path, capsys):
     # every level serves all prompts (at least c): c=1 runs the 2 prompts one after the other
     assert [r["requests"] for r in rows] == [2, 2, 3, 3]
     assert all(r["output_tokens"] == 6 * r["requests"] for r in rows)
+    # the first token comes after joining and before the request ends; 5 more follow it
+    assert all(0 < r["ttft_s"] <= r["ttft_p90_s"] < r["wall_s"] and 0 < r["tpot_s"] < r["wall_s"] for r in rows)
     assert (tmp_path / "serving-throughput.png").stat().st_size > 0
 
 
