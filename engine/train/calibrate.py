@@ -145,7 +145,8 @@ def default_prompts(limit: int, seed: int) -> list[str]:
 
 
 def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limit: int, max_new_tokens: int,
-                      temperature: float, seed: int, write: bool = True, temperature_only: bool = False) -> dict:
+                      temperature: float, seed: int, write: bool = True, temperature_only: bool = False,
+                      device: str = "cpu") -> dict:
     """Decode held-out prompts with the drafter, fit the per-position scaling, store it (and the
     report) in its config.json."""
     from engine.bench import chat_ids
@@ -158,7 +159,7 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
     if not config_file.is_file():
         raise CheckpointError(f"{drafter}: no config.json (a DeepSpec drafter directory is expected)")
     engine = build_engine(EngineConfig(model=model, method="dspark", drafter=str(drafter), max_batch=8,
-                                       max_context=2048))
+                                       max_context=2048, device=device))
     c = engine.drafter.config
     if not c.enable_confidence_head:
         raise CheckpointError(f"{drafter} has no confidence head: nothing to calibrate")

@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the held-out decoding")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--temperature-only", action="store_true",
                    help="the paper's STS exactly: temperatures, no offsets")
     p.add_argument("--dry-run", action="store_true", help="report only; leave config.json as it is")
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = load_first_turns(args.prompts, args.limit) if args.prompts else None
         result = calibrate_drafter(args.drafter, args.model, prompts, args.limit, args.max_new_tokens,
                                    args.temperature, args.seed, write=not args.dry_run,
-                                   temperature_only=args.temperature_only)
+                                   temperature_only=args.temperature_only, device=args.device)
     except (ValidationError, ModelLoadError, PromptFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -43,6 +43,8 @@ def test_calibrate_refuses_a_drafter_without_confidence_head(target, tmp_path, c
     assert "no confidence head" in capsys.readouterr().err
     assert main(["calibrate", "--drafter", str(tmp_path / "missing"), "--model", str(target.path)]) == 2
     assert "no config.json" in capsys.readouterr().err
+    assert main(["calibrate", "--drafter", str(tmp_path), "--model", str(target.path), "--device", "gpu"]) == 2
+    assert "'gpu' is not a torch device" in capsys.readouterr().err
 
 
 def test_train_drafter_end_to_end_builds_one_cache_for_two_kinds(target, tmp_path, capsys):
