@@ -12,14 +12,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import torch
-
 from engine.api import GenerationRequest, SamplingParams
 from engine.calibration import calibration_metrics
 from engine.build import DTYPES, build_engine
 from engine.config import METHODS, EngineConfig
 from engine.drafters.init import KINDS
-from engine.loading import LoadedTarget, load_target
+from engine.loading import LoadedTarget, device_name, load_target
 from engine.peers import HfPeer
 
 PEERS = {"hf-greedy": None, "hf-pld": 7}
@@ -90,10 +88,6 @@ class BenchSettings:
         return EngineConfig(model=self.model, method=m.engine, drafter=self.drafter_for(m.engine), dtype=self.dtype,
                             block_size=self.block_size, scheduler=m.scheduler, confidence_threshold=threshold,
                             max_batch=max_batch, max_context=max_context, device=self.device)
-
-
-def device_name(device: str) -> str:
-    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:

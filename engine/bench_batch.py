@@ -17,9 +17,9 @@ import time
 import uuid
 
 from engine.api import GenerationRequest, GenerationResult, SamplingParams, TokenChunk
-from engine.bench import ENGINE_METHODS, BenchSettings, chat_ids, device_name
+from engine.bench import ENGINE_METHODS, BenchSettings, chat_ids
 from engine.build import DTYPES, build_engine
-from engine.loading import load_target
+from engine.loading import device_name, load_target
 
 
 def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, settings: BenchSettings) -> dict:
@@ -95,5 +95,6 @@ def run_serving_bench(settings: BenchSettings, prompts: list[str], concurrencies
             progress(f"c={c:<3} {name:<17} {row['tokens_per_s']:7.2f} tok/s aggregate, "
                      f"{row['per_user_tokens_per_s']:6.2f} per user, tau {row['tau'] or 0:.2f}, "
                      f"budget {row['mean_budget']:.2f}, ttft {row['ttft_s']:.2f} s")
-    return {"model": target.model_id, "device": device_name(settings.device), "dtype": settings.dtype, "max_new_tokens": settings.max_new_tokens,
-            "temperature": settings.temperature, "n_prompts": len(prompts), "rows": rows}
+    return {"model": target.model_id, "device": device_name(settings.device), "dtype": settings.dtype,
+            "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
+            "n_prompts": len(prompts), "rows": rows}

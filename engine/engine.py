@@ -21,7 +21,7 @@ from engine.api import (EngineInfo, GenerationRequest, GenerationResult, Request
 from engine.config import EngineConfig
 from engine.draft_backoff import DraftBackoff
 from engine.drafters.base import Drafter
-from engine.loading import LoadedTarget
+from engine.loading import LoadedTarget, device_name
 from engine.prefix_scheduler import PrefixScheduler
 from engine.sampling import first_token
 from engine.sequence import Sequence
@@ -52,7 +52,7 @@ class Engine:
         self.info = EngineInfo(
             model_id=target.model_id, model_digest=target.digest, method=config.method,
             drafter_id="" if drafter.block_size == 0 else drafter.name, drafter_digest=drafter.digest,
-            device=config.device if config.device == "cpu" else torch.cuda.get_device_name(),
+            device=device_name(config.device),
             dtype=config.dtype, max_context=config.max_context, max_batch=config.max_batch,
             block_size=drafter.block_size)
 

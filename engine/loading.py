@@ -136,6 +136,11 @@ def check_device(device: str) -> None:
         raise ModelLoadError(f"device {device!r}: only cpu and cuda are supported")
 
 
+def device_name(device: str) -> str:
+    """What a report calls the device: the GPU's name for cuda[:N], else "cpu"."""
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+
+
 def load_target(model: str, dtype: torch.dtype, device: str = "cpu",
                 allow_download: bool = False) -> LoadedTarget:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
