@@ -19,8 +19,8 @@ def test_unknown_model_path():
 
 @pytest.mark.parametrize("device,message", [
     ("gpu", "not a torch device"), ("meta", "only cpu and cuda"),
-    pytest.param("cuda", "is not available: CUDA devices visible", marks=pytest.mark.skipif(torch.cuda.is_available(),
-                                                                        reason="this machine has a GPU")),
+    pytest.param("cuda", "is not available: CUDA devices visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     ("cuda:64", "is not available: CUDA devices visible"),
 ])
 def test_unusable_device_is_refused_before_loading(tiny_llama, device, message):
