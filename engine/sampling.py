@@ -14,23 +14,38 @@ import torch
 from engine.api import SamplingParams
 
 
+# The nucleus is looked for among this many most likely tokens first (see `nucleus`).
+NUCLEUS_CANDIDATES = 256
+
+
 def target_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Probabilities [N, V] the target samples from: temperature, then the top-p nucleus."""
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (its first token always stays)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    return nucleus(probs, params.top_p) if params.top_p < 1.0 else probs
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest most-likely prefix of each row whose mass reaches top_p (its first token
+    always stays), renormalised. Ranking a whole 49k vocabulary per sampled token dominated a decode
+    step at batch 256 (a sort per request); the prefix is almost always among the few hundred most
+    likely tokens, which topk finds, so every row is sorted in full only when those fall short."""
+    ranked, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    if bool((ranked.sum(dim=-1) < top_p).any()):
+        ranked, order = probs.sort(dim=-1, descending=True)
+    outside = ranked.cumsum(dim=-1) - ranked >= top_p
+    kept = torch.zeros_like(probs).scatter_(-1, order, ranked.masked_fill(outside, 0.0))
+    return kept / kept.sum(dim=-1, keepdim=True)
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator) -> int:
     # Each request's generator lives on the CPU (seeded streams are then the same on any device),
     # so the distribution comes to it: one V-float copy per sampled token on a GPU.
-    return int(torch.multinomial(probs.float().cpu(), 1, generator=generator))
+    # Inverse CDF with one uniform draw: ~0.3 ms a token over SmolLM2's 49k vocabulary on this CPU,
+    # where torch.multinomial took ~2.3 ms (measured side by side). A zero-probability token adds
+    # an empty step to the CDF, so it is never picked.
+    cdf = probs.double().cpu().cumsum(dim=0)
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    return int(torch.searchsorted(cdf, u * cdf[-1], right=True))
 
 
 def first_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

@@ -56,6 +56,24 @@ def test_top_p_keeps_the_nucleus():
     assert torch.allclose(probs[0, :2], full[0, :2] / full[0, :2].sum())
 
 
+def full_sort_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The definition, over the whole sorted vocabulary."""
+    ranked, order = probs.sort(dim=-1, descending=True)
+    ranked = ranked.masked_fill(ranked.cumsum(dim=-1) - ranked >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter_(-1, order, ranked)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])   # flat (nucleus beyond the candidates) to peaked
+def test_top_p_from_candidates_equals_full_sort(scale):
+    logits = torch.randn(6, 49152, generator=torch.Generator().manual_seed(1)) * scale
+    for top_p in (0.1, 0.8, 0.95, 0.999):
+        probs = target_distribution(logits, SamplingParams(temperature=1.0, top_p=top_p))
+        expected = full_sort_nucleus(torch.softmax(logits, -1), top_p)
+        assert torch.equal(probs > 0, expected > 0)
+        torch.testing.assert_close(probs, expected, rtol=1e-6, atol=0)
+
+
 @pytest.fixture(scope="module")
 def tiny_engines(tiny_llama):
     return {m: build_engine(EngineConfig(model=str(tiny_llama), method=m, max_batch=1, max_context=128))
