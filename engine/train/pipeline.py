@@ -14,7 +14,7 @@ from engine.build import build_engine
 from engine.config import EMBEDDED_MODEL, EngineConfig
 from engine.drafters.checkpoint import parse_config
 from engine.drafters.init import default_layer_ids, init_drafter
-from engine.loading import LoadedTarget, cache_root, load_target
+from engine.loading import LoadedTarget, cache_root, device_name, load_target
 from engine.train import data
 from engine.train.cache import build_cache, expected_manifest, feature_rms, load_sequences, open_cache
 from engine.train.trainer import STATE_FILE, TrainingError, TrainSettings, build_module, export, train
@@ -165,7 +165,7 @@ def run(opts: TrainOptions, log=print) -> dict:
     result = train(module, target.model, sequences, settings, opts.out, config)
     last = result.history[-20:]
     summary = {
-        "kind": opts.kind, "steps_done": result.steps_done, "steps": opts.steps, "finished": result.finished,
+        "kind": opts.kind, "device": device_name(opts.device), "steps_done": result.steps_done, "steps": opts.steps, "finished": result.finished,
         "train_seconds": round(result.seconds, 1), "cache_seconds": round(cache_seconds, 1),
         "anchors_per_s": round(result.anchors_per_s, 1), "seed": opts.seed, "lr": opts.lr, "batch": opts.batch, "anchors": opts.anchors,
         "final_loss": sum(h["loss"] for h in last) / max(len(last), 1),

@@ -69,6 +69,7 @@ def test_train_drafter_end_to_end_builds_one_cache_for_two_kinds(target, tmp_pat
         assert main(["train-drafter", "--kind", kind, "--out", str(out), "--steps", "3", *common]) == 0
         summary = json.loads(capsys.readouterr().out)
         assert summary["steps_done"] == 3 and summary["data"]["tokens"] == built["tokens"]
+        assert summary["device"] == "cpu"    # where it was trained, recorded with the drafter
         config = json.loads((out / "config.json").read_text())
         assert config["training"]["data"]["sources"] == sources and (out / "model.safetensors").exists()
     assert (cache / "manifest.json").stat().st_mtime_ns == stamp   # reused, not rebuilt

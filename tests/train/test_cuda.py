@@ -3,6 +3,8 @@ float tolerance, the same losses and weights as on the CPU; the CLI end to end o
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -35,6 +37,7 @@ def test_train_drafter_on_cuda_end_to_end(target, tmp_path):
                  "--gen-max-new-tokens", "32", "--stdlib-tokens", "3000", "--max-len", "96",
                  "--target-layers=-1,1", "--layers", "1", "--markov-rank", "16", "--anchors", "32",
                  "--batch", "2", "--steps", "3"]) == 0
+    assert json.loads((out / "config.json").read_text())["training"]["device"] == torch.cuda.get_device_name()
     prompt = list(range(5, 25))
 
     def serve(method, drafter=None):
