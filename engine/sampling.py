@@ -55,6 +55,15 @@ def first_token(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return sample_from(target_distribution(logits[None], params)[0], generator)
 
 
+def accept_greedy(draft: list[int], choice: list[int]) -> tuple[int, int]:
+    """Greedy verification: the longest prefix of `draft` equal to the target's argmax `choice`
+    (choice[i] follows the anchor and draft[:i]) and the target's token after it."""
+    a = 0
+    while a < len(draft) and draft[a] == choice[a]:
+        a += 1
+    return a, choice[a]
+
+
 def verify_block(draft: list[int], draft_probs: torch.Tensor | None, target_logits: torch.Tensor,
                  params: SamplingParams, generator: torch.Generator) -> tuple[int, int]:
     """Accept a prefix of `draft` and pick the bonus token.
@@ -64,13 +73,8 @@ def verify_block(draft: list[int], draft_probs: torch.Tensor | None, target_logi
     deterministic drafter (q is one-hot at the proposed token).
     Returns (accepted count a, bonus token).
     """
-    L = len(draft)
     if params.greedy:
-        choice = target_logits.argmax(dim=-1).tolist()
-        a = 0
-        while a < L and draft[a] == choice[a]:
-            a += 1
-        return a, choice[a]
+        return accept_greedy(draft, target_logits.argmax(dim=-1).tolist())
     p = target_distribution(target_logits, params)
     for i, x in enumerate(draft):
         q_x = 1.0 if draft_probs is None else float(draft_probs[i, x])
@@ -86,4 +90,4 @@ def verify_block(draft: list[int], draft_probs: torch.Tensor | None, target_logi
         mass = float(residual.sum())
         residual = residual / mass if mass > 1e-8 else p[i]
         return i, sample_from(residual, generator)
-    return L, sample_from(p[L], generator)
+    return len(draft), sample_from(p[len(draft)], generator)

@@ -15,7 +15,7 @@ from engine.api import RoundReport
 from engine.calibration import record as record_confidence
 from engine.drafters.base import Drafter, Proposal
 from engine.model import KVCache, TargetModel
-from engine.sampling import verify_block
+from engine.sampling import accept_greedy, verify_block
 from engine.sequence import Sequence
 
 # (seqs, proposal, caps) -> per-request number of draft tokens to verify, each <= its cap
@@ -81,13 +81,19 @@ def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seq
     out = target.forward(tokens, positions, slots, cache, taps=drafter.tap_layers,
                          lengths=[L + 1 for L in budgets])
     logits = target.logits(out.hidden)
+    # The greedy requests' argmax in one go: one copy to the host (one GPU sync) per round, not one
+    # per request.
+    argmax = logits.argmax(dim=-1).tolist() if any(seq.request.sampling.greedy for seq in seqs) else None
     committed: list[list[int]] = []
     accepted_total = 0
     for r, (seq, L) in enumerate(zip(seqs, budgets)):
         draft = proposal.tokens[r][:L]
         probs = proposal.probs[r]
-        a, bonus = verify_block(draft, None if probs is None else probs[:L], logits[r, :L + 1],
-                                seq.request.sampling, seq.generator)
+        if seq.request.sampling.greedy:
+            a, bonus = accept_greedy(draft, argmax[r][:L + 1])
+        else:
+            a, bonus = verify_block(draft, None if probs is None else probs[:L], logits[r, :L + 1],
+                                    seq.request.sampling, seq.generator)
         new = commit_tokens(seq, draft, a, bonus, eos_ids)
         seq.tokens.extend(new)
         seq.kv_len += a + 1
