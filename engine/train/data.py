@@ -3,8 +3,8 @@
 Two sources, both recorded in the checkpoint's metadata:
   generated: the target's own responses (T=0.7, top-p 0.8, as DeepSpec regenerates its data) to
     prompts built here: "write a function" requests made from the Python standard library's own
-    function signatures and docstrings, word problems from templates, and a fixed list of general
-    requests. None comes from the evaluation sets in shared/eval. Every 20th stdlib prompt is held
+    function signatures and docstrings, word problems from templates, and general requests (a fixed
+    list and task x topic pairs). None comes from the evaluation sets in shared/eval. Every 20th stdlib prompt is held
     out for calibration.
   stdlib: Python standard library source files cut at top-level definitions, as assistant replies
     to a request naming the module. The target scores this text (its distributions become the soft
@@ -49,6 +49,36 @@ GENERAL_PROMPTS = [
     "Write a regular expression that matches e-mail addresses and explain it.",
     "Explain what Docker containers are.", "Translate 'good morning, how are you?' into French and Spanish.",
 ]
+
+# General requests are built from these, every task with every topic (written for this recipe, none
+# from shared/eval), so that a long generation run meets few repeats: the 40 fixed requests alone,
+# cycled, came back ~28 times each over the prompt list, their greedy replies identical.
+GENERAL_TASKS = [
+    "Explain {t} to someone new to the subject.", "What are the most common misconceptions about {t}?",
+    "Write a short blog post about {t}.", "Give a step-by-step beginner's guide to {t}.",
+    "Compare two different approaches to {t} and say when each is better.",
+    "Write three quiz questions about {t}, with answers.", "Summarize the history of {t} in a few paragraphs.",
+    "Write a persuasive paragraph on why {t} matters.", "What should a beginner ask when learning about {t}?",
+    "Write a short dialogue between a teacher and a student about {t}.",
+]
+GENERAL_TOPICS = [
+    "photosynthesis", "compound interest", "the French Revolution", "machine learning", "composting",
+    "volcanoes", "public speaking", "the stock market", "sleep hygiene", "electric cars", "the immune system",
+    "jazz music", "climate change", "operating systems", "time management", "ancient Rome", "black holes",
+    "negotiation", "urban gardening", "cybersecurity", "the printing press", "renewable energy",
+    "nutrition labels", "version control", "plate tectonics", "neural networks", "personal budgeting",
+    "the Renaissance", "3D printing", "bird migration", "remote work", "probability", "coffee brewing",
+    "the human brain", "open-source software", "marathon training", "recycling", "the Silk Road",
+    "compilers", "first aid",
+]
+
+
+def general_prompts(seed: int) -> list[str]:
+    """The fixed requests and every task x topic pair, shuffled with `seed`, each once."""
+    built = [task.format(t=topic) for task in GENERAL_TASKS for topic in GENERAL_TOPICS]
+    prompts = list(dict.fromkeys(GENERAL_PROMPTS + built))
+    random.Random(seed).shuffle(prompts)
+    return prompts
 
 
 # Word problems made here from templates (numbers drawn per prompt), so that the target's step-by-step
@@ -95,8 +125,19 @@ def function_prompts() -> tuple[list[str], list[str]]:
                     first = doc.strip().split("\n\n")[0].replace("\n", " ")
                     args = ", ".join(a.arg for a in node.args.args)
                     prompts.append(f"Write a Python function `{node.name}({args})`. {first}")
+    prompts = list(dict.fromkeys(prompts))   # a function copied into two modules would be held out and trained on
     train = [p for i, p in enumerate(prompts) if i % HELD_OUT_EVERY]
     return train, prompts[::HELD_OUT_EVERY]
+
+
+def generation_prompts(seed: int) -> list[str]:
+    """What the target answers for the training data: a stdlib function request, a general request
+    and a word problem in turn, each list used until it runs out, no request twice (a repeated
+    greedy request only repeats its reply)."""
+    functions, _ = function_prompts()
+    kinds = [functions, general_prompts(seed), math_prompts(len(functions), seed)]
+    interleaved = [kind[i] for i in range(max(map(len, kinds))) for kind in kinds if i < len(kind)]
+    return list(dict.fromkeys(interleaved))
 
 
 def chat_sample(tokenizer, user: str, reply: list[int], end_of_turn: int | None, max_len: int,

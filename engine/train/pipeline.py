@@ -89,10 +89,7 @@ def prepare_cache(opts: TrainOptions, target: LoadedTarget, ids: list[int], log)
         eot = target.eos_token_ids[0]
         samples: list = []
         if opts.gen_minutes > 0:
-            prompts, _ = data.function_prompts()
-            general = data.GENERAL_PROMPTS * (len(prompts) // len(data.GENERAL_PROMPTS) + 1)
-            gen_prompts = [p for triple in zip(prompts, general, data.math_prompts(len(prompts), opts.seed))
-                           for p in triple]
+            gen_prompts = data.generation_prompts(opts.seed)
             # Decoding is weight-bound at small batches: 64 requests at a time give ~2.5x the tokens/s
             # of 8 on 2 CPU cores (measured), at the price of a longer first prefill.
             engine = build_engine(EngineConfig(model=opts.model, method="ar", max_batch=opts.gen_batch,
@@ -109,7 +106,8 @@ def prepare_cache(opts: TrainOptions, target: LoadedTarget, ids: list[int], log)
         sources = {
             "generated": {"prompts": "engine/train/data.py: 'write a function' requests from Python stdlib "
                                      "signatures + docstrings (every 20th held out), MATH_TEMPLATES word "
-                                     "problems, and GENERAL_PROMPTS; "
+                                     "problems, and general requests (GENERAL_PROMPTS, GENERAL_TASKS x "
+                                     "GENERAL_TOPICS), each once; "
                                      "none from shared/eval",
                           "sampling": data.describe_sampling(tuple(opts.gen_temperatures)),
                           "responses": n_generated,

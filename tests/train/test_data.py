@@ -33,3 +33,18 @@ def test_a_prompt_with_no_room_for_a_reply_is_skipped(target):
     prompts = ["Write a function that adds two numbers.", "Explain this: " + "word " * 300]
     samples = _generate(target, prompts, (0.0,))
     assert len(samples) == 1 and "adds two numbers" in target.tokenizer.decode(samples[0].input_ids)
+
+
+def test_generation_prompts_are_unique_mixed_and_not_from_the_eval_sets():
+    """Each request once (a repeated greedy request repeats its reply), the three kinds in turn, the
+    calibration hold-outs left out, and nothing taken from shared/eval."""
+    from engine.train.data import GENERAL_PROMPTS, function_prompts, generation_prompts, math_prompts
+    from tests.conftest import EVAL_DIR, eval_prompts
+
+    prompts = generation_prompts(seed=42)
+    functions, held_out = function_prompts()
+    assert len(prompts) == len(set(prompts)) > 2 * len(functions)
+    assert prompts[0] == functions[0] and prompts[2] == math_prompts(1, 42)[0]
+    assert set(GENERAL_PROMPTS) <= set(prompts) and not set(held_out) & set(prompts)
+    evaluation = {p for f in EVAL_DIR.glob("*.jsonl") for p in eval_prompts(f.name, None)}
+    assert evaluation and not evaluation & set(prompts)
