@@ -66,15 +66,14 @@ def accept_greedy(draft: list[int], choice: list[int]) -> tuple[int, int]:
 
 def verify_block(draft: list[int], draft_probs: torch.Tensor | None, target_logits: torch.Tensor,
                  params: SamplingParams, generator: torch.Generator) -> tuple[int, int]:
-    """Accept a prefix of `draft` and pick the bonus token.
+    """Accept a prefix of `draft` and pick the bonus token, for a sampled request (T > 0; a greedy
+    one goes through `accept_greedy`, with the round's argmax taken once for all of them).
 
     target_logits: [L+1, V], row i is the target's prediction after the anchor and draft[:i].
     draft_probs: [L, V] the draft distribution each token was sampled from, or None for a
     deterministic drafter (q is one-hot at the proposed token).
     Returns (accepted count a, bonus token).
     """
-    if params.greedy:
-        return accept_greedy(draft, target_logits.argmax(dim=-1).tolist())
     p = target_distribution(target_logits, params)
     for i, x in enumerate(draft):
         q_x = 1.0 if draft_probs is None else float(draft_probs[i, x])

@@ -4,8 +4,8 @@ Two sources, both recorded in the checkpoint's metadata:
   generated: the target's own responses (T=0.7, top-p 0.8, as DeepSpec regenerates its data) to
     prompts built here: "write a function" requests made from the Python standard library's own
     function signatures and docstrings, word problems from templates, and general requests (a fixed
-    list and task x topic pairs). None comes from the evaluation sets in shared/eval. Every 20th stdlib prompt is held
-    out for calibration.
+    list and task x topic pairs). None comes from the evaluation sets in shared/eval. Every 20th
+    stdlib prompt is held out for calibration.
   stdlib: Python standard library source files cut at top-level definitions, as assistant replies
     to a request naming the module. The target scores this text (its distributions become the soft
     labels), which costs one forward per token instead of one decoding step.

@@ -163,7 +163,8 @@ def run(opts: TrainOptions, log=print) -> dict:
     result = train(module, target.model, sequences, settings, opts.out, config)
     last = result.history[-20:]
     summary = {
-        "kind": opts.kind, "device": device_name(opts.device), "steps_done": result.steps_done, "steps": opts.steps, "finished": result.finished,
+        "kind": opts.kind, "device": device_name(opts.device), "steps_done": result.steps_done,
+        "steps": opts.steps, "finished": result.finished,
         "train_seconds": round(result.seconds, 1), "cache_seconds": round(cache_seconds, 1),
         "anchors_per_s": round(result.anchors_per_s, 1), "seed": opts.seed, "lr": opts.lr, "batch": opts.batch, "anchors": opts.anchors,
         "final_loss": sum(h["loss"] for h in last) / max(len(last), 1),
