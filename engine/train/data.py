@@ -2,9 +2,9 @@
 
 Two sources, both recorded in the checkpoint's metadata:
   generated: the target's own responses (T=0.7, top-p 0.8, as DeepSpec regenerates its data) to
-    prompts built here: "write a function" requests made from the Python standard library's own
-    function signatures and docstrings, word problems from templates, and general requests (a fixed
-    list and task x topic pairs). None comes from the evaluation sets in shared/eval. Every 20th
+    prompts built here: code requests made from the Python standard library's own function
+    signatures and docstrings (in prose, or as a stub to complete), word problems from templates,
+    and general requests (a fixed list and task x topic pairs). None comes from the evaluation sets in shared/eval. Every 20th
     stdlib prompt is held out for calibration.
   stdlib: Python standard library source files cut at top-level definitions, as assistant replies
     to a request naming the module. The target scores this text (its distributions become the soft
@@ -98,10 +98,16 @@ MATH_TEMPLATES = [
 ]
 
 
+# How a word problem asks for its working. The last is the instruction Qwen-style math prompts end
+# with (answer in \\boxed{}); SmolLM2's replies change shape with it.
+MATH_ENDINGS = ["", " Explain your reasoning.", "\nShow your work and give the final answer.",
+                "\nPlease reason step by step, and put your final answer within \\boxed{}."]
+
+
 def math_prompts(count: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [rng.choice(MATH_TEMPLATES).format(a=rng.randint(20, 400), b=rng.randint(2, 19), c=rng.randint(2, 9))
-            for _ in range(count)]
+            + rng.choice(MATH_ENDINGS) for _ in range(count)]
 
 
 def stdlib_files() -> list[Path]:
@@ -110,9 +116,28 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if not any(part in skip for part in p.relative_to(root).parts))
 
 
+# Code requests come in two shapes: a named function described in prose, and a function stub (its
+# signature and docstring) in a code block to be completed. The second is how code benchmarks and
+# many users ask; the target's reply then restates the stub before the body, a copy from the prompt
+# the drafter only learns to make if its training data has it (the stub shape was missing until
+# 2026-11-30, and τ on code-block prompts was the lowest of the four sets).
+STUB_TASKS = [
+    "Complete the following Python function:\n```python\n{stub}\n```",
+    "Implement this function and make sure it does what the docstring says:\n```python\n{stub}\n```",
+    "Write the body of the function below.\n```python\n{stub}\n```",
+    "Here is a function signature with its documentation. Write a correct implementation.\n```python\n{stub}\n```",
+]
+
+
+def _stub(node: ast.FunctionDef, doc: str) -> str:
+    body = "\n".join(("    " + line) if line else "" for line in doc.strip().splitlines())
+    return f'def {node.name}({ast.unparse(node.args)}):\n    """{body.lstrip()}\n    """'
+
+
 def function_prompts() -> tuple[list[str], list[str]]:
-    """(training, held-out) 'write a function' prompts from stdlib signatures and docstrings."""
-    prompts = []
+    """(training, held-out) code requests from stdlib signatures and docstrings, one per function:
+    a third in prose, two thirds as stubs."""
+    functions = {}   # a function copied into two modules would be held out and trained on
     for path in stdlib_files():
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -122,10 +147,14 @@ def function_prompts() -> tuple[list[str], list[str]]:
             if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) > 30:
-                    first = doc.strip().split("\n\n")[0].replace("\n", " ")
-                    args = ", ".join(a.arg for a in node.args.args)
-                    prompts.append(f"Write a Python function `{node.name}({args})`. {first}")
-    prompts = list(dict.fromkeys(prompts))   # a function copied into two modules would be held out and trained on
+                    functions.setdefault((node.name, ast.unparse(node.args), doc), node)
+    prompts = []
+    for n, ((name, _, doc), node) in enumerate(functions.items()):
+        if n % 3:   # 3, not 2: every 20th (held out) then has both shapes too
+            prompts.append(STUB_TASKS[n % len(STUB_TASKS)].format(stub=_stub(node, doc[:1200])))
+        else:
+            first = doc.strip().split("\n\n")[0].replace("\n", " ")
+            prompts.append(f"Write a Python function `{name}({', '.join(a.arg for a in node.args.args)})`. {first}")
     train = [p for i, p in enumerate(prompts) if i % HELD_OUT_EVERY]
     return train, prompts[::HELD_OUT_EVERY]
 

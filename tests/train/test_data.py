@@ -48,3 +48,21 @@ def test_generation_prompts_are_unique_mixed_and_not_from_the_eval_sets():
     assert set(GENERAL_PROMPTS) <= set(prompts) and not set(held_out) & set(prompts)
     evaluation = {p for f in EVAL_DIR.glob("*.jsonl") for p in eval_prompts(f.name, None)}
     assert evaluation and not evaluation & set(prompts)
+
+
+def test_code_requests_come_in_both_shapes_and_stubs_are_python():
+    """A third of the stdlib requests in prose, the rest as a stub (signature + docstring) in a code
+    block, in both the training and the held-out lists; every stub parses to a documented function."""
+    import ast
+    import re
+
+    from engine.train.data import STUB_TASKS, function_prompts
+
+    for prompts in function_prompts():
+        stubs = [p for p in prompts if "```python\n" in p]
+        assert 0.5 < len(stubs) / len(prompts) < 0.8
+        for prompt in stubs:
+            assert any(prompt.startswith(task.split("{stub}")[0]) for task in STUB_TASKS)
+            code = re.search(r"```python\n(.*)\n```", prompt, re.S).group(1)
+            (fn,) = ast.parse(code + "\n    ...").body
+            assert isinstance(fn, ast.FunctionDef) and ast.get_docstring(fn).strip()
