@@ -8,17 +8,21 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.build import build_engine
 from engine.config import EMBEDDED_MODEL, EngineConfig
-from engine.drafters.checkpoint import parse_config
+from engine.drafters.checkpoint import load_checkpoint, parse_config
 from engine.drafters.init import default_layer_ids, init_drafter
 from engine.loading import LoadedTarget, cache_root, device_name, load_target
 from engine.train import data
 from engine.train.cache import build_cache, expected_manifest, feature_rms, load_sequences, open_cache
 from engine.train.trainer import STATE_FILE, TrainingError, TrainSettings, build_module, export, train
 
+ARCHITECTURE = ("layers", "markov_rank", "markov_type", "block_size")
+# A fine-tuned drafter's calibration no longer fits it, nor does its training summary (kept under
+# training.init_from instead).
+NOT_INHERITED = ("confidence_temperatures", "confidence_offsets", "calibration", "training")
 DRAFT_CONFIG = "draft_config.json"   # the untrained drafter's config, kept so a resumed run rebuilds it
 
 
@@ -29,10 +33,12 @@ class TrainOptions(BaseModel):
     model: str = EMBEDDED_MODEL
     out: Path
     cache_dir: Path | None = None
-    layers: int = Field(1, ge=1, le=16)
-    markov_rank: int = Field(64, ge=0, le=4096)
-    markov_type: Literal["vanilla", "gated", "rnn"] = "vanilla"
-    block_size: int = Field(7, ge=2, le=16)
+    # The architecture: these defaults for a fresh drafter; from the drafter itself with init_from.
+    layers: int | None = Field(None, ge=1, le=16)            # default 1
+    markov_rank: int | None = Field(None, ge=0, le=4096)     # default 64
+    markov_type: Literal["vanilla", "gated", "rnn"] | None = None   # default vanilla
+    block_size: int | None = Field(None, ge=2, le=16)        # default 7
+    init_from: Path | None = None    # continue training an exported drafter (fine-tuning on new data)
     target_layers: list[int] | None = None
     steps: int = Field(1000, ge=1)
     minutes: float | None = Field(None, gt=0)
@@ -65,6 +71,16 @@ class TrainOptions(BaseModel):
             raise ValueError(f"target layers must be a strictly increasing list, got {ids}")
         return ids
 
+    @model_validator(mode="after")
+    def _architecture(self) -> TrainOptions:
+        given = [name for name in ARCHITECTURE if getattr(self, name) is not None]
+        if self.init_from is not None and given:
+            raise ValueError(f"--init-from takes the architecture from the drafter; drop "
+                             f"{', '.join('--' + n.replace('_', '-') for n in given)}")
+        if self.init_from is not None and self.resume:
+            raise ValueError("--resume continues the run in --out; --init-from starts a new one")
+        return self
+
     @field_validator("gen_temperatures")
     @classmethod
     def _temperatures(cls, temps: list[float]) -> list[float]:
@@ -73,7 +89,23 @@ class TrainOptions(BaseModel):
         return temps
 
 
-def layer_ids(opts: TrainOptions, target: LoadedTarget) -> list[int]:
+def warm_start(opts: TrainOptions, target: LoadedTarget) -> tuple[dict, dict, dict]:
+    """(config, weights, provenance) of the exported drafter training continues from."""
+    checkpoint = load_checkpoint(opts.init_from, target)
+    if checkpoint.config.kind != opts.kind:
+        raise TrainingError(f"--init-from {opts.init_from} is a {checkpoint.config.kind} drafter, not {opts.kind}")
+    if opts.target_layers is not None and opts.target_layers != checkpoint.config.target_layer_ids:
+        raise TrainingError(f"--init-from {opts.init_from} taps target layers {checkpoint.config.target_layer_ids}, "
+                            f"not {opts.target_layers}")
+    raw = json.loads((checkpoint.path / "config.json").read_text())
+    config = {k: v for k, v in raw.items() if k not in NOT_INHERITED}
+    provenance = {"path": str(checkpoint.path), "sha256": checkpoint.digest.hex(), "training": raw.get("training")}
+    return config, checkpoint.weights, provenance
+
+
+def layer_ids(opts: TrainOptions, target: LoadedTarget, inherited: dict | None = None) -> list[int]:
+    if inherited is not None:
+        return inherited["target_layer_ids"]
     ids = opts.target_layers or default_layer_ids(target.model.args.num_layers, 4)
     if opts.kind == "eagle3" and -1 in ids:
         raise TrainingError("an EAGLE-3 drafter cannot tap the embedding output (-1)")
@@ -104,10 +136,10 @@ def prepare_cache(opts: TrainOptions, target: LoadedTarget, ids: list[int], log)
         if not samples:
             raise TrainingError("no training data: give --gen-minutes or --stdlib-tokens")
         sources = {
-            "generated": {"prompts": "engine/train/data.py: 'write a function' requests from Python stdlib "
-                                     "signatures + docstrings (every 20th held out), MATH_TEMPLATES word "
-                                     "problems, and general requests (GENERAL_PROMPTS, GENERAL_TASKS x "
-                                     "GENERAL_TOPICS), each once; "
+            "generated": {"prompts": "engine/train/data.py: code requests from Python stdlib "
+                                     "signatures + docstrings, in prose or as a stub to complete (STUB_TASKS; "
+                                     "every 20th held out), MATH_TEMPLATES word problems (MATH_ENDINGS), and "
+                                     "general requests (GENERAL_PROMPTS, GENERAL_TASKS x GENERAL_TOPICS), each once; "
                                      "none from shared/eval",
                           "sampling": data.describe_sampling(tuple(opts.gen_temperatures)),
                           "responses": n_generated,
@@ -132,7 +164,8 @@ def run(opts: TrainOptions, log=print) -> dict:
     if opts.resume and not state_file.exists():
         raise TrainingError(f"--resume: {state_file} does not exist")
     target = load_target(opts.model, torch.float32, opts.device)
-    ids = layer_ids(opts, target)
+    config, state, provenance = warm_start(opts, target) if opts.init_from else (None, None, None)
+    ids = layer_ids(opts, target, config)
     t0 = time.monotonic()
     cache_dir, manifest = prepare_cache(opts, target, ids, log)
     cache_seconds = time.monotonic() - t0
@@ -142,10 +175,16 @@ def run(opts: TrainOptions, log=print) -> dict:
     sequences = load_sequences(cache_dir, manifest)
     if opts.resume:   # the weights come from the saved state; the stored config gives the shapes
         config = json.loads((opts.out / DRAFT_CONFIG).read_text())
+        provenance = config.pop("init_from", None)
         module = build_module(parse_config(config, DRAFT_CONFIG), None)
+    elif config is not None:   # --init-from: its weights as they are, no fresh-start scaling
+        opts.out.mkdir(parents=True, exist_ok=True)
+        (opts.out / DRAFT_CONFIG).write_text(json.dumps(dict(config, init_from=provenance)))
+        module = build_module(parse_config(config, DRAFT_CONFIG), state)
     else:
-        config, state = init_drafter(target, opts.kind, layers=opts.layers, markov_rank=opts.markov_rank,
-                                     markov_type=opts.markov_type, block_size=opts.block_size,
+        config, state = init_drafter(target, opts.kind, layers=opts.layers or 1,
+                                     markov_rank=64 if opts.markov_rank is None else opts.markov_rank,
+                                     markov_type=opts.markov_type or "vanilla", block_size=opts.block_size or 7,
                                      target_layer_ids=ids, seed=opts.seed)
         # With the target's LM head, a fresh drafter copies the anchor (its slot-0 input is the anchor's
         # embedding, whose logit dominates): a small final norm starts it near uniform instead.
@@ -166,7 +205,7 @@ def run(opts: TrainOptions, log=print) -> dict:
         "kind": opts.kind, "device": device_name(opts.device), "steps_done": result.steps_done,
         "steps": opts.steps, "finished": result.finished,
         "train_seconds": round(result.seconds, 1), "cache_seconds": round(cache_seconds, 1),
-        "anchors_per_s": round(result.anchors_per_s, 1), "seed": opts.seed, "lr": opts.lr, "batch": opts.batch, "anchors": opts.anchors,
+        "anchors_per_s": round(result.anchors_per_s, 1), "init_from": provenance, "seed": opts.seed, "lr": opts.lr, "batch": opts.batch, "anchors": opts.anchors,
         "final_loss": sum(h["loss"] for h in last) / max(len(last), 1),
         "final_accept": [round(sum(h["accept"][t] for h in last) / max(len(last), 1), 4)
                          for t in range(len(last[0]["accept"]))] if last else [],

@@ -32,10 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output drafter directory (also holds the resumable state)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="target cache directory (default: under ~/.cache/dspark-node/train-cache)")
-    p.add_argument("--layers", type=int, default=1, help="drafter layers (DSpark/DFlash; EAGLE-3 has 1)")
-    p.add_argument("--markov-rank", type=int, default=64)
-    p.add_argument("--markov-type", choices=["vanilla", "gated", "rnn"], default="vanilla")
-    p.add_argument("--block-size", type=int, default=7)
+    p.add_argument("--layers", type=int, default=None, help="drafter layers (DSpark/DFlash, default 1; EAGLE-3 has 1)")
+    p.add_argument("--markov-rank", type=int, default=None, help="default 64")
+    p.add_argument("--markov-type", choices=["vanilla", "gated", "rnn"], default=None, help="default vanilla")
+    p.add_argument("--block-size", type=int, default=None, help="default 7")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this exported drafter (same kind; its architecture and target layers) "
+                        "instead of a fresh one, e.g. to fine-tune on new data; its calibration is dropped")
     p.add_argument("--target-layers", type=_comma_list(int, "layer ids"), default=None,
                    help="tapped target layers, e.g. 1,10,18,27 (default: 4 evenly spaced)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the LR schedule spans them)")
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         opts = TrainOptions(kind=args.kind, model=args.target, out=args.out, cache_dir=args.cache_dir,
                             layers=args.layers, markov_rank=args.markov_rank, markov_type=args.markov_type,
-                            block_size=args.block_size, target_layers=args.target_layers, steps=args.steps,
+                            block_size=args.block_size, init_from=args.init_from,
+                            target_layers=args.target_layers, steps=args.steps,
                             minutes=args.minutes, batch=args.batch, anchors=args.anchors, lr=args.lr,
                             seed=args.seed, resume=args.resume, save_every=args.save_every,
                             gen_minutes=args.gen_minutes,

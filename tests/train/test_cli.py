@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine.drafters.checkpoint import save_checkpoint
 from engine.drafters.init import init_drafter
@@ -19,6 +20,9 @@ from node.cli import main
     (["--device", "gpu"], "'gpu' is not a torch device"),
     (["--save-every", "0"], "--save-every"),
     (["--device", "cuda:64"], "is not available: CUDA devices visible"),
+    (["--init-from", "/nonexistent/drafter"], "no config.json"),
+    (["--init-from", "/nonexistent/drafter", "--layers", "2"], "drop --layers"),
+    (["--init-from", "/nonexistent/drafter", "--resume"], "--init-from starts a new one"),
 ])
 def test_train_drafter_refuses(target, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
@@ -73,6 +77,47 @@ def test_train_drafter_end_to_end_builds_one_cache_for_two_kinds(target, tmp_pat
         config = json.loads((out / "config.json").read_text())
         assert config["training"]["data"]["sources"] == sources and (out / "model.safetensors").exists()
     assert (cache / "manifest.json").stat().st_mtime_ns == stamp   # reused, not rebuilt
+
+
+def test_train_drafter_init_from_continues_an_exported_drafter(target, cache_dir, tmp_path, capsys):
+    """--init-from starts from the drafter's weights (not a fresh init), drops its calibration, records
+    where it came from, and refuses another kind or other target layers."""
+    import json
+
+    from safetensors.torch import load_file
+
+    common = ["--target", str(target.path), "--cache-dir", str(cache_dir), "--anchors", "8", "--batch", "2",
+              "--threads", "1"]
+    base = tmp_path / "base"
+    assert main(["train-drafter", "--out", str(base), "--steps", "2", "--target-layers=-1,1", "--layers", "1",
+                 "--markov-rank", "8", "--block-size", "4", *common]) == 0
+    capsys.readouterr()
+    config = json.loads((base / "config.json").read_text())
+    config.update(confidence_temperatures=[1.5] * 4, confidence_offsets=[0.1] * 4, calibration={"method": "STS"})
+    (base / "config.json").write_text(json.dumps(config))
+
+    tuned = tmp_path / "tuned"   # an LR far below bf16's resolution: the export must equal the start
+    assert main(["train-drafter", "--out", str(tuned), "--init-from", str(base), "--steps", "1", "--lr", "1e-12",
+                 *common]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["init_from"]["path"] == str(base) and summary["init_from"]["training"]["steps_done"] == 2
+    start, got = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    assert start.keys() == got.keys() and all(torch.equal(start[k], got[k]) for k in start)
+    fresh = tmp_path / "fresh"
+    assert main(["train-drafter", "--out", str(fresh), "--steps", "1", "--lr", "1e-12", "--target-layers=-1,1",
+                 "--layers", "1", "--markov-rank", "8", "--block-size", "4", *common]) == 0
+    assert not torch.equal(load_file(fresh / "model.safetensors")["fc.weight"], got["fc.weight"])
+    stored = json.loads((tuned / "config.json").read_text())
+    assert "confidence_temperatures" not in stored and "calibration" not in stored
+    assert stored["markov_rank"] == 8 and stored["block_size"] == 4
+
+    capsys.readouterr()
+    assert main(["train-drafter", "--kind", "dflash", "--out", str(tmp_path / "k"), "--init-from", str(base),
+                 *common]) == 2
+    assert "is a dspark drafter, not dflash" in capsys.readouterr().err
+    assert main(["train-drafter", "--out", str(tmp_path / "l"), "--init-from", str(base), "--target-layers", "0,1",
+                 *common]) == 2
+    assert "taps target layers [-1, 1], not [0, 1]" in capsys.readouterr().err
 
 
 def test_calibrate_fits_and_stores_temperatures_and_offsets(target, tmp_path, capsys):
