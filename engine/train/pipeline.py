@@ -92,8 +92,11 @@ class TrainOptions(BaseModel):
 def warm_start(opts: TrainOptions, target: LoadedTarget) -> tuple[dict, dict, dict]:
     """(config, weights, provenance) of the exported drafter training continues from."""
     checkpoint = load_checkpoint(opts.init_from, target)
-    if checkpoint.config.kind != opts.kind:
-        raise TrainingError(f"--init-from {opts.init_from} is a {checkpoint.config.kind} drafter, not {opts.kind}")
+    # DFlash is the DSpark architecture without its Markov and confidence heads (init_drafter)
+    c = checkpoint.config
+    kind = "eagle3" if c.kind == "eagle3" else "dspark" if c.enable_confidence_head else "dflash"
+    if kind != opts.kind:
+        raise TrainingError(f"--init-from {opts.init_from} is a {kind} drafter, not {opts.kind}")
     if opts.target_layers is not None and opts.target_layers != checkpoint.config.target_layer_ids:
         raise TrainingError(f"--init-from {opts.init_from} taps target layers {checkpoint.config.target_layer_ids}, "
                             f"not {opts.target_layers}")

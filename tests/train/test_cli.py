@@ -118,6 +118,11 @@ def test_train_drafter_init_from_continues_an_exported_drafter(target, cache_dir
     assert main(["train-drafter", "--out", str(tmp_path / "l"), "--init-from", str(base), "--target-layers", "0,1",
                  *common]) == 2
     assert "taps target layers [-1, 1], not [0, 1]" in capsys.readouterr().err
+    config, state = init_drafter(target, "dflash", layers=1, block_size=4, target_layer_ids=[-1, 1])
+    save_checkpoint(tmp_path / "dflash", config, state)
+    assert main(["train-drafter", "--out", str(tmp_path / "m"), "--init-from", str(tmp_path / "dflash"),
+                 *common]) == 2
+    assert "is a dflash drafter, not dspark" in capsys.readouterr().err
 
 
 def test_calibrate_fits_and_stores_temperatures_and_offsets(target, tmp_path, capsys):
