@@ -4,8 +4,8 @@ Two sources, both recorded in the checkpoint's metadata:
   generated: the target's own responses (T=0.7, top-p 0.8, as DeepSpec regenerates its data) to
     prompts built here: code requests made from the Python standard library's own function
     signatures and docstrings (in prose, or as a stub to complete), word problems from templates,
-    and general requests (a fixed list and task x topic pairs). None comes from the evaluation sets in shared/eval. Every 20th
-    stdlib prompt is held out for calibration.
+    and general requests (a fixed list and task x topic pairs). None comes from the evaluation sets
+    in shared/eval. Every 20th stdlib prompt is held out for calibration.
   stdlib: Python standard library source files cut at top-level definitions, as assistant replies
     to a request naming the module. The target scores this text (its distributions become the soft
     labels), which costs one forward per token instead of one decoding step.
@@ -98,8 +98,8 @@ MATH_TEMPLATES = [
 ]
 
 
-# How a word problem asks for its working. The last is the instruction Qwen-style math prompts end
-# with (answer in \\boxed{}); SmolLM2's replies change shape with it.
+# How a word problem asks for its working; the last is the instruction Qwen-style math prompts end
+# with (final answer in \\boxed{}), a form users copy.
 MATH_ENDINGS = ["", " Explain your reasoning.", "\nShow your work and give the final answer.",
                 "\nPlease reason step by step, and put your final answer within \\boxed{}."]
 
@@ -154,7 +154,8 @@ def function_prompts() -> tuple[list[str], list[str]]:
             prompts.append(STUB_TASKS[n % len(STUB_TASKS)].format(stub=_stub(node, doc[:1200])))
         else:
             first = doc.strip().split("\n\n")[0].replace("\n", " ")
-            prompts.append(f"Write a Python function `{name}({', '.join(a.arg for a in node.args.args)})`. {first}")
+            args = ", ".join(a.arg for a in node.args.args)
+            prompts.append(f"Write a Python function `{name}({args})`. {first}")
     train = [p for i, p in enumerate(prompts) if i % HELD_OUT_EVERY]
     return train, prompts[::HELD_OUT_EVERY]
 

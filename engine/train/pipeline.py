@@ -102,7 +102,8 @@ def warm_start(opts: TrainOptions, target: LoadedTarget) -> tuple[dict, dict, di
                             f"not {opts.target_layers}")
     raw = json.loads((checkpoint.path / "config.json").read_text())
     config = {k: v for k, v in raw.items() if k not in NOT_INHERITED}
-    provenance = {"path": str(checkpoint.path), "sha256": checkpoint.digest.hex(), "training": raw.get("training")}
+    provenance = {"path": str(checkpoint.path), "sha256": checkpoint.digest.hex(),
+                  "training": raw.get("training")}
     return config, checkpoint.weights, provenance
 
 
@@ -208,7 +209,8 @@ def run(opts: TrainOptions, log=print) -> dict:
         "kind": opts.kind, "device": device_name(opts.device), "steps_done": result.steps_done,
         "steps": opts.steps, "finished": result.finished,
         "train_seconds": round(result.seconds, 1), "cache_seconds": round(cache_seconds, 1),
-        "anchors_per_s": round(result.anchors_per_s, 1), "init_from": provenance, "seed": opts.seed, "lr": opts.lr, "batch": opts.batch, "anchors": opts.anchors,
+        "anchors_per_s": round(result.anchors_per_s, 1), "init_from": provenance,
+        "seed": opts.seed, "lr": opts.lr, "batch": opts.batch, "anchors": opts.anchors,
         "final_loss": sum(h["loss"] for h in last) / max(len(last), 1),
         "final_accept": [round(sum(h["accept"][t] for h in last) / max(len(last), 1), 4)
                          for t in range(len(last[0]["accept"]))] if last else [],
