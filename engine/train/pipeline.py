@@ -19,7 +19,7 @@ from engine.train import data
 from engine.train.cache import build_cache, expected_manifest, feature_rms, load_sequences, open_cache
 from engine.train.trainer import STATE_FILE, TrainingError, TrainSettings, build_module, export, train
 
-ARCHITECTURE = ("layers", "markov_rank", "markov_type", "block_size")
+FRESH_ARCHITECTURE = {"layers": 1, "markov_rank": 64, "markov_type": "vanilla", "block_size": 7}
 # A fine-tuned drafter's calibration no longer fits it, nor does its training summary (kept under
 # training.init_from instead).
 NOT_INHERITED = ("confidence_temperatures", "confidence_offsets", "calibration", "training")
@@ -33,11 +33,11 @@ class TrainOptions(BaseModel):
     model: str = EMBEDDED_MODEL
     out: Path
     cache_dir: Path | None = None
-    # The architecture: these defaults for a fresh drafter; from the drafter itself with init_from.
-    layers: int | None = Field(None, ge=1, le=16)            # default 1
-    markov_rank: int | None = Field(None, ge=0, le=4096)     # default 64
-    markov_type: Literal["vanilla", "gated", "rnn"] | None = None   # default vanilla
-    block_size: int | None = Field(None, ge=2, le=16)        # default 7
+    # The architecture: FRESH_ARCHITECTURE where not given; from the drafter itself with init_from.
+    layers: int | None = Field(None, ge=1, le=16)
+    markov_rank: int | None = Field(None, ge=0, le=4096)
+    markov_type: Literal["vanilla", "gated", "rnn"] | None = None
+    block_size: int | None = Field(None, ge=2, le=16)
     init_from: Path | None = None    # continue training an exported drafter (fine-tuning on new data)
     target_layers: list[int] | None = None
     steps: int = Field(1000, ge=1)
@@ -73,7 +73,7 @@ class TrainOptions(BaseModel):
 
     @model_validator(mode="after")
     def _architecture(self) -> TrainOptions:
-        given = [name for name in ARCHITECTURE if getattr(self, name) is not None]
+        given = [name for name in FRESH_ARCHITECTURE if getattr(self, name) is not None]
         if self.init_from is not None and given:
             raise ValueError(f"--init-from takes the architecture from the drafter; drop "
                              f"{', '.join('--' + n.replace('_', '-') for n in given)}")
@@ -97,8 +97,8 @@ def warm_start(opts: TrainOptions, target: LoadedTarget) -> tuple[dict, dict, di
     kind = "eagle3" if c.kind == "eagle3" else "dspark" if c.enable_confidence_head else "dflash"
     if kind != opts.kind:
         raise TrainingError(f"--init-from {opts.init_from} is a {kind} drafter, not {opts.kind}")
-    if opts.target_layers is not None and opts.target_layers != checkpoint.config.target_layer_ids:
-        raise TrainingError(f"--init-from {opts.init_from} taps target layers {checkpoint.config.target_layer_ids}, "
+    if opts.target_layers is not None and opts.target_layers != c.target_layer_ids:
+        raise TrainingError(f"--init-from {opts.init_from} taps target layers {c.target_layer_ids}, "
                             f"not {opts.target_layers}")
     raw = json.loads((checkpoint.path / "config.json").read_text())
     config = {k: v for k, v in raw.items() if k not in NOT_INHERITED}
@@ -107,9 +107,7 @@ def warm_start(opts: TrainOptions, target: LoadedTarget) -> tuple[dict, dict, di
     return config, checkpoint.weights, provenance
 
 
-def layer_ids(opts: TrainOptions, target: LoadedTarget, inherited: dict | None = None) -> list[int]:
-    if inherited is not None:
-        return inherited["target_layer_ids"]
+def layer_ids(opts: TrainOptions, target: LoadedTarget) -> list[int]:
     ids = opts.target_layers or default_layer_ids(target.model.args.num_layers, 4)
     if opts.kind == "eagle3" and -1 in ids:
         raise TrainingError("an EAGLE-3 drafter cannot tap the embedding output (-1)")
@@ -169,7 +167,7 @@ def run(opts: TrainOptions, log=print) -> dict:
         raise TrainingError(f"--resume: {state_file} does not exist")
     target = load_target(opts.model, torch.float32, opts.device)
     config, state, provenance = warm_start(opts, target) if opts.init_from else (None, None, None)
-    ids = layer_ids(opts, target, config)
+    ids = config["target_layer_ids"] if config is not None else layer_ids(opts, target)
     t0 = time.monotonic()
     cache_dir, manifest = prepare_cache(opts, target, ids, log)
     cache_seconds = time.monotonic() - t0
@@ -186,10 +184,9 @@ def run(opts: TrainOptions, log=print) -> dict:
         (opts.out / DRAFT_CONFIG).write_text(json.dumps(dict(config, init_from=provenance)))
         module = build_module(parse_config(config, DRAFT_CONFIG), state)
     else:
-        config, state = init_drafter(target, opts.kind, layers=opts.layers or 1,
-                                     markov_rank=64 if opts.markov_rank is None else opts.markov_rank,
-                                     markov_type=opts.markov_type or "vanilla", block_size=opts.block_size or 7,
-                                     target_layer_ids=ids, seed=opts.seed)
+        architecture = {name: default if getattr(opts, name) is None else getattr(opts, name)
+                        for name, default in FRESH_ARCHITECTURE.items()}
+        config, state = init_drafter(target, opts.kind, **architecture, target_layer_ids=ids, seed=opts.seed)
         # With the target's LM head, a fresh drafter copies the anchor (its slot-0 input is the anchor's
         # embedding, whose logit dominates): a small final norm starts it near uniform instead.
         state["norm.weight"] = state["norm.weight"] * opts.norm_init
