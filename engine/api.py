@@ -125,6 +125,7 @@ class EngineInfo:
 class RoundReport:
     """What one speculative round over the active batch did (issue: metrics per round)."""
     batch_size: int                  # requests verified together
+    drafted: int                     # requests that got a proposal (the rest only verified their anchor)
     verify_tokens: int               # query tokens in the target forward (anchors + drafts)
     budgets: tuple[int, ...]         # draft tokens verified per request
     expected_accepted: float         # scheduler's expectation (sum of prefix survivals), 0 if none

@@ -41,6 +41,7 @@ def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, set
     while queue and len(joined) < concurrency:
         join()
     budgets: list[float] = []
+    drafted = verified = 0
     while engine.has_work:
         events, report = engine.step()
         now = time.perf_counter()
@@ -53,6 +54,7 @@ def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, set
                     join()
         if report is not None:
             budgets.append(sum(report.budgets) / report.batch_size)
+            drafted, verified = drafted + report.drafted, verified + report.batch_size
     wall = time.perf_counter() - start
     results = [r for r, _ in finished]
     ttft = sorted(first[r.request_id] for r in results)
@@ -67,6 +69,7 @@ def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, set
         "per_user_tokens_per_s": statistics.median(len(r.output_ids) / seconds for r, seconds in finished),
         "tau": (accepted + rounds) / rounds if rounds else None,
         "mean_budget": statistics.fmean(budgets) if budgets else 0.0,
+        "drafted_share": drafted / verified if verified else 0.0,
         "ttft_s": statistics.median(ttft),
         "ttft_p90_s": ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))],
         "tpot_s": statistics.median(tpot) if tpot else None,
@@ -94,7 +97,7 @@ def run_serving_bench(settings: BenchSettings, prompts: list[str], concurrencies
             rows.append(row)
             progress(f"c={c:<3} {name:<17} {row['tokens_per_s']:7.2f} tok/s aggregate, "
                      f"{row['per_user_tokens_per_s']:6.2f} per user, tau {row['tau'] or 0:.2f}, "
-                     f"budget {row['mean_budget']:.2f}, ttft {row['ttft_s']:.2f} s")
+                     f"budget {row['mean_budget']:.2f}, drafted {row['drafted_share']:.0%}, ttft {row['ttft_s']:.2f} s")
     return {"model": target.model_id, "device": device_name(settings.device), "dtype": settings.dtype,
             "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
             "n_prompts": len(prompts), "rows": rows}

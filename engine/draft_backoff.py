@@ -1,21 +1,41 @@
-"""Stop paying for drafts that do not pay for themselves.
+"""Stop paying for drafts that do not pay for themselves, request by request.
 
 The paper always drafts: on its GPUs a draft is cheap next to the target, and Algorithm 1 only
 decides how much of it to verify. Here (a 135M target and a 49k vocabulary on a CPU) one draft
 costs most of a target step, so a round that verifies little can commit tokens more slowly than
-plain decoding would have. After each drafted round the engine compares the round's realised
-speed, committed tokens per second, with plain decoding's at the same batch size, R tokens per
-1 / SPS(R) seconds from the profile (paper §3.2.2). The ratio is smoothed over rounds (one round
-commits a whole number of tokens, so a single round says little). While it is below 1 or a round
-verified nothing, the engine skips drafting for 1, 2, 4, ... up to `max_skip` rounds, then drafts
-again to re-probe; a round that pays resets the backoff. Without a profile (threshold truncation)
-only "verified nothing" counts. Not drafting is always lossless: the round then verifies only the
-anchors, i.e. plain decoding.
+plain decoding would have. How predictable the text is differs per request (code that restates its
+prompt, chat that does not), and a draft costs about the same per request, so each request keeps its
+own account: after a round that drafted for it, its realised speed (tokens committed per second of
+its share of the round) is compared with plain decoding's at the same batch size, R tokens per
+1 / SPS(R) seconds from the profile (paper §3.2.2). Its share is a plain round's cost per request,
+plus the draft's cost split evenly over the requests drafted for, plus the verification time beyond
+a plain round, split in proportion to the draft tokens each verified. The ratio is smoothed over
+rounds (one round commits a whole number of tokens, so a single round says little). While it is
+below 1 or a round verified nothing for it, the request skips drafting for 1, 2, 4, ... up to
+`max_skip` rounds, then drafts again to re-probe; a round that pays resets its backoff. Without a
+profile (threshold truncation) only "verified nothing" counts.
+
+A request that joins starts at the running requests' backoff level (their median), not at 1: in a
+backed-off engine a newcomer probes once within that many rounds, as the others do, instead of at
+rounds 1, 3, 6, 11, ... of its own. Where in that window is set by the join count, so that the
+requests' re-probes spread over the rounds rather than land together.
+
+Not drafting is always lossless: the request then verifies only its anchor, i.e. plain decoding.
 """
 
 from __future__ import annotations
 
+import statistics
+from dataclasses import dataclass
+
 from engine.api import RoundReport
+
+
+@dataclass
+class RequestBackoff:
+    skip: int = 0               # rounds left without a draft
+    next_skip: int = 1          # rounds to skip after the next round that does not pay
+    speed_ratio: float = 1.0    # smoothed speed of its drafted rounds / plain decoding's
 
 
 class DraftBackoff:
@@ -26,25 +46,52 @@ class DraftBackoff:
     def __init__(self, max_skip: int = 64, smoothing: float = 0.75):
         self.max_skip = max_skip
         self.smoothing = smoothing
-        self.skip = 0
-        self.next_skip = 1
-        self.speed_ratio = 1.0      # smoothed speed of drafted rounds / plain decoding's
+        self.requests: dict[str, RequestBackoff] = {}
+        self.joined = 0
 
-    def should_draft(self) -> bool:
-        if self.skip > 0:
-            self.skip -= 1
-            return False
-        return True
+    def drafting(self, request_ids: list[str]) -> list[bool]:
+        """Which of this round's requests get a draft (a request seen for the first time joins)."""
+        out = []
+        for rid in request_ids:
+            state = self.requests.get(rid) or self._join(rid)
+            if state.skip > 0:
+                state.skip -= 1
+                out.append(False)
+            else:
+                out.append(True)
+        return out
 
-    def observe(self, report: RoundReport, plain_seconds: float | None) -> None:
-        """After a round that drafted; `plain_seconds`: what a plain round of this batch would take."""
-        paid = any(report.budgets)
-        if plain_seconds is not None and report.round_seconds > 0:
-            ratio = report.committed * plain_seconds / (report.batch_size * report.round_seconds)
-            self.speed_ratio = self.smoothing * self.speed_ratio + (1 - self.smoothing) * ratio
-            paid = paid and self.speed_ratio >= 1.0
-        if paid:
-            self.next_skip = 1
-        else:
-            self.skip = self.next_skip
-            self.next_skip = min(2 * self.next_skip, self.max_skip)
+    def _join(self, request_id: str) -> RequestBackoff:
+        level = int(statistics.median_low(s.next_skip for s in self.requests.values())) if self.requests else 1
+        state = RequestBackoff(skip=self.joined % level, next_skip=level)
+        self.joined += 1
+        self.requests[request_id] = state
+        return state
+
+    def release(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+
+    def observe(self, request_ids: list[str], drafted: list[bool], committed: list[int], report: RoundReport,
+                plain_seconds: float | None) -> None:
+        """After a round: `drafted`/`committed` per request in the round's order; `plain_seconds`:
+        what a plain round of this batch would take (None without a profile)."""
+        n_drafted = sum(drafted)
+        if n_drafted == 0:
+            return
+        verified = sum(report.budgets)
+        for rid, was_drafted, n, budget in zip(request_ids, drafted, committed, report.budgets):
+            if not was_drafted:
+                continue
+            state = self.requests[rid]
+            paid = budget > 0
+            if plain_seconds is not None and report.round_seconds > 0:
+                plain_share = plain_seconds / report.batch_size
+                extra_verify = max(0.0, report.verify_seconds - plain_seconds) * budget / verified if verified else 0.0
+                share = plain_share + (report.draft_seconds + report.schedule_seconds) / n_drafted + extra_verify
+                state.speed_ratio = self.smoothing * state.speed_ratio + (1 - self.smoothing) * n * plain_share / share
+                paid = paid and state.speed_ratio >= 1.0
+            if paid:
+                state.next_skip = 1
+            else:
+                state.skip = state.next_skip
+                state.next_skip = min(2 * state.next_skip, self.max_skip)

@@ -103,12 +103,14 @@ class Engine:
         if not self.active:
             return events, None
         batch = list(self.active)
-        drafting = self.backoff is None or self.backoff.should_draft()
-        report, _ = speculative_round(self.model, self.cache, self.drafter, batch, self.schedule,
-                                      self.target.eos_token_ids, self.config.verify_budget, drafting)
-        if drafting and self.backoff is not None:
+        ids = [seq.request_id for seq in batch]
+        drafting = None if self.backoff is None else self.backoff.drafting(ids)
+        report, committed = speculative_round(self.model, self.cache, self.drafter, batch, self.schedule,
+                                              self.target.eos_token_ids, self.config.verify_budget, drafting)
+        if self.backoff is not None:
             sps = self.schedule.sps if isinstance(self.schedule, PrefixScheduler) else None
-            self.backoff.observe(report, None if sps is None else 1.0 / sps(report.batch_size))
+            self.backoff.observe(ids, drafting, list(map(len, committed)), report,
+                                 None if sps is None else 1.0 / sps(report.batch_size))
         for seq in batch:
             events.extend(self._after_commit(seq))
         return events, report
@@ -204,6 +206,8 @@ class Engine:
             self.active.remove(seq)
             self.free_slots.append(seq.slot)
             self.drafter.release(seq)
+            if self.backoff is not None:
+                self.backoff.release(seq.request_id)
         seq.stats.output_tokens = len(seq.output_ids)
         return GenerationResult(seq.request_id, tuple(seq.output_ids), seq.text, reason, seq.stats)
 

@@ -63,13 +63,32 @@ def commit_tokens(seq: Sequence, draft: list[int], accepted: int, bonus: int,
     return new[:seq.remaining]
 
 
+def propose_for(drafter: Drafter, seqs: list[Sequence], drafting: list[bool]) -> Proposal:
+    """The drafter's proposal for the requests marked in `drafting`, an empty one for the rest
+    (they verify only their anchor: plain decoding this round)."""
+    chosen = [seq for seq, d in zip(seqs, drafting) if d]
+    if len(chosen) == len(seqs):
+        return drafter.propose(seqs)
+    proposal = Drafter.propose(drafter, seqs)
+    if chosen:
+        part = drafter.propose(chosen)
+        rows = [r for r, d in enumerate(drafting) if d]
+        for i, r in enumerate(rows):
+            proposal.tokens[r], proposal.probs[r] = part.tokens[i], part.probs[i]
+            if i < len(part.confidence):
+                proposal.confidence[r] = part.confidence[i]
+    return proposal
+
+
 def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seqs: list[Sequence],
-                      schedule: Schedule, eos_ids: tuple[int, ...], token_budget: int, draft: bool = True
-                      ) -> tuple[RoundReport, list[list[int]]]:
-    """`draft=False` skips the proposal (plain decoding this round); the drafter still receives the
-    verified positions' features, so its context stays complete."""
+                      schedule: Schedule, eos_ids: tuple[int, ...], token_budget: int,
+                      drafting: list[bool] | None = None) -> tuple[RoundReport, list[list[int]]]:
+    """`drafting`: which requests get a proposal this round (all when None). A request without one
+    verifies only its anchor; the drafter still receives its verified positions' features, so its
+    context stays complete."""
     t0 = time.perf_counter()
-    proposal = drafter.propose(seqs) if draft else Drafter.propose(drafter, seqs)
+    drafting = [True] * len(seqs) if drafting is None else drafting
+    proposal = propose_for(drafter, seqs, drafting)
     t1 = time.perf_counter()
     # Never verify more than can be committed: a round commits at most budget + 1 tokens.
     caps = [max(0, min(drafter.block_size, seq.remaining - 1)) for seq in seqs]
@@ -107,7 +126,8 @@ def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seq
     for seq in seqs:
         seq.stats.decode_seconds += t3 - t0
     report = RoundReport(
-        batch_size=len(seqs), verify_tokens=sum(budgets) + len(seqs), budgets=tuple(budgets),
+        batch_size=len(seqs), drafted=sum(drafting) if drafter.block_size else 0,
+        verify_tokens=sum(budgets) + len(seqs), budgets=tuple(budgets),
         expected_accepted=expected, accepted=accepted_total, committed=sum(map(len, committed)),
         draft_seconds=t1 - t0, schedule_seconds=t2 - t1, verify_seconds=t3 - t2, round_seconds=t3 - t0)
     return report, committed

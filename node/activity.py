@@ -39,6 +39,7 @@ class _Bucket:
 class _Concurrency:
     rounds: int = 0
     requests: int = 0            # request-rounds
+    drafted: int = 0             # request-rounds with a draft (the backoff skips the others)
     budget: int = 0              # draft tokens verified, summed over request-rounds
     expected: float = 0.0
     accepted: int = 0
@@ -152,6 +153,7 @@ class Activity:
         row = self._by_concurrency.setdefault(report.batch_size, _Concurrency())
         row.rounds += 1
         row.requests += len(report.budgets)
+        row.drafted += report.drafted
         row.budget += sum(report.budgets)
         row.expected += report.expected_accepted
         row.accepted += report.accepted
@@ -209,6 +211,7 @@ class Activity:
             rows = sorted(self._by_concurrency.items())
             return {"rows": [{
                 "batch_size": b, "rounds": c.rounds,
+                "drafted_share": round(c.drafted / c.requests, 4) if c.requests else 0.0,
                 "mean_budget": round(c.budget / c.requests, 3) if c.requests else 0.0,
                 "mean_expected_accepted": round(c.expected / c.requests, 3) if c.requests else 0.0,
                 "mean_accepted": round(c.accepted / c.requests, 3) if c.requests else 0.0,

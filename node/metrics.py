@@ -102,6 +102,9 @@ class NodeMetrics:
                                       registry=reg)
         self.round_committed = Counter("dspark_round_committed_tokens", "Tokens committed in rounds",
                                        registry=reg)
+        self.round_requests = Counter("dspark_round_requests", "Requests verified in rounds, by whether "
+                                      "they got a draft (the backoff skips those whose drafts do not pay)",
+                                      ["drafted"], registry=reg)
         Gauge("dspark_engine_queue_depth", "Requests waiting for a batch slot",
               registry=reg).set_function(lambda: engine.queue_depth)
         Gauge("dspark_engine_free_slots", "Batch slots free now", registry=reg).set_function(lambda: engine.free_slots)
@@ -192,3 +195,5 @@ class NodeMetrics:
         self.round_expected.inc(report.expected_accepted)
         self.round_accepted.inc(report.accepted)
         self.round_committed.inc(report.committed)
+        self.round_requests.labels("yes").inc(report.drafted)
+        self.round_requests.labels("no").inc(report.batch_size - report.drafted)

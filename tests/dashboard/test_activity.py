@@ -69,12 +69,14 @@ def test_budget_grouped_by_concurrency(setup):
     bus.publish(engine_round((6,), accepted=5, seconds=0.05))
     bus.publish(engine_round((4,), accepted=1, seconds=0.15))
     bus.publish(engine_round((3, 2, 1, 2), accepted=4, seconds=0.2))
+    bus.publish(engine_round((0, 0, 0, 0), accepted=0, seconds=0.1, drafted=1))
     rows = {r["batch_size"]: r for r in activity.budget()["rows"]}
     assert sorted(rows) == [1, 4]
     assert rows[1]["rounds"] == 2 and rows[1]["mean_budget"] == pytest.approx(5.0)
     assert rows[1]["tau"] == pytest.approx((6 + 2) / 2)
     assert rows[1]["mean_round_seconds"] == pytest.approx(0.1)
-    assert rows[4]["mean_budget"] == pytest.approx(2.0) and rows[4]["mean_accepted"] == pytest.approx(1.0)
+    assert rows[4]["mean_budget"] == pytest.approx(1.0) and rows[4]["mean_accepted"] == pytest.approx(0.5)
+    assert rows[1]["drafted_share"] == 1.0 and rows[4]["drafted_share"] == pytest.approx(5 / 8)
 
 
 def test_job_lifecycle_active_speed_then_recent(setup):

@@ -29,8 +29,8 @@ def feed_workload(bus: EventBus) -> None:
     bus.publish(JobRefused(reason="replayed", message="job id seen before"))
     bus.publish(JobRefused(reason="quota", message="too many"))
     bus.publish(JobRefused(reason="quota", message="too many"))
-    for budgets, accepted in [((4, 4), 5), ((3, 2, 1), 2), ((4,), 4)]:
-        bus.publish(engine_round(budgets, accepted, seconds=0.04))
+    for budgets, accepted, drafted in [((4, 4), 5, 2), ((3, 2, 0), 2, 2), ((4,), 4, 1)]:   # one request backed off
+        bus.publish(engine_round(budgets, accepted, seconds=0.04, drafted=drafted))
     bus.publish(PeerChange(connected_peers=5))
     bus.publish(PeerChange(connected_peers=3))
     bus.publish(AdvertPublished(sequence=1, free_slots=8, queue_depth=0, size_bytes=300))
@@ -94,11 +94,13 @@ def test_round_metrics_follow_events(loaded):
     assert s[("dspark_round_batch_size_count", ())] == 3
     assert s[("dspark_round_batch_size_sum", ())] == 6
     assert s[("dspark_round_verify_budget_tokens_count", ())] == 6     # one per request per round
-    assert s[("dspark_round_verify_budget_tokens_sum", ())] == 18
+    assert s[("dspark_round_verify_budget_tokens_sum", ())] == 17
     assert s[("dspark_round_verify_budget_tokens_bucket", (("le", "2.0"),))] == 2
     assert s[("dspark_round_duration_seconds_bucket", (("le", "0.05"),))] == 3
     assert s[("dspark_round_committed_tokens_total", ())] == 11 + 6
     assert s[("dspark_round_phase_seconds_total", (("phase", "verify"),))] == pytest.approx(0.06)
+    assert s[("dspark_round_requests_total", (("drafted", "yes"),))] == 5
+    assert s[("dspark_round_requests_total", (("drafted", "no"),))] == 1
 
 
 def test_peer_metrics_follow_events(loaded):

@@ -1,28 +1,33 @@
-"""Draft backoff: skip 1, 2, 4... rounds after drafted rounds that did not pay (verified nothing, or
-committed tokens more slowly than plain decoding would have); reset when one pays."""
+"""Draft backoff, per request: skip 1, 2, 4... rounds after drafted rounds that did not pay for that
+request (it verified nothing, or its share of the round committed tokens more slowly than plain
+decoding would have); reset when one pays; a request that joins starts at the running ones' level."""
 
 from engine.api import RoundReport
 from engine.draft_backoff import DraftBackoff
 
 
-def round_report(batch: int, verified: int, committed: int, seconds: float) -> RoundReport:
-    return RoundReport(batch_size=batch, verify_tokens=batch + verified, budgets=(verified,) + (0,) * (batch - 1),
-                       expected_accepted=0.0, accepted=committed - batch, committed=committed, draft_seconds=0.0,
-                       schedule_seconds=0.0, verify_seconds=seconds, round_seconds=seconds)
+def round_report(budgets: tuple[int, ...], committed: int, seconds: float, draft_seconds: float = 0.0
+                 ) -> RoundReport:
+    return RoundReport(batch_size=len(budgets), drafted=len(budgets), verify_tokens=len(budgets) + sum(budgets),
+                       budgets=budgets, expected_accepted=0.0, accepted=committed - len(budgets),
+                       committed=committed, draft_seconds=draft_seconds, schedule_seconds=0.0,
+                       verify_seconds=seconds - draft_seconds, round_seconds=seconds)
 
 
-def pattern(backoff: DraftBackoff, outcomes: list[RoundReport], rounds: int, plain_seconds: float | None = None) -> str:
+NOTHING, SOMETHING = round_report((0,), 1, 0.2), round_report((3,), 2, 0.2)
+
+
+def pattern(backoff: DraftBackoff, outcomes: list[RoundReport], rounds: int, plain_seconds: float | None = None,
+            rid: str = "a") -> str:
+    """One request alone: D for a round it drafted (and the next outcome happened), . for a skip."""
     out, it = [], iter(outcomes)
     for _ in range(rounds):
-        if backoff.should_draft():
-            out.append("D")
-            backoff.observe(next(it, round_report(2, 0, 2, 0.2)), plain_seconds)
-        else:
-            out.append(".")
+        [drafting] = backoff.drafting([rid])
+        if drafting:
+            report = next(it, NOTHING)
+            backoff.observe([rid], [True], [report.committed], report, plain_seconds)
+        out.append("D" if drafting else ".")
     return "".join(out)
-
-
-NOTHING, SOMETHING = round_report(2, 0, 2, 0.2), round_report(1, 3, 2, 0.2)
 
 
 def test_backs_off_exponentially_and_caps():
@@ -35,7 +40,7 @@ def test_a_verified_draft_resets_the_backoff():
 
 def test_verified_but_slower_than_plain_decoding_backs_off():
     # One request, plain step 0.1 s. A round of 0.2 s committing 2 tokens only breaks even; 1 token loses.
-    slow, fast = round_report(1, 3, 1, 0.2), round_report(1, 3, 4, 0.2)
+    slow, fast = round_report((3,), 1, 0.2), round_report((3,), 4, 0.2)
     assert pattern(DraftBackoff(), [slow, slow, fast, fast], 8, plain_seconds=0.1) == "D.D..DDD"
     # Without a profile the same rounds count as paid: they verified something.
     assert pattern(DraftBackoff(), [slow, slow, fast, fast], 4) == "DDDD"
@@ -43,9 +48,40 @@ def test_verified_but_slower_than_plain_decoding_backs_off():
 
 def test_speed_is_smoothed_over_rounds():
     b = DraftBackoff()
-    for _ in range(3):
-        b.observe(round_report(4, 8, 12, 0.2), plain_seconds=0.1)   # 1.5x plain decoding
-    b.observe(round_report(4, 8, 4, 0.2), plain_seconds=0.1)        # one unlucky round: 0.5x
-    assert b.should_draft() and b.next_skip == 1
-    b.observe(round_report(4, 8, 4, 0.2), plain_seconds=0.1)        # a second one: below 1 on average
-    assert not b.should_draft()
+    fast, unlucky = round_report((3,), 3, 0.2), round_report((3,), 1, 0.2)   # 1.5x and 0.5x plain decoding
+    assert pattern(b, [fast, fast, fast, unlucky], 4, plain_seconds=0.1) == "DDDD"
+    assert pattern(b, [unlucky], 2, plain_seconds=0.1) == "D."   # a second one: below 1 on average
+
+
+def test_each_request_pays_for_its_own_drafts():
+    """Two requests share a round: plain step 0.1 s, draft 0.05 s (split evenly), verification 0.05 s
+    beyond a plain step (split 3:1 by verified drafts). a commits 4 tokens on a share of 0.1125 s
+    (1.8x plain decoding's 0.05 s per token); b commits 1 on 0.0875 s (0.57x): only b backs off."""
+    b = DraftBackoff()
+    assert b.drafting(["a", "b"]) == [True, True]
+    report = round_report((3, 1), 5, 0.2, draft_seconds=0.05)
+    b.observe(["a", "b"], [True, True], [4, 1], report, plain_seconds=0.1)
+    assert b.drafting(["a", "b"]) == [True, False]
+    # A round that drafted for a only says nothing about b.
+    b.observe(["a", "b"], [True, False], [4, 1], round_report((3, 0), 5, 0.2, draft_seconds=0.05), 0.1)
+    assert b.drafting(["a", "b"]) == [True, True]
+
+
+def test_a_round_without_drafts_changes_nothing():
+    b = DraftBackoff()
+    b.drafting(["a"])
+    b.observe(["a"], [False], [1], round_report((0,), 1, 0.1), plain_seconds=0.1)
+    assert b.requests["a"].next_skip == 1 and b.requests["a"].speed_ratio == 1.0
+
+
+def test_joining_requests_start_at_the_running_level_staggered():
+    b = DraftBackoff()
+    assert pattern(b, [], 6, rid="a") == "D.D..D"     # a now skips 4, then 8 after its next miss
+    assert b.requests["a"].next_skip == 8
+    # b joins (the second request seen): level 8, first probe after 1 skipped round; c after 2.
+    assert pattern(b, [], 3, rid="b") == ".D."
+    assert pattern(b, [], 4, rid="c") == "..D."
+    # When everyone has left, a newcomer drafts at once.
+    for rid in "abc":
+        b.release(rid)
+    assert pattern(b, [SOMETHING], 2, rid="d") == "DD"
