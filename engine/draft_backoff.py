@@ -15,10 +15,11 @@ below 1 or a round verified nothing for it, the request skips drafting for 1, 2,
 `max_skip` rounds, then drafts again to re-probe; a round that pays resets its backoff. Without a
 profile (threshold truncation) only "verified nothing" counts.
 
-A request that joins starts at the running requests' backoff level (their median), not at 1: in a
-backed-off engine a newcomer probes once within that many rounds, as the others do, instead of at
-rounds 1, 3, 6, 11, ... of its own. Where in that window is set by the join count, so that the
-requests' re-probes spread over the rounds rather than land together.
+A request that joins starts at the backoff level of the running requests and of the last few that
+left (their median), not at 1: in a backed-off engine a newcomer probes once within that many
+rounds, as the others do, instead of at rounds 1, 3, 6, 11, ... of its own (at one user that cost
+a fifth of the speed when each request started afresh). Where in that window is set by the join
+count, so that the requests' re-probes spread over the rounds rather than land together.
 
 Not drafting is always lossless: the request then verifies only its anchor, i.e. plain decoding.
 """
@@ -26,6 +27,7 @@ Not drafting is always lossless: the request then verifies only its anchor, i.e.
 from __future__ import annotations
 
 import statistics
+from collections import deque
 from dataclasses import dataclass
 
 from engine.api import RoundReport
@@ -43,10 +45,11 @@ class DraftBackoff:
     # round (SmolLM2 on the 2-core box, batch 1). Capped at 16 skipped rounds that was ~4% of plain
     # decoding's speed once backed off (and 7-11% lost at 8-16 users); at 64 it is ~1%, for a
     # re-probe at most 64 rounds after the text turns predictable.
-    def __init__(self, max_skip: int = 64, smoothing: float = 0.75):
+    def __init__(self, max_skip: int = 64, smoothing: float = 0.75, remembered: int = 8):
         self.max_skip = max_skip
         self.smoothing = smoothing
         self.requests: dict[str, RequestBackoff] = {}
+        self.left: deque[int] = deque(maxlen=remembered)   # backoff levels of the last requests to leave
         self.joined = 0
 
     def drafting(self, request_ids: list[str]) -> list[bool]:
@@ -62,14 +65,17 @@ class DraftBackoff:
         return out
 
     def _join(self, request_id: str) -> RequestBackoff:
-        level = int(statistics.median_low(s.next_skip for s in self.requests.values())) if self.requests else 1
+        levels = [s.next_skip for s in self.requests.values()] + list(self.left)
+        level = statistics.median_low(levels) if levels else 1
         state = RequestBackoff(skip=self.joined % level, next_skip=level)
         self.joined += 1
         self.requests[request_id] = state
         return state
 
     def release(self, request_id: str) -> None:
-        self.requests.pop(request_id, None)
+        state = self.requests.pop(request_id, None)
+        if state is not None:
+            self.left.append(state.next_skip)
 
     def observe(self, request_ids: list[str], drafted: list[bool], committed: list[int], report: RoundReport,
                 plain_seconds: float | None) -> None:

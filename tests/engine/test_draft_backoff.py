@@ -1,6 +1,7 @@
 """Draft backoff, per request: skip 1, 2, 4... rounds after drafted rounds that did not pay for that
 request (it verified nothing, or its share of the round committed tokens more slowly than plain
-decoding would have); reset when one pays; a request that joins starts at the running ones' level."""
+decoding would have); reset when one pays; a request that joins starts at the level of the running
+ones and of those that just left."""
 
 from engine.api import RoundReport
 from engine.draft_backoff import DraftBackoff
@@ -81,7 +82,15 @@ def test_joining_requests_start_at_the_running_level_staggered():
     # b joins (the second request seen): level 8, first probe after 1 skipped round; c after 2.
     assert pattern(b, [], 3, rid="b") == ".D."
     assert pattern(b, [], 4, rid="c") == "..D."
-    # When everyone has left, a newcomer drafts at once.
+    # The levels of requests that left still count (8, 16, 16): one user at a time does not start
+    # every request afresh. d is the fourth to join: first probe after 3 rounds.
     for rid in "abc":
         b.release(rid)
-    assert pattern(b, [SOMETHING], 2, rid="d") == "DD"
+    assert pattern(b, [], 5, rid="d") == "...D."
+
+
+def test_after_requests_whose_drafts_paid_a_newcomer_drafts_at_once():
+    b = DraftBackoff()
+    assert pattern(b, [SOMETHING, SOMETHING], 2, rid="a") == "DD"
+    b.release("a")
+    assert pattern(b, [SOMETHING], 1, rid="b") == "D"
