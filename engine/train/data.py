@@ -131,7 +131,9 @@ STUB_TASKS = [
 
 def _stub(node: ast.FunctionDef, doc: str) -> str:
     body = "\n".join(("    " + line) if line else "" for line in doc.strip().splitlines())
-    return f'def {node.name}({ast.unparse(node.args)}):\n    """{body.lstrip()}\n    """'
+    # A docstring with backslashes (regex and path docs) is a raw string in its source, as here.
+    raw = "r" if "\\" in doc else ""
+    return f'def {node.name}({ast.unparse(node.args)}):\n    {raw}"""{body.lstrip()}\n    """'
 
 
 def function_prompts() -> tuple[list[str], list[str]]:
