@@ -8,6 +8,12 @@ over its time from joining to finishing), tau, the mean verification budget per 
 tokens verified per request per round), and the latencies a serving benchmark reports (as vLLM's
 does): time to first token (median and p90, from joining, queueing included) and time per output
 token after the first (median over requests).
+
+This box's speed drifts by 10-20% within minutes, so one pass per method says little about a 5%
+difference. With `repeats` > 1 the methods run that many times at each level, interleaved, the
+order rotated each time so no method always runs first; a row reports the medians over its runs
+and the median, over the repeats, of its speed relative to the first method's in the same repeat
+(the baseline, usually `ar`).
 """
 
 from __future__ import annotations
@@ -78,26 +84,55 @@ def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, set
     }
 
 
+MEDIAN_FIELDS = ("tokens_per_s", "per_user_tokens_per_s", "tau", "mean_budget", "drafted_share", "ttft_s",
+                 "ttft_p90_s", "tpot_s", "wall_s")
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def combine_runs(runs: list[dict], baseline: list[dict]) -> dict:
+    """One row from a method's runs at one level: medians, the runs' aggregate speeds, and the
+    median speed ratios to the baseline's run of the same repeat."""
+    row = {**runs[0], **{k: _median([r[k] for r in runs]) for k in MEDIAN_FIELDS}}
+    row["repeats"] = len(runs)
+    row["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
+    for key in ("tokens_per_s", "per_user_tokens_per_s"):
+        row[f"{key}_vs_baseline"] = statistics.median(r[key] / b[key] for r, b in zip(runs, baseline))
+    return row
+
+
 def run_serving_bench(settings: BenchSettings, prompts: list[str], concurrencies: list[int],
-                      progress=print) -> dict:
+                      progress=print, repeats: int = 1) -> dict:
     unknown = [m for m in settings.methods if m not in ENGINE_METHODS]
     if unknown:
         raise ValueError(f"--concurrency supports the methods {', '.join(ENGINE_METHODS)}; not {', '.join(unknown)}")
+    if len(set(settings.methods)) < len(settings.methods):
+        raise ValueError(f"each method once, please (--methods {','.join(settings.methods)}); "
+                         "--repeats runs them several times")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {repeats}")
     target = load_target(settings.model, DTYPES[settings.dtype], settings.device)
     engines = {name: build_engine(settings.engine_config(name, max(concurrencies), 2048), target)
                for name in settings.methods}
     ids = [chat_ids(target.tokenizer, p) for p in prompts]
     for engine in engines.values():  # warm-up
         serve_closed_loop(engine, ids[:1], 1, BenchSettings(**{**settings.__dict__, "max_new_tokens": 4}))
-    rows = []
+    methods, rows = settings.methods, []
     for c in concurrencies:
         batch = [ids[i % len(ids)] for i in range(max(c, len(ids)))]
-        for name in settings.methods:
-            row = {"method": name, "concurrency": c, **serve_closed_loop(engines[name], batch, c, settings)}
-            rows.append(row)
-            progress(f"c={c:<3} {name:<17} {row['tokens_per_s']:7.2f} tok/s aggregate, "
-                     f"{row['per_user_tokens_per_s']:6.2f} per user, tau {row['tau'] or 0:.2f}, "
-                     f"budget {row['mean_budget']:.2f}, drafted {row['drafted_share']:.0%}, ttft {row['ttft_s']:.2f} s")
+        runs: dict[str, list[dict]] = {name: [] for name in methods}
+        for rep in range(repeats):
+            for name in methods[rep % len(methods):] + methods[:rep % len(methods)]:
+                run = serve_closed_loop(engines[name], batch, c, settings)
+                runs[name].append(run)
+                progress(f"c={c:<3} {name:<17} {run['tokens_per_s']:7.2f} tok/s aggregate, "
+                         f"{run['per_user_tokens_per_s']:6.2f} per user, tau {run['tau'] or 0:.2f}, "
+                         f"budget {run['mean_budget']:.2f}, drafted {run['drafted_share']:.0%}, "
+                         f"ttft {run['ttft_s']:.2f} s" + (f" (run {rep + 1}/{repeats})" if repeats > 1 else ""))
+        rows += [{"method": name, "concurrency": c, **combine_runs(runs[name], runs[methods[0]])} for name in methods]
     return {"model": target.model_id, "device": device_name(settings.device), "dtype": settings.dtype,
             "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
-            "n_prompts": len(prompts), "rows": rows}
+            "n_prompts": len(prompts), "baseline": methods[0], "repeats": repeats, "rows": rows}

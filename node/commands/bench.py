@@ -34,6 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "serve the --limit prompts (at least c) closed-loop, a new request joining as one "
                         "finishes. Methods from ar, ngram, dspark-fixed, dspark-threshold, dspark-scheduled, "
                         "dspark-async")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="with --concurrency: run the methods this many times at each level, interleaved in "
+                        "rotating order; rows report medians and the median speed ratio to the first method "
+                        "(default: %(default)s)")
     p.add_argument("--plots", type=Path, default=None,
                    help="write PNG plots into this folder (acceptance per position; with --concurrency: "
                         "throughput and budget)")
@@ -49,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.concurrency is not None:
         return run_serving(args, methods)
+    if args.repeats != 1:
+        print("error: --repeats is for the serving benchmark (--concurrency); the single-user bench already "
+              "interleaves the methods prompt by prompt and reports medians", file=sys.stderr)
+        return 2
     unknown = [m for m in methods if m not in (*ENGINE_METHODS, *PEERS)]
     if unknown or not methods:
         print(f"error: unknown method(s) {', '.join(unknown) or '(none given)'}; "
@@ -107,8 +115,11 @@ def run_serving(args: argparse.Namespace, methods: list[str]) -> int:
         print(f"error: --concurrency must be comma-separated integers in 1..1024, got {args.concurrency!r}",
               file=sys.stderr)
         return 2
-    report = _run(args, lambda settings, prompts, progress: run_serving_bench(settings, prompts, levels, progress),
-                  methods)
+    if not 1 <= args.repeats <= 100:
+        print(f"error: --repeats must be in 1..100, got {args.repeats}", file=sys.stderr)
+        return 2
+    report = _run(args, lambda settings, prompts, progress: run_serving_bench(settings, prompts, levels, progress,
+                                                                              args.repeats), methods)
     if report is None:
         return 2
     for row in report["rows"]:

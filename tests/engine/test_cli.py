@@ -1,7 +1,9 @@
 """`generate` and `bench` from the command line: real runs on a tiny model, and refusals."""
 
 import json
+import statistics
 
+import pytest
 import torch
 
 from engine.loading import load_target
@@ -65,10 +67,21 @@ def test_bench_compares_drafters_of_each_kind_in_one_run(tiny_llama, tmp_path, c
 def test_serving_bench_rows_per_concurrency(tiny_llama, tmp_path, capsys):
     code = main(["bench", "--model", str(tiny_llama), "--prompts", str(EVAL_DIR / "mt-bench.jsonl"),
                  "--limit", "2", "--max-new-tokens", "6", "--methods", "ar,ngram", "--concurrency", "1,3",
-                 "--plots", str(tmp_path)])
+                 "--repeats", "3", "--plots", str(tmp_path)])
     assert code == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.splitlines() if line.startswith("{")]
     assert [(r["method"], r["concurrency"]) for r in rows] == [("ar", 1), ("ngram", 1), ("ar", 3), ("ngram", 3)]
+    # three runs per method and level, in rotating order; a row is their median, and its ratio to
+    # ar is the median of the per-repeat ratios
+    runs = [line.split()[1] for line in out.err.splitlines() if line.startswith("c=1 ")]
+    assert runs == ["ar", "ngram", "ngram", "ar", "ar", "ngram"]
+    for ar, ngram in (rows[0:2], rows[2:4]):
+        assert ar["repeats"] == ngram["repeats"] == 3 and len(ngram["tokens_per_s_runs"]) == 3
+        assert ngram["tokens_per_s"] == statistics.median(ngram["tokens_per_s_runs"])
+        assert ar["tokens_per_s_vs_baseline"] == 1.0
+        ratios = [n / a for n, a in zip(ngram["tokens_per_s_runs"], ar["tokens_per_s_runs"])]
+        assert ngram["tokens_per_s_vs_baseline"] == pytest.approx(statistics.median(ratios))
     # every level serves all prompts (at least c): c=1 runs the 2 prompts one after the other
     assert [r["requests"] for r in rows] == [2, 2, 3, 3]
     assert all(r["output_tokens"] == 6 * r["requests"] for r in rows)
@@ -83,6 +96,13 @@ def test_bench_refuses_bad_input(capsys):
     assert main(["bench", "--prompts", "/nonexistent.jsonl", "--methods", "ar"]) == 2
     assert "cannot read prompt file" in capsys.readouterr().err
     assert main(["bench", "--prompts", str(EVAL_DIR / "mbpp.jsonl"), "--concurrency", "0,x"]) == 2
+    assert main(["bench", "--prompts", str(EVAL_DIR / "mbpp.jsonl"), "--concurrency", "1", "--repeats", "0"]) == 2
+    assert "--repeats must be in 1..100" in capsys.readouterr().err
+    assert main(["bench", "--prompts", str(EVAL_DIR / "mbpp.jsonl"), "--methods", "ar", "--repeats", "3"]) == 2
+    assert "--repeats is for the serving benchmark" in capsys.readouterr().err
+    assert main(["bench", "--prompts", str(EVAL_DIR / "mbpp.jsonl"), "--methods", "ar,ngram,ar",
+                 "--concurrency", "1"]) == 2
+    assert "each method once" in capsys.readouterr().err
     assert main(["bench", "--prompts", str(EVAL_DIR / "mbpp.jsonl"), "--methods", "hf-greedy",
                  "--temperature", "1.0", "--model", "/no/such"]) == 2
     assert main(["bench", "--prompts", str(EVAL_DIR / "mbpp.jsonl"), "--methods", "ar", "--device", "gpu"]) == 2
