@@ -4,22 +4,26 @@ The paper always drafts: on its GPUs a draft is cheap next to the target, and Al
 decides how much of it to verify. Here (a 135M target and a 49k vocabulary on a CPU) one draft
 costs most of a target step, so a round that verifies little can commit tokens more slowly than
 plain decoding would have. How predictable the text is differs per request (code that restates its
-prompt, chat that does not), and a draft costs about the same per request, so each request keeps its
-own account: after a round that drafted for it, its realised speed (tokens committed per second of
-its share of the round) is compared with plain decoding's at the same batch size, R tokens per
-1 / SPS(R) seconds from the profile (paper §3.2.2). Its share is a plain round's cost per request,
-plus the draft's cost split evenly over the requests drafted for, plus the verification time beyond
-a plain round, split in proportion to the draft tokens each verified. The ratio is smoothed over
-rounds (one round commits a whole number of tokens, so a single round says little). While it is
-below 1 or a round verified nothing for it, the request skips drafting for 1, 2, 4, ... up to
-`max_skip` rounds, then drafts again to re-probe; a round that pays resets its backoff. Without a
-profile (threshold truncation) only "verified nothing" counts.
+prompt, chat that does not), so each request keeps its own account: after a round that drafted for
+it, its realised speed (tokens committed per second of its share of the round) is compared with
+plain decoding's at the same batch size, R tokens per 1 / SPS(R) seconds from the profile (paper
+§3.2.2). Its share is a plain round's cost per request, plus the draft's cost split evenly over the
+requests drafted for, plus the verification time beyond a plain round, split in proportion to the
+draft tokens each verified. The ratio is smoothed over rounds (one round commits a whole number of
+tokens, so a single round says little). While it is below 1, or a round verified nothing for it,
+the request drafts only every 2nd, 4th, ... up to every `max_period`-th round, to re-probe; a round
+that pays puts it back to drafting every round. Without a profile (threshold truncation) only
+"verified nothing" counts.
 
-A request that joins starts at the backoff level of the running requests and of the last few that
-left (their median), not at 1: in a backed-off engine a newcomer probes once within that many
-rounds, as the others do, instead of at rounds 1, 3, 6, 11, ... of its own (at one user that cost
-a fifth of the speed when each request started afresh). Where in that window is set by the join
-count, so that the requests' re-probes spread over the rounds rather than land together.
+The re-probes sit on a grid shared by all requests (round numbers divisible by the period), so that
+the requests backed off to the same period probe in the same round and share one draft forward:
+a draft for one row costs most of one for sixteen (measured at 16 users: probes staggered over the
+rounds drafted for 1-2% of the request-rounds and still cost 6-14% of plain decoding's speed).
+
+A request that joins starts at the period of the running requests and of the last few that left
+(their median), not at 1: in a backed-off engine a newcomer probes with the others instead of at
+rounds 1, 3, 5, 9, ... of its own (at one user that cost a fifth of the speed when each request
+started afresh).
 
 Not drafting is always lossless: the request then verifies only its anchor, i.e. plain decoding.
 """
@@ -35,47 +39,38 @@ from engine.api import RoundReport
 
 @dataclass
 class RequestBackoff:
-    skip: int = 0               # rounds left without a draft
-    next_skip: int = 1          # rounds to skip after the next round that does not pay
+    period: int = 1             # drafts in rounds whose number is a multiple of this (1: every round)
     speed_ratio: float = 1.0    # smoothed speed of its drafted rounds / plain decoding's
 
 
 class DraftBackoff:
     # A probe that does not pay costs a draft and a short verify: 104-118 ms against a 61-69 ms plain
-    # round (SmolLM2 on the 2-core box, batch 1). Capped at 16 skipped rounds that was ~4% of plain
-    # decoding's speed once backed off (and 7-11% lost at 8-16 users); at 64 it is ~1%, for a
-    # re-probe at most 64 rounds after the text turns predictable.
-    def __init__(self, max_skip: int = 64, smoothing: float = 0.75, remembered: int = 8):
-        self.max_skip = max_skip
+    # round (SmolLM2 on the 2-core box, batch 1). One probe per 16 rounds was ~4% of plain decoding's
+    # speed once backed off (and 7-11% lost at 8-16 users); per 64 it is ~1%, for a re-probe at most
+    # 64 rounds after the text turns predictable.
+    def __init__(self, max_period: int = 64, smoothing: float = 0.75, remembered: int = 8):
+        self.max_period = max_period
         self.smoothing = smoothing
         self.requests: dict[str, RequestBackoff] = {}
-        self.left: deque[int] = deque(maxlen=remembered)   # backoff levels of the last requests to leave
-        self.joined = 0
+        self.left: deque[int] = deque(maxlen=remembered)   # periods of the last requests to leave
+        self.round = 0
 
     def drafting(self, request_ids: list[str]) -> list[bool]:
         """Which of this round's requests get a draft (a request seen for the first time joins)."""
-        out = []
-        for rid in request_ids:
-            state = self.requests.get(rid) or self._join(rid)
-            if state.skip > 0:
-                state.skip -= 1
-                out.append(False)
-            else:
-                out.append(True)
+        out = [self.round % (self.requests.get(rid) or self._join(rid)).period == 0 for rid in request_ids]
+        self.round += 1
         return out
 
     def _join(self, request_id: str) -> RequestBackoff:
-        levels = [s.next_skip for s in self.requests.values()] + list(self.left)
-        level = statistics.median_low(levels) if levels else 1
-        state = RequestBackoff(skip=self.joined % level, next_skip=level)
-        self.joined += 1
+        periods = [s.period for s in self.requests.values()] + list(self.left)
+        state = RequestBackoff(period=statistics.median_low(periods) if periods else 1)
         self.requests[request_id] = state
         return state
 
     def release(self, request_id: str) -> None:
         state = self.requests.pop(request_id, None)
         if state is not None:
-            self.left.append(state.next_skip)
+            self.left.append(state.period)
 
     def observe(self, request_ids: list[str], drafted: list[bool], committed: list[int], report: RoundReport,
                 plain_seconds: float | None) -> None:
@@ -96,8 +91,4 @@ class DraftBackoff:
                 share = plain_share + (report.draft_seconds + report.schedule_seconds) / n_drafted + extra_verify
                 state.speed_ratio = self.smoothing * state.speed_ratio + (1 - self.smoothing) * n * plain_share / share
                 paid = paid and state.speed_ratio >= 1.0
-            if paid:
-                state.next_skip = 1
-            else:
-                state.skip = state.next_skip
-                state.next_skip = min(2 * state.next_skip, self.max_skip)
+            state.period = 1 if paid else min(2 * state.period, self.max_period)

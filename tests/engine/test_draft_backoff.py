@@ -1,7 +1,7 @@
-"""Draft backoff, per request: skip 1, 2, 4... rounds after drafted rounds that did not pay for that
-request (it verified nothing, or its share of the round committed tokens more slowly than plain
-decoding would have); reset when one pays; a request that joins starts at the level of the running
-ones and of those that just left."""
+"""Draft backoff, per request: after a drafted round that did not pay for that request (it verified
+nothing, or its share of the round committed tokens more slowly than plain decoding would have) it
+drafts every 2nd, 4th, ... round, on a grid all requests share; a round that pays puts it back to
+every round; a request that joins starts at the period of the running ones and of those that left."""
 
 from engine.api import RoundReport
 from engine.draft_backoff import DraftBackoff
@@ -32,17 +32,17 @@ def pattern(backoff: DraftBackoff, outcomes: list[RoundReport], rounds: int, pla
 
 
 def test_backs_off_exponentially_and_caps():
-    assert pattern(DraftBackoff(max_skip=4), [], 20) == "D.D..D....D....D...."
+    assert pattern(DraftBackoff(max_period=4), [], 20) == "D.D.D...D...D...D..."
 
 
 def test_a_verified_draft_resets_the_backoff():
-    assert pattern(DraftBackoff(), [NOTHING, NOTHING, SOMETHING, NOTHING], 10) == "D.D..DD.D."
+    assert pattern(DraftBackoff(), [NOTHING, NOTHING, SOMETHING, NOTHING], 10) == "D.D.DDD.D."
 
 
 def test_verified_but_slower_than_plain_decoding_backs_off():
     # One request, plain step 0.1 s. A round of 0.2 s committing 2 tokens only breaks even; 1 token loses.
     slow, fast = round_report((3,), 1, 0.2), round_report((3,), 4, 0.2)
-    assert pattern(DraftBackoff(), [slow, slow, fast, fast], 8, plain_seconds=0.1) == "D.D..DDD"
+    assert pattern(DraftBackoff(), [slow, slow, fast, fast], 8, plain_seconds=0.1) == "D.D.DDD."
     # Without a profile the same rounds count as paid: they verified something.
     assert pattern(DraftBackoff(), [slow, slow, fast, fast], 4) == "DDDD"
 
@@ -72,25 +72,33 @@ def test_a_round_without_drafts_changes_nothing():
     b = DraftBackoff()
     b.drafting(["a"])
     b.observe(["a"], [False], [1], round_report((0,), 1, 0.1), plain_seconds=0.1)
-    assert b.requests["a"].next_skip == 1 and b.requests["a"].speed_ratio == 1.0
+    assert b.requests["a"].period == 1 and b.requests["a"].speed_ratio == 1.0
 
 
-def test_joining_requests_start_at_the_running_level_staggered():
+def test_backed_off_requests_probe_in_the_same_rounds():
+    """Requests at the same period share the probe rounds (one draft forward for all of them), a
+    newcomer included: it starts at the running requests' period."""
     b = DraftBackoff()
-    assert pattern(b, [], 6, rid="a") == "D.D..D"     # a now skips 4, then 8 after its next miss
-    assert b.requests["a"].next_skip == 8
-    # b joins (the second request seen): level 8, first probe after 1 skipped round; c after 2.
-    assert pattern(b, [], 3, rid="b") == ".D."
-    assert pattern(b, [], 4, rid="c") == "..D."
-    # The levels of requests that left still count (8, 16, 16): one user at a time does not start
-    # every request afresh. d is the fourth to join: first probe after 3 rounds.
-    for rid in "abc":
-        b.release(rid)
-    assert pattern(b, [], 5, rid="d") == "...D."
+    assert pattern(b, [], 6, rid="a") == "D.D.D."     # a now drafts every 8th round
+    assert b.requests["a"].period == 8
+    rounds = []
+    for _ in range(18):                                # rounds 6..23; b joins at round 6
+        ids = ["a", "b"]
+        drafting = b.drafting(ids)
+        rounds.append("".join("D" if d else "." for d in drafting))
+        b.observe(ids, drafting, [1, 1], round_report((0, 0), 2, 0.2), None)
+    assert [i + 6 for i, r in enumerate(rounds) if r != ".."] == [8, 16]
+    assert rounds[2] == rounds[10] == "DD"
+    assert b.requests["a"].period == b.requests["b"].period == 32
 
 
-def test_after_requests_whose_drafts_paid_a_newcomer_drafts_at_once():
+def test_the_periods_of_requests_that_left_still_count():
+    """One user at a time: each new request starts where the last ones ended, not afresh."""
+    b = DraftBackoff()
+    assert pattern(b, [], 5, rid="a") == "D.D.D"       # period 8
+    b.release("a")
+    assert pattern(b, [], 4, rid="b") == "...D"        # rounds 5..8: probes at 8 with period 8
     b = DraftBackoff()
     assert pattern(b, [SOMETHING, SOMETHING], 2, rid="a") == "DD"
     b.release("a")
-    assert pattern(b, [SOMETHING], 1, rid="b") == "D"
+    assert pattern(b, [SOMETHING], 1, rid="b") == "D"  # after requests whose drafts paid: at once
