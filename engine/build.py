@@ -54,7 +54,20 @@ def build_drafter(config: EngineConfig, target: LoadedTarget) -> Drafter:
                          config.max_context)
 
 
+def resolve_method(config: EngineConfig) -> EngineConfig:
+    """Settle method "auto": DSpark wherever a drafter is at hand, through the confidence scheduler
+    (a full block loses to plain decoding wherever drafts are rarely accepted, docs/benchmarks.md),
+    else plain decoding."""
+    if config.method != "auto":
+        return config
+    if config.drafter is None and config.model not in SHIPPED_DRAFTERS:
+        return config.model_copy(update={"method": "ar"})
+    scheduled = "scheduler" in config.model_fields_set or config.confidence_threshold > 0
+    return config.model_copy(update={"method": "dspark", "scheduler": config.scheduler if scheduled else "sync"})
+
+
 def build_engine(config: EngineConfig, target: LoadedTarget | None = None) -> Engine:
+    config = resolve_method(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     if target is None:

@@ -14,7 +14,9 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(EMBEDDED_MODEL, description="embedded model name, a local HF checkpoint dir, or an HF id")
-    method: Literal["ar", "ngram", "dspark", "dflash", "eagle3"] = "ar"
+    method: Literal["auto", "ar", "ngram", "dspark", "dflash", "eagle3"] = Field("auto", description=(
+        "auto = dspark with `drafter`, or with the drafter shipped for the model, served through "
+        "Algorithm 1 (scheduler sync unless set); plain decoding (ar) for a model without a drafter"))
     drafter: str | None = Field(None, description="DeepSpec-format drafter directory")
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = "cpu"

@@ -122,3 +122,23 @@ def test_drafting_for_some_requests_only_is_lossless_and_keeps_the_drafter_conte
     shared = proposals.keys() & reference.keys()
     assert len(shared) >= 4
     assert all(proposals[k] == reference[k] for k in shared)
+
+
+def test_default_method_is_dspark_scheduled_where_a_drafter_is_at_hand(target, tmp_path_factory):
+    """`method = "auto"` (the default): the embedded model gets its shipped DSpark drafter through
+    Algorithm 1; a model without a drafter decodes plainly; what the operator set is kept."""
+    from engine.build import SHIPPED_DRAFTERS, resolve_method
+    from engine.config import EMBEDDED_MODEL, EngineConfig
+
+    embedded = resolve_method(EngineConfig())
+    assert (embedded.method, embedded.scheduler, embedded.drafter) == ("dspark", "sync", None)
+    assert EMBEDDED_MODEL in SHIPPED_DRAFTERS
+    assert resolve_method(EngineConfig(scheduler="static")).scheduler == "static"
+    assert resolve_method(EngineConfig(confidence_threshold=0.3)).scheduler == "static"
+    own = str(target.path)
+    assert resolve_method(EngineConfig(model=own)).method == "ar"
+    drafter = drafter_dir(target, tmp_path_factory, "dspark", "vanilla")
+    assert resolve_method(EngineConfig(model=own, drafter=str(drafter))).method == "dspark"
+    assert resolve_method(EngineConfig(model=own, method="ngram")).method == "ngram"
+    engine = engine_for(target, "auto", drafter)
+    assert engine.info.method == "dspark" and isinstance(engine.schedule, PrefixScheduler)
