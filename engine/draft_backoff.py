@@ -77,8 +77,7 @@ class DraftBackoff:
                 plain_seconds: float | None) -> None:
         """After a round: `drafted`/`committed` per request in the round's order; `plain_seconds`:
         what a plain round of this batch would take (None without a profile)."""
-        n_drafted = sum(drafted)
-        if n_drafted == 0:
+        if report.drafted == 0:
             return
         verified = sum(report.budgets)
         for rid, was_drafted, n, budget in zip(request_ids, drafted, committed, report.budgets):
@@ -89,7 +88,7 @@ class DraftBackoff:
             if plain_seconds is not None and report.round_seconds > 0:
                 plain_share = plain_seconds / report.batch_size
                 extra_verify = max(0.0, report.verify_seconds - plain_seconds) * budget / verified if verified else 0.0
-                share = plain_share + (report.draft_seconds + report.schedule_seconds) / n_drafted + extra_verify
+                share = plain_share + (report.draft_seconds + report.schedule_seconds) / report.drafted + extra_verify
                 state.speed_ratio = self.smoothing * state.speed_ratio + (1 - self.smoothing) * n * plain_share / share
                 paid = paid and state.speed_ratio >= 1.0
             state.period = 1 if paid else min(2 * state.period, self.max_period)

@@ -42,7 +42,8 @@ def finished(job_id: str, outcome: str, s: RequestStats, amount: int, sequence: 
 def engine_round(budgets: tuple[int, ...], accepted: int, seconds: float, at: float | None = None,
                  drafted: int | None = None) -> EngineRound:
     drafted = len(budgets) if drafted is None else drafted
-    report = RoundReport(batch_size=len(budgets), drafted=drafted, verify_tokens=len(budgets) + sum(budgets), budgets=budgets,
+    report = RoundReport(batch_size=len(budgets), drafted=drafted, verify_tokens=len(budgets) + sum(budgets),
+                         budgets=budgets,
                          expected_accepted=accepted + 0.5, accepted=accepted, committed=accepted + len(budgets),
                          draft_seconds=seconds / 4, schedule_seconds=seconds / 20, verify_seconds=seconds / 2,
                          round_seconds=seconds)

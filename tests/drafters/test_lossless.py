@@ -31,15 +31,22 @@ def engine_for(target, method: str, drafter=None, **kwargs):
                                      max_batch=2, max_context=256, **kwargs), target)
 
 
-def run_batch(engine, requests):
-    """Decode requests together (continuous batching), return outputs and stats by request."""
+def run_with_reports(engine, requests):
+    """Decode requests together (continuous batching): their results (outputs and stats) in order,
+    and every round's report."""
     for r in requests:
         engine.add(r)
-    results = {}
+    results, reports = {}, []
     while len(results) < len(requests):
-        events, _ = engine.step()
+        events, report = engine.step()
+        if report is not None:
+            reports.append(report)
         results.update({e.request_id: e for e in events if hasattr(e, "finish_reason")})
-    return [results[r.request_id] for r in requests]
+    return [results[r.request_id] for r in requests], reports
+
+
+def run_batch(engine, requests):
+    return run_with_reports(engine, requests)[0]
 
 
 @pytest.mark.parametrize("kind,markov_type", VARIANTS)

@@ -7,9 +7,10 @@ from engine.api import RoundReport
 from engine.draft_backoff import DraftBackoff
 
 
-def round_report(budgets: tuple[int, ...], committed: int, seconds: float, draft_seconds: float = 0.0
-                 ) -> RoundReport:
-    return RoundReport(batch_size=len(budgets), drafted=len(budgets), verify_tokens=len(budgets) + sum(budgets),
+def round_report(budgets: tuple[int, ...], committed: int, seconds: float, draft_seconds: float = 0.0,
+                 drafted: int | None = None) -> RoundReport:
+    drafted = len(budgets) if drafted is None else drafted
+    return RoundReport(batch_size=len(budgets), drafted=drafted, verify_tokens=len(budgets) + sum(budgets),
                        budgets=budgets, expected_accepted=0.0, accepted=committed - len(budgets),
                        committed=committed, draft_seconds=draft_seconds, schedule_seconds=0.0,
                        verify_seconds=seconds - draft_seconds, round_seconds=seconds)
@@ -64,14 +65,14 @@ def test_each_request_pays_for_its_own_drafts():
     b.observe(["a", "b"], [True, True], [4, 1], report, plain_seconds=0.1)
     assert b.drafting(["a", "b"]) == [True, False]
     # A round that drafted for a only says nothing about b.
-    b.observe(["a", "b"], [True, False], [4, 1], round_report((3, 0), 5, 0.2, draft_seconds=0.05), 0.1)
+    b.observe(["a", "b"], [True, False], [4, 1], round_report((3, 0), 5, 0.2, draft_seconds=0.05, drafted=1), 0.1)
     assert b.drafting(["a", "b"]) == [True, True]
 
 
 def test_a_round_without_drafts_changes_nothing():
     b = DraftBackoff()
     b.drafting(["a"])
-    b.observe(["a"], [False], [1], round_report((0,), 1, 0.1), plain_seconds=0.1)
+    b.observe(["a"], [False], [1], round_report((0,), 1, 0.1, drafted=0), plain_seconds=0.1)
     assert b.requests["a"].period == 1 and b.requests["a"].speed_ratio == 1.0
 
 
@@ -86,7 +87,7 @@ def test_backed_off_requests_probe_in_the_same_rounds():
         ids = ["a", "b"]
         drafting = b.drafting(ids)
         rounds.append("".join("D" if d else "." for d in drafting))
-        b.observe(ids, drafting, [1, 1], round_report((0, 0), 2, 0.2), None)
+        b.observe(ids, drafting, [1, 1], round_report((0, 0), 2, 0.2, drafted=sum(drafting)), None)
     assert [i + 6 for i, r in enumerate(rounds) if r != ".."] == [8, 16]
     assert rounds[2] == rounds[10] == "DD"
     assert b.requests["a"].period == b.requests["b"].period == 32
