@@ -20,6 +20,7 @@ COMMANDS = [
     "node.commands.keys",
     "node.commands.train_drafter",
     "node.commands.calibrate",
+    "node.commands.draft_vocab",
     "node.commands.gateway",
 ]
 

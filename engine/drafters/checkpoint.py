@@ -9,6 +9,10 @@ shape is checked), and the checkpoints we write leave them out and say so with
 `"shares_target_embeddings": true`. Extensions we add to the config, both optional:
 `shares_target_embeddings`, `confidence_temperatures` (per-position STS temperatures, §4.5) and
 `confidence_offsets` (per-position offsets added after them, engine/train/calibrate.py).
+
+An optional draft vocabulary (engine/drafters/vocab.py) is the integer tensor `d2t` [N], in
+EAGLE-3's convention: draft index i stands for target token i + d2t[i]. `dspark-node draft-vocab`
+writes it into its own file, `draft_vocab.safetensors`, leaving the trained weights untouched.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ ARCHITECTURES = {
     "LlamaEagle3Model": ("eagle3", "llama"),
 }
 SHARED = ("embed_tokens.weight", "lm_head.weight")
+DRAFT_VOCAB = "d2t"
+DRAFT_VOCAB_FILE = "draft_vocab.safetensors"
 
 
 class CheckpointError(ModelLoadError):
@@ -134,6 +140,7 @@ class DrafterCheckpoint:
     config: DrafterConfig
     weights: dict[str, torch.Tensor]     # everything but the shared embedding / LM head
     digest: bytes                        # sha256 over config.json and the weight files
+    draft_vocab: torch.Tensor | None = None   # target ids the drafter proposes from (None: all)
 
 
 def expected_shapes(c: DrafterConfig) -> dict[str, tuple[int, ...]]:
@@ -227,11 +234,14 @@ def load_checkpoint(path: str | Path, target: LoadedTarget) -> DrafterCheckpoint
         raise CheckpointError(f"{path} has no *.safetensors weights")
     shapes = expected_shapes(config)
     weights: dict[str, torch.Tensor] = {}
+    d2t: torch.Tensor | None = None
     for f in files:
         try:
             with safe_open(f, framework="pt") as fh:
                 for name in fh.keys():
-                    if name in SHARED:  # the target's copy is used; only check it is the same shape
+                    if name == DRAFT_VOCAB:
+                        d2t = fh.get_tensor(name)
+                    elif name in SHARED:  # the target's copy is used; only check it is the same shape
                         got = tuple(fh.get_slice(name).get_shape())
                         want = (config.vocab_size, config.hidden_size)
                         if got != want:
@@ -244,10 +254,40 @@ def load_checkpoint(path: str | Path, target: LoadedTarget) -> DrafterCheckpoint
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{f} is not a readable safetensors file: {exc}") from None
     check_shapes(weights, shapes, path, CheckpointError)
+    draft_vocab = None if d2t is None else draft_vocab_ids(d2t, config.vocab_size, str(path))
     digest = hashlib.sha256()
     for f in (config_file, *files):
         digest.update(f.read_bytes())
-    return DrafterCheckpoint(path=path, config=config, weights=weights, digest=digest.digest())
+    return DrafterCheckpoint(path=path, config=config, weights=weights, digest=digest.digest(),
+                             draft_vocab=draft_vocab)
+
+
+def draft_vocab_ids(d2t: torch.Tensor, vocab_size: int, where: str) -> torch.Tensor:
+    """`d2t` offsets -> the target ids [N] they stand for, refusing what cannot be a subset of the
+    target's vocabulary in increasing order."""
+    if d2t.dtype not in (torch.int32, torch.int64) or d2t.dim() != 1 or not 1 <= len(d2t) <= vocab_size:
+        raise CheckpointError(f"{where}: {DRAFT_VOCAB} must be a 1-D int32/int64 tensor of 1..{vocab_size} "
+                              f"entries, got {d2t.dtype} {tuple(d2t.shape)}")
+    ids = torch.arange(len(d2t)) + d2t.long()
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise CheckpointError(f"{where}: {DRAFT_VOCAB} names token ids outside the target's vocabulary "
+                              f"0..{vocab_size - 1}")
+    if len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all()):
+        raise CheckpointError(f"{where}: {DRAFT_VOCAB} must name strictly increasing token ids")
+    return ids
+
+
+def write_draft_vocab(path: str | Path, ids: torch.Tensor, metadata: dict[str, str]) -> Path:
+    """Store target ids `ids` (strictly increasing) as the drafter's draft vocabulary, replacing any
+    earlier one; written to a temporary file first, so an interrupted write leaves the old one."""
+    path = Path(path)
+    ids = ids.long().cpu()
+    d2t = ids - torch.arange(len(ids))
+    target = path / DRAFT_VOCAB_FILE
+    partial = path / (DRAFT_VOCAB_FILE + ".partial")
+    save_file({DRAFT_VOCAB: d2t.contiguous()}, partial, metadata={"format": "pt", **metadata})
+    partial.replace(target)
+    return target
 
 
 def save_checkpoint(path: str | Path, config: dict, state: dict[str, torch.Tensor],

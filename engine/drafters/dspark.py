@@ -21,6 +21,7 @@ from engine.drafters.checkpoint import DrafterCheckpoint
 from engine.drafters.confidence import ConfidenceHead
 from engine.drafters.layers import DraftCache, Projector, fuse_layer
 from engine.drafters.markov import MarkovHead, sample_block
+from engine.drafters.vocab import DraftVocab
 from engine.model import TargetModel
 from engine.sequence import Sequence
 from kernels.ops import attention, linear, rms_norm, swiglu
@@ -49,7 +50,8 @@ class DSparkDrafter(Drafter):
                        for i in range(c.num_hidden_layers)]
         self.proj = Projector(c, target.cos, target.sin)
         self.cache = DraftCache(c, max_slots, max_context + self.block + 2, target.dtype, target.device)
-        self.markov = MarkovHead(c.markov_head_type, w) if c.markov_rank else None
+        self.vocab = DraftVocab.for_target(target, checkpoint.draft_vocab)
+        self.markov = MarkovHead(c.markov_head_type, w, self.vocab) if c.markov_rank else None
         self.confidence = (ConfidenceHead(w, c.confidence_head_with_markov, c.confidence_temperatures,
                                           c.confidence_offsets, c.block)
                            if c.enable_confidence_head else None)
@@ -68,9 +70,9 @@ class DSparkDrafter(Drafter):
     # ---- the round -------------------------------------------------------------------------
     def propose(self, seqs: list[Sequence]) -> Proposal:
         hidden = self.draft_block(seqs)[:, :self.block_size]
-        base_logits = self.target.logits(hidden)
+        base_logits = self.vocab.logits(hidden)
         anchors = torch.tensor([seq.tokens[-1] for seq in seqs], device=self.target.device)
-        tokens, probs = sample_block(base_logits, hidden, anchors, self.markov, seqs, self.block_size)
+        tokens, probs = sample_block(base_logits, hidden, anchors, self.markov, seqs, self.block_size, self.vocab)
         confidence: list[torch.Tensor | None] = [None] * len(seqs)
         if self.confidence is not None:
             prev = torch.cat([anchors[:, None], tokens[:, :-1].to(anchors.device)], dim=1)

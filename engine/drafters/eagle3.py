@@ -18,6 +18,7 @@ from engine.drafters.base import Drafter, Proposal
 from engine.drafters.checkpoint import CheckpointError, DrafterCheckpoint
 from engine.drafters.layers import DraftCache, Projector, fuse_layer
 from engine.drafters.markov import new_probs, sample_step
+from engine.drafters.vocab import DraftVocab
 from engine.model import TargetModel
 from engine.sequence import Sequence
 from kernels.ops import attention, linear, rms_norm, swiglu
@@ -50,6 +51,7 @@ class Eagle3Drafter(Drafter):
         self.layer["hidden_norm"] = w["layers.0.hidden_norm.weight"]
         self.proj = Projector(c, target.cos, target.sin)
         self.cache = DraftCache(c, max_slots, max_context + self.block_size + 2, target.dtype, target.device)
+        self.vocab = DraftVocab.for_target(target, checkpoint.draft_vocab)
 
     def start(self, seq: Sequence, prompt_features: torch.Tensor | None) -> None:
         seq.drafter_state = EagleState(pending=prompt_features)
@@ -68,9 +70,10 @@ class Eagle3Drafter(Drafter):
         starts = torch.tensor([seq.kv_len for seq in seqs], device=dev)   # anchor positions
         g = self.extend(seqs, slots)
         tokens = torch.empty((len(seqs), L), dtype=torch.long)
-        probs = new_probs(seqs, L, self.target.args.vocab_size, dev)
+        probs = new_probs(seqs, L, self.vocab.vocab_size, dev)
         for s in range(L):
-            sample_step(self.target.logits(rms_norm(g, self.norm, self.eps)), seqs, tokens[:, s], probs, s)
+            logits = self.vocab.logits(rms_norm(g, self.norm, self.eps))
+            sample_step(logits, seqs, tokens[:, s], probs, s, self.vocab)
             if s + 1 < L:
                 g = self.layer_forward(tokens[:, s, None].to(dev), g[:, None], (starts + s)[:, None], slots)[:, 0]
         rows = [_until_eos(row, self.eos) for row in tokens.tolist()]

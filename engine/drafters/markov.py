@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import torch
 
+from engine.drafters.vocab import DraftVocab
 from engine.sampling import sample_from, target_distribution
 from engine.sequence import Sequence
 from kernels.ops import linear, pack_linear
 
 
 class MarkovHead:
-    def __init__(self, kind: str, weights: dict[str, torch.Tensor]):
+    def __init__(self, kind: str, weights: dict[str, torch.Tensor], vocab: DraftVocab):
         self.kind = kind
-        self.w1 = weights["markov_head.markov_w1.weight"]          # [V, r]
-        # [V, r]; its one-row product per slot is the sampler's sequential part, and the kernel's
-        # [r, V] copy runs it in 0.36 ms instead of 1.7 (SmolLM2, rank 64, 2 threads).
-        self.w2 = pack_linear(weights["markov_head.markov_w2.weight"])
+        self.w1 = weights["markov_head.markov_w1.weight"]          # [V, r], indexed by the previous token
+        # [V, r] (the draft vocabulary's rows of it); its one-row product per slot is the sampler's
+        # sequential part, and the kernel's [r, V] copy runs it in 0.36 ms instead of 1.7 (SmolLM2,
+        # rank 64, 2 threads).
+        self.w2 = pack_linear(vocab.rows(weights["markov_head.markov_w2.weight"]).contiguous())
         self.rank = self.w1.shape[1]
         if kind == "gated":
             self.gate_w, self.gate_b = weights["markov_head.gate_proj.weight"], weights["markov_head.gate_proj.bias"]
@@ -40,7 +42,7 @@ class MarkovHead:
 
     def step_bias(self, hidden: torch.Tensor, prev: torch.Tensor, state: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden [R, H] (h_k), prev [R] token ids -> (bias [R, V] fp32, next RNN state)."""
+        """hidden [R, H] (h_k), prev [R] token ids -> (bias [R, V_draft] fp32, next RNN state)."""
         e = self.prev_features(prev)
         if self.kind == "vanilla":
             z = e
@@ -56,24 +58,25 @@ class MarkovHead:
 
 
 def sample_block(base_logits: torch.Tensor, hidden: torch.Tensor, anchors: torch.Tensor,
-                 head: MarkovHead | None, seqs: list[Sequence], length: int
+                 head: MarkovHead | None, seqs: list[Sequence], length: int, vocab: DraftVocab
                  ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Sample `length` draft tokens per row, left to right.
 
-    base_logits [R, B, V] fp32, hidden [R, B, H] (post-norm h_k), anchors [R].
-    Returns tokens [R, length] and, per row, q [length, V] (None for greedy rows: q is one-hot).
-    Each row samples with its own request's temperature / top_p and generator.
+    base_logits [R, B, V_draft] fp32 over `vocab`, hidden [R, B, H] (post-norm h_k), anchors [R].
+    Returns target token ids [R, length] and, per row, q [length, V] over the target's vocabulary
+    (None for greedy rows: q is one-hot). Each row samples with its own request's temperature /
+    top_p and generator.
     """
     R = base_logits.shape[0]
     tokens = torch.empty((R, length), dtype=torch.long)
-    probs = new_probs(seqs, length, base_logits.shape[-1], base_logits.device)
+    probs = new_probs(seqs, length, vocab.vocab_size, base_logits.device)
     prev, state = anchors, None if head is None else head.initial_state(R)
     for k in range(length):
         logits = base_logits[:, k]
         if head is not None:
             bias, state = head.step_bias(hidden[:, k], prev, state)
             logits = logits + bias
-        sample_step(logits, seqs, tokens[:, k], probs, k)
+        sample_step(logits, seqs, tokens[:, k], probs, k, vocab)
         prev = tokens[:, k].to(anchors.device)
     return tokens, probs
 
@@ -83,14 +86,14 @@ def new_probs(seqs: list[Sequence], length: int, vocab: int, device: torch.devic
 
 
 def sample_step(logits: torch.Tensor, seqs: list[Sequence], out: torch.Tensor,
-                probs: list[torch.Tensor | None], k: int) -> None:
-    """Sample one slot for every row from logits [R, V]: argmax for greedy rows, otherwise from
-    q = the request's temperature / top-p distribution, recorded as probs[r][k]."""
+                probs: list[torch.Tensor | None], k: int, vocab: DraftVocab) -> None:
+    """Sample one slot for every row from logits [R, V_draft] over `vocab`: argmax for greedy rows,
+    otherwise from q = the request's temperature / top-p distribution, recorded as probs[r][k]."""
     for r, seq in enumerate(seqs):
         params = seq.request.sampling
         if params.greedy:
-            out[r] = int(logits[r].argmax())
+            out[r] = vocab.token(int(logits[r].argmax()))
         else:
             q = target_distribution(logits[r:r + 1], params)[0]
-            probs[r][k] = q
-            out[r] = sample_from(q, seq.generator)
+            vocab.spread(q, probs[r][k])
+            out[r] = vocab.token(sample_from(q, seq.generator))

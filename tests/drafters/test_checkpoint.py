@@ -9,7 +9,10 @@ from safetensors.torch import load_file, save_file
 
 from engine.build import build_engine
 from engine.config import EngineConfig
-from engine.drafters.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+import torch
+
+from engine.drafters.checkpoint import (DRAFT_VOCAB_FILE, CheckpointError, load_checkpoint, save_checkpoint,
+                                        write_draft_vocab)
 from engine.drafters.init import init_drafter
 from engine.sequence import Sequence
 from tests.drafters.helpers import request, write_drafter
@@ -103,6 +106,37 @@ def test_file_problems_are_refused(target, tmp_path):
         load_checkpoint(path, target)
     (path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(path, target)
+
+
+def test_draft_vocabulary_round_trip_changes_the_digest_only(target, tmp_path):
+    path = write_drafter(target, tmp_path / "d", "dspark")
+    before = load_checkpoint(path, target)
+    assert before.draft_vocab is None
+    ids = torch.tensor([0, 5, 6, 900, target.model.args.vocab_size - 1])
+    write_draft_vocab(path, ids, {"coverage": "0.5"})
+    after = load_checkpoint(path, target)
+    assert after.draft_vocab.tolist() == ids.tolist()
+    assert after.digest != before.digest   # receipts name the drafter that actually ran
+    assert after.weights.keys() == before.weights.keys()
+    assert not list(path.glob("*.partial"))
+    (path / DRAFT_VOCAB_FILE).unlink()     # removing the file restores the full vocabulary
+    assert load_checkpoint(path, target).digest == before.digest
+
+
+@pytest.mark.parametrize("d2t,needle", [
+    (torch.tensor([0, -1, 0]), "strictly increasing"),                  # ids 0, 0, 2
+    (torch.tensor([5, 2]), "strictly increasing"),                      # ids 5, 3
+    (torch.tensor([-1, 0]), "outside the target's vocabulary"),
+    (torch.tensor([10**9]), "outside the target's vocabulary"),
+    (torch.tensor([0.0, 1.0]), "int32/int64"),
+    (torch.zeros(2, 2, dtype=torch.long), "1-D"),
+    (torch.zeros(0, dtype=torch.long), "1-D"),
+])
+def test_bad_draft_vocabulary_is_refused(target, tmp_path, d2t, needle):
+    path = write_drafter(target, tmp_path / "d", "eagle3")
+    save_file({"d2t": d2t}, path / DRAFT_VOCAB_FILE)
+    with pytest.raises(CheckpointError, match=needle):
         load_checkpoint(path, target)
 
 

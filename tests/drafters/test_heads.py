@@ -12,8 +12,10 @@ from engine.calibration import auroc, calibration_metrics, ece
 from engine.drafters.base import Proposal
 from engine.drafters.confidence import ConfidenceHead
 from engine.drafters.markov import MarkovHead, sample_block
+from engine.drafters.vocab import DraftVocab
 from engine.schedulers import threshold_schedule
 from engine.sequence import Sequence
+from kernels.ops import pack_linear
 
 # V = 3 tokens, r = 2, H = 1
 W1 = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, -1.0]])
@@ -21,13 +23,18 @@ W2 = torch.tensor([[1.0, 1.0], [0.5, -1.0], [0.0, 3.0]])
 H = torch.tensor([[0.5]])
 
 
+def vocab(ids: list[int] | None = None, size: int = 3) -> DraftVocab:
+    """A draft vocabulary over a V-token target (the projection is unused: logits are given)."""
+    return DraftVocab(pack_linear(torch.zeros(size, 1)), size, None if ids is None else torch.tensor(ids))
+
+
 def sig(x):
     return 1 / (1 + math.exp(-x))
 
 
 def test_vanilla_bias_is_w2_w1():
-    bias, _ = MarkovHead("vanilla", {"markov_head.markov_w1.weight": W1, "markov_head.markov_w2.weight": W2}
-                         ).step_bias(H, torch.tensor([1]), None)
+    bias, _ = MarkovHead("vanilla", {"markov_head.markov_w1.weight": W1, "markov_head.markov_w2.weight": W2},
+                         vocab()).step_bias(H, torch.tensor([1]), None)
     # W1[1] = (0, 2): W2 . (0, 2) = (2, -2, 6)
     assert bias.tolist() == [[2.0, -2.0, 6.0]]
 
@@ -35,7 +42,7 @@ def test_vanilla_bias_is_w2_w1():
 def test_gated_bias_gates_w1():
     gate_w, gate_b = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), torch.tensor([0.0, 1.0])
     head = MarkovHead("gated", {"markov_head.markov_w1.weight": W1, "markov_head.markov_w2.weight": W2,
-                                "markov_head.gate_proj.weight": gate_w, "markov_head.gate_proj.bias": gate_b})
+                                "markov_head.gate_proj.weight": gate_w, "markov_head.gate_proj.bias": gate_b}, vocab())
     bias, _ = head.step_bias(H, torch.tensor([2]), None)
     # input [h ; W1[2]] = (0.5, 1, -1): g = (sig(0.5), sig(-1 + 1)) = (sig(.5), .5); z = g * (1, -1)
     z = (sig(0.5), -0.5)
@@ -51,7 +58,7 @@ def test_rnn_bias_and_state():
     joint_w[4, 4] = 2.0      # o_0 reads h
     joint_b = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.0, 0.0])
     head = MarkovHead("rnn", {"markov_head.markov_w1.weight": W1, "markov_head.markov_w2.weight": W2,
-                              "markov_head.joint_proj.weight": joint_w, "markov_head.joint_proj.bias": joint_b})
+                              "markov_head.joint_proj.weight": joint_w, "markov_head.joint_proj.bias": joint_b}, vocab())
     state = head.initial_state(1)
     bias, state = head.step_bias(H, torch.tensor([0]), state)
     # s_-1 = 0, W1[0] = (1, 0): g = (0, 0), c = (1, .5), o = (1, 0)
@@ -72,22 +79,40 @@ def _seq(temperature: float, seed: int = 0) -> Sequence:
 def test_greedy_block_follows_the_corrected_logits_left_to_right():
     # bias favours token (prev + 1) % 3 strongly; base logits favour token 0 everywhere
     w1, w2 = torch.eye(3), torch.roll(torch.eye(3), 1, dims=0) * 10
-    head = MarkovHead("vanilla", {"markov_head.markov_w1.weight": w1, "markov_head.markov_w2.weight": w2})
+    head = MarkovHead("vanilla", {"markov_head.markov_w1.weight": w1, "markov_head.markov_w2.weight": w2}, vocab())
     base = torch.tensor([[[1.0, 0.0, 0.0]] * 4])
-    tokens, probs = sample_block(base, torch.zeros(1, 4, 1), torch.tensor([1]), head, [_seq(0.0)], 4)
+    tokens, probs = sample_block(base, torch.zeros(1, 4, 1), torch.tensor([1]), head, [_seq(0.0)], 4, vocab())
     assert tokens.tolist() == [[2, 0, 1, 2]] and probs == [None]
-    tokens, _ = sample_block(base, torch.zeros(1, 4, 1), torch.tensor([1]), None, [_seq(0.0)], 4)
+    tokens, _ = sample_block(base, torch.zeros(1, 4, 1), torch.tensor([1]), None, [_seq(0.0)], 4, vocab())
     assert tokens.tolist() == [[0, 0, 0, 0]]  # DFlash: every slot from its base logits
 
 
 def test_sampled_q_is_the_corrected_distribution():
     w1, w2 = torch.eye(3), torch.roll(torch.eye(3), 1, dims=0)
-    head = MarkovHead("vanilla", {"markov_head.markov_w1.weight": w1, "markov_head.markov_w2.weight": w2})
+    head = MarkovHead("vanilla", {"markov_head.markov_w1.weight": w1, "markov_head.markov_w2.weight": w2}, vocab())
     base = torch.zeros(1, 2, 3)
-    tokens, probs = sample_block(base, torch.zeros(1, 2, 1), torch.tensor([0]), head, [_seq(2.0, 5)], 2)
+    tokens, probs = sample_block(base, torch.zeros(1, 2, 1), torch.tensor([0]), head, [_seq(2.0, 5)], 2, vocab())
     for k, prev in enumerate([0, int(tokens[0, 0])]):
         want = torch.softmax(torch.roll(torch.eye(3), 1, dims=0)[:, prev] / 2.0, dim=0)
         assert torch.allclose(probs[0][k], want)
+
+
+def test_a_draft_vocabulary_proposes_target_ids_and_spreads_q_over_the_target_vocabulary():
+    # V = 4, draft vocabulary {1, 3}: base logits and the Markov bias are over those two rows only
+    w1 = torch.eye(4)
+    w2 = torch.tensor([[9.0, 0, 0, 0], [0, 0, 0, 5.0], [9.0, 9, 9, 9], [0, 5.0, 0, 0]])  # rows 0, 2 unused
+    sub = vocab([1, 3], size=4)
+    head = MarkovHead("vanilla", {"markov_head.markov_w1.weight": w1, "markov_head.markov_w2.weight": w2}, sub)
+    base = torch.zeros(1, 3, 2)
+    # after 3, token 1 gets +5; after 1, token 3 gets +5; the anchor 0 biases neither
+    tokens, _ = sample_block(base + torch.tensor([0.0, 0.1]), torch.zeros(1, 3, 1), torch.tensor([0]), head,
+                             [_seq(0.0)], 3, sub)
+    assert tokens.tolist() == [[3, 1, 3]]
+    tokens, probs = sample_block(base, torch.zeros(1, 2, 1), torch.tensor([3]), head, [_seq(1.0, 2)], 2, sub)
+    want = torch.zeros(4)
+    want[[1, 3]] = torch.softmax(torch.tensor([5.0, 0.0]), dim=0)
+    assert torch.allclose(probs[0][0], want) and probs[0][0][[0, 2]].tolist() == [0.0, 0.0]
+    assert tokens[0, 0].item() in (1, 3)
 
 
 def test_confidence_uses_previous_token_temperature_and_offset():

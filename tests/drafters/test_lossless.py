@@ -12,7 +12,7 @@ from engine.build import build_engine
 from engine.config import EngineConfig
 from tests.drafters.helpers import aligned_state, request
 
-from engine.drafters.checkpoint import save_checkpoint
+from engine.drafters.checkpoint import save_checkpoint, write_draft_vocab
 from engine.drafters.init import init_drafter
 
 VARIANTS = [("dspark", "vanilla"), ("dspark", "gated"), ("dspark", "rnn"), ("dflash", None), ("eagle3", None)]
@@ -85,6 +85,28 @@ def test_greedy_stops_at_eos_like_plain_decoding(target, tmp_path_factory, kind,
     assert got.finish_reason == "stop"
 
 
+@pytest.mark.parametrize("kind,markov_type", [("dspark", "vanilla"), ("eagle3", None)])
+def test_greedy_with_a_draft_vocabulary_matches_plain_decoding(target, tmp_path_factory, kind, markov_type):
+    """The drafter proposes from a subset holding every other token the target emits here (and every
+    even id): drafts inside it are accepted, a target token outside it is never drafted."""
+    reqs = lambda: [request(p, max_new_tokens=30) for p in PROMPTS]  # noqa: E731
+    want = [r.output_ids for r in run_batch(engine_for(target, "ar"), reqs())]
+    emitted = sorted({t for out in want for t in out})
+    ids = sorted(set(emitted[::2]) | set(range(0, target.model.args.vocab_size, 2)))
+    path = drafter_dir(target, tmp_path_factory, kind, markov_type)
+    write_draft_vocab(path, torch.tensor(ids), {})
+    spec = engine_for(target, kind, path)
+    proposals, propose = [], spec.drafter.propose
+    spec.drafter.propose = lambda seqs: proposals.append(propose(seqs)) or proposals[-1]
+    got = run_batch(spec, reqs())
+    assert [r.output_ids for r in got] == want
+    assert set(emitted) - set(ids), "some emitted token must lie outside the draft vocabulary"
+    drafted = {t for p in proposals for row in p.tokens for t in row}
+    assert drafted and drafted <= set(ids)
+    if kind != "eagle3":
+        assert sum(r.stats.accepted_tokens for r in got) > 0
+
+
 def exact_pair_distribution(target, prompt, temperature, top_p):
     """P(first two generated tokens), computed from the target alone."""
     from engine.sampling import target_distribution
@@ -104,8 +126,11 @@ def exact_pair_distribution(target, prompt, temperature, top_p):
     return joint
 
 
-@pytest.mark.parametrize("kind,markov_type", [("dspark", "gated"), ("eagle3", None)])
-def test_sampling_distribution_matches_target(target, tmp_path_factory, kind, markov_type):
+@pytest.mark.parametrize("kind,markov_type,subset", [("dspark", "gated", False), ("eagle3", None, False),
+                                                      ("dspark", "gated", True)])
+def test_sampling_distribution_matches_target(target, tmp_path_factory, kind, markov_type, subset):
+    """subset: the drafter samples from a draft vocabulary holding every other token the target can
+    emit second (by probability), so q is zero on the others."""
     if target.model.args.family != "qwen3":
         pytest.skip("one family is enough for the distribution test (the greedy tests cover both)")
     from scipy.stats import chi2
@@ -113,7 +138,11 @@ def test_sampling_distribution_matches_target(target, tmp_path_factory, kind, ma
     exact = exact_pair_distribution(target, prompt, temperature, top_p)
     assert 4 <= len(exact) <= 200
     # a block of 2: only the first draft is ever verified here, and sampling more costs CI time
-    engine = engine_for(target, kind, drafter_dir(target, tmp_path_factory, kind, markov_type, block_size=2))
+    path = drafter_dir(target, tmp_path_factory, kind, markov_type, block_size=2)
+    if subset:
+        second = sorted({x2 for _, x2 in exact}, key=lambda t: -sum(p for k, p in exact.items() if k[1] == t))
+        write_draft_vocab(path, torch.tensor(sorted(second[::2])), {})
+    engine = engine_for(target, kind, path)
     counts: dict[tuple[int, int], int] = {}
     accepted = 0
     for seed in range(draws):
