@@ -66,9 +66,11 @@ class DSparkDrafter(Drafter):
 
     def release(self, seq: Sequence) -> None:
         seq.drafter_state = None
+        self.vocab.release(seq)
 
     # ---- the round -------------------------------------------------------------------------
     def propose(self, seqs: list[Sequence]) -> Proposal:
+        self.vocab.cover(seqs)
         hidden = self.draft_block(seqs)[:, :self.block_size]
         base_logits = self.vocab.logits(hidden)
         anchors = torch.tensor([seq.tokens[-1] for seq in seqs], device=self.target.device)

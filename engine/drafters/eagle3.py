@@ -62,6 +62,7 @@ class Eagle3Drafter(Drafter):
 
     def release(self, seq: Sequence) -> None:
         seq.drafter_state = None
+        self.vocab.release(seq)
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence]) -> Proposal:
@@ -69,6 +70,7 @@ class Eagle3Drafter(Drafter):
         slots = torch.tensor([seq.slot for seq in seqs], device=dev)
         starts = torch.tensor([seq.kv_len for seq in seqs], device=dev)   # anchor positions
         g = self.extend(seqs, slots)
+        self.vocab.cover(seqs)
         tokens = torch.empty((len(seqs), L), dtype=torch.long)
         probs = new_probs(seqs, L, self.vocab.vocab_size, dev)
         for s in range(L):

@@ -25,7 +25,7 @@ H = torch.tensor([[0.5]])
 
 def vocab(ids: list[int] | None = None, size: int = 3) -> DraftVocab:
     """A draft vocabulary over a V-token target (the projection is unused: logits are given)."""
-    return DraftVocab(pack_linear(torch.zeros(size, 1)), size, None if ids is None else torch.tensor(ids))
+    return DraftVocab(pack_linear(torch.zeros(size, 1)), torch.zeros(size, 1), None if ids is None else torch.tensor(ids))
 
 
 def sig(x):
@@ -71,8 +71,8 @@ def test_rnn_bias_and_state():
     assert math.isclose(float(state2[0, 0]), keep * s[0] + (1 - keep) * math.tanh(1.0), rel_tol=1e-6)
 
 
-def _seq(temperature: float, seed: int = 0) -> Sequence:
-    req = GenerationRequest("r", (0,), SamplingParams(temperature=temperature))
+def _seq(temperature: float, seed: int = 0, request_id: str = "r") -> Sequence:
+    req = GenerationRequest(request_id, (0,), SamplingParams(temperature=temperature))
     return Sequence(request=req, generator=torch.Generator().manual_seed(seed), tokens=[0], prompt_len=1)
 
 
@@ -113,6 +113,27 @@ def test_a_draft_vocabulary_proposes_target_ids_and_spreads_q_over_the_target_vo
     want[[1, 3]] = torch.softmax(torch.tensor([5.0, 0.0]), dim=0)
     assert torch.allclose(probs[0][0], want) and probs[0][0][[0, 2]].tolist() == [0.0, 0.0]
     assert tokens[0, 0].item() in (1, 3)
+
+
+def test_a_round_widens_the_subset_by_the_drafted_requests_own_tokens():
+    lm_head = torch.arange(12.0).reshape(6, 2)                # V = 6, H = 2
+    v = DraftVocab(pack_linear(lm_head[[1, 3]].contiguous()), lm_head, torch.tensor([1, 3]))
+    a, b = _seq(0.0, request_id="a"), _seq(0.0, request_id="b")
+    a.tokens, b.tokens = [0, 5, 1], [3, 3]
+    v.cover([a, b])
+    assert v.extra.tolist() == [0, 5]                        # tokens 1 and 3 are in the frequent subset
+    h = torch.tensor([[1.0, -1.0]])
+    assert v.logits(h).tolist() == [[(lm_head[t] @ h[0]).item() for t in (1, 3, 0, 5)]]
+    assert [v.token(i) for i in range(4)] == [1, 3, 0, 5]
+    out = torch.empty(6)
+    v.spread(torch.tensor([0.1, 0.2, 0.3, 0.4]), out)
+    assert torch.allclose(out, torch.tensor([0.3, 0.1, 0.0, 0.2, 0.0, 0.4]))
+    b.tokens.append(4)                                        # only the new tokens are looked at
+    v.cover([b])
+    assert v.extra.tolist() == [4]                            # a is not drafted this round
+    v.release(b)
+    v.cover([a, b])
+    assert v.extra.tolist() == [0, 4, 5]                      # b starts again from its whole context
 
 
 def test_confidence_uses_previous_token_temperature_and_offset():
