@@ -2,9 +2,12 @@
 
 Random-weight drafters (DSpark: 5 layers + vanilla Markov rank 256 + confidence head; DFlash: 5
 layers; EAGLE-3: 1 layer, one forward per drafted token) on the embedded SmolLM2-135M target, batch 1,
-greedy, a 64-token context. Prints a markdown table of median milliseconds.
+greedy, a 64-token context. Prints a markdown table of median milliseconds; with --draft-vocab N
+the drafters propose from the N lowest token ids plus the context's other tokens (the cost of a
+draft vocabulary of that size, engine/drafters/vocab.py).
 
     .venv/bin/python scripts/drafter_cost.py --dtype bfloat16 --blocks 1,2,4,7,8,12,16
+    .venv/bin/python scripts/drafter_cost.py --dtype float32 --blocks 7 --draft-vocab 16384
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ def median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def build(target, kind: str, block: int):
+def build(target, kind: str, block: int, draft_vocab: int):
     config, state = init_drafter(target, kind, layers=5, markov_rank=256, block_size=block)
-    ckpt = DrafterCheckpoint(path=None, config=parse_config(config, kind), weights=state, digest=b"")
+    ckpt = DrafterCheckpoint(path=None, config=parse_config(config, kind), weights=state, digest=b"",
+                             draft_vocab=torch.arange(draft_vocab) if draft_vocab else None)
     if kind == "eagle3":
         return Eagle3Drafter(ckpt, target.model, block, 1, 512, target.eos_token_ids)
     return DSparkDrafter(ckpt, target.model, kind, block, 1, 512)
@@ -51,6 +55,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     parser.add_argument("--blocks", default="1,2,4,7,8,12,16")
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--draft-vocab", type=int, default=0, help="draft vocabulary size (0: the full vocabulary)")
     args = parser.parse_args()
     torch.manual_seed(0)
     target = load_target(EMBEDDED_MODEL, DTYPES[args.dtype])
@@ -61,7 +66,9 @@ def main() -> None:
     out = m.forward(prompt, torch.arange(CONTEXT)[None], slot, cache, taps=(1, 7, 14, 20, 27))
     feats = out.taps[0]
     blocks = [int(b) for b in args.blocks.split(",")]
-    print(f"SmolLM2-135M, {args.dtype}, {torch.get_num_threads()} threads, context {CONTEXT}, median ms of {args.reps}")
+    vocab = args.draft_vocab or "full"
+    print(f"SmolLM2-135M, {args.dtype}, {torch.get_num_threads()} threads, context {CONTEXT}, draft vocabulary "
+          f"{vocab}, median ms of {args.reps}")
     print("| block | verify (block+1 tokens) | dspark | dflash | eagle3 |")
     print("|---:|---:|---:|---:|---:|")
     for block in blocks:
@@ -71,7 +78,7 @@ def main() -> None:
                            args.reps)
         row = [f"{verify:.1f}"]
         for kind in ("dspark", "dflash", "eagle3"):
-            drafter = build(target, kind, block)
+            drafter = build(target, kind, block, args.draft_vocab)
             req = GenerationRequest("b", tuple(prompt[0].tolist()), SamplingParams(max_new_tokens=64))
             seq = Sequence(request=req, generator=torch.Generator(), tokens=prompt[0].tolist() + [5],
                            prompt_len=CONTEXT, slot=0, kv_len=CONTEXT)

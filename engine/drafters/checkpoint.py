@@ -286,6 +286,7 @@ def write_draft_vocab(path: str | Path, ids: torch.Tensor, metadata: dict[str, s
     target = path / DRAFT_VOCAB_FILE
     partial = path / (DRAFT_VOCAB_FILE + ".partial")
     save_file({DRAFT_VOCAB: d2t.contiguous()}, partial, metadata={"format": "pt", **metadata})
+    partial.chmod(0o644)   # readable like the weights beside it (a node may run as another user)
     partial.replace(target)
     return target
 

@@ -29,6 +29,9 @@ from engine.sequence import Sequence
 from kernels.ops import LinearWeight, linear, pack_linear
 
 
+NONE = torch.empty(0, dtype=torch.long)
+
+
 class DraftVocab:
     def __init__(self, projection: LinearWeight, lm_head: torch.Tensor, ids: torch.Tensor | None):
         """projection: the LM head's rows for `ids` in the kernel's layout; lm_head: the full [V, H]
@@ -40,8 +43,12 @@ class DraftVocab:
         if ids is not None:
             self.frequent = torch.zeros(self.vocab_size, dtype=torch.bool)
             self.frequent[ids.cpu()] = True
-        self.extra = torch.empty(0, dtype=torch.long, device=lm_head.device)   # this round's context tokens
-        self._context: dict[str, tuple[int, set[int]]] = {}   # request -> (tokens seen, its tokens outside)
+        # This round: the drafted requests' context tokens outside the frequent subset (sorted), and
+        # which of them each row must not propose (another request's), or None for a single row.
+        self.extra = NONE.to(lm_head.device)
+        self.foreign: torch.Tensor | None = None
+        self._seen: dict[str, int] = {}              # request -> tokens of it looked at so far
+        self._outside: dict[str, torch.Tensor] = {}  # request -> its tokens outside the frequent subset
 
     @classmethod
     def for_target(cls, target: TargetModel, ids: torch.Tensor | None) -> DraftVocab:
@@ -52,25 +59,46 @@ class DraftVocab:
 
     # ---- the round's subset ----------------------------------------------------------------
     def cover(self, seqs: list[Sequence]) -> None:
-        """Make this round's subset the frequent one plus these requests' tokens outside it."""
+        """This round's subset: the frequent one plus the drafted requests' own context tokens
+        outside it. Each row may propose only its own, so a request's drafts (and, sampling, its
+        draws) do not depend on what it is batched with. Vectorised over the batch: only the tokens
+        committed since a request's last round are looked at."""
         if self.ids is None:
             return
-        extra: set[int] = set()
-        for seq in seqs:
-            seen, outside = self._context.get(seq.request_id, (0, set()))
-            new = torch.tensor(seq.tokens[seen:], dtype=torch.long)
-            outside.update(new[~self.frequent[new]].tolist())
-            self._context[seq.request_id] = (len(seq.tokens), outside)
-            extra |= outside
-        self.extra = torch.tensor(sorted(extra), dtype=torch.long, device=self.lm_head.device)
+        new, owner = [], []
+        for r, seq in enumerate(seqs):
+            seen = self._seen.get(seq.request_id, 0)
+            new += seq.tokens[seen:]
+            owner += [r] * (len(seq.tokens) - seen)
+            self._seen[seq.request_id] = len(seq.tokens)
+        if new:
+            tokens, owner = torch.tensor(new, dtype=torch.long), torch.tensor(owner)
+            outside = ~self.frequent[tokens]
+            tokens, owner = tokens[outside], owner[outside]
+            for r in owner.unique().tolist():
+                rid = seqs[r].request_id
+                self._outside[rid] = torch.cat([self._outside.get(rid, NONE), tokens[owner == r]]).unique()
+        parts = [self._outside.get(seq.request_id, NONE) for seq in seqs]
+        extra, column = torch.cat(parts).unique(return_inverse=True)
+        own = torch.zeros(len(seqs), len(extra), dtype=torch.bool)
+        own[torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([len(p) for p in parts])), column] = True
+        device = self.lm_head.device
+        self.extra = extra.to(device)
+        self.foreign = None if len(seqs) == 1 else (~own).to(device)
 
     def release(self, seq: Sequence) -> None:
-        self._context.pop(seq.request_id, None)
+        self._seen.pop(seq.request_id, None)
+        self._outside.pop(seq.request_id, None)
 
     # ---- products over the subset ----------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [..., subset] of post-norm hidden states."""
-        return self.project(hidden, self.projection, self.lm_head).float()
+        """fp32 logits [R, ..., subset] of post-norm hidden states, -inf where a row may not propose."""
+        logits = self.project(hidden, self.projection, self.lm_head).float()
+        if self.foreign is not None and len(self.extra):
+            n = len(self.ids)
+            shape = (len(self.foreign),) + (1,) * (logits.dim() - 2) + (len(self.extra),)
+            logits[..., n:] = logits[..., n:].masked_fill(self.foreign.view(shape), float("-inf"))
+        return logits
 
     def project(self, x: torch.Tensor, frequent_rows: LinearWeight, full: torch.Tensor) -> torch.Tensor:
         """x [..., in] times the subset's rows of full [V, in]: the frequent ones through their

@@ -122,18 +122,21 @@ def test_a_round_widens_the_subset_by_the_drafted_requests_own_tokens():
     a.tokens, b.tokens = [0, 5, 1], [3, 3]
     v.cover([a, b])
     assert v.extra.tolist() == [0, 5]                        # tokens 1 and 3 are in the frequent subset
-    h = torch.tensor([[1.0, -1.0]])
-    assert v.logits(h).tolist() == [[(lm_head[t] @ h[0]).item() for t in (1, 3, 0, 5)]]
+    h = torch.tensor([[1.0, -1.0], [2.0, 0.5]])
+    inf = float("-inf")                                       # b may not propose a's context tokens
+    assert v.logits(h).tolist() == [[(lm_head[t] @ h[0]).item() for t in (1, 3, 0, 5)],
+                                    [(lm_head[t] @ h[1]).item() for t in (1, 3)] + [inf, inf]]
     assert [v.token(i) for i in range(4)] == [1, 3, 0, 5]
     out = torch.empty(6)
     v.spread(torch.tensor([0.1, 0.2, 0.3, 0.4]), out)
     assert torch.allclose(out, torch.tensor([0.3, 0.1, 0.0, 0.2, 0.0, 0.4]))
     b.tokens.append(4)                                        # only the new tokens are looked at
     v.cover([b])
-    assert v.extra.tolist() == [4]                            # a is not drafted this round
+    assert v.extra.tolist() == [4] and v.foreign is None      # a is not drafted this round
     v.release(b)
     v.cover([a, b])
     assert v.extra.tolist() == [0, 4, 5]                      # b starts again from its whole context
+    assert v.foreign.tolist() == [[False, True, False], [True, False, True]]
 
 
 def test_confidence_uses_previous_token_temperature_and_offset():

@@ -29,6 +29,8 @@ def test_shipped_drafter_is_small_and_complete(smollm2):
     assert c.confidence_offsets is not None and len(c.confidence_offsets) == c.block
     assert "sources" in c.model_dump()["training"]["data"]
     assert sum(f.stat().st_size for f in ckpt.path.iterdir()) < 40e6
+    # a frequent-token draft vocabulary: its LM head is a third of the target's (docs/training.md)
+    assert ckpt.draft_vocab is not None and len(ckpt.draft_vocab) == 16384
 
 
 def test_method_dspark_defaults_to_it_and_stays_exact(smollm2):
