@@ -113,6 +113,9 @@ const panels = {
     const b = await api("/budget");
     Charts.barsAndLine($("chart-budget"), b.rows, "batch_size", "mean_budget", "tau",
                        { emptyText: "no rounds yet", lineMax: 1 });
+    fill($("budget-table").tBodies[0], b.rows.map(r => row([
+      [String(r.batch_size), "num"], [String(r.rounds), "num"], [fmt.num(100 * r.drafted_share, 0) + "%", "num"],
+      [fmt.num(r.mean_budget, 2), "num"], [fmt.num(r.tau, 2), "num"]])), "no rounds yet", 5);
   },
 
   async earnings() {

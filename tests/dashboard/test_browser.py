@@ -81,5 +81,9 @@ def test_dashboard_live_job_and_earnings(node, page):
     page.wait_for_function(f"""() => [...document.querySelectorAll('#recent-jobs tbody tr')].some(
         r => r.cells[0].textContent.startsWith('{short}') && r.cells[1].textContent === 'completed')""")
     assert page.locator("#chart-tps path").count() == 1         # the throughput line is drawn
+    # every round of the played job drafted for its one request and verified 4 draft tokens
+    page.wait_for_function("""() => [...document.querySelectorAll('#budget-table tbody tr')].some(
+        r => r.cells[0].textContent === '1' && r.cells[2].textContent === '100%'
+             && r.cells[3].textContent === '4.00')""")
     page.screenshot(path=str(ARTIFACTS / "dashboard-after-job.png"), full_page=True)
     assert page.console_problems == []
