@@ -60,9 +60,9 @@ class DraftVocab:
     # ---- the round's subset ----------------------------------------------------------------
     def cover(self, seqs: list[Sequence]) -> None:
         """This round's subset: the frequent one plus the drafted requests' own context tokens
-        outside it. Each row may propose only its own, so a request's drafts (and, sampling, its
-        draws) do not depend on what it is batched with. Vectorised over the batch: only the tokens
-        committed since a request's last round are looked at."""
+        outside it. Each row may propose only its own, so the tokens a request can draft do not
+        depend on what it is batched with. Vectorised over the batch: only the tokens committed
+        since a request's last round are looked at."""
         if self.ids is None:
             return
         new, owner = [], []

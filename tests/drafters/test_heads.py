@@ -25,7 +25,8 @@ H = torch.tensor([[0.5]])
 
 def vocab(ids: list[int] | None = None, size: int = 3) -> DraftVocab:
     """A draft vocabulary over a V-token target (the projection is unused: logits are given)."""
-    return DraftVocab(pack_linear(torch.zeros(size, 1)), torch.zeros(size, 1), None if ids is None else torch.tensor(ids))
+    return DraftVocab(pack_linear(torch.zeros(size, 1)), torch.zeros(size, 1),
+                      None if ids is None else torch.tensor(ids))
 
 
 def sig(x):
@@ -58,7 +59,8 @@ def test_rnn_bias_and_state():
     joint_w[4, 4] = 2.0      # o_0 reads h
     joint_b = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.0, 0.0])
     head = MarkovHead("rnn", {"markov_head.markov_w1.weight": W1, "markov_head.markov_w2.weight": W2,
-                              "markov_head.joint_proj.weight": joint_w, "markov_head.joint_proj.bias": joint_b}, vocab())
+                              "markov_head.joint_proj.weight": joint_w, "markov_head.joint_proj.bias": joint_b},
+                      vocab())
     state = head.initial_state(1)
     bias, state = head.step_bias(H, torch.tensor([0]), state)
     # s_-1 = 0, W1[0] = (1, 0): g = (0, 0), c = (1, .5), o = (1, 0)

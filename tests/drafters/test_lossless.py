@@ -101,6 +101,7 @@ def test_greedy_with_a_draft_vocabulary_matches_plain_decoding(target, tmp_path_
     spec.drafter.propose = lambda seqs: proposals.append(propose(seqs)) or proposals[-1]
     got = run_batch(spec, [request(p, max_new_tokens=30) for p in prompts])
     assert [r.output_ids for r in got] == want
+    assert spec.drafter.vocab._outside == {}, "finished requests' context tokens are dropped"
     drafted = {t for p in proposals for row in p.tokens for t in row}
     context = {t for p in prompts for t in p} | {t for out in want for t in out}
     assert drafted and drafted <= ids | context
