@@ -2,9 +2,9 @@
 
 FR-Spec (Zhao et al., 2025) ranks tokens by frequency in a corpus; here the corpus is what the
 drafter learns to predict, the target's own next-token choices on the training text: the argmax
-of the cached top-k at every position whose next token is supervised. A drafted token outside the
-subset can never be proposed, so the share of those choices the subset covers bounds how much of
-the full-vocabulary drafter's acceptance survives.
+of the cached top-k at every position whose next token is supervised. A token outside the subset
+is proposed only where it occurs in the request's own context (engine/drafters/vocab.py), so the
+share of those choices the subset covers bounds what a drafter loses to it elsewhere.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def target_choice_counts(sequences: list[CachedSequence], vocab_size: int) -> to
 
 def frequent_tokens(counts: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
     """The `size` most frequent token ids in increasing order, and the share of counts they cover.
-    Ties are broken by token id, so the subset is a function of the counts alone."""
+    Ties (among them every token the cache never shows) go to the lower id: in a BPE vocabulary that
+    is the earlier merge, roughly the more frequent token of the tokenizer's own corpus."""
     if not 1 <= size <= len(counts):
         raise ValueError(f"the draft vocabulary size must be in 1..{len(counts)}, got {size}")
     total = int(counts.sum())
