@@ -43,6 +43,9 @@ class DraftVocab:
         if ids is not None:
             self.frequent = torch.zeros(self.vocab_size, dtype=torch.bool)
             self.frequent[ids.cpu()] = True
+        # Host copies for mapping a sampled index back to a token: no device sync per token.
+        self._ids_host = None if ids is None else ids.tolist()
+        self._extra_host: list[int] = []
         # This round: the drafted requests' context tokens outside the frequent subset (sorted), and
         # which of them each row must not propose (another request's), or None for a single row.
         self.extra = NONE.to(lm_head.device)
@@ -83,6 +86,7 @@ class DraftVocab:
         own = torch.zeros(len(seqs), len(extra), dtype=torch.bool)
         own[torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([len(p) for p in parts])), column] = True
         device = self.lm_head.device
+        self._extra_host = extra.tolist()
         self.extra = extra.to(device)
         self.foreign = None if len(seqs) == 1 else (~own).to(device)
 
@@ -115,10 +119,10 @@ class DraftVocab:
     # ---- back to the target's vocabulary ---------------------------------------------------
     def token(self, index: int) -> int:
         """Target token id of a subset index."""
-        if self.ids is None:
+        if self._ids_host is None:
             return index
-        n = len(self.ids)
-        return int(self.ids[index]) if index < n else int(self.extra[index - n])
+        n = len(self._ids_host)
+        return self._ids_host[index] if index < n else self._extra_host[index - n]
 
     def spread(self, q: torch.Tensor, out: torch.Tensor) -> None:
         """Write a distribution q over the subset into out [V] (zero outside it)."""
