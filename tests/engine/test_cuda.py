@@ -1,5 +1,5 @@
 """The engine's CUDA paths (run on a GPU machine; skipped elsewhere): fp32 greedy outputs equal the
-CPU's, and every drafter and scheduler stays lossless on the device."""
+CPU's, and every drafter and scheduler stays lossless on the device, with a draft vocabulary too."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from engine.build import build_engine
 from engine.config import EngineConfig
+from engine.drafters.checkpoint import write_draft_vocab
 from engine.loading import load_target
 from tests.drafters.helpers import make_target, request, write_drafter
 
@@ -41,3 +42,13 @@ def test_plain_decoding_on_cuda_equals_cpu(target_dir):
 def test_drafting_on_cuda_is_lossless(target_dir, tmp_path, kind, scheduler):
     drafter = write_drafter(load_target(str(target_dir), torch.float32), tmp_path / kind, kind)
     assert outputs(target_dir, "cuda", kind, drafter, scheduler=scheduler) == outputs(target_dir, "cuda")
+
+
+@pytest.mark.parametrize("kind", ["dspark", "eagle3"])
+def test_drafting_from_a_draft_vocabulary_on_cuda_is_lossless(target_dir, tmp_path, kind):
+    """Even ids as the frequent subset; odd context tokens join per request (batch of 4, so rows
+    mask each other's), greedy."""
+    target = load_target(str(target_dir), torch.float32)
+    drafter = write_drafter(target, tmp_path / kind, kind)
+    write_draft_vocab(drafter, torch.arange(0, target.model.args.vocab_size, 2), {})
+    assert outputs(target_dir, "cuda", kind, drafter) == outputs(target_dir, "cuda")
