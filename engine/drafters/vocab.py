@@ -50,6 +50,9 @@ class DraftVocab:
         # which of them each row must not propose (another request's), or None for a single row.
         self.extra = NONE.to(lm_head.device)
         self.foreign: torch.Tensor | None = None
+        # This round's context-token rows of each full matrix projected through (the LM head, the
+        # Markov head's W2), gathered once: EAGLE-3 and the Markov sampler project once per slot.
+        self._gathered: dict[int, torch.Tensor] = {}
         self._seen: dict[str, int] = {}              # request -> tokens of it looked at so far
         self._outside: dict[str, torch.Tensor] = {}  # request -> its tokens outside the frequent subset
 
@@ -87,6 +90,7 @@ class DraftVocab:
         own[torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([len(p) for p in parts])), column] = True
         device = self.lm_head.device
         self._extra_host = extra.tolist()
+        self._gathered = {}
         self.extra = extra.to(device)
         self.foreign = None if len(seqs) == 1 else (~own).to(device)
 
@@ -110,7 +114,10 @@ class DraftVocab:
         out = linear(x, frequent_rows)
         if len(self.extra) == 0:
             return out
-        return torch.cat([out, x @ full[self.extra].t()], dim=-1)
+        rows = self._gathered.get(id(full))   # the matrices live as long as the drafter
+        if rows is None:
+            rows = self._gathered[id(full)] = full[self.extra].t()
+        return torch.cat([out, x @ rows], dim=-1)
 
     def rows(self, weight: torch.Tensor) -> torch.Tensor:
         """The frequent subset's rows of a [V, ...] matrix indexed by output token."""
