@@ -75,3 +75,16 @@ def aligned_state(target: LoadedTarget, config: dict, state: dict[str, torch.Ten
         fc[:, :H] = torch.eye(H)
         state["fc.weight"] = fc
     return state
+
+
+def logged_proposals(engine) -> dict[tuple[str, int], list[int]]:
+    """(request, tokens so far) -> what the drafter proposed there, for every request it drafted for."""
+    log, propose = {}, engine.drafter.propose
+
+    def logging_propose(seqs):
+        proposal = propose(seqs)
+        for seq, tokens in zip(seqs, proposal.tokens):
+            log[(seq.request.prompt_ids, len(seq.tokens))] = tokens
+        return proposal
+    engine.drafter.propose = logging_propose
+    return log

@@ -10,7 +10,7 @@ import torch
 
 from engine.build import build_engine
 from engine.config import EngineConfig
-from tests.drafters.helpers import aligned_state, request
+from tests.drafters.helpers import aligned_state, logged_proposals, request
 
 from engine.drafters.checkpoint import save_checkpoint, write_draft_vocab
 from engine.drafters.init import init_drafter
@@ -97,12 +97,11 @@ def test_greedy_with_a_draft_vocabulary_matches_plain_decoding(target, tmp_path_
     path = drafter_dir(target, tmp_path_factory, kind, markov_type)
     write_draft_vocab(path, torch.tensor(sorted(ids)), {})
     spec = engine_for(target, kind, path)
-    proposals, propose = [], spec.drafter.propose
-    spec.drafter.propose = lambda seqs: proposals.append(propose(seqs)) or proposals[-1]
+    proposals = logged_proposals(spec)
     got = run_batch(spec, [request(p, max_new_tokens=30) for p in prompts])
     assert [r.output_ids for r in got] == want
     assert spec.drafter.vocab._outside == {}, "finished requests' context tokens are dropped"
-    drafted = {t for p in proposals for row in p.tokens for t in row}
+    drafted = {t for tokens in proposals.values() for t in tokens}
     context = {t for p in prompts for t in p} | {t for out in want for t in out}
     assert drafted and drafted <= ids | context
     if kind != "eagle3":

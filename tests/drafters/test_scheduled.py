@@ -7,7 +7,7 @@ import pytest
 
 from engine.prefix_scheduler import PrefixScheduler
 from engine.sps import SpsTable
-from tests.drafters.helpers import request
+from tests.drafters.helpers import logged_proposals, request
 from tests.drafters.test_lossless import PROMPTS, drafter_dir, engine_for, run_batch, run_with_reports
 
 
@@ -73,19 +73,6 @@ class Alternating:
 
     def release(self, request_id: str) -> None:
         pass
-
-
-def logged_proposals(engine) -> dict[tuple[str, int], list[int]]:
-    """(request, tokens so far) -> what the drafter proposed there, for every request it drafted for."""
-    log, propose = {}, engine.drafter.propose
-
-    def logging_propose(seqs):
-        proposal = propose(seqs)
-        for seq, tokens in zip(seqs, proposal.tokens):
-            log[(seq.request.prompt_ids, len(seq.tokens))] = tokens
-        return proposal
-    engine.drafter.propose = logging_propose
-    return log
 
 
 @pytest.mark.parametrize("kind,markov_type", [("dspark", "vanilla"), ("eagle3", None)])
