@@ -22,6 +22,7 @@ from engine.api import GenerationRequest, SamplingParams
 from engine.build import DTYPES
 from engine.config import EMBEDDED_MODEL
 from engine.drafters.checkpoint import DrafterCheckpoint, parse_config
+from engine.drafters.context import PendingContext
 from engine.drafters.dspark import DSparkDrafter
 from engine.drafters.eagle3 import Eagle3Drafter
 from engine.drafters.init import init_drafter
@@ -87,7 +88,7 @@ def main() -> None:
 
             def one_round():
                 # a round that accepted nothing: one new context position, then the block
-                seq.drafter_state.pending, seq.drafter_state.cached = feats[-1:], CONTEXT - 1
+                seq.drafter_state = PendingContext([feats[-1:]], cached=CONTEXT - 1)
                 drafter.propose([seq])
             row.append(f"{median_ms(one_round, args.reps):.1f}")
         print(f"| {block} | " + " | ".join(row) + " |", flush=True)

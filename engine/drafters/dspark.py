@@ -12,25 +12,18 @@ One round, batched over every active request:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from engine.drafters.base import Drafter, Proposal
 from engine.drafters.checkpoint import DrafterCheckpoint
 from engine.drafters.confidence import ConfidenceHead
+from engine.drafters.context import PendingContext
 from engine.drafters.layers import DraftCache, Projector, fuse_layer
 from engine.drafters.markov import MarkovHead, sample_block
 from engine.drafters.vocab import DraftVocab
 from engine.model import TargetModel
 from engine.sequence import Sequence
 from kernels.ops import attention, linear, rms_norm, swiglu
-
-
-@dataclass
-class DSparkState:
-    pending: torch.Tensor | None      # [n, m*H] features of positions cached..cached+n-1, not yet in the cache
-    cached: int = 0                   # the draft cache holds context positions 0..cached-1
 
 
 class DSparkDrafter(Drafter):
@@ -58,11 +51,11 @@ class DSparkDrafter(Drafter):
 
     # ---- per-request state -----------------------------------------------------------------
     def start(self, seq: Sequence, prompt_features: torch.Tensor | None) -> None:
-        seq.drafter_state = DSparkState(pending=prompt_features)
+        seq.drafter_state = PendingContext()
+        seq.drafter_state.add(prompt_features)
 
     def commit(self, seq: Sequence, features: torch.Tensor | None) -> None:
-        st: DSparkState = seq.drafter_state
-        st.pending = features if st.pending is None else torch.cat([st.pending, features])
+        seq.drafter_state.add(features)
 
     def release(self, seq: Sequence) -> None:
         seq.drafter_state = None
@@ -114,13 +107,12 @@ class DSparkDrafter(Drafter):
         """All rows' pending features, flattened: fused context [N, H], cache slots [N], positions [N]."""
         feats, slots, positions = [], [], []
         for seq in seqs:
-            st: DSparkState = seq.drafter_state
-            if st.pending is not None and len(st.pending):
-                n = st.pending.shape[0]
-                feats.append(st.pending)
+            pending, start = seq.drafter_state.take(seq.kv_len)
+            if pending is not None:
+                n = pending.shape[0]
+                feats.append(pending)
                 slots.append(torch.full((n,), seq.slot))
-                positions.append(torch.arange(st.cached, st.cached + n))
-            st.pending, st.cached = None, seq.kv_len
+                positions.append(torch.arange(start, start + n))
         if not feats:
             return None, None, None
         dev = self.target.device

@@ -10,24 +10,17 @@ replace them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from engine.drafters.base import Drafter, Proposal
 from engine.drafters.checkpoint import CheckpointError, DrafterCheckpoint
+from engine.drafters.context import PendingContext
 from engine.drafters.layers import DraftCache, Projector, fuse_layer
 from engine.drafters.markov import new_probs, sample_step
 from engine.drafters.vocab import DraftVocab
 from engine.model import TargetModel
 from engine.sequence import Sequence
 from kernels.ops import attention, linear, rms_norm, swiglu
-
-
-@dataclass
-class EagleState:
-    pending: torch.Tensor | None      # [n, m*H] features of positions cached..cached+n-1, not yet in the cache
-    cached: int = 0                   # the draft cache holds positions 0..cached-1
 
 
 class Eagle3Drafter(Drafter):
@@ -54,11 +47,11 @@ class Eagle3Drafter(Drafter):
         self.vocab = DraftVocab.for_target(target, checkpoint.draft_vocab)
 
     def start(self, seq: Sequence, prompt_features: torch.Tensor | None) -> None:
-        seq.drafter_state = EagleState(pending=prompt_features)
+        seq.drafter_state = PendingContext()
+        seq.drafter_state.add(prompt_features)
 
     def commit(self, seq: Sequence, features: torch.Tensor | None) -> None:
-        st: EagleState = seq.drafter_state
-        st.pending = features if st.pending is None else torch.cat([st.pending, features])
+        seq.drafter_state.add(features)
 
     def release(self, seq: Sequence) -> None:
         seq.drafter_state = None
@@ -85,7 +78,7 @@ class Eagle3Drafter(Drafter):
     def extend(self, seqs: list[Sequence], slots: torch.Tensor) -> torch.Tensor:
         """Write each row's pending context into the cache; return the last output g [R, H]."""
         dev, R = self.target.device, len(seqs)
-        lengths = [0 if seq.drafter_state.pending is None else len(seq.drafter_state.pending) for seq in seqs]
+        lengths = [len(seq.drafter_state) for seq in seqs]
         width = max(lengths)
         H = self.fc.shape[0]
         hidden = torch.zeros((R, width, H), dtype=self.fc.dtype, device=dev)
@@ -93,15 +86,14 @@ class Eagle3Drafter(Drafter):
         positions = torch.zeros((R, width), dtype=torch.long)
         valid = torch.zeros((R, width), dtype=torch.bool)
         for r, (seq, n) in enumerate(zip(seqs, lengths)):
-            st: EagleState = seq.drafter_state
             if n == 0:
                 raise RuntimeError(f"request {seq.request_id}: no verified features to draft from")
-            hidden[r, :n] = st.pending.to(self.fc.dtype) @ self.fc.t()
-            ids[r, :n] = torch.tensor(seq.tokens[st.cached + 1:st.cached + n + 1])
+            pending, start = seq.drafter_state.take(seq.kv_len)
+            hidden[r, :n] = pending.to(self.fc.dtype) @ self.fc.t()
+            ids[r, :n] = torch.tensor(seq.tokens[start + 1:start + n + 1])
             # padding repeats the last real position: its query output is discarded, its K/V not written
-            positions[r] = torch.arange(st.cached, st.cached + width).clamp_max(st.cached + n - 1)
+            positions[r] = torch.arange(start, start + width).clamp_max(start + n - 1)
             valid[r, :n] = True
-            st.pending, st.cached = None, seq.kv_len
         out = self.layer_forward(ids.to(dev), hidden, positions.to(dev), slots,
                                  None if all(n == width for n in lengths) else valid.to(dev))
         return out[torch.arange(R, device=dev), torch.tensor(lengths, device=dev) - 1]

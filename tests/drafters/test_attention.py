@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from engine.api import GenerationRequest, SamplingParams
 from engine.drafters.checkpoint import load_checkpoint
-from engine.drafters.dspark import DSparkDrafter, DSparkState
+from engine.drafters.context import PendingContext
+from engine.drafters.dspark import DSparkDrafter
 from engine.sequence import Sequence
 from kernels.ops import apply_rope, rms_norm, swiglu
 from tests.drafters.helpers import write_drafter
@@ -65,11 +66,11 @@ def sequence(anchor: int, slot: int = 0) -> Sequence:
 def test_incremental_blocks_match_the_reference_forward(target, tmp_path):
     drafter, feats = setup(target, tmp_path)
     seq = sequence(4)
-    seq.drafter_state = DSparkState(pending=feats[:4])
+    seq.drafter_state = PendingContext([feats[:4]])
     for anchor in (4, 6, 7, 11):       # rounds that accepted 1, 0 and 3 drafts
         seq.tokens, seq.kv_len = TOKENS[:anchor + 1], anchor
         st = seq.drafter_state
-        if st.pending is None:
+        if not st.chunks:
             drafter.commit(seq, feats[st.cached:anchor])
         got = drafter.draft_block([seq])[0]
         assert torch.allclose(got, reference_block(drafter, feats, anchor), atol=1e-5), anchor
@@ -79,18 +80,18 @@ def test_nothing_at_or_after_the_anchor_is_seen(target, tmp_path):
     drafter, feats = setup(target, tmp_path)
     anchor = 8
     seq = sequence(anchor)
-    seq.drafter_state = DSparkState(pending=feats[:anchor])
+    seq.drafter_state = PendingContext([feats[:anchor]])
     clean = drafter.draft_block([seq])
     # garbage in the cache at and after the anchor (stale blocks, other rounds) changes nothing
     drafter.cache.k[:, 0, anchor:] = torch.randn_like(drafter.cache.k[:, 0, anchor:]) * 10
     drafter.cache.v[:, 0, anchor:] = torch.randn_like(drafter.cache.v[:, 0, anchor:]) * 10
-    seq.drafter_state = DSparkState(pending=feats[:anchor])
+    seq.drafter_state = PendingContext([feats[:anchor]])
     assert torch.allclose(drafter.draft_block([seq]), clean, atol=1e-6)
     # a future context feature (position >= anchor) never enters; the last real one does matter
     for pos, should_change in ((anchor, False), (anchor - 1, True)):
         changed = feats.clone()
         changed[pos] += 5.0
-        seq.drafter_state = DSparkState(pending=changed[:anchor])
+        seq.drafter_state = PendingContext([changed[:anchor]])
         moved = not torch.allclose(drafter.draft_block([seq]), clean, atol=1e-4)
         assert moved == should_change, pos
 
@@ -101,11 +102,11 @@ def test_batched_rows_match_single_rows(target, tmp_path):
     singles = []
     for anchor, slot in rows:
         seq = sequence(anchor, slot)
-        seq.drafter_state = DSparkState(pending=feats[:anchor])
+        seq.drafter_state = PendingContext([feats[:anchor]])
         singles.append(drafter.draft_block([seq])[0])
     seqs = [sequence(a, s) for a, s in rows]
     for seq, (anchor, _) in zip(seqs, rows):
-        seq.drafter_state = DSparkState(pending=feats[:anchor])
+        seq.drafter_state = PendingContext([feats[:anchor]])
     batched = drafter.draft_block(seqs)
     for r in range(2):
         assert torch.allclose(batched[r], singles[r], atol=1e-5)
