@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from engine.build import build_engine
 from engine.config import EMBEDDED_MODEL, EngineConfig
-from engine.drafters.checkpoint import load_checkpoint, parse_config
+from engine.drafters.checkpoint import DrafterCheckpoint, load_checkpoint, parse_config, write_draft_vocab
 from engine.drafters.init import default_layer_ids, init_drafter
 from engine.loading import LoadedTarget, cache_root, device_name, load_target
 from engine.train import data
@@ -89,8 +89,8 @@ class TrainOptions(BaseModel):
         return temps
 
 
-def warm_start(opts: TrainOptions, target: LoadedTarget) -> tuple[dict, dict, dict]:
-    """(config, weights, provenance) of the exported drafter training continues from."""
+def warm_start(opts: TrainOptions, target: LoadedTarget) -> tuple[dict, DrafterCheckpoint, dict]:
+    """(config, checkpoint, provenance) of the exported drafter training continues from."""
     checkpoint = load_checkpoint(opts.init_from, target)
     # DFlash is the DSpark architecture without its Markov and confidence heads (init_drafter)
     c = checkpoint.config
@@ -104,7 +104,7 @@ def warm_start(opts: TrainOptions, target: LoadedTarget) -> tuple[dict, dict, di
     config = {k: v for k, v in raw.items() if k not in NOT_INHERITED}
     provenance = {"path": str(checkpoint.path), "sha256": checkpoint.digest.hex(),
                   "training": raw.get("training")}
-    return config, checkpoint.weights, provenance
+    return config, checkpoint, provenance
 
 
 def layer_ids(opts: TrainOptions, target: LoadedTarget) -> list[int]:
@@ -166,7 +166,7 @@ def run(opts: TrainOptions, log=print) -> dict:
     if opts.resume and not state_file.exists():
         raise TrainingError(f"--resume: {state_file} does not exist")
     target = load_target(opts.model, torch.float32, opts.device)
-    config, state, provenance = warm_start(opts, target) if opts.init_from else (None, None, None)
+    config, start, provenance = warm_start(opts, target) if opts.init_from else (None, None, None)
     ids = config["target_layer_ids"] if config is not None else layer_ids(opts, target)
     t0 = time.monotonic()
     cache_dir, manifest = prepare_cache(opts, target, ids, log)
@@ -182,7 +182,11 @@ def run(opts: TrainOptions, log=print) -> dict:
     elif config is not None:   # --init-from: its weights as they are, no fresh-start scaling
         opts.out.mkdir(parents=True, exist_ok=True)
         (opts.out / DRAFT_CONFIG).write_text(json.dumps(dict(config, init_from=provenance)))
-        module = build_module(parse_config(config, DRAFT_CONFIG), state)
+        # The draft vocabulary ranks the target's choices, not the drafter's: it fits the tuned
+        # drafter as well (unlike the calibration, which is dropped).
+        if start.draft_vocab is not None:
+            write_draft_vocab(opts.out, start.draft_vocab, {"source": f"--init-from {start.path}"})
+        module = build_module(parse_config(config, DRAFT_CONFIG), start.weights)
     else:
         architecture = {name: default if getattr(opts, name) is None else getattr(opts, name)
                         for name, default in FRESH_ARCHITECTURE.items()}

@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=None, help="default 7")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from this exported drafter (same kind; its architecture and target layers) "
-                        "instead of a fresh one, e.g. to fine-tune on new data; its calibration is dropped")
+                        "instead of a fresh one, e.g. to fine-tune on new data; its calibration is dropped, "
+                        "its draft vocabulary kept")
     p.add_argument("--target-layers", type=_comma_list(int, "layer ids"), default=None,
                    help="tapped target layers, e.g. 1,10,18,27 (default: 4 evenly spaced)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the LR schedule spans them)")

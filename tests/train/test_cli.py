@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.drafters.checkpoint import save_checkpoint
+from engine.drafters.checkpoint import load_checkpoint, save_checkpoint, write_draft_vocab
 from engine.drafters.init import init_drafter
 from node.cli import main
 
@@ -80,8 +80,8 @@ def test_train_drafter_end_to_end_builds_one_cache_for_two_kinds(target, tmp_pat
 
 
 def test_train_drafter_init_from_continues_an_exported_drafter(target, cache_dir, tmp_path, capsys):
-    """--init-from starts from the drafter's weights (not a fresh init), drops its calibration, records
-    where it came from, and refuses another kind or other target layers."""
+    """--init-from starts from the drafter's weights (not a fresh init), drops its calibration, keeps
+    its draft vocabulary, records where it came from, and refuses another kind or other target layers."""
     import json
 
     from safetensors.torch import load_file
@@ -95,6 +95,8 @@ def test_train_drafter_init_from_continues_an_exported_drafter(target, cache_dir
     config = json.loads((base / "config.json").read_text())
     config.update(confidence_temperatures=[1.5] * 4, confidence_offsets=[0.1] * 4, calibration={"method": "STS"})
     (base / "config.json").write_text(json.dumps(config))
+    subset = torch.tensor([0, 3, 7, 20])
+    write_draft_vocab(base, subset, {})
 
     tuned = tmp_path / "tuned"   # an LR far below bf16's resolution: the export must equal the start
     assert main(["train-drafter", "--out", str(tuned), "--init-from", str(base), "--steps", "1", "--lr", "1e-12",
@@ -110,6 +112,7 @@ def test_train_drafter_init_from_continues_an_exported_drafter(target, cache_dir
     stored = json.loads((tuned / "config.json").read_text())
     assert "confidence_temperatures" not in stored and "calibration" not in stored
     assert stored["markov_rank"] == 8 and stored["block_size"] == 4
+    assert torch.equal(load_checkpoint(tuned, target).draft_vocab, subset)
 
     capsys.readouterr()
     assert main(["train-drafter", "--kind", "dflash", "--out", str(tmp_path / "k"), "--init-from", str(base),
