@@ -17,10 +17,11 @@ import hashlib
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from engine.loading import LoadedTarget
@@ -159,24 +160,37 @@ def open_cache(directory: Path, want: dict) -> dict:
     return manifest
 
 
-def load_sequences(directory: Path, manifest: dict) -> list[CachedSequence]:
-    """Every sequence of the cache, in memory; a shard whose bytes changed is refused."""
-    sequences = []
+def read_shards(directory: Path, manifest: dict, names: tuple[str, ...] = FIELDS) -> Iterator[dict[str, torch.Tensor]]:
+    """Each shard's tensors `names` (with `offsets`, the sequence boundaries), one shard at a time;
+    a shard whose bytes changed is refused. Only the tensors asked for are read into memory: the taps
+    and final hidden states are 99% of a shard (SmolLM2, 4 taps, k=8), and counting tokens needs
+    neither."""
+    names = tuple(dict.fromkeys((*names, "offsets")))
     for shard in manifest["shards"]:
         path = Path(directory) / shard["file"]
+        digest = hashlib.sha256()
         try:
-            data = path.read_bytes()
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
         except OSError as exc:
             raise CacheError(f"{path}: cannot be read ({exc.strerror})") from None
-        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        if digest.hexdigest() != shard["sha256"]:
             raise CacheError(f"{path} is corrupt: its sha256 does not match the manifest (rebuild the cache)")
         try:
-            t = load_file(path)
+            with safe_open(path, "pt") as f:
+                missing = [n for n in names if n not in f.keys()]
+                if missing:
+                    raise CacheError(f"{path} lacks {', '.join(missing)}")
+                yield {n: f.get_tensor(n) for n in names}
         except SafetensorError as exc:
             raise CacheError(f"{path} is corrupt: {exc}") from None
-        missing = [f for f in FIELDS if f not in t]
-        if missing:
-            raise CacheError(f"{path} lacks {', '.join(missing)}")
+
+
+def load_sequences(directory: Path, manifest: dict) -> list[CachedSequence]:
+    """Every sequence of the cache, in memory (see `read_shards` for the checks)."""
+    sequences = []
+    for t in read_shards(directory, manifest):
         off = t["offsets"].tolist()
         for a, b in zip(off, off[1:]):
             sequences.append(CachedSequence(

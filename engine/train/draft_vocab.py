@@ -10,20 +10,27 @@ share of those choices the subset covers bounds what a drafter loses to it elsew
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
 from engine.drafters.checkpoint import load_checkpoint, write_draft_vocab
 from engine.loading import load_target
-from engine.train.cache import CachedSequence, expected_manifest, load_sequences, open_cache
+from engine.train.cache import expected_manifest, open_cache, read_shards
 
 
-def target_choice_counts(sequences: list[CachedSequence], vocab_size: int) -> torch.Tensor:
-    """How often the target's argmax is each token [V], over positions followed by a supervised token."""
+CHOICE_FIELDS = ("topk_ids", "loss_mask")   # what counting reads from a cache shard (read_shards)
+
+
+def target_choice_counts(shards: Iterable[dict[str, torch.Tensor]], vocab_size: int) -> torch.Tensor:
+    """How often the target's argmax is each token [V], over positions followed by a supervised token
+    (within a sequence: `offsets` marks where each one starts)."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
-    for seq in sequences:
-        choices = seq.topk_ids[:-1, 0][seq.loss_mask[1:]]
-        counts += torch.bincount(choices, minlength=vocab_size)
+    for shard in shards:
+        top1, supervised = shard["topk_ids"][:, 0].long(), shard["loss_mask"].bool()
+        off = shard["offsets"].tolist()
+        for a, b in zip(off, off[1:]):
+            counts += torch.bincount(top1[a:b - 1][supervised[a + 1:b]], minlength=vocab_size)
     return counts
 
 
@@ -47,7 +54,7 @@ def build_draft_vocab(drafter: Path, cache_dir: Path, size: int, model: str, dev
     load_checkpoint(drafter, target)            # refuse a drafter for another target before writing
     want = expected_manifest(target, [], 0)
     manifest = open_cache(cache_dir, {k: want[k] for k in ("version", "model_id", "model_digest", "vocab_size")})
-    counts = target_choice_counts(load_sequences(cache_dir, manifest), target.model.args.vocab_size)
+    counts = target_choice_counts(read_shards(cache_dir, manifest, CHOICE_FIELDS), target.model.args.vocab_size)
     ids, coverage = frequent_tokens(counts, size)
     write_draft_vocab(drafter, ids, {"source_cache": str(cache_dir), "counted_positions": str(int(counts.sum())),
                                      "coverage": f"{coverage:.6f}"})

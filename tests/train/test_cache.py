@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from engine.train.cache import CacheError, expected_manifest, feature_rms, load_sequences, open_cache
+from engine.train.cache import CacheError, expected_manifest, feature_rms, load_sequences, open_cache, read_shards
 from tests.train.conftest import TAPS
 
 
@@ -51,6 +51,15 @@ def test_a_corrupt_shard_is_refused(target, cache_dir, tmp_path):
     shard.unlink()
     with pytest.raises(CacheError, match="cannot be read"):
         load_sequences(copy, manifest)
+
+
+def test_shards_can_be_read_without_their_taps(target, cache_dir, sequences):
+    manifest = open_cache(cache_dir, expected_manifest(target, TAPS, 8))
+    shards = list(read_shards(cache_dir, manifest, ("topk_ids",)))
+    assert all(shard.keys() == {"topk_ids", "offsets"} for shard in shards)
+    assert torch.equal(torch.cat([s["topk_ids"] for s in shards]).long(), torch.cat([s.topk_ids for s in sequences]))
+    with pytest.raises(CacheError, match="lacks logits"):
+        next(read_shards(cache_dir, manifest, ("logits",)))
 
 
 def test_an_unfinished_cache_is_refused(target, tmp_path):
