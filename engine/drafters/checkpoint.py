@@ -308,5 +308,6 @@ def save_checkpoint(path: str | Path, config: dict, state: dict[str, torch.Tenso
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v if dtype is None else v.to(dtype)).detach().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "model.safetensors").chmod(0o644)   # safetensors writes 0600; a node may run as another user
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return path

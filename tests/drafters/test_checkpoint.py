@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -115,6 +116,8 @@ def test_draft_vocabulary_round_trip_changes_the_digest_only(target, tmp_path):
     assert before.draft_vocab is None
     ids = torch.tensor([0, 5, 6, 900, target.model.args.vocab_size - 1])
     write_draft_vocab(path, ids, {"coverage": "0.5"})
+    for name in ("model.safetensors", DRAFT_VOCAB_FILE):   # readable by a node running as another user
+        assert stat.S_IMODE((path / name).stat().st_mode) == 0o644, name
     after = load_checkpoint(path, target)
     assert after.draft_vocab.tolist() == ids.tolist()
     assert after.digest != before.digest   # receipts name the drafter that actually ran
