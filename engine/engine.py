@@ -19,6 +19,7 @@ import torch
 from engine.api import (EngineInfo, GenerationRequest, GenerationResult, RequestRejected, RoundReport,
                         TokenChunk)
 from engine.config import EngineConfig
+from engine.detokenize import Detokenizer
 from engine.draft_backoff import DraftBackoff
 from engine.drafters.base import Drafter
 from engine.loading import LoadedTarget, device_name
@@ -38,6 +39,7 @@ class Engine:
         self.model = target.model
         self.tokenizer = target.tokenizer
         self.drafter = drafter
+        self.detokenizer = Detokenizer(target.tokenizer)
         self.schedule = schedule
         # Slack past max_context: a round may write padding and draft K/V beyond the last position.
         self.cache = self.model.new_cache(config.max_batch, config.max_context + config.block_size + 2)
@@ -98,8 +100,7 @@ class Engine:
         self.cancelled.clear()
         while self.waiting and self.free_slots:
             self._admit(self.waiting.popleft())
-        for seq in self._prefill_step():
-            events.extend(self._after_commit(seq))
+        events.extend(self._emit(self._prefill_step()))
         if not self.active:
             return events, None
         batch = list(self.active)
@@ -111,8 +112,7 @@ class Engine:
             sps = self.schedule.sps if isinstance(self.schedule, PrefixScheduler) else None
             self.backoff.observe(ids, drafting, list(map(len, committed)), report,
                                  None if sps is None else 1.0 / sps(report.batch_size))
-        for seq in batch:
-            events.extend(self._after_commit(seq))
+        events.extend(self._emit(batch))
         return events, report
 
     def _admit(self, seq: Sequence) -> None:
@@ -165,27 +165,34 @@ class Engine:
             seq.stats.prefill_seconds += elapsed
         return done
 
+    def _emit(self, seqs: list[Sequence]) -> list[Event]:
+        """Decode what the last commit added to each request (one batched tokenizer call), stream it,
+        and finish the requests that are done."""
+        self.detokenizer.update([(seq.decoded, seq.output_ids) for seq in seqs])
+        return [event for seq in seqs for event in self._after_commit(seq)]
+
     def _after_commit(self, seq: Sequence) -> list[Event]:
-        """Stream what the last commit added, then finish the request if it is done."""
         out = seq.output_ids
         seq.stats.output_tokens = len(out)
-        text = self.tokenizer.decode(out, skip_special_tokens=True)
-        reason = None
-        for stop in seq.request.sampling.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
+        decoded, stops = seq.decoded, seq.request.sampling.stop
+        text, reason = decoded.full_text, None
+        # The text before `stop_searched` held no stop string when it was searched last round.
+        cuts = [cut for stop in stops if (cut := text.find(stop, max(0, seq.stop_searched - len(stop) + 1))) >= 0]
+        if cuts:
+            text, reason = text[:min(cuts)], "stop"
+        seq.stop_searched = len(decoded.text)
         if out and out[-1] in self.target.eos_token_ids:
             reason = "stop"
         elif reason is None and seq.remaining <= 0:
             reason = "length"
         seq.text = text
         events: list[Event] = []
-        # While running, hold back an incomplete UTF-8 tail and anything a stop string could start with.
-        hold = 0 if reason else max((len(s) - 1 for s in seq.request.sampling.stop), default=0)
-        visible = text[:len(text) - hold] if hold else text
+        visible = text
         if not reason:
-            visible = visible.rstrip("\ufffd")
+            # While running, hold back anything a stop string could start with (decoded.text already
+            # leaves out an incomplete UTF-8 character).
+            hold = max((len(s) - 1 for s in stops), default=0)
+            visible = decoded.text[:len(decoded.text) - hold] if hold else decoded.text
         if len(out) > seq.sent_tokens or len(visible) > seq.sent_text_len:
             events.append(TokenChunk(seq.request_id, tuple(out[seq.sent_tokens:]),
                                      visible[seq.sent_text_len:]))

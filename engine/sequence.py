@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.api import FinishReason, GenerationRequest, RequestStats
+from engine.detokenize import DecodeState
 
 
 @dataclass
@@ -22,6 +23,8 @@ class Sequence:
     stats: RequestStats = field(default_factory=RequestStats)
     finish_reason: FinishReason | None = None
     drafter_state: object = None
+    decoded: DecodeState = field(default_factory=DecodeState)   # the output ids' text, incrementally
+    stop_searched: int = 0                 # decoded.text before this held no stop string
     text: str = ""                         # decoded output so far (stop strings cut it)
     sent_text_len: int = 0                 # how much of `text` was streamed
     sent_tokens: int = 0
