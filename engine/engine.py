@@ -172,6 +172,8 @@ class Engine:
         return [event for seq in seqs for event in self._after_commit(seq)]
 
     def _after_commit(self, seq: Sequence) -> list[Event]:
+        """Stream what the last commit added (`seq.decoded` is up to date), then finish the request
+        if it is done."""
         out = seq.output_ids
         seq.stats.output_tokens = len(out)
         decoded, stops = seq.decoded, seq.request.sampling.stop
