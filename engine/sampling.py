@@ -28,13 +28,33 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest most-likely prefix of each row whose mass reaches top_p (its first token
     always stays), renormalised. Ranking a whole 49k vocabulary per sampled token dominated a decode
     step at batch 256 (a sort per request); the prefix is almost always among the few hundred most
-    likely tokens, which topk finds, so every row is sorted in full only when those fall short."""
+    likely tokens, which topk finds, so every row is sorted in full only when those fall short.
+    The kept mass is read off the running sum rather than summed over the row: a row-wise scan
+    gives every row the same bits whatever else is in the batch, where a lone row's 49k-long sum is
+    split over threads (measured: up to 6e-8 apart from the same row's sum in a batch)."""
     ranked, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
     if bool((ranked.sum(dim=-1) < top_p).any()):
         ranked, order = probs.sort(dim=-1, descending=True)
-    outside = ranked.cumsum(dim=-1) - ranked >= top_p
-    kept = torch.zeros_like(probs).scatter_(-1, order, ranked.masked_fill(outside, 0.0))
-    return kept / kept.sum(dim=-1, keepdim=True)
+    running = ranked.cumsum(dim=-1)
+    outside = running - ranked >= top_p
+    mass = running.gather(-1, (~outside).sum(dim=-1, keepdim=True) - 1)
+    return torch.zeros_like(probs).scatter_(-1, order, ranked.masked_fill(outside, 0.0)) / mass
+
+
+def target_distributions(rows: list[tuple[torch.Tensor, SamplingParams]]) -> list[torch.Tensor]:
+    """`target_distribution` of several requests' logits [n_i, V], returned on the host (where each
+    request's generator draws). Requests with the same temperature and top-p go through one call
+    and everything comes over in one copy: per request, a sampled round cost ~0.5 ms of CPU (12% of
+    a round at 32 requests) and on a GPU a dozen kernel launches and two syncs."""
+    groups: dict[tuple[float, float], list[int]] = {}
+    for i, (_, params) in enumerate(rows):
+        groups.setdefault((params.temperature, params.top_p), []).append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    for members in groups.values():
+        probs = target_distribution(torch.cat([rows[i][0] for i in members]), rows[members[0]][1]).cpu()
+        for i, part in zip(members, probs.split([len(rows[i][0]) for i in members])):
+            out[i] = part
+    return out
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator) -> int:
@@ -64,17 +84,19 @@ def accept_greedy(draft: list[int], choice: list[int]) -> tuple[int, int]:
     return a, choice[a]
 
 
-def verify_block(draft: list[int], draft_probs: torch.Tensor | None, target_logits: torch.Tensor,
-                 params: SamplingParams, generator: torch.Generator) -> tuple[int, int]:
+def verify_block(draft: list[int], draft_probs: torch.Tensor | None, p: torch.Tensor,
+                 generator: torch.Generator) -> tuple[int, int]:
     """Accept a prefix of `draft` and pick the bonus token, for a sampled request (T > 0; a greedy
     one goes through `accept_greedy`, with the round's argmax taken once for all of them).
 
-    target_logits: [L+1, V], row i is the target's prediction after the anchor and draft[:i].
+    p: [L+1, V] on the host (`target_distributions`), row i is the target's distribution after the
+    anchor and draft[:i].
     draft_probs: [L, V] the draft distribution each token was sampled from, or None for a
     deterministic drafter (q is one-hot at the proposed token).
     Returns (accepted count a, bonus token).
     """
-    p = target_distribution(target_logits, params)
+    if draft_probs is not None:
+        draft_probs = draft_probs.to(p.device)   # one copy off a GPU, not one sync per token
     for i, x in enumerate(draft):
         q_x = 1.0 if draft_probs is None else float(draft_probs[i, x])
         ratio = float(p[i, x]) / max(q_x, 1e-8)

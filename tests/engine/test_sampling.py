@@ -7,7 +7,7 @@ from scipy.stats import chisquare
 from engine.api import GenerationRequest, SamplingParams
 from engine.build import build_engine
 from engine.config import EngineConfig
-from engine.sampling import target_distribution, verify_block
+from engine.sampling import target_distribution, target_distributions, verify_block
 
 V = 4
 PARAMS = SamplingParams(temperature=1.0)
@@ -28,7 +28,7 @@ def spec_two_tokens(g: torch.Generator, deterministic: bool) -> tuple[int, int]:
         draft, probs = [x1, x2], torch.stack([Q1, Q2[x1]])
     # target logits row i = prediction after anchor + draft[:i]; row 2 is the distribution after x2
     rows = [P1, P2[draft[0]], torch.full((V,), 1 / V)]
-    a, bonus = verify_block(draft, probs, torch.stack(rows).log(), PARAMS, g)
+    a, bonus = verify_block(draft, probs, target_distribution(torch.stack(rows).log(), PARAMS), g)
     out = [*draft[:a], bonus]
     if len(out) < 2:  # rejected at x1: the next token comes from the target given the bonus
         out.append(int(torch.multinomial(P2[out[0]], 1, generator=g)))
@@ -72,6 +72,26 @@ def test_top_p_from_candidates_equals_full_sort(scale):
         expected = full_sort_nucleus(torch.softmax(logits, -1), top_p)
         assert torch.equal(probs > 0, expected > 0)
         torch.testing.assert_close(probs, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("scale", [0.3, 5.0])   # the nucleus beyond the candidates (full sort), and within
+def test_batched_distributions_equal_each_request_alone(scale):
+    """A round computes its sampled requests' distributions together, grouped by temperature and
+    top-p; each must be bit for bit what the request alone gets, whatever its batch."""
+    g = torch.Generator().manual_seed(2)
+    nucleus, plain, wide = (SamplingParams(temperature=0.7, top_p=0.8), SamplingParams(temperature=1.0),
+                            SamplingParams(temperature=1.2, top_p=0.95))
+    # mostly one-row requests (plain rounds): a lone row is where a reduction splits over threads
+    shapes = [(1, nucleus)] * 12 + [(3, plain), (8, nucleus), (2, wide), (1, wide), (1, plain)]
+    rows = [(torch.randn(n, 49152, generator=g) * scale, p) for n, p in shapes]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)   # the suite runs one thread, where nothing is split
+    try:
+        for (logits, p), got in zip(rows, target_distributions(rows)):
+            assert torch.equal(got, target_distribution(logits, p))
+            torch.testing.assert_close(got.sum(dim=-1), torch.ones(len(logits)))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
