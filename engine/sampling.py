@@ -41,17 +41,19 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, ranked.masked_fill(outside, 0.0)) / mass
 
 
-def target_distributions(rows: list[tuple[torch.Tensor, SamplingParams]]) -> list[torch.Tensor]:
-    """`target_distribution` of several requests' logits [n_i, V], returned on the host (where each
-    request's generator draws). Requests with the same temperature and top-p go through one call
-    and everything comes over in one copy: per request, a sampled round cost ~0.5 ms of CPU (12% of
-    a round at 32 requests) and on a GPU a dozen kernel launches and two syncs."""
+def target_distributions(rows: list[tuple[torch.Tensor, SamplingParams]],
+                         device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """`target_distribution` of several requests' logits [n_i, V], moved to `device` (the host, where
+    each request's generator draws, for verification) in one copy. Requests with the same
+    temperature and top-p go through one call: per request, a sampled round cost ~0.5 ms of CPU
+    (12% of a round at 32 requests) and on a GPU a dozen kernel launches and two syncs."""
     groups: dict[tuple[float, float], list[int]] = {}
     for i, (_, params) in enumerate(rows):
         groups.setdefault((params.temperature, params.top_p), []).append(i)
     out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
     for members in groups.values():
-        probs = target_distribution(torch.cat([rows[i][0] for i in members]), rows[members[0]][1]).cpu()
+        probs = target_distribution(torch.cat([rows[i][0] for i in members]), rows[members[0]][1])
+        probs = probs if device is None else probs.to(device)
         for i, part in zip(members, probs.split([len(rows[i][0]) for i in members])):
             out[i] = part
     return out

@@ -105,7 +105,7 @@ def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seq
     argmax = logits.max(dim=-1).indices.tolist() if any(seq.request.sampling.greedy for seq in seqs) else None
     sampled = [r for r, seq in enumerate(seqs) if not seq.request.sampling.greedy]
     dists = dict(zip(sampled, target_distributions([(logits[r, :budgets[r] + 1], seqs[r].request.sampling)
-                                                     for r in sampled])))
+                                                     for r in sampled], device="cpu")))
     committed: list[list[int]] = []
     accepted_total = 0
     for r, (seq, L) in enumerate(zip(seqs, budgets)):

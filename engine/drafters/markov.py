@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from engine.drafters.vocab import DraftVocab
-from engine.sampling import sample_from, target_distribution
+from engine.sampling import sample_from, target_distributions
 from engine.sequence import Sequence
 from kernels.ops import pack_linear
 
@@ -89,12 +89,16 @@ def new_probs(seqs: list[Sequence], length: int, vocab: int, device: torch.devic
 def sample_step(logits: torch.Tensor, seqs: list[Sequence], out: torch.Tensor,
                 probs: list[torch.Tensor | None], k: int, vocab: DraftVocab) -> None:
     """Sample one slot for every row from logits [R, V_draft] over `vocab`: argmax for greedy rows,
-    otherwise from q = the request's temperature / top-p distribution, recorded as probs[r][k]."""
-    for r, seq in enumerate(seqs):
-        params = seq.request.sampling
-        if params.greedy:
-            out[r] = vocab.token(int(logits[r].argmax()))
-        else:
-            q = target_distribution(logits[r:r + 1], params)[0]
-            vocab.spread(q, probs[r][k])
-            out[r] = vocab.token(sample_from(q, seq.generator))
+    otherwise from q = the request's temperature / top-p distribution, recorded as probs[r][k].
+    The greedy rows' argmax comes to the host in one copy and the sampled rows' q are computed
+    together: per row, that was a GPU sync (argmax) or a dozen launches (q), for every slot."""
+    greedy = [r for r, seq in enumerate(seqs) if seq.request.sampling.greedy]
+    sampled = [r for r, seq in enumerate(seqs) if not seq.request.sampling.greedy]
+    if greedy:
+        for r, index in zip(greedy, logits[greedy].max(dim=-1).indices.tolist()):
+            out[r] = vocab.token(index)
+    if sampled:
+        qs = target_distributions([(logits[r:r + 1], seqs[r].request.sampling) for r in sampled])
+        for r, q in zip(sampled, qs):
+            vocab.spread(q[0], probs[r][k])
+            out[r] = vocab.token(sample_from(q[0], seqs[r].generator))
