@@ -52,10 +52,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{result['rounds']} rounds; temperatures {result['temperatures']}, offsets {result['offsets']}")
-    print(f"{'pos':>3} {'n':>5} {'ECE before':>10} {'ECE after':>9} {'AUROC':>6} {'Brier before':>12} {'after':>6}")
+    # The floor: what a perfectly calibrated head would measure on these predictions and this many rounds.
+    print(f"{'pos':>3} {'n':>5} {'ECE before':>10} {'ECE after':>9} {'floor':>6} {'AUROC':>6} "
+          f"{'Brier before':>12} {'after':>6}")
     for b, a in zip(result["before"], result["after"]):
         auroc = "-" if a["auroc"] is None else f"{a['auroc']:.3f}"
-        print(f"{a['position']:>3} {a['n']:>5} {b['ece']:>10.4f} {a['ece']:>9.4f} {auroc:>6} "
+        print(f"{a['position']:>3} {a['n']:>5} {b['ece']:>10.4f} {a['ece']:>9.4f} {a['ece_floor']:>6.4f} {auroc:>6} "
               f"{b['brier']:>12.4f} {a['brier']:>6.4f}")
     print(json.dumps({"temperatures": result["temperatures"], "offsets": result["offsets"]}))
     return 0

@@ -8,7 +8,7 @@ import math
 import torch
 
 from engine.api import GenerationRequest, SamplingParams
-from engine.calibration import auroc, calibration_metrics, ece
+from engine.calibration import auroc, calibration_metrics, ece, ece_floor
 from engine.drafters.base import Proposal
 from engine.drafters.confidence import ConfidenceHead
 from engine.drafters.markov import MarkovHead, sample_block
@@ -168,3 +168,15 @@ def test_calibration_metrics_on_a_small_case():
     rows = calibration_metrics([(0, 0.9, True), (0, 0.8, False), (0, 0.3, True), (0, 0.1, False), (1, 0.5, True)])
     assert rows[0]["position"] == 1 and math.isclose(rows[0]["brier"], (0.01 + 0.64 + 0.49 + 0.01) / 4)
     assert rows[1]["auroc"] is None and rows[1]["n"] == 1
+
+
+def test_ece_floor_is_what_a_calibrated_head_measures_and_shrinks_with_the_sample():
+    g = torch.Generator().manual_seed(3)
+    small, large = (torch.rand(n, generator=g, dtype=torch.float64) * 0.8 + 0.1 for n in (400, 6400))
+    # labels drawn from the predictions themselves: a calibrated head; its ECE scatters around the floor
+    measured = sorted(ece(small, (torch.rand(400, generator=g, dtype=torch.float64) < small).double())
+                      for _ in range(41))
+    assert abs(measured[20] - ece_floor(small)) < 0.15 * ece_floor(small)   # medians of 41 and 64 draws
+    assert 3 < ece_floor(small) / ece_floor(large) < 5          # ~ 1 / sqrt(n)
+    assert ece_floor(small) == ece_floor(small)                 # seeded: the same report twice
+    assert calibration_metrics([(0, 0.9, True)])[0]["ece_floor"] >= 0
