@@ -7,8 +7,10 @@ never through AutoModel (its `model_type` is the target's, which would build a p
 The embedding and LM head are the target's at run time: a stored copy is never loaded (only its
 shape is checked), and the checkpoints we write leave them out and say so with
 `"shares_target_embeddings": true`. Extensions we add to the config, both optional:
-`shares_target_embeddings`, `confidence_temperatures` (per-position STS temperatures, §4.5) and
-`confidence_offsets` (per-position offsets added after them, engine/train/calibrate.py).
+`shares_target_embeddings`, `confidence_temperatures` (per-position STS temperatures, §4.5),
+`confidence_offsets` (per-position offsets added after them, engine/train/calibrate.py) and the same
+pair for greedy requests, `confidence_temperatures_greedy` / `confidence_offsets_greedy`
+(engine/drafters/confidence.py).
 
 An optional draft vocabulary (engine/drafters/vocab.py) is the integer tensor `d2t` [N], in
 EAGLE-3's convention: draft index i stands for target token i + d2t[i]. `dspark-node draft-vocab`
@@ -74,6 +76,8 @@ class DrafterConfig(BaseModel):
     confidence_head_with_markov: bool = False
     confidence_temperatures: list[float] | None = None
     confidence_offsets: list[float] | None = None
+    confidence_temperatures_greedy: list[float] | None = None
+    confidence_offsets_greedy: list[float] | None = None
     shares_target_embeddings: bool = False
 
     @field_validator("target_layer_ids")
@@ -83,14 +87,14 @@ class DrafterConfig(BaseModel):
             raise ValueError(f"must be strictly increasing ids >= -1, got {ids}")
         return ids
 
-    @field_validator("confidence_temperatures")
+    @field_validator("confidence_temperatures", "confidence_temperatures_greedy")
     @classmethod
     def _positive(cls, temps: list[float] | None) -> list[float] | None:
         if temps is not None and any(not t > 0 for t in temps):
             raise ValueError(f"temperatures must be > 0, got {temps}")
         return temps
 
-    @field_validator("confidence_offsets")
+    @field_validator("confidence_offsets", "confidence_offsets_greedy")
     @classmethod
     def _finite(cls, offsets: list[float] | None) -> list[float] | None:
         if offsets is not None and any(not math.isfinite(b) for b in offsets):
@@ -110,7 +114,8 @@ class DrafterConfig(BaseModel):
             raise ValueError("a DSpark/DFlash drafter needs block_size and mask_token_id")
         if self.kind == "eagle3" and -1 in self.target_layer_ids:
             raise ValueError("an EAGLE-3 drafter cannot tap the embedding output (-1)")
-        for name in ("confidence_temperatures", "confidence_offsets"):
+        for name in ("confidence_temperatures", "confidence_offsets", "confidence_temperatures_greedy",
+                     "confidence_offsets_greedy"):
             values = getattr(self, name)
             if values is not None and len(values) != self.block:
                 raise ValueError(f"{name} has {len(values)} entries, block size is {self.block}")

@@ -45,8 +45,9 @@ class DSparkDrafter(Drafter):
         self.cache = DraftCache(c, max_slots, max_context + self.block + 2, target.dtype, target.device)
         self.vocab = DraftVocab.for_target(target, checkpoint.draft_vocab)
         self.markov = MarkovHead(c.markov_head_type, w, self.vocab) if c.markov_rank else None
-        self.confidence = (ConfidenceHead(w, c.confidence_head_with_markov, c.confidence_temperatures,
-                                          c.confidence_offsets, c.block)
+        self.confidence = (ConfidenceHead(w, c.confidence_head_with_markov, c.block,
+                                          (c.confidence_temperatures, c.confidence_offsets),
+                                          (c.confidence_temperatures_greedy, c.confidence_offsets_greedy))
                            if c.enable_confidence_head else None)
 
     # ---- per-request state -----------------------------------------------------------------
@@ -72,7 +73,8 @@ class DSparkDrafter(Drafter):
         if self.confidence is not None:
             prev = torch.cat([anchors[:, None], tokens[:, :-1].to(anchors.device)], dim=1)
             prev_features = self.markov.prev_features(prev) if self.confidence.with_markov else None
-            confidence = list(self.confidence(hidden, prev_features).cpu())
+            greedy = torch.tensor([seq.request.sampling.greedy for seq in seqs])
+            confidence = list(self.confidence(hidden, prev_features, greedy).cpu())
         return Proposal(tokens=tokens.tolist(), probs=probs, confidence=confidence)
 
     @torch.inference_mode()

@@ -158,12 +158,18 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
     config_file = drafter / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{drafter}: no config.json (a DeepSpec drafter directory is expected)")
-    engine = build_engine(EngineConfig(model=model, method="dspark", drafter=str(drafter), max_batch=8,
+    engine = build_engine(EngineConfig(model=model, method="dspark", drafter=str(drafter), max_batch=16,
                                        max_context=2048, device=device))
     c = engine.drafter.config
     if not c.enable_confidence_head:
         raise CheckpointError(f"{drafter} has no confidence head: nothing to calibrate")
+    # At T=0 the greedy pair is fitted (engine/drafters/confidence.py); the decoding applied the
+    # greedy pair if there is one, else the sampled one, and its records are undone with that.
+    greedy = temperature == 0
     current = (list(c.confidence_temperatures or [1.0] * c.block), list(c.confidence_offsets or [0.0] * c.block))
+    if greedy:
+        current = (list(c.confidence_temperatures_greedy or current[0]),
+                   list(c.confidence_offsets_greedy or current[1]))
     if prompts is None:
         prompts = default_prompts(limit, seed)
     tok = engine.tokenizer
@@ -175,8 +181,9 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
     result = report(rounds, current, fitted)
     if write:
         raw = json.loads(config_file.read_text())
-        raw["confidence_temperatures"], raw["confidence_offsets"] = fitted
-        raw["calibration"] = {"method": "STS" if temperature_only else "STS with offsets", "rounds": len(rounds),
+        suffix = "_greedy" if greedy else ""
+        raw["confidence_temperatures" + suffix], raw["confidence_offsets" + suffix] = fitted
+        raw["calibration" + suffix] = {"method": "STS" if temperature_only else "STS with offsets", "rounds": len(rounds),
                               "temperature": temperature, "max_new_tokens": max_new_tokens, "prompts": len(ids),
                               "ece_before": [round(r["ece"], 4) for r in result["before"]],
                               "ece_after": [round(r["ece"], 4) for r in result["after"]]}

@@ -22,7 +22,8 @@ from engine.train.trainer import STATE_FILE, TrainingError, TrainSettings, build
 FRESH_ARCHITECTURE = {"layers": 1, "markov_rank": 64, "markov_type": "vanilla", "block_size": 7}
 # A fine-tuned drafter's calibration no longer fits it, nor does its training summary (kept under
 # training.init_from instead).
-NOT_INHERITED = ("confidence_temperatures", "confidence_offsets", "calibration", "training")
+NOT_INHERITED = ("confidence_temperatures", "confidence_offsets", "confidence_temperatures_greedy",
+                 "confidence_offsets_greedy", "calibration", "calibration_greedy", "training")
 DRAFT_CONFIG = "draft_config.json"   # the untrained drafter's config, kept so a resumed run rebuilds it
 
 

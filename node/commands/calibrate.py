@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=EMBEDDED_MODEL, help="target model (default: %(default)s)")
     p.add_argument("--limit", type=int, default=24, help="prompts to decode (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the held-out decoding")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature of the held-out decoding; 0 fits the scaling greedy requests "
+                        "take (confidence_temperatures_greedy / confidence_offsets_greedy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--temperature-only", action="store_true",
@@ -40,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine.train.calibrate import calibrate_drafter
 
-    if args.limit < 1 or args.max_new_tokens < 1 or not 0 < args.temperature <= 10:
-        print("error: --limit and --max-new-tokens must be >= 1 and --temperature in (0, 10]", file=sys.stderr)
+    if args.limit < 1 or args.max_new_tokens < 1 or not 0 <= args.temperature <= 10:
+        print("error: --limit and --max-new-tokens must be >= 1 and --temperature in [0, 10]", file=sys.stderr)
         return 2
     try:
         prompts = load_first_turns(args.prompts, args.limit) if args.prompts else None

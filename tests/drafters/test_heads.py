@@ -145,10 +145,17 @@ def test_confidence_uses_previous_token_temperature_and_offset():
     w = {"confidence_head.proj.weight": torch.tensor([[1.0, 2.0, -1.0]]), "confidence_head.proj.bias": torch.tensor([0.5])}
     hidden = torch.tensor([[[1.0], [1.0]]])
     prev = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
-    head = ConfidenceHead(w, with_markov=True, temperatures=[1.0, 2.0], offsets=None, block_size=2)
-    assert torch.allclose(head(hidden, prev), torch.tensor([[sig(1 + 0 - 1 + 0.5), sig((1 + 2 + 0.5) / 2)]]))
-    head = ConfidenceHead(w, with_markov=True, temperatures=[1.0, 2.0], offsets=[-0.25, 1.0], block_size=2)
-    assert torch.allclose(head(hidden, prev), torch.tensor([[sig(0.5 - 0.25), sig(3.5 / 2 + 1.0)]]))
+    sampled, greedy = torch.tensor([False]), torch.tensor([True])
+    head = ConfidenceHead(w, with_markov=True, block_size=2, sampled=([1.0, 2.0], None))
+    want = torch.tensor([[sig(1 + 0 - 1 + 0.5), sig((1 + 2 + 0.5) / 2)]])
+    assert torch.allclose(head(hidden, prev, sampled), want)
+    assert torch.allclose(head(hidden, prev, greedy), want)          # no greedy pair: the same scaling
+    head = ConfidenceHead(w, with_markov=True, block_size=2, sampled=([1.0, 2.0], [-0.25, 1.0]),
+                          greedy=([0.5, 1.0], [0.0, -1.0]))
+    assert torch.allclose(head(hidden, prev, sampled), torch.tensor([[sig(0.5 - 0.25), sig(3.5 / 2 + 1.0)]]))
+    assert torch.allclose(head(hidden, prev, greedy), torch.tensor([[sig(0.5 / 0.5), sig(3.5 - 1.0)]]))
+    both = head(hidden.expand(2, 2, 1), prev.expand(2, 2, 2), torch.tensor([True, False]))   # per row
+    assert torch.allclose(both[0], head(hidden, prev, greedy)[0]) and torch.allclose(both[1], head(hidden, prev, sampled)[0])
 
 
 def test_threshold_truncates_at_first_low_confidence():
@@ -180,3 +187,25 @@ def test_ece_floor_is_what_a_calibrated_head_measures_and_shrinks_with_the_sampl
     assert 3 < ece_floor(small) / ece_floor(large) < 5          # ~ 1 / sqrt(n)
     assert ece_floor(small) == ece_floor(small)                 # seeded: the same report twice
     assert calibration_metrics([(0, 0.9, True)])[0]["ece_floor"] >= 0
+
+
+def test_the_drafter_gives_greedy_requests_their_own_scaling(target, tmp_path):
+    import json
+
+    from engine.build import build_engine
+    from engine.config import EngineConfig
+    from tests.drafters.helpers import request, write_drafter
+
+    path = write_drafter(target, tmp_path / "d", "dspark")
+    config = json.loads((path / "config.json").read_text())
+    block = config["block_size"]
+    config.update(confidence_offsets=[0.0] * block, confidence_offsets_greedy=[-30.0] * block)
+    (path / "config.json").write_text(json.dumps(config))
+    engine = build_engine(EngineConfig(model=str(target.path), method="dspark", drafter=str(path), max_batch=2,
+                                       max_context=64))
+    engine.add(request([5, 6, 7, 8], max_new_tokens=8))                    # greedy
+    engine.add(request([5, 6, 7, 8], temperature=1.0, max_new_tokens=8))   # sampled
+    while len(engine.active) < 2:
+        engine.step()
+    greedy, sampled = engine.drafter.propose(engine.active).confidence
+    assert bool((greedy < 1e-9).all()) and bool((sampled > 1e-6).all())

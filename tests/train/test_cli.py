@@ -150,3 +150,18 @@ def test_calibrate_fits_and_stores_temperatures_and_offsets(target, tmp_path, ca
     assert loaded.confidence_offsets == printed["offsets"]
     assert main([*argv, "--temperature-only"]) == 0
     assert json.loads((tmp_path / "config.json").read_text())["confidence_offsets"] == [0.0] * 4
+
+    # --temperature 0 fits the greedy requests' pair beside the sampled one, which it leaves alone
+    sampled = json.loads((tmp_path / "config.json").read_text())
+    capsys.readouterr()
+    assert main([*argv, "--temperature", "0"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stored = json.loads((tmp_path / "config.json").read_text())
+    assert stored["confidence_temperatures_greedy"] == printed["temperatures"]
+    assert stored["confidence_offsets_greedy"] == printed["offsets"]
+    assert stored["calibration_greedy"]["temperature"] == 0
+    for key in ("confidence_temperatures", "confidence_offsets", "calibration"):
+        assert stored[key] == sampled[key]
+    loaded = load_checkpoint(tmp_path, target).config
+    assert loaded.confidence_offsets_greedy == printed["offsets"]
+    assert main([*argv, "--temperature", "-1"]) == 2
