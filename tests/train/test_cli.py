@@ -93,7 +93,8 @@ def test_train_drafter_init_from_continues_an_exported_drafter(target, cache_dir
                  "--markov-rank", "8", "--block-size", "4", *common]) == 0
     capsys.readouterr()
     config = json.loads((base / "config.json").read_text())
-    config.update(confidence_temperatures=[1.5] * 4, confidence_offsets=[0.1] * 4, calibration={"method": "STS"})
+    config.update(confidence_temperatures=[1.5] * 4, confidence_offsets=[0.1] * 4, calibration={"method": "STS"},
+                  confidence_temperatures_greedy=[0.5] * 4, confidence_offsets_greedy=[0.2] * 4)
     (base / "config.json").write_text(json.dumps(config))
     subset = torch.tensor([0, 3, 7, 20])
     write_draft_vocab(base, subset, {})
@@ -110,7 +111,8 @@ def test_train_drafter_init_from_continues_an_exported_drafter(target, cache_dir
                  "--layers", "1", "--markov-rank", "8", "--block-size", "4", *common]) == 0
     assert not torch.equal(load_file(fresh / "model.safetensors")["fc.weight"], got["fc.weight"])
     stored = json.loads((tuned / "config.json").read_text())
-    assert "confidence_temperatures" not in stored and "calibration" not in stored
+    assert not {"confidence_temperatures", "calibration", "confidence_temperatures_greedy",
+                "confidence_offsets_greedy"} & stored.keys()
     assert stored["markov_rank"] == 8 and stored["block_size"] == 4
     assert torch.equal(load_checkpoint(tuned, target).draft_vocab, subset)
 
