@@ -183,10 +183,11 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
         raw = json.loads(config_file.read_text())
         suffix = "_greedy" if greedy else ""
         raw["confidence_temperatures" + suffix], raw["confidence_offsets" + suffix] = fitted
-        raw["calibration" + suffix] = {"method": "STS" if temperature_only else "STS with offsets", "rounds": len(rounds),
-                              "temperature": temperature, "max_new_tokens": max_new_tokens, "prompts": len(ids),
-                              "ece_before": [round(r["ece"], 4) for r in result["before"]],
-                              "ece_after": [round(r["ece"], 4) for r in result["after"]]}
+        raw["calibration" + suffix] = {
+            "method": "STS" if temperature_only else "STS with offsets", "rounds": len(rounds),
+            "temperature": temperature, "max_new_tokens": max_new_tokens, "prompts": len(ids),
+            "ece_before": [round(r["ece"], 4) for r in result["before"]],
+            "ece_after": [round(r["ece"], 4) for r in result["after"]]}
         tmp = config_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(raw, indent=2, sort_keys=True))
         tmp.replace(config_file)
