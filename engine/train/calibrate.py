@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,15 +133,41 @@ def report(rounds: list[Round], before: tuple[list[float], list[float]], after: 
             "temperatures": after[0], "offsets": after[1]}
 
 
+# General requests for calibration only, written for it (neither in the training recipe nor from
+# shared/eval): without them the pool held code requests and word problems alone, and the scaling
+# fitted on it was over-confident at position 1 on chat and stub-shaped code (4.0% ECE on the four
+# benchmark sets at T=1, 1.6% with these; docs/benchmarks.md).
+CHAT_TASKS = [
+    "Write a friendly email inviting my neighbours to a {t} workshop next Saturday.",
+    "Pretend you are a museum guide and introduce an exhibition about {t}.",
+    "Give me a short outline for a talk on {t}, with three main points.",
+    "Summarise the pros and cons of {t} in a table.",
+    "I am confused about {t}. Can you explain it with an everyday analogy?",
+    "Write a four-line poem about {t}.",
+    "List common mistakes people make with {t} and how to avoid them.",
+    "Draft a product description for an app that helps with {t}.",
+]
+CHAT_TOPICS = ["beekeeping", "tide pools", "sourdough baking", "chess openings", "solar eclipses", "hiking safety",
+               "paper recycling", "learning a second language", "houseplants", "budget travel"]
+CHAT_ORDER_SEED = 7
+
+
+def chat_prompts() -> list[str]:
+    prompts = [task.format(t=topic) for topic in CHAT_TOPICS for task in CHAT_TASKS]
+    random.Random(CHAT_ORDER_SEED).shuffle(prompts)
+    return prompts
+
+
 def default_prompts(limit: int, seed: int) -> list[str]:
-    """Held-out prompts of two kinds, alternating: the recipe's held-out 'write a function' requests
-    and arithmetic word problems drawn with a seed the recipe never trains with (the calibration is
-    only as good as its coverage of what the node will serve: fitted on code alone, position 1 was
-    off by 16% on GSM8K)."""
+    """Held-out prompts of three kinds, in turn: the recipe's held-out 'write a function' requests,
+    arithmetic word problems drawn with a seed the recipe never trains with, and general requests
+    written for calibration (the calibration is only as good as its coverage of what the node will
+    serve: fitted on code alone, position 1 was off by 16% on GSM8K; without general requests, by
+    4% on the benchmark sets). 59 of each: 177 in all."""
     from engine.train.data import function_prompts, math_prompts
 
-    code, math_ = function_prompts()[1], math_prompts(limit, CALIBRATION_SEED + seed)
-    mixed = [p for pair in zip(code, math_) for p in pair]
+    code, math_, chat = function_prompts()[1], math_prompts(limit, CALIBRATION_SEED + seed), chat_prompts()
+    mixed = [p for kinds in zip(code, math_, chat) for p in kinds]
     return mixed[:limit]
 
 

@@ -8,7 +8,8 @@ import math
 import torch
 
 from engine.calibration import calibration_metrics
-from engine.train.calibrate import Round, default_prompts, predictions, rounds_from_samples, sequential_scaling
+from engine.train.calibrate import (Round, chat_prompts, default_prompts, predictions, rounds_from_samples,
+                                    sequential_scaling)
 
 ONES, ZEROS = [1.0] * 4, [0.0] * 4
 
@@ -66,10 +67,20 @@ def test_engine_records_are_turned_back_into_raw_logits():
     assert math.isclose(samples[1][1], 1 / (1 + math.exp(-1.0)) / (1 + math.exp(2.0)))
 
 
-def test_default_prompts_alternate_held_out_code_and_unseen_word_problems():
-    from engine.train.data import function_prompts, math_prompts
+def test_default_prompts_take_held_out_code_unseen_word_problems_and_general_requests_in_turn():
+    import json
 
-    prompts = default_prompts(6, seed=0)
+    from tests.conftest import EVAL_DIR
+
+    from engine.train.data import function_prompts, general_prompts, math_prompts
+
+    prompts = default_prompts(9, seed=0)
     train, held_out = function_prompts()
-    assert len(prompts) == 6 and prompts[0::2] == held_out[:3]
-    assert not set(prompts) & set(train) and not set(prompts[1::2]) & set(math_prompts(400, 42))
+    assert len(prompts) == 9 and prompts[0::3] == held_out[:3]
+    assert not set(prompts) & set(train) and not set(prompts[1::3]) & set(math_prompts(400, 42))
+    assert prompts[2::3] == chat_prompts()[:3]
+    pool = default_prompts(1000, seed=0)
+    assert len(pool) == 3 * len(held_out) and len(set(pool)) == len(pool)
+    # the general requests are neither training requests nor evaluation prompts
+    evaluation = {json.loads(line)["turns"][0] for f in EVAL_DIR.glob("*.jsonl") for line in f.open()}
+    assert evaluation and not set(chat_prompts()) & (set(general_prompts(0)) | set(general_prompts(42)) | evaluation)
