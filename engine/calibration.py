@@ -47,21 +47,20 @@ def ece(p: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> float:
     return float(ece_rows(p[None], y)[0])
 
 
-def ece_floor(p: torch.Tensor, trials: int = 64, seed: int = 0, bins: int = ECE_BINS) -> float:
+def ece_floor(p: torch.Tensor, trials: int = 64, seed: int = 0) -> float:
     """Median ECE of a perfectly calibrated head with predictions p [n]: labels drawn as Bernoulli(p)."""
     g = torch.Generator().manual_seed(seed)
     y = (torch.rand((trials, len(p)), generator=g, dtype=torch.float64) < p[None]).double()
-    diff = torch.zeros(trials, bins, dtype=torch.float64)
-    diff.index_add_(1, (p * bins).long().clamp(0, bins - 1), p[None].double() - y)
-    return float((diff.abs().sum(1) / len(p)).median())
+    return float(ece_rows(p[None].expand(trials, -1), y).median())
 
 
 def ece_rows(p: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> torch.Tensor:
-    """ECE of each row of predictions p [G, n] against one label vector y [n] (a calibration grid at
-    once): per bin, |bin| / n * |mean p - mean y| = |sum p - sum y| / n."""
+    """ECE of each row of predictions p [G, n] against labels y [n] (one vector for every row: a
+    calibration grid at once) or [G, n] (a row each): per bin, |bin| / n * |mean p - mean y| =
+    |sum p - sum y| / n."""
     index = (p * bins).long().clamp(0, bins - 1) + bins * torch.arange(p.shape[0])[:, None]
     diff = torch.zeros(p.shape[0] * bins, dtype=torch.float64)
-    diff.index_add_(0, index.flatten(), (p - y[None]).double().flatten())
+    diff.index_add_(0, index.flatten(), (p - y).double().flatten())
     return diff.view(p.shape[0], bins).abs().sum(1) / p.shape[1]
 
 
