@@ -190,13 +190,12 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
     c = engine.drafter.config
     if not c.enable_confidence_head:
         raise CheckpointError(f"{drafter} has no confidence head: nothing to calibrate")
-    # At T=0 the greedy pair is fitted (engine/drafters/confidence.py); the decoding applied the
-    # greedy pair if there is one, else the sampled one, and its records are undone with that.
+    # At T=0 the greedy pair is fitted (engine/drafters/confidence.py). The records are undone with
+    # the pair the drafter applied to these requests, as its confidence head resolved it (defaults,
+    # and the sampled pair where no greedy one is stored).
     greedy = temperature == 0
-    current = (list(c.confidence_temperatures or [1.0] * c.block), list(c.confidence_offsets or [0.0] * c.block))
-    if greedy:
-        current = (list(c.confidence_temperatures_greedy or current[0]),
-                   list(c.confidence_offsets_greedy or current[1]))
+    head = engine.drafter.confidence
+    current = (head.temperatures[int(greedy)].tolist(), head.offsets[int(greedy)].tolist())
     if prompts is None:
         prompts = default_prompts(limit, seed)
     tok = engine.tokenizer
