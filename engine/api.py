@@ -74,6 +74,9 @@ class RequestStats:
     # (draft position k from 0, running product of confidences c_1..c_{k+1}, prefix accepted?) per
     # verified position of each round, for drafters with a confidence head (engine/calibration.py)
     confidence_samples: list[tuple[int, float, bool]] = field(default_factory=list)
+    # (z_k, u_k) per entry of confidence_samples: the confidence head's inputs before calibration
+    # (engine/drafters/confidence.py), what `calibrate` fits on
+    confidence_inputs: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def tau(self) -> float:

@@ -18,12 +18,16 @@ from engine.api import RequestStats
 ECE_BINS = 20
 
 
-def record(stats: RequestStats, confidence: torch.Tensor | None, verified: int, accepted: int) -> None:
-    """Append (position, prediction, label) for each verified position of one round."""
+def record(stats: RequestStats, confidence: torch.Tensor | None, inputs: torch.Tensor | None, verified: int,
+           accepted: int) -> None:
+    """Append (position, prediction, label) for each verified position of one round, and the head's
+    raw inputs there (`inputs` [len, 2], when the drafter gives them) for calibration."""
     if confidence is None or verified == 0:
         return
     survival = torch.cumprod(confidence[:verified].double(), 0).tolist()
     stats.confidence_samples.extend((k, p, accepted > k) for k, p in enumerate(survival))
+    if inputs is not None:
+        stats.confidence_inputs.extend(tuple(x) for x in inputs[:verified].tolist())
 
 
 def calibration_metrics(samples: list[tuple[int, float, bool]]) -> list[dict]:

@@ -20,6 +20,8 @@ class Proposal:
     tokens: list[list[int]]                          # per request, 0..block_size tokens
     probs: list[torch.Tensor | None]                 # per request [len, V] or None (deterministic)
     confidence: list[torch.Tensor | None] = field(default_factory=list)  # per request [len], c_k in (0, 1)
+    # per request [len, 2]: the confidence head's inputs (z_k, u_k) before calibration, recorded for it
+    confidence_inputs: list[torch.Tensor | None] = field(default_factory=list)
 
 
 class Drafter:

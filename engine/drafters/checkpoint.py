@@ -8,9 +8,9 @@ The embedding and LM head are the target's at run time: a stored copy is never l
 shape is checked), and the checkpoints we write leave them out and say so with
 `"shares_target_embeddings": true`. Extensions we add to the config, both optional:
 `shares_target_embeddings`, `confidence_temperatures` (per-position STS temperatures, §4.5),
-`confidence_offsets` (per-position offsets added after them, engine/train/calibrate.py) and the same
-pair for greedy requests, `confidence_temperatures_greedy` / `confidence_offsets_greedy`
-(engine/drafters/confidence.py).
+`confidence_offsets` (per-position offsets added after them, engine/train/calibrate.py),
+`confidence_draft_weights` (per-position weights of the draft's own log-odds for its token) and the
+same triple for greedy requests, with the suffix `_greedy` (engine/drafters/confidence.py).
 
 An optional draft vocabulary (engine/drafters/vocab.py) is the integer tensor `d2t` [N], in
 EAGLE-3's convention: draft index i stands for target token i + d2t[i]. `dspark-node draft-vocab`
@@ -32,6 +32,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from engine.loading import LoadedTarget, ModelLoadError, check_shapes
+
+# Written by `calibrate` (per position, one entry per block slot); dropped by `train-drafter --init-from`.
+CALIBRATION_FIELDS = ("confidence_temperatures", "confidence_offsets", "confidence_draft_weights",
+                      "confidence_temperatures_greedy", "confidence_offsets_greedy", "confidence_draft_weights_greedy")
 
 # architectures[0] -> (drafter kind, layer family: qwen3 has per-head q/k norms, llama has none)
 ARCHITECTURES = {
@@ -78,6 +82,8 @@ class DrafterConfig(BaseModel):
     confidence_offsets: list[float] | None = None
     confidence_temperatures_greedy: list[float] | None = None
     confidence_offsets_greedy: list[float] | None = None
+    confidence_draft_weights: list[float] | None = None
+    confidence_draft_weights_greedy: list[float] | None = None
     shares_target_embeddings: bool = False
 
     @field_validator("target_layer_ids")
@@ -94,12 +100,13 @@ class DrafterConfig(BaseModel):
             raise ValueError(f"temperatures must be > 0, got {temps}")
         return temps
 
-    @field_validator("confidence_offsets", "confidence_offsets_greedy")
+    @field_validator("confidence_offsets", "confidence_offsets_greedy", "confidence_draft_weights",
+                     "confidence_draft_weights_greedy")
     @classmethod
-    def _finite(cls, offsets: list[float] | None) -> list[float] | None:
-        if offsets is not None and any(not math.isfinite(b) for b in offsets):
-            raise ValueError(f"offsets must be finite, got {offsets}")
-        return offsets
+    def _finite(cls, values: list[float] | None) -> list[float] | None:
+        if values is not None and any(not math.isfinite(b) for b in values):
+            raise ValueError(f"must be finite, got {values}")
+        return values
 
     @model_validator(mode="after")
     def _consistent(self) -> DrafterConfig:
@@ -114,8 +121,7 @@ class DrafterConfig(BaseModel):
             raise ValueError("a DSpark/DFlash drafter needs block_size and mask_token_id")
         if self.kind == "eagle3" and -1 in self.target_layer_ids:
             raise ValueError("an EAGLE-3 drafter cannot tap the embedding output (-1)")
-        for name in ("confidence_temperatures", "confidence_offsets", "confidence_temperatures_greedy",
-                     "confidence_offsets_greedy"):
+        for name in CALIBRATION_FIELDS:
             values = getattr(self, name)
             if values is not None and len(values) != self.block:
                 raise ValueError(f"{name} has {len(values)} entries, block size is {self.block}")

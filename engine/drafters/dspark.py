@@ -7,7 +7,7 @@ One round, batched over every active request:
      the cached context (positions < anchor) and bidirectionally to itself. Its K/V entries are
      dropped afterwards ("crop to start"): the cache only ever holds context.
   2. sample_block: left-to-right sampling through the Markov head; q = the corrected distribution.
-  3. confidence: c_k from [h_k ; W1[x_{k-1}]].
+  3. confidence: c_k from [h_k ; W1[x_{k-1}]], calibrated with the draft's own log-odds of x_k.
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ class DSparkDrafter(Drafter):
         self.vocab = DraftVocab.for_target(target, checkpoint.draft_vocab)
         self.markov = MarkovHead(c.markov_head_type, w, self.vocab) if c.markov_rank else None
         self.confidence = (ConfidenceHead(w, c.confidence_head_with_markov, c.block,
-                                          (c.confidence_temperatures, c.confidence_offsets),
-                                          (c.confidence_temperatures_greedy, c.confidence_offsets_greedy))
+                                          (c.confidence_temperatures, c.confidence_offsets,
+                                           c.confidence_draft_weights),
+                                          (c.confidence_temperatures_greedy, c.confidence_offsets_greedy,
+                                           c.confidence_draft_weights_greedy))
                            if c.enable_confidence_head else None)
 
     # ---- per-request state -----------------------------------------------------------------
@@ -68,14 +70,18 @@ class DSparkDrafter(Drafter):
         hidden = self.draft_block(seqs)[:, :self.block_size]
         base_logits = self.vocab.logits(hidden)
         anchors = torch.tensor([seq.tokens[-1] for seq in seqs], device=self.target.device)
-        tokens, probs = sample_block(base_logits, hidden, anchors, self.markov, seqs, self.block_size, self.vocab)
-        confidence: list[torch.Tensor | None] = [None] * len(seqs)
-        if self.confidence is not None:
-            prev = torch.cat([anchors[:, None], tokens[:, :-1].to(anchors.device)], dim=1)
-            prev_features = self.markov.prev_features(prev) if self.confidence.with_markov else None
-            greedy = torch.tensor([seq.request.sampling.greedy for seq in seqs])
-            confidence = list(self.confidence(hidden, prev_features, greedy).cpu())
-        return Proposal(tokens=tokens.tolist(), probs=probs, confidence=confidence)
+        tokens, probs, logodds = sample_block(base_logits, hidden, anchors, self.markov, seqs, self.block_size,
+                                              self.vocab, with_logodds=self.confidence is not None)
+        if self.confidence is None:
+            return Proposal(tokens=tokens.tolist(), probs=probs, confidence=[None] * len(seqs))
+        prev = torch.cat([anchors[:, None], tokens[:, :-1].to(anchors.device)], dim=1)
+        prev_features = self.markov.prev_features(prev) if self.confidence.with_markov else None
+        greedy = torch.tensor([seq.request.sampling.greedy for seq in seqs])
+        z = self.confidence.logits(hidden, prev_features)
+        confidence = self.confidence.scale(z, logodds, greedy).cpu()
+        inputs = torch.stack([z, logodds], dim=-1).cpu()
+        return Proposal(tokens=tokens.tolist(), probs=probs, confidence=list(confidence),
+                        confidence_inputs=list(inputs))
 
     @torch.inference_mode()
     def draft_block(self, seqs: list[Sequence]) -> torch.Tensor:

@@ -11,12 +11,17 @@ with x_{-1} the anchor. The corrected logits define the draft distribution q use
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from engine.drafters.vocab import DraftVocab
 from engine.sampling import sample_from, target_distributions
 from engine.sequence import Sequence
 from kernels.ops import pack_linear
+
+
+LOGODDS_LIMIT = math.log((1 - 1e-6) / 1e-6)
 
 
 class MarkovHead:
@@ -59,27 +64,41 @@ class MarkovHead:
 
 
 def sample_block(base_logits: torch.Tensor, hidden: torch.Tensor, anchors: torch.Tensor,
-                 head: MarkovHead | None, seqs: list[Sequence], length: int, vocab: DraftVocab
-                 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+                 head: MarkovHead | None, seqs: list[Sequence], length: int, vocab: DraftVocab,
+                 with_logodds: bool = False) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor | None]:
     """Sample `length` draft tokens per row, left to right.
 
     base_logits [R, B, V_draft] fp32 over `vocab`, hidden [R, B, H] (post-norm h_k), anchors [R].
-    Returns target token ids [R, length] and, per row, q [length, V] over the target's vocabulary
-    (None for greedy rows: q is one-hot). Each row samples with its own request's temperature /
-    top_p and generator.
+    Returns target token ids [R, length]; per row, q [length, V] over the target's vocabulary
+    (None for greedy rows: q is one-hot); and, with `with_logodds`, the log-odds [R, length] fp32
+    that the draft's own distribution (its corrected logits at temperature 1) gives each drafted
+    token, the confidence head's second input (engine/drafters/confidence.py). Each row samples
+    with its own request's temperature / top_p and generator.
     """
     R = base_logits.shape[0]
     tokens = torch.empty((R, length), dtype=torch.long)
     probs = new_probs(seqs, length, vocab.vocab_size, base_logits.device)
+    logodds = torch.empty((R, length), dtype=torch.float32, device=base_logits.device) if with_logodds else None
     prev, state = anchors, None if head is None else head.initial_state(R)
     for k in range(length):
         logits = base_logits[:, k]
         if head is not None:
             bias, state = head.step_bias(hidden[:, k], prev, state)
             logits = logits + bias
-        sample_step(logits, seqs, tokens[:, k], probs, k, vocab)
+        index = sample_step(logits, seqs, tokens[:, k], probs, k, vocab)
+        if logodds is not None:
+            logodds[:, k] = token_logodds(logits, index.to(logits.device))
         prev = tokens[:, k].to(anchors.device)
-    return tokens, probs
+    return tokens, probs, logodds
+
+
+def token_logodds(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of p = softmax(logits)[index] per row, logits [R, V] fp32, index [R]: the
+    token's logit minus the log-sum-exp of the others (exact for p near 1, where log p does not
+    resolve 1 - p in fp32), held within log-odds of 1e-6 and 1 - 1e-6."""
+    chosen = logits.gather(1, index[:, None])
+    others = logits.scatter(1, index[:, None], float("-inf")).logsumexp(dim=-1)
+    return (chosen[:, 0] - others).clamp(-LOGODDS_LIMIT, LOGODDS_LIMIT)
 
 
 def new_probs(seqs: list[Sequence], length: int, vocab: int, device: torch.device) -> list[torch.Tensor | None]:
@@ -87,18 +106,22 @@ def new_probs(seqs: list[Sequence], length: int, vocab: int, device: torch.devic
 
 
 def sample_step(logits: torch.Tensor, seqs: list[Sequence], out: torch.Tensor,
-                probs: list[torch.Tensor | None], k: int, vocab: DraftVocab) -> None:
+                probs: list[torch.Tensor | None], k: int, vocab: DraftVocab) -> torch.Tensor:
     """Sample one slot for every row from logits [R, V_draft] over `vocab`: argmax for greedy rows,
     otherwise from q = the request's temperature / top-p distribution, recorded as probs[r][k].
+    Writes the target token ids to out [R]; returns the indices into `vocab` [R] (host).
     The greedy rows' argmax comes to the host in one copy and the sampled rows' q are computed
     together: per row, that was a GPU sync (argmax) or a dozen launches (q), for every slot."""
     greedy = [r for r, seq in enumerate(seqs) if seq.request.sampling.greedy]
     sampled = [r for r, seq in enumerate(seqs) if not seq.request.sampling.greedy]
+    chosen = torch.empty(len(seqs), dtype=torch.long)
     if greedy:
         for r, index in zip(greedy, logits[greedy].max(dim=-1).indices.tolist()):
-            out[r] = vocab.token(index)
+            chosen[r], out[r] = index, vocab.token(index)
     if sampled:
         qs = target_distributions([(logits[r:r + 1], seqs[r].request.sampling) for r in sampled])
         for r, q in zip(sampled, qs):
             vocab.spread(q[0], probs[r][k])
-            out[r] = vocab.token(sample_from(q[0], seqs[r].generator))
+            index = sample_from(q[0], seqs[r].generator)
+            chosen[r], out[r] = index, vocab.token(index)
+    return chosen

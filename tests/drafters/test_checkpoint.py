@@ -78,7 +78,9 @@ REFUSALS = [
     ("fc.weight", lambda c, p: c.update(target_layer_ids=[-1, 0, 1])),        # fc is [H, 2H]
     ("temperatures must be > 0", lambda c, p: c.update(confidence_temperatures=[1.0, 0.0] + [1.0] * 3)),
     ("confidence_offsets has 2 entries", lambda c, p: c.update(confidence_offsets=[0.1, 0.2])),
-    ("offsets must be finite", lambda c, p: c.update(confidence_offsets=[float("inf")] * 5)),
+    ("confidence_offsets: Value error, must be finite", lambda c, p: c.update(confidence_offsets=[float("inf")] * 5)),
+    ("confidence_draft_weights_greedy: Value error, must be finite",
+     lambda c, p: c.update(confidence_draft_weights_greedy=[float("nan")] * 5)),
 ]
 
 

@@ -83,20 +83,28 @@ def test_greedy_block_follows_the_corrected_logits_left_to_right():
     w1, w2 = torch.eye(3), torch.roll(torch.eye(3), 1, dims=0) * 10
     head = MarkovHead("vanilla", {"markov_head.markov_w1.weight": w1, "markov_head.markov_w2.weight": w2}, vocab())
     base = torch.tensor([[[1.0, 0.0, 0.0]] * 4])
-    tokens, probs = sample_block(base, torch.zeros(1, 4, 1), torch.tensor([1]), head, [_seq(0.0)], 4, vocab())
+    tokens, probs, logodds = sample_block(base, torch.zeros(1, 4, 1), torch.tensor([1]), head, [_seq(0.0)], 4,
+                                          vocab(), with_logodds=True)
     assert tokens.tolist() == [[2, 0, 1, 2]] and probs == [None]
-    tokens, _ = sample_block(base, torch.zeros(1, 4, 1), torch.tensor([1]), None, [_seq(0.0)], 4, vocab())
-    assert tokens.tolist() == [[0, 0, 0, 0]]  # DFlash: every slot from its base logits
+    # slot 0 after anchor 1: corrected logits [1, 0, 10], token 2; slot 1 after 2: [11, 0, 0], token 0
+    p0, p1 = math.exp(10) / (math.e + 1 + math.exp(10)), math.exp(11) / (math.exp(11) + 2)
+    assert torch.allclose(logodds[0, :2], torch.tensor([math.log(p0 / (1 - p0)), math.log(p1 / (1 - p1))]))
+    tokens, _, none = sample_block(base, torch.zeros(1, 4, 1), torch.tensor([1]), None, [_seq(0.0)], 4, vocab())
+    assert tokens.tolist() == [[0, 0, 0, 0]] and none is None  # DFlash: every slot from its base logits
 
 
 def test_sampled_q_is_the_corrected_distribution():
     w1, w2 = torch.eye(3), torch.roll(torch.eye(3), 1, dims=0)
     head = MarkovHead("vanilla", {"markov_head.markov_w1.weight": w1, "markov_head.markov_w2.weight": w2}, vocab())
     base = torch.zeros(1, 2, 3)
-    tokens, probs = sample_block(base, torch.zeros(1, 2, 1), torch.tensor([0]), head, [_seq(2.0, 5)], 2, vocab())
+    tokens, probs, logodds = sample_block(base, torch.zeros(1, 2, 1), torch.tensor([0]), head, [_seq(2.0, 5)], 2,
+                                          vocab(), with_logodds=True)
     for k, prev in enumerate([0, int(tokens[0, 0])]):
         want = torch.softmax(torch.roll(torch.eye(3), 1, dims=0)[:, prev] / 2.0, dim=0)
         assert torch.allclose(probs[0][k], want)
+        # the log-odds are the draft's own (temperature 1), whatever the request samples at
+        p = torch.softmax(torch.roll(torch.eye(3), 1, dims=0)[:, prev], dim=0)[tokens[0, k]]
+        assert torch.allclose(logodds[0, k], (p / (1 - p)).log())
 
 
 def test_a_draft_vocabulary_proposes_target_ids_and_spreads_q_over_the_target_vocabulary():
@@ -107,10 +115,10 @@ def test_a_draft_vocabulary_proposes_target_ids_and_spreads_q_over_the_target_vo
     head = MarkovHead("vanilla", {"markov_head.markov_w1.weight": w1, "markov_head.markov_w2.weight": w2}, sub)
     base = torch.zeros(1, 3, 2)
     # after 3, token 1 gets +5; after 1, token 3 gets +5; the anchor 0 biases neither
-    tokens, _ = sample_block(base + torch.tensor([0.0, 0.1]), torch.zeros(1, 3, 1), torch.tensor([0]), head,
+    tokens, _, _ = sample_block(base + torch.tensor([0.0, 0.1]), torch.zeros(1, 3, 1), torch.tensor([0]), head,
                              [_seq(0.0)], 3, sub)
     assert tokens.tolist() == [[3, 1, 3]]
-    tokens, probs = sample_block(base, torch.zeros(1, 2, 1), torch.tensor([3]), head, [_seq(1.0, 2)], 2, sub)
+    tokens, probs, _ = sample_block(base, torch.zeros(1, 2, 1), torch.tensor([3]), head, [_seq(1.0, 2)], 2, sub)
     want = torch.zeros(4)
     want[[1, 3]] = torch.softmax(torch.tensor([5.0, 0.0]), dim=0)
     assert torch.allclose(probs[0][0], want) and probs[0][0][[0, 2]].tolist() == [0.0, 0.0]
@@ -141,21 +149,34 @@ def test_a_round_widens_the_subset_by_the_drafted_requests_own_tokens():
     assert v.foreign.tolist() == [[False, True, False], [True, False, True]]
 
 
-def test_confidence_uses_previous_token_temperature_and_offset():
+def test_confidence_uses_previous_token_temperature_offset_and_draft_weight():
     w = {"confidence_head.proj.weight": torch.tensor([[1.0, 2.0, -1.0]]), "confidence_head.proj.bias": torch.tensor([0.5])}
     hidden = torch.tensor([[[1.0], [1.0]]])
     prev = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+    u = torch.tensor([[2.0, -4.0]])                        # the draft's log-odds of its tokens
     sampled, greedy = torch.tensor([False]), torch.tensor([True])
-    head = ConfidenceHead(w, with_markov=True, block_size=2, sampled=([1.0, 2.0], None))
-    want = torch.tensor([[sig(1 + 0 - 1 + 0.5), sig((1 + 2 + 0.5) / 2)]])
-    assert torch.allclose(head(hidden, prev, sampled), want)
-    assert torch.allclose(head(hidden, prev, greedy), want)          # no greedy pair: the same scaling
-    head = ConfidenceHead(w, with_markov=True, block_size=2, sampled=([1.0, 2.0], [-0.25, 1.0]),
-                          greedy=([0.5, 1.0], [0.0, -1.0]))
-    assert torch.allclose(head(hidden, prev, sampled), torch.tensor([[sig(0.5 - 0.25), sig(3.5 / 2 + 1.0)]]))
-    assert torch.allclose(head(hidden, prev, greedy), torch.tensor([[sig(0.5 / 0.5), sig(3.5 - 1.0)]]))
-    both = head(hidden.expand(2, 2, 1), prev.expand(2, 2, 2), torch.tensor([True, False]))   # per row
-    assert torch.allclose(both[0], head(hidden, prev, greedy)[0]) and torch.allclose(both[1], head(hidden, prev, sampled)[0])
+    head = ConfidenceHead(w, with_markov=True, block_size=2, sampled=([1.0, 2.0], None, None))
+    z = head.logits(hidden, prev)
+    assert torch.allclose(z, torch.tensor([[1 + 0 - 1 + 0.5, 1 + 2 + 0.5]]))
+    want = torch.tensor([[sig(0.5), sig(3.5 / 2)]])
+    assert torch.allclose(head.scale(z, u, sampled), want)            # no draft weights: u is ignored
+    assert torch.allclose(head.scale(z, u, greedy), want)             # no greedy triple: the same scaling
+    head = ConfidenceHead(w, with_markov=True, block_size=2, sampled=([1.0, 2.0], [-0.25, 1.0], [0.5, 0.0]),
+                          greedy=([0.5, 1.0], [0.0, -1.0], None))
+    assert torch.allclose(head.scale(z, u, sampled), torch.tensor([[sig(0.5 - 0.25 + 1.0), sig(3.5 / 2 + 1.0)]]))
+    assert torch.allclose(head.scale(z, u, greedy), torch.tensor([[sig(0.5 / 0.5), sig(3.5 - 1.0)]]))
+    both = head.scale(z.expand(2, 2), u.expand(2, 2), torch.tensor([True, False]))   # per row
+    assert torch.allclose(both[0], head.scale(z, u, greedy)[0]) and torch.allclose(both[1], head.scale(z, u, sampled)[0])
+
+
+def test_draft_logodds_are_those_of_the_drafted_token():
+    from engine.drafters.markov import token_logodds
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [50.0, -50.0, 0.0]])
+    p = torch.softmax(logits, -1)
+    out = token_logodds(logits, torch.tensor([0, 2, 1]))
+    assert torch.allclose(out[:2], torch.stack([(p[0, 0] / (1 - p[0, 0])).log(), torch.tensor(0.5).log()]))
+    assert torch.isfinite(out).all() and out[2] < -13              # p ~ 4e-44, held at 1e-6
 
 
 def test_threshold_truncates_at_first_low_confidence():
@@ -207,5 +228,18 @@ def test_the_drafter_gives_greedy_requests_their_own_scaling(target, tmp_path):
     engine.add(request([5, 6, 7, 8], temperature=1.0, max_new_tokens=8))   # sampled
     while len(engine.active) < 2:
         engine.step()
-    greedy, sampled = engine.drafter.propose(engine.active).confidence
+    proposal = engine.drafter.propose(engine.active)
+    greedy, sampled = proposal.confidence
     assert bool((greedy < 1e-9).all()) and bool((sampled > 1e-6).all())
+    # the head's raw inputs come with each row's confidences, and give them back under its scaling
+    head, rows = engine.drafter.confidence, torch.stack(proposal.confidence_inputs)
+    assert rows.shape == (2, block, 2) and torch.isfinite(rows).all()
+    assert torch.allclose(head.scale(rows[..., 0], rows[..., 1], torch.tensor([True, False])),
+                          torch.stack(proposal.confidence))
+    # and the engine records them beside each verified position's prediction, for calibration
+    finished = []
+    while engine.active:
+        finished += [e for e in engine.step()[0] if hasattr(e, "finish_reason")]
+    assert len(finished) == 2
+    for event in finished:
+        assert len(event.stats.confidence_inputs) == len(event.stats.confidence_samples) > 0

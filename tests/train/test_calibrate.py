@@ -5,37 +5,41 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from engine.calibration import calibration_metrics
-from engine.train.calibrate import (Round, chat_prompts, default_prompts, predictions, rounds_from_samples,
+from engine.train.calibrate import (Round, Scaling, chat_prompts, default_prompts, predictions, rounds_from_records,
                                     sequential_scaling)
 
-ONES, ZEROS = [1.0] * 4, [0.0] * 4
+ZEROS = [0.0] * 4
+IDENTITY = Scaling.identity(4)
 
 
-def synthetic_rounds(n: int = 3000, block: int = 4, seed: int = 0, scale: float = 3.0, shift: float = 0.0
-                     ) -> list[Round]:
-    """True conditional acceptance sigmoid(u); the drafter reports logit scale * u + shift."""
+def synthetic_rounds(n: int = 3000, block: int = 4, seed: int = 0, scale: float = 3.0, shift: float = 0.0,
+                     draft_share: float = 0.0) -> list[Round]:
+    """True conditional acceptance sigmoid(x + draft_share * d); the head reports logit scale * x + shift
+    and the draft its log-odds d, independent of x."""
     g = torch.Generator().manual_seed(seed)
     rounds = []
     for _ in range(n):
-        u = torch.randn(block, generator=g) * 1.5 + 0.8
-        accepted_each = torch.rand(block, generator=g) < torch.sigmoid(u)
+        x = torch.randn(block, generator=g) * 1.5 + 0.8
+        d = torch.randn(block, generator=g) * 2.0
+        accepted_each = torch.rand(block, generator=g) < torch.sigmoid(x + draft_share * d)
         accepted = 0
         while accepted < block and bool(accepted_each[accepted]):
             accepted += 1
-        rounds.append(Round([scale * float(x) + shift for x in u], accepted))
+        rounds.append(Round([scale * float(v) + shift for v in x], d.tolist(), accepted))
     return rounds
 
 
 def test_sts_lowers_ece_and_keeps_auroc():
     rounds = synthetic_rounds()
-    temps, offsets = sequential_scaling(rounds, 4, temperature_only=True)
-    assert offsets == ZEROS
-    before = calibration_metrics(predictions(rounds, ONES, ZEROS))
-    after = calibration_metrics(predictions(rounds, temps, offsets))
-    assert abs(temps[0] - 3.0) < 0.6                     # position 1 recovers the scale it was given
+    scaling = sequential_scaling(rounds, 4, temperature_only=True)
+    assert scaling.offsets == ZEROS and scaling.draft_weights == ZEROS
+    before = calibration_metrics(predictions(rounds, IDENTITY))
+    after = calibration_metrics(predictions(rounds, scaling))
+    assert abs(scaling.temperatures[0] - 3.0) < 0.6      # position 1 recovers the scale it was given
     for b, a in zip(before, after):
         assert a["ece"] < 0.5 * b["ece"]
         assert a["brier"] < b["brier"]
@@ -46,25 +50,41 @@ def test_sts_lowers_ece_and_keeps_auroc():
 def test_offsets_fix_a_shifted_head_that_temperature_cannot():
     # Sure of acceptance by +2 logits everywhere: no temperature moves a logit across 0.
     rounds = synthetic_rounds(scale=1.0, shift=2.0)
-    t_only = calibration_metrics(predictions(rounds, *sequential_scaling(rounds, 4, temperature_only=True)))
-    temps, offsets = sequential_scaling(rounds, 4)
-    both = calibration_metrics(predictions(rounds, temps, offsets))
-    assert abs(offsets[0] + 2.0) < 0.3 and abs(temps[0] - 1.0) < 0.25     # recovers the shift it was given
+    t_only = calibration_metrics(predictions(rounds, sequential_scaling(rounds, 4, temperature_only=True)))
+    scaling = sequential_scaling(rounds, 4)
+    both = calibration_metrics(predictions(rounds, scaling))
+    # recovers the shift it was given; the draft's log-odds carry nothing here, so their weight stays ~0
+    assert abs(scaling.offsets[0] + 2.0) < 0.3 and abs(scaling.temperatures[0] - 1.0) < 0.25
+    assert all(abs(w) < 0.1 for w in scaling.draft_weights)
     # 3,000 rounds: the true scaling itself scores ~0.03 (finite-sample noise of a 20-bin ECE)
     assert both[0]["ece"] < 0.04 and t_only[0]["ece"] > 0.1
     assert all(b["ece"] <= t["ece"] + 1e-12 for b, t in zip(both, t_only))
-    assert abs(both[0]["auroc"] - t_only[0]["auroc"]) < 1e-9
+    # T and b are a monotone map of z: the ranking is kept; the small weight fitted on noise moves it a hair
+    monotone = calibration_metrics(predictions(rounds, Scaling(scaling.temperatures, scaling.offsets, ZEROS)))
+    assert abs(monotone[0]["auroc"] - t_only[0]["auroc"]) < 1e-9
+    assert abs(both[0]["auroc"] - t_only[0]["auroc"]) < 2e-3
 
 
-def test_engine_records_are_turned_back_into_raw_logits():
-    rounds = [Round([1.5, -0.5, 2.0], 1), Round([0.3], 0)]
-    temps, offsets = [2.0, 0.5, 1.0, 1.0], [0.25, -1.0, 0.0, 0.0]
-    samples = predictions(rounds, temps, offsets)        # what the engine records with this scaling
-    back = rounds_from_samples(samples, temps, offsets)
-    assert [r.accepted for r in back] == [1, 0]
-    for r, b in zip(rounds, back):
-        assert [round(z, 9) for z in b.logits] == [round(z, 9) for z in r.logits]
-    assert math.isclose(samples[1][1], 1 / (1 + math.exp(-1.0)) / (1 + math.exp(2.0)))
+def test_draft_weights_add_what_the_drafts_own_certainty_knows():
+    rounds = synthetic_rounds(scale=2.0, draft_share=0.5)
+    pair = sequential_scaling(rounds, 4, temperature_only=False)
+    assert all(abs(w - 0.5) < 0.15 for w in pair.draft_weights[:2])     # recovers the share it was given
+    assert abs(pair.temperatures[0] - 2.0) < 0.4 and abs(pair.offsets[0]) < 0.3
+    without = Scaling(pair.temperatures, pair.offsets, ZEROS)
+    with_u, without_u = (calibration_metrics(predictions(rounds, s)) for s in (pair, without))
+    assert with_u[0]["auroc"] > without_u[0]["auroc"] + 0.05 and with_u[0]["brier"] < without_u[0]["brier"]
+    assert with_u[0]["ece"] < 0.04
+
+
+def test_engine_records_become_rounds():
+    rounds = [Round([1.5, -0.5, 2.0], [0.1, 0.2, 0.3], 1), Round([0.3], [-1.0], 0)]
+    scaling = Scaling([2.0, 0.5, 1.0, 1.0], [0.25, -1.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0])
+    samples = predictions(rounds, scaling)               # what the engine records with this scaling
+    inputs = [(z, u) for r in rounds for z, u in zip(r.logits, r.draft)]
+    assert rounds_from_records(samples, inputs) == rounds
+    assert math.isclose(samples[1][1], 1 / (1 + math.exp(-(0.75 + 0.25 + 0.05))) / (1 + math.exp(2.0)))
+    with pytest.raises(ValueError, match="head inputs"):
+        rounds_from_records(samples, inputs[:-1])
 
 
 def test_default_prompts_take_held_out_code_unseen_word_problems_and_general_requests_in_turn():

@@ -94,7 +94,8 @@ def test_train_drafter_init_from_continues_an_exported_drafter(target, cache_dir
     capsys.readouterr()
     config = json.loads((base / "config.json").read_text())
     config.update(confidence_temperatures=[1.5] * 4, confidence_offsets=[0.1] * 4, calibration={"method": "STS"},
-                  confidence_temperatures_greedy=[0.5] * 4, confidence_offsets_greedy=[0.2] * 4)
+                  confidence_temperatures_greedy=[0.5] * 4, confidence_offsets_greedy=[0.2] * 4,
+                  confidence_draft_weights=[0.3] * 4, confidence_draft_weights_greedy=[0.4] * 4)
     (base / "config.json").write_text(json.dumps(config))
     subset = torch.tensor([0, 3, 7, 20])
     write_draft_vocab(base, subset, {})
@@ -112,7 +113,7 @@ def test_train_drafter_init_from_continues_an_exported_drafter(target, cache_dir
     assert not torch.equal(load_file(fresh / "model.safetensors")["fc.weight"], got["fc.weight"])
     stored = json.loads((tuned / "config.json").read_text())
     assert not {"confidence_temperatures", "calibration", "confidence_temperatures_greedy",
-                "confidence_offsets_greedy"} & stored.keys()
+                "confidence_offsets_greedy", "confidence_draft_weights", "confidence_draft_weights_greedy"} & stored.keys()
     assert stored["markov_rank"] == 8 and stored["block_size"] == 4
     assert torch.equal(load_checkpoint(tuned, target).draft_vocab, subset)
 
@@ -130,7 +131,7 @@ def test_train_drafter_init_from_continues_an_exported_drafter(target, cache_dir
     assert "is a dflash drafter, not dspark" in capsys.readouterr().err
 
 
-def test_calibrate_fits_and_stores_temperatures_and_offsets(target, tmp_path, capsys):
+def test_calibrate_fits_and_stores_temperatures_offsets_and_draft_weights(target, tmp_path, capsys):
     import json
 
     from engine.drafters.checkpoint import load_checkpoint
@@ -147,11 +148,15 @@ def test_calibrate_fits_and_stores_temperatures_and_offsets(target, tmp_path, ca
     stored = json.loads((tmp_path / "config.json").read_text())
     assert stored["confidence_temperatures"] == printed["temperatures"] and len(printed["temperatures"]) == 4
     assert stored["confidence_offsets"] == printed["offsets"] and len(printed["offsets"]) == 4
-    assert stored["calibration"]["method"] == "STS with offsets" and stored["calibration"]["prompts"] == 4
+    assert stored["confidence_draft_weights"] == printed["draft_weights"] and len(printed["draft_weights"]) == 4
+    assert stored["calibration"]["method"] == "STS with offsets and draft weights"
+    assert stored["calibration"]["prompts"] == 4
     loaded = load_checkpoint(tmp_path, target).config
     assert loaded.confidence_offsets == printed["offsets"]
+    assert loaded.confidence_draft_weights == printed["draft_weights"]
     assert main([*argv, "--temperature-only"]) == 0
-    assert json.loads((tmp_path / "config.json").read_text())["confidence_offsets"] == [0.0] * 4
+    stored = json.loads((tmp_path / "config.json").read_text())
+    assert stored["confidence_offsets"] == stored["confidence_draft_weights"] == [0.0] * 4
 
     # --temperature 0 fits the greedy requests' pair beside the sampled one, which it leaves alone
     sampled = json.loads((tmp_path / "config.json").read_text())
@@ -161,8 +166,9 @@ def test_calibrate_fits_and_stores_temperatures_and_offsets(target, tmp_path, ca
     stored = json.loads((tmp_path / "config.json").read_text())
     assert stored["confidence_temperatures_greedy"] == printed["temperatures"]
     assert stored["confidence_offsets_greedy"] == printed["offsets"]
+    assert stored["confidence_draft_weights_greedy"] == printed["draft_weights"]
     assert stored["calibration_greedy"]["temperature"] == 0
-    for key in ("confidence_temperatures", "confidence_offsets", "calibration"):
+    for key in ("confidence_temperatures", "confidence_offsets", "confidence_draft_weights", "calibration"):
         assert stored[key] == sampled[key]
     loaded = load_checkpoint(tmp_path, target).config
     assert loaded.confidence_offsets_greedy == printed["offsets"]

@@ -89,5 +89,5 @@ def test_markov_and_confidence_heads_match_the_inference_drafter(target, sequenc
     for k in range(5):
         bias, state = drafter.markov.step_bias(hidden[:, k], prev[:, k], state)
         torch.testing.assert_close(logits[0, k], (base[:, k] + bias)[0], atol=1e-4, rtol=1e-4)
-    expected = drafter.confidence(hidden, drafter.markov.prev_features(prev), torch.tensor([False]))
-    torch.testing.assert_close(torch.sigmoid(conf), expected, atol=1e-5, rtol=1e-5)
+    expected = drafter.confidence.logits(hidden, drafter.markov.prev_features(prev))   # uncalibrated
+    torch.testing.assert_close(conf, expected, atol=1e-5, rtol=1e-5)
