@@ -78,10 +78,10 @@ class DSparkDrafter(Drafter):
         prev_features = self.markov.prev_features(prev) if self.confidence.with_markov else None
         greedy = torch.tensor([seq.request.sampling.greedy for seq in seqs])
         z = self.confidence.logits(hidden, prev_features)
-        confidence = self.confidence.scale(z, logodds, greedy).cpu()
-        inputs = torch.stack([z, logodds], dim=-1).cpu()
-        return Proposal(tokens=tokens.tolist(), probs=probs, confidence=list(confidence),
-                        confidence_inputs=list(inputs))
+        # confidences and the head's inputs (for calibration records) come to the host in one copy
+        host = torch.stack([self.confidence.scale(z, logodds, greedy), z, logodds], dim=-1).cpu()
+        return Proposal(tokens=tokens.tolist(), probs=probs, confidence=list(host[..., 0]),
+                        confidence_inputs=list(host[..., 1:]))
 
     @torch.inference_mode()
     def draft_block(self, seqs: list[Sequence]) -> torch.Tensor:
