@@ -101,7 +101,7 @@ class PrefixScheduler:
 
     def __call__(self, seqs: list[Sequence], proposal: Proposal, caps: list[int]) -> tuple[list[int], float]:
         caps = [min(len(t), c) for t, c in zip(proposal.tokens, caps)]
-        confidences = list(proposal.confidence) + [None] * (len(seqs) - len(proposal.confidence))
+        confidences = proposal.confidence
         # A drafter without confidences gets its whole proposal (fixed gamma).
         fixed = [conf is None for conf in confidences]
         surv = survivals(confidences, caps)

@@ -20,7 +20,7 @@ def threshold_schedule(threshold: float) -> Schedule:
         budgets, expected = [], 0.0
         for r, cap in enumerate(caps):
             length = min(len(proposal.tokens[r]), cap)
-            conf = proposal.confidence[r] if r < len(proposal.confidence) else None
+            conf = proposal.confidence[r]
             if conf is not None:
                 below = (conf[:length] < threshold).nonzero()
                 if len(below):

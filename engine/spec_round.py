@@ -72,14 +72,9 @@ def propose_for(drafter: Drafter, seqs: list[Sequence], drafting: list[bool]) ->
     if chosen:
         part = drafter.propose(chosen)
         rows = [r for r, d in enumerate(drafting) if d]
-        if part.confidence_inputs:
-            proposal.confidence_inputs = [None] * len(seqs)
         for i, r in enumerate(rows):
             proposal.tokens[r], proposal.probs[r] = part.tokens[i], part.probs[i]
-            if i < len(part.confidence):
-                proposal.confidence[r] = part.confidence[i]
-            if i < len(part.confidence_inputs):
-                proposal.confidence_inputs[r] = part.confidence_inputs[i]
+            proposal.confidence[r], proposal.confidence_inputs[r] = part.confidence[i], part.confidence_inputs[i]
     return proposal
 
 
@@ -123,9 +118,7 @@ def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seq
         seq.tokens.extend(new)
         seq.kv_len += a + 1
         _count(seq, len(proposal.tokens[r]), L, a)
-        if r < len(proposal.confidence):
-            record_confidence(seq.stats, proposal.confidence[r],
-                              proposal.confidence_inputs[r] if r < len(proposal.confidence_inputs) else None, L, a)
+        record_confidence(seq.stats, proposal.confidence[r], proposal.confidence_inputs[r], L, a)
         accepted_total += a
         committed.append(new)
         drafter.commit(seq, None if out.taps is None else out.taps[r, :a + 1])

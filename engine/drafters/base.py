@@ -23,6 +23,12 @@ class Proposal:
     # per request [len, 2]: the confidence head's inputs (z_k, u_k) before calibration, recorded for it
     confidence_inputs: list[torch.Tensor | None] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # A drafter without a confidence head leaves them out: one None per request, so every reader
+        # indexes them like `tokens`.
+        self.confidence = self.confidence or [None] * len(self.tokens)
+        self.confidence_inputs = self.confidence_inputs or [None] * len(self.tokens)
+
 
 class Drafter:
     """Plain autoregressive decoding: proposes nothing, so each round verifies only the anchor."""
@@ -36,7 +42,7 @@ class Drafter:
         """Called after prefill; features: [prompt_len, m*H] of the tapped layers, or None."""
 
     def propose(self, seqs: list[Sequence]) -> Proposal:
-        return Proposal(tokens=[[] for _ in seqs], probs=[None] * len(seqs), confidence=[None] * len(seqs))
+        return Proposal(tokens=[[] for _ in seqs], probs=[None] * len(seqs))
 
     def commit(self, seq: Sequence, features: torch.Tensor | None) -> None:
         """Called after verification with the features of the newly cached positions [a+1, m*H]."""

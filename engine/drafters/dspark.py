@@ -73,7 +73,7 @@ class DSparkDrafter(Drafter):
         tokens, probs, logodds = sample_block(base_logits, hidden, anchors, self.markov, seqs, self.block_size,
                                               self.vocab, with_logodds=self.confidence is not None)
         if self.confidence is None:
-            return Proposal(tokens=tokens.tolist(), probs=probs, confidence=[None] * len(seqs))
+            return Proposal(tokens=tokens.tolist(), probs=probs)
         prev = torch.cat([anchors[:, None], tokens[:, :-1].to(anchors.device)], dim=1)
         prev_features = self.markov.prev_features(prev) if self.confidence.with_markov else None
         greedy = torch.tensor([seq.request.sampling.greedy for seq in seqs])

@@ -72,8 +72,7 @@ class Eagle3Drafter(Drafter):
             if s + 1 < L:
                 g = self.layer_forward(tokens[:, s, None].to(dev), g[:, None], (starts + s)[:, None], slots)[:, 0]
         rows = [_until_eos(row, self.eos) for row in tokens.tolist()]
-        return Proposal(tokens=rows, probs=[None if p is None else p[:len(t)] for p, t in zip(probs, rows)],
-                        confidence=[None] * len(seqs))
+        return Proposal(tokens=rows, probs=[None if p is None else p[:len(t)] for p, t in zip(probs, rows)])
 
     def extend(self, seqs: list[Sequence], slots: torch.Tensor) -> torch.Tensor:
         """Write each row's pending context into the cache; return the last output g [R, H]."""

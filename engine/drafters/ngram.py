@@ -50,4 +50,4 @@ class NgramDrafter(Drafter):
             index: NgramIndex = seq.drafter_state
             index.update(seq.tokens)
             tokens.append(index.lookup(seq.tokens, self.block_size))
-        return Proposal(tokens=tokens, probs=[None] * len(seqs), confidence=[None] * len(seqs))
+        return Proposal(tokens=tokens, probs=[None] * len(seqs))
