@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import torch
 
-Scaling = tuple[list[float] | None, list[float] | None, list[float] | None]   # temperatures, offsets, draft weights
+# (temperatures, offsets, draft weights) as the checkpoint config gives them, None where absent; calibrate
+# fits the complete triple, engine/train/calibrate.py Scaling
+ConfigScaling = tuple[list[float] | None, list[float] | None, list[float] | None]
 
 
 class ConfidenceHead:
     def __init__(self, weights: dict[str, torch.Tensor], with_markov: bool, block_size: int,
-                 sampled: Scaling = (None, None, None), greedy: Scaling = (None, None, None)):
+                 sampled: ConfigScaling = (None, None, None), greedy: ConfigScaling = (None, None, None)):
         """`sampled` / `greedy`: (temperatures, offsets, draft weights) per position; None entries
         default to 1, 0 and 0, and a greedy triple of Nones to the sampled one."""
         self.weight = weights["confidence_head.proj.weight"][0]    # [D]
