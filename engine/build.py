@@ -17,7 +17,7 @@ from engine.loading import LoadedTarget, cache_root, load_target, resolve_model_
 from engine.prefix_scheduler import PrefixScheduler
 from engine.schedulers import build_schedule
 from engine.spec_round import Schedule
-from engine.sps import load_or_profile
+from engine.sps import hardware_id, load_or_profile
 from kernels import KERNELS_VERSION
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -78,8 +78,9 @@ def build_engine(config: EngineConfig, target: LoadedTarget | None = None) -> En
 def make_schedule(config: EngineConfig, target: LoadedTarget) -> Schedule:
     if config.scheduler == "static":
         return build_schedule(config)
-    # SPS(B) depends on the model, dtype, device, thread count and operators: profile once per combination.
+    # SPS(B) depends on the model, dtype, device, processor, thread count and operators: profile once
+    # per combination.
     key = (f"{target.digest.hex()[:16]}-{config.dtype}-{config.device.replace(':', '')}"
-           f"-t{torch.get_num_threads()}-k{KERNELS_VERSION}")
+           f"-{hardware_id(config.device)}-t{torch.get_num_threads()}-k{KERNELS_VERSION}")
     sps = load_or_profile(target.model, key, config.verify_budget, cache_root() / "sps")
     return PrefixScheduler(sps, mode=config.scheduler, budget=config.verify_budget)

@@ -1,10 +1,13 @@
 """SPS(B): target forward steps per second as a function of the verification batch size B in
-tokens (paper §3.2.2). Measured once per model/device/dtype at engine start and cached on disk."""
+tokens (paper §3.2.2). Measured once per model, dtype, device, processor, thread count and operator
+version at engine start, and cached on disk."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import platform
 import statistics
 import time
 from bisect import bisect_left
@@ -84,6 +87,37 @@ def profile_sps(model: TargetModel, max_tokens: int, context: int = 256, repeats
             times.append(time.perf_counter() - start)
         measured.append(1 / statistics.median(times[1:]))  # the first run warms up this shape
     return SpsTable(tokens=points, measured=measured, context=context)
+
+
+def cpu_signature(cpuinfo: str) -> str:
+    """The first processor's model name and instruction-set flags from /proc/cpuinfo text (the flags
+    sorted; the platform's processor string where the file says nothing, as off Linux)."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name") or f"{platform.processor()} {platform.machine()}"
+    return f"{model}|{' '.join(sorted(fields.get('flags', '').split()))}"
+
+
+def hardware_id(device: str) -> str:
+    """A short digest naming the hardware behind `device`: the GPU's name, or the CPU's model and
+    flags. A cached profile is only valid on the hardware that measured it, and one image (one cache
+    volume) may start on different hosts: the development VM had AVX2 alone in earlier sessions and
+    has AMX now, where a bf16 step of 8 tokens costs what one of 2 does (docs/benchmarks.md), and a
+    rented GPU may be another model next time."""
+    if device.startswith("cuda"):
+        text = torch.cuda.get_device_name(device)
+    else:
+        try:
+            text = cpu_signature(Path("/proc/cpuinfo").read_text())
+        except OSError:
+            text = cpu_signature("")
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def load_or_profile(model: TargetModel, key: str, max_tokens: int, cache_dir: Path) -> SpsTable:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from engine.prefix_scheduler import PrefixScheduler
-from engine.sps import SpsTable
+from engine.sps import SpsTable, hardware_id
 from tests.drafters.helpers import logged_proposals, request
 from tests.drafters.test_lossless import PROMPTS, drafter_dir, engine_for, run_batch, run_with_reports
 
@@ -35,7 +35,7 @@ def test_engine_profiles_sps_once_and_caches_it(target, tmp_path_factory, monkey
 
     engine_for(target, "dspark", drafter, scheduler="sync")
     files = list((cache_root() / "sps").glob("*.json"))
-    assert len(files) == 1
+    assert len(files) == 1 and f"-{hardware_id('cpu')}-" in files[0].name  # per processor
     table = SpsTable.load(files[0])
     assert table.tokens[0] == 1 and all(s > 0 for s in table.measured)
     engine_for(target, "dspark", drafter, scheduler="async")  # same key: loaded, not profiled again

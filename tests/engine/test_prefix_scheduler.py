@@ -4,7 +4,7 @@ import torch
 
 from engine.drafters.base import Proposal
 from engine.prefix_scheduler import PrefixScheduler, algorithm1, capacity, survivals, top_k
-from engine.sps import SpsTable
+from engine.sps import SpsTable, cpu_signature, hardware_id
 
 
 def table(*sps):
@@ -83,3 +83,24 @@ def test_sps_table_interpolates_and_smooths():
     assert t(1) == 10.0 and t(2) == 10.0  # noise that says "faster with more tokens" is smoothed away
     assert abs(1 / t(3) - (0.1 + 0.2) / 2) < 1e-12  # step time interpolated between 2 and 4
     assert abs(t(8) - 2.5) < 1e-12  # beyond the profile, time grows with B
+
+
+AVX2_HOST = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: fpu sse2 avx2 fma
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: fpu sse2 avx2 fma
+"""
+
+
+def test_cpu_signature_tells_hosts_apart_by_flags_not_by_name():
+    """The same VM name with and without AMX measures different SPS tables, so a cached profile
+    must not carry over; flag order and later processors do not matter."""
+    amx = AVX2_HOST.replace("avx2 fma", "fma avx2 amx_bf16 avx512_bf16", 1)
+    assert cpu_signature(AVX2_HOST) == "Intel(R) Xeon(R) Processor|avx2 fma fpu sse2"
+    assert cpu_signature(amx) != cpu_signature(AVX2_HOST)
+    assert cpu_signature(AVX2_HOST.replace("fpu sse2 avx2 fma", "fma avx2 sse2 fpu", 1)) == cpu_signature(AVX2_HOST)
+    assert cpu_signature("").endswith("|")  # off Linux: the platform's processor string, no flags
+    assert len(hardware_id("cpu")) == 8 and hardware_id("cpu") == hardware_id("cpu")
