@@ -63,6 +63,9 @@ class TrainOptions(BaseModel):
     norm_init: float = Field(0.1, gt=0, le=1)
     threads: int | None = Field(None, ge=1)
     device: str = "cpu"          # checked by load_target (engine.loading.check_device)
+    # The arithmetic of response generation and of training (trainer.py). The cache's features and
+    # soft labels are scored in fp32 either way.
+    dtype: Literal["float32", "bfloat16"] = "float32"
     cache_only: bool = False
 
     @field_validator("target_layers")
@@ -126,13 +129,15 @@ def prepare_cache(opts: TrainOptions, target: LoadedTarget, ids: list[int], log)
         if opts.gen_minutes > 0:
             gen_prompts = data.generation_prompts(opts.seed)
             # Decoding is weight-bound at small batches: 64 requests at a time give ~2.5x the tokens/s
-            # of 8 on 2 CPU cores (measured), at the price of a longer first prefill.
+            # of 8 on 2 CPU cores (measured), at the price of a longer first prefill. In bf16 the
+            # responses are those of the target as a GPU node serves it.
+            decoder = target if opts.dtype == "float32" else load_target(opts.model, torch.bfloat16, opts.device)
             engine = build_engine(EngineConfig(model=opts.model, method="ar", max_batch=opts.gen_batch,
                                                max_context=opts.max_len + opts.gen_max_new_tokens + 8,
-                                               device=opts.device), target)
+                                               device=opts.device, dtype=opts.dtype), decoder)
             samples += data.generated_samples(engine, tok, gen_prompts, opts.gen_max_new_tokens, opts.max_len,
                                               opts.gen_minutes, opts.seed, tuple(opts.gen_temperatures), log)
-            del engine
+            del engine, decoder
         n_generated = len(samples)
         if opts.stdlib_tokens:
             samples += data.stdlib_samples(tok, eot, opts.stdlib_tokens, opts.max_len, opts.seed)
@@ -145,6 +150,7 @@ def prepare_cache(opts: TrainOptions, target: LoadedTarget, ids: list[int], log)
                                      "general requests (GENERAL_PROMPTS, GENERAL_TASKS x GENERAL_TOPICS), each once; "
                                      "none from shared/eval",
                           "sampling": data.describe_sampling(tuple(opts.gen_temperatures)),
+                          "dtype": opts.dtype,
                           "responses": n_generated,
                           "tokens": sum(sum(s.loss_mask) for s in samples[:n_generated])},
             "stdlib": {"root": str(data.stdlib_files()[0].parent) if data.stdlib_files() else "",
@@ -204,11 +210,11 @@ def run(opts: TrainOptions, log=print) -> dict:
         module = build_module(parse_config(config, DRAFT_CONFIG), state)
     settings = TrainSettings(kind=opts.kind, steps=opts.steps, batch=opts.batch, lr=opts.lr, seed=opts.seed,
                              max_len=opts.max_len, max_anchors=opts.anchors, minutes=opts.minutes,
-                             save_every=opts.save_every, device=opts.device)
+                             save_every=opts.save_every, device=opts.device, dtype=opts.dtype)
     result = train(module, target.model, sequences, settings, opts.out, config)
     last = result.history[-20:]
     summary = {
-        "kind": opts.kind, "device": device_name(opts.device), "steps_done": result.steps_done,
+        "kind": opts.kind, "device": device_name(opts.device), "dtype": opts.dtype, "steps_done": result.steps_done,
         "steps": opts.steps, "finished": result.finished,
         "train_seconds": round(result.seconds, 1), "cache_seconds": round(cache_seconds, 1),
         "anchors_per_s": round(result.anchors_per_s, 1), "init_from": provenance,

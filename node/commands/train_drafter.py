@@ -62,6 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda[:N]: where generation, the target cache and training run (default: cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="arithmetic of response generation and training: bfloat16 decodes in bf16 and trains "
+                        "under autocast with fp32 weights and optimizer (faster on a GPU or a CPU with AMX); the "
+                        "cache is scored in fp32 either way (default: %(default)s)")
     p.add_argument("--cache-only", action="store_true",
                    help="build the target cache and stop (train the kinds from it later, e.g. side by side)")
     p.set_defaults(func=run)
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                             gen_max_new_tokens=args.gen_max_new_tokens, gen_batch=args.gen_batch,
                             gen_temperatures=args.gen_temperatures,
                             stdlib_tokens=args.stdlib_tokens, max_len=args.max_len, topk=args.topk, threads=args.threads,
-                            device=args.device, cache_only=args.cache_only)
+                            device=args.device, dtype=args.dtype, cache_only=args.cache_only)
     except ValidationError as exc:
         problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
         print(f"error: {problems}", file=sys.stderr)

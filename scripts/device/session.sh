@@ -10,7 +10,8 @@
 # Everything lands in $OUT as at most 8 files of at most 15 MiB (the device tool's limits):
 # session.log, results.tar.gz (logs, JSON reports), drafters.tar.part-N.
 # Knobs (environment): BUDGET_S (seconds this call may use, default 560), DEVICE (cuda),
-# SERVING_ARGS, GEN_MINUTES, STDLIB_TOKENS, TRAIN_ARGS. On a CPU (DEVICE=cpu, small knobs) the same
+# SERVING_ARGS, GEN_MINUTES, STDLIB_TOKENS, TRAIN_ARGS, TRAIN_DTYPE (of generation and training,
+# default bfloat16). On a CPU (DEVICE=cpu, small knobs) the same
 # script runs end to end, which is how it is tested.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -83,7 +84,7 @@ phase_train() {
   [ "$(left)" -gt 240 ] || { log "train skipped: $(left) s left"; return; }
   dspark train-drafter --out "$WORK/unused" --cache-only --cache-dir "$cache" --device "$DEVICE" \
     --target-layers 1,10,18,27 --gen-minutes "${GEN_MINUTES:-2}" --gen-batch 256 --gen-max-new-tokens 384 \
-    --gen-temperatures 0,0.7 --stdlib-tokens "${STDLIB_TOKENS:-300000}" \
+    --gen-temperatures 0,0.7 --stdlib-tokens "${STDLIB_TOKENS:-300000}" --dtype "${TRAIN_DTYPE:-bfloat16}" \
     > "$WORK/results/cache.json" 2> "$WORK/results/cache.log"
   log "cache: $(tail -c 300 "$WORK/results/cache.json" | tr '\n' ' ')"
   # the three kinds share the GPU, the same data and the same minutes; 60 s kept for export and packing
@@ -92,7 +93,7 @@ phase_train() {
   for kind in dspark dflash eagle3; do
     # shellcheck disable=SC2086
     dspark train-drafter --kind $kind --out "$WORK/drafters/$kind" --cache-dir "$cache" --device "$DEVICE" \
-      --minutes "$minutes" ${TRAIN_ARGS:---steps 1000000 --batch 8 --anchors 512 --lr 3e-3 --save-every 1000000 \
+      --dtype "${TRAIN_DTYPE:-bfloat16}" --minutes "$minutes" ${TRAIN_ARGS:---steps 1000000 --batch 8 --anchors 512 --lr 3e-3 --save-every 1000000 \
       --threads 2} $([ $kind = eagle3 ] || echo --layers 2) \
       > "$WORK/results/train-$kind.json" 2> "$WORK/results/train-$kind.log" &
   done

@@ -52,7 +52,8 @@ def test_calibrate_refuses_a_drafter_without_confidence_head(target, tmp_path, c
 
 
 def test_train_drafter_end_to_end_builds_one_cache_for_two_kinds(target, tmp_path, capsys):
-    """Generated responses + stdlib text -> cache (--cache-only) -> a DSpark and a DFlash run from it."""
+    """Generated responses (decoded in bf16) + stdlib text -> cache (--cache-only) -> a DSpark run in
+    bf16 and a DFlash run in fp32 from it."""
     import json
 
     cache = tmp_path / "cache"
@@ -60,19 +61,22 @@ def test_train_drafter_end_to_end_builds_one_cache_for_two_kinds(target, tmp_pat
               "--gen-minutes", "0.1", "--gen-batch", "4", "--gen-max-new-tokens", "24", "--stdlib-tokens", "1500",
               "--gen-temperatures", "0,0.7",
               "--block-size", "4", "--anchors", "8", "--batch", "2", "--threads", "1"]
-    assert main(["train-drafter", "--out", str(tmp_path / "x"), "--cache-only", *common]) == 0
+    assert main(["train-drafter", "--out", str(tmp_path / "x"), "--cache-only", "--dtype", "bfloat16", *common]) == 0
     built = json.loads(capsys.readouterr().out)
     sources = built["sources"]
     assert sources["generated"]["responses"] > 0 and sources["stdlib"]["chunks"] > 0
     assert "none from shared/eval" in sources["generated"]["prompts"]
     assert sources["generated"]["sampling"].startswith("T=0 (greedy), T=0.7 top_p=0.8")
+    assert sources["generated"]["dtype"] == "bfloat16"
     assert (cache / "manifest.json").exists() and not (tmp_path / "x" / "config.json").exists()
     stamp = (cache / "manifest.json").stat().st_mtime_ns
-    for kind in ("dspark", "dflash"):
+    for kind, dtype in (("dspark", "bfloat16"), ("dflash", "float32")):
         out = tmp_path / kind
-        assert main(["train-drafter", "--kind", kind, "--out", str(out), "--steps", "3", *common]) == 0
+        assert main(["train-drafter", "--kind", kind, "--out", str(out), "--steps", "3", "--dtype", dtype,
+                     *common]) == 0
         summary = json.loads(capsys.readouterr().out)
         assert summary["steps_done"] == 3 and summary["data"]["tokens"] == built["tokens"]
+        assert summary["dtype"] == dtype
         assert summary["device"] == "cpu"    # where it was trained, recorded with the drafter
         config = json.loads((out / "config.json").read_text())
         assert config["training"]["data"]["sources"] == sources and (out / "model.safetensors").exists()

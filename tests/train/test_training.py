@@ -46,6 +46,22 @@ def test_a_few_steps_reduce_the_loss(target, sequences, tmp_path):
     assert result.anchors_per_s > 0
 
 
+def test_bf16_autocast_trains_fp32_weights_and_is_not_resumed_as_fp32(target, sequences, tmp_path):
+    config, module = fresh(target)
+    before = eval_loss(module, target, sequences)
+    s = settings(steps=40, dtype="bfloat16")
+    s.lr = 1e-2
+    result = train(module, target.model, sequences, s, tmp_path / "bf16", config)
+    assert all(p.dtype == torch.float32 for p in module.parameters())   # master weights stay fp32
+    assert eval_loss(module, target, sequences) < 0.92 * before
+    # Same weights and draws at step 0, other arithmetic: autocast was on.
+    _, ref = fresh(target)
+    fp32 = train(ref, target.model, sequences, settings(steps=1), tmp_path / "fp32", config).history[0]["loss"]
+    assert result.history[0]["loss"] != fp32 and abs(result.history[0]["loss"] - fp32) < 0.05 * fp32
+    with pytest.raises(TrainingError, match="bfloat16"):
+        train(module, target.model, sequences, settings(steps=40), tmp_path / "bf16", config)
+
+
 @pytest.mark.parametrize("kind", ["dflash", "eagle3"])
 def test_baselines_train_too(target, sequences, tmp_path, kind):
     config, module = fresh(target, kind)
