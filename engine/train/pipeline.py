@@ -52,6 +52,9 @@ class TrainOptions(BaseModel):
     gen_minutes: float = Field(5.0, ge=0)
     gen_max_new_tokens: int = Field(256, ge=16, le=2048)
     gen_batch: int = Field(32, ge=1, le=256)
+    # Requests to pass over at the head of the generation list: a second cache answers new requests
+    # (the code requests come in a fixed order, so another seed alone would repeat them).
+    gen_skip: int = Field(0, ge=0)
     # Greedy responses are what a T=0 request meets: SmolLM2's repeat themselves twice as often as
     # its T=0.7 samples (3-gram copy rate 0.33-0.42 vs 0.16, measured). DeepSpec samples at 0.7
     # alone, the default; half greedy (0,0.7) did not move τ of the 1-layer CPU-trained drafters
@@ -127,7 +130,10 @@ def prepare_cache(opts: TrainOptions, target: LoadedTarget, ids: list[int], log)
         eot = target.eos_token_ids[0]
         samples: list = []
         if opts.gen_minutes > 0:
-            gen_prompts = data.generation_prompts(opts.seed)
+            gen_prompts = data.generation_prompts(opts.seed)[opts.gen_skip:]
+            if not gen_prompts:
+                raise TrainingError(f"--gen-skip {opts.gen_skip} passes over all "
+                                    f"{len(data.generation_prompts(opts.seed))} generation requests")
             # Decoding is weight-bound at small batches: 64 requests at a time give ~2.5x the tokens/s
             # of 8 on 2 CPU cores (measured), at the price of a longer first prefill. In bf16 the
             # responses are those of the target as a GPU node serves it.
@@ -151,6 +157,7 @@ def prepare_cache(opts: TrainOptions, target: LoadedTarget, ids: list[int], log)
                                      "none from shared/eval",
                           "sampling": data.describe_sampling(tuple(opts.gen_temperatures)),
                           "dtype": opts.dtype,
+                          "skipped": opts.gen_skip,
                           "responses": n_generated,
                           "tokens": sum(sum(s.loss_mask) for s in samples[:n_generated])},
             "stdlib": {"root": str(data.stdlib_files()[0].parent) if data.stdlib_files() else "",

@@ -56,6 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-temperatures", type=_comma_list(float, "temperatures"), default=[0.7],
                    help="response n is decoded at the n-th of these, cyclically (0 = greedy; default 0.7)")
     p.add_argument("--gen-batch", type=int, default=32, help="responses generated at a time")
+    p.add_argument("--gen-skip", type=int, default=0,
+                   help="pass over the first N generation requests (a second cache of new requests)")
     p.add_argument("--stdlib-tokens", type=int, default=100_000, help="tokens of stdlib code scored by the target")
     p.add_argument("--max-len", type=int, default=512, help="tokens per training sequence")
     p.add_argument("--topk", type=int, default=8, help="target probabilities kept per token in the cache")
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                             seed=args.seed, resume=args.resume, save_every=args.save_every,
                             gen_minutes=args.gen_minutes,
                             gen_max_new_tokens=args.gen_max_new_tokens, gen_batch=args.gen_batch,
-                            gen_temperatures=args.gen_temperatures,
+                            gen_temperatures=args.gen_temperatures, gen_skip=args.gen_skip,
                             stdlib_tokens=args.stdlib_tokens, max_len=args.max_len, topk=args.topk, threads=args.threads,
                             device=args.device, dtype=args.dtype, cache_only=args.cache_only)
     except ValidationError as exc:

@@ -17,6 +17,8 @@ from node.cli import main
     (["--resume"], "train_state.pt does not exist"),
     (["--kind", "eagle3", "--target-layers=-1,1"], "cannot tap the embedding"),
     (["--gen-temperatures", "0,3"], "temperatures must lie in [0, 2]"),
+    (["--gen-skip", "-1"], "--gen-skip"),
+    (["--gen-skip", "10000000"], "passes over all"),
     (["--device", "gpu"], "'gpu' is not a torch device"),
     (["--save-every", "0"], "--save-every"),
     (["--device", "cuda:64"], "is not available: CUDA devices visible"),
