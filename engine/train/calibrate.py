@@ -150,10 +150,18 @@ def sequential_scaling(rounds: list[Round], block: int, temperature_only: bool =
     return scaling
 
 
+# Gaussian priors on b_k and w_k (standard deviations, in logits): without them a late position,
+# where a few accepted rounds are separated from the rest by u alone, drove the refinement to
+# b = -2251, w = 6089, a step function of u (the shipped drafter's position 7, fitted on 4,657
+# rounds; measured 2026-11-30). b's spread is the grid's range, w's the scale of one log-odds unit.
+PRIOR_SD_OFFSET, PRIOR_SD_WEIGHT = 4.0, 1.0
+
+
 def refine(prefix: torch.Tensor, z: torch.Tensor, u: torch.Tensor, labels: torch.Tensor, t: float, b: float,
            w: float) -> tuple[float, float, float, float]:
     """(log loss, T, b, w) after L-BFGS on the log loss of prefix * sigmoid(z / T + b + w u) from
-    (t, b, w); T stays positive (fitted as log 1/T). Deterministic: float64, no randomness."""
+    (t, b, w), with the priors above (the penalty of a posterior mode, per round); T stays positive
+    (fitted as log 1/T). The loss returned is the log loss alone. Deterministic: float64."""
     theta = torch.tensor([-math.log(t), b, w], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([theta], max_iter=200, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
 
@@ -163,7 +171,8 @@ def refine(prefix: torch.Tensor, z: torch.Tensor, u: torch.Tensor, labels: torch
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        value = loss()
+        prior = (theta[1] / PRIOR_SD_OFFSET) ** 2 / 2 + (theta[2] / PRIOR_SD_WEIGHT) ** 2 / 2
+        value = loss() + prior / len(labels)
         value.backward()
         return value
 

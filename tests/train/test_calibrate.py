@@ -76,6 +76,22 @@ def test_draft_weights_add_what_the_drafts_own_certainty_knows():
     assert with_u[0]["ece"] < 0.04
 
 
+def test_a_position_separated_by_the_drafts_certainty_keeps_finite_moderate_parameters():
+    """Position 2 is accepted in 8 rounds of 3,000, exactly those whose draft log-odds exceed 6:
+    the log loss alone has no minimum (w -> inf); the priors keep b and w in a sane range while the
+    fit still ranks those rounds first."""
+    g = torch.Generator().manual_seed(3)
+    rounds = []
+    for n in range(3000):
+        d = [float(torch.randn(1, generator=g)) * 1.5, 7.0 if n < 8 else float(torch.randn(1, generator=g))]
+        rounds.append(Round([float(torch.randn(1, generator=g)), float(torch.randn(1, generator=g))], d,
+                            2 if n < 8 else 1))
+    scaling = sequential_scaling(rounds, 2)
+    assert abs(scaling.offsets[1]) <= 12 and 0.5 < scaling.draft_weights[1] < 3
+    after = calibration_metrics(predictions(rounds, scaling))
+    assert after[1]["auroc"] > 0.99
+
+
 def test_engine_records_become_rounds():
     rounds = [Round([1.5, -0.5, 2.0], [0.1, 0.2, 0.3], 1), Round([0.3], [-1.0], 0)]
     scaling = Scaling([2.0, 0.5, 1.0, 1.0], [0.25, -1.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0])
