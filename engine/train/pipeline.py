@@ -130,10 +130,10 @@ def prepare_cache(opts: TrainOptions, target: LoadedTarget, ids: list[int], log)
         eot = target.eos_token_ids[0]
         samples: list = []
         if opts.gen_minutes > 0:
-            gen_prompts = data.generation_prompts(opts.seed)[opts.gen_skip:]
+            requests = data.generation_prompts(opts.seed)
+            gen_prompts = requests[opts.gen_skip:]
             if not gen_prompts:
-                raise TrainingError(f"--gen-skip {opts.gen_skip} passes over all "
-                                    f"{len(data.generation_prompts(opts.seed))} generation requests")
+                raise TrainingError(f"--gen-skip {opts.gen_skip} passes over all {len(requests)} generation requests")
             # Decoding is weight-bound at small batches: 64 requests at a time give ~2.5x the tokens/s
             # of 8 on 2 CPU cores (measured), at the price of a longer first prefill. In bf16 the
             # responses are those of the target as a GPU node serves it.
