@@ -26,11 +26,17 @@ class NgramIndex:
                 self.table[tuple(tokens[t - n:t])] = t
         self.indexed = len(tokens)
 
-    def lookup(self, tokens: list[int], length: int) -> list[int]:
-        for n in range(min(self.max_n, len(tokens)), 0, -1):
+    def lookup(self, tokens: list[int], length: int, min_n: int) -> list[int]:
+        """What followed the latest earlier occurrence of the longest suffix of n >= min_n tokens.
+
+        A match that ends fewer than `length` tokens back is continued as an overlapping copy (as in
+        LZ77): the text since the match is taken to repeat, so a loop of period p is drafted to the
+        full length instead of p tokens (in a loop the latest occurrence is one period back)."""
+        for n in range(min(self.max_n, len(tokens)), min_n - 1, -1):
             start = self.table.get(tuple(tokens[-n:]))
             if start is not None:
-                return tokens[start:start + length]
+                period = len(tokens) - start
+                return [tokens[start + i % period] for i in range(length)]
         return []
 
 
@@ -49,5 +55,5 @@ class NgramDrafter(Drafter):
         for seq in seqs:
             index: NgramIndex = seq.drafter_state
             index.update(seq.tokens)
-            tokens.append(index.lookup(seq.tokens, self.block_size))
+            tokens.append(index.lookup(seq.tokens, self.block_size, 1))
         return Proposal(tokens=tokens, probs=[None] * len(seqs))

@@ -66,7 +66,7 @@ def test_bench_compares_drafters_of_each_kind_in_one_run(tiny_llama, tmp_path, c
 
 def test_serving_bench_rows_per_concurrency(tiny_llama, tmp_path, capsys):
     code = main(["bench", "--model", str(tiny_llama), "--prompts", str(EVAL_DIR / "mt-bench.jsonl"),
-                 "--limit", "2", "--max-new-tokens", "6", "--methods", "ar,ngram", "--concurrency", "1,3",
+                 "--limit", "2", "--max-new-tokens", "12", "--methods", "ar,ngram", "--concurrency", "1,3",
                  "--repeats", "3", "--plots", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr()
@@ -84,8 +84,9 @@ def test_serving_bench_rows_per_concurrency(tiny_llama, tmp_path, capsys):
         assert ngram["tokens_per_s_vs_baseline"] == pytest.approx(statistics.median(ratios))
     # every level serves all prompts (at least c): c=1 runs the 2 prompts one after the other
     assert [r["requests"] for r in rows] == [2, 2, 3, 3]
-    assert all(r["output_tokens"] == 6 * r["requests"] for r in rows)
-    # the first token comes after joining and before the request ends; 5 more follow it
+    assert all(r["output_tokens"] == 12 * r["requests"] for r in rows)
+    # the first token comes after joining and before the request ends; 11 more follow it (a step
+    # commits at most 1 + 8, so in a later step)
     assert all(0 < r["ttft_s"] <= r["ttft_p90_s"] < r["wall_s"] and 0 < r["tpot_s"] < r["wall_s"] for r in rows)
     assert (tmp_path / "serving-throughput.png").stat().st_size > 0
 
