@@ -24,12 +24,17 @@ PEERS = {"hf-greedy": None, "hf-pld": 7}
 
 
 class BenchMethod(NamedTuple):
-    """What a bench method name runs: an engine method, its scheduler, and a confidence threshold
-    (None: --confidence-threshold, or `threshold_unset` without it)."""
+    """What a bench method name runs: an engine method, its scheduler, a confidence threshold
+    (None: --confidence-threshold, or `threshold_unset` without it) and prompt lookup in front of the
+    drafter (--lookup-min-match, or `lookup_unset` without it)."""
     engine: str
     scheduler: str = "static"
     threshold: float | None = None
     threshold_unset: float = 0.0
+    lookup_unset: int = 0
+
+
+LOOKUP_MIN_MATCH = 2   # the -lookup methods' default (docs/benchmarks.md, "Prompt lookup ahead of the drafter")
 
 
 # The plain method names verify every proposed token (or up to --confidence-threshold).
@@ -38,6 +43,8 @@ ENGINE_METHODS = {m: BenchMethod(m) for m in METHODS} | {
     "dspark-threshold": BenchMethod("dspark", threshold_unset=0.5),
     "dspark-scheduled": BenchMethod("dspark", "sync", 0.0),
     "dspark-async": BenchMethod("dspark", "async", 0.0),
+    "dspark-lookup": BenchMethod("dspark", threshold=0.0, lookup_unset=LOOKUP_MIN_MATCH),
+    "dspark-lookup-scheduled": BenchMethod("dspark", "sync", 0.0, lookup_unset=LOOKUP_MIN_MATCH),
 }
 
 
@@ -75,6 +82,7 @@ class BenchSettings:
     drafters: dict[str, str] = field(default_factory=dict)   # per-method drafter, over `drafter`
     block_size: int = 7
     confidence_threshold: float = 0.0
+    lookup_min_match: int = 0
     seed: int = 0
     device: str = "cpu"
 
@@ -85,9 +93,11 @@ class BenchSettings:
         """The engine a bench method name stands for (ENGINE_METHODS)."""
         m = ENGINE_METHODS[name]
         threshold = m.threshold if m.threshold is not None else self.confidence_threshold or m.threshold_unset
+        lookup = 0 if m.engine in ("ar", "ngram") else self.lookup_min_match or m.lookup_unset
         return EngineConfig(model=self.model, method=m.engine, drafter=self.drafter_for(m.engine), dtype=self.dtype,
                             block_size=self.block_size, scheduler=m.scheduler, confidence_threshold=threshold,
-                            max_batch=max_batch, max_context=max_context, device=self.device)
+                            lookup_min_match=lookup, max_batch=max_batch, max_context=max_context,
+                            device=self.device)
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:

@@ -11,6 +11,7 @@ from engine.drafters.base import Drafter
 from engine.drafters.checkpoint import CheckpointError, load_checkpoint
 from engine.drafters.dspark import DSparkDrafter
 from engine.drafters.eagle3 import Eagle3Drafter
+from engine.drafters.lookup import LookupFirst
 from engine.drafters.ngram import NgramDrafter
 from engine.engine import Engine
 from engine.loading import LoadedTarget, cache_root, load_target, resolve_model_dir
@@ -27,6 +28,11 @@ SHIPPED_DRAFTERS = {EMBEDDED_MODEL: Path(__file__).parent / "drafters" / "shippe
 
 
 def build_drafter(config: EngineConfig, target: LoadedTarget) -> Drafter:
+    drafter = build_model_drafter(config, target)
+    return LookupFirst(drafter, config.ngram_max, config.lookup_min_match) if config.lookup_min_match else drafter
+
+
+def build_model_drafter(config: EngineConfig, target: LoadedTarget) -> Drafter:
     if config.method == "ar":
         return Drafter()
     if config.method == "ngram":
@@ -61,7 +67,7 @@ def resolve_method(config: EngineConfig) -> EngineConfig:
     if config.method != "auto":
         return config
     if config.drafter is None and config.model not in SHIPPED_DRAFTERS:
-        return config.model_copy(update={"method": "ar"})
+        return config.model_copy(update={"method": "ar", "lookup_min_match": 0})
     scheduled = "scheduler" in config.model_fields_set or config.confidence_threshold > 0
     return config.model_copy(update={"method": "dspark", "scheduler": config.scheduler if scheduled else "sync"})
 

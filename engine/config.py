@@ -29,6 +29,9 @@ class EngineConfig(BaseModel):
     token_budget: int | None = Field(None, ge=1, description=(
         "most query tokens one verification forward may hold (default max_batch * (block_size + 1))"))
     ngram_max: int = Field(3, ge=1, le=8, description="longest n-gram the prompt-lookup drafter matches")
+    lookup_min_match: int = Field(0, ge=0, le=8, description=(
+        "dspark, dflash, eagle3: where a request's last n >= this many tokens (up to ngram_max) occurred "
+        "before in it, propose what followed them (prompt lookup) instead of a model draft; 0 = off"))
     max_batch: int = Field(8, ge=1, le=1024, description="requests decoded together")
     max_context: int = Field(4096, ge=16, description="prompt + new tokens per request")
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before new ones are refused")
@@ -43,6 +46,10 @@ class EngineConfig(BaseModel):
         if self.token_budget is not None and self.token_budget < self.max_batch:
             raise ValueError(f"token_budget ({self.token_budget}) must hold at least one token per "
                              f"request (max_batch {self.max_batch})")
+        if self.lookup_min_match and self.method in ("ar", "ngram"):
+            raise ValueError(f"lookup_min_match goes in front of a model drafter; method {self.method!r} has none")
+        if self.lookup_min_match > self.ngram_max:
+            raise ValueError(f"lookup_min_match ({self.lookup_min_match}) cannot exceed ngram_max ({self.ngram_max})")
         if self.method in ("dflash", "eagle3") and not self.drafter:
             raise ValueError(f"method {self.method!r} needs a drafter directory (--drafter)")
         return self

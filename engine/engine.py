@@ -105,7 +105,10 @@ class Engine:
             return events, None
         batch = list(self.active)
         ids = [seq.request_id for seq in batch]
-        drafting = None if self.backoff is None else self.backoff.drafting(ids)
+        drafting = None
+        if self.backoff is not None:
+            # A proposal that costs no forward (a lookup hit) is made even for a paused request.
+            drafting = [turn or self.drafter.free_draft(seq) for turn, seq in zip(self.backoff.drafting(ids), batch)]
         report, committed = speculative_round(self.model, self.cache, self.drafter, batch, self.schedule,
                                               self.target.eos_token_ids, self.config.verify_budget, drafting)
         if self.backoff is not None:

@@ -121,7 +121,7 @@ def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seq
         record_confidence(seq.stats, proposal.confidence[r], proposal.confidence_inputs[r], L, a)
         accepted_total += a
         committed.append(new)
-        drafter.commit(seq, None if out.taps is None else out.taps[r, :a + 1])
+        drafter.commit(seq, None if out.taps is None else out.taps[r, :a + 1], L, a)
     t3 = time.perf_counter()
     for seq in seqs:
         seq.stats.decode_seconds += t3 - t0

@@ -44,8 +44,14 @@ class Drafter:
     def propose(self, seqs: list[Sequence]) -> Proposal:
         return Proposal(tokens=[[] for _ in seqs], probs=[None] * len(seqs))
 
-    def commit(self, seq: Sequence, features: torch.Tensor | None) -> None:
-        """Called after verification with the features of the newly cached positions [a+1, m*H]."""
+    def free_draft(self, seq: Sequence) -> bool:
+        """Whether a proposal for `seq` this round costs no forward (a prompt-lookup hit), so that it
+        is made even while the draft backoff pauses the request."""
+        return False
+
+    def commit(self, seq: Sequence, features: torch.Tensor | None, verified: int, accepted: int) -> None:
+        """Called after verification: `verified` of the proposed tokens were verified, `accepted` of
+        those accepted; features of the newly cached positions [accepted+1, m*H]."""
 
     def release(self, seq: Sequence) -> None:
         """The request left the batch."""

@@ -57,7 +57,7 @@ class DSparkDrafter(Drafter):
         seq.drafter_state = PendingContext()
         seq.drafter_state.add(prompt_features)
 
-    def commit(self, seq: Sequence, features: torch.Tensor | None) -> None:
+    def commit(self, seq: Sequence, features: torch.Tensor | None, verified: int, accepted: int) -> None:
         seq.drafter_state.add(features)
 
     def release(self, seq: Sequence) -> None:

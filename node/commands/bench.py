@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="serving benchmark: comma-separated concurrencies (e.g. 1,2,4,8); at each, c users "
                         "serve the --limit prompts (at least c) closed-loop, a new request joining as one "
                         "finishes. Methods from ar, ngram, dspark-fixed, dspark-threshold, dspark-scheduled, "
-                        "dspark-async")
+                        "dspark-async, dspark-lookup, dspark-lookup-scheduled")
     p.add_argument("--repeats", type=int, default=1,
                    help="with --concurrency: run the methods this many times at each level, interleaved in "
                         "rotating order; rows report medians and the median speed ratio to the first method "
@@ -97,7 +97,8 @@ def _run(args: argparse.Namespace, bench, methods: list[str]) -> dict | None:
                                  dtype=args.dtype, temperature=args.temperature, drafter=args.drafter,
                                  drafters=_method_drafters(args.method_drafter),
                                  block_size=args.block_size, seed=args.seed,
-                                 confidence_threshold=args.confidence_threshold, device=args.device)
+                                 confidence_threshold=args.confidence_threshold,
+                                 lookup_min_match=args.lookup_min_match, device=args.device)
         report = bench(settings, prompts, lambda line: print(line, file=sys.stderr))
     except (ValidationError, ModelLoadError, PromptFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -26,6 +26,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=7, help="draft tokens per round (default: %(default)s)")
     parser.add_argument("--confidence-threshold", type=float, default=0.0,
                         help="dspark: verify drafts only up to the first confidence below this (0 = off)")
+    parser.add_argument("--lookup-min-match", type=int, default=0,
+                        help="dspark, dflash, eagle3: propose by prompt lookup where the last N tokens occurred "
+                             "before (N from this to 3), the drafter elsewhere (0 = off; bench: the -lookup "
+                             "methods use 2 unless set)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def engine_config(args: argparse.Namespace, method: str, max_context: int = 4096) -> EngineConfig:
     return EngineConfig(model=args.model, method=method, drafter=args.drafter, dtype=args.dtype,
                         device=args.device, block_size=args.block_size, max_batch=1, max_context=max_context,
-                        confidence_threshold=args.confidence_threshold)
+                        confidence_threshold=args.confidence_threshold, lookup_min_match=args.lookup_min_match)
 
 
 def run(args: argparse.Namespace) -> int:

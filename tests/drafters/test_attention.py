@@ -71,7 +71,8 @@ def test_incremental_blocks_match_the_reference_forward(target, tmp_path):
         seq.tokens, seq.kv_len = TOKENS[:anchor + 1], anchor
         st = seq.drafter_state
         if not st.chunks:
-            drafter.commit(seq, feats[st.cached:anchor])
+            accepted = anchor - st.cached - 1
+            drafter.commit(seq, feats[st.cached:anchor], accepted, accepted)
         got = drafter.draft_block([seq])[0]
         assert torch.allclose(got, reference_block(drafter, feats, anchor), atol=1e-5), anchor
 

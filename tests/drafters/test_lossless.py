@@ -128,6 +128,25 @@ def exact_pair_distribution(target, prompt, temperature, top_p):
     return joint
 
 
+def assert_follows(exact: dict[tuple[int, int], float], counts: dict[tuple[int, int], int], draws: int) -> None:
+    """Chi-square of the drawn pairs against the exact distribution, at the 0.1% level; rare
+    outcomes are pooled so that every cell expects at least 5 draws."""
+    from scipy.stats import chi2
+    stat, pooled_obs, pooled_exp, cells = 0.0, 0, 0.0, 0
+    for key, p in sorted(exact.items(), key=lambda kv: -kv[1]):
+        expected, observed = p * draws, counts.get(key, 0)
+        if expected >= 5:
+            stat += (observed - expected) ** 2 / expected
+            cells += 1
+        else:
+            pooled_obs, pooled_exp = pooled_obs + observed, pooled_exp + expected
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
+        cells += 1
+    assert cells >= 3
+    assert stat < chi2.ppf(0.999, cells - 1), f"chi-square {stat:.1f} over {cells} cells"
+
+
 @pytest.mark.parametrize("kind,markov_type,subset", [("dspark", "gated", False), ("eagle3", None, False),
                                                       ("dspark", "gated", True)])
 def test_sampling_distribution_matches_target(target, tmp_path_factory, kind, markov_type, subset):
@@ -135,7 +154,6 @@ def test_sampling_distribution_matches_target(target, tmp_path_factory, kind, ma
     emit second (by probability), so q is zero on the others."""
     if target.model.args.family != "qwen3":
         pytest.skip("one family is enough for the distribution test (the greedy tests cover both)")
-    from scipy.stats import chi2
     prompt, temperature, top_p, draws = PROMPTS[1], 0.5, 0.8, 400
     exact = exact_pair_distribution(target, prompt, temperature, top_p)
     assert 4 <= len(exact) <= 200
@@ -155,19 +173,6 @@ def test_sampling_distribution_matches_target(target, tmp_path_factory, kind, ma
         assert key in exact, f"{key} has probability 0 under the target"
         counts[key] = counts.get(key, 0) + 1
         accepted += result.stats.accepted_tokens
-    # pool rare outcomes so every cell expects at least 5 draws
-    stat, pooled_obs, pooled_exp, cells = 0.0, 0, 0.0, 0
-    for key, p in sorted(exact.items(), key=lambda kv: -kv[1]):
-        expected, observed = p * draws, counts.get(key, 0)
-        if expected >= 5:
-            stat += (observed - expected) ** 2 / expected
-            cells += 1
-        else:
-            pooled_obs, pooled_exp = pooled_obs + observed, pooled_exp + expected
-    if pooled_exp > 0:
-        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
-        cells += 1
-    assert cells >= 3
-    assert stat < chi2.ppf(0.999, cells - 1), f"chi-square {stat:.1f} over {cells} cells"
+    assert_follows(exact, counts, draws)
     if kind != "eagle3":
         assert accepted > 0  # the accept path, not only the residual path, was exercised
