@@ -15,7 +15,7 @@ from typing import NamedTuple
 from engine.api import GenerationRequest, SamplingParams
 from engine.calibration import calibration_metrics
 from engine.build import DTYPES, build_engine
-from engine.config import METHODS, EngineConfig
+from engine.config import METHODS, WITHOUT_MODEL_DRAFTER, EngineConfig
 from engine.drafters.init import KINDS
 from engine.loading import LoadedTarget, device_name, load_target
 from engine.peers import HfPeer
@@ -93,7 +93,7 @@ class BenchSettings:
         """The engine a bench method name stands for (ENGINE_METHODS)."""
         m = ENGINE_METHODS[name]
         threshold = m.threshold if m.threshold is not None else self.confidence_threshold or m.threshold_unset
-        lookup = 0 if m.engine in ("ar", "ngram") else self.lookup_min_match or m.lookup_unset
+        lookup = 0 if m.engine in WITHOUT_MODEL_DRAFTER else self.lookup_min_match or m.lookup_unset
         return EngineConfig(model=self.model, method=m.engine, drafter=self.drafter_for(m.engine), dtype=self.dtype,
                             block_size=self.block_size, scheduler=m.scheduler, confidence_threshold=threshold,
                             lookup_min_match=lookup, max_batch=max_batch, max_context=max_context,

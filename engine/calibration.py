@@ -30,6 +30,17 @@ def record(stats: RequestStats, confidence: torch.Tensor | None, inputs: torch.T
         stats.confidence_inputs.extend(tuple(x) for x in inputs[:verified].tolist())
 
 
+def tally_positions(reached: list[int], accepted_at: list[int], verified: int, accepted: int) -> None:
+    """One round's draft positions: k counts as reached when it was verified with every earlier
+    draft accepted, and as accepted when it was accepted too. The lists grow to `verified`."""
+    while len(reached) < verified:
+        reached.append(0)
+        accepted_at.append(0)
+    for k in range(min(verified, accepted + 1)):
+        reached[k] += 1
+        accepted_at[k] += int(accepted > k)
+
+
 def calibration_metrics(samples: list[tuple[int, float, bool]]) -> list[dict]:
     """One row per draft position: n, mean prediction, acceptance rate, ECE, AUROC (None when a
     position saw only one label), Brier."""

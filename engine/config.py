@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 METHODS = ("ar", "ngram", "dspark", "dflash", "eagle3")
+WITHOUT_MODEL_DRAFTER = ("ar", "ngram")   # nothing for prompt lookup to go in front of
 
 
 class EngineConfig(BaseModel):
@@ -46,7 +47,7 @@ class EngineConfig(BaseModel):
         if self.token_budget is not None and self.token_budget < self.max_batch:
             raise ValueError(f"token_budget ({self.token_budget}) must hold at least one token per "
                              f"request (max_batch {self.max_batch})")
-        if self.lookup_min_match and self.method in ("ar", "ngram"):
+        if self.lookup_min_match and self.method in WITHOUT_MODEL_DRAFTER:
             raise ValueError(f"lookup_min_match goes in front of a model drafter; method {self.method!r} has none")
         if self.lookup_min_match > self.ngram_max:
             raise ValueError(f"lookup_min_match ({self.lookup_min_match}) cannot exceed ngram_max ({self.ngram_max})")

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from engine.api import RoundReport
-from engine.calibration import record as record_confidence
+from engine.calibration import record as record_confidence, tally_positions
 from engine.drafters.base import Drafter, Proposal
 from engine.model import KVCache, TargetModel
 from engine.sampling import accept_greedy, target_distributions, verify_block
@@ -139,10 +139,4 @@ def _count(seq: Sequence, drafted: int, verified: int, accepted: int) -> None:
     s.drafted_tokens += drafted
     s.verified_tokens += verified
     s.accepted_tokens += accepted
-    while len(s.reached) < verified:
-        s.reached.append(0)
-        s.accepted_at.append(0)
-    for k in range(verified):
-        if accepted >= k:
-            s.reached[k] += 1
-            s.accepted_at[k] += int(accepted > k)
+    tally_positions(s.reached, s.accepted_at, verified, accepted)

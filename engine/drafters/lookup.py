@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.calibration import tally_positions
 from engine.drafters.base import Drafter, Proposal
 from engine.drafters.ngram import NgramIndex
 from engine.sequence import Sequence
@@ -43,9 +44,7 @@ class AcceptanceCounts:
         return cls([0] * block, [0] * block)
 
     def add(self, verified: int, accepted: int) -> None:
-        for k in range(min(verified, accepted + 1)):
-            self.reached[k] += 1
-            self.accepted[k] += int(accepted > k)
+        tally_positions(self.reached, self.accepted, verified, accepted)
 
     def rate(self, k: int) -> float:
         """Laplace-smoothed conditional acceptance at position k."""

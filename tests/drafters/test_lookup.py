@@ -15,8 +15,8 @@ from engine.drafters.lookup import PRIOR_ROUNDS, AcceptanceCounts
 from engine.drafters.ngram import NgramIndex
 from engine.prefix_scheduler import PrefixScheduler
 from tests.drafters.helpers import request
-from tests.drafters.test_lossless import (PROMPTS, assert_follows, drafter_dir, engine_for, exact_pair_distribution,
-                                          run_batch, run_with_reports)
+from tests.drafters.test_lossless import (PROMPTS, assert_follows, draw_pairs, drafter_dir, engine_for,
+                                          exact_pair_distribution, run_batch, run_with_reports)
 
 
 LOOPING_PROMPTS = [[5, 9, 5, 9, 7], [11, 12, 13, 300, 11]]
@@ -123,12 +123,7 @@ def test_sampling_distribution_matches_target_with_lookup_and_model_drafts(targe
     exact = exact_pair_distribution(target, prompt, temperature, top_p)
     engine = engine_for(target, "dspark", drafter_dir(target, tmp_path_factory, "dspark", "gated", block_size=2),
                         lookup_min_match=1)
-    counts: dict[tuple[int, int], int] = {}
-    for seed in range(draws):
-        result = engine.generate(request(prompt, temperature=temperature, top_p=top_p, max_new_tokens=3, seed=seed))
-        key = tuple(result.output_ids[:2])
-        assert key in exact, f"{key} has probability 0 under the target"
-        counts[key] = counts.get(key, 0) + 1
+    counts, _ = draw_pairs(engine, prompt, exact, temperature, top_p, draws)
     lookups = engine.drafter.node.reached[0]
     assert draws // 20 < lookups < draws - draws // 20, f"{lookups} of {draws} second tokens looked up"
     assert_follows(exact, counts, draws)

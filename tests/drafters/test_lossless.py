@@ -128,6 +128,21 @@ def exact_pair_distribution(target, prompt, temperature, top_p):
     return joint
 
 
+def draw_pairs(engine, prompt: list[int], exact: dict[tuple[int, int], float], temperature: float, top_p: float,
+               draws: int) -> tuple[dict[tuple[int, int], int], int]:
+    """The first two tokens of `draws` seeded requests, counted, and the drafts accepted in all. Three
+    tokens each: the one round after prefill then verifies one draft for the second token."""
+    counts: dict[tuple[int, int], int] = {}
+    accepted = 0
+    for seed in range(draws):
+        result = engine.generate(request(prompt, temperature=temperature, top_p=top_p, max_new_tokens=3, seed=seed))
+        key = tuple(result.output_ids[:2])
+        assert key in exact, f"{key} has probability 0 under the target"
+        counts[key] = counts.get(key, 0) + 1
+        accepted += result.stats.accepted_tokens
+    return counts, accepted
+
+
 def assert_follows(exact: dict[tuple[int, int], float], counts: dict[tuple[int, int], int], draws: int) -> None:
     """Chi-square of the drawn pairs against the exact distribution, at the 0.1% level; rare
     outcomes are pooled so that every cell expects at least 5 draws."""
@@ -163,16 +178,7 @@ def test_sampling_distribution_matches_target(target, tmp_path_factory, kind, ma
         second = sorted({x2 for _, x2 in exact}, key=lambda t: -sum(p for k, p in exact.items() if k[1] == t))
         write_draft_vocab(path, torch.tensor(sorted(second[::2])), {})
     engine = engine_for(target, kind, path)
-    counts: dict[tuple[int, int], int] = {}
-    accepted = 0
-    for seed in range(draws):
-        # three tokens: the one round after prefill then verifies one draft for the second token
-        result = engine.generate(request(prompt, temperature=temperature, top_p=top_p, max_new_tokens=3,
-                                         seed=seed))
-        key = tuple(result.output_ids[:2])
-        assert key in exact, f"{key} has probability 0 under the target"
-        counts[key] = counts.get(key, 0) + 1
-        accepted += result.stats.accepted_tokens
+    counts, accepted = draw_pairs(engine, prompt, exact, temperature, top_p, draws)
     assert_follows(exact, counts, draws)
     if kind != "eagle3":
         assert accepted > 0  # the accept path, not only the residual path, was exercised
