@@ -84,9 +84,9 @@ def build_engine(config: EngineConfig, target: LoadedTarget | None = None) -> En
 def make_schedule(config: EngineConfig, target: LoadedTarget) -> Schedule:
     if config.scheduler == "static":
         return build_schedule(config)
-    # SPS(B) depends on the model, dtype, device, processor, thread count and operators: profile once
-    # per combination.
+    # SPS(R, W) depends on the model, dtype, device, processor, thread count and operators: profile
+    # once per combination.
     key = (f"{target.digest.hex()[:16]}-{config.dtype}-{config.device.replace(':', '')}"
            f"-{hardware_id(config.device)}-t{torch.get_num_threads()}-k{KERNELS_VERSION}")
-    sps = load_or_profile(target.model, key, config.verify_budget, cache_root() / "sps")
+    sps = load_or_profile(target.model, key, config.max_batch, config.block_size + 1, cache_root() / "sps")
     return PrefixScheduler(sps, mode=config.scheduler, budget=config.verify_budget)

@@ -114,7 +114,7 @@ class Engine:
         if self.backoff is not None:
             sps = self.schedule.sps if isinstance(self.schedule, PrefixScheduler) else None
             self.backoff.observe(ids, drafting, list(map(len, committed)), report,
-                                 None if sps is None else 1.0 / sps(report.batch_size))
+                                 None if sps is None else 1.0 / sps(report.batch_size, 1))
         events.extend(self._emit(batch))
         return events, report
 

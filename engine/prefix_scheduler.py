@@ -1,10 +1,18 @@
 """The hardware-aware prefix scheduler (paper Algorithm 1) and its asynchronous variant (§5.2).
 
 Given each request's calibrated conditional confidences c_{r,1..gamma}, the prefix survival
-a_{r,j} = prod_{i<=j} c_{r,i} is the probability that draft j is accepted. Admitting (r, j) in
-descending order of a grows the verification batch B = sum(1 + l_r) by one token and the expected
-committed tokens tau = sum(1 + sum_{j<=l_r} a_{r,j}) by a_{r,j}; the scheduler keeps the prefix
-that maximises throughput Theta = tau * SPS(B).
+a_{r,j} = prod_{i<=j} c_{r,i} is the probability that draft j is accepted. Admitting drafts grows the
+expected committed tokens tau = sum(1 + sum_{j<=l_r} a_{r,j}) and the verification batch; the
+scheduler keeps the admission that maximises throughput Theta = tau * SPS.
+
+A deviation in how the batch grows: the paper admits one (r, j) at a time in descending order of a,
+as its step cost is a function of the token count B. Ours is a function of the rows R and the width
+W = 1 + max l_r (engine/sps.py): every draft at a position j below the current width costs nothing
+more, the first one at a new position costs a whole width of every row. One-at-a-time admission then
+sees Theta fall at the first draft of each new position, and from 4 rows up stopped before any draft
+(docs/benchmarks.md). So the greedy path walks widths, W = 1, 2, ...; the step to width j + 1 admits
+every request's draft j that survives (a > 0), in descending order of a within the step only where
+the token budget cuts it.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import torch
 from engine.drafters.base import Proposal
 from engine.sequence import Sequence
 
-Sps = Callable[[int], float]
+Sps = Callable[[int, int], float]   # (rows, width) -> target steps per second
 
 
 def survivals(confidences: list[torch.Tensor | None], caps: list[int]) -> list[list[float]]:
@@ -30,14 +38,40 @@ def survivals(confidences: list[torch.Tensor | None], caps: list[int]) -> list[l
     return out
 
 
-def _greedy_path(surv: list[list[float]], budget: int | None) -> list[tuple[float, int, int]]:
-    """Candidates (a, r, j) in admission order: a descending, then j ascending (prefix order),
-    cut where the verification batch would exceed `budget` tokens (anchors count first)."""
-    cands = [(a, r, j + 1) for r, row in enumerate(surv) for j, a in enumerate(row) if a > 0]
-    cands.sort(key=lambda c: (-c[0], c[2]))
-    if budget is not None:
-        cands = cands[:max(0, budget - len(surv))]
-    return cands
+def _width_steps(surv: list[list[float]], budget: int | None) -> list[list[tuple[float, int, int]]]:
+    """The greedy path as steps of one width each: step j holds the candidates (a, r, j) for draft
+    position j with a > 0, a descending. Under a token budget (anchors count first) the path ends
+    where it is spent, the last step cut to the highest survivals."""
+    room = None if budget is None else max(0, budget - len(surv))
+    steps = []
+    for j in range(1, max((len(row) for row in surv), default=0) + 1):
+        step = sorted(((row[j - 1], r, j) for r, row in enumerate(surv) if len(row) >= j and row[j - 1] > 0),
+                      key=lambda c: -c[0])
+        if room is not None:
+            step = step[:room]
+            room -= len(step)
+        if not step:
+            break
+        steps.append(step)
+    return steps
+
+
+def _theta_along(surv: list[list[float]], sps: Sps, budget: int | None):
+    """(Theta, tau, admitted candidates so far) at width 1 and after each width step."""
+    R = len(surv)
+    tau, admitted = float(R), []
+    yield tau * sps(R, 1), tau, list(admitted)
+    for width, step in enumerate(_width_steps(surv, budget), 2):
+        tau += sum(a for a, _, _ in step)
+        admitted += step
+        yield tau * sps(R, width), tau, list(admitted)
+
+
+def _lengths(R: int, admitted: list[tuple[float, int, int]]) -> list[int]:
+    lengths = [0] * R
+    for _, r, j in admitted:
+        lengths[r] = max(lengths[r], j)
+    return lengths
 
 
 def algorithm1(surv: list[list[float]], sps: Sps, budget: int | None = None) -> tuple[list[int], float]:
@@ -45,45 +79,29 @@ def algorithm1(surv: list[list[float]], sps: Sps, budget: int | None = None) -> 
     Theta. The break is what keeps it lossless (Appendix A): whether draft j is admitted may depend
     only on confidences that do not depend on draft j's own sampled value."""
     R = len(surv)
-    lengths, best_lengths = [0] * R, [0] * R
-    B, tau = R, float(R)
-    best = tau * sps(B)
-    best_tau = tau
-    for a, r, j in _greedy_path(surv, budget):
-        lengths[r] = j
-        B += 1
-        tau += a
-        theta = tau * sps(B)
-        if theta > best:
-            best, best_tau, best_lengths = theta, tau, list(lengths)
-        else:
+    path = _theta_along(surv, sps, budget)
+    best, best_tau, best_admitted = next(path)
+    for theta, tau, admitted in path:
+        if theta <= best:
             break
-    return best_lengths, best_tau - R
+        best, best_tau, best_admitted = theta, tau, admitted
+    return _lengths(R, best_admitted), best_tau - R
 
 
 def capacity(surv: list[list[float]], sps: Sps, budget: int | None = None) -> int:
     """§5.2: the number of draft tokens K at the global argmax of Theta along the greedy path,
     searched without a break (the curve may be jagged)."""
-    R = len(surv)
-    B, tau = R, float(R)
-    best, best_k = tau * sps(B), 0
-    for k, (a, _, _) in enumerate(_greedy_path(surv, budget), 1):
-        B += 1
-        tau += a
-        theta = tau * sps(B)
+    best, best_k = float("-inf"), 0
+    for theta, _, admitted in _theta_along(surv, sps, budget):
         if theta > best:
-            best, best_k = theta, k
+            best, best_k = theta, len(admitted)
     return best_k
 
 
 def top_k(surv: list[list[float]], k: int, budget: int | None = None) -> tuple[list[int], float]:
     """Admit the k candidates of highest current survival (prefix-closed by construction)."""
-    lengths = [0] * len(surv)
-    expected = 0.0
-    for a, r, j in _greedy_path(surv, budget)[:k]:
-        lengths[r] = max(lengths[r], j)
-        expected += a
-    return lengths, expected
+    cands = sorted((c for step in _width_steps(surv, budget) for c in step), key=lambda c: (-c[0], c[2]))[:k]
+    return _lengths(len(surv), cands), sum(a for a, _, _ in cands)
 
 
 class PrefixScheduler:

@@ -1,6 +1,18 @@
-"""SPS(B): target forward steps per second as a function of the verification batch size B in
-tokens (paper §3.2.2). Measured once per model, dtype, device, processor, thread count and operator
-version at engine start, and cached on disk."""
+"""SPS: target forward steps per second for a verification batch (paper §3.2.2), measured once per
+model, dtype, device, processor, thread count and operator version at engine start, and cached on
+disk.
+
+The paper counts a verification batch in tokens, SPS(B): its kernels run attention over the
+flattened tokens, so a step costs what its token count says. Ours pads attention to the widest row
+(`spec_round.build_verify_batch`; only the matmuls run on the packed tokens), and at these sizes the
+matmuls are bound by reading the weights, not by the token count. A step therefore costs what its
+rows R and its width W (query tokens of the widest row, 1 = plain decoding) say, and the table is
+SPS(R, W), measured with every row W tokens wide (B = R * W, an upper bound for narrower rows).
+Measured (SmolLM2-135M, bf16, 2 cores, context 400): 11 rows take 49 ms at W = 1 and 64 ms at
+W = 2, where one row of 12 tokens against one of 22 takes 39 against 43 ms; the one-row SPS(B)
+table this replaced let the scheduler verify drafts at 8-32 users that slowed the round by more
+than they committed (docs/benchmarks.md, "A step costs its rows and its width").
+"""
 
 from __future__ import annotations
 
@@ -21,72 +33,87 @@ from engine.model import TargetModel
 log = logging.getLogger(__name__)
 
 
-def profile_points(max_tokens: int) -> list[int]:
-    """1..8 densely (where the scheduler's choices fall), then a geometric grid up to max_tokens."""
-    points = list(range(1, min(8, max_tokens) + 1))
-    b = 8
-    while b < max_tokens:
-        b = min(max_tokens, int(b * 1.5))
-        points.append(b)
-    return points
+def row_points(max_rows: int) -> list[int]:
+    """1, 2, 4, ... and max_rows itself."""
+    points, r = [], 1
+    while r < max_rows:
+        points.append(r)
+        r *= 2
+    return points + [max_rows]
 
 
 @dataclass
 class SpsTable:
-    tokens: list[int]             # profiled batch sizes B, ascending
-    measured: list[float]         # steps per second at each B, as measured
-    context: int                  # context length the profile ran at
+    rows: list[int]               # profiled batch sizes R (requests), ascending
+    widths: list[int]             # profiled widths W = 1..max (query tokens per row)
+    measured: list[list[float]]   # steps per second, measured[i][w - 1] at rows[i], width w
+    context: int                  # context length of every row in the profile
 
     def __post_init__(self) -> None:
-        # More tokens never make a step faster; measurement noise can say otherwise, so schedule on
-        # the running minimum. Algorithm 1's early stop needs this smoothness (paper Appendix A).
-        self.smooth = [min(self.measured[:i + 1]) for i in range(len(self.measured))]
+        # More rows or a wider step is never faster; measurement noise can say otherwise, so schedule
+        # on the running minimum in both directions. Algorithm 1's early stop needs this smoothness
+        # (paper Appendix A).
+        smooth = [[min(row[:w + 1]) for w in range(len(row))] for row in self.measured]
+        for i in range(1, len(smooth)):
+            smooth[i] = [min(a, b) for a, b in zip(smooth[i], smooth[i - 1])]
+        self.smooth = smooth
 
-    def __call__(self, b: int) -> float:
-        """Steps per second at B tokens: linear interpolation of step time between profiled points;
-        past the last point, step time grows in proportion to B."""
-        if b <= self.tokens[0]:
-            return self.smooth[0]
-        if b >= self.tokens[-1]:
-            return self.smooth[-1] * self.tokens[-1] / b
-        i = bisect_left(self.tokens, b)
-        lo, hi = self.tokens[i - 1], self.tokens[i]
-        t_lo, t_hi = 1 / self.smooth[i - 1], 1 / self.smooth[i]
-        return 1 / (t_lo + (t_hi - t_lo) * (b - lo) / (hi - lo))
+    def __call__(self, rows: int, width: int) -> float:
+        """Steps per second for `rows` requests verifying up to `width` tokens each: step time
+        interpolated linearly between profiled row counts; past the profile, it grows in proportion
+        to the rows and the width."""
+        w = min(width, self.widths[-1]) - 1
+        scale = max(1.0, width / self.widths[-1])
+        if rows <= self.rows[0]:
+            return self.smooth[0][w] / scale
+        if rows >= self.rows[-1]:
+            return self.smooth[-1][w] * self.rows[-1] / (rows * scale)
+        i = bisect_left(self.rows, rows)
+        lo, hi = self.rows[i - 1], self.rows[i]
+        t_lo, t_hi = 1 / self.smooth[i - 1][w], 1 / self.smooth[i][w]
+        return 1 / ((t_lo + (t_hi - t_lo) * (rows - lo) / (hi - lo)) * scale)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({k: v for k, v in asdict(self).items()}))
+        tmp.write_text(json.dumps(asdict(self)))
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> SpsTable:
         data = json.loads(path.read_text())
-        return cls(tokens=data["tokens"], measured=data["measured"], context=data["context"])
+        table = cls(rows=data["rows"], widths=data["widths"], measured=data["measured"], context=data["context"])
+        if len(table.measured) != len(table.rows) or any(len(m) != len(table.widths) for m in table.measured):
+            raise ValueError("the measurements do not match the rows and widths")
+        return table
 
 
 @torch.inference_mode()
-def profile_sps(model: TargetModel, max_tokens: int, context: int = 256, repeats: int = 5) -> SpsTable:
-    points = profile_points(max_tokens)
-    cache = model.new_cache(1, context + max_tokens + 1)
+def profile_sps(model: TargetModel, max_rows: int, max_width: int, context: int = 512,
+                repeats: int = 3) -> SpsTable:
+    rows = row_points(max_rows)
+    cache = model.new_cache(max_rows, context + max_width + 1)
     g = torch.Generator().manual_seed(0)
-    slot = torch.tensor([0], device=model.device)
-    prompt = torch.randint(0, model.args.vocab_size, (1, context), generator=g).to(model.device)
-    model.forward(prompt, torch.arange(context, device=model.device)[None], slot, cache)
+    dev = model.device
+    for slot in range(max_rows):   # rows hold different random contexts, as requests do
+        prompt = torch.randint(0, model.args.vocab_size, (1, context), generator=g).to(dev)
+        model.forward(prompt, torch.arange(context, device=dev)[None], torch.tensor([slot], device=dev), cache)
     measured = []
-    for b in points:
-        tokens = torch.randint(0, model.args.vocab_size, (1, b), generator=g).to(model.device)
-        positions = torch.arange(context, context + b, device=model.device)[None]
-        times = []
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            model.logits(model.forward(tokens, positions, slot, cache).hidden)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        measured.append(1 / statistics.median(times[1:]))  # the first run warms up this shape
-    return SpsTable(tokens=points, measured=measured, context=context)
+    for r in rows:
+        slots = torch.arange(r, device=dev)
+        line = []
+        for w in range(1, max_width + 1):
+            tokens = torch.randint(0, model.args.vocab_size, (r, w), generator=g).to(dev)
+            positions = torch.arange(context, context + w, device=dev)[None].expand(r, w)
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                logits = model.logits(model.forward(tokens, positions, slots, cache, lengths=[w] * r).hidden)
+                logits.max(dim=-1).indices.tolist()   # the round's one copy to the host
+                times.append(time.perf_counter() - start)
+            line.append(1 / statistics.median(times[1:]))  # the first run warms up this shape
+        measured.append(line)
+    return SpsTable(rows=rows, widths=list(range(1, max_width + 1)), measured=measured, context=context)
 
 
 def cpu_signature(cpuinfo: str) -> str:
@@ -120,14 +147,15 @@ def hardware_id(device: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def load_or_profile(model: TargetModel, key: str, max_tokens: int, cache_dir: Path) -> SpsTable:
-    path = cache_dir / f"{key}-{max_tokens}.json"
+def load_or_profile(model: TargetModel, key: str, max_rows: int, max_width: int, cache_dir: Path) -> SpsTable:
+    path = cache_dir / f"{key}-r{max_rows}-w{max_width}.json"
     if path.exists():
         try:
             return SpsTable.load(path)
         except (OSError, ValueError, KeyError) as exc:
             log.warning("ignoring unreadable SPS profile %s (%s); profiling again", path, exc)
-    log.warning("profiling SPS(B) for B up to %d tokens (once; cached in %s)", max_tokens, path)
-    table = profile_sps(model, max_tokens)
+    log.warning("profiling SPS(R, W) for up to %d rows of up to %d tokens (once; cached in %s)",
+                max_rows, max_width, path)
+    table = profile_sps(model, max_rows, max_width)
     table.save(path)
     return table

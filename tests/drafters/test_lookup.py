@@ -49,7 +49,7 @@ def test_greedy_matches_plain_decoding_with_lookup_and_model_drafts(target, tmp_
     spec = engine_for(target, kind, drafter_dir(target, tmp_path_factory, kind, markov_type), scheduler=scheduler,
                       lookup_min_match=1)
     if scheduler == "sync":
-        spec.schedule = PrefixScheduler(lambda b: 1 / (1 + 0.05 * (b - 1)), mode="sync")
+        spec.schedule = PrefixScheduler(lambda rows, width: 1 / (1 + 0.01 * (width - 1)), mode="sync")
     lookup, model_rows = spec.drafter, []
     propose = lookup.model.propose
     lookup.model.propose = lambda seqs: model_rows.append(len(seqs)) or propose(seqs)
@@ -74,7 +74,7 @@ def test_a_loop_is_drafted_by_lookup_to_the_full_block(looping_target, tmp_path_
 
 
 def test_lookup_drafts_are_made_while_the_backoff_pauses_the_request(looping_target, tmp_path_factory):
-    """A profile where any extra token halves speed: no draft is worth verifying and the backoff
+    """A profile where a step W tokens wide is W times slower: no draft is worth verifying and the backoff
     pauses drafting, but a lookup hit, which costs no forward, is still proposed."""
     target, prompts = looping_target, LOOPING_PROMPTS
     want = [r.output_ids for r in run_batch(engine_for(target, "ar"), [request(p, max_new_tokens=24) for p in prompts])]
@@ -82,7 +82,7 @@ def test_lookup_drafts_are_made_while_the_backoff_pauses_the_request(looping_tar
     drafted = {}
     for lookup in (0, 2):
         spec = engine_for(target, "dspark", drafter, scheduler="sync", lookup_min_match=lookup)
-        spec.schedule = PrefixScheduler(lambda b: 1.0 / b, mode="sync")
+        spec.schedule = PrefixScheduler(lambda rows, width: 1.0 / width, mode="sync")
         got, reports = run_with_reports(spec, [request(p, max_new_tokens=24) for p in prompts])
         assert [r.output_ids for r in got] == want
         assert all(sum(report.budgets) == 0 for report in reports)

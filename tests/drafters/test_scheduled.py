@@ -16,8 +16,8 @@ def test_scheduled_dspark_is_lossless(target, tmp_path_factory, mode):
     drafter = drafter_dir(target, tmp_path_factory, "dspark", "vanilla")
     plain = engine_for(target, "ar")
     spec = engine_for(target, "dspark", drafter, token_budget=12)  # 2 slots: requests queue, join, leave
-    # Step time grows 15% per token: drafts are worth verifying only where confidence is high.
-    spec.schedule = PrefixScheduler(lambda b: 1 / (1 + 0.15 * (b - 1)), mode=mode, budget=12)
+    # Step time grows 15% per width step: drafts are worth verifying only where confidence is high.
+    spec.schedule = PrefixScheduler(lambda rows, width: 1 / (1 + 0.15 * (width - 1)), mode=mode, budget=12)
     prompts = PROMPTS + [list(range(300, 340, 3)), [9, 9, 9, 4]]
     reqs = [request(p, max_new_tokens=20) for p in prompts]
     want = [r.output_ids for r in run_batch(plain, [request(p, max_new_tokens=20) for p in prompts])]
@@ -37,7 +37,8 @@ def test_engine_profiles_sps_once_and_caches_it(target, tmp_path_factory, monkey
     files = list((cache_root() / "sps").glob("*.json"))
     assert len(files) == 1 and f"-{hardware_id('cpu')}-" in files[0].name  # per processor
     table = SpsTable.load(files[0])
-    assert table.tokens[0] == 1 and all(s > 0 for s in table.measured)
+    assert table.rows[0] == 1 and table.widths == list(range(1, 9))  # block 7: up to 8 tokens a row
+    assert all(s > 0 for line in table.measured for s in line)
     engine_for(target, "dspark", drafter, scheduler="async")  # same key: loaded, not profiled again
     assert list((cache_root() / "sps").glob("*.json")) == files
 
@@ -48,7 +49,7 @@ def test_backoff_rounds_stay_lossless(target, tmp_path_factory):
     drafter = drafter_dir(target, tmp_path_factory, "dspark", "vanilla")
     plain = engine_for(target, "ar")
     spec = engine_for(target, "dspark", drafter, scheduler="sync")
-    spec.schedule = PrefixScheduler(lambda b: 1.0 / b, mode="sync")  # any extra token halves speed
+    spec.schedule = PrefixScheduler(lambda rows, width: 1.0 / width, mode="sync")  # W tokens: W times slower
     reqs = [request(p, max_new_tokens=24) for p in PROMPTS]
     want = [r.output_ids for r in run_batch(plain, [request(p, max_new_tokens=24) for p in PROMPTS])]
     got = run_batch(spec, reqs)

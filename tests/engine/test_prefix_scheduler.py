@@ -1,5 +1,6 @@
 """Algorithm 1 and the asynchronous variant on hand-made confidences and SPS tables."""
 
+import pytest
 import torch
 
 from engine.drafters.base import Proposal
@@ -8,7 +9,8 @@ from engine.sps import SpsTable, cpu_signature, hardware_id
 
 
 def table(*sps):
-    return lambda b: sps[min(b, len(sps)) - 1]
+    """SPS by width alone (one request: the width is the token count B of the paper's examples)."""
+    return lambda rows, width: sps[min(width, len(sps)) - 1]
 
 
 def test_appendix_a_stops_before_looking_at_c2():
@@ -25,15 +27,23 @@ def test_flat_sps_admits_every_positive_candidate():
     assert abs(expected - (0.9 + 0.45 + 0.045 + 0.3)) < 1e-6
 
 
-def test_greedy_order_interleaves_requests_by_survival():
-    """c: r0=(.9,.9), r1=(.5,.5); a: r0=(.9,.81), r1=(.5,.25). Step time grows 10% per token, so:
-    Theta(B=2)=2*1; +r0j1 -> 2.9/1.1=2.64; +r0j2 -> 3.71/1.2=3.09; +r1j1 -> 4.21/1.3=3.24;
-    +r1j2 -> 4.46/1.4=3.19 < 3.24: stop. Expected l=(2,1)."""
-    sps = lambda b: 1 / (1 + 0.1 * (b - 2)) if b >= 2 else 1.0
-    surv = survivals([torch.tensor([0.9, 0.9]), torch.tensor([0.5, 0.5])], [2, 2])
+def test_each_step_widens_every_request_that_survives():
+    """a: r0=(.9,.81), r1=(.5,.25), r2=(.2,0). Step time grows 30% per width step whatever the rows:
+    Theta(W=1)=3; W=2 admits all three first drafts (1.6 more) -> 4.6/1.3=3.54; W=2 -> 3 adds
+    .81+.25 -> 5.66/1.6=3.54, not higher: stop. l=(1,1,1)."""
+    sps = lambda rows, width: 1 / (1 + 0.3 * (width - 1))
+    surv = survivals([torch.tensor([0.9, 0.9]), torch.tensor([0.5, 0.5]), torch.tensor([0.2, 0.0])], [2, 2, 2])
     lengths, expected = algorithm1(surv, sps)
-    assert lengths == [2, 1]
-    assert abs(expected - (0.9 + 0.81 + 0.5)) < 1e-6
+    assert lengths == [1, 1, 1]
+    assert abs(expected - 1.6) < 1e-6
+
+
+def test_a_width_no_round_can_pay_for_admits_nothing():
+    """Four rows whose first drafts sum to 2.5 expected tokens: a step 70% slower at width 2 costs
+    more than they add (6.5 / 1.7 < 4), one 50% slower costs less (6.5 / 1.5 > 4)."""
+    surv = survivals([torch.tensor([c]) for c in (0.9, 0.8, 0.7, 0.1)], [1] * 4)
+    assert algorithm1(surv, table(1.0, 1 / 1.7))[0] == [0, 0, 0, 0]
+    assert algorithm1(surv, table(1.0, 1 / 1.5))[0] == [1, 1, 1, 1]
 
 
 def test_budget_is_never_exceeded():
@@ -79,10 +89,21 @@ def test_async_uses_confidences_from_two_rounds_earlier():
 
 
 def test_sps_table_interpolates_and_smooths():
-    t = SpsTable(tokens=[1, 2, 4], measured=[10.0, 11.0, 5.0], context=8)
-    assert t(1) == 10.0 and t(2) == 10.0  # noise that says "faster with more tokens" is smoothed away
-    assert abs(1 / t(3) - (0.1 + 0.2) / 2) < 1e-12  # step time interpolated between 2 and 4
-    assert abs(t(8) - 2.5) < 1e-12  # beyond the profile, time grows with B
+    t = SpsTable(rows=[1, 2, 4], widths=[1, 2], measured=[[10.0, 11.0], [8.0, 5.0], [4.0, 2.0]], context=8)
+    assert t(1, 1) == 10.0 and t(1, 2) == 10.0  # noise that says "faster when wider" is smoothed away
+    assert t(2, 2) == 5.0
+    assert abs(1 / t(3, 1) - (1 / 8 + 1 / 4) / 2) < 1e-12  # step time interpolated between 2 and 4 rows
+    assert abs(t(8, 1) - 2.0) < 1e-12   # beyond the profiled rows, time grows with R
+    assert abs(t(4, 4) - 1.0) < 1e-12   # and beyond the profiled widths, with W
+
+
+def test_sps_table_refuses_a_file_that_does_not_match_its_shape(tmp_path):
+    path = tmp_path / "sps.json"
+    SpsTable(rows=[1, 2], widths=[1, 2], measured=[[3.0, 2.0], [2.0, 1.0]], context=8).save(path)
+    assert SpsTable.load(path)(2, 2) == 1.0
+    path.write_text(path.read_text().replace("[2.0, 1.0]", "[2.0]"))
+    with pytest.raises(ValueError, match="do not match"):
+        SpsTable.load(path)
 
 
 AVX2_HOST = """processor\t: 0
