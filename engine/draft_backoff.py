@@ -26,6 +26,14 @@ A request that joins starts at the period of the running requests and of the las
 rounds 1, 3, 5, 9, ... of its own (at one user that cost a fifth of the speed when each request
 started afresh).
 
+The longest period grows with what a probe costs: `max_period` rounds for a draft that costs one
+plain round, proportionally more (in powers of two) for one that costs more. A draft for sixteen rows
+costs ~1.8 plain rounds (~100 against ~57 ms, SmolLM2 bf16 on the 2-core box), so sixteen backed-off
+requests probing every 64 rounds lost 2-3% of plain decoding's speed; every 128 rounds, ~1%.
+
+Only the drafter's own proposals are judged: a proposal that cost no forward (a lookup hit,
+engine/drafters/lookup.py) neither resets a request's period nor backs it off.
+
 Not drafting is always lossless: the request then verifies only its anchor, i.e. plain decoding.
 """
 
@@ -52,6 +60,7 @@ class DraftBackoff:
     def __init__(self, max_period: int = 64, smoothing: float = 0.75, remembered: int = 8):
         self.max_period = max_period
         self.smoothing = smoothing
+        self.probe_cost = 1.0     # a draft's cost in plain rounds, smoothed
         self.requests: dict[str, RequestBackoff] = {}
         self.left: deque[int] = deque(maxlen=remembered)   # periods of the last requests to leave
         self.round = 0
@@ -77,8 +86,12 @@ class DraftBackoff:
                 plain_seconds: float | None) -> None:
         """After a round: `drafted`/`committed` per request in the round's order; `plain_seconds`:
         what a plain round of this batch would take (None without a profile)."""
-        if report.drafted == 0:
+        drafters = sum(drafted)
+        if drafters == 0:
             return
+        if plain_seconds:
+            cost = (report.draft_seconds + report.schedule_seconds) / plain_seconds
+            self.probe_cost = self.smoothing * self.probe_cost + (1 - self.smoothing) * cost
         verified = sum(report.budgets)
         for rid, was_drafted, n, budget in zip(request_ids, drafted, committed, report.budgets):
             if not was_drafted:
@@ -88,7 +101,13 @@ class DraftBackoff:
             if plain_seconds is not None and report.round_seconds > 0:
                 plain_share = plain_seconds / report.batch_size
                 extra_verify = max(0.0, report.verify_seconds - plain_seconds) * budget / verified if verified else 0.0
-                share = plain_share + (report.draft_seconds + report.schedule_seconds) / report.drafted + extra_verify
+                share = plain_share + (report.draft_seconds + report.schedule_seconds) / drafters + extra_verify
                 state.speed_ratio = self.smoothing * state.speed_ratio + (1 - self.smoothing) * n * plain_share / share
                 paid = paid and state.speed_ratio >= 1.0
-            state.period = 1 if paid else min(2 * state.period, self.max_period)
+            state.period = 1 if paid else min(2 * state.period, self.longest_period())
+
+    def longest_period(self) -> int:
+        period = self.max_period
+        while period < self.probe_cost * self.max_period and period < 16 * self.max_period:
+            period *= 2
+        return period

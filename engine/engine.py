@@ -105,15 +105,17 @@ class Engine:
             return events, None
         batch = list(self.active)
         ids = [seq.request_id for seq in batch]
-        drafting = None
+        drafting = turns = free = None
         if self.backoff is not None:
             # A proposal that costs no forward (a lookup hit) is made even for a paused request.
-            drafting = [turn or self.drafter.free_draft(seq) for turn, seq in zip(self.backoff.drafting(ids), batch)]
+            turns, free = self.backoff.drafting(ids), [self.drafter.free_draft(seq) for seq in batch]
+            drafting = [turn or hit for turn, hit in zip(turns, free)]
         report, committed = speculative_round(self.model, self.cache, self.drafter, batch, self.schedule,
                                               self.target.eos_token_ids, self.config.verify_budget, drafting)
         if self.backoff is not None:
             sps = self.schedule.sps if isinstance(self.schedule, PrefixScheduler) else None
-            self.backoff.observe(ids, drafting, list(map(len, committed)), report,
+            self.backoff.observe(ids, [turn and not hit for turn, hit in zip(turns, free)],
+                                 list(map(len, committed)), report,
                                  None if sps is None else 1.0 / sps(report.batch_size, 1))
         events.extend(self._emit(batch))
         return events, report

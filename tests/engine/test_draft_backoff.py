@@ -36,6 +36,15 @@ def test_backs_off_exponentially_and_caps():
     assert pattern(DraftBackoff(max_period=4), [], 20) == "D.D.D...D...D...D..."
 
 
+def test_a_dearer_draft_probes_less_often():
+    """A draft that costs two plain rounds and verifies nothing: the longest period doubles (probes
+    cost the same share of the time), where a cheap one stays at max_period."""
+    dear, cheap = round_report((0,), 1, 0.3, draft_seconds=0.2), round_report((0,), 1, 0.15, draft_seconds=0.05)
+    assert pattern(DraftBackoff(max_period=4), [dear] * 9, 40, plain_seconds=0.1) == (
+        "D.D.D...D.......D.......D.......D.......")
+    assert pattern(DraftBackoff(max_period=4), [cheap] * 9, 20, plain_seconds=0.1) == "D.D.D...D...D...D..."
+
+
 def test_a_verified_draft_resets_the_backoff():
     assert pattern(DraftBackoff(), [NOTHING, NOTHING, SOMETHING, NOTHING], 10) == "D.D.DDD.D."
 
