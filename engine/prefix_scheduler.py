@@ -107,7 +107,10 @@ def top_k(surv: list[list[float]], k: int, budget: int | None = None) -> tuple[l
 class PrefixScheduler:
     """A `Schedule` for the speculative round. mode "sync" = Algorithm 1; "async" = capacity from
     the confidences of two rounds earlier (a causal barrier: K cannot depend on this round's draft
-    tokens), then top-K admission by current survival."""
+    tokens), then top-K admission by current survival. "Rounds" are a request's rounds with a
+    proposal: counting the ones the draft backoff skips left a request that drafts every 4th round or
+    less often with nothing two rounds back, so it never verified, backed off further and never
+    recovered."""
 
     def __init__(self, sps: Sps, mode: str = "sync", budget: int | None = None):
         if mode not in ("sync", "async"):
@@ -129,8 +132,11 @@ class PrefixScheduler:
             stale = []
             for seq, conf, cap in zip(seqs, confidences, caps):
                 hist = self.history.setdefault(seq.request_id, deque(maxlen=3))
+                if conf is None:   # no proposal this round (the backoff paused it): none remembered
+                    stale.append([])
+                    continue
                 hist.append(conf)
-                old = hist[0] if len(hist) == 3 else None  # confidences from two rounds ago
+                old = hist[0] if len(hist) == 3 else None  # its proposal two proposals ago
                 stale.append([] if old is None else torch.cumprod(old[:cap].double(), 0).tolist())
             live = {seq.request_id for seq in seqs}
             for rid in [rid for rid in self.history if rid not in live]:

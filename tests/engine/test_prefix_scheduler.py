@@ -88,6 +88,17 @@ def test_async_uses_confidences_from_two_rounds_earlier():
     assert sched(seqs, proposal(high), [3])[0] == [3]  # K from round 2's low ones: 3 with flat SPS
 
 
+def test_async_history_skips_rounds_without_a_proposal():
+    """A request the backoff lets draft every 4th round: its rounds without a proposal are not
+    remembered, so at its third proposal it has confidences two proposals back."""
+    sched = PrefixScheduler(table(1.0), mode="async")
+    seqs = [_Seq("a")]
+    high = Proposal(tokens=[[1, 2, 3]], probs=[None], confidence=[torch.tensor([0.9, 0.9, 0.9])])
+    paused = Proposal(tokens=[[]], probs=[None], confidence=[None])
+    budgets = [sched(seqs, high if i % 4 == 0 else paused, [3])[0][0] for i in range(13)]
+    assert budgets[::4] == [0, 0, 3, 3] and sum(budgets) == 6
+
+
 def test_sps_table_interpolates_and_smooths():
     t = SpsTable(rows=[1, 2, 4], widths=[1, 2], measured=[[10.0, 11.0], [8.0, 5.0], [4.0, 2.0]], context=8)
     assert t(1, 1) == 10.0 and t(1, 2) == 10.0  # noise that says "faster when wider" is smoothed away
