@@ -15,7 +15,7 @@ from typing import NamedTuple
 from engine.api import GenerationRequest, SamplingParams
 from engine.calibration import calibration_metrics
 from engine.build import DTYPES, build_engine
-from engine.config import METHODS, WITHOUT_MODEL_DRAFTER, EngineConfig
+from engine.config import LOOKUP_MIN_MATCH, METHODS, WITHOUT_MODEL_DRAFTER, EngineConfig
 from engine.drafters.init import KINDS
 from engine.loading import LoadedTarget, device_name, load_target
 from engine.peers import HfPeer
@@ -32,9 +32,6 @@ class BenchMethod(NamedTuple):
     threshold: float | None = None
     threshold_unset: float = 0.0
     lookup_unset: int = 0
-
-
-LOOKUP_MIN_MATCH = 2   # the -lookup methods' default (docs/benchmarks.md, "Prompt lookup ahead of the drafter")
 
 
 # The plain method names verify every proposed token (or up to --confidence-threshold).

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EMBEDDED_MODEL, EngineConfig
+from engine.config import EMBEDDED_MODEL, LOOKUP_MIN_MATCH, EngineConfig
 from engine.drafters.base import Drafter
 from engine.drafters.checkpoint import CheckpointError, load_checkpoint
 from engine.drafters.dspark import DSparkDrafter
@@ -62,14 +62,19 @@ def build_model_drafter(config: EngineConfig, target: LoadedTarget) -> Drafter:
 
 def resolve_method(config: EngineConfig) -> EngineConfig:
     """Settle method "auto": DSpark wherever a drafter is at hand, through the confidence scheduler
-    (a full block loses to plain decoding wherever drafts are rarely accepted, docs/benchmarks.md),
-    else plain decoding."""
+    (a full block loses to plain decoding wherever drafts are rarely accepted) with prompt lookup
+    ahead of it (what lifts it above plain decoding at 1-8 users here; docs/benchmarks.md), else
+    plain decoding. Lookup is left out under a static schedule: a full block of lookup drafts
+    verified for every request loses at large batches."""
     if config.method != "auto":
         return config
     if config.drafter is None and config.model not in SHIPPED_DRAFTERS:
         return config.model_copy(update={"method": "ar", "lookup_min_match": 0})
     scheduled = "scheduler" in config.model_fields_set or config.confidence_threshold > 0
-    return config.model_copy(update={"method": "dspark", "scheduler": config.scheduler if scheduled else "sync"})
+    update = {"method": "dspark", "scheduler": config.scheduler if scheduled else "sync"}
+    if update["scheduler"] != "static" and "lookup_min_match" not in config.model_fields_set:
+        update["lookup_min_match"] = min(LOOKUP_MIN_MATCH, config.ngram_max)
+    return config.model_copy(update=update)
 
 
 def build_engine(config: EngineConfig, target: LoadedTarget | None = None) -> Engine:

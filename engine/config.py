@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 METHODS = ("ar", "ngram", "dspark", "dflash", "eagle3")
 WITHOUT_MODEL_DRAFTER = ("ar", "ngram")   # nothing for prompt lookup to go in front of
+# Prompt lookup's minimum match for method auto and the bench's -lookup methods (docs/benchmarks.md,
+# "Prompt lookup ahead of the drafter").
+LOOKUP_MIN_MATCH = 2
 
 
 class EngineConfig(BaseModel):
@@ -17,7 +20,8 @@ class EngineConfig(BaseModel):
     model: str = Field(EMBEDDED_MODEL, description="embedded model name, a local HF checkpoint dir, or an HF id")
     method: Literal["auto", "ar", "ngram", "dspark", "dflash", "eagle3"] = Field("auto", description=(
         "auto = dspark with `drafter`, or with the drafter shipped for the model, served through "
-        "Algorithm 1 (scheduler sync unless set); plain decoding (ar) for a model without a drafter"))
+        "Algorithm 1 (scheduler sync unless set) with prompt lookup ahead of it (lookup_min_match 2 "
+        "unless set); plain decoding (ar) for a model without a drafter"))
     drafter: str | None = Field(None, description="DeepSpec-format drafter directory")
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = "cpu"
@@ -26,7 +30,7 @@ class EngineConfig(BaseModel):
         "dspark: verify a proposal only up to the first position whose confidence is below this (0 = off)"))
     scheduler: Literal["static", "sync", "async"] = Field("static", description=(
         "how many draft tokens each request verifies: static = all proposed (or up to the confidence "
-        "threshold), sync = Algorithm 1 over SPS(B), async = the §5.2 top-K variant"))
+        "threshold), sync = Algorithm 1 over SPS(R, W), async = the §5.2 top-K variant"))
     token_budget: int | None = Field(None, ge=1, description=(
         "most query tokens one verification forward may hold (default max_batch * (block_size + 1))"))
     ngram_max: int = Field(3, ge=1, le=8, description="longest n-gram the prompt-lookup drafter matches")

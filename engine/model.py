@@ -136,9 +136,9 @@ class TargetModel:
         A query at position p sees the cache entries 0..p of its row: the caller guarantees entries
         below the row's first position are valid (committed) and the ones written here are the rest.
         `lengths` (ragged batches): row r has lengths[r] real tokens, the rest is padding. The
-        per-token work (projections, MLP) then runs on the packed real tokens only, so a
-        verification batch costs what its token count says (the B of SPS(B), paper §3.2.2); only
-        attention sees the padded layout, and padding never touches the cache.
+        per-token work (projections, MLP) then runs on the packed real tokens only; attention sees
+        the padded layout (so a round's cost depends on its widest row, engine/sps.py), and padding
+        never touches the cache.
         `taps` are layer ids (-1 = embedding output) whose outputs are returned concatenated.
         """
         a = self.args

@@ -100,15 +100,21 @@ def test_drafting_for_some_requests_only_is_lossless_and_keeps_the_drafter_conte
 
 def test_default_method_is_dspark_scheduled_where_a_drafter_is_at_hand(target, tmp_path_factory):
     """`method = "auto"` (the default): the embedded model gets its shipped DSpark drafter through
-    Algorithm 1; a model without a drafter decodes plainly; what the operator set is kept."""
+    Algorithm 1 with prompt lookup ahead of it; a model without a drafter decodes plainly; what the
+    operator set is kept."""
     from engine.build import SHIPPED_DRAFTERS, resolve_method
-    from engine.config import EMBEDDED_MODEL, EngineConfig
+    from engine.config import EMBEDDED_MODEL, LOOKUP_MIN_MATCH, EngineConfig
 
     embedded = resolve_method(EngineConfig())
     assert (embedded.method, embedded.scheduler, embedded.drafter) == ("dspark", "sync", None)
+    assert embedded.lookup_min_match == LOOKUP_MIN_MATCH
     assert EMBEDDED_MODEL in SHIPPED_DRAFTERS
-    assert resolve_method(EngineConfig(scheduler="static")).scheduler == "static"
+    static = resolve_method(EngineConfig(scheduler="static"))
+    assert (static.scheduler, static.lookup_min_match) == ("static", 0)   # no lookup under a full block
     assert resolve_method(EngineConfig(confidence_threshold=0.3)).scheduler == "static"
+    assert resolve_method(EngineConfig(lookup_min_match=0)).lookup_min_match == 0
+    assert resolve_method(EngineConfig(scheduler="async", lookup_min_match=3)).lookup_min_match == 3
+    assert resolve_method(EngineConfig(ngram_max=1)).lookup_min_match == 1
     own = str(target.path)
     assert resolve_method(EngineConfig(model=own)).method == "ar"
     drafter = drafter_dir(target, tmp_path_factory, "dspark", "vanilla")
