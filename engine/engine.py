@@ -105,7 +105,7 @@ class Engine:
             return events, None
         batch = list(self.active)
         ids = [seq.request_id for seq in batch]
-        drafting = turns = free = None
+        drafting = None
         if self.backoff is not None:
             # A proposal that costs no forward (a lookup hit) is made even for a paused request.
             turns, free = self.backoff.drafting(ids), [self.drafter.free_draft(seq) for seq in batch]

@@ -56,18 +56,16 @@ def _width_steps(surv: list[list[float]], budget: int | None) -> list[list[tuple
     return steps
 
 
-def _theta_along(surv: list[list[float]], sps: Sps, budget: int | None):
-    """(Theta, tau, admitted candidates so far) at width 1 and after each width step."""
-    R = len(surv)
-    tau, admitted = float(R), []
-    yield tau * sps(R, 1), tau, list(admitted)
-    for width, step in enumerate(_width_steps(surv, budget), 2):
+def _theta_along(steps: list[list[tuple[float, int, int]]], R: int, sps: Sps):
+    """(Theta, tau) at width 1 and after each width step."""
+    tau = float(R)
+    yield tau * sps(R, 1), tau
+    for width, step in enumerate(steps, 2):
         tau += sum(a for a, _, _ in step)
-        admitted += step
-        yield tau * sps(R, width), tau, list(admitted)
+        yield tau * sps(R, width), tau
 
 
-def _lengths(R: int, admitted: list[tuple[float, int, int]]) -> list[int]:
+def _lengths(R: int, admitted) -> list[int]:
     lengths = [0] * R
     for _, r, j in admitted:
         lengths[r] = max(lengths[r], j)
@@ -78,24 +76,24 @@ def algorithm1(surv: list[list[float]], sps: Sps, budget: int | None = None) -> 
     """Synchronous scheduler: walk the greedy path and stop at the first step that does not raise
     Theta. The break is what keeps it lossless (Appendix A): whether draft j is admitted may depend
     only on confidences that do not depend on draft j's own sampled value."""
-    R = len(surv)
-    path = _theta_along(surv, sps, budget)
-    best, best_tau, best_admitted = next(path)
-    for theta, tau, admitted in path:
+    R, steps = len(surv), _width_steps(surv, budget)
+    path = _theta_along(steps, R, sps)
+    best, best_tau = next(path)
+    taken = 0
+    for n, (theta, tau) in enumerate(path, 1):
         if theta <= best:
             break
-        best, best_tau, best_admitted = theta, tau, admitted
-    return _lengths(R, best_admitted), best_tau - R
+        best, best_tau, taken = theta, tau, n
+    return _lengths(R, (c for step in steps[:taken] for c in step)), best_tau - R
 
 
 def capacity(surv: list[list[float]], sps: Sps, budget: int | None = None) -> int:
     """§5.2: the number of draft tokens K at the global argmax of Theta along the greedy path,
     searched without a break (the curve may be jagged)."""
-    best, best_k = float("-inf"), 0
-    for theta, _, admitted in _theta_along(surv, sps, budget):
-        if theta > best:
-            best, best_k = theta, len(admitted)
-    return best_k
+    steps = _width_steps(surv, budget)
+    thetas = [theta for theta, _ in _theta_along(steps, len(surv), sps)]
+    best = max(range(len(thetas)), key=thetas.__getitem__)   # the first of equal maxima
+    return sum(map(len, steps[:best]))
 
 
 def top_k(surv: list[list[float]], k: int, budget: int | None = None) -> tuple[list[int], float]:
