@@ -1,11 +1,12 @@
 """`linear` gives the plain product's numbers on either CPU path (one row: the transposed copy;
 more rows: the oneDNN-packed copy), and the packed path's rows do not depend on the other rows in
-the call."""
+the call. `attention` equals attention written out head by head, whatever the number of queries
+a row has."""
 
 import pytest
 import torch
 
-from kernels.ops import linear, pack_linear
+from kernels.ops import attention, linear, pack_linear
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (2, 64), (3, 64), (1, 1, 64), (1, 8, 64), (4, 7, 64), (0, 64)])
@@ -34,3 +35,36 @@ def test_weights_without_a_packed_layout_use_the_plain_product():
     assert weight.packed is None and weight.w_t.data_ptr() == bf16.data_ptr()   # a view, no copy
     x = torch.ones(3, 4).bfloat16()
     assert torch.equal(linear(x, weight), x @ bf16.t())
+
+
+def reference_attention(q, k, v, mask):
+    """Head h of q against K/V head h // (nh / nkv), one (row, head) at a time, in fp64."""
+    R, Q, nh, hd = q.shape
+    g = nh // k.shape[2]
+    out = torch.empty(R, Q, nh, hd, dtype=torch.float64)
+    for r in range(R):
+        for h in range(nh):
+            scores = q[r, :, h].double() @ k[r, :, h // g].double().t() / hd ** 0.5
+            if mask is not None:
+                scores = scores.masked_fill(~mask[r], float("-inf"))
+            out[r, :, h] = torch.softmax(scores, -1) @ v[r, :, h // g].double()
+    return out
+
+
+@pytest.mark.parametrize("rows,queries,heads,kv_heads", [
+    (1, 1, 9, 3), (4, 1, 9, 3), (3, 2, 9, 3), (5, 7, 9, 3), (2, 4, 4, 4), (2, 3, 8, 1)])
+@pytest.mark.parametrize("masked", [True, False])
+def test_attention_matches_per_head_reference(rows, queries, heads, kv_heads, masked):
+    g = torch.Generator().manual_seed(rows * 100 + queries)
+    length = 37
+    q = torch.randn(rows, queries, heads, 16, generator=g)
+    k = torch.randn(rows, length, kv_heads, 16, generator=g)
+    v = torch.randn(rows, length, kv_heads, 16, generator=g)
+    mask = None
+    if masked:   # rows at different positions, each query sees its row's entries up to itself
+        last = torch.randint(queries - 1, length, (rows,), generator=g)
+        positions = last[:, None] - queries + 1 + torch.arange(queries)[None]
+        mask = torch.arange(length)[None, None, :] <= positions[:, :, None]
+    out = attention(q, k, v, mask)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
