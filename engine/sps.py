@@ -90,7 +90,7 @@ class SpsTable:
 
 @torch.inference_mode()
 def profile_sps(model: TargetModel, max_rows: int, max_width: int, context: int = 512,
-                repeats: int = 3) -> SpsTable:
+                repeats: int = 5) -> SpsTable:
     rows = row_points(max_rows)
     cache = model.new_cache(max_rows, context + max_width + 1)
     g = torch.Generator().manual_seed(0)
@@ -101,19 +101,23 @@ def profile_sps(model: TargetModel, max_rows: int, max_width: int, context: int 
     measured = []
     for r in rows:
         slots = torch.arange(r, device=dev)
-        line = []
-        for w in range(1, max_width + 1):
-            tokens = torch.randint(0, model.args.vocab_size, (r, w), generator=g).to(dev)
-            positions = torch.arange(context, context + w, device=dev)[None].expand(r, w)
-            times = []
-            for _ in range(repeats + 1):
+        widths = range(1, max_width + 1)
+        batches = {w: (torch.randint(0, model.args.vocab_size, (r, w), generator=g).to(dev),
+                       torch.arange(context, context + w, device=dev)[None].expand(r, w)) for w in widths}
+        times: dict[int, list[float]] = {w: [] for w in widths}
+        # The widths of one row count are timed in turn, `repeats` passes: what the scheduler reads is
+        # the cost of a width relative to its neighbours, and a host that slows down for a second
+        # (the 2-core box does) then slows every width alike instead of the one being timed.
+        for attempt in range(repeats + 1):
+            for w in widths:
+                tokens, positions = batches[w]
                 start = time.perf_counter()
                 logits = model.logits(model.forward(tokens, positions, slots, cache, lengths=[w] * r).hidden)
                 logits.max(dim=-1).indices.tolist()   # the round's one copy to the host
-                times.append(time.perf_counter() - start)
-            line.append(1 / statistics.median(times[1:]))  # the first run warms up this shape
-        measured.append(line)
-    return SpsTable(rows=rows, widths=list(range(1, max_width + 1)), measured=measured, context=context)
+                if attempt:                           # the first pass warms up every shape
+                    times[w].append(time.perf_counter() - start)
+        measured.append([1 / statistics.median(times[w]) for w in widths])
+    return SpsTable(rows=rows, widths=list(widths), measured=measured, context=context)
 
 
 def cpu_signature(cpuinfo: str) -> str:
