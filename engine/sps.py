@@ -8,10 +8,12 @@ flattened tokens, so a step costs what its token count says. Ours pads attention
 matmuls are bound by reading the weights, not by the token count. A step therefore costs what its
 rows R and its width W (query tokens of the widest row, 1 = plain decoding) say, and the table is
 SPS(R, W), measured with every row W tokens wide (B = R * W, an upper bound for narrower rows).
-Measured (SmolLM2-135M, bf16, 2 cores, context 400): 11 rows take 49 ms at W = 1 and 64 ms at
-W = 2, where one row of 12 tokens against one of 22 takes 39 against 43 ms; the one-row SPS(B)
+Measured (SmolLM2-135M, bf16, 2 cores): 11 rows at context 400 took 49 ms at W = 1 and 64 ms at
+W = 2, where one row of 12 tokens against one of 22 took 39 against 43 ms; the one-row SPS(B)
 table this replaced let the scheduler verify drafts at 8-32 users that slowed the round by more
-than they committed (docs/benchmarks.md, "A step costs its rows and its width").
+than they committed (docs/benchmarks.md, "A step costs its rows and its width"). Folding the query
+heads of grouped-query attention (kernels/ops.py) has since made W = 2 cheap (16 rows at context
+512: 63 ms at W = 1, 67 at W = 2) but not W = 8 (115 ms), so the cost still has both axes.
 """
 
 from __future__ import annotations
