@@ -28,8 +28,10 @@ started afresh).
 
 The longest period grows with what a probe costs: `max_period` rounds for a draft that costs one
 plain round, proportionally more (in powers of two) for one that costs more. A draft for sixteen rows
-costs ~1.8 plain rounds (~100 against ~57 ms, SmolLM2 bf16 on the 2-core box), so sixteen backed-off
-requests probing every 64 rounds lost 2-3% of plain decoding's speed; every 128 rounds, ~1%.
+cost ~1.8 plain rounds when this was written (~100 against ~57 ms, SmolLM2 bf16 on the 2-core box),
+so sixteen backed-off requests probing every 64 rounds lost 2-3% of plain decoding's speed; every
+128 rounds, ~1%. Measured again on 2026-12-01 (32 requests at 16 users): a probe of 10-14 rows
+after a 64-round pause drafts in 36-56 ms, a smoothed cost of 0.8-1.0 rounds, so 64-128.
 
 Only the drafter's own proposals are judged: a proposal that cost no forward (a lookup hit,
 engine/drafters/lookup.py) neither resets a request's period nor backs it off.
