@@ -18,7 +18,7 @@ the token budget cuts it.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -65,7 +65,7 @@ def _theta_along(steps: list[list[tuple[float, int, int]]], R: int, sps: Sps):
         yield tau * sps(R, width), tau
 
 
-def _lengths(R: int, admitted) -> list[int]:
+def _lengths(R: int, admitted: Iterable[tuple[float, int, int]]) -> list[int]:
     lengths = [0] * R
     for _, r, j in admitted:
         lengths[r] = max(lengths[r], j)

@@ -100,10 +100,10 @@ def profile_sps(model: TargetModel, max_rows: int, max_width: int, context: int 
     for slot in range(max_rows):   # rows hold different random contexts, as requests do
         prompt = torch.randint(0, model.args.vocab_size, (1, context), generator=g).to(dev)
         model.forward(prompt, torch.arange(context, device=dev)[None], torch.tensor([slot], device=dev), cache)
+    widths = range(1, max_width + 1)
     measured = []
     for r in rows:
         slots = torch.arange(r, device=dev)
-        widths = range(1, max_width + 1)
         batches = {w: (torch.randint(0, model.args.vocab_size, (r, w), generator=g).to(dev),
                        torch.arange(context, context + w, device=dev)[None].expand(r, w)) for w in widths}
         times: dict[int, list[float]] = {w: [] for w in widths}

@@ -44,8 +44,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     [R, nkv, L, hd]. Same arithmetic per (query, key) pair as SDPA's own `enable_gqa`, but torch's
     CPU flash kernel then runs one block of Q * G queries per K/V head, where with `enable_gqa` and
     Q > 1 it took 2.1x as long (bf16, 16 rows, context 400: 0.76 against 0.39 ms at Q = 2, 0.98
-    against 0.61 at Q = 8). That gap made every verify round with a draft cost
-    ~40% more than a plain one at 16 rows (engine/sps.py).
+    against 0.61 at Q = 8). That gap made every verify round with a draft cost ~40% more than a
+    plain one at 16 rows (engine/sps.py).
     """
     R, Q, nh, hd = q.shape
     nkv = k.shape[2]
