@@ -52,7 +52,7 @@ class DraftVocab:
         self.foreign: torch.Tensor | None = None
         # This round's context-token rows of each full matrix projected through (the LM head, the
         # Markov head's W2), gathered once: EAGLE-3 and the Markov sampler project once per slot.
-        self._gathered: dict[int, torch.Tensor] = {}
+        self._gathered: dict[int, LinearWeight] = {}
         self._seen: dict[str, int] = {}              # request -> tokens of it looked at so far
         self._outside: dict[str, torch.Tensor] = {}  # request -> its tokens outside the frequent subset
 
@@ -116,8 +116,8 @@ class DraftVocab:
             return out
         rows = self._gathered.get(id(full))   # the matrices live as long as the drafter
         if rows is None:
-            rows = self._gathered[id(full)] = full[self.extra].t()
-        return torch.cat([out, x @ rows], dim=-1)
+            rows = self._gathered[id(full)] = LinearWeight(full[self.extra].t())
+        return torch.cat([out, linear(x, rows)], dim=-1)
 
     def rows(self, weight: torch.Tensor) -> torch.Tensor:
         """The frequent subset's rows of a [V, ...] matrix indexed by output token."""

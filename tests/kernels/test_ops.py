@@ -37,6 +37,19 @@ def test_weights_without_a_packed_layout_use_the_plain_product():
     assert torch.equal(linear(x, weight), x @ bf16.t())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_linear_on_a_prefix_of_a_block_equals_the_product_of_its_copy(dtype, rows):
+    # x[:, :k] has leading strides that do not chain: `linear` flattens it itself (kernels/ops.py)
+    g = torch.Generator().manual_seed(3)
+    weight = pack_linear(torch.randn(300, 64, generator=g).to(dtype))
+    block = torch.randn(rows, 7, 64, generator=g).to(dtype)
+    for k in (1, 2, 6):
+        out = linear(block[:, :k], weight)
+        assert out.shape == (rows, k, 300)
+        assert torch.equal(out, linear(block[:, :k].clone(), weight))
+
+
 def reference_attention(q, k, v, mask):
     """Head h of q against K/V head h // (nh / nkv), one (row, head) at a time, in fp64."""
     R, Q, nh, hd = q.shape
