@@ -102,6 +102,42 @@ def top_k(surv: list[list[float]], k: int, budget: int | None = None) -> tuple[l
     return _lengths(len(surv), cands), sum(a for a, _, _ in cands)
 
 
+class AdmissionHorizon:
+    """Where Algorithm 1 stops, found while the drafts are still being drafted, so that the
+    drafter's sequential part (the Markov head's slot-by-slot sampling, paper §3.1) stops there
+    too. Not in the paper, whose drafts are cheap next to its target; here a DSpark slot costs ~1.5
+    ms of a 25 ms draft for 16 rows, and Algorithm 1 rarely verifies past slot 3 (docs/benchmarks.md).
+
+    The greedy path's step to width k + 1 reads only survivals at position k, so once slot k is
+    drafted the first k steps are known exactly; when the walk has ended by then (a step that does
+    not raise Theta, no candidate left, the token budget spent), no draft at slot k + 1 is ever
+    verified, and the scheduler returns the same lengths for blocks cut after slot k as for whole
+    ones. A bound on the next step from survival at k (a_{r,k+1} <= a_{r,k}) was tried as well: on
+    decreasing SPS curves it stopped no block earlier. The async variant's capacity reads whole
+    confidence vectors of two rounds earlier, so it gets no horizon.
+    """
+
+    def __init__(self, seqs: list[Sequence], caps: list[int], sps: Sps, budget: int | None):
+        self.order = {seq.request_id: r for r, seq in enumerate(seqs)}
+        self.caps, self.sps, self.budget = caps, sps, budget
+        self.known: list[list[float]] = [[] for _ in seqs]   # per row: survivals so far, within its cap
+
+    def fix(self, seq: Sequence, confidence: torch.Tensor) -> None:
+        r = self.order[seq.request_id]
+        self.known[r] = survivals([confidence], [self.caps[r]])[0]
+
+    def more(self, seqs: list[Sequence], slot: int, confidence: torch.Tensor) -> bool:
+        for seq, c in zip(seqs, confidence.tolist()):
+            row = self.known[self.order[seq.request_id]]
+            if len(row) < min(slot, self.caps[self.order[seq.request_id]]):
+                row.append((row[-1] if row else 1.0) * c)   # survivals()' double products
+        steps = _width_steps([row[:slot] for row in self.known], self.budget)
+        if len(steps) < slot:
+            return False
+        path = list(_theta_along(steps, len(self.known), self.sps))
+        return all(theta > before for (theta, _), (before, _) in zip(path[1:], path))
+
+
 class PrefixScheduler:
     """A `Schedule` for the speculative round. mode "sync" = Algorithm 1; "async" = capacity from
     the confidences of two rounds earlier (a causal barrier: K cannot depend on this round's draft
@@ -117,6 +153,10 @@ class PrefixScheduler:
         self.mode = mode
         self.budget = budget
         self.history: dict[str, deque[torch.Tensor | None]] = {}
+
+    def horizon(self, seqs: list[Sequence], caps: list[int]) -> AdmissionHorizon | None:
+        """The round's `AdmissionHorizon` (sync mode only), rows in the order `__call__` gets them."""
+        return AdmissionHorizon(seqs, caps, self.sps, self.budget) if self.mode == "sync" else None
 
     def __call__(self, seqs: list[Sequence], proposal: Proposal, caps: list[int]) -> tuple[list[int], float]:
         caps = [min(len(t), c) for t, c in zip(proposal.tokens, caps)]

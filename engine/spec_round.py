@@ -13,8 +13,9 @@ import torch
 
 from engine.api import RoundReport
 from engine.calibration import record as record_confidence, tally_positions
-from engine.drafters.base import Drafter, Proposal
+from engine.drafters.base import Drafter, Horizon, Proposal
 from engine.model import KVCache, TargetModel
+from engine.prefix_scheduler import PrefixScheduler
 from engine.sampling import accept_greedy, target_distributions, verify_block
 from engine.sequence import Sequence
 
@@ -62,15 +63,15 @@ def commit_tokens(seq: Sequence, draft: list[int], accepted: int, bonus: int,
     return new[:seq.remaining]
 
 
-def propose_for(drafter: Drafter, seqs: list[Sequence], drafting: list[bool]) -> Proposal:
+def propose_for(drafter: Drafter, seqs: list[Sequence], drafting: list[bool], horizon: Horizon | None) -> Proposal:
     """The drafter's proposal for the requests marked in `drafting`, an empty one for the rest
     (they verify only their anchor: plain decoding this round)."""
     chosen = [seq for seq, d in zip(seqs, drafting) if d]
     if len(chosen) == len(seqs):
-        return drafter.propose(seqs)
+        return drafter.propose(seqs, horizon)
     proposal = Drafter.propose(drafter, seqs)
     if chosen:
-        part = drafter.propose(chosen)
+        part = drafter.propose(chosen, horizon)
         rows = [r for r, d in enumerate(drafting) if d]
         for i, r in enumerate(rows):
             proposal.tokens[r], proposal.probs[r] = part.tokens[i], part.probs[i]
@@ -86,10 +87,11 @@ def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seq
     context stays complete."""
     t0 = time.perf_counter()
     drafting = [True] * len(seqs) if drafting is None else drafting
-    proposal = propose_for(drafter, seqs, drafting)
-    t1 = time.perf_counter()
     # Never verify more than can be committed: a round commits at most budget + 1 tokens.
     caps = [max(0, min(drafter.block_size, seq.remaining - 1)) for seq in seqs]
+    horizon = schedule.horizon(seqs, caps) if isinstance(schedule, PrefixScheduler) else None
+    proposal = propose_for(drafter, seqs, drafting, horizon)
+    t1 = time.perf_counter()
     budgets, expected = schedule(seqs, proposal, caps)
     budgets = fit_budget(budgets, token_budget)
     t2 = time.perf_counter()

@@ -9,6 +9,7 @@ which the engine hands over at `start` (prompt) and `commit` (each round's verif
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -30,6 +31,19 @@ class Proposal:
         self.confidence_inputs = self.confidence_inputs or [None] * len(self.tokens)
 
 
+class Horizon(Protocol):
+    """How far this round's drafts can still be verified (engine/prefix_scheduler.py,
+    `AdmissionHorizon`), so that a drafter that drafts slot by slot stops where nothing further
+    would be verified."""
+
+    def fix(self, seq: Sequence, confidence: torch.Tensor) -> None:
+        """A row whose whole proposal is known before the others are drafted (a lookup draft)."""
+
+    def more(self, seqs: list[Sequence], slot: int, confidence: torch.Tensor) -> bool:
+        """After drafting slot `slot` (1 = the first) for `seqs`, with conditional confidences
+        [len(seqs)]: whether a draft at slot + 1 could still be verified this round."""
+
+
 class Drafter:
     """Plain autoregressive decoding: proposes nothing, so each round verifies only the anchor."""
 
@@ -41,7 +55,9 @@ class Drafter:
     def start(self, seq: Sequence, prompt_features: torch.Tensor | None) -> None:
         """Called after prefill; features: [prompt_len, m*H] of the tapped layers, or None."""
 
-    def propose(self, seqs: list[Sequence]) -> Proposal:
+    def propose(self, seqs: list[Sequence], horizon: Horizon | None = None) -> Proposal:
+        """A drafter that drafts slot by slot and has confidences may stop where `horizon` says
+        nothing further would be verified; any other drafter ignores it."""
         return Proposal(tokens=[[] for _ in seqs], probs=[None] * len(seqs))
 
     def free_draft(self, seq: Sequence) -> bool:

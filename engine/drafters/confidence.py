@@ -52,9 +52,10 @@ class ConfidenceHead:
         x = torch.cat([hidden, prev_features.to(hidden.dtype)], dim=-1) if self.with_markov else hidden
         return (x @ self.weight + self.bias).float()
 
-    def scale(self, z: torch.Tensor, draft_logodds: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
-        """z, draft_logodds [R, L] fp32, greedy [R] bool (which triple each row's request takes) -> c [R, L]."""
-        L = z.shape[1]
+    def scale(self, z: torch.Tensor, draft_logodds: torch.Tensor, greedy: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """z, draft_logodds [R, L] fp32 of slots first..first+L-1, greedy [R] bool (which triple each
+        row's request takes) -> c [R, L]."""
+        cols = slice(first, first + z.shape[1])
         row = greedy.long().to(z.device)
-        return torch.sigmoid(z / self.temperatures[row, :L] + self.offsets[row, :L]
-                             + self.draft_weights[row, :L] * draft_logodds)
+        return torch.sigmoid(z / self.temperatures[row, cols] + self.offsets[row, cols]
+                             + self.draft_weights[row, cols] * draft_logodds)

@@ -7,14 +7,16 @@ One round, batched over every active request:
      the cached context (positions < anchor) and bidirectionally to itself. Its K/V entries are
      dropped afterwards ("crop to start"): the cache only ever holds context.
   2. sample_block: left-to-right sampling through the Markov head; q = the corrected distribution.
-  3. confidence: c_k from [h_k ; W1[x_{k-1}]], calibrated with the draft's own log-odds of x_k.
+  3. confidence: c_k from [h_k ; W1[x_{k-1}]], calibrated with the draft's own log-odds of x_k,
+     slot by slot inside step 2, so that Algorithm 1's horizon (engine/prefix_scheduler.py) can end
+     the block after the last slot it could verify.
 """
 
 from __future__ import annotations
 
 import torch
 
-from engine.drafters.base import Drafter, Proposal
+from engine.drafters.base import Drafter, Horizon, Proposal
 from engine.drafters.checkpoint import DrafterCheckpoint
 from engine.drafters.confidence import ConfidenceHead
 from engine.drafters.context import PendingContext
@@ -65,21 +67,30 @@ class DSparkDrafter(Drafter):
         self.vocab.release(seq)
 
     # ---- the round -------------------------------------------------------------------------
-    def propose(self, seqs: list[Sequence]) -> Proposal:
+    def propose(self, seqs: list[Sequence], horizon: Horizon | None = None) -> Proposal:
         self.vocab.cover(seqs)
         hidden = self.draft_block(seqs)[:, :self.block_size]
         base_logits = self.vocab.logits(hidden)
         anchors = torch.tensor([seq.tokens[-1] for seq in seqs], device=self.target.device)
-        tokens, probs, logodds = sample_block(base_logits, hidden, anchors, self.markov, seqs, self.block_size,
-                                              self.vocab, with_logodds=self.confidence is not None)
         if self.confidence is None:
+            tokens, probs, _ = sample_block(base_logits, hidden, anchors, self.markov, seqs, self.block_size,
+                                            self.vocab)
             return Proposal(tokens=tokens.tolist(), probs=probs)
-        prev = torch.cat([anchors[:, None], tokens[:, :-1].to(anchors.device)], dim=1)
-        prev_features = self.markov.prev_features(prev) if self.confidence.with_markov else None
         greedy = torch.tensor([seq.request.sampling.greedy for seq in seqs])
-        z = self.confidence.logits(hidden, prev_features)
+        slots: list[torch.Tensor] = []   # per slot [R, 3]: c_k and the head's inputs (z_k, u_k)
+
+        def confidence_after(k: int, prev: torch.Tensor, logodds: torch.Tensor) -> bool:
+            # c_k as soon as slot k is drafted, so that the horizon can end the block after it
+            z = self.confidence.logits(hidden[:, k], self.markov.prev_features(prev) if self.confidence.with_markov
+                                       else None)
+            c = self.confidence.scale(z[:, None], logodds[:, None], greedy, first=k)[:, 0]
+            slots.append(torch.stack([c, z, logodds], dim=-1))
+            return horizon is None or horizon.more(seqs, k + 1, c)
+
+        tokens, probs, _ = sample_block(base_logits, hidden, anchors, self.markov, seqs, self.block_size, self.vocab,
+                                        with_logodds=True, after_slot=confidence_after)
         # confidences and the head's inputs (for calibration records) come to the host in one copy
-        host = torch.stack([self.confidence.scale(z, logodds, greedy), z, logodds], dim=-1).cpu()
+        host = torch.stack(slots, dim=1).cpu()
         return Proposal(tokens=tokens.tolist(), probs=probs, confidence=list(host[..., 0]),
                         confidence_inputs=list(host[..., 1:]))
 

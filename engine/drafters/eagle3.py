@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.drafters.base import Drafter, Proposal
+from engine.drafters.base import Drafter, Horizon, Proposal
 from engine.drafters.checkpoint import CheckpointError, DrafterCheckpoint
 from engine.drafters.context import PendingContext
 from engine.drafters.layers import DraftCache, Projector, fuse_layer
@@ -58,7 +58,7 @@ class Eagle3Drafter(Drafter):
         self.vocab.release(seq)
 
     @torch.inference_mode()
-    def propose(self, seqs: list[Sequence]) -> Proposal:
+    def propose(self, seqs: list[Sequence], horizon: Horizon | None = None) -> Proposal:
         dev, L = self.target.device, self.block_size
         slots = torch.tensor([seq.slot for seq in seqs], device=dev)
         starts = torch.tensor([seq.kv_len for seq in seqs], device=dev)   # anchor positions

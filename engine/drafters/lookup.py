@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.calibration import tally_positions
-from engine.drafters.base import Drafter, Proposal
+from engine.drafters.base import Drafter, Horizon, Proposal
 from engine.drafters.ngram import NgramIndex
 from engine.sequence import Sequence
 
@@ -83,10 +83,14 @@ class LookupFirst(Drafter):
         return torch.tensor([(own.accepted[k] + PRIOR_ROUNDS * self.node.rate(k)) / (own.reached[k] + PRIOR_ROUNDS)
                              for k in range(length)], dtype=torch.float32)
 
-    def propose(self, seqs: list[Sequence]) -> Proposal:
+    def propose(self, seqs: list[Sequence], horizon: Horizon | None = None) -> Proposal:
         drafts = [self._lookup(seq) for seq in seqs]
+        if horizon is not None:
+            for seq, draft in zip(seqs, drafts):
+                if draft:
+                    horizon.fix(seq, self.confidence(seq.request_id, len(draft)))
         rest = [seq for seq, draft in zip(seqs, drafts) if not draft]
-        model = self.model.propose(rest) if rest else Proposal(tokens=[], probs=[])
+        model = self.model.propose(rest, horizon) if rest else Proposal(tokens=[], probs=[])
         model_rows = zip(model.tokens, model.probs, model.confidence, model.confidence_inputs)
         tokens, probs, confidence, inputs = [], [], [], []
         for seq, draft in zip(seqs, drafts):

@@ -12,6 +12,7 @@ with x_{-1} the anchor. The corrected logits define the draft distribution q use
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -65,21 +66,25 @@ class MarkovHead:
 
 def sample_block(base_logits: torch.Tensor, hidden: torch.Tensor, anchors: torch.Tensor,
                  head: MarkovHead | None, seqs: list[Sequence], length: int, vocab: DraftVocab,
-                 with_logodds: bool = False) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor | None]:
-    """Sample `length` draft tokens per row, left to right.
+                 with_logodds: bool = False,
+                 after_slot: Callable[[int, torch.Tensor, torch.Tensor | None], bool] | None = None
+                 ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor | None]:
+    """Sample up to `length` draft tokens per row, left to right.
 
     base_logits [R, B, V_draft] fp32 over `vocab`, hidden [R, B, H] (post-norm h_k), anchors [R].
-    Returns target token ids [R, length]; per row, q [length, V] over the target's vocabulary
-    (None for greedy rows: q is one-hot); and, with `with_logodds`, the log-odds [R, length] fp32
-    that the draft's own distribution (its corrected logits at temperature 1) gives each drafted
-    token, the confidence head's second input (engine/drafters/confidence.py). Each row samples
-    with its own request's temperature / top_p and generator.
+    Returns target token ids [R, L]; per row, q [L, V] over the target's vocabulary (None for
+    greedy rows: q is one-hot); and, with `with_logodds`, the log-odds [R, L] fp32 that the draft's
+    own distribution (its corrected logits at temperature 1) gives each drafted token, the
+    confidence head's second input (engine/drafters/confidence.py). Each row samples with its own
+    request's temperature / top_p and generator. `after_slot(k, previous tokens [R], log-odds [R] or
+    None)` is called after slot k (0-based; the previous tokens are the anchors for k = 0) and ends
+    the block there when it returns False, so L <= length.
     """
     R = base_logits.shape[0]
     tokens = torch.empty((R, length), dtype=torch.long)
     probs = new_probs(seqs, length, vocab.vocab_size, base_logits.device)
     logodds = torch.empty((R, length), dtype=torch.float32, device=base_logits.device) if with_logodds else None
-    prev, state = anchors, None if head is None else head.initial_state(R)
+    prev, state, drafted = anchors, None if head is None else head.initial_state(R), length
     for k in range(length):
         logits = base_logits[:, k]
         if head is not None:
@@ -91,8 +96,12 @@ def sample_block(base_logits: torch.Tensor, hidden: torch.Tensor, anchors: torch
             # 16 rows, the copy leaving the cache. This costs ~1 ms of a 7-9 ms batch-1 propose here, 1-3 ms
             # of ~26 ms at 16 rows (SmolLM2, 16k draft vocabulary, 2 threads).
             logodds[:, k] = token_logodds(logits, index.to(logits.device))
+        if after_slot is not None and not after_slot(k, prev, None if logodds is None else logodds[:, k]):
+            drafted = k + 1
+            break
         prev = tokens[:, k].to(anchors.device)
-    return tokens, probs, logodds
+    return (tokens[:, :drafted], [None if p is None else p[:drafted] for p in probs],
+            None if logodds is None else logodds[:, :drafted])
 
 
 def token_logodds(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ one-hot and the verification rule stays exact."""
 
 from __future__ import annotations
 
-from engine.drafters.base import Drafter, Proposal
+from engine.drafters.base import Drafter, Horizon, Proposal
 from engine.sequence import Sequence
 
 
@@ -50,7 +50,7 @@ class NgramDrafter(Drafter):
     def start(self, seq: Sequence, prompt_features) -> None:
         seq.drafter_state = NgramIndex(self.max_n)
 
-    def propose(self, seqs: list[Sequence]) -> Proposal:
+    def propose(self, seqs: list[Sequence], horizon: Horizon | None = None) -> Proposal:
         tokens = []
         for seq in seqs:
             index: NgramIndex = seq.drafter_state

@@ -81,8 +81,8 @@ def logged_proposals(engine) -> dict[tuple[str, int], list[int]]:
     """(request, tokens so far) -> what the drafter proposed there, for every request it drafted for."""
     log, propose = {}, engine.drafter.propose
 
-    def logging_propose(seqs):
-        proposal = propose(seqs)
+    def logging_propose(seqs, horizon=None):
+        proposal = propose(seqs, horizon)
         for seq, tokens in zip(seqs, proposal.tokens):
             log[(seq.request.prompt_ids, len(seq.tokens))] = tokens
         return proposal

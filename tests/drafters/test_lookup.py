@@ -52,7 +52,7 @@ def test_greedy_matches_plain_decoding_with_lookup_and_model_drafts(target, tmp_
         spec.schedule = PrefixScheduler(lambda rows, width: 1 / (1 + 0.01 * (width - 1)), mode="sync")
     lookup, model_rows = spec.drafter, []
     propose = lookup.model.propose
-    lookup.model.propose = lambda seqs: model_rows.append(len(seqs)) or propose(seqs)
+    lookup.model.propose = lambda seqs, horizon=None: model_rows.append(len(seqs)) or propose(seqs, horizon)
     got = run_batch(spec, [request(p, max_new_tokens=30) for p in prompts])
     assert [r.output_ids for r in got] == want
     node = lookup.node

@@ -28,6 +28,35 @@ def test_scheduled_dspark_is_lossless(target, tmp_path_factory, mode):
     assert len({b for report in reports for b in report.budgets}) > 1
 
 
+@pytest.mark.parametrize("lookup", [0, 1])
+def test_drafts_cut_at_the_horizon_verify_what_whole_blocks_would(target, tmp_path_factory, lookup):
+    """Algorithm 1's horizon ends the drafter's slot-by-slot sampling where the walk has ended:
+    round by round the budgets are those the same engine picks from whole blocks, the output is
+    plain decoding's, and blocks were cut. With prompt lookup, its rows' drafts take part."""
+    drafter = drafter_dir(target, tmp_path_factory, "dspark", "vanilla")
+    prompts = PROMPTS + [list(range(300, 340, 3))]
+    want = [r.output_ids for r in run_batch(engine_for(target, "ar"),
+                                            [request(p, max_new_tokens=24) for p in prompts])]
+    runs = []
+    for cut in (True, False):
+        spec = engine_for(target, "dspark", drafter, scheduler="sync", lookup_min_match=lookup)
+        spec.backoff = None   # drafts every round: the backoff reads wall-clock times
+        spec.schedule = PrefixScheduler(lambda rows, width: 1 / (1 + 0.1 * (width - 1)), mode="sync")
+        if not cut:
+            spec.schedule.horizon = lambda seqs, caps: None
+        drafted = []
+        propose = spec.drafter.propose
+        spec.drafter.propose = lambda seqs, horizon=None: drafted.append(propose(seqs, horizon)) or drafted[-1]
+        got, reports = run_with_reports(spec, [request(p, max_new_tokens=24) for p in prompts])
+        assert [r.output_ids for r in got] == want
+        runs.append(([report.budgets for report in reports], [len(t) for p in drafted for t in p.tokens]))
+    (budgets_cut, lengths_cut), (budgets_whole, lengths_whole) = runs
+    assert budgets_cut == budgets_whole
+    assert any(0 < b < 5 for round_budgets in budgets_cut for b in round_budgets)
+    assert min(lengths_cut) < 5 == max(lengths_whole)
+    assert sum(lengths_cut) < sum(lengths_whole)
+
+
 def test_engine_profiles_sps_once_and_caches_it(target, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path_factory.mktemp("cache")))
     drafter = drafter_dir(target, tmp_path_factory, "dspark", "vanilla")

@@ -1,10 +1,12 @@
 """Algorithm 1 and the asynchronous variant on hand-made confidences and SPS tables."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from engine.drafters.base import Proposal
-from engine.prefix_scheduler import PrefixScheduler, algorithm1, capacity, survivals, top_k
+from engine.prefix_scheduler import AdmissionHorizon, PrefixScheduler, algorithm1, capacity, survivals, top_k
 from engine.sps import SpsTable, cpu_signature, hardware_id
 
 
@@ -136,3 +138,44 @@ def test_cpu_signature_tells_hosts_apart_by_flags_not_by_name():
     assert cpu_signature(AVX2_HOST.replace("fpu sse2 avx2 fma", "fma avx2 sse2 fpu", 1)) == cpu_signature(AVX2_HOST)
     assert cpu_signature("").endswith("|")  # off Linux: the platform's processor string, no flags
     assert len(hardware_id("cpu")) == 8 and hardware_id("cpu") == hardware_id("cpu")
+
+
+def drafted_with_horizon(conf: torch.Tensor, caps: list[int], sps, budget, fixed: dict[int, torch.Tensor]):
+    """Draft rows slot by slot as the DSpark drafter does, stopping where the horizon says:
+    the proposal's confidences per row (the fixed rows' whole, the others' up to the stop)."""
+    seqs = [SimpleNamespace(request_id=f"r{r}") for r in range(len(conf))]
+    horizon = AdmissionHorizon(seqs, caps, sps, budget)
+    for r, c in fixed.items():
+        horizon.fix(seqs[r], c)
+    drafted = [seqs[r] for r in range(len(conf)) if r not in fixed]
+    rows = torch.tensor([r for r in range(len(conf)) if r not in fixed], dtype=torch.long)
+    slots = conf.shape[1]
+    for slot in range(1, conf.shape[1] + 1):
+        if not horizon.more(drafted, slot, conf[rows, slot - 1]):
+            slots = slot
+            break
+    return [fixed[r] if r in fixed else conf[r, :slots] for r in range(len(conf))], slots
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_horizon_never_changes_what_algorithm1_admits(seed):
+    """Whatever the confidences, caps, lookup rows, token budget and SPS table (jagged ones too),
+    Algorithm 1 admits from proposals cut at the horizon exactly what it admits from whole blocks,
+    and the cut comes one slot after the last admitted position: the slot whose step ended the walk."""
+    g = torch.Generator().manual_seed(seed)
+    for trial in range(200):
+        R, block = int(torch.randint(1, 12, (1,), generator=g)), 7
+        conf = torch.rand(R, block, generator=g) ** (0.3 + 2 * torch.rand(1, generator=g).item())
+        caps = torch.randint(0, block + 1, (R,), generator=g).tolist() if trial % 3 == 0 else [block] * R
+        fixed = {r: torch.rand(int(torch.randint(1, block + 1, (1,), generator=g)), generator=g)
+                 for r in range(R) if trial % 2 and torch.rand(1, generator=g) < 0.3}
+        step = 0.02 + 0.3 * torch.rand(1, generator=g).item()
+        jitter = 1 + 0.1 * torch.rand(block + 1, generator=g) * (trial % 4 == 1)
+        def sps(rows, width, step=step, jitter=jitter):
+            return float(jitter[width - 1]) / (1 + step * rows ** 0.5 * (width - 1))
+        budget = None if trial % 5 else R + int(torch.randint(0, 3 * R, (1,), generator=g))
+        whole = [fixed.get(r, conf[r]) for r in range(R)]
+        cut, slots = drafted_with_horizon(conf, caps, sps, budget, fixed)
+        lengths, expected = algorithm1(survivals(whole, caps), sps, budget)
+        assert algorithm1(survivals(cut, caps), sps, budget) == (lengths, expected)
+        assert slots == min(max(lengths) + 1, block)
