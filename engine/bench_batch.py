@@ -22,14 +22,16 @@ import statistics
 import time
 import uuid
 
-from engine.api import GenerationRequest, GenerationResult, SamplingParams, TokenChunk
+from engine.api import GenerationRequest, GenerationResult, RoundReport, SamplingParams, TokenChunk
 from engine.bench import ENGINE_METHODS, BenchSettings, chat_ids
 from engine.build import DTYPES, build_engine
 from engine.loading import device_name, load_target
 
 
-def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, settings: BenchSettings) -> dict:
-    """Serve every prompt with at most `concurrency` in flight."""
+def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, settings: BenchSettings,
+                      reports: list[RoundReport] | None = None) -> dict:
+    """Serve every prompt with at most `concurrency` in flight; every round's report is appended to
+    `reports` when given."""
     start = time.perf_counter()
     joined: dict[str, float] = {}
     first: dict[str, float] = {}                     # seconds from joining to the first token
@@ -59,6 +61,8 @@ def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, set
                 if queue:
                     join()
         if report is not None:
+            if reports is not None:
+                reports.append(report)
             budgets.append(sum(report.budgets) / report.batch_size)
             drafted, verified = drafted + report.drafted, verified + report.batch_size
     wall = time.perf_counter() - start
