@@ -8,11 +8,13 @@ checkpoint's `confidence_temperatures`, `confidence_offsets` and `confidence_dra
 T_k only; b_k and w_k are our extensions (engine/train/calibrate.py says why).
 
 u_k is the log-odds that the draft's own distribution (its corrected logits at temperature 1) gives
-the token it proposed at slot k. For a greedy request that token is the draft's argmax and a draft
-is accepted iff it is also the target's, an event the draft's top-1 probability predicts better
+its likeliest token at slot k. For a greedy request that is the token it proposed, and a draft is
+accepted iff it is also the target's argmax, an event the draft's top-1 probability predicts better
 than the head, which was trained on sampled acceptance: for the shipped drafter at T=0, AUROC at
 position 1 0.75 (head) and 0.81 (u) on held-out prompts, 0.82 together; 0.74 / 0.79 / 0.80 on the
-benchmark sets (docs/benchmarks.md).
+benchmark sets (docs/benchmarks.md). For a sampled request it is not the probability of the token
+it drew: c_k decides whether draft k is verified, so it must not depend on draft k's own value
+(paper Appendix A), or the output leans toward the drafts q likes.
 
 Greedy requests have their own triple, `confidence_temperatures_greedy` / `_offsets_greedy` /
 `_draft_weights_greedy` (fitted by `calibrate --temperature 0`): the event differs from sampled

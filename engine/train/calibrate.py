@@ -1,10 +1,11 @@
 """Sequential Temperature Scaling (paper §3.2.1, reference §4.5), with an offset and a second input.
 
 Held-out data: real decoding rounds. Per round, the drafter's raw confidence logits z_1..z_L, the
-log-odds u_1..u_L that its own distribution gave each drafted token, and the number a of draft
-tokens accepted; the label of position k is "prefix 1..k accepted" (a >= k). For k = 1..gamma,
-left to right: T_k = argmin over a grid of ECE(prod_{i<=k} sigmoid(z_i / T_i)) on the rounds that
-verified position k, the earlier T_i already fixed. Temperature scaling keeps the order of the c_k,
+log-odds u_1..u_L that its own distribution gave its likeliest token at each slot (the drafted
+one for a greedy request; engine/drafters/confidence.py says why not a sampled one), and the
+number a of draft tokens accepted; the label of position k is "prefix 1..k accepted" (a >= k).
+For k = 1..gamma, left to right: T_k = argmin over a grid of ECE(prod_{i<=k} sigmoid(z_i / T_i))
+on the rounds that verified position k, the earlier T_i already fixed. Temperature scaling keeps the order of the c_k,
 so a position's own AUROC is unchanged (that of the product may move a little).
 
 Deviations, by default (`temperature_only=True` is the paper's method exactly: ECE, temperatures only):
@@ -47,7 +48,7 @@ OFFSETS = [round(x / 10, 1) for x in range(-40, 41)]      # b_k in [-4, 4], step
 @dataclass
 class Round:
     logits: list[float]        # raw z_k of the verified positions
-    draft: list[float]         # u_k there: the draft's log-odds of its own token
+    draft: list[float]         # u_k there: the draft's log-odds of its likeliest token
     accepted: int              # draft tokens accepted
 
 

@@ -3,6 +3,8 @@ request, fp32 greedy output is plain decoding's, and no round exceeds the token 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from engine.prefix_scheduler import PrefixScheduler
@@ -151,3 +153,29 @@ def test_default_method_is_dspark_scheduled_where_a_drafter_is_at_hand(target, t
     assert resolve_method(EngineConfig(model=own, method="ngram")).method == "ngram"
     engine = engine_for(target, "auto", drafter)
     assert engine.info.method == "dspark" and isinstance(engine.schedule, PrefixScheduler)
+
+
+def test_a_sampled_drafts_confidence_does_not_depend_on_the_draft_itself(target, tmp_path_factory):
+    """Appendix A: whether draft k is verified may depend only on what does not depend on draft k's
+    own sampled value, or the drafts the draft distribution likes are accepted too often. So a
+    sampled request's c_k, draft weights and all, is the same whichever x_k was drawn (it may
+    depend on x_{k-1}); a greedy request's draft is its argmax, so nothing is drawn."""
+    path = drafter_dir(target, tmp_path_factory, "dspark", "gated")
+    config = json.loads((path / "config.json").read_text())
+    block = config["block_size"]
+    config.update(confidence_draft_weights=[2.0] * block)
+    (path / "config.json").write_text(json.dumps(config))
+    engine = engine_for(target, "dspark", path)
+    engine.add(request(PROMPTS[1], temperature=1.5, max_new_tokens=8))
+    while not engine.active:
+        engine.step()
+    seq = engine.active[0]
+    by_prefix: dict[tuple[int, ...], set[float]] = {}
+    for seed in range(40):
+        seq.generator.manual_seed(seed)
+        proposal = engine.drafter.propose([seq])
+        tokens, confidence = proposal.tokens[0], proposal.confidence[0].tolist()
+        for k in range(2):
+            by_prefix.setdefault(tuple(tokens[:k]), set()).add(confidence[k])
+    assert len({prefix for prefix in by_prefix if len(prefix) == 1}) > 2, "different first drafts were drawn"
+    assert all(len(values) == 1 for values in by_prefix.values())
