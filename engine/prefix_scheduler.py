@@ -105,7 +105,7 @@ def top_k(surv: list[list[float]], k: int, budget: int | None = None) -> tuple[l
 class AdmissionHorizon:
     """Where Algorithm 1 stops, found while the drafts are still being drafted, so that the
     drafter's sequential part (the Markov head's slot-by-slot sampling, paper §3.1) stops there
-    too. Not in the paper, whose drafts are cheap next to its target; here a DSpark slot costs ~1.5
+    too. Not in the paper, whose drafts are cheap next to its target; here a DSpark slot costs ~1.9
     ms of a 25 ms draft for 16 rows, and Algorithm 1 rarely verifies past slot 3 (docs/benchmarks.md).
 
     The greedy path's step to width k + 1 reads only survivals at position k, so once slot k is
