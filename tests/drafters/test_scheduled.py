@@ -10,7 +10,8 @@ import pytest
 from engine.prefix_scheduler import PrefixScheduler
 from engine.sps import SpsTable, hardware_id
 from tests.drafters.helpers import logged_proposals, request
-from tests.drafters.test_lossless import PROMPTS, drafter_dir, engine_for, run_batch, run_with_reports
+from tests.drafters.test_lossless import (PROMPTS, assert_follows, draw_pairs, drafter_dir, engine_for,
+                                         exact_pair_distribution, run_batch, run_with_reports)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -179,3 +180,22 @@ def test_a_sampled_drafts_confidence_does_not_depend_on_the_draft_itself(target,
             by_prefix.setdefault(tuple(tokens[:k]), set()).add(confidence[k])
     assert len({prefix for prefix in by_prefix if len(prefix) == 1}) > 2, "different first drafts were drawn"
     assert all(len(values) == 1 for values in by_prefix.values())
+
+
+def test_sampled_output_follows_the_target_with_drafts_cut_at_the_horizon(target, tmp_path_factory):
+    """Sampled requests under Algorithm 1, every round drafted and each block ended at the horizon
+    (its q rows cut with it): the first two tokens follow the target's joint distribution."""
+    if target.model.args.family != "qwen3":
+        pytest.skip("one family is enough for the distribution test (the greedy tests cover both)")
+    prompt, temperature, top_p, draws = PROMPTS[1], 0.9, 0.9, 400
+    exact = exact_pair_distribution(target, prompt, temperature, top_p)
+    engine = engine_for(target, "dspark", drafter_dir(target, tmp_path_factory, "dspark", "gated"), scheduler="sync")
+    engine.backoff = None
+    engine.schedule = PrefixScheduler(lambda rows, width: 1 / (1 + 0.05 * (width - 1)), mode="sync")
+    proposed = []
+    propose = engine.drafter.propose
+    engine.drafter.propose = lambda seqs, horizon=None: proposed.append(propose(seqs, horizon)) or proposed[-1]
+    counts, accepted = draw_pairs(engine, prompt, exact, temperature, top_p, draws)
+    assert_follows(exact, counts, draws)
+    assert accepted > 0
+    assert all(len(p.tokens[0]) < 5 and len(p.probs[0]) == len(p.tokens[0]) for p in proposed)
