@@ -76,7 +76,7 @@ class DSparkDrafter(Drafter):
             tokens, probs, _ = sample_block(base_logits, hidden, anchors, self.markov, seqs, self.block_size,
                                             self.vocab)
             return Proposal(tokens=tokens.tolist(), probs=probs)
-        greedy = torch.tensor([seq.request.sampling.greedy for seq in seqs])
+        greedy = torch.tensor([seq.request.sampling.greedy for seq in seqs], device=self.target.device)
         slots: list[torch.Tensor] = []   # per slot [R, 3]: c_k and the head's inputs (z_k, u_k)
 
         def confidence_after(k: int, prev: torch.Tensor, logodds: torch.Tensor) -> bool:
