@@ -1,5 +1,7 @@
 """DSpark under the confidence schedulers: whatever budgets Algorithm 1 or the async top-K picks per
-request, fp32 greedy output is plain decoding's, and no round exceeds the token budget."""
+request, fp32 greedy output is plain decoding's and sampled output follows the target's
+distribution, no round exceeds the token budget, blocks cut at Algorithm 1's horizon verify what
+whole ones would, and a sampled draft's confidence never depends on the draft itself."""
 
 from __future__ import annotations
 
