@@ -75,8 +75,9 @@ def sample_block(base_logits: torch.Tensor, hidden: torch.Tensor, anchors: torch
     Returns target token ids [R, L]; per row, q [L, V] over the target's vocabulary (None for
     greedy rows: q is one-hot); and, with `with_logodds`, the log-odds [R, L] fp32 that the draft's
     own distribution (its corrected logits at temperature 1) gives its likeliest token at each slot
-    (a greedy row's drafted token), the confidence head's second input (engine/drafters/confidence.py). Each row samples with its own
-    request's temperature / top_p and generator. `after_slot(k, previous tokens [R], log-odds [R] or
+    (a greedy row's drafted token), the confidence head's second input
+    (engine/drafters/confidence.py). Each row samples with its own request's temperature / top_p
+    and generator. `after_slot(k, previous tokens [R], log-odds [R] or
     None)` is called after slot k (0-based; the previous tokens are the anchors for k = 0) and ends
     the block there when it returns False, so L <= length.
     """
@@ -90,7 +91,8 @@ def sample_block(base_logits: torch.Tensor, hidden: torch.Tensor, anchors: torch
         if head is not None:
             bias, state = head.step_bias(hidden[:, k], prev, state)
             logits = logits + bias
-        sample_step(logits, seqs, tokens[:, k], probs, k, vocab)
+        top = logits.argmax(dim=-1) if logodds is not None else None
+        sample_step(logits, seqs, tokens[:, k], probs, k, vocab, top)
         if logodds is not None:
             # The draft's certainty in its likeliest token, not in the token it sampled: for a greedy
             # row the two are the same, and a sampled row's confidence must not depend on its own
@@ -99,7 +101,7 @@ def sample_block(base_logits: torch.Tensor, hidden: torch.Tensor, anchors: torch
             # Per slot: over all slots at once after the loop (one [R, L, V] pass) measured slower at
             # 16 rows, the copy leaving the cache. This costs ~1 ms of a 7-9 ms batch-1 propose here, 1-3 ms
             # of ~26 ms at 16 rows (SmolLM2, 16k draft vocabulary, 2 threads).
-            logodds[:, k] = token_logodds(logits, logits.argmax(dim=-1))
+            logodds[:, k] = token_logodds(logits, top)
         if after_slot is not None and not after_slot(k, prev, None if logodds is None else logodds[:, k]):
             drafted = k + 1
             break
@@ -122,16 +124,17 @@ def new_probs(seqs: list[Sequence], length: int, vocab: int, device: torch.devic
 
 
 def sample_step(logits: torch.Tensor, seqs: list[Sequence], out: torch.Tensor,
-                probs: list[torch.Tensor | None], k: int, vocab: DraftVocab) -> None:
-    """Sample one slot for every row from logits [R, V_draft] over `vocab`: argmax for greedy rows,
-    otherwise from q = the request's temperature / top-p distribution, recorded as probs[r][k].
-    Writes the target token ids to out [R].
+                probs: list[torch.Tensor | None], k: int, vocab: DraftVocab, top: torch.Tensor | None = None) -> None:
+    """Sample one slot for every row from logits [R, V_draft] over `vocab`: argmax for greedy rows
+    (`top` [R] when the caller has it already), otherwise from q = the request's temperature /
+    top-p distribution, recorded as probs[r][k]. Writes the target token ids to out [R].
     The greedy rows' argmax comes to the host in one copy and the sampled rows' q are computed
     together: per row, that was a GPU sync (argmax) or a dozen launches (q), for every slot."""
     greedy = [r for r, seq in enumerate(seqs) if seq.request.sampling.greedy]
     sampled = [r for r, seq in enumerate(seqs) if not seq.request.sampling.greedy]
     if greedy:
-        for r, index in zip(greedy, logits[greedy].max(dim=-1).indices.tolist()):
+        indices = top[greedy] if top is not None else logits[greedy].max(dim=-1).indices
+        for r, index in zip(greedy, indices.tolist()):
             out[r] = vocab.token(index)
     if sampled:
         qs = target_distributions([(logits[r:r + 1], seqs[r].request.sampling) for r in sampled])
