@@ -16,37 +16,19 @@ from __future__ import annotations
 
 import argparse
 import math
-import uuid
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from engine.api import GenerationRequest, SamplingParams
 from engine.bench import chat_ids
 from engine.build import build_engine
 from engine.calibration import calibration_metrics
 from engine.config import EngineConfig
 from engine.prompts import load_first_turns
-from engine.train.calibrate import Round, default_prompts, rounds_from_records
+from engine.train.calibrate import Round, collect, default_prompts
 
 SETS = ("humaneval", "mbpp", "gsm8k", "mt-bench")
-
-
-def decode(engine, prompts: list[str], temperature: float) -> list[list[Round]]:
-    """Each request's rounds, in order."""
-    requests = [GenerationRequest(uuid.uuid4().hex, tuple(chat_ids(engine.tokenizer, p)),
-                                  SamplingParams(temperature=temperature, max_new_tokens=128, seed=i))
-                for i, p in enumerate(prompts)]
-    for r in requests:
-        engine.add(r)
-    rounds: dict[str, list[Round]] = {}
-    while len(rounds) < len(requests):
-        for event in engine.step()[0]:
-            if hasattr(event, "finish_reason"):
-                rounds[event.request_id] = rounds_from_records(event.stats.confidence_samples,
-                                                               event.stats.confidence_inputs)
-    return [rounds[r.request_id] for r in requests]
 
 
 def inputs(requests: list[list[Round]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -89,10 +71,10 @@ def main() -> None:
     args = parser.parse_args()
     engine = build_engine(EngineConfig(method="dspark", max_batch=16, max_context=2048))
     pool = default_prompts(177, 0)
-    splits = {"fit": decode(engine, pool[:60], args.temperature),
-              "held-out pool": decode(engine, pool[60:], args.temperature),
-              "four sets": decode(engine, [p for s in SETS for p in load_first_turns(args.eval_dir / f"{s}.jsonl", 24)],
-                                  args.temperature)}
+    prompts = {"fit": pool[:60], "held-out pool": pool[60:],
+               "four sets": [p for s in SETS for p in load_first_turns(args.eval_dir / f"{s}.jsonl", 24)]}
+    splits = {name: collect(engine, [chat_ids(engine.tokenizer, p) for p in texts], 128, args.temperature, 0)
+              for name, texts in prompts.items()}
     data = {name: inputs(requests) for name, requests in splits.items()}
     x_fit, y_fit, owner_fit = data["fit"]
     prior = float(y_fit.mean())

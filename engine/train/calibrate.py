@@ -5,8 +5,8 @@ log-odds u_1..u_L that its own distribution gave its likeliest token at each slo
 one for a greedy request; engine/drafters/confidence.py says why not a sampled one), and the
 number a of draft tokens accepted; the label of position k is "prefix 1..k accepted" (a >= k).
 For k = 1..gamma, left to right: T_k = argmin over a grid of ECE(prod_{i<=k} sigmoid(z_i / T_i))
-on the rounds that verified position k, the earlier T_i already fixed. Temperature scaling keeps the order of the c_k,
-so a position's own AUROC is unchanged (that of the product may move a little).
+on the rounds that verified position k, the earlier T_i already fixed. Temperature scaling keeps
+the order of the c_k, so a position's own AUROC is unchanged (that of the product may move a little).
 
 Deviations, by default (`temperature_only=True` is the paper's method exactly: ECE, temperatures only):
 - Each position also gets an offset, c_k = sigmoid(z_k / T_k + b_k) (Platt scaling, still monotone,
@@ -87,9 +87,10 @@ def rounds_from_records(samples: list[tuple[int, float, bool]], inputs: list[tup
 
 
 def collect(engine: Engine, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int
-            ) -> list[Round]:
-    """Decode the prompts (batched as the engine allows) and return every round's record."""
-    rounds: list[Round] = []
+            ) -> list[list[Round]]:
+    """Decode the prompts (batched as the engine allows) and return each request's rounds, in the
+    order they were decoded (requests in the order they finished)."""
+    rounds: list[list[Round]] = []
     requests = [GenerationRequest(uuid.uuid4().hex, tuple(p), SamplingParams(
         temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + i)) for i, p in enumerate(prompts)]
     for r in requests:
@@ -100,7 +101,7 @@ def collect(engine: Engine, prompts: list[list[int]], max_new_tokens: int, tempe
         for event in events:
             if hasattr(event, "finish_reason"):
                 done += 1
-                rounds.extend(rounds_from_records(event.stats.confidence_samples, event.stats.confidence_inputs))
+                rounds.append(rounds_from_records(event.stats.confidence_samples, event.stats.confidence_inputs))
     return rounds
 
 
@@ -258,7 +259,7 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
         prompts = default_prompts(limit, seed)
     tok = engine.tokenizer
     ids = [chat_ids(tok, p) for p in prompts[:limit]]
-    rounds = collect(engine, ids, max_new_tokens, temperature, seed)
+    rounds = [r for request in collect(engine, ids, max_new_tokens, temperature, seed) for r in request]
     if not rounds:
         raise ValueError("the held-out decoding produced no drafting rounds")
     fitted = sequential_scaling(rounds, c.block, temperature_only)
