@@ -128,8 +128,9 @@ class AdmissionHorizon:
 
     def more(self, seqs: list[Sequence], slot: int, confidence: torch.Tensor) -> bool:
         for seq, c in zip(seqs, confidence.tolist()):
-            row = self.known[self.order[seq.request_id]]
-            if len(row) < min(slot, self.caps[self.order[seq.request_id]]):
+            r = self.order[seq.request_id]
+            row = self.known[r]
+            if len(row) < min(slot, self.caps[r]):
                 row.append((row[-1] if row else 1.0) * c)   # survivals()' double products
         steps = _width_steps([row[:slot] for row in self.known], self.budget)
         if len(steps) < slot:
