@@ -10,7 +10,9 @@ shape is checked), and the checkpoints we write leave them out and say so with
 `shares_target_embeddings`, `confidence_temperatures` (per-position STS temperatures, §4.5),
 `confidence_offsets` (per-position offsets added after them, engine/train/calibrate.py),
 `confidence_draft_weights` (per-position weights of the draft's own log-odds for its token) and the
-same triple for greedy requests, with the suffix `_greedy` (engine/drafters/confidence.py).
+same triple for greedy requests, with the suffix `_greedy` (engine/drafters/confidence.py), and
+per triple the request-history term's `confidence_history_weights` (per position) and
+`confidence_history_prior` (a rate in (0, 1)), given together or not at all.
 
 An optional draft vocabulary (engine/drafters/vocab.py) is the integer tensor `d2t` [N], in
 EAGLE-3's convention: draft index i stands for target token i + d2t[i]. `dspark-node draft-vocab`
@@ -35,7 +37,10 @@ from engine.loading import LoadedTarget, ModelLoadError, check_shapes
 
 # Written by `calibrate` (per position, one entry per block slot); dropped by `train-drafter --init-from`.
 CALIBRATION_FIELDS = ("confidence_temperatures", "confidence_offsets", "confidence_draft_weights",
-                      "confidence_temperatures_greedy", "confidence_offsets_greedy", "confidence_draft_weights_greedy")
+                      "confidence_history_weights", "confidence_temperatures_greedy", "confidence_offsets_greedy",
+                      "confidence_draft_weights_greedy", "confidence_history_weights_greedy")
+# Written by `calibrate` with the history weights (one rate each); dropped with them.
+HISTORY_PRIOR_FIELDS = ("confidence_history_prior", "confidence_history_prior_greedy")
 
 # architectures[0] -> (drafter kind, layer family: qwen3 has per-head q/k norms, llama has none)
 ARCHITECTURES = {
@@ -84,6 +89,10 @@ class DrafterConfig(BaseModel):
     confidence_offsets_greedy: list[float] | None = None
     confidence_draft_weights: list[float] | None = None
     confidence_draft_weights_greedy: list[float] | None = None
+    confidence_history_weights: list[float] | None = None
+    confidence_history_weights_greedy: list[float] | None = None
+    confidence_history_prior: float | None = None
+    confidence_history_prior_greedy: float | None = None
     shares_target_embeddings: bool = False
 
     @field_validator("target_layer_ids")
@@ -101,12 +110,20 @@ class DrafterConfig(BaseModel):
         return temps
 
     @field_validator("confidence_offsets", "confidence_offsets_greedy", "confidence_draft_weights",
-                     "confidence_draft_weights_greedy")
+                     "confidence_draft_weights_greedy", "confidence_history_weights",
+                     "confidence_history_weights_greedy")
     @classmethod
     def _finite(cls, values: list[float] | None) -> list[float] | None:
         if values is not None and any(not math.isfinite(b) for b in values):
             raise ValueError(f"must be finite, got {values}")
         return values
+
+    @field_validator(*HISTORY_PRIOR_FIELDS)
+    @classmethod
+    def _rate(cls, prior: float | None) -> float | None:
+        if prior is not None and not 0 < prior < 1:
+            raise ValueError(f"must be a rate in (0, 1), got {prior}")
+        return prior
 
     @model_validator(mode="after")
     def _consistent(self) -> DrafterConfig:
@@ -125,6 +142,10 @@ class DrafterConfig(BaseModel):
             values = getattr(self, name)
             if values is not None and len(values) != self.block:
                 raise ValueError(f"{name} has {len(values)} entries, block size is {self.block}")
+        for weights, prior in zip(("confidence_history_weights", "confidence_history_weights_greedy"),
+                                  HISTORY_PRIOR_FIELDS):
+            if (getattr(self, weights) is None) != (getattr(self, prior) is None):
+                raise ValueError(f"{weights} and {prior} go together: one is missing")
         return self
 
     @property

@@ -18,7 +18,7 @@ import torch
 
 from engine.drafters.base import Drafter, Horizon, Proposal
 from engine.drafters.checkpoint import DrafterCheckpoint
-from engine.drafters.confidence import ConfidenceHead
+from engine.drafters.confidence import ConfidenceHead, ConfidenceHistory
 from engine.drafters.context import PendingContext
 from engine.drafters.layers import DraftCache, Projector, fuse_layer
 from engine.drafters.markov import MarkovHead, sample_block
@@ -51,19 +51,25 @@ class DSparkDrafter(Drafter):
                                           (c.confidence_temperatures, c.confidence_offsets,
                                            c.confidence_draft_weights),
                                           (c.confidence_temperatures_greedy, c.confidence_offsets_greedy,
-                                           c.confidence_draft_weights_greedy))
+                                           c.confidence_draft_weights_greedy),
+                                          (c.confidence_history_weights, c.confidence_history_prior),
+                                          (c.confidence_history_weights_greedy, c.confidence_history_prior_greedy))
                            if c.enable_confidence_head else None)
+        self.histories: dict[str, ConfidenceHistory] = {}   # request id -> its record at position 1
 
     # ---- per-request state -----------------------------------------------------------------
     def start(self, seq: Sequence, prompt_features: torch.Tensor | None) -> None:
         seq.drafter_state = PendingContext()
         seq.drafter_state.add(prompt_features)
+        self.histories[seq.request_id] = ConfidenceHistory()
 
     def commit(self, seq: Sequence, features: torch.Tensor | None, verified: int, accepted: int) -> None:
         seq.drafter_state.add(features)
+        self.histories[seq.request_id].settle(verified, accepted)
 
     def release(self, seq: Sequence) -> None:
         seq.drafter_state = None
+        self.histories.pop(seq.request_id, None)
         self.vocab.release(seq)
 
     # ---- the round -------------------------------------------------------------------------
@@ -76,23 +82,30 @@ class DSparkDrafter(Drafter):
             tokens, probs, _ = sample_block(base_logits, hidden, anchors, self.markov, seqs, self.block_size,
                                             self.vocab)
             return Proposal(tokens=tokens.tolist(), probs=probs)
-        greedy = torch.tensor([seq.request.sampling.greedy for seq in seqs], device=self.target.device)
-        slots: list[torch.Tensor] = []   # per slot [R, 3]: c_k and the head's inputs (z_k, u_k)
+        is_greedy = [seq.request.sampling.greedy for seq in seqs]
+        greedy = torch.tensor(is_greedy, device=self.target.device)
+        records = [self.histories[seq.request_id] for seq in seqs]
+        history = self.confidence.history(records, is_greedy)
+        slots: list[torch.Tensor] = []   # per slot [R, 4]: c_k, the head's inputs (z_k, u_k), history-free c_1
 
         def confidence_after(k: int, prev: torch.Tensor, logodds: torch.Tensor) -> bool:
             # c_k as soon as slot k is drafted, so that the horizon can end the block after it
             z = self.confidence.logits(hidden[:, k], self.markov.prev_features(prev) if self.confidence.with_markov
                                        else None)
-            c = self.confidence.scale(z[:, None], logodds[:, None], greedy, first=k)[:, 0]
-            slots.append(torch.stack([c, z, logodds], dim=-1))
+            c = self.confidence.scale(z[:, None], logodds[:, None], greedy, first=k, history=history)[:, 0]
+            # the request's record adds the history-free c_1, so that h measures the (z, u) scaling alone
+            plain = c if history is None or k > 0 else self.confidence.scale(z[:, None], logodds[:, None], greedy)[:, 0]
+            slots.append(torch.stack([c, z, logodds, plain], dim=-1))
             return horizon is None or horizon.more(seqs, k + 1, c)
 
         tokens, probs, _ = sample_block(base_logits, hidden, anchors, self.markov, seqs, self.block_size, self.vocab,
                                         with_logodds=True, after_slot=confidence_after)
         # confidences and the head's inputs (for calibration records) come to the host in one copy
         host = torch.stack(slots, dim=1).cpu()
+        for record, plain in zip(records, host[:, 0, 3].tolist()):
+            record.pending = plain
         return Proposal(tokens=tokens.tolist(), probs=probs, confidence=list(host[..., 0]),
-                        confidence_inputs=list(host[..., 1:]))
+                        confidence_inputs=list(host[..., 1:3]))
 
     @torch.inference_mode()
     def draft_block(self, seqs: list[Sequence]) -> torch.Tensor:

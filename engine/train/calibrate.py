@@ -22,6 +22,12 @@ Deviations, by default (`temperature_only=True` is the paper's method exactly: E
   longer a monotone map of z_k: it adds what the draft's own certainty knows. At T=0 that is much
   (a greedy draft is accepted iff it is the target's argmax; AUROC at position 1 0.75 -> 0.82 on
   held-out prompts, engine/drafters/confidence.py); at T=1 it is fitted the same way.
+- Last, a weight v_k of h, the request's own calibration error at position 1 over its earlier rounds
+  (engine/drafters/confidence.py, ConfidenceHistory), c_k = sigmoid(z_k / T_k + b_k + w_k u_k +
+  v_k h), fitted alone with (T_k, b_k, w_k) fixed and kept if the log loss falls. h is computed
+  from position 1's history-free c_1 under the scaling being fitted, with the fit set's position-1
+  acceptance rate as its prior, exactly as the engine computes it while decoding; so the rounds
+  are kept per request, in the order they were decoded.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 
 from engine.api import GenerationRequest, SamplingParams
 from engine.calibration import calibration_metrics, ece_rows
+from engine.drafters.confidence import ConfidenceHistory
 from engine.engine import Engine
 
 GRID = [round(math.exp(x), 4) for x in torch.linspace(math.log(0.05), math.log(20.0), 241).tolist()]
@@ -57,17 +64,38 @@ class Scaling:
     temperatures: list[float]
     offsets: list[float]
     draft_weights: list[float]
+    history_weights: list[float] | None = None     # v_k; None: no history term
+    history_prior: float | None = None             # the rate h is pulled toward, with the weights
 
     @classmethod
     def identity(cls, block: int) -> Scaling:
         return cls([1.0] * block, [0.0] * block, [0.0] * block)
 
-    def logit(self, k: int, z: float, u: float) -> float:
-        return z / self.temperatures[k] + self.offsets[k] + self.draft_weights[k] * u
+    def logit(self, k: int, z: float, u: float, h: float = 0.0) -> float:
+        x = z / self.temperatures[k] + self.offsets[k] + self.draft_weights[k] * u
+        return x + self.history_weights[k] * h if self.history_weights is not None else x
 
-    def confidence(self, k: int, z: float, u: float) -> float:
-        x = self.logit(k, z, u)
-        return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+    def confidence(self, k: int, z: float, u: float, h: float = 0.0) -> float:
+        return sigmoid(self.logit(k, z, u, h))
+
+    def histories(self, requests: list[list[Round]]) -> list[list[float]]:
+        """h at each round of each request, as the engine computes it while decoding with this scaling
+        (0 everywhere without a history term)."""
+        if self.history_prior is None:
+            return [[0.0] * len(rounds) for rounds in requests]
+        out = []
+        for rounds in requests:
+            record, hs = ConfidenceHistory(), []
+            for r in rounds:
+                hs.append(record.error(self.history_prior))
+                record.pending = self.confidence(0, r.logits[0], r.draft[0])
+                record.settle(len(r.logits), r.accepted)
+            out.append(hs)
+        return out
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 def rounds_from_records(samples: list[tuple[int, float, bool]], inputs: list[tuple[float, float]]) -> list[Round]:
@@ -105,14 +133,15 @@ def collect(engine: Engine, prompts: list[list[int]], max_new_tokens: int, tempe
     return rounds
 
 
-def predictions(rounds: list[Round], scaling: Scaling) -> list[tuple[int, float, bool]]:
-    """(k, prod_{i<=k} c_i, accepted > k) per verified position of each round."""
+def predictions(requests: list[list[Round]], scaling: Scaling) -> list[tuple[int, float, bool]]:
+    """(k, prod_{i<=k} c_i, accepted > k) per verified position of each round of each request."""
     out = []
-    for r in rounds:
-        survival = 1.0
-        for k, (z, u) in enumerate(zip(r.logits, r.draft)):
-            survival *= scaling.confidence(k, z, u)
-            out.append((k, survival, r.accepted > k))
+    for rounds, hs in zip(requests, scaling.histories(requests)):
+        for r, h in zip(rounds, hs):
+            survival = 1.0
+            for k, (z, u) in enumerate(zip(r.logits, r.draft)):
+                survival *= scaling.confidence(k, z, u, h)
+                out.append((k, survival, r.accepted > k))
     return out
 
 
@@ -122,22 +151,29 @@ def log_loss_rows(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -(y[None] * p.log() + (1 - y[None]) * (1 - p).log()).mean(1)
 
 
-def sequential_scaling(rounds: list[Round], block: int, temperature_only: bool = False) -> Scaling:
+def sequential_scaling(requests: list[list[Round]], block: int, temperature_only: bool = False) -> Scaling:
     """Per position left to right, with the earlier positions fixed: T_k minimising the ECE of the
     cumulative product (temperature_only, the paper's STS), or (T_k, b_k) minimising its log loss
-    over the grid, then (T_k, b_k, w_k) refined from there; the identity unless strictly better."""
+    over the grid, then (T_k, b_k, w_k) refined from there, then v_k; each the identity unless
+    strictly better. `requests`: each request's rounds in decoding order (h reads earlier ones)."""
     scaling = Scaling.identity(block)
+    rounds = [r for request in requests for r in request]
+    if not temperature_only and rounds:
+        scaling.history_weights = [0.0] * block
+        # kept off 0 and 1, where h's logits would be infinite
+        scaling.history_prior = round(min(max(sum(r.accepted >= 1 for r in rounds) / len(rounds), 0.01), 0.99), 4)
     grid_b = torch.tensor([0.0] if temperature_only else OFFSETS, dtype=torch.float64)
     score_rows = ece_rows if temperature_only else log_loss_rows
+    history = [0.0] * len(rounds)
     for k in range(block):
-        reached = [r for r in rounds if len(r.logits) > k]
+        reached = [(r, h) for r, h in zip(rounds, history) if len(r.logits) > k]
         if not reached:
             continue
-        labels = torch.tensor([float(r.accepted > k) for r in reached], dtype=torch.float64)
-        prefix = torch.tensor([math.prod(scaling.confidence(i, z, u)
+        labels = torch.tensor([float(r.accepted > k) for r, _ in reached], dtype=torch.float64)
+        prefix = torch.tensor([math.prod(scaling.confidence(i, z, u, h)
                                          for i, (z, u) in enumerate(zip(r.logits[:k], r.draft[:k])))
-                               for r in reached], dtype=torch.float64)
-        z = torch.tensor([r.logits[k] for r in reached], dtype=torch.float64)
+                               for r, h in reached], dtype=torch.float64)
+        z = torch.tensor([r.logits[k] for r, _ in reached], dtype=torch.float64)
         best = (float(score_rows((prefix * torch.sigmoid(z))[None], labels)[0]), 1.0, 0.0, 0.0)
         for ts in torch.tensor(GRID, dtype=torch.float64).split(8):     # 8 temperatures x all offsets at once
             t, b = torch.cartesian_prod(ts, grid_b).view(-1, 2).unbind(1)
@@ -145,10 +181,20 @@ def sequential_scaling(rounds: list[Round], block: int, temperature_only: bool =
             i = int(scores.argmin())
             if float(scores[i]) < best[0] - 1e-12:
                 best = (float(scores[i]), round(float(t[i]), 4), round(float(b[i]), 1), 0.0)
-        if not temperature_only:
-            u = torch.tensor([r.draft[k] for r in reached], dtype=torch.float64)
-            best = min(best, refine(prefix, z, u, labels, *best[1:]))
+        if temperature_only:
+            scaling.temperatures[k] = best[1]
+            continue
+        u = torch.tensor([r.draft[k] for r, _ in reached], dtype=torch.float64)
+        best = min(best, refine(prefix, z, u, labels, *best[1:]))
         scaling.temperatures[k], scaling.offsets[k], scaling.draft_weights[k] = best[1:]
+        if k == 0:
+            # h reads position 1's history-free c_1, fixed from here on
+            history = [h for hs in scaling.histories(requests) for h in hs]
+        base = torch.tensor([scaling.logit(k, r.logits[k], r.draft[k]) for r, _ in reached], dtype=torch.float64)
+        h = torch.tensor([history[i] for i, r in enumerate(rounds) if len(r.logits) > k], dtype=torch.float64)
+        loss, weight = fit_history_weight(prefix, base, h, labels)
+        if loss < best[0] - 1e-12:
+            scaling.history_weights[k] = weight
     return scaling
 
 
@@ -186,11 +232,32 @@ def refine(prefix: torch.Tensor, z: torch.Tensor, u: torch.Tensor, labels: torch
         return float(loss()), t, b, w
 
 
-def report(rounds: list[Round], before: Scaling, after: Scaling) -> dict:
-    return {"rounds": len(rounds),
-            "before": calibration_metrics(predictions(rounds, before)),
-            "after": calibration_metrics(predictions(rounds, after)),
-            "temperatures": after.temperatures, "offsets": after.offsets, "draft_weights": after.draft_weights}
+def fit_history_weight(prefix: torch.Tensor, base: torch.Tensor, h: torch.Tensor, labels: torch.Tensor
+                       ) -> tuple[float, float]:
+    """(log loss, v) after L-BFGS on the log loss of prefix * sigmoid(base + v h) from v = 0, with
+    the draft weight's prior on v; base: each round's logit without the history term."""
+    v = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([v], max_iter=100, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        value = log_loss_rows((prefix * torch.sigmoid(base + v * h))[None], labels)[0]
+        value = value + (v[0] / PRIOR_SD_WEIGHT) ** 2 / 2 / len(labels)
+        value.backward()
+        return value
+
+    opt.step(closure)
+    weight = round(float(v.detach()), 4)
+    loss = log_loss_rows((prefix * torch.sigmoid(base + weight * h))[None], labels)[0]
+    return float(loss), weight
+
+
+def report(requests: list[list[Round]], before: Scaling, after: Scaling) -> dict:
+    return {"rounds": sum(map(len, requests)),
+            "before": calibration_metrics(predictions(requests, before)),
+            "after": calibration_metrics(predictions(requests, after)),
+            "temperatures": after.temperatures, "offsets": after.offsets, "draft_weights": after.draft_weights,
+            "history_weights": after.history_weights, "history_prior": after.history_prior}
 
 
 # General requests for calibration only, written for it (neither in the training recipe nor from
@@ -254,24 +321,33 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
     # the drafter applied to these requests, as its confidence head resolved it.
     greedy = temperature == 0
     head = engine.drafter.confidence
-    current = Scaling(*(v[int(greedy)].tolist() for v in (head.temperatures, head.offsets, head.draft_weights)))
+    prior = head.history_priors[int(greedy)]
+    current = Scaling(*(v[int(greedy)].tolist() for v in (head.temperatures, head.offsets, head.draft_weights)),
+                      head.history_weights[int(greedy)].tolist() if prior is not None else None, prior)
     if prompts is None:
         prompts = default_prompts(limit, seed)
     tok = engine.tokenizer
     ids = [chat_ids(tok, p) for p in prompts[:limit]]
-    rounds = [r for request in collect(engine, ids, max_new_tokens, temperature, seed) for r in request]
+    requests = collect(engine, ids, max_new_tokens, temperature, seed)
+    rounds = sum(map(len, requests))
     if not rounds:
         raise ValueError("the held-out decoding produced no drafting rounds")
-    fitted = sequential_scaling(rounds, c.block, temperature_only)
-    result = report(rounds, current, fitted)
+    fitted = sequential_scaling(requests, c.block, temperature_only)
+    result = report(requests, current, fitted)
     if write:
         raw = json.loads(config_file.read_text())
         suffix = "_greedy" if greedy else ""
         raw["confidence_temperatures" + suffix] = fitted.temperatures
         raw["confidence_offsets" + suffix] = fitted.offsets
         raw["confidence_draft_weights" + suffix] = fitted.draft_weights
+        for name, value in (("confidence_history_weights", fitted.history_weights),
+                            ("confidence_history_prior", fitted.history_prior)):
+            if value is None:
+                raw.pop(name + suffix, None)
+            else:
+                raw[name + suffix] = value
         raw["calibration" + suffix] = {
-            "method": "STS" if temperature_only else "STS with offsets and draft weights", "rounds": len(rounds),
+            "method": "STS" if temperature_only else "STS with offsets, draft and history weights", "rounds": rounds,
             "temperature": temperature, "max_new_tokens": max_new_tokens, "prompts": len(ids),
             "ece_before": [round(r["ece"], 4) for r in result["before"]],
             "ece_after": [round(r["ece"], 4) for r in result["after"]]}

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from engine.build import build_engine
 from engine.config import EMBEDDED_MODEL, EngineConfig
-from engine.drafters.checkpoint import (CALIBRATION_FIELDS, DrafterCheckpoint, load_checkpoint, parse_config,
-                                        write_draft_vocab)
+from engine.drafters.checkpoint import (CALIBRATION_FIELDS, HISTORY_PRIOR_FIELDS, DrafterCheckpoint, load_checkpoint,
+                                        parse_config, write_draft_vocab)
 from engine.drafters.init import default_layer_ids, init_drafter
 from engine.loading import LoadedTarget, cache_root, device_name, load_target
 from engine.train import data
@@ -23,7 +23,7 @@ from engine.train.trainer import STATE_FILE, TrainingError, TrainSettings, build
 FRESH_ARCHITECTURE = {"layers": 1, "markov_rank": 64, "markov_type": "vanilla", "block_size": 7}
 # A fine-tuned drafter's calibration no longer fits it, nor does its training summary (kept under
 # training.init_from instead).
-NOT_INHERITED = (*CALIBRATION_FIELDS, "calibration", "calibration_greedy", "training")
+NOT_INHERITED = (*CALIBRATION_FIELDS, *HISTORY_PRIOR_FIELDS, "calibration", "calibration_greedy", "training")
 DRAFT_CONFIG = "draft_config.json"   # the untrained drafter's config, kept so a resumed run rebuilds it
 
 

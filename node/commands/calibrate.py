@@ -1,5 +1,5 @@
-"""`dspark-node calibrate`: Sequential Temperature Scaling (with offsets and draft weights) of a
-DSpark drafter's confidence head."""
+"""`dspark-node calibrate`: Sequential Temperature Scaling (with offsets, draft and history weights)
+of a DSpark drafter's confidence head."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from engine.prompts import PromptFileError, load_first_turns
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="calibrate a DSpark drafter's confidences (STS)",
-                       description="Decode held-out prompts with the drafter, fit a temperature, an offset and "
-                                   "the weight of the draft's own log-odds per draft position (left to right, "
-                                   "minimising the log loss of the cumulative product; temperatures by ECE alone "
-                                   "with --temperature-only) and store them in the drafter's config.json; prints "
+                       description="Decode held-out prompts with the drafter, fit a temperature, an offset, "
+                                   "the weight of the draft's own log-odds and that of the request's own "
+                                   "calibration error so far per draft position (left to right, minimising the "
+                                   "log loss of the cumulative product; temperatures by ECE alone with "
+                                   "--temperature-only) and store them in the drafter's config.json; prints "
                                    "ECE/AUROC/Brier per position before and after.")
     p.add_argument("--drafter", type=Path, required=True, help="DSpark drafter directory (rewritten in place)")
     p.add_argument("--prompts", type=Path, default=None,
@@ -31,11 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature of the held-out decoding; 0 fits the scaling greedy requests "
-                        "take (confidence_temperatures_greedy, _offsets_greedy, _draft_weights_greedy)")
+                        "take (the confidence_*_greedy fields)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--temperature-only", action="store_true",
-                   help="the paper's STS exactly: temperatures, no offsets or draft weights")
+                   help="the paper's STS exactly: temperatures, no offsets, draft or history weights")
     p.add_argument("--dry-run", action="store_true", help="report only; leave config.json as it is")
     p.set_defaults(func=run)
 
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{result['rounds']} rounds; temperatures {result['temperatures']}, offsets {result['offsets']}, "
-          f"draft weights {result['draft_weights']}")
+          f"draft weights {result['draft_weights']}, history weights {result['history_weights']} "
+          f"(prior {result['history_prior']})")
     # The floor: what a perfectly calibrated head would measure on these predictions and this many rounds.
     print(f"{'pos':>3} {'n':>5} {'ECE before':>10} {'ECE after':>9} {'floor':>6} {'AUROC before':>12} {'after':>6} "
           f"{'Brier before':>12} {'after':>6}")
@@ -63,5 +65,6 @@ def run(args: argparse.Namespace) -> int:
         auroc = ["-" if r["auroc"] is None else f"{r['auroc']:.3f}" for r in (b, a)]
         print(f"{a['position']:>3} {a['n']:>5} {b['ece']:>10.4f} {a['ece']:>9.4f} {a['ece_floor']:>6.4f} "
               f"{auroc[0]:>12} {auroc[1]:>6} {b['brier']:>12.4f} {a['brier']:>6.4f}")
-    print(json.dumps({key: result[key] for key in ("temperatures", "offsets", "draft_weights")}))
+    print(json.dumps({key: result[key] for key in ("temperatures", "offsets", "draft_weights", "history_weights",
+                                                   "history_prior")}))
     return 0

@@ -81,6 +81,14 @@ REFUSALS = [
     ("confidence_offsets: Value error, must be finite", lambda c, p: c.update(confidence_offsets=[float("inf")] * 5)),
     ("confidence_draft_weights_greedy: Value error, must be finite",
      lambda c, p: c.update(confidence_draft_weights_greedy=[float("nan")] * 5)),
+    ("confidence_history_weights and confidence_history_prior go together",
+     lambda c, p: c.update(confidence_history_weights=[0.5] * 5)),
+    ("confidence_history_weights_greedy and confidence_history_prior_greedy go together",
+     lambda c, p: c.update(confidence_history_prior_greedy=0.3)),
+    ("confidence_history_prior: Value error, must be a rate in \\(0, 1\\)",
+     lambda c, p: c.update(confidence_history_weights=[0.5] * 5, confidence_history_prior=1.0)),
+    ("confidence_history_weights_greedy has 3 entries",
+     lambda c, p: c.update(confidence_history_weights_greedy=[0.5] * 3, confidence_history_prior_greedy=0.3)),
 ]
 
 

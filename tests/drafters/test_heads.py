@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from engine.api import GenerationRequest, SamplingParams
@@ -168,6 +169,27 @@ def test_confidence_uses_previous_token_temperature_offset_and_draft_weight():
     assert torch.allclose(head.scale(z, u, greedy), torch.tensor([[sig(0.5 / 0.5), sig(3.5 - 1.0)]]))
     both = head.scale(z.expand(2, 2), u.expand(2, 2), torch.tensor([True, False]))   # per row
     assert torch.allclose(both[0], head.scale(z, u, greedy)[0]) and torch.allclose(both[1], head.scale(z, u, sampled)[0])
+
+
+def test_confidence_adds_the_weighted_history_of_each_rows_triple():
+    from engine.drafters.confidence import ConfidenceHistory
+
+    w = {"confidence_head.proj.weight": torch.tensor([[1.0]]), "confidence_head.proj.bias": torch.tensor([0.0])}
+    z, u = torch.tensor([[0.5, -1.0]]).expand(2, 2), torch.zeros(2, 2)
+    rows = torch.tensor([False, True])           # a sampled and a greedy request
+    head = ConfidenceHead(w, with_markov=False, block_size=2, sampled=(None, None, None),
+                          sampled_history=([2.0, 0.5], 0.25))
+    assert head.uses_history                     # no greedy triple: greedy requests take the sampled one
+    record = ConfidenceHistory(rounds=10, accepted=8, predicted=3.0)
+    h = head.history([record, ConfidenceHistory()], [False, True])
+    assert h.tolist() == pytest.approx([record.error(0.25), 0.0]) and h[0] > 0   # accepted more than predicted
+    c = head.scale(z, u, rows, history=h)
+    assert torch.allclose(c[0], torch.sigmoid(torch.tensor([0.5 + 2.0 * h[0], -1.0 + 0.5 * h[0]])))
+    assert torch.allclose(c[1], torch.sigmoid(torch.tensor([0.5, -1.0])))       # no history yet: h = 0
+    head = ConfidenceHead(w, with_markov=False, block_size=2, greedy=([1.0, 1.0], None, None),
+                          sampled_history=([2.0, 0.5], 0.25))
+    assert torch.allclose(head.scale(z, u, torch.tensor([True, True]), history=h), torch.sigmoid(z))
+    assert not ConfidenceHead(w, with_markov=False, block_size=2).uses_history
 
 
 def test_draft_logodds_are_those_of_the_drafted_token():

@@ -201,3 +201,38 @@ def test_sampled_output_follows_the_target_with_drafts_cut_at_the_horizon(target
     assert_follows(exact, counts, draws)
     assert accepted > 0
     assert all(len(p.tokens[0]) < 5 and len(p.probs[0]) == len(p.tokens[0]) for p in proposed)
+
+
+def test_the_engine_reads_each_requests_history_as_calibrate_does(target, tmp_path_factory):
+    """With a history term, a request's c_k adds v_k h, h its calibration error at position 1 over
+    its earlier rounds (engine/drafters/confidence.py). The confidences the engine recorded while
+    Algorithm 1 scheduled with them equal those `calibrate` computes offline from the same rounds,
+    so the engine's h reads exactly the rounds before; greedy output stays plain decoding's."""
+    from engine.train.calibrate import Scaling, predictions, rounds_from_records
+
+    path = drafter_dir(target, tmp_path_factory, "dspark", "vanilla")
+    config = json.loads((path / "config.json").read_text())
+    block = config["block_size"]
+    scaling = Scaling([0.8] * block, [-0.2] * block, [0.5] * block, [1.5] * block, 0.3)
+    config.update(confidence_temperatures=scaling.temperatures, confidence_offsets=scaling.offsets,
+                  confidence_draft_weights=scaling.draft_weights, confidence_history_weights=scaling.history_weights,
+                  confidence_history_prior=scaling.history_prior)
+    (path / "config.json").write_text(json.dumps(config))
+    prompts = PROMPTS + [list(range(300, 340, 3))]
+    want = [r.output_ids for r in run_batch(engine_for(target, "ar"), [request(p, max_new_tokens=40) for p in prompts])]
+    spec = engine_for(target, "dspark", path, scheduler="sync")
+    spec.backoff = None
+    spec.schedule = PrefixScheduler(lambda rows, width: 1 / (1 + 0.1 * (width - 1)), mode="sync")
+    got = run_batch(spec, [request(p, max_new_tokens=40) for p in prompts])
+    assert [r.output_ids for r in got] == want
+    history_free = Scaling(scaling.temperatures, scaling.offsets, scaling.draft_weights)
+    for result in got:
+        recorded = result.stats.confidence_samples
+        rounds = rounds_from_records(recorded, result.stats.confidence_inputs)
+        assert len(rounds) > 3
+        offline = predictions([rounds], scaling)
+        assert [(k, y) for k, _, y in offline] == [(k, y) for k, _, y in recorded]
+        assert [p for _, p, _ in recorded] == pytest.approx([p for _, p, _ in offline], rel=1e-4, abs=1e-6)
+        # the history moved the confidences: without it they differ
+        plain = [p for _, p, _ in predictions([rounds], history_free)]
+        assert max(abs(a - b) for a, b in zip(plain, [p for _, p, _ in recorded])) > 1e-2

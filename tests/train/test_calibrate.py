@@ -16,6 +16,11 @@ ZEROS = [0.0] * 4
 IDENTITY = Scaling.identity(4)
 
 
+def alone(rounds: list[Round]) -> list[list[Round]]:
+    """Each round a request of its own: h is 0 throughout, the history term has nothing to read."""
+    return [[r] for r in rounds]
+
+
 def synthetic_rounds(n: int = 3000, block: int = 4, seed: int = 0, scale: float = 3.0, shift: float = 0.0,
                      draft_share: float = 0.0) -> list[Round]:
     """True conditional acceptance sigmoid(x + draft_share * d); the head reports logit scale * x + shift
@@ -34,7 +39,7 @@ def synthetic_rounds(n: int = 3000, block: int = 4, seed: int = 0, scale: float 
 
 
 def test_sts_lowers_ece_and_keeps_auroc():
-    rounds = synthetic_rounds()
+    rounds = alone(synthetic_rounds())
     scaling = sequential_scaling(rounds, 4, temperature_only=True)
     assert scaling.offsets == ZEROS and scaling.draft_weights == ZEROS
     before = calibration_metrics(predictions(rounds, IDENTITY))
@@ -49,7 +54,7 @@ def test_sts_lowers_ece_and_keeps_auroc():
 
 def test_offsets_fix_a_shifted_head_that_temperature_cannot():
     # Sure of acceptance by +2 logits everywhere: no temperature moves a logit across 0.
-    rounds = synthetic_rounds(scale=1.0, shift=2.0)
+    rounds = alone(synthetic_rounds(scale=1.0, shift=2.0))
     t_only = calibration_metrics(predictions(rounds, sequential_scaling(rounds, 4, temperature_only=True)))
     scaling = sequential_scaling(rounds, 4)
     both = calibration_metrics(predictions(rounds, scaling))
@@ -66,7 +71,7 @@ def test_offsets_fix_a_shifted_head_that_temperature_cannot():
 
 
 def test_draft_weights_add_what_the_drafts_own_certainty_knows():
-    rounds = synthetic_rounds(scale=2.0, draft_share=0.5)
+    rounds = alone(synthetic_rounds(scale=2.0, draft_share=0.5))
     pair = sequential_scaling(rounds, 4, temperature_only=False)
     assert all(abs(w - 0.5) < 0.15 for w in pair.draft_weights[:2])     # recovers the share it was given
     assert abs(pair.temperatures[0] - 2.0) < 0.4 and abs(pair.offsets[0]) < 0.3
@@ -86,16 +91,57 @@ def test_a_position_separated_by_the_drafts_certainty_keeps_finite_moderate_para
         d = [float(torch.randn(1, generator=g)) * 1.5, 7.0 if n < 8 else float(torch.randn(1, generator=g))]
         rounds.append(Round([float(torch.randn(1, generator=g)), float(torch.randn(1, generator=g))], d,
                             2 if n < 8 else 1))
-    scaling = sequential_scaling(rounds, 2)
+    scaling = sequential_scaling(alone(rounds), 2)
     assert abs(scaling.offsets[1]) <= 12 and 0.5 < scaling.draft_weights[1] < 3
-    after = calibration_metrics(predictions(rounds, scaling))
+    after = calibration_metrics(predictions(alone(rounds), scaling))
     assert after[1]["auroc"] > 0.99
+
+
+def test_a_history_weight_learns_what_a_requests_own_earlier_rounds_say():
+    """Each request has a shift s of its own (as prompt kinds do) that the head does not see:
+    acceptance at position 1 is sigmoid(x + s) while the head reports x. Its earlier rounds reveal
+    s, so the history weight is positive and predictions on requests never fitted on improve."""
+    def requests(seed: int, n: int = 120, per_request: int = 40) -> list[list[Round]]:
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(n):
+            shift = 2.0 * (float(torch.rand(1, generator=g)) - 0.5) * 2     # s in [-2, 2]
+            x = torch.randn(per_request, generator=g) - 0.5
+            accepted = torch.rand(per_request, generator=g) < torch.sigmoid(x + shift)
+            out.append([Round([float(v), 0.0], [0.0, 0.0], int(a)) for v, a in zip(x, accepted)])
+        return out
+
+    fit, held_out = requests(0), requests(1)
+    scaling = sequential_scaling(fit, 2)
+    assert scaling.history_weights[0] > 0.5 and 0.2 < scaling.history_prior < 0.8
+    without = Scaling(scaling.temperatures, scaling.offsets, scaling.draft_weights)
+    with_h, without_h = (calibration_metrics(predictions(held_out, s))[0] for s in (scaling, without))
+    assert with_h["brier"] < without_h["brier"] - 0.01 and with_h["auroc"] > without_h["auroc"] + 0.03
+    # a request's first round has no history: its prediction is the history-free one
+    first = [r[:1] for r in held_out]
+    assert predictions(first, scaling) == predictions(first, without)
+
+
+def test_history_is_the_requests_smoothed_calibration_error_so_far():
+    from engine.drafters.confidence import HISTORY_PSEUDO_ROUNDS as A
+    rounds = [Round([1.0], [0.0], 1), Round([0.0], [0.0], 0), Round([-1.0, 2.0], [0.0, 0.0], 2)]
+    scaling = Scaling([1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [0.5, 0.25], 0.4)
+    c1, c2 = 1 / (1 + math.exp(-1.0)), 0.5
+
+    def logit(p):
+        return math.log(p / (1 - p))
+    h = [0.0, logit((1 + A * 0.4) / (1 + A)) - logit((c1 + A * 0.4) / (1 + A)),
+         logit((1 + A * 0.4) / (2 + A)) - logit((c1 + c2 + A * 0.4) / (2 + A))]
+    assert scaling.histories([rounds]) == [pytest.approx(h)]
+    samples = predictions([rounds], scaling)
+    last_c1 = 1 / (1 + math.exp(-(-1.0 + 0.5 * h[2])))
+    assert samples[-1][1] == pytest.approx(last_c1 / (1 + math.exp(-(2.0 + 0.25 * h[2]))))
 
 
 def test_engine_records_become_rounds():
     rounds = [Round([1.5, -0.5, 2.0], [0.1, 0.2, 0.3], 1), Round([0.3], [-1.0], 0)]
     scaling = Scaling([2.0, 0.5, 1.0, 1.0], [0.25, -1.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0])
-    samples = predictions(rounds, scaling)               # what the engine records with this scaling
+    samples = predictions([rounds], scaling)             # what the engine records with this scaling
     inputs = [(z, u) for r in rounds for z, u in zip(r.logits, r.draft)]
     assert rounds_from_records(samples, inputs) == rounds
     assert math.isclose(samples[1][1], 1 / (1 + math.exp(-(0.75 + 0.25 + 0.05))) / (1 + math.exp(2.0)))

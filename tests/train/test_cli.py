@@ -101,7 +101,8 @@ def test_train_drafter_init_from_continues_an_exported_drafter(target, cache_dir
     config = json.loads((base / "config.json").read_text())
     config.update(confidence_temperatures=[1.5] * 4, confidence_offsets=[0.1] * 4, calibration={"method": "STS"},
                   confidence_temperatures_greedy=[0.5] * 4, confidence_offsets_greedy=[0.2] * 4,
-                  confidence_draft_weights=[0.3] * 4, confidence_draft_weights_greedy=[0.4] * 4)
+                  confidence_draft_weights=[0.3] * 4, confidence_draft_weights_greedy=[0.4] * 4,
+                  confidence_history_weights=[0.5] * 4, confidence_history_prior=0.3)
     (base / "config.json").write_text(json.dumps(config))
     subset = torch.tensor([0, 3, 7, 20])
     write_draft_vocab(base, subset, {})
@@ -119,7 +120,8 @@ def test_train_drafter_init_from_continues_an_exported_drafter(target, cache_dir
     assert not torch.equal(load_file(fresh / "model.safetensors")["fc.weight"], got["fc.weight"])
     stored = json.loads((tuned / "config.json").read_text())
     assert not {"confidence_temperatures", "calibration", "confidence_temperatures_greedy",
-                "confidence_offsets_greedy", "confidence_draft_weights", "confidence_draft_weights_greedy"} & stored.keys()
+                "confidence_offsets_greedy", "confidence_draft_weights", "confidence_draft_weights_greedy",
+                "confidence_history_weights", "confidence_history_prior"} & stored.keys()
     assert stored["markov_rank"] == 8 and stored["block_size"] == 4
     assert torch.equal(load_checkpoint(tuned, target).draft_vocab, subset)
 
@@ -155,7 +157,9 @@ def test_calibrate_fits_and_stores_temperatures_offsets_and_draft_weights(target
     assert stored["confidence_temperatures"] == printed["temperatures"] and len(printed["temperatures"]) == 4
     assert stored["confidence_offsets"] == printed["offsets"] and len(printed["offsets"]) == 4
     assert stored["confidence_draft_weights"] == printed["draft_weights"] and len(printed["draft_weights"]) == 4
-    assert stored["calibration"]["method"] == "STS with offsets and draft weights"
+    assert stored["calibration"]["method"] == "STS with offsets, draft and history weights"
+    assert stored["confidence_history_weights"] == printed["history_weights"] and len(printed["history_weights"]) == 4
+    assert stored["confidence_history_prior"] == printed["history_prior"] and 0 < printed["history_prior"] < 1
     assert stored["calibration"]["prompts"] == 4
     loaded = load_checkpoint(tmp_path, target).config
     assert loaded.confidence_offsets == printed["offsets"]
@@ -163,6 +167,7 @@ def test_calibrate_fits_and_stores_temperatures_offsets_and_draft_weights(target
     assert main([*argv, "--temperature-only"]) == 0
     stored = json.loads((tmp_path / "config.json").read_text())
     assert stored["confidence_offsets"] == stored["confidence_draft_weights"] == [0.0] * 4
+    assert "confidence_history_weights" not in stored and "confidence_history_prior" not in stored
 
     # --temperature 0 fits the greedy requests' pair beside the sampled one, which it leaves alone
     sampled = json.loads((tmp_path / "config.json").read_text())
