@@ -66,7 +66,7 @@ def sequence(anchor: int, slot: int = 0) -> Sequence:
 def test_incremental_blocks_match_the_reference_forward(target, tmp_path):
     drafter, feats = setup(target, tmp_path)
     seq = sequence(4)
-    seq.drafter_state = PendingContext([feats[:4]])
+    drafter.start(seq, feats[:4])
     for anchor in (4, 6, 7, 11):       # rounds that accepted 1, 0 and 3 drafts
         seq.tokens, seq.kv_len = TOKENS[:anchor + 1], anchor
         st = seq.drafter_state
