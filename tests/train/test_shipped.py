@@ -27,6 +27,9 @@ def test_shipped_drafter_is_small_and_complete(smollm2):
     assert c.shares_target_embeddings and "embed_tokens.weight" not in ckpt.weights
     assert c.confidence_temperatures is not None and len(c.confidence_temperatures) == c.block
     assert c.confidence_offsets is not None and len(c.confidence_offsets) == c.block
+    for suffix in ("", "_greedy"):   # both triples carry the request-history term (calibrate)
+        assert len(getattr(c, "confidence_history_weights" + suffix)) == c.block
+        assert 0 < getattr(c, "confidence_history_prior" + suffix) < 1
     assert "sources" in c.model_dump()["training"]["data"]
     assert sum(f.stat().st_size for f in ckpt.path.iterdir()) < 40e6
     # a frequent-token draft vocabulary: its LM head is a third of the target's (docs/training.md)
