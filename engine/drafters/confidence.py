@@ -44,8 +44,8 @@ ConfigScaling = tuple[list[float] | None, list[float] | None, list[float] | None
 ConfigHistory = tuple[list[float] | None, float | None]
 
 # Pseudo-rounds at the prior rate that both of h's rates start from: h is 0 on a request's first
-# round and grows as its rounds accumulate. 16 was the best of 4 / 16 / 32 on the four benchmark
-# sets, 32 on the held-out pool, by 0.1 point of ECE (docs/benchmarks.md, the offline study).
+# round and grows as its rounds accumulate. Held out at T=0, 8 and 32 beat 16 by at most 0.1 point
+# of ECE at position 1 on one set each and lost by up to 0.16 on the other (docs/benchmarks.md).
 HISTORY_PSEUDO_ROUNDS = 16
 
 
