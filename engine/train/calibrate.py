@@ -292,11 +292,26 @@ def default_prompts(limit: int, seed: int) -> list[str]:
     return mixed[:limit]
 
 
+def split_holdout(prompts: list, holdout: float) -> tuple[list, list]:
+    """(fitting prompts, held-out prompts): every round(1 / holdout)-th prompt is held out, so that
+    prompt kinds given in turn (default_prompts) are held out alike; none when holdout is 0."""
+    if holdout == 0:
+        return list(prompts), []
+    every = round(1 / holdout)
+    held = [p for i, p in enumerate(prompts) if i % every == every - 1]
+    if not held or len(held) == len(prompts):
+        raise ValueError(f"--holdout {holdout} leaves no prompt to fit on or none to report on "
+                         f"among {len(prompts)}: use more prompts (--limit) or another fraction")
+    return [p for i, p in enumerate(prompts) if i % every != every - 1], held
+
+
 def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limit: int, max_new_tokens: int,
                       temperature: float, seed: int, write: bool = True, temperature_only: bool = False,
-                      device: str = "cpu") -> dict:
+                      device: str = "cpu", holdout: float = 0.0) -> dict:
     """Decode held-out prompts with the drafter, fit the per-position scaling, store it (and the
-    report) in its config.json."""
+    report) in its config.json. With `holdout` > 0 that share of the prompts is decoded apart and
+    never fitted on, and the before/after report is measured on it (on the fitting set, ECE after
+    a fit is optimistic)."""
     from engine.bench import chat_ids
     from engine.build import build_engine
     from engine.config import EngineConfig
@@ -322,12 +337,19 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
         prompts = default_prompts(limit, seed)
     tok = engine.tokenizer
     ids = [chat_ids(tok, p) for p in prompts[:limit]]
-    requests = collect(engine, ids, max_new_tokens, temperature, seed)
+    fit_ids, report_ids = split_holdout(ids, holdout)
+    requests = collect(engine, fit_ids, max_new_tokens, temperature, seed)
     rounds = sum(map(len, requests))
     if not rounds:
         raise ValueError("the held-out decoding produced no drafting rounds")
     fitted = sequential_scaling(requests, c.block, temperature_only)
-    result = report(requests, current, fitted)
+    # seeds continue past the fitting prompts', so that no two requests share one
+    held_out = collect(engine, report_ids, max_new_tokens, temperature, seed + len(fit_ids)) if report_ids else []
+    if report_ids and not any(held_out):
+        raise ValueError("the held-out prompts produced no drafting rounds to report on")
+    result = report(held_out or requests, current, fitted)
+    result |= {"fit_rounds": rounds, "reported_on": "held-out" if report_ids else "fitting set",
+               "held_out_prompts": len(report_ids)}
     if write:
         raw = json.loads(config_file.read_text())
         suffix = "_greedy" if greedy else ""
@@ -342,7 +364,8 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
                 raw[name + suffix] = value
         raw["calibration" + suffix] = {
             "method": "STS" if temperature_only else "STS with offsets, draft and history weights", "rounds": rounds,
-            "temperature": temperature, "max_new_tokens": max_new_tokens, "prompts": len(ids),
+            "temperature": temperature, "max_new_tokens": max_new_tokens, "prompts": len(fit_ids),
+            "reported_on": result["reported_on"], "held_out_prompts": len(report_ids),
             "ece_before": [round(r["ece"], 4) for r in result["before"]],
             "ece_after": [round(r["ece"], 4) for r in result["after"]]}
         tmp = config_file.with_suffix(".tmp")

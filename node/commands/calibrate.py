@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--temperature-only", action="store_true",
                    help="the paper's STS exactly: temperatures, no offsets, draft or history weights")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="share of the prompts (every 1/F-th) decoded apart, never fitted on, and reported on "
+                        "before/after; 0: report on the fitting set, which flatters the fit (default: 0)")
     p.add_argument("--dry-run", action="store_true", help="report only; leave config.json as it is")
     p.set_defaults(func=run)
 
@@ -44,18 +47,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine.train.calibrate import calibrate_drafter
 
-    if args.limit < 1 or args.max_new_tokens < 1 or not 0 <= args.temperature <= 10:
-        print("error: --limit and --max-new-tokens must be >= 1 and --temperature in [0, 10]", file=sys.stderr)
+    if args.limit < 1 or args.max_new_tokens < 1 or not 0 <= args.temperature <= 10 or not 0 <= args.holdout <= 0.5:
+        print("error: --limit and --max-new-tokens must be >= 1, --temperature in [0, 10] and --holdout in [0, 0.5]",
+              file=sys.stderr)
         return 2
     try:
         prompts = load_first_turns(args.prompts, args.limit) if args.prompts else None
         result = calibrate_drafter(args.drafter, args.model, prompts, args.limit, args.max_new_tokens,
                                    args.temperature, args.seed, write=not args.dry_run,
-                                   temperature_only=args.temperature_only, device=args.device)
+                                   temperature_only=args.temperature_only, device=args.device,
+                                   holdout=args.holdout)
     except (ValidationError, ModelLoadError, PromptFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{result['rounds']} rounds; temperatures {result['temperatures']}, offsets {result['offsets']}, "
+    where = (f"{result['held_out_prompts']} held-out prompts, never fitted on" if result["held_out_prompts"]
+             else "the fitting set; --holdout reports on prompts never fitted on")
+    print(f"fitted on {result['fit_rounds']} rounds; reported on {result['rounds']} rounds of {where}")
+    print(f"temperatures {result['temperatures']}, offsets {result['offsets']}, "
           f"draft weights {result['draft_weights']}, history weights {result['history_weights']} "
           f"(prior {result['history_prior']})")
     # The floor: what a perfectly calibrated head would measure on these predictions and this many rounds.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -150,7 +152,17 @@ def test_calibrate_fits_and_stores_temperatures_offsets_and_draft_weights(target
             "--max-new-tokens", "12"]
     before = (tmp_path / "config.json").read_text()
     assert main([*argv, "--dry-run"]) == 0
-    assert "offsets" in capsys.readouterr().out and (tmp_path / "config.json").read_text() == before
+    out = capsys.readouterr().out
+    assert "offsets" in out and (tmp_path / "config.json").read_text() == before
+    assert "rounds of the fitting set" in out
+    # --holdout: every 2nd prompt is decoded apart and the report is measured on it alone
+    assert main([*argv, "--dry-run", "--holdout", "0.5"]) == 0
+    fitted, reported = (int(n) for n in re.search(r"fitted on (\d+) rounds; reported on (\d+) rounds of 2 held-out",
+                                                  capsys.readouterr().out).groups())
+    assert fitted > 0 and reported > 0 and (tmp_path / "config.json").read_text() == before
+    for bad, message in ((["--holdout", "0.9"], "--holdout in [0, 0.5]"),
+                         (["--holdout", "0.5", "--limit", "1"], "leaves no prompt to fit on or none to report on")):
+        assert main([*argv, *bad]) == 2 and message in capsys.readouterr().err
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     stored = json.loads((tmp_path / "config.json").read_text())
