@@ -86,7 +86,8 @@ class DSparkDrafter(Drafter):
         greedy = torch.tensor(is_greedy, device=self.target.device)
         records = [self.histories[seq.request_id] for seq in seqs]
         history = self.confidence.history(records, is_greedy)
-        slots: list[torch.Tensor] = []   # per slot [R, 4]: c_k, the head's inputs (z_k, u_k), history-free c_1
+        # per slot [R, 4]: c_k, the head's inputs (z_k, u_k), and at slot 0 the history-free c_1 (c_k elsewhere)
+        slots: list[torch.Tensor] = []
 
         def confidence_after(k: int, prev: torch.Tensor, logodds: torch.Tensor) -> bool:
             # c_k as soon as slot k is drafted, so that the horizon can end the block after it
