@@ -61,6 +61,7 @@ class Policy:
     max_concurrent_per_client: int
     max_queue: int
     clock_skew_ms: int
+    price_per_gpu_second_micros: int = 0
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,12 @@ def _check_offer(job: SignedJob, policy: Policy) -> Refusal | None:
     if request.max_price_per_mtok_micros < policy.price_per_mtok_micros:
         return Refusal(Reason.PRICE_TOO_LOW, f"price cap {request.max_price_per_mtok_micros} is below this node's "
                                              f"price of {policy.price_per_mtok_micros} micros per million tokens")
+    if request.max_price_per_gpu_second_micros < policy.price_per_gpu_second_micros:
+        # Checked here, not left to the client's receipt check, so no compute is spent on a job
+        # whose receipt the client would refuse.
+        return Refusal(Reason.PRICE_TOO_LOW, f"GPU-second price cap {request.max_price_per_gpu_second_micros} is "
+                                             f"below this node's price of {policy.price_per_gpu_second_micros} "
+                                             "micros per GPU-second")
     try:
         job.sampling.validate(policy.max_new_tokens_limit)
     except RequestRejected as exc:

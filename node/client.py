@@ -27,7 +27,7 @@ from node.admission import REFUSAL_KEY
 from node.config import is_loopback, split_host_port
 from node.envelope import EnvelopeError, digest, open_envelope, seal
 from node.identity import Identity, IdentityError, peer_id_from_public_key
-from node.receipts import ReceiptError, acknowledgment, verify_receipt
+from node.receipts import ReceiptError, acknowledgment, check_price_caps, verify_receipt
 from node.tls import SERVER_NAME, TlsError, fetch_server_cert, fingerprint
 
 
@@ -120,10 +120,10 @@ class WorkerClient:
     def sign_job(self, *, text: str | None = None, chat: Sequence[dict[str, str]] | None = None,
                  token_ids: Sequence[int] | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (), model: str | None = None,
-                 max_price_per_mtok_micros: int | None = None, ttl_s: float = 300.0,
-                 job_id: bytes | None = None) -> Envelope:
+                 max_price_per_mtok_micros: int | None = None, max_price_per_gpu_second_micros: int | None = None,
+                 ttl_s: float = 300.0, job_id: bytes | None = None) -> Envelope:
         """A signed JobRequest for this worker. Exactly one of text / chat / token_ids. Model and
-        price cap default to what the worker advertises."""
+        price caps default to what the worker advertises; the receipt is refused if it charges more."""
         if sum(p is not None for p in (text, chat, token_ids)) != 1:
             raise ValueError("give exactly one of text, chat, token_ids")
         now = int(time.time() * 1000)
@@ -136,6 +136,9 @@ class WorkerClient:
             model=model if model is not None else self.advert.models[0].id, sampling=sampling,
             max_price_per_mtok_micros=(max_price_per_mtok_micros if max_price_per_mtok_micros is not None
                                        else self.advert.price_per_mtok_micros),
+            max_price_per_gpu_second_micros=(max_price_per_gpu_second_micros
+                                             if max_price_per_gpu_second_micros is not None
+                                             else self.advert.price_per_gpu_second_micros),
             issued_at_ms=now, expires_at_ms=now + int(ttl_s * 1000))
         if text is not None:
             request.text = text
@@ -192,6 +195,10 @@ class WorkerClient:
         request = job_pb2.JobRequest.FromString(job.payload)
         if receipt.job_digest != digest(job) or receipt.job_id != request.job_id:
             raise ClientError("the receipt is for another job")
+        try:
+            check_price_caps(receipt, request.max_price_per_mtok_micros, request.max_price_per_gpu_second_micros)
+        except ReceiptError as exc:
+            raise ClientError(f"receipt refused: {exc}") from None
         return JobResult(job_id=request.job_id, accepted=accepted, text=result.text, output_ids=output_ids,
                          finish_reason=result.finish_reason, receipt_envelope=result.receipt, receipt=receipt,
                          time_to_first_token_s=first_token, elapsed_s=elapsed)

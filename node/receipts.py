@@ -179,6 +179,17 @@ def verify_receipt(envelope: Envelope, worker_peer_id: str,
     return receipt
 
 
+def check_price_caps(receipt: Receipt, max_price_per_mtok_micros: int, max_price_per_gpu_second_micros: int) -> None:
+    """Client side: the receipt charges no unit price above the caps the client signed in its job.
+    The amount check cannot catch this alone: an overpriced receipt's arithmetic is still right."""
+    if receipt.price_per_mtok_micros > max_price_per_mtok_micros:
+        raise ReceiptError("over_price_cap", f"receipt charges {receipt.price_per_mtok_micros} micros per million "
+                                             f"tokens, above the job's cap of {max_price_per_mtok_micros}")
+    if receipt.price_per_gpu_second_micros > max_price_per_gpu_second_micros:
+        raise ReceiptError("over_price_cap", f"receipt charges {receipt.price_per_gpu_second_micros} micros per "
+                                             f"GPU-second, above the job's cap of {max_price_per_gpu_second_micros}")
+
+
 def acknowledgment(identity: Identity, receipt_envelope: Envelope,
                    acknowledged_at_ms: int | None = None) -> Envelope:
     """The client's countersignature over a receipt it accepted (send it with `Acknowledge`)."""

@@ -58,7 +58,8 @@ def build_policy(config: NodeConfig, peer_id: str, engine) -> Policy:
         deny=frozenset(map(client_key_bytes, config.admission.deny)),
         rate_per_minute=config.admission.rate_per_minute,
         max_concurrent_per_client=config.admission.max_concurrent_per_client,
-        max_queue=config.admission.max_queue, clock_skew_ms=int(config.admission.clock_skew_s * 1000))
+        max_queue=config.admission.max_queue, clock_skew_ms=int(config.admission.clock_skew_s * 1000),
+        price_per_gpu_second_micros=config.pricing.per_gpu_second_micros)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):

@@ -93,6 +93,15 @@ def test_each_refusal(fields, expected):
     assert reason(admit(opened(**fields), POLICY, IDLE, NOW)) is expected
 
 
+def test_a_node_that_prices_time_refuses_a_job_that_does_not_agree_to_its_gpu_second_price():
+    timed = dataclasses.replace(POLICY, price_per_gpu_second_micros=50)
+    assert admit(opened(), POLICY, IDLE, NOW) is None                  # no time price: no cap needed
+    assert reason(admit(opened(), timed, IDLE, NOW)) is Reason.PRICE_TOO_LOW   # cap 0: no time charge agreed
+    refusal = admit(opened(max_price_per_gpu_second_micros=49), timed, IDLE, NOW)
+    assert reason(refusal) is Reason.PRICE_TOO_LOW and "GPU-second" in refusal.message
+    assert admit(opened(max_price_per_gpu_second_micros=50), timed, IDLE, NOW) is None
+
+
 def test_clock_skew_window_is_inclusive():
     assert admit(opened(issued_at_ms=NOW + 5000, expires_at_ms=NOW + 9000), POLICY, IDLE, NOW) is None
     assert admit(opened(issued_at_ms=NOW - 9000, expires_at_ms=NOW - 5000), POLICY, IDLE, NOW) is None

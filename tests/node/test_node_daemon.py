@@ -21,7 +21,7 @@ from engine.api import GenerationRequest, GenerationResult, SamplingParams
 from node.client import ClientError, JobRefused, WorkerClient
 from node.envelope import pae, seal
 from node.identity import Identity
-from node.receipts import verify_receipt
+from node.receipts import billed_amount, verify_receipt
 from node_harness import node_toml, start_daemon
 
 pytestmark = pytest.mark.slow
@@ -41,6 +41,7 @@ max_concurrent_per_client = 2
 clock_skew_s = 5
 [pricing]
 per_mtok_micros = 250000
+per_gpu_second_micros = 1000
 """
     node = start_daemon(tmp_path_factory.mktemp("daemon"), node_toml(tiny_model, extra))
     yield node
@@ -81,15 +82,18 @@ async def test_streamed_text_equals_the_engine_in_process(daemon, tiny_model):
     assert result.accepted.prompt_tokens == len(prompt)
     assert result.receipt.output_tokens == len(expected.output_ids)
     assert result.receipt.worker_peer_id == daemon.peer_id
-    assert result.receipt.amount_micros == -(-len(expected.output_ids) * 250000 // 1_000_000)
+    assert result.receipt.amount_micros == billed_amount(len(expected.output_ids), 250_000,
+                                                         result.receipt.gpu_seconds, 1000)
 
 
 @pytest.mark.asyncio
 async def test_receipt_can_be_fetched_and_acknowledged(daemon):
     async with await connect(daemon) as client:
+        # The job's price caps default to the advertised prices, so a node that prices time admits it.
         result = await client.run(client.sign_job(text="Once upon a time", max_new_tokens=5), timeout_s=60)
         fetched = await client.get_receipt(result.job_id)
         assert fetched == result.receipt
+        assert (result.receipt.price_per_mtok_micros, result.receipt.price_per_gpu_second_micros) == (250_000, 1000)
         assert await client.acknowledge(result.receipt_envelope) == result.receipt.sequence
         with pytest.raises(JobRefused) as info:
             await client.get_receipt(secrets.token_bytes(16))
@@ -137,6 +141,8 @@ async def test_each_refusal_has_its_status_and_is_counted(daemon):
         for reason, (job, code) in cases.items():
             error = await refused(client, job)
             assert (error.reason, error.code) == (reason, code), error
+        error = await refused(client, client.sign_job(text="Hello", max_price_per_gpu_second_micros=999))
+        assert error.reason == "price_too_low" and "GPU-second" in error.details, error
         # A job refused before it ran leaves its id unused; a job that ran consumes it for good.
         job = client.sign_job(text="Hello", max_new_tokens=2,
                               job_id=job_pb2.JobRequest.FromString(cases["too_long"][0].payload).job_id)

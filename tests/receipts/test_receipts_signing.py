@@ -7,14 +7,18 @@ import math
 import struct
 from fractions import Fraction
 
+import grpc
 import pytest
 from hypothesis import given, strategies as st
 from receipts_helpers import CLIENT, OTHER_CLIENT, WORKER, bill, outcome
 
+from dspark.v1 import job_pb2
+from dspark.v1.advert_pb2 import CapacityAdvert
 from dspark.v1.receipt_pb2 import Receipt
-from node.envelope import seal
-from node.receipts import (ReceiptError, acknowledgment, billed_amount, check_acknowledgment, output_digest,
-                           verify_receipt)
+from node.client import ClientError, WorkerClient
+from node.envelope import digest, seal
+from node.receipts import (GENESIS_DIGEST, ReceiptError, acknowledgment, billed_amount, check_acknowledgment,
+                           output_digest, verify_receipt)
 
 
 @given(tokens=st.integers(0, 2**32 - 1), price=st.integers(0, 2**40), seconds=st.floats(0, 1e6),
@@ -103,3 +107,50 @@ def test_job_outcome_refuses_bad_values_before_anything_is_written(field, value)
     kwargs = outcome(1).__dict__ | {field: value}
     with pytest.raises(ValueError, match=field.split("_")[0]):
         type(outcome(1))(**kwargs)
+
+
+def _worker_answer(job, price_mtok: int, price_gpu_s: int) -> job_pb2.JobResult:
+    """A JobResult for `job` whose receipt, signed by WORKER, bills by the rule at the given prices."""
+    ids = [1, 2, 3, 4]
+    receipt = Receipt(job_digest=digest(job), job_id=job_pb2.JobRequest.FromString(job.payload).job_id,
+                      client_public_key=CLIENT.public_key, worker_peer_id=WORKER.peer_id, output_tokens=len(ids),
+                      output_digest=output_digest(ids), price_per_mtok_micros=price_mtok,
+                      price_per_gpu_second_micros=price_gpu_s, gpu_seconds=5.0, outcome="completed", sequence=1,
+                      previous_receipt_digest=GENESIS_DIGEST)
+    receipt.amount_micros = billed_amount(len(ids), price_mtok, 5.0, price_gpu_s)
+    return job_pb2.JobResult(output_token_ids=ids, receipt=seal(WORKER, receipt), finish_reason="length")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("price_mtok,price_gpu_s,refused", [
+    (100_000, 0, None),                       # what the worker advertised: accepted
+    (100_001, 0, "per million tokens"),       # above the token price cap
+    (100_000, 1, "per GPU-second"),           # a time charge the client never agreed to (cap 0)
+])
+async def test_client_refuses_a_receipt_above_the_jobs_price_caps(price_mtok, price_gpu_s, refused):
+    advert = CapacityAdvert(peer_id=WORKER.peer_id, price_per_mtok_micros=100_000)
+    advert.models.add(id="m")
+    async with WorkerClient(grpc.aio.insecure_channel("127.0.0.1:1"), CLIENT, advert) as client:
+        job = client.sign_job(text="hi", max_new_tokens=4)
+        result = _worker_answer(job, price_mtok, price_gpu_s)
+        if refused is None:
+            verified = client._verify(job, job_pb2.JobAccepted(), result, [1, 2, 3, 4], None, 0.1)
+            assert verified.receipt.price_per_mtok_micros == 100_000
+        else:
+            with pytest.raises(ClientError) as info:
+                client._verify(job, job_pb2.JobAccepted(), result, [1, 2, 3, 4], None, 0.1)
+            assert refused in str(info.value) and "above the job's cap" in str(info.value)
+
+
+@pytest.mark.asyncio
+async def test_a_gpu_second_cap_the_client_signed_covers_the_workers_time_price():
+    advert = CapacityAdvert(peer_id=WORKER.peer_id, price_per_mtok_micros=100_000, price_per_gpu_second_micros=500)
+    advert.models.add(id="m")
+    async with WorkerClient(grpc.aio.insecure_channel("127.0.0.1:1"), CLIENT, advert) as client:
+        job = client.sign_job(text="hi", max_new_tokens=4)     # caps default to the advertised prices
+        assert job_pb2.JobRequest.FromString(job.payload).max_price_per_gpu_second_micros == 500
+        verified = client._verify(job, job_pb2.JobAccepted(), _worker_answer(job, 100_000, 500), [1, 2, 3, 4],
+                                  None, 0.1)
+        assert verified.receipt.amount_micros == billed_amount(4, 100_000, 5.0, 500)
+        with pytest.raises(ClientError, match="per GPU-second"):
+            client._verify(job, job_pb2.JobAccepted(), _worker_answer(job, 100_000, 501), [1, 2, 3, 4], None, 0.1)
