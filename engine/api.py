@@ -55,6 +55,9 @@ class GenerationRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams
+    # Requests of one scope may draft from each other's text (engine/drafters/corpus.py); None: from
+    # no other request's. The node scopes by client, so no client's speed depends on another's text.
+    corpus_scope: str | None = None
 
 
 @dataclass

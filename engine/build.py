@@ -9,6 +9,7 @@ import torch
 from engine.config import EMBEDDED_MODEL, LOOKUP_MIN_MATCH, EngineConfig
 from engine.drafters.base import Drafter
 from engine.drafters.checkpoint import CheckpointError, load_checkpoint
+from engine.drafters.corpus import CorpusIndex
 from engine.drafters.dspark import DSparkDrafter
 from engine.drafters.eagle3 import Eagle3Drafter
 from engine.drafters.lookup import LookupFirst
@@ -29,7 +30,11 @@ SHIPPED_DRAFTERS = {EMBEDDED_MODEL: Path(__file__).parent / "drafters" / "shippe
 
 def build_drafter(config: EngineConfig, target: LoadedTarget) -> Drafter:
     drafter = build_model_drafter(config, target)
-    return LookupFirst(drafter, config.ngram_max, config.lookup_min_match) if config.lookup_min_match else drafter
+    if not config.lookup_min_match:
+        return drafter
+    corpus = (CorpusIndex(config.lookup_corpus_tokens, config.lookup_min_match, config.ngram_max)
+              if config.lookup_corpus_tokens else None)
+    return LookupFirst(drafter, config.ngram_max, config.lookup_min_match, corpus)
 
 
 def build_model_drafter(config: EngineConfig, target: LoadedTarget) -> Drafter:

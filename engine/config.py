@@ -37,6 +37,10 @@ class EngineConfig(BaseModel):
     lookup_min_match: int = Field(0, ge=0, le=8, description=(
         "dspark, dflash, eagle3: where a request's last n >= this many tokens (up to ngram_max) occurred "
         "before in it, propose what followed them (prompt lookup) instead of a model draft; 0 = off"))
+    lookup_corpus_tokens: int = Field(262_144, ge=0, le=1 << 26, description=(
+        "with lookup_min_match: where a request's own text holds no match, look in the text of other "
+        "requests of its scope (the node's: same client), keeping up to this many tokens of finished "
+        "requests (~75 bytes each); 0 = each request's own text only"))
     max_batch: int = Field(8, ge=1, le=1024, description="requests decoded together")
     max_context: int = Field(4096, ge=16, description="prompt + new tokens per request")
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before new ones are refused")

@@ -55,10 +55,10 @@ def test_greedy_matches_plain_decoding_with_lookup_and_model_drafts(target, tmp_
     lookup.model.propose = lambda seqs, horizon=None: model_rows.append(len(seqs)) or propose(seqs, horizon)
     got = run_batch(spec, [request(p, max_new_tokens=30) for p in prompts])
     assert [r.output_ids for r in got] == want
-    node = lookup.node
+    node = lookup.node["own"]
     assert node.reached[0] > 0 and sum(node.reached) > sum(node.accepted), "lookup drafts verified, some rejected"
     assert sum(model_rows) > 0, "the model drafted where no lookup matched"
-    assert lookup.indexes == {} and lookup.counts == {} and lookup.pending == set(), "state released"
+    assert lookup.indexes == {} and lookup.counts == {} and lookup.pending == {}, "state released"
 
 
 def test_a_loop_is_drafted_by_lookup_to_the_full_block(looping_target, tmp_path_factory):
@@ -69,7 +69,7 @@ def test_a_loop_is_drafted_by_lookup_to_the_full_block(looping_target, tmp_path_
                       lookup_min_match=2)
     got = run_batch(spec, [request(p, max_new_tokens=30) for p in LOOPING_PROMPTS])
     assert [r.output_ids for r in got] == want
-    assert all(a > 0 for a in spec.drafter.node.accepted), "whole blocks of the loop were accepted"
+    assert all(a > 0 for a in spec.drafter.node["own"].accepted), "whole blocks of the loop were accepted"
     assert sum(r.stats.rounds for r in got) < 30
 
 
@@ -104,12 +104,14 @@ def test_confidence_moves_from_the_node_rate_to_the_request_own(target, tmp_path
     spec = engine_for(target, "dspark", drafter_dir(target, tmp_path_factory, "dspark", "vanilla"),
                       lookup_min_match=2)
     lookup = spec.drafter
-    lookup.node = AcceptanceCounts([98, 0, 0, 0, 0], [98, 0, 0, 0, 0])    # the node: position 1 accepted 98/98
-    lookup.counts["r"] = AcceptanceCounts([6, 0, 0, 0, 0], [0, 0, 0, 0, 0])  # this request: 0/6
-    c = lookup.confidence("r", 2)
+    lookup.node["own"] = AcceptanceCounts([98, 0, 0, 0, 0], [98, 0, 0, 0, 0])    # the node: position 1 98/98
+    lookup.counts["r", "own"] = AcceptanceCounts([6, 0, 0, 0, 0], [0, 0, 0, 0, 0])  # this request: 0/6
+    lookup.counts["r", "corpus"] = AcceptanceCounts.empty(5)
+    c = lookup.confidence("r", "own", 2)
     assert c.dtype == torch.float32
     assert c[0] == pytest.approx(PRIOR_ROUNDS * 0.99 / (6 + PRIOR_ROUNDS))
     assert c[1] == pytest.approx(0.5)  # nothing counted anywhere: the Laplace prior
+    assert lookup.confidence("r", "corpus", 1)[0] == pytest.approx(0.5), "each source counts apart"
 
 
 def test_sampling_distribution_matches_target_with_lookup_and_model_drafts(target, tmp_path_factory):
@@ -124,7 +126,7 @@ def test_sampling_distribution_matches_target_with_lookup_and_model_drafts(targe
     engine = engine_for(target, "dspark", drafter_dir(target, tmp_path_factory, "dspark", "gated", block_size=2),
                         lookup_min_match=1)
     counts, _ = draw_pairs(engine, prompt, exact, temperature, top_p, draws)
-    lookups = engine.drafter.node.reached[0]
+    lookups = engine.drafter.node["own"].reached[0]
     assert draws // 20 < lookups < draws - draws // 20, f"{lookups} of {draws} second tokens looked up"
     assert_follows(exact, counts, draws)
 
