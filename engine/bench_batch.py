@@ -37,12 +37,18 @@ def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, set
     first: dict[str, float] = {}                     # seconds from joining to the first token
     finished: list[tuple[GenerationResult, float]] = []
     queue = list(enumerate(prompt_ids))
+    # The users are one client, whose requests may draft from each other's text (prompt lookup across
+    # requests, engine/drafters/corpus.py), but never from the text of a copy of the same prompt
+    # (when there are more users than prompts) nor of an earlier run: the n-th copy of a prompt goes
+    # to the run's n-th scope.
+    run_id, copies = uuid.uuid4().hex, {}
 
     def join() -> None:
         i, ids = queue.pop(0)
         sampling = SamplingParams(temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
                                   seed=settings.seed + i)
-        request = GenerationRequest(uuid.uuid4().hex, tuple(ids), sampling)
+        copy = copies[tuple(ids)] = copies.get(tuple(ids), -1) + 1
+        request = GenerationRequest(uuid.uuid4().hex, tuple(ids), sampling, corpus_scope=f"{run_id}-{copy}")
         engine.add(request)
         joined[request.request_id] = time.perf_counter()
 
