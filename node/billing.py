@@ -11,6 +11,7 @@ import base64
 import csv
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator, TextIO
@@ -35,17 +36,29 @@ class BillingError(ValueError):
     """An export or proof that cannot be produced or does not hold; the message says why."""
 
 
+# Times a receipt can carry and `iso_time` can print: 1970-01-01 up to the end of year 9999 UTC. The
+# bound also keeps a value far inside SQLite's signed 64-bit integers.
+MIN_TIME_MS = 0
+MAX_TIME_MS = 253_402_300_799_999
+
+
 def parse_time_ms(text: str) -> int:
-    """Unix milliseconds, or an ISO 8601 date / date-time (UTC when no offset is given)."""
-    if text.lstrip("-").isdigit():
-        return int(text)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise BillingError(f"{text!r} is neither unix milliseconds nor an ISO 8601 date or time") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp() * 1000)
+    """Unix milliseconds, or an ISO 8601 date / date-time (UTC when no offset is given), within
+    [MIN_TIME_MS, MAX_TIME_MS]."""
+    if re.fullmatch(r"-?[0-9]+", text):   # ASCII digits only: str.isdigit also takes '²', which int() refuses
+        ms = int(text)
+    else:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise BillingError(f"{text!r} is neither unix milliseconds nor an ISO 8601 date or time") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        ms = int(moment.timestamp() * 1000)
+    if not MIN_TIME_MS <= ms <= MAX_TIME_MS:
+        raise BillingError(f"{text!r} is out of range: times run from 1970-01-01 ({MIN_TIME_MS}) to "
+                           f"9999-12-31 ({MAX_TIME_MS} unix ms)")
+    return ms
 
 
 def iso_time(ms: int) -> str:
@@ -71,6 +84,9 @@ class Period:
 
 
 def load_period(ledger: Ledger, since_ms: int | None, until_ms: int | None) -> Period:
+    if since_ms is not None and until_ms is not None and since_ms >= until_ms:
+        # [since, until) would be empty: refused, so a swapped pair is not mistaken for "no receipts".
+        raise BillingError(f"since ({iso_time(since_ms)}) must be before until ({iso_time(until_ms)})")
     return Period(ledger, since_ms, until_ms)
 
 

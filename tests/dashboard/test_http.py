@@ -85,7 +85,10 @@ def test_series_acceptance_and_budget_have_data_after_rounds(node, client):
 
 
 @pytest.mark.parametrize("query, problem", [("format=xml", "format must be one of"),
-                                            ("format=csv&since=yesterday", "neither unix milliseconds")])
+                                            ("format=csv&since=yesterday", "neither unix milliseconds"),
+                                            ("format=jsonl&since=99999999999999999999999", "out of range"),
+                                            ("format=jsonl&until=-1", "out of range"),
+                                            ("since=2026-02-01&until=2026-01-01", "must be before until")])
 def test_export_refuses_bad_parameters(client, query, problem):
     response = client.get(f"/api/v1/earnings/export?{query}")
     assert response.status_code == 400 and problem in response.json()["error"]

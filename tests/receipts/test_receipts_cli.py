@@ -113,7 +113,11 @@ def test_inclusion_proof_round_trip_and_tampering(data_dir, two_periods, cli, tm
 
 @pytest.mark.parametrize("argv,message", [
     (["export", "--since", "yesterday"], "neither unix milliseconds nor an ISO 8601"),
-    (["export", "--since", "2026-02-01", "--until", "2026-01-01"], "--since must be before --until"),
+    (["export", "--since", "2026-02-01", "--until", "2026-01-01"], "must be before until"),
+    (["export", "--since", "99999999999999999999999"], "out of range"),
+    (["export", "--until", "-1"], "out of range"),
+    (["export", "--since", "0001-01-01"], "out of range"),
+    (["export", "--since", "\u00b2"], "neither unix milliseconds"),
     (["show", "zz"], "not hexadecimal"),
     (["show", "ff" * 16], "no receipt for job"),
     (["list", "--client", "abcd"], "must be 32 bytes"),
