@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator, TextIO
 
+from google.protobuf.message import DecodeError
+
+from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.receipt_pb2 import Receipt
+from node.identity import IdentityError, public_key_from_peer_id
 from node.ledger import Ledger, ReceiptRow
 from node.merkle import inclusion_proof, merkle_root, verify_inclusion
 from node.receipts import ReceiptError, check_receipt
@@ -186,22 +190,65 @@ def period_proof(period: Period, job_id: bytes, client_key: bytes | None) -> dic
             "envelope": base64.b64encode(row.envelope_bytes).decode()}
 
 
-def check_proof(proof: dict[str, Any], expected_root: bytes | None = None) -> None:
-    """Raise BillingError unless `proof` (from `period_proof`) holds, against `expected_root` if
-    given (a root published for the period) or else the root it carries."""
+def check_proof(proof: dict[str, Any], expected_root: bytes, worker_peer_id: str | None = None) -> Receipt:
+    """Raise BillingError unless `proof` (from `period_proof`) shows a genuine receipt under
+    `expected_root`, and return that receipt. Genuine: the envelope is a dspark.v1.Receipt signed by
+    the worker it names (by `worker_peer_id` when given), it bills by the rule, its digest is the
+    proof's leaf, and the proof's job_id, client, sequence and period describe it.
+
+    `expected_root` is required: it must come from outside the proof (the root published for the
+    period). The root a proof carries is the prover's own claim; a forger computes one to match."""
     try:
         if proof["merkle_rule"] != MERKLE_RULE:
             raise BillingError(f"unknown Merkle rule {proof['merkle_rule']!r}")
         leaf = bytes.fromhex(proof["receipt_digest"])
         path = [bytes.fromhex(p) for p in proof["path"]]
         root = bytes.fromhex(proof["merkle_root"])
-        index, size = int(proof["leaf_index"]), int(proof["tree_size"])
-        envelope = base64.b64decode(proof["envelope"], validate=True) if "envelope" in proof else None
+        index, size = _int(proof, "leaf_index"), _int(proof, "tree_size")
+        envelope_bytes = base64.b64decode(proof["envelope"], validate=True)
+        job_id, client = bytes.fromhex(proof["job_id"]), bytes.fromhex(proof["client"])
+        sequence = _int(proof, "sequence")
+        since_ms, until_ms = (_int(proof, k) if proof.get(k) is not None else None for k in ("since_ms", "until_ms"))
     except (KeyError, TypeError, ValueError) as exc:
         raise BillingError(f"malformed proof: {exc!r}") from None
-    if envelope is not None and hashlib.sha256(envelope).digest() != leaf:
+    if hashlib.sha256(envelope_bytes).digest() != leaf:
         raise BillingError("receipt_digest is not the digest of the receipt envelope the proof carries")
-    if expected_root is not None and expected_root != root:
+    receipt = _signed_receipt(envelope_bytes, worker_peer_id)
+    claims = {"job_id": (job_id, receipt.job_id), "client": (client, receipt.client_public_key),
+              "sequence": (sequence, receipt.sequence)}
+    for name, (claimed, signed) in claims.items():
+        if claimed != signed:
+            shown = (claimed.hex(), signed.hex()) if isinstance(signed, bytes) else (claimed, signed)
+            raise BillingError(f"the proof's {name} {shown[0]} is not the signed receipt's {shown[1]}")
+    if (since_ms is not None and receipt.issued_at_ms < since_ms) or \
+            (until_ms is not None and receipt.issued_at_ms >= until_ms):
+        raise BillingError(f"the receipt was issued at {iso_time(receipt.issued_at_ms)}, outside the proof's "
+                           f"period [{since_ms}, {until_ms})")
+    if expected_root != root:
         raise BillingError("the proof is for another root than the one expected")
     if not verify_inclusion(leaf, index, size, path, root):
         raise BillingError(f"the path does not lead from leaf {index} of {size} to the root")
+    return receipt
+
+
+def _int(proof: dict[str, Any], key: str) -> int:
+    value = proof[key]
+    if not isinstance(value, int) or isinstance(value, bool):   # int() would take "7", 7.9 and True
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    return value
+
+
+def _signed_receipt(envelope_bytes: bytes, worker_peer_id: str | None) -> Receipt:
+    try:
+        envelope = Envelope.FromString(envelope_bytes)
+    except DecodeError:
+        raise BillingError("the proof's envelope is not a dspark Envelope") from None
+    try:
+        key = public_key_from_peer_id(worker_peer_id) if worker_peer_id else bytes(envelope.public_key)
+    except IdentityError as exc:
+        raise BillingError(str(exc)) from None
+    try:
+        # Without an expected worker, the receipt must at least be signed by the worker it names.
+        return check_receipt(envelope, key)
+    except ReceiptError as exc:
+        raise BillingError(f"the proof's receipt does not verify: {exc}") from None

@@ -81,7 +81,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("verify-proof", help="check an inclusion proof written by `export --proof`")
     p.add_argument("proof", type=Path, help="the proof JSON file ('-' for standard input)")
-    p.add_argument("--root", help="the period's published Merkle root (hex) to check against")
+    p.add_argument("--root", help="required: the period's published Merkle root (hex); the root inside the "
+                                  "proof is the prover's own claim")
+    p.add_argument("--peer-id", help="require the receipt to be signed by this worker (default: by the worker "
+                                     "it names)")
     p.set_defaults(func=_run(_verify_proof))
 
 
@@ -182,14 +185,20 @@ def _verify_proof(args: argparse.Namespace) -> int:
         raise _UsageError(f"{args.proof} is not JSON: {exc}") from None
     if not isinstance(proof, dict):
         raise _UsageError(f"{args.proof} is not a proof object")
-    root = _hex(args.root, "--root", 32) if args.root else None
+    if args.root is None:
+        # A proof checked only against the root it carries proves nothing: a forger computes a
+        # root to match. What a dispute needs is inclusion under the root the worker published.
+        raise _UsageError("--root is required: pass the period's published Merkle root (the root inside "
+                          "the proof is the prover's own claim)")
+    root = _hex(args.root, "--root", 32)
     try:
-        check_proof(proof, root)
+        receipt = check_proof(proof, root, args.peer_id)
     except BillingError as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1
-    print(f"ok: receipt {proof['receipt_digest']} is leaf {proof['leaf_index']} of {proof['tree_size']} "
-          f"under root {proof['merkle_root']}")
+    print(f"ok: receipt {proof['receipt_digest']} (job {receipt.job_id.hex()}, sequence {receipt.sequence}, "
+          f"{receipt.amount_micros} micros, signed by {receipt.worker_peer_id}) is leaf {proof['leaf_index']} "
+          f"of {proof['tree_size']} under root {proof['merkle_root']}")
     return 0
 
 

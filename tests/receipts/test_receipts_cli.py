@@ -13,7 +13,8 @@ import pytest
 from receipts_helpers import CLIENT, OTHER_CLIENT, WORKER, bill, job_id
 
 from dspark.v1.envelope_pb2 import Envelope
-from dspark.v1.receipt_pb2 import Receipt
+from dspark.v1.receipt_pb2 import Acknowledgment, Receipt
+from node.envelope import seal
 from node.merkle import merkle_root
 from node.receipts import acknowledgment, verify_receipt
 
@@ -101,14 +102,72 @@ def test_inclusion_proof_round_trip_and_tampering(data_dir, two_periods, cli, tm
     code, out, _ = cli("verify-proof", str(path), "--root", root)
     assert code == 0 and out.startswith("ok:")
 
+    assert f"job {job_id(4).hex()}, sequence 5" in out and f"signed by {WORKER.peer_id}" in out
+    assert cli("verify-proof", str(path), "--root", root, "--peer-id", WORKER.peer_id)[0] == 0
+
     altered = {"path": [p[:-2] + ("00" if p[-2:] != "00" else "11") for p in proof["path"]],
-               "leaf_index": 2, "receipt_digest": proof["path"][0]}
+               "leaf_index": 2, "receipt_digest": proof["path"][0], "job_id": job_id(3).hex(),
+               "client": OTHER_CLIENT.public_key.hex(), "sequence": 4, "since_ms": boundary + 10**9,
+               "merkle_root": root[:-2] + ("00" if root[-2:] != "00" else "11")}
     for key, value in altered.items():
         path.write_text(json.dumps(proof | {key: value}))
-        code, _, err = cli("verify-proof", str(path))
+        code, _, err = cli("verify-proof", str(path), "--root", root)
         assert code == 1 and "FAILED" in err, key
     path.write_text(json.dumps(proof))
     assert cli("verify-proof", str(path), "--root", "00" * 32)[0] == 1
+    code, _, err = cli("verify-proof", str(path), "--root", root, "--peer-id", OTHER_CLIENT.peer_id)
+    assert code == 1 and "not signed by the worker's key" in err
+
+
+def _forged_proof(envelope: bytes, **fields) -> dict:
+    """A one-leaf proof over `envelope` whose root is computed to match, as a forger would."""
+    leaf = hashlib.sha256(envelope).digest()
+    return {"merkle_rule": "rfc6962-sha256", "job_id": job_id(1).hex(), "client": CLIENT.public_key.hex(),
+            "sequence": 1, "since_ms": None, "until_ms": None, "receipt_digest": leaf.hex(), "leaf_index": 0,
+            "tree_size": 1, "path": [], "merkle_root": merkle_root([leaf]).hex(),
+            "envelope": base64.b64encode(envelope).decode()} | fields
+
+
+def _signed(identity, message) -> bytes:
+    return seal(identity, message).SerializeToString()
+
+
+@pytest.mark.parametrize("forgery,message", [
+    ("not_an_envelope", "not a dspark Envelope"),
+    ("edited_after_signing", "signature does not verify"),
+    ("acknowledgment_not_receipt", "expected 'dspark.v1.Receipt'"),
+    ("signed_by_another_key", "not its signer"),
+    ("breaks_the_billing_rule", "billing rule gives"),
+])
+def test_verify_proof_refuses_a_forged_receipt_even_under_its_own_root(cli, tmp_path, ledger, forgery, message):
+    genuine = bill(ledger, 1)
+    receipt = Receipt.FromString(genuine.payload)
+    if forgery == "not_an_envelope":
+        envelope = b"anything"
+    elif forgery == "edited_after_signing":
+        receipt.amount_micros *= 1000
+        envelope = Envelope(payload_type=genuine.payload_type, payload=receipt.SerializeToString(),
+                            public_key=genuine.public_key, signature=genuine.signature).SerializeToString()
+    elif forgery == "acknowledgment_not_receipt":
+        envelope = _signed(WORKER, Acknowledgment(worker_peer_id=WORKER.peer_id, sequence=1))
+    elif forgery == "signed_by_another_key":   # a receipt the forger signed, naming the real worker
+        envelope = _signed(OTHER_CLIENT, receipt)
+    else:
+        receipt.amount_micros += 1
+        envelope = _signed(WORKER, receipt)
+    proof = _forged_proof(envelope)
+    path = tmp_path / "forged.json"
+    path.write_text(json.dumps(proof))
+    code, out, err = cli("verify-proof", str(path), "--root", proof["merkle_root"])
+    assert (code, out) == (1, "") and message in err
+
+
+def test_verify_proof_requires_an_independent_root(cli, tmp_path, ledger):
+    path = tmp_path / "proof.json"
+    path.write_text(json.dumps(_forged_proof(bill(ledger, 1).SerializeToString())))
+    code, out, err = cli("verify-proof", str(path))
+    assert (code, out) == (2, "") and "--root is required" in err
+    assert cli("verify-proof", str(path), "--root", json.loads(path.read_text())["merkle_root"])[0] == 0
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -136,5 +195,8 @@ def test_missing_ledger_and_bad_proof_files(tmp_path, cli):
     bad.write_text("[1, 2]")
     assert cli("verify-proof", str(bad))[0] == 2
     bad.write_text('{"merkle_rule": "rfc6962-sha256"}')
-    code, _, err = cli("verify-proof", str(bad))
+    code, _, err = cli("verify-proof", str(bad), "--root", "00" * 32)
     assert code == 1 and "malformed proof" in err
+    bad.write_text(json.dumps(_forged_proof(b"x", sequence="1")))
+    code, _, err = cli("verify-proof", str(bad), "--root", "00" * 32)
+    assert code == 1 and "sequence must be an integer" in err
