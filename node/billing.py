@@ -40,6 +40,10 @@ class BillingError(ValueError):
     """An export or proof that cannot be produced or does not hold; the message says why."""
 
 
+class UnverifiedReceipt(BillingError):
+    """A stored receipt does not verify (the ledger is damaged or was edited): the export stops."""
+
+
 # Times a receipt can carry and `iso_time` can print: 1970-01-01 up to the end of year 9999 UTC. The
 # bound also keeps a value far inside SQLite's signed 64-bit integers.
 MIN_TIME_MS = 0
@@ -81,9 +85,15 @@ class Period:
         """The period's receipts in sequence order, each re-verified; BillingError names a bad one."""
         for row in self.ledger.rows(self.since_ms, self.until_ms):
             try:
+                # A hand-edited ledger can hold TEXT where the node wrote a BLOB; protobuf takes only bytes.
+                if not isinstance(row.envelope_bytes, bytes):
+                    raise ReceiptError("not_bytes", "the stored envelope is text, not bytes")
                 receipt = check_receipt(row.envelope(), self.ledger.worker_public_key)
+            except DecodeError:
+                raise UnverifiedReceipt(f"sequence {row.sequence}: the stored envelope is not a valid Envelope; "
+                                        "run `receipts verify`") from None
             except ReceiptError as exc:
-                raise BillingError(f"sequence {row.sequence}: {exc}; run `receipts verify`") from None
+                raise UnverifiedReceipt(f"sequence {row.sequence}: {exc}; run `receipts verify`") from None
             yield row, receipt
 
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import sqlite3
 import sys
 import tempfile
 from pathlib import Path
 from contextlib import closing, contextmanager
 from typing import Callable, Iterator, TextIO
 
-from node.billing import (BillingError, check_proof, iso_time, load_period, parse_time_ms, period_proof,
-                          receipt_record, write_export)
+from node.billing import (BillingError, UnverifiedReceipt, check_proof, iso_time, load_period, parse_time_ms,
+                          period_proof, receipt_record, write_export)
 from node.config import DEFAULT_DATA_DIR
 from node.identity import IdentityError, public_key_from_peer_id
 from node.ledger import LEDGER_FILE, Ledger, LedgerError
@@ -92,6 +94,17 @@ def _run(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     def run(args: argparse.Namespace) -> int:
         try:
             return action(args)
+        except UnverifiedReceipt as exc:
+            print(f"receipts {args.receipts_command}: FAILED: {exc}", file=sys.stderr)
+            return 1
+        except sqlite3.Error as exc:
+            # The file opened as a ledger (its meta table names a node key), but a table or a value
+            # is not what the node writes: a dropped table, TEXT where a BLOB belongs. SQLite's
+            # decode error quotes the undecodable bytes themselves; they are cut, not printed.
+            reason = str(exc).partition(" with text ")[0]
+            print(f"receipts {args.receipts_command}: FAILED: the ledger cannot be read ({reason}); it is "
+                  "damaged and does not verify", file=sys.stderr)
+            return 1
         except (_UsageError, LedgerError, BillingError, OSError) as exc:
             print(f"receipts {args.receipts_command}: {exc}", file=sys.stderr)
             return 2
@@ -207,7 +220,12 @@ def _output(path: Path | None) -> Iterator[TextIO]:
     """Standard output, or a file written under a temporary name and renamed when complete, so an
     interrupted export never leaves a truncated bill behind."""
     if path is None:
-        yield sys.stdout
+        # Spooled to disk, then copied: a refusal midway (a receipt that does not verify) must not
+        # leave the records before it on standard output, where they read as a whole bill.
+        with tempfile.TemporaryFile("w+", newline="") as spool:
+            yield spool
+            spool.seek(0)
+            shutil.copyfileobj(spool, sys.stdout)
         return
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
                                      newline="") as tmp:

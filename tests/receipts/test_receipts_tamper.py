@@ -133,3 +133,37 @@ def _envelope_bytes(data_dir, sequence: int) -> bytes:
 
 def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("DROP TABLE acknowledgments", "no such table: acknowledgments"),
+    ("UPDATE receipts SET envelope = CAST(envelope AS TEXT) WHERE sequence = 3",
+     "Could not decode to UTF-8 column 'envelope'"),
+])
+@pytest.mark.parametrize("action", ["verify", "list", "export"])
+def test_a_damaged_ledger_does_not_verify_and_gives_no_traceback(data_dir, filled, tamper, cli, damage, message,
+                                                                 action):
+    tamper(damage)
+    code, out, err = cli(action, "--data-dir", str(data_dir))
+    assert (code, out) == (1, "")
+    assert f"receipts {action}: FAILED: the ledger cannot be read ({message})" in err and "does not verify" in err
+    assert err.isascii()    # the undecodable bytes SQLite quotes are not echoed
+
+
+def test_export_of_a_ledger_with_a_text_envelope_is_refused_before_any_output(data_dir, filled, tamper, cli):
+    tamper("UPDATE receipts SET envelope = hex(envelope) WHERE sequence = 4")
+    code, out, err = cli("export", "--data-dir", str(data_dir))
+    assert (code, out) == (1, "")
+    assert "sequence 4: the stored envelope is text, not bytes" in err
+
+
+def test_export_to_stdout_writes_nothing_when_a_later_receipt_does_not_verify(data_dir, filled, tamper, cli):
+    data = Envelope.FromString(_envelope_bytes(data_dir, 5))
+    receipt = Receipt.FromString(data.payload)
+    receipt.amount_micros += 1000
+    data.payload = receipt.SerializeToString(deterministic=True)
+    edited = data.SerializeToString(deterministic=True)
+    tamper(f"UPDATE receipts SET envelope = x'{edited.hex()}', digest = x'{_sha256(edited).hex()}' WHERE sequence = 5")
+    code, out, err = cli("export", "--data-dir", str(data_dir))
+    assert (code, out) == (1, "")       # receipts 1-4 verify, yet none of them is printed
+    assert "sequence 5:" in err and "signature does not verify" in err
