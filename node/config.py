@@ -7,20 +7,40 @@ a message naming the field (`ConfigError`), before anything is written to the da
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
+import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
-from engine.config import EngineConfig
+from engine.config import EMBEDDED_MODEL, EngineConfig
 from node.identity import IdentityError, public_key_from_peer_id
 
 DEFAULT_DATA_DIR = Path("~/.local/share/dspark-node")
 # The parsed TOML file of the load_config call in progress (the settings class has no per-call file).
 _FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("_FILE_VALUES", default={})
+
+
+# A model is known on the network by the id the engine serves it under (its Hugging Face id, which
+# engine/loading.py reports as EngineInfo.model_id); the embedded short name is an alias of it,
+# accepted wherever a model is named (pricing keys, `peers` / `submit --model`, the gateway, jobs).
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_MODEL_ALIASES = {EMBEDDED_MODEL: EMBEDDED_MODEL_ID}
+# Dashboard tokens travel in `?token=` and a cookie: unreserved URL characters need no encoding in
+# either (a `+` would read back as a space, a `;` would end the cookie).
+DASHBOARD_TOKEN_CHARS = "A-Z a-z 0-9 . _ ~ -"
+_DASHBOARD_TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,}")
+
+
+def model_id(name: str) -> str:
+    """The id a model is served and advertised under, for a name someone gave (id or alias)."""
+    return _MODEL_ALIASES.get(name, name)
 
 
 class ConfigError(ValueError):
@@ -68,13 +88,30 @@ def client_key_bytes(entry: str) -> bytes:
         raise ValueError(f"{entry!r} is neither a peer ID (12D3KooW...) nor a 64-hex-digit public key") from None
 
 
+def _split_list(value: Any) -> Any:
+    # From the environment a list comes as one string: a JSON list, or comma-separated values
+    # (multiaddrs, peer IDs and hex keys never contain a comma); '' is the empty list.
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"{value!r} is not a JSON list; write [\"a\", \"b\"] or a,b") from None
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+# NoDecode: pydantic-settings would json-decode the variable itself and fail on a plain multiaddr.
+StrList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class P2PConfig(_Section):
-    listen: list[str] = Field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/7442"])
-    bootstrap: list[str] = Field(default_factory=list)
+    listen: StrList = Field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/7442"])
+    bootstrap: StrList = Field(default_factory=list)
     mdns: bool = False
     advert_interval_s: float = Field(5.0, gt=0, le=3600)
     advert_ttl_s: int = Field(30, ge=1, le=86400)
@@ -98,8 +135,8 @@ class P2PConfig(_Section):
 
 class AdmissionConfig(_Section):
     mode: Literal["open", "allowlist", "denylist"] = "open"
-    allow: list[str] = Field(default_factory=list, description="peer IDs or hex public keys")
-    deny: list[str] = Field(default_factory=list, description="peer IDs or hex public keys")
+    allow: StrList = Field(default_factory=list, description="peer IDs or hex public keys")
+    deny: StrList = Field(default_factory=list, description="peer IDs or hex public keys")
     rate_per_minute: int = Field(120, ge=1, description="jobs admitted per client per minute")
     max_concurrent_per_client: int = Field(8, ge=1)
     max_queue: int = Field(64, ge=0, description="jobs waiting for an engine slot before refusing")
@@ -122,19 +159,23 @@ class AdmissionConfig(_Section):
 
 class PricingConfig(_Section):
     per_mtok_micros: int = Field(100_000, ge=0, description="price per million output tokens, micro-units")
-    per_model: dict[str, int] = Field(default_factory=dict)
+    per_model: dict[str, int] = Field(default_factory=dict, description="keyed by model id or alias")
     per_gpu_second_micros: int = Field(0, ge=0)
 
     @field_validator("per_model")
     @classmethod
-    def _nonnegative(cls, prices: dict[str, int]) -> dict[str, int]:
+    def _by_model_id(cls, prices: dict[str, int]) -> dict[str, int]:
+        by_id: dict[str, int] = {}
         for model, price in prices.items():
             if price < 0:
                 raise ValueError(f"price for {model!r} is negative ({price})")
-        return prices
+            if model_id(model) in by_id:
+                raise ValueError(f"{model!r} and {model_id(model)!r} name the same model; give one price")
+            by_id[model_id(model)] = price
+        return by_id
 
     def price_for(self, model: str) -> int:
-        return self.per_model.get(model, self.per_mtok_micros)
+        return self.per_model.get(model_id(model), self.per_mtok_micros)
 
 
 class TlsConfig(_Section):
@@ -144,6 +185,14 @@ class TlsConfig(_Section):
 
 class DashboardConfig(_Section):
     token: str | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _url_and_cookie_safe(cls, token: str | None) -> str | None:
+        if token is not None and not _DASHBOARD_TOKEN.fullmatch(token):
+            raise ValueError(f"the dashboard token must be at least 16 characters, each one of "
+                             f"{DASHBOARD_TOKEN_CHARS} (e.g. `openssl rand -hex 24`)")
+        return token
 
 
 class NodeConfig(BaseSettings):
@@ -163,6 +212,17 @@ class NodeConfig(BaseSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @model_validator(mode="after")
+    def _prices_for_served_model(self) -> NodeConfig:
+        # A node serves one model: a price under any other name would never be charged, and an
+        # operator who mistyped the name would sell at the default price without knowing.
+        served = model_id(self.engine.model)
+        for model in self.pricing.per_model:
+            if model != served:
+                raise ValueError(f"pricing.per_model has a price for {model!r}, but this node serves "
+                                 f"{served!r} (engine.model {self.engine.model!r})")
+        return self
 
     @property
     def grpc_tls(self) -> bool:
@@ -195,6 +255,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; give the TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
@@ -207,6 +271,17 @@ def _describe(exc: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+def _describe_env(exc: SettingsError) -> str:
+    """pydantic-settings could not parse a `DSPARK_*` variable (a table or list that is not JSON)."""
+    field = re.search(r'field "([^"]+)"', str(exc))
+    prefix = f"DSPARK_{field.group(1).upper()}" if field else "DSPARK_"
+    names = sorted(name for name in os.environ if name.upper() == prefix or name.upper().startswith(prefix + "__"))
+    cause = f": {exc.__cause__}" if exc.__cause__ else ""
+    return (f"invalid configuration (environment): cannot parse {' or '.join(names) or prefix}{cause}; "
+            f"a table in the environment is JSON, e.g. DSPARK_PRICING__PER_MODEL='{{\"MODEL\": 5000000}}', "
+            f"a list is JSON or comma-separated, e.g. DSPARK_P2P__BOOTSTRAP=/ip4/A/tcp/7442/p2p/ID1,/ip4/B/...")
+
+
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
     """Build the NodeConfig from TOML (if given), `DSPARK_*` env and `overrides` (CLI flags, nested dicts)."""
     file_values = _read_toml(path) if path is not None else {}
@@ -216,5 +291,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         return NodeConfig(**(overrides or {}))
     except ValidationError as exc:
         raise ConfigError(_describe(exc, origin)) from None
+    except SettingsError as exc:
+        raise ConfigError(_describe_env(exc)) from None
     finally:
         _FILE_VALUES.reset(token)

@@ -8,6 +8,7 @@ import asyncio
 import json
 import sys
 
+from node.config import model_id
 from node.identity import Identity
 from node.p2p.adverts import LiveAdvert, now_ms
 from node.p2p.discovery import Discovery, DiscoveryError
@@ -18,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                         help="peer to join through, /ip4/.../tcp/.../p2p/<peer id> (repeatable)")
     parser.add_argument("--mdns", action="store_true", help="also find peers on the LAN by mDNS")
-    parser.add_argument("--model", help="only workers serving this model (also asks the DHT)")
+    parser.add_argument("--model", type=model_id,
+                        help="only workers serving this model, by id or alias (also asks the DHT)")
     parser.add_argument("--wait", type=float, default=3.0, metavar="SECONDS",
                         help="how long to listen for adverts after joining (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="one JSON object per worker, one per line")

@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--p2p-listen", metavar="MULTIADDR", action="append",
                         help="libp2p listen address (repeatable; default /ip4/127.0.0.1/tcp/7442; "
                              "pass '' to run without the peer network)")
-    parser.add_argument("--bootstrap", metavar="MULTIADDR", nargs="+", help="libp2p peers to join through")
+    parser.add_argument("--bootstrap", metavar="MULTIADDR", action="append",
+                        help="libp2p peer to join through (repeatable, as for peers, submit and gateway)")
     parser.set_defaults(func=run)
 
 

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import sys
 
+from node.config import model_id
 from node.identity import Identity
 from node.p2p.discovery import DiscoveryError
 from node.p2p.failover import Attempt, NoWorkerError, submit_via_network
@@ -15,7 +16,7 @@ from node.p2p.failover import Attempt, NoWorkerError, submit_via_network
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("peer network (used when --node is not given)")
-    group.add_argument("--model", metavar="MODEL", help="model id to find workers for")
+    group.add_argument("--model", metavar="MODEL", type=model_id, help="model id (or alias) to find workers for")
     group.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                        help="peer to join through, /ip4/.../tcp/.../p2p/<peer id> (repeatable)")
     group.add_argument("--mdns", action="store_true", help="also find peers on the LAN by mDNS")

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from node.config import model_id
 from node.gateway.errors import ApiError
 
 # OpenAI's own defaults where the node's would differ (the node's temperature default is greedy).
@@ -137,7 +138,7 @@ def parse_request(kind: Literal["chat", "completion"], body: Any) -> JobParams:
         max_tokens = request.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
         prompt = _completion_prompt(request.prompt)
     return JobParams(
-        model=request.model, prompt=prompt, max_new_tokens=max_tokens,
+        model=model_id(request.model), prompt=prompt, max_new_tokens=max_tokens,
         temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed, stop=tuple(request.stop or ()),
         stream=request.stream, include_usage=bool(request.stream_options and request.stream_options.include_usage))

@@ -17,7 +17,7 @@ from node.identity import Identity
 
 from .harness import NodeUnderTest, new_job_id
 
-TOKEN = "s3cret-dashboard-token-0123"
+TOKEN = "s3cret.dash_board~token-0123"   # every non-alphanumeric the token may hold (DashboardConfig)
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +149,6 @@ def _service(node: NodeUnderTest, **changes) -> HttpService:
 def test_non_loopback_bind_without_token_refuses_to_start(node):
     with pytest.raises(HttpConfigError, match="dashboard.token"):
         _service(node, http_listen="0.0.0.0:7441")
-
-
-def test_weak_token_is_refused(node):
-    with pytest.raises(HttpConfigError, match="at least 16"):
-        _service(node, dashboard=node.config.dashboard.model_copy(update={"token": "short"}))
 
 
 def test_port_in_use_is_a_clear_error(node):

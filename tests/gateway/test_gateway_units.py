@@ -8,6 +8,8 @@ import sqlite3
 import pytest
 
 from dspark.v1.receipt_pb2 import Receipt
+from engine.config import EMBEDDED_MODEL
+from node.config import EMBEDDED_MODEL_ID
 from node.gateway.errors import ApiError, network_error
 from node.gateway.openai_schema import DEFAULT_COMPLETION_MAX_TOKENS, parse_request
 from node.gateway.receipt_audit import audit_store
@@ -30,6 +32,12 @@ def test_chat_maps_one_to_one():
     assert (params.temperature, params.top_p, params.max_new_tokens) == (0.3, 0.9, 5)
     assert (params.seed, params.stop) == (3, ("\n",))
     assert params.stream and params.include_usage
+
+
+def test_the_embedded_models_alias_asks_for_the_id_workers_advertise():
+    params = parse_request("chat", {**CHAT, "model": EMBEDDED_MODEL})
+    assert params.model == EMBEDDED_MODEL_ID
+    assert parse_request("chat", {**CHAT, "model": EMBEDDED_MODEL_ID}).model == EMBEDDED_MODEL_ID
 
 
 def test_completion_prompts_and_defaults():

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from node.config import ConfigError, load_config
+from dspark.v1.advert_pb2 import GpuInfo
+from engine.api import EngineInfo
+from engine.config import EMBEDDED_MODEL
+from node.capacity import CapacityTracker
+from node.config import EMBEDDED_MODEL_ID, ConfigError, load_config
 from node.identity import Identity
 
 
@@ -91,10 +96,91 @@ def test_run_flags_override_the_file(tmp_path):
     path = write(tmp_path, '[p2p]\nbootstrap = ["/ip4/10.0.0.1/tcp/7442"]\nmdns = true\n')
     args = parser.parse_args(["run", "--config", str(path), "--data-dir", str(tmp_path / "d"), "--grpc-listen",
                               "127.0.0.1:0", "--p2p-listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap",
-                              "/ip4/127.0.0.2/tcp/1", "/ip4/127.0.0.3/tcp/1"])
+                              "/ip4/127.0.0.2/tcp/1", "--bootstrap", "/ip4/127.0.0.3/tcp/1"])
     config = load_config(args.config, run.overrides(args))
     assert config.data_dir == tmp_path / "d" and config.grpc_listen == "127.0.0.1:0"
     assert config.p2p.listen == ["/ip4/127.0.0.1/tcp/0"]
     assert config.p2p.bootstrap == ["/ip4/127.0.0.2/tcp/1", "/ip4/127.0.0.3/tcp/1"] and config.p2p.mdns is True
     no_p2p = parser.parse_args(["run", "--p2p-listen", ""])
     assert load_config(None, run.overrides(no_p2p)).p2p.listen == []
+
+
+def test_run_bootstrap_is_repeatable_like_the_other_commands():
+    import argparse
+
+    from node.commands import run
+
+    parser = argparse.ArgumentParser()
+    run.register(parser.add_subparsers())
+    args = parser.parse_args(["run", "--bootstrap", "/ip4/127.0.0.2/tcp/1", "--bootstrap", "/ip4/127.0.0.3/tcp/1"])
+    assert load_config(None, run.overrides(args)).p2p.bootstrap == ["/ip4/127.0.0.2/tcp/1", "/ip4/127.0.0.3/tcp/1"]
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("/ip4/1.2.3.4/tcp/1", ["/ip4/1.2.3.4/tcp/1"]),
+    ("/ip4/1.2.3.4/tcp/1, /ip4/1.2.3.5/tcp/1", ["/ip4/1.2.3.4/tcp/1", "/ip4/1.2.3.5/tcp/1"]),
+    ('["/ip4/1.2.3.4/tcp/1"]', ["/ip4/1.2.3.4/tcp/1"]),
+])
+def test_list_variables_take_json_or_commas(monkeypatch, value, expected):
+    monkeypatch.setenv("DSPARK_P2P__BOOTSTRAP", value)
+    assert load_config().p2p.bootstrap == expected
+
+
+def test_empty_listen_variable_turns_the_peer_network_off(monkeypatch):
+    monkeypatch.setenv("DSPARK_P2P__LISTEN", "")
+    assert load_config().p2p.listen == []
+
+
+def test_list_variable_still_checks_its_items(monkeypatch):
+    monkeypatch.setenv("DSPARK_ADMISSION__DENY", f"{Identity.generate().peer_id},not-a-key")
+    with pytest.raises(ConfigError, match=r"admission\.deny: .*'not-a-key'"):
+        load_config()
+    monkeypatch.setenv("DSPARK_ADMISSION__DENY", '["unclosed"')
+    with pytest.raises(ConfigError, match=r"admission\.deny: .*not a JSON list"):
+        load_config()
+
+
+def test_unparsable_table_variable_is_named(monkeypatch):
+    monkeypatch.setenv("DSPARK_PRICING__PER_MODEL", "smollm2-135m-instruct=5")
+    with pytest.raises(ConfigError, match=r"cannot parse DSPARK_PRICING__PER_MODEL: .*is JSON"):
+        load_config()
+
+
+def test_config_path_that_is_a_directory_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_price_given_under_the_alias_is_the_served_models_price(tmp_path):
+    config = load_config(write(tmp_path, f'[pricing]\nper_model = {{ "{EMBEDDED_MODEL}" = 5000000 }}\n'))
+    assert config.pricing.price_for(EMBEDDED_MODEL_ID) == 5_000_000
+    assert config.pricing.price_for(EMBEDDED_MODEL) == 5_000_000
+    info = EngineInfo(model_id=EMBEDDED_MODEL_ID, model_digest=bytes(32), method="ar", drafter_id="",
+                      drafter_digest=b"", device="cpu", dtype="float32", max_context=64, max_batch=1, block_size=0)
+    load = SimpleNamespace(free_slots=1, queue_depth=0)
+    advert = CapacityTracker(config, Identity.generate().peer_id, info, GpuInfo(), load)()
+    assert advert.price_per_mtok_micros == 5_000_000 and advert.models[0].id == EMBEDDED_MODEL_ID
+
+
+def test_price_for_a_model_not_served_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="price for 'smollm2'.*serves 'HuggingFaceTB/SmolLM2-135M-Instruct'"):
+        load_config(write(tmp_path, '[pricing]\nper_model = { "smollm2" = 5 }\n'))
+    both = f'[pricing]\nper_model = {{ "{EMBEDDED_MODEL}" = 5, "{EMBEDDED_MODEL_ID}" = 6 }}\n'
+    with pytest.raises(ConfigError, match="name the same model"):
+        load_config(write(tmp_path, both))
+    mine = '[engine]\nmodel = "/models/mine"\n[pricing]\nper_model = { "/models/mine" = 7 }'
+    served = load_config(write(tmp_path, mine))
+    assert served.pricing.price_for("/models/mine") == 7
+
+
+@pytest.mark.parametrize("token", ["abc+defghijklmnopq", "abc;defghijklmnopq", "abc defghijklmnopq",
+                                   "abc%2Bdefghijklmno", "short-token"])
+def test_dashboard_token_must_be_url_and_cookie_safe(monkeypatch, token):
+    monkeypatch.setenv("DSPARK_DASHBOARD__TOKEN", token)
+    with pytest.raises(ConfigError, match=r"dashboard\.token: .*A-Z a-z 0-9 \. _ ~ -"):
+        load_config()
+
+
+def test_dashboard_token_of_safe_characters_is_kept(monkeypatch):
+    monkeypatch.setenv("DSPARK_DASHBOARD__TOKEN", "Az09._~-Az09._~-")
+    assert load_config().dashboard.token == "Az09._~-Az09._~-"
