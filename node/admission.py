@@ -15,6 +15,7 @@ from enum import StrEnum
 from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.job_pb2 import JobRequest
 from engine.api import RequestRejected, SamplingParams
+from node.config import model_id
 from node.envelope import EnvelopeError, digest, open_envelope
 
 JOB_ID_BYTES = 16
@@ -98,8 +99,9 @@ def open_job(envelope: Envelope) -> SignedJob | Refusal:
     if request.expires_at_ms <= request.issued_at_ms:
         return Refusal(Reason.MALFORMED, "expires_at_ms must be after issued_at_ms")
     s = request.sampling
-    # proto3 floats arrive as 0 when unset: top_p 0 means "no nucleus filter", like 1.
-    sampling = SamplingParams(temperature=s.temperature, top_p=s.top_p if s.top_p > 0 else 1.0,
+    # proto3 floats arrive as 0 when unset: top_p 0 means "no nucleus filter", like 1. Only 0: a
+    # negative or NaN top_p is kept, for the sampling checks to refuse.
+    sampling = SamplingParams(temperature=s.temperature, top_p=s.top_p if s.top_p != 0 else 1.0,
                               max_new_tokens=s.max_new_tokens,
                               seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop))
     if not math.isfinite(sampling.temperature) or not math.isfinite(sampling.top_p):
@@ -139,7 +141,7 @@ def _check_client(client_key: bytes, policy: Policy) -> Refusal | None:
 
 def _check_offer(job: SignedJob, policy: Policy) -> Refusal | None:
     request = job.request
-    if request.model != policy.model_id:
+    if model_id(request.model) != policy.model_id:
         return Refusal(Reason.UNKNOWN_MODEL, f"model {request.model!r} is not served here "
                                              f"(this node serves {policy.model_id!r})")
     if request.max_price_per_mtok_micros < policy.price_per_mtok_micros:

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from dspark.v1 import job_pb2
 from dspark.v1.envelope_pb2 import Envelope
 from engine.api import SamplingParams
+from engine.config import EMBEDDED_MODEL
 from node.admission import Load, Policy, Reason, Refusal, SignedJob, admit, check_fit, open_job
+from node.config import EMBEDDED_MODEL_ID
 from node.envelope import pae, seal
 from node.identity import Identity
 
@@ -110,6 +112,21 @@ def test_clock_skew_window_is_inclusive():
 def test_non_finite_temperature_is_refused():
     sampling = job_pb2.SamplingParams(max_new_tokens=5, temperature=float("nan"))
     assert reason(open_job(seal(CLIENT, request(sampling=sampling)))) is Reason.BAD_SAMPLING
+
+
+def test_only_an_unset_top_p_means_no_nucleus_filter():
+    assert opened(sampling=job_pb2.SamplingParams(max_new_tokens=5, top_p=0)).sampling.top_p == 1.0
+    negative = admit(opened(sampling=job_pb2.SamplingParams(max_new_tokens=5, top_p=-0.5)), POLICY, IDLE, NOW)
+    assert reason(negative) is Reason.BAD_SAMPLING and "top_p" in negative.message
+    nan = job_pb2.SamplingParams(max_new_tokens=5, top_p=float("nan"))
+    assert reason(open_job(seal(CLIENT, request(sampling=nan)))) is Reason.BAD_SAMPLING
+
+
+def test_the_embedded_models_alias_names_the_model_served_under_its_id():
+    served = dataclasses.replace(POLICY, model_id=EMBEDDED_MODEL_ID)
+    assert admit(opened(model=EMBEDDED_MODEL), served, IDLE, NOW) is None
+    assert admit(opened(model=EMBEDDED_MODEL_ID), served, IDLE, NOW) is None
+    assert reason(admit(opened(model=EMBEDDED_MODEL), POLICY, IDLE, NOW)) is Reason.UNKNOWN_MODEL
 
 
 def test_allow_and_deny_lists():
