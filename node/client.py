@@ -126,6 +126,12 @@ class WorkerClient:
         price caps default to what the worker advertises; the receipt is refused if it charges more."""
         if sum(p is not None for p in (text, chat, token_ids)) != 1:
             raise ValueError("give exactly one of text, chat, token_ids")
+        try:   # protobuf strings are UTF-8; a str holding lone surrogates (undecodable argv bytes) is not
+            for piece in (text or "", *(m["content"] for m in chat or ()), *stop):
+                piece.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"the prompt or a stop string is not valid UTF-8 text: character "
+                             f"{exc.object[exc.start]!r} at position {exc.start} ({exc.reason})") from None
         now = int(time.time() * 1000)
         sampling = job_pb2.SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                           stop=list(stop))

@@ -8,16 +8,19 @@ the gRPC service drains (node/server.py), then the engine. Exit 0 when every par
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 
 from engine.async_engine import load_async_engine
 from node import tls
 from node.capacity import CapacityTracker
-from node.config import NodeConfig
+from node.config import NodeConfig, split_host_port
+from node.doctor import tcp_listen_of_multiaddr
 from node.events import EngineRound, EventBus
 from node.gpu import detect_gpus
 from node.http_server import HttpService
@@ -30,13 +33,50 @@ from node.server import GrpcService
 log = logging.getLogger(__name__)
 
 
+class SetupError(ValueError):
+    """The machine does not allow this config (a port taken, a data dir that cannot be made)."""
+
+
 def key_path(config: NodeConfig) -> Path:
     return config.data_dir / "node.key"
 
 
+def check_ports_free(config: NodeConfig) -> None:
+    """Bind every TCP address the node will listen on, all at once, then let them go.
+
+    Run before the model loads (seconds to minutes), so a taken port is reported at once, not
+    after the load. A program that takes a port in between is still caught when the service
+    binds it; this only makes the common case fast and clear. Port 0 always binds.
+    """
+    listens = [("grpc_listen", config.grpc_listen), ("http_listen", config.http_listen)]
+    listens += [("p2p.listen", tcp) for tcp in map(tcp_listen_of_multiaddr, config.p2p.listen) if tcp]
+    with contextlib.ExitStack() as held:     # held together: two settings naming one port collide too
+        for field, listen in listens:
+            host, port = split_host_port(listen)
+            sock = held.enter_context(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the servers bind
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise SetupError(f"{field} {listen}: cannot listen there ({exc.strerror}); stop the program "
+                                 f"holding the port (another node?) or change {field}") from None
+            if port:
+                sock.listen()    # a listening socket is what makes a second bind of the port fail
+
+
+def make_data_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError:
+        raise SetupError(f"data_dir {path} is a file, not a directory; give a directory (--data-dir)") from None
+    except OSError as exc:
+        raise SetupError(f"data_dir {path} cannot be created: {exc.strerror}") from None
+
+
 async def run_daemon(config: NodeConfig) -> int:
     """Run the node until SIGTERM/SIGINT; prints one JSON 'ready' line on stdout once serving."""
-    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    check_ports_free(config)
+    make_data_dir(config.data_dir)
     identity = Identity.load_or_create(key_path(config))
     tls_material = tls.load_or_create(config.data_dir / "tls", identity.peer_id) if config.grpc_tls else None
     ledger = await asyncio.to_thread(Ledger.open, config.data_dir / "ledger.sqlite3", identity)
@@ -55,16 +95,19 @@ async def run_daemon(config: NodeConfig) -> int:
         grpc_service = GrpcService(config, identity, engine, ledger, events, capacity, tls_material)
         http = HttpService(config, identity, engine, ledger, events, capacity)
         services: list[Service] = [engine, grpc_service, http]
-        if config.p2p.listen:
-            services.append(P2PService(config, identity, events, capacity))
+        p2p = P2PService(config, identity, events, capacity) if config.p2p.listen else None
+        if p2p is not None:
+            services.append(p2p)
         supervisor = Supervisor(services, stop_timeout_s=config.admission.grace_s + 30)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, supervisor.request_stop)
 
         def ready() -> None:
+            # What other nodes pass as --bootstrap; the p2p log line saying it is at INFO.
+            p2p_addrs = p2p.network.listen_addrs() if p2p is not None and p2p.network is not None else []
             print(json.dumps({"event": "ready", "peer_id": identity.peer_id, "grpc": grpc_service.endpoint,
                               "tls": tls_material is not None, "http": http.url, "model": engine.info.model_id,
-                              "recovered": recovered}), flush=True)
+                              "p2p": p2p_addrs, "recovered": recovered}), flush=True)
 
         report = await supervisor.run(on_started=ready)
     finally:

@@ -16,6 +16,7 @@ from engine.loading import cache_root
 from node.config import ConfigError, NodeConfig, load_config
 from node.doctor import (Check, check_clock, check_cuda, check_disk, check_exposure, check_gpu, check_key,
                          check_port, tcp_listen_of_multiaddr)
+from node.commands.health import endpoint_argument
 from node.gpu import detect_gpus
 from node.probe import ProbeError, health_status, parse_endpoint
 
@@ -26,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("doctor", help="check GPU, CUDA, ports, disk, clock and key; print what to fix")
     parser.add_argument("--config", type=Path, metavar="FILE", help="the node's TOML config (default: none)")
     parser.add_argument("--data-dir", type=Path, metavar="DIR", help="the node's data dir (overrides the config)")
-    parser.add_argument("--peer", type=parse_endpoint, metavar="HOST:PORT",
+    parser.add_argument("--peer", type=endpoint_argument, metavar="HOST:PORT",
                         help="another node's gRPC endpoint to compare clocks with (skipped without it)")
     parser.add_argument("--tls", default="auto", choices=["auto", "on", "off"],
                         help="transport to the peer and to the local node (default: %(default)s)")

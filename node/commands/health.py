@@ -13,11 +13,20 @@ import sys
 
 import grpc
 
-from node.probe import ProbeError, describe_rpc_error, health_status, parse_endpoint
+from node.probe import Endpoint, ProbeError, describe_rpc_error, health_status, parse_endpoint
+
+
+def endpoint_argument(text: str) -> Endpoint:
+    """argparse type for a gRPC endpoint: argparse shows an ArgumentTypeError's text, but for a
+    ValueError only "invalid parse_endpoint value"."""
+    try:
+        return parse_endpoint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (write HOST:PORT, e.g. 127.0.0.1:7440 or [::1]:7440)") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grpc", default="127.0.0.1:7440", type=parse_endpoint, metavar="HOST:PORT",
+    parser.add_argument("--grpc", default="127.0.0.1:7440", type=endpoint_argument, metavar="HOST:PORT",
                         help="the node's gRPC endpoint (default: %(default)s)")
     parser.add_argument("--tls", default="auto", choices=["auto", "on", "off"],
                         help="auto: TLS if the endpoint offers it (default), on: require TLS, off: plaintext")

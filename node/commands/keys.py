@@ -36,7 +36,11 @@ def run_new(args: argparse.Namespace) -> int:
         print(f"dspark-node keys new: {path} already exists; not overwriting a key", file=sys.stderr)
         return 1
     identity = Identity.generate()
-    identity.save(path)
+    try:
+        identity.save(path)
+    except OSError as exc:
+        print(f"dspark-node keys new: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
     _print(identity, path)
     return 0
 

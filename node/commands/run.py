@@ -52,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(run_daemon(config))
-    except ValueError as exc:   # IdentityError, TlsError, ModelLoadError, HttpConfigError...: a bad setup
+    except ValueError as exc:   # SetupError, IdentityError, TlsError, ModelLoadError...: a bad setup
         print(f"dspark-node run: {exc}", file=sys.stderr)
         return 2

@@ -63,9 +63,29 @@ async def _submit(args: argparse.Namespace, identity: Identity) -> int:
         return 0
 
 
-def run(args: argparse.Namespace) -> int:
+def _bad_argument(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags, checked before any key is made or peer dialled."""
     if args.max_new_tokens < 1:
-        return _fail("--max-new-tokens must be at least 1")
+        return "--max-new-tokens must be at least 1"
+    if not 0 <= args.temperature <= 100:      # also refuses nan
+        return f"--temperature must be from 0 to 100, got {args.temperature}"
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        return f"--seed must be from 0 to 2^63-1, got {args.seed}"
+    if args.max_price is not None and not 0 <= args.max_price < 2**64:
+        return f"--max-price must be from 0 to 2^64-1 micro-units, got {args.max_price}"
+    if not args.timeout > 0:
+        return f"--timeout must be a positive number of seconds, got {args.timeout}"
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        return "--prompt is not valid UTF-8 text (check the terminal's or the file's encoding)"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    problem = _bad_argument(args)
+    if problem:
+        return _fail(problem)
     path = args.key.expanduser()
     try:
         if not path.exists():

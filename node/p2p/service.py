@@ -55,8 +55,8 @@ class P2PService:
             on_seen=self._seen, extra_setup=self._start_providing)
         await self.network.start()
         for addr in self.network.listen_addrs():
-            # WARNING level so it shows at the default log level: operators hand this to others.
-            log.warning("p2p listening on %s (use as --bootstrap for other nodes)", addr)
+            # The daemon's ready line carries these too, for the default (WARNING) log level.
+            log.info("p2p listening on %s (use as --bootstrap for other nodes)", addr)
         last = await self._publish(self._advert())
         self._tasks = [asyncio.create_task(self._publish_loop(last), name="p2p-adverts"),
                        asyncio.create_task(self._watch_peers(), name="p2p-peers")]

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import stat
 import subprocess
 import sys
+import time
 
+import pytest
+
+from engine.config import EMBEDDED_MODEL
+from node.config import EMBEDDED_MODEL_ID
 from node.identity import Identity
 from node_harness import ROOT
 
@@ -43,3 +50,88 @@ def test_run_refuses_a_bad_config_naming_the_field(tmp_path):
     ran = cli("run", "--config", str(config), "--data-dir", str(tmp_path / "data"))
     assert ran.returncode == 2 and "admission.rate_per_minute" in ran.stderr
     assert not (tmp_path / "data").exists()          # nothing written before the config is valid
+
+
+def refused_clearly(ran: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert ran.returncode == code, (ran.returncode, ran.stderr)
+    assert "Traceback" not in ran.stderr, ran.stderr
+    for word in words:
+        assert word in ran.stderr + ran.stdout, (word, ran.stderr, ran.stdout)
+
+
+# No port of the default set, so a node that other tests run on this machine does not interfere.
+NO_PORTS = ("--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--p2p-listen", "")
+
+
+def test_run_and_doctor_refuse_a_config_path_that_is_a_directory(tmp_path):
+    refused_clearly(cli("run", "--config", str(tmp_path), *NO_PORTS), 2, "is a directory")
+    refused_clearly(cli("doctor", "--config", str(tmp_path)), 1, "is a directory")
+
+
+def test_run_refuses_a_data_dir_that_is_a_file(tmp_path):
+    data = tmp_path / "data"
+    data.write_text("")
+    refused_clearly(cli("run", "--data-dir", str(data), *NO_PORTS), 2, f"data_dir {data} is a file")
+
+
+def test_run_refuses_a_taken_port_before_loading_anything(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        ran = cli("run", "--data-dir", str(tmp_path / "data"), *NO_PORTS, "--grpc-listen", f"127.0.0.1:{port}")
+    refused_clearly(ran, 2, f"grpc_listen 127.0.0.1:{port}", "change grpc_listen")
+    assert not (tmp_path / "data").exists()              # refused before the data dir, let alone the model
+    assert time.monotonic() - started < 30
+
+
+def test_run_refuses_two_settings_naming_one_port(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ran = cli("run", "--data-dir", str(tmp_path / "data"), *NO_PORTS, "--grpc-listen", f"127.0.0.1:{port}",
+              "--http-listen", f"127.0.0.1:{port}")
+    refused_clearly(ran, 2, f"http_listen 127.0.0.1:{port}")
+
+
+def test_run_names_an_environment_variable_it_cannot_parse(tmp_path):
+    ran = subprocess.run([sys.executable, "-m", "node.cli", "run", "--data-dir", str(tmp_path / "d"), *NO_PORTS],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "DSPARK_PRICING__PER_MODEL": "smollm2-135m-instruct=5"})
+    refused_clearly(ran, 2, "DSPARK_PRICING__PER_MODEL", "JSON")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--seed", "-1"), ("--seed must be from 0",)),
+    (("--max-price", "-5"), ("--max-price must be from 0",)),
+    (("--temperature", "nan"), ("--temperature must be from 0 to 100",)),
+    (("--timeout", "0"), ("--timeout must be a positive",)),
+    (("--prompt", "a\udcff\udcfeb"), ("--prompt is not valid UTF-8",)),
+])
+def test_submit_refuses_bad_arguments_before_making_a_key(tmp_path, flags, words):
+    key = tmp_path / "client.key"
+    ran = cli("submit", "--node", "127.0.0.1:9", "--key", str(key), "--prompt", "hi", *flags)
+    refused_clearly(ran, 1, *words)
+    assert not key.exists()
+
+
+def test_keys_new_where_no_file_can_be_written(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    refused_clearly(cli("keys", "new", "--out", str(blocker / "x.key")), 1, "cannot write")
+
+
+@pytest.mark.parametrize("args", [("health", "--grpc", "nohost"), ("doctor", "--peer", "nohost")])
+def test_endpoint_flags_say_the_form_they_expect(args):
+    ran = cli(*args)
+    refused_clearly(ran, 2, "'nohost' is not HOST:PORT", "127.0.0.1:7440")
+    assert "parse_endpoint" not in ran.stderr
+
+
+@pytest.mark.parametrize("command", ["peers", "submit"])
+def test_model_flags_take_the_embedded_alias(command):
+    from node.cli import build_parser
+
+    argv = [command, "--model", EMBEDDED_MODEL] + (["--prompt", "hi"] if command == "submit" else [])
+    assert build_parser(argv).parse_args(argv).model == EMBEDDED_MODEL_ID

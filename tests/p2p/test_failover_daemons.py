@@ -57,6 +57,14 @@ def swarm(peer_factory, tmp_path_factory):
         daemon.stop(signal.SIGKILL)
 
 
+def test_ready_line_gives_the_addresses_other_nodes_bootstrap_from(swarm):
+    _, daemons = swarm
+    for daemon in daemons:    # the log line saying so is at INFO, below the default level
+        addrs = daemon.ready["p2p"]
+        assert addrs and all(a.startswith("/ip4/127.0.0.1/tcp/") and a.endswith(f"/p2p/{daemon.peer_id}")
+                             for a in addrs)
+
+
 @pytest.mark.asyncio
 async def test_submit_without_node_runs_on_the_cheapest_worker(swarm):
     bootstrap, (cheap, dear) = swarm

@@ -46,3 +46,16 @@ async def test_wait_returns_quietly_after_a_clean_stop():
     assert not waiter.done()
     await p2p.stop()
     await asyncio.wait_for(waiter, 10)      # returns, does not raise
+
+
+@pytest.mark.asyncio
+async def test_the_listen_addresses_are_logged_at_info_not_as_a_warning(caplog):
+    p2p = service()
+    caplog.set_level("INFO", logger="node.p2p.service")
+    await p2p.start()
+    try:
+        lines = [r for r in caplog.records if r.getMessage().startswith("p2p listening on")]
+        assert lines and all(r.levelname == "INFO" for r in lines)
+        assert p2p.identity.peer_id in lines[0].getMessage()          # a full --bootstrap address
+    finally:
+        await p2p.stop()
