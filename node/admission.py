@@ -14,7 +14,7 @@ from enum import StrEnum
 
 from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.job_pb2 import JobRequest
-from engine.api import RequestRejected, SamplingParams
+from engine.api import GenerationRequest, RequestRejected, SamplingParams
 from node.config import model_id
 from node.envelope import EnvelopeError, digest, open_envelope
 
@@ -182,6 +182,14 @@ def check_fit(prompt_tokens: int, sampling: SamplingParams, policy: Policy) -> R
                                         f"({sampling.max_new_tokens}) = {needed} exceeds the context of "
                                         f"{policy.max_context}")
     return None
+
+
+def generation_request(job: SignedJob, prompt_ids: tuple[int, ...], nonce: str) -> GenerationRequest:
+    """What the engine runs for an admitted job. Its corpus scope is the client: a client's jobs may
+    draft from each other's text (engine/drafters/corpus.py), never from another client's, whose
+    content their speed would otherwise hint at."""
+    return GenerationRequest(request_id=f"{job.request.job_id.hex()}-{nonce}", prompt_ids=prompt_ids,
+                             sampling=job.sampling, corpus_scope=job.client_key.hex())
 
 
 def refusal_for_rejection(exc: RequestRejected) -> Refusal:

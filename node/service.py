@@ -125,8 +125,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         refusal = admission.check_fit(len(prompt_ids), job.sampling, self._policy)
         if refusal:
             return refusal
-        generation = GenerationRequest(request_id=f"{job.request.job_id.hex()}-{secrets.token_hex(4)}",
-                                       prompt_ids=prompt_ids, sampling=job.sampling)
+        generation = admission.generation_request(job, prompt_ids, secrets.token_hex(4))
         try:
             self._engine.check(generation)
         except RequestRejected as exc:

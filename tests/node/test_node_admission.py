@@ -13,7 +13,8 @@ from dspark.v1 import job_pb2
 from dspark.v1.envelope_pb2 import Envelope
 from engine.api import SamplingParams
 from engine.config import EMBEDDED_MODEL
-from node.admission import Load, Policy, Reason, Refusal, SignedJob, admit, check_fit, open_job
+from node.admission import (Load, Policy, Reason, Refusal, SignedJob, admit, check_fit, generation_request,
+                            open_job)
 from node.config import EMBEDDED_MODEL_ID
 from node.envelope import pae, seal
 from node.identity import Identity
@@ -54,6 +55,18 @@ def test_a_valid_job_is_admitted():
     assert job.client_key == CLIENT.public_key
     assert job.sampling == SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=10)
     assert admit(job, POLICY, IDLE, NOW) is None
+
+
+def test_a_clients_jobs_share_a_corpus_scope_no_other_client_does():
+    """Jobs of one client may draft from each other's text; another client's never (their speed
+    would hint at its content): the scope is the signer's key, whatever the job says."""
+    first = generation_request(opened(), (1, 2, 3), "a")
+    second = generation_request(opened(job_id=b"k" * 16, text="other"), (4, 5), "b")
+    other = generation_request(open_job(seal(Identity.from_seed(b"o" * 32), request())), (1, 2, 3), "a")
+    assert first.corpus_scope == second.corpus_scope == CLIENT.public_key.hex()
+    assert other.corpus_scope not in (None, first.corpus_scope)
+    assert (first.request_id, first.prompt_ids, first.sampling) == ((b"j" * 16).hex() + "-a", (1, 2, 3),
+                                                                    opened().sampling)
 
 
 def test_signature_is_checked_before_parsing():
