@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"   # the id it is served and advertised under
 METHODS = ("ar", "ngram", "dspark", "dflash", "eagle3")
 WITHOUT_MODEL_DRAFTER = ("ar", "ngram")   # nothing for prompt lookup to go in front of
 # Prompt lookup's minimum match for method auto and the bench's -lookup methods (docs/benchmarks.md,

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from engine.config import EMBEDDED_MODEL
+from engine.config import EMBEDDED_MODEL, EMBEDDED_MODEL_ID
 from engine.model import SUPPORTED_ARCHITECTURES, ModelArgs, TargetModel
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def embedded_model_dir() -> Path:
         config = hf_model.config.to_dict()
         config.pop("quantization_config", None)
         config["architectures"] = ["LlamaForCausalLM"]
-        config["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        config["_name_or_path"] = EMBEDDED_MODEL_ID
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         hf_model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -185,7 +185,7 @@ def load_target(model: str, dtype: torch.dtype, device: str = "cpu",
     if (path / "generation_config.json").exists():
         gen = GenerationConfig.from_pretrained(path).eos_token_id
         eos.update(gen if isinstance(gen, list) else [gen] if gen is not None else [])
-    model_id = "HuggingFaceTB/SmolLM2-135M-Instruct" if model == EMBEDDED_MODEL else model
+    model_id = EMBEDDED_MODEL_ID if model == EMBEDDED_MODEL else model
     return LoadedTarget(model_id=model_id, path=path, model=target, tokenizer=tokenizer,
                         hf_config=hf_config, digest=weights_digest(files), eos_token_ids=tuple(sorted(eos)))
 

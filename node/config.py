@@ -19,7 +19,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       model_validator)
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
-from engine.config import EMBEDDED_MODEL, EngineConfig
+from engine.config import EMBEDDED_MODEL, EMBEDDED_MODEL_ID, EngineConfig
 from node.identity import IdentityError, public_key_from_peer_id
 
 DEFAULT_DATA_DIR = Path("~/.local/share/dspark-node")
@@ -30,7 +30,6 @@ _FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("_FILE_VALUES", default={}
 # A model is known on the network by the id the engine serves it under (its Hugging Face id, which
 # engine/loading.py reports as EngineInfo.model_id); the embedded short name is an alias of it,
 # accepted wherever a model is named (pricing keys, `peers` / `submit --model`, the gateway, jobs).
-EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _MODEL_ALIASES = {EMBEDDED_MODEL: EMBEDDED_MODEL_ID}
 # Dashboard tokens travel in `?token=` and a cookie: unreserved URL characters need no encoding in
 # either (a `+` would read back as a space, a `;` would end the cookie).
