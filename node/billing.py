@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.receipt_pb2 import Receipt
 from node.identity import IdentityError, public_key_from_peer_id
-from node.ledger import Ledger, ReceiptRow
+from node.ledger import DamagedRow, Ledger, ReceiptRow
 from node.merkle import inclusion_proof, merkle_root, verify_inclusion
 from node.receipts import ReceiptError, check_receipt
 
@@ -85,13 +85,9 @@ class Period:
         """The period's receipts in sequence order, each re-verified; BillingError names a bad one."""
         for row in self.ledger.rows(self.since_ms, self.until_ms):
             try:
-                # A hand-edited ledger can hold TEXT where the node wrote a BLOB; protobuf takes only bytes.
-                if not isinstance(row.envelope_bytes, bytes):
-                    raise ReceiptError("not_bytes", "the stored envelope is text, not bytes")
                 receipt = check_receipt(row.envelope(), self.ledger.worker_public_key)
-            except DecodeError:
-                raise UnverifiedReceipt(f"sequence {row.sequence}: the stored envelope is not a valid Envelope; "
-                                        "run `receipts verify`") from None
+            except DamagedRow as exc:      # TEXT where the node wrote a BLOB, or bytes that do not parse
+                raise UnverifiedReceipt(f"{exc}; run `receipts verify`") from None
             except ReceiptError as exc:
                 raise UnverifiedReceipt(f"sequence {row.sequence}: {exc}; run `receipts verify`") from None
             yield row, receipt

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
+from google.protobuf.message import DecodeError
+
 from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.receipt_pb2 import Acknowledgment, Receipt
 from engine.api import RequestStats
@@ -35,6 +37,23 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class DamagedRow(LedgerError):
+    """A stored value the node never writes (the file was edited behind its back): the ledger does
+    not verify. Readers report it as such (`receipts` exit 1), not as a refused request."""
+
+
+_STORED_AS = {str: "text", int: "an integer", float: "a real number", type(None): "NULL"}
+
+
+def stored_blob(value: object, what: str) -> bytes:
+    """`value` as read from a BLOB column. SQLite types values, not columns, so a hand edit can leave
+    TEXT (or a number) there, which protobuf and hashlib refuse with a TypeError, not a parse error."""
+    if not isinstance(value, bytes):
+        raise DamagedRow("not_bytes", f"the stored {what} is {_STORED_AS.get(type(value), type(value).__name__)}, "
+                                      "not bytes")
+    return value
+
+
 @dataclass(frozen=True)
 class ReceiptRow:
     """One receipt as stored: indexed columns beside the exact signed envelope bytes."""
@@ -50,11 +69,22 @@ class ReceiptRow:
     ack_bytes: bytes | None
 
     def envelope(self) -> Envelope:
-        return Envelope.FromString(self.envelope_bytes)
+        """The stored envelope, parsed; DamagedRow (naming the sequence) if it is not one."""
+        try:
+            return Envelope.FromString(stored_blob(self.envelope_bytes, "envelope"))
+        except DamagedRow as exc:
+            raise DamagedRow(exc.reason, f"sequence {self.sequence}: {exc}") from None
+        except DecodeError:
+            raise DamagedRow("not_envelope", f"sequence {self.sequence}: the stored envelope is not a valid "
+                                             "Envelope") from None
 
     def receipt(self) -> Receipt:
         """The receipt as stored, not re-verified (audits use node.ledger_audit)."""
-        return Receipt.FromString(self.envelope().payload)
+        try:
+            return Receipt.FromString(self.envelope().payload)
+        except DecodeError:
+            raise DamagedRow("not_receipt", f"sequence {self.sequence}: the stored envelope does not hold a "
+                                            "Receipt") from None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.receipt_pb2 import Receipt
-from node.ledger import Ledger, ReceiptRow
+from node.ledger import DamagedRow, Ledger, ReceiptRow, stored_blob
 from node.receipts import GENESIS_DIGEST, ReceiptError, check_acknowledgment, check_receipt
 
 
@@ -65,10 +65,11 @@ def _check_row(row: ReceiptRow, expected_sequence: int, previous_digest: bytes,
         gap = (f"receipt {expected_sequence} is" if row.sequence == expected_sequence + 1
                else f"receipts {expected_sequence}..{row.sequence - 1} are")
         raise _RowProblem(f"expected sequence {expected_sequence}: {gap} missing (deleted?)")
-    if hashlib.sha256(row.envelope_bytes).digest() != row.digest:
+    envelope_bytes = stored_blob(row.envelope_bytes, "envelope")
+    if hashlib.sha256(envelope_bytes).digest() != row.digest:
         raise _RowProblem("digest column does not match the stored envelope (envelope edited?)")
     try:
-        envelope = Envelope.FromString(row.envelope_bytes)
+        envelope = Envelope.FromString(envelope_bytes)
         receipt = check_receipt(envelope, worker_public_key)
     except DecodeError:
         raise _RowProblem("stored envelope is not a valid Envelope") from None
@@ -81,7 +82,8 @@ def _check_row(row: ReceiptRow, expected_sequence: int, previous_digest: bytes,
     _check_columns(row, receipt)
     if row.ack_bytes is not None:
         try:
-            check_acknowledgment(Envelope.FromString(row.ack_bytes), envelope, receipt)
+            check_acknowledgment(Envelope.FromString(stored_blob(row.ack_bytes, "acknowledgment")), envelope,
+                                 receipt)
         except (DecodeError, ReceiptError) as exc:
             raise _RowProblem(f"acknowledgment is invalid: {exc}") from None
     return receipt
@@ -98,11 +100,13 @@ def audit_ledger(ledger: Ledger, worker_public_key: bytes | None = None, max_pro
             receipt = _check_row(row, expected, previous, key)
             report.amount_micros += receipt.amount_micros
             report.acknowledged += row.ack_bytes is not None
-        except _RowProblem as exc:
+        except (_RowProblem, DamagedRow) as exc:
             if len(report.problems) < max_problems:
                 report.problems.append(Problem(row.sequence, f"job {row.job_id.hex()}: {exc}"))
-        # Continue from what the row holds, so one bad row is reported once, not at every later row.
-        expected, previous = row.sequence + 1, hashlib.sha256(row.envelope_bytes).digest()
+        # Continue from what the row holds, so one bad row is reported once, not at every later row
+        # (TEXT as the UTF-8 SQLite keeps: an envelope cast to TEXT still chains to the next row).
+        held = row.envelope_bytes if isinstance(row.envelope_bytes, bytes) else str(row.envelope_bytes).encode()
+        expected, previous = row.sequence + 1, hashlib.sha256(held).digest()
     report.head_digest = previous
     report.problems.extend(Problem(None, message) for message in ledger.job_problems()[:max_problems])
     return report

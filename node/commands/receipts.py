@@ -21,7 +21,7 @@ from node.billing import (BillingError, UnverifiedReceipt, check_proof, iso_time
                           period_proof, receipt_record, write_export)
 from node.config import DEFAULT_DATA_DIR
 from node.identity import IdentityError, public_key_from_peer_id
-from node.ledger import LEDGER_FILE, Ledger, LedgerError
+from node.ledger import LEDGER_FILE, DamagedRow, Ledger, LedgerError
 from node.ledger_audit import audit_ledger
 from node.gateway.receipt_audit import audit_store
 from node.gateway.receipt_store import STORE_FILE, ReceiptStore
@@ -96,6 +96,10 @@ def _run(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             return action(args)
         except UnverifiedReceipt as exc:
             print(f"receipts {args.receipts_command}: FAILED: {exc}", file=sys.stderr)
+            return 1
+        except DamagedRow as exc:       # before LedgerError, its base: damage is 'does not verify', not usage
+            print(f"receipts {args.receipts_command}: FAILED: {exc}; the ledger is damaged and does not verify",
+                  file=sys.stderr)
             return 1
         except sqlite3.Error as exc:
             # The file opened as a ledger (its meta table names a node key), but a table or a value

@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 
 from dspark.v1.envelope_pb2 import Envelope
 from node.identity import IdentityError, public_key_from_peer_id
-from node.ledger import ReceiptRow
+from node.ledger import DamagedRow, ReceiptRow, stored_blob
 from node.ledger_audit import AuditReport, Problem, _check_columns, _RowProblem
 from node.receipts import ReceiptError, check_acknowledgment, check_receipt
 from node.gateway.receipt_store import ReceiptStore
@@ -24,12 +24,14 @@ from node.gateway.receipt_store import ReceiptStore
 
 def _check_row(worker: str, row: ReceiptRow, client_key: bytes) -> bytes:
     """Checks one row alone; returns the receipt's previous_receipt_digest."""
-    if hashlib.sha256(row.envelope_bytes).digest() != row.digest:
+    envelope_bytes = stored_blob(row.envelope_bytes, "envelope")
+    if hashlib.sha256(envelope_bytes).digest() != row.digest:
         raise _RowProblem("digest column does not match the stored envelope (envelope edited?)")
     try:
-        envelope = Envelope.FromString(row.envelope_bytes)
+        envelope = Envelope.FromString(envelope_bytes)
         receipt = check_receipt(envelope, public_key_from_peer_id(worker))
-        check_acknowledgment(Envelope.FromString(row.ack_bytes or b""), envelope, receipt)
+        check_acknowledgment(Envelope.FromString(stored_blob(row.ack_bytes or b"", "acknowledgment")), envelope,
+                             receipt)
     except DecodeError:
         raise _RowProblem("stored envelope or acknowledgment does not parse") from None
     except (ReceiptError, IdentityError) as exc:
@@ -55,7 +57,7 @@ def audit_store(store: ReceiptStore, max_problems: int = 50) -> AuditReport:
         report.checked += 1
         try:
             previous = _check_row(worker, row, store.client_public_key)
-        except _RowProblem as exc:
+        except (_RowProblem, DamagedRow) as exc:
             problem(row, worker, str(exc))
             continue
         report.amount_micros += row.amount_micros

@@ -130,6 +130,24 @@ def test_audit_names_a_forked_worker_a_broken_chain_and_a_bad_ack(tmp_path, work
     assert problems and "chain broken" in problems[0]
 
 
+@pytest.mark.parametrize("column", ["envelope", "ack"])
+def test_audit_names_a_store_row_holding_text_where_bytes_belong(tmp_path, worker_receipts, column):
+    store = ReceiptStore.open(tmp_path / "store.sqlite3", CLIENT.public_key)
+    for envelope in worker_receipts[:2]:
+        _keep(store, envelope)
+    store.close()
+    conn = sqlite3.connect(tmp_path / "store.sqlite3", isolation_level=None)
+    conn.execute("DROP TRIGGER receipts_append_only_u")
+    conn.execute(f"UPDATE receipts SET {column} = hex({column}) WHERE sequence = 2")
+    conn.close()
+    store = ReceiptStore.open_readonly(tmp_path / "store.sqlite3")
+    problems = [str(p) for p in audit_store(store).problems]
+    store.close()
+    what = "envelope" if column == "envelope" else "acknowledgment"
+    assert len(problems) == 1 and problems[0].startswith("sequence 2: worker ")
+    assert problems[0].endswith(f"the stored {what} is text, not bytes")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--listen", "0.0.0.0:8080", "--bootstrap", "/ip4/127.0.0.1/tcp/1"], "not a loopback address: give --api-key"),
     (["--bootstrap", "/ip4/127.0.0.1/tcp/1", "--api-key", "short"], "--api-key: an API key must be at least 16"),

@@ -167,3 +167,32 @@ def test_export_to_stdout_writes_nothing_when_a_later_receipt_does_not_verify(da
     code, out, err = cli("export", "--data-dir", str(data_dir))
     assert (code, out) == (1, "")       # receipts 1-4 verify, yet none of them is printed
     assert "sequence 5:" in err and "signature does not verify" in err
+
+
+@pytest.mark.parametrize("edit", ["hex(envelope)", "'any valid UTF-8 text'"])
+def test_an_envelope_stored_as_text_does_not_verify_and_gives_no_traceback(data_dir, filled, tamper, cli, edit):
+    # SQLite types values, not columns: TEXT that decodes reaches Python as str, which protobuf and
+    # hashlib refuse with a TypeError.
+    tamper(f"UPDATE receipts SET envelope = {edit} WHERE sequence = 3")
+    code, out, err = cli("verify", "--data-dir", str(data_dir))
+    assert (code, out) == (1, "")
+    assert "first bad row: sequence 3: job " in err and "the stored envelope is text, not bytes" in err
+    job_id = Receipt.FromString(filled[2].payload).job_id.hex()
+    code, out, err = cli("show", job_id, "--data-dir", str(data_dir))
+    assert (code, out) == (1, "")
+    assert err == ("receipts show: FAILED: sequence 3: the stored envelope is text, not bytes; the ledger is "
+                   "damaged and does not verify\n")
+
+
+def test_an_acknowledgment_stored_as_text_does_not_verify(data_dir, filled, tamper, cli):
+    tamper("UPDATE acknowledgments SET envelope = hex(envelope) WHERE sequence = 1")
+    code, _, err = cli("verify", "--data-dir", str(data_dir))
+    assert code == 1
+    assert "first bad row: sequence 1: job " in err and "the stored acknowledgment is text, not bytes" in err
+
+
+def test_show_of_an_envelope_that_does_not_parse_does_not_verify(data_dir, filled, tamper, cli):
+    tamper("UPDATE receipts SET envelope = x'ff' WHERE sequence = 4")
+    code, out, err = cli("show", Receipt.FromString(filled[3].payload).job_id.hex(), "--data-dir", str(data_dir))
+    assert (code, out) == (1, "")
+    assert "FAILED: sequence 4: the stored envelope is not a valid Envelope" in err
