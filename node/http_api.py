@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,14 +26,16 @@ from starlette.staticfiles import StaticFiles
 
 from dspark.v1 import advert_pb2
 from node.activity import Activity
-from node.billing import BillingError, load_period, parse_time_ms, write_export
+from node.billing import BillingError, UnverifiedReceipt, load_period, parse_time_ms, write_export
 from node.identity import Identity
-from node.ledger import Ledger
+from node.ledger import Ledger, unreadable
 from node.live_feed import LiveFeed
 from node.metrics import EngineView, NodeMetrics
 
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"
 API = "/api/v1"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,13 @@ def build_routes(node: NodeView) -> list:
             since, until = (parse_time_ms(request.query_params[k]) if k in request.query_params else None
                             for k in ("since", "until"))
             body = await asyncio.to_thread(_export, node.ledger, fmt, since, until)
+        except (UnverifiedReceipt, sqlite3.Error) as exc:
+            # The request was fine; the node's ledger is not (damaged, or edited behind its back). Its
+            # operator must look, so it is logged; the client gets why, and no partial bill.
+            problem = unreadable(exc) if isinstance(exc, sqlite3.Error) else str(exc)
+            log.warning("billing export refused: %s", problem)
+            return JSONResponse({"error": f"{problem}; the export is unavailable until the node's operator "
+                                          "repairs the ledger"}, status_code=503)
         except BillingError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return Response(body, media_type=EXPORT_FORMATS[fmt], headers={

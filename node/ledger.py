@@ -42,6 +42,13 @@ class DamagedRow(LedgerError):
     not verify. Readers report it as such (`receipts` exit 1), not as a refused request."""
 
 
+def unreadable(exc: sqlite3.Error) -> str:
+    """What to say when a ledger file that opened cannot be read as the node wrote it (a dropped
+    table, TEXT that does not decode, a lock held too long). SQLite's decode error quotes the
+    undecodable bytes themselves; they are cut, not shown."""
+    return f"the ledger cannot be read ({str(exc).partition(' with text ')[0]})"
+
+
 _STORED_AS = {str: "text", int: "an integer", float: "a real number", type(None): "NULL"}
 
 

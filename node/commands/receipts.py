@@ -21,7 +21,7 @@ from node.billing import (BillingError, UnverifiedReceipt, check_proof, iso_time
                           period_proof, receipt_record, write_export)
 from node.config import DEFAULT_DATA_DIR
 from node.identity import IdentityError, public_key_from_peer_id
-from node.ledger import LEDGER_FILE, DamagedRow, Ledger, LedgerError
+from node.ledger import LEDGER_FILE, DamagedRow, Ledger, LedgerError, unreadable
 from node.ledger_audit import audit_ledger
 from node.gateway.receipt_audit import audit_store
 from node.gateway.receipt_store import STORE_FILE, ReceiptStore
@@ -103,11 +103,9 @@ def _run(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             return 1
         except sqlite3.Error as exc:
             # The file opened as a ledger (its meta table names a node key), but a table or a value
-            # is not what the node writes: a dropped table, TEXT where a BLOB belongs. SQLite's
-            # decode error quotes the undecodable bytes themselves; they are cut, not printed.
-            reason = str(exc).partition(" with text ")[0]
-            print(f"receipts {args.receipts_command}: FAILED: the ledger cannot be read ({reason}); it is "
-                  "damaged and does not verify", file=sys.stderr)
+            # is not what the node writes: a dropped table, TEXT where a BLOB belongs.
+            print(f"receipts {args.receipts_command}: FAILED: {unreadable(exc)}; it is damaged and does not verify",
+                  file=sys.stderr)
             return 1
         except (_UsageError, LedgerError, BillingError, OSError) as exc:
             print(f"receipts {args.receipts_command}: {exc}", file=sys.stderr)

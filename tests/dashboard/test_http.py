@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sqlite3
 import threading
 import time
+from contextlib import closing
 
 import httpx
 import pytest
@@ -115,6 +117,29 @@ def test_foreign_host_header_is_refused_on_loopback(client):
     response = client.get("/api/v1/status", headers={"Host": "evil.example:7441"})
     assert response.status_code == 421 and "loopback" in response.text
     assert client.get("/", headers={"Host": "localhost:7441"}).status_code == 200
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (["DROP TABLE acknowledgments"], "the ledger cannot be read (no such table: acknowledgments)"),
+    (["DROP TRIGGER receipts_append_only_u", "UPDATE receipts SET envelope = hex(envelope)"],
+     "sequence 1: the stored envelope is text, not bytes"),
+])
+def test_export_of_a_ledger_that_cannot_be_read_is_503_with_the_reason(tmp_path, caplog, damage, problem):
+    node = NodeUnderTest(tmp_path).start()
+    try:
+        buyer, job = Identity.generate(), new_job_id()
+        node.admit(job, buyer)
+        node.finish(job, buyer, tokens=3)
+        with closing(sqlite3.connect(tmp_path / "ledger.sqlite3", isolation_level=None)) as conn:
+            for statement in damage:
+                conn.execute(statement)
+        with httpx.Client(base_url=node.url, timeout=10) as c:
+            response = c.get("/api/v1/earnings/export?format=csv")
+        assert response.status_code == 503 and response.headers["content-type"] == "application/json"
+        assert problem in response.json()["error"] and "operator" in response.json()["error"]
+        assert any(problem in r.getMessage() for r in caplog.records if r.name == "node.http_api")
+    finally:
+        node.stop()
 
 
 def test_dashboard_files_are_served(client):
