@@ -40,6 +40,11 @@ class SupervisorReport:
         return not self.failed
 
 
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line; its type where it has none (e.g. a bare TimeoutError)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class Supervisor:
     def __init__(self, services: list[Service], stop_timeout_s: float = 30.0):
         self._services = services
@@ -61,7 +66,10 @@ class Supervisor:
             try:
                 await service.start()
             except Exception as exc:
-                log.exception("service %s failed to start", service.name)
+                # An expected failure (a port taken since the pre-check, a bad file): the operator needs
+                # the service and the cause on one line; the traceback only helps a developer.
+                log.error("service %s failed to start: %s", service.name, _one_line(exc))
+                log.debug("service %s start failure", service.name, exc_info=True)
                 report.failed.append((service.name, f"start failed: {exc}"))
                 break
             started.append(service)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -59,6 +60,16 @@ async def test_a_failed_start_stops_what_started_and_reports_it():
     assert log == ["start a", "stop a"]
     assert report.failed == [("b", "start failed: port in use")]
     assert not called
+
+
+@pytest.mark.asyncio
+async def test_a_failed_start_is_one_error_line_naming_the_service_and_the_cause(caplog):
+    caplog.set_level(logging.DEBUG, logger="node.lifecycle")
+    await asyncio.wait_for(Supervisor([Part("a", []), Part("http", [], fail_start=True)]).run(), 5)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["service http failed to start: port in use"]
+    assert errors[0].exc_info is None               # no traceback at ERROR...
+    assert any(r.levelno == logging.DEBUG and r.exc_info for r in caplog.records)   # ...only at DEBUG
 
 
 @pytest.mark.asyncio
