@@ -194,20 +194,29 @@ class WorkerClient:
             raise ClientError("the result's token ids differ from the tokens streamed")
         if not result.HasField("receipt"):
             raise ClientError(f"the job ended ({result.finish_reason}) without a receipt")
+        receipt = self._check_receipt(result.receipt, job, output_ids)
+        request = job_pb2.JobRequest.FromString(job.payload)
+        return JobResult(job_id=request.job_id, accepted=accepted, text=result.text, output_ids=output_ids,
+                         finish_reason=result.finish_reason, receipt_envelope=result.receipt, receipt=receipt,
+                         time_to_first_token_s=first_token, elapsed_s=elapsed)
+
+    def _check_receipt(self, envelope: Envelope, job: Envelope, output_ids: Sequence[int] | None) -> Receipt:
+        """The receipt is the worker's, bills by the rule (for `output_ids` when given), is for this
+        client's `job`, and charges no unit price above the caps the job carries."""
         try:
-            receipt = verify_receipt(result.receipt, self.peer_id, output_ids)
+            receipt = verify_receipt(envelope, self.peer_id, output_ids)
         except ReceiptError as exc:
             raise ClientError(f"receipt does not verify: {exc}") from None
         request = job_pb2.JobRequest.FromString(job.payload)
         if receipt.job_digest != digest(job) or receipt.job_id != request.job_id:
             raise ClientError("the receipt is for another job")
+        if receipt.client_public_key != self.identity.public_key:
+            raise ClientError("the receipt is for another client")
         try:
             check_price_caps(receipt, request.max_price_per_mtok_micros, request.max_price_per_gpu_second_micros)
         except ReceiptError as exc:
             raise ClientError(f"receipt refused: {exc}") from None
-        return JobResult(job_id=request.job_id, accepted=accepted, text=result.text, output_ids=output_ids,
-                         finish_reason=result.finish_reason, receipt_envelope=result.receipt, receipt=receipt,
-                         time_to_first_token_s=first_token, elapsed_s=elapsed)
+        return receipt
 
     async def cancel(self, job_id: bytes, timeout_s: float = 10.0) -> bool:
         envelope = seal(self.identity, job_pb2.CancelJob(job_id=job_id, worker_peer_id=self.peer_id,
@@ -217,17 +226,17 @@ class WorkerClient:
         except grpc.aio.AioRpcError as exc:
             raise _refusal(exc) from None
 
-    async def get_receipt(self, job_id: bytes, timeout_s: float = 10.0) -> Receipt:
-        """Fetch (and verify) the receipt of one of this client's jobs, e.g. after a disconnect."""
+    async def get_receipt(self, job: Envelope, timeout_s: float = 10.0) -> Receipt:
+        """Fetch the receipt of one of this client's signed jobs (e.g. after a disconnect), checked as
+        a streamed one is, except for the output tokens the client never received. The job itself is
+        needed, not its id: it is what the receipt must be bound to and it holds the price caps."""
+        job_id = job_pb2.JobRequest.FromString(job.payload).job_id
         try:
             envelope = await self._stub.GetReceipt(worker_pb2.GetReceiptRequest(
                 job_id=job_id, client_public_key=self.identity.public_key), timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _refusal(exc) from None
-        try:
-            return verify_receipt(envelope, self.peer_id)
-        except ReceiptError as exc:
-            raise ClientError(f"receipt does not verify: {exc}") from None
+        return self._check_receipt(envelope, job, None)
 
     async def acknowledge(self, receipt_envelope: Envelope, timeout_s: float = 10.0,
                           ack: Envelope | None = None) -> int:

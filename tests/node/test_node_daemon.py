@@ -90,13 +90,14 @@ async def test_streamed_text_equals_the_engine_in_process(daemon, tiny_model):
 async def test_receipt_can_be_fetched_and_acknowledged(daemon):
     async with await connect(daemon) as client:
         # The job's price caps default to the advertised prices, so a node that prices time admits it.
-        result = await client.run(client.sign_job(text="Once upon a time", max_new_tokens=5), timeout_s=60)
-        fetched = await client.get_receipt(result.job_id)
+        job = client.sign_job(text="Once upon a time", max_new_tokens=5)
+        result = await client.run(job, timeout_s=60)
+        fetched = await client.get_receipt(job)
         assert fetched == result.receipt
         assert (result.receipt.price_per_mtok_micros, result.receipt.price_per_gpu_second_micros) == (250_000, 1000)
         assert await client.acknowledge(result.receipt_envelope) == result.receipt.sequence
         with pytest.raises(JobRefused) as info:
-            await client.get_receipt(secrets.token_bytes(16))
+            await client.get_receipt(client.sign_job(text="never submitted", job_id=secrets.token_bytes(16)))
         assert info.value.code == grpc.StatusCode.NOT_FOUND
         # Another client cannot acknowledge someone else's receipt.
         async with await connect(daemon) as other:
@@ -198,11 +199,10 @@ async def test_concurrency_quota_and_cancel_frees_the_slot(daemon):
         while (await client.capacity()).free_slots < 2:
             assert time.monotonic() < deadline, "the slot was not freed"
             await asyncio.sleep(0.1)
-        second = job_pb2.JobRequest.FromString(jobs[1].payload).job_id
         deadline = time.monotonic() + 30
         while True:
             try:
-                assert (await client.get_receipt(second)).outcome == "cancelled"
+                assert (await client.get_receipt(jobs[1])).outcome == "cancelled"
                 break
             except JobRefused:
                 assert time.monotonic() < deadline
@@ -223,11 +223,10 @@ async def test_deadline_cancels_the_job(daemon):
         with pytest.raises(JobRefused) as info:
             await client.run(job, timeout_s=0.5)
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        job_id = job_pb2.JobRequest.FromString(job.payload).job_id
         deadline = time.monotonic() + 30
         while True:
             try:
-                receipt = await client.get_receipt(job_id)
+                receipt = await client.get_receipt(job)
                 break
             except JobRefused:
                 assert time.monotonic() < deadline

@@ -126,7 +126,7 @@ async def test_sigterm_during_a_job_then_restart(daemon, tiny_model, data_dir):
         assert restarted.peer_id == daemon.peer_id        # the key survived
         async with await WorkerClient.connect(restarted.grpc, identity, peer_id=daemon.peer_id) as client:
             assert client.advert.tls_cert_sha256 == fingerprint((data_dir / "tls" / "cert.pem").read_bytes())
-            assert (await client.get_receipt(done.job_id)) == done.receipt
+            assert (await client.get_receipt(first)) == done.receipt
             # The replay cache is in the ledger: the same signed job, or a new one reusing its id,
             # is refused after a restart.
             for job in (first, client.sign_job(text="Hi", max_new_tokens=2, job_id=done.job_id)):

@@ -101,7 +101,7 @@ async def test_job_survives_the_death_of_its_worker(swarm):
     # The surviving worker never saw the first job id: nothing billed twice there.
     async with await WorkerClient.connect(dear.grpc, client, peer_id=dear.peer_id) as survivor:
         with pytest.raises(JobRefused):
-            await survivor.get_receipt(first.job_id)
+            await survivor.get_receipt(survivor.sign_job(text="Once upon", job_id=first.job_id))
     # The dead worker's ledger, recovered as its next start would: the job is 'failed', 0 billed.
     cheap.proc.wait(timeout=10)
     ledger = Ledger.open(cheap.data_dir / "ledger.sqlite3", Identity.load(cheap.data_dir / "node.key"))

@@ -33,18 +33,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
-async def keep_submitting(daemon, identity: Identity, received: dict, in_flight: set) -> None:
-    """Submit jobs back to back until the daemon dies under us."""
+async def keep_submitting(daemon, identity: Identity, received: dict, in_flight: dict) -> None:
+    """Submit jobs back to back until the daemon dies under us; `in_flight` keeps the signed jobs not
+    yet answered, whose receipts the client fetches after the restart."""
     async with await WorkerClient.connect(daemon.grpc, identity, peer_id=daemon.peer_id) as client:
         while True:
             job = client.sign_job(text="Count from one to a hundred:", max_new_tokens=48)
             key = (identity.public_key, JobRequest.FromString(job.payload).job_id)
-            in_flight.add(key)
+            in_flight[key] = job
             try:
                 result = await client.run(job, timeout_s=60)
             except (JobRefused, ClientError):
                 return
-            in_flight.discard(key)
+            del in_flight[key]
             received[key] = result.receipt_envelope
 
 
@@ -61,7 +62,7 @@ async def test_kill_9_daemon_mid_jobs_then_restart(tiny_model, tmp_path, cli):
     toml = node_toml(tiny_model, "[pricing]\nper_mtok_micros = 250000\n")
     clients = [Identity.generate() for _ in range(3)]
     received: dict[tuple[bytes, bytes], object] = {}
-    in_flight: set[tuple[bytes, bytes]] = set()
+    in_flight: dict[tuple[bytes, bytes], object] = {}
 
     daemon = start_daemon(data_dir, toml)
     try:
@@ -84,7 +85,7 @@ async def test_kill_9_daemon_mid_jobs_then_restart(tiny_model, tmp_path, cli):
     reader.close()
     cut_off = running_jobs(data_dir)
     assert cut_off, "no job was running at the kill"
-    assert cut_off <= in_flight
+    assert cut_off <= in_flight.keys()
 
     daemon = start_daemon(data_dir, toml)
     try:
@@ -93,7 +94,7 @@ async def test_kill_9_daemon_mid_jobs_then_restart(tiny_model, tmp_path, cli):
         by_key = {c.public_key: c for c in clients}
         for client_key, job_id in cut_off:
             async with await WorkerClient.connect(daemon.grpc, by_key[client_key], peer_id=daemon.peer_id) as client:
-                receipt = await client.get_receipt(job_id)
+                receipt = await client.get_receipt(in_flight[(client_key, job_id)])
             assert (receipt.outcome, receipt.output_tokens, receipt.amount_micros) == ("failed", 0, 0)
     finally:
         assert daemon.stop() == 0, daemon.stderr_text()[-3000:]

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, strategies as st
 from receipts_helpers import CLIENT, OTHER_CLIENT, WORKER, bill, outcome
 
-from dspark.v1 import job_pb2
+from dspark.v1 import job_pb2, worker_pb2_grpc
 from dspark.v1.advert_pb2 import CapacityAdvert
 from dspark.v1.receipt_pb2 import Receipt
 from node.client import ClientError, WorkerClient
@@ -154,3 +154,59 @@ async def test_a_gpu_second_cap_the_client_signed_covers_the_workers_time_price(
         assert verified.receipt.amount_micros == billed_amount(4, 100_000, 5.0, 500)
         with pytest.raises(ClientError, match="per GPU-second"):
             client._verify(job, job_pb2.JobAccepted(), _worker_answer(job, 100_000, 501), [1, 2, 3, 4], None, 0.1)
+
+
+class _ReceiptServer(worker_pb2_grpc.WorkerServicer):
+    """A worker over a real socket that answers GetReceipt with whatever receipt it is given: the
+    client must judge it against the job it signed, not take the worker's word for it."""
+
+    def __init__(self) -> None:
+        self.receipt = job_pb2.JobResult().receipt
+
+    async def GetReceipt(self, request, context):
+        return self.receipt
+
+
+def _fetched(job, **changes) -> Receipt:
+    """The receipt `_worker_answer` would stream for `job` at the advertised prices, with `changes`
+    applied and re-signed by WORKER (the amount kept by the rule)."""
+    receipt = Receipt.FromString(_worker_answer(job, 100_000, 0).receipt.payload)
+    for name, value in changes.items():
+        setattr(receipt, name, value)
+    receipt.amount_micros = billed_amount(receipt.output_tokens, receipt.price_per_mtok_micros,
+                                          receipt.gpu_seconds, receipt.price_per_gpu_second_micros)
+    return receipt
+
+
+@pytest.mark.asyncio
+async def test_a_fetched_receipt_is_held_to_the_job_its_client_and_the_price_caps():
+    worker = _ReceiptServer()
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(worker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    advert = CapacityAdvert(peer_id=WORKER.peer_id, price_per_mtok_micros=100_000)
+    advert.models.add(id="m")
+    try:
+        async with WorkerClient(grpc.aio.insecure_channel(f"127.0.0.1:{port}"), CLIENT, advert) as client:
+            job, other_job = client.sign_job(text="hi", max_new_tokens=4), client.sign_job(text="hi", max_new_tokens=4)
+            cases = [
+                (_fetched(job), None),
+                (_fetched(other_job), "the receipt is for another job"),
+                (_fetched(job, job_id=b"another-job-id"), "the receipt is for another job"),
+                (_fetched(job, client_public_key=OTHER_CLIENT.public_key), "the receipt is for another client"),
+                (_fetched(job, price_per_mtok_micros=100_001), "per million tokens, above the job's cap"),
+                (_fetched(job, price_per_gpu_second_micros=1), "per GPU-second, above the job's cap of 0"),
+            ]
+            for receipt, refused in cases:
+                worker.receipt = seal(WORKER, receipt)
+                if refused is None:
+                    assert await client.get_receipt(job) == receipt
+                else:
+                    with pytest.raises(ClientError, match=refused):
+                        await client.get_receipt(job)
+            worker.receipt = seal(OTHER_CLIENT, _fetched(job))
+            with pytest.raises(ClientError, match="receipt does not verify"):
+                await client.get_receipt(job)
+    finally:
+        await server.stop(None)
