@@ -120,6 +120,7 @@ def parse_request(kind: Literal["chat", "completion"], body: Any) -> JobParams:
     """Validate an OpenAI request body; raises ApiError(400) naming the first bad parameter."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    _refuse_lone_surrogates(body)
     schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
     try:
         request = schema.model_validate(body)
@@ -142,6 +143,36 @@ def parse_request(kind: Literal["chat", "completion"], body: Any) -> JobParams:
         temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed, stop=tuple(request.stop or ()),
         stream=request.stream, include_usage=bool(request.stream_options and request.stream_options.include_usage))
+
+
+def _refuse_lone_surrogates(body: dict) -> None:
+    """JSON may escape half a UTF-16 pair ("\\ud800"), which json.loads turns into a str that is not
+    Unicode text: it cannot be encoded as UTF-8, so signing the job (or echoing it in an error)
+    would fail deep inside the gateway. Refused here, naming where. Walked with a stack, not
+    recursion: the body may nest as deep as json.loads allows."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{_shown(key)}" if path else _shown(key)
+                if _shown(key) != key:
+                    _refuse_surrogate(child)
+                stack.append((child, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", item) for i, item in enumerate(value))
+        elif isinstance(value, str) and _shown(value) != value:
+            _refuse_surrogate(path)
+
+
+def _shown(text: str) -> str:
+    """`text` with any lone surrogate written as its escape; unchanged if it is Unicode text."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _refuse_surrogate(param: str) -> None:
+    raise ApiError(400, f"invalid parameter {param!r}: the text holds a lone UTF-16 surrogate (such as \\ud800), "
+                        "which is not Unicode text", param=param)
 
 
 def _max_tokens(request: ChatCompletionRequest) -> int:

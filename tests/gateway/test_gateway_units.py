@@ -3,6 +3,7 @@ receipt store with its audit (real SQLite files, receipts signed by a real worke
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pytest
@@ -67,6 +68,26 @@ def test_refusals_name_the_parameter(kind, body, param):
         parse_request(kind, body)
     assert caught.value.status == 400
     assert caught.value.param is not None and caught.value.param.startswith(param)
+
+
+@pytest.mark.parametrize("kind, raw, param", [
+    ("chat", r'{"model": "m", "messages": [{"role": "user", "content": "hi \ud800"}]}', "messages.0.content"),
+    ("chat", r'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}',
+     "messages.0.content.0.text"),
+    ("chat", r'{"model": "m\ud83d", "messages": [{"role": "user", "content": "hi"}]}', "model"),
+    ("chat", r'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "\ud800"]}',
+     "stop.1"),
+    ("completion", r'{"model": "m", "prompt": ["\udc00 once"]}', "prompt.0"),
+    ("completion", r'{"model": "m", "prompt": "a", "\ud800x": 1}', "\\ud800x"),
+])
+def test_a_lone_surrogate_is_refused_naming_where(kind, raw, param):
+    # What json.loads makes of a "\ud800" escape: a str that cannot be encoded as UTF-8, so it could
+    # not be signed into a job; the refusal itself must still encode (the param shows the escape).
+    with pytest.raises(ApiError) as caught:
+        parse_request(kind, json.loads(raw))
+    assert (caught.value.status, caught.value.param) == (400, param)
+    assert "lone UTF-16 surrogate" in caught.value.message
+    assert json.loads(caught.value.response().body)["error"]["param"] == param
 
 
 def test_network_failures_map_to_statuses():
