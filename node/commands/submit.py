@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, metavar="S", help="makes a sampled job reproducible on one worker")
     parser.add_argument("--max-price", type=int, metavar="MICROS",
                         help="refuse to pay more per million output tokens (default: the advertised price)")
+    parser.add_argument("--max-price-gpu-second", type=int, metavar="MICROS",
+                        help="refuse to pay more per GPU-second (default: the advertised price; 0 agrees to no "
+                             "time charge)")
     parser.add_argument("--key", type=Path, default=DEFAULT_CLIENT_KEY, metavar="FILE",
                         help="client key (created if missing; default: %(default)s)")
     parser.add_argument("--peer-id", metavar="PEER_ID", help="the worker's expected peer ID (default: trust its advert)")
@@ -47,7 +50,8 @@ async def _submit(args: argparse.Namespace, identity: Identity) -> int:
     async with client:
         prompt = {"text": args.prompt} if args.raw else {"chat": [{"role": "user", "content": args.prompt}]}
         job = client.sign_job(**prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              seed=args.seed, max_price_per_mtok_micros=args.max_price)
+                              seed=args.seed, max_price_per_mtok_micros=args.max_price,
+                              max_price_per_gpu_second_micros=args.max_price_gpu_second)
         try:
             result = await client.run(job, on_text=lambda text: print(text, end="", flush=True),
                                       timeout_s=args.timeout)
@@ -71,8 +75,9 @@ def _bad_argument(args: argparse.Namespace) -> str | None:
         return f"--temperature must be from 0 to 100, got {args.temperature}"
     if args.seed is not None and not 0 <= args.seed < 2**63:
         return f"--seed must be from 0 to 2^63-1, got {args.seed}"
-    if args.max_price is not None and not 0 <= args.max_price < 2**64:
-        return f"--max-price must be from 0 to 2^64-1 micro-units, got {args.max_price}"
+    for flag, value in (("--max-price", args.max_price), ("--max-price-gpu-second", args.max_price_gpu_second)):
+        if value is not None and not 0 <= value < 2**64:     # the job's caps are uint64
+            return f"{flag} must be from 0 to 2^64-1 micro-units, got {value}"
     if not args.timeout > 0:
         return f"--timeout must be a positive number of seconds, got {args.timeout}"
     try:

@@ -45,8 +45,9 @@ def run(args: argparse.Namespace, identity: Identity) -> int:
     try:
         outcome = asyncio.run(submit_via_network(
             identity, args.bootstrap, args.model, prompt, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, seed=args.seed, max_price_per_mtok_micros=args.max_price, tls=args.tls,
-            timeout_s=args.timeout, max_attempts=args.attempts, mdns=args.mdns,
+            temperature=args.temperature, seed=args.seed, max_price_per_mtok_micros=args.max_price,
+            max_price_per_gpu_second_micros=args.max_price_gpu_second, tls=args.tls, timeout_s=args.timeout,
+            max_attempts=args.attempts, mdns=args.mdns,
             on_text=lambda text: print(text, end="", flush=True), on_failover=_failed_over))
     except (DiscoveryError, NoWorkerError) as exc:
         return _fail(str(exc))

@@ -94,7 +94,8 @@ async def run_with_failover(
         discovery: Discovery, identity: Identity, model: str, prompt: dict[str, Any], *,
         max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
         stop: Sequence[str] = (), max_price_per_mtok_micros: int | None = None,
-        tls: Literal["auto", "on", "off"] = "auto", timeout_s: float = 600.0, max_attempts: int = 3,
+        max_price_per_gpu_second_micros: int | None = None, tls: Literal["auto", "on", "off"] = "auto",
+        timeout_s: float = 600.0, max_attempts: int = 3,
         on_text: Callable[[str], None] | None = None, on_failover: Callable[[Attempt], None] | None = None,
         on_worker: Callable[[str], None] | None = None,
         on_completed: Callable[[WorkerClient, JobResult], Awaitable[None]] | None = None,
@@ -120,13 +121,14 @@ async def run_with_failover(
     if not found:
         raise NoWorkerError(f"no live worker advertises model {model!r}", attempts)
     tried: set[str] = set()
+    # One set of caps: workers above either are not chosen (they would refuse), and the job carries both.
+    caps = dict(max_price_per_mtok_micros=max_price_per_mtok_micros,
+                max_price_per_gpu_second_micros=max_price_per_gpu_second_micros)
     while len(tried) < max_attempts:
-        ranked = rank([a.advert for a in discovery.adverts(model)], model, max_price_per_mtok_micros,
-                      frozenset(tried))
+        ranked = rank([a.advert for a in discovery.adverts(model)], model, exclude=frozenset(tried), **caps)
         if not ranked:
             break
-        client = await _choose(ranked[:PROBE_TOP], identity, tls, model, max_price_per_mtok_micros,
-                               attempts, tried, connect)
+        client = await _choose(ranked[:PROBE_TOP], identity, tls, model, caps, attempts, tried, connect)
         if client is None:
             continue
         async with client:
@@ -134,7 +136,7 @@ async def run_with_failover(
                 on_worker(client.peer_id)
             outcome = await _run_on(client, model, prompt, dict(
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                max_price_per_mtok_micros=max_price_per_mtok_micros), on_text, timeout_s)
+                **caps), on_text, timeout_s)
             if isinstance(outcome, JobResult) and on_completed is not None:
                 await on_completed(client, outcome)
         if isinstance(outcome, JobResult):
@@ -154,7 +156,7 @@ async def run_with_failover(
     raise NoWorkerError(f"no worker for {model!r} completed the job: {tried_text}", attempts)
 
 
-async def _choose(top: list[Candidate], identity: Identity, tls: str, model: str, max_price: int | None,
+async def _choose(top: list[Candidate], identity: Identity, tls: str, model: str, caps: dict[str, int | None],
                   attempts: list[Attempt], tried: set[str], connect: Connect) -> WorkerClient | None:
     """Probe the top candidates at once; keep the best verified one (latency now known), close the
     others. Candidates that fail the probe are recorded and excluded."""
@@ -167,7 +169,7 @@ async def _choose(top: list[Candidate], identity: Identity, tls: str, model: str
         else:
             alive[candidate.peer_id] = client
     latencies = {c.peer_id: c.latency_s for c, client, _ in probes if client is not None}
-    best = rank([client.advert for client in alive.values()], model, max_price, latencies=latencies)
+    best = rank([client.advert for client in alive.values()], model, latencies=latencies, **caps)
     for peer, client in alive.items():
         if not best or peer != best[0].peer_id:
             await client.close()

@@ -1,8 +1,9 @@
 """Which worker a client sends its job to: a pure function over the adverts it has seen.
 
 The policy, in order:
-1. Eligible: the worker advertises the model, its price per million output tokens is within the
-   client's cap (if any), and the client has not already failed over away from it.
+1. Eligible: the worker advertises the model, its prices per million output tokens and per
+   GPU-second are within the client's caps (if any; a worker above one would refuse the job), and
+   the client has not already failed over away from it.
 2. Workers with a free slot come before saturated ones; saturated ones by shortest queue.
 3. Then the lower price.
 4. Then the higher measured speed (tokens/s from the worker's recent receipts; unmeasured = 0).
@@ -45,12 +46,15 @@ def _key(c: Candidate) -> tuple:
 
 
 def rank(adverts: Iterable[CapacityAdvert], model: str, max_price_per_mtok_micros: int | None = None,
-         exclude: frozenset[str] = frozenset(), latencies: Mapping[str, float] | None = None) -> list[Candidate]:
+         exclude: frozenset[str] = frozenset(), latencies: Mapping[str, float] | None = None, *,
+         max_price_per_gpu_second_micros: int | None = None) -> list[Candidate]:
     """Candidates for `model`, best first (policy in the module docstring)."""
     latencies = latencies or {}
     eligible = [
         Candidate.from_advert(a, latencies.get(a.peer_id)) for a in adverts
         if any(m.id == model for m in a.models) and a.peer_id not in exclude
         and (max_price_per_mtok_micros is None or a.price_per_mtok_micros <= max_price_per_mtok_micros)
+        and (max_price_per_gpu_second_micros is None
+             or a.price_per_gpu_second_micros <= max_price_per_gpu_second_micros)
     ]
     return sorted(eligible, key=_key)

@@ -105,6 +105,8 @@ def test_run_names_an_environment_variable_it_cannot_parse(tmp_path):
 @pytest.mark.parametrize("flags, words", [
     (("--seed", "-1"), ("--seed must be from 0",)),
     (("--max-price", "-5"), ("--max-price must be from 0",)),
+    (("--max-price-gpu-second", "-1"), ("--max-price-gpu-second must be from 0 to 2^64-1", "got -1")),
+    (("--max-price-gpu-second", str(2**64)), ("--max-price-gpu-second must be from 0",)),
     (("--temperature", "nan"), ("--temperature must be from 0 to 100",)),
     (("--timeout", "0"), ("--timeout must be a positive",)),
     (("--prompt", "a\udcff\udcfeb"), ("--prompt is not valid UTF-8",)),

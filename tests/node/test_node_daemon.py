@@ -159,6 +159,20 @@ async def test_each_refusal_has_its_status_and_is_counted(daemon):
         assert match and int(float(match.group(1))) >= 1, reason
 
 
+def test_submit_command_sends_its_gpu_second_cap(daemon, tmp_path, capsys):
+    from node.cli import main
+
+    def submit(*flags: str) -> tuple[int, str]:
+        code = main(["submit", "--node", daemon.grpc, "--prompt", "Hi", "--max-new-tokens", "2",
+                     "--key", str(tmp_path / "client.key"), *flags])
+        return code, capsys.readouterr().err
+
+    code, err = submit("--max-price-gpu-second", "999")      # this node charges 1000 per GPU-second
+    assert code == 1 and "GPU-second price cap 999 is below this node's price of 1000" in err, err
+    code, err = submit("--max-price-gpu-second", "1000")
+    assert code == 0 and "verified" in err, err
+
+
 @pytest.mark.asyncio
 async def test_rate_limit_per_client(daemon):
     async with await connect(daemon) as client:

@@ -21,6 +21,16 @@ def test_only_workers_serving_the_model_within_the_price_cap():
     assert order(ads) == ["c", "b"]
 
 
+def test_a_gpu_second_cap_skips_workers_that_charge_more_for_time():
+    timed = advert("timed", price=1)
+    timed.price_per_gpu_second_micros = 50
+    ads = [timed, advert("untimed", price=900)]
+    assert order(ads) == ["timed", "untimed"]                               # no cap: the cheaper token price
+    assert order(ads, max_price_per_gpu_second_micros=50) == ["timed", "untimed"]
+    assert order(ads, max_price_per_gpu_second_micros=49) == ["untimed"]    # it would refuse the job
+    assert order(ads, max_price_per_gpu_second_micros=0) == ["untimed"]     # 0 agrees to no time charge
+
+
 def test_excluded_workers_are_skipped():
     assert order([advert("a"), advert("b")], exclude=frozenset({"a"})) == ["b"]
 
