@@ -117,6 +117,8 @@ class GatewayApp:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the request body is not JSON: {exc}") from None
+        except RecursionError:   # a few hundred KB of "[" nest deeper than the parser recurses
+            raise ApiError(400, "the request body nests too deeply to be a request") from None
         params = parse_request(kind, body)
         self.gateway.check_model(params.model)
         await self.gateway.check_budget(account)

@@ -127,6 +127,8 @@ def test_bodies_that_are_not_requests(gateway):
     huge = httpx.post(url, content=b"x" * (5 * 1024 * 1024), headers=auth, timeout=60)
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
     assert httpx.post(url, json=[1, 2], headers=auth).status_code == 400
+    deep = httpx.post(url, content=b"[" * 200_000, headers=auth, timeout=60)
+    assert deep.status_code == 400 and "nests too deeply" in deep.json()["error"]["message"]
 
 
 def test_receipts_commands_work_on_the_gateway_dir(gateway, capsys):
