@@ -54,6 +54,9 @@ class CorpusIndex:
     def extend(self, doc_id: str, scope: str, tokens: list[int]) -> None:
         """Index `tokens` (the document's whole text so far; earlier tokens must not change)."""
         doc = self.docs.get(doc_id)
+        if doc is not None and not doc.running:   # an id used again after its request finished: a new text
+            self._evict(doc)
+            doc = None
         if doc is None:
             doc = self.docs[doc_id] = self.by_number[self._serial] = _Document(doc_id, self._serial, scope)
             self._serial += 1

@@ -60,6 +60,16 @@ def test_finished_text_is_kept_within_the_capacity_oldest_out_first():
     assert len(corpus.table) == 6 + 3, "only the evicted document's own entries left the table"
 
 
+def test_a_request_id_used_again_starts_a_new_document():
+    corpus = CorpusIndex(capacity=100, min_n=2, max_n=2)
+    corpus.extend("r", "s", [1, 2, 3, 4])
+    corpus.finish("r")
+    corpus.extend("r", "s", [7, 8, 9])
+    assert corpus.lookup("s", [0, 7, 8], 2) == [9] and corpus.lookup("s", [0, 2, 3], 2) == []
+    corpus.finish("r")
+    assert corpus.finished_tokens == 3
+
+
 def test_bad_corpus_settings_are_refused():
     with pytest.raises(ValueError, match="min_n <= max_n"):
         CorpusIndex(10, 3, 2)
