@@ -18,7 +18,7 @@ deterministic (q one-hot), and verified by the target.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -46,7 +46,7 @@ class CorpusIndex:
             raise ValueError(f"corpus n-grams need 1 <= min_n <= max_n, got {min_n}, {max_n}")
         self.capacity, self.min_n, self.max_n = capacity, min_n, max_n
         self.table: dict[int, int] = {}
-        self.docs: OrderedDict[str, _Document] = OrderedDict()   # oldest first
+        self.docs: dict[str, _Document] = {}   # oldest first (insertion order)
         self.by_number: dict[int, _Document] = {}
         self.finished_tokens = 0
         self._serial = 0
@@ -62,11 +62,8 @@ class CorpusIndex:
             self._serial += 1
         known = len(doc.tokens)
         doc.tokens.extend(tokens[known:])
-        # The n-gram ending before position t is recorded once token t exists, so that a document's
-        # current suffix never matches itself (as in NgramIndex).
-        for t in range(max(known, 1), len(doc.tokens)):
-            for n in range(self.min_n, min(self.max_n, t) + 1):
-                self.table[self._key(scope, doc.tokens[t - n:t])] = (doc.number << 32) | t
+        for key, value in self._entries(doc, known):
+            self.table[key] = value
 
     def finish(self, doc_id: str) -> None:
         """The document's request left: keep its text for others, within the capacity."""
@@ -93,12 +90,18 @@ class CorpusIndex:
                 return doc.tokens[t:t + length]
         return []
 
-    def _evict(self, doc: _Document) -> None:
-        for t in range(1, len(doc.tokens)):
+    def _entries(self, doc: _Document, start: int) -> Iterator[tuple[int, int]]:
+        """The table entries of `doc`'s n-grams that end before positions start.. . The n-gram ending
+        before position t is recorded once token t exists, so that a document's current suffix never
+        matches itself (as in NgramIndex)."""
+        for t in range(max(start, 1), len(doc.tokens)):
             for n in range(self.min_n, min(self.max_n, t) + 1):
-                key = self._key(doc.scope, doc.tokens[t - n:t])
-                if self.table.get(key) == (doc.number << 32) | t:
-                    del self.table[key]
+                yield self._key(doc.scope, doc.tokens[t - n:t]), (doc.number << 32) | t
+
+    def _evict(self, doc: _Document) -> None:
+        for key, value in self._entries(doc, 0):
+            if self.table.get(key) == value:    # not since taken over by a later occurrence
+                del self.table[key]
         self.finished_tokens -= len(doc.tokens)
         del self.docs[doc.doc_id]
         del self.by_number[doc.number]
