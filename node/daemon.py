@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from engine.async_engine import load_async_engine
 from node import tls
 from node.capacity import CapacityTracker
 from node.config import NodeConfig, split_host_port
-from node.doctor import tcp_listen_of_multiaddr
+from node.doctor import bound_socket, tcp_listen_of_multiaddr
 from node.events import EngineRound, EventBus
 from node.gpu import detect_gpus
 from node.http_server import HttpService
@@ -53,10 +52,8 @@ def check_ports_free(config: NodeConfig) -> None:
     with contextlib.ExitStack() as held:     # held together: two settings naming one port collide too
         for field, listen in listens:
             host, port = split_host_port(listen)
-            sock = held.enter_context(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the servers bind
             try:
-                sock.bind((host, port))
+                sock = held.enter_context(bound_socket(host, port))
             except OSError as exc:
                 raise SetupError(f"{field} {listen}: cannot listen there ({exc.strerror}); stop the program "
                                  f"holding the port (another node?) or change {field}") from None

@@ -71,14 +71,24 @@ def check_cuda(report: GpuReport) -> Check:
     return Check("cuda", "ok", f"a matmul runs correctly on {len(report.devices)} device(s)")
 
 
-def _bind_error(host: str, port: int) -> OSError | None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) as the node's servers bind (SO_REUSEADDR); OSError when
+    it cannot be."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            return exc
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_error(host: str, port: int) -> OSError | None:
+    try:
+        bound_socket(host, port).close()
+    except OSError as exc:
+        return exc
     return None
 
 
