@@ -194,9 +194,8 @@ class WorkerClient:
             raise ClientError("the result's token ids differ from the tokens streamed")
         if not result.HasField("receipt"):
             raise ClientError(f"the job ended ({result.finish_reason}) without a receipt")
-        receipt = self._check_receipt(result.receipt, job, output_ids)
-        request = job_pb2.JobRequest.FromString(job.payload)
-        return JobResult(job_id=request.job_id, accepted=accepted, text=result.text, output_ids=output_ids,
+        receipt = self._check_receipt(result.receipt, job, output_ids)   # its job_id is the job's (checked)
+        return JobResult(job_id=receipt.job_id, accepted=accepted, text=result.text, output_ids=output_ids,
                          finish_reason=result.finish_reason, receipt_envelope=result.receipt, receipt=receipt,
                          time_to_first_token_s=first_token, elapsed_s=elapsed)
 
