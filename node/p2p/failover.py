@@ -22,8 +22,9 @@ from typing import Any, Literal
 from dspark.v1.job_pb2 import JobRequest
 from node.client import ClientError, JobRefused, JobResult, WorkerClient
 from node.identity import Identity
+from node.p2p.adverts import LiveAdvert
 from node.p2p.discovery import Discovery
-from node.p2p.selection import Candidate, rank
+from node.p2p.selection import Candidate, over_caps, rank
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,16 @@ async def run_with_failover(
                                 f"{outcome.detail}", attempts)
         if on_failover is not None:
             on_failover(outcome)
-    tried_text = "; ".join(f"{a.peer_id}: {a.outcome} ({a.detail})" for a in attempts) or "none eligible"
+    tried_text = ("; ".join(f"{a.peer_id}: {a.outcome} ({a.detail})" for a in attempts)
+                  or _none_within_caps(discovery.adverts(model), caps))
     raise NoWorkerError(f"no worker for {model!r} completed the job: {tried_text}", attempts)
+
+
+def _none_within_caps(adverts: list[LiveAdvert], caps: dict[str, int | None]) -> str:
+    """Why no worker was tried, in the client's terms: which prices of which worker are above its caps
+    (a bare "none eligible" would leave the client guessing which cap to raise)."""
+    over = [f"{a.peer_id} charges {excess}" for a in adverts if (excess := over_caps(a.advert, **caps))]
+    return "none within the price caps: " + "; ".join(over) if over else "none eligible"
 
 
 async def _choose(top: list[Candidate], identity: Identity, tls: str, model: str, caps: dict[str, int | None],

@@ -45,6 +45,20 @@ def _key(c: Candidate) -> tuple:
     return (saturated, c.queue_depth if saturated else 0, c.price_per_mtok_micros, -speed, latency, c.peer_id)
 
 
+def over_caps(advert: CapacityAdvert, max_price_per_mtok_micros: int | None = None,
+              max_price_per_gpu_second_micros: int | None = None) -> str:
+    """Which of the worker's prices are above the client's caps ("" when none is): why it is not chosen."""
+    over = []
+    if max_price_per_mtok_micros is not None and advert.price_per_mtok_micros > max_price_per_mtok_micros:
+        over.append(f"{advert.price_per_mtok_micros} micros per million tokens, above the cap of "
+                    f"{max_price_per_mtok_micros}")
+    if (max_price_per_gpu_second_micros is not None
+            and advert.price_per_gpu_second_micros > max_price_per_gpu_second_micros):
+        over.append(f"{advert.price_per_gpu_second_micros} micros per GPU-second, above the cap of "
+                    f"{max_price_per_gpu_second_micros}")
+    return " and ".join(over)
+
+
 def rank(adverts: Iterable[CapacityAdvert], model: str, max_price_per_mtok_micros: int | None = None,
          exclude: frozenset[str] = frozenset(), latencies: Mapping[str, float] | None = None, *,
          max_price_per_gpu_second_micros: int | None = None) -> list[Candidate]:
@@ -53,8 +67,6 @@ def rank(adverts: Iterable[CapacityAdvert], model: str, max_price_per_mtok_micro
     eligible = [
         Candidate.from_advert(a, latencies.get(a.peer_id)) for a in adverts
         if any(m.id == model for m in a.models) and a.peer_id not in exclude
-        and (max_price_per_mtok_micros is None or a.price_per_mtok_micros <= max_price_per_mtok_micros)
-        and (max_price_per_gpu_second_micros is None
-             or a.price_per_gpu_second_micros <= max_price_per_gpu_second_micros)
+        and not over_caps(a, max_price_per_mtok_micros, max_price_per_gpu_second_micros)
     ]
     return sorted(eligible, key=_key)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dspark.v1.advert_pb2 import CapacityAdvert, ModelOffer
-from node.p2p.selection import rank
+from node.p2p.selection import over_caps, rank
 
 
 def advert(peer: str, model: str = "m", price: int = 100, free: int = 1, queue: int = 0, tps: float = 10.0):
@@ -29,6 +29,15 @@ def test_a_gpu_second_cap_skips_workers_that_charge_more_for_time():
     assert order(ads, max_price_per_gpu_second_micros=50) == ["timed", "untimed"]
     assert order(ads, max_price_per_gpu_second_micros=49) == ["untimed"]    # it would refuse the job
     assert order(ads, max_price_per_gpu_second_micros=0) == ["untimed"]     # 0 agrees to no time charge
+
+
+def test_over_caps_names_each_price_above_its_cap():
+    timed = advert("timed", price=300)
+    timed.price_per_gpu_second_micros = 50
+    assert over_caps(timed) == over_caps(timed, 300, 50) == ""
+    assert over_caps(timed, max_price_per_gpu_second_micros=49) == "50 micros per GPU-second, above the cap of 49"
+    assert over_caps(timed, 299, 0) == ("300 micros per million tokens, above the cap of 299 and "
+                                        "50 micros per GPU-second, above the cap of 0")
 
 
 def test_excluded_workers_are_skipped():
