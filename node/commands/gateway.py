@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="key and receipt store (default: ~/.local/share/dspark-node/gateway)")
     parser.add_argument("--max-price", type=int, metavar="MICROS",
                         help="highest price per million output tokens to pay (default: any)")
+    parser.add_argument("--max-price-gpu-second", type=int, metavar="MICROS",
+                        help="highest price per GPU-second to pay (default: any; 0 pays no time charge)")
     parser.add_argument("--budget", type=int, metavar="AMOUNT",
                         help="micro-units each API key may spend (persisted; default: unlimited)")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY", dest="api_keys",
@@ -43,7 +45,8 @@ def _fail(message: str) -> int:
     return 2
 
 
-_FLAGS = {"max_price_per_mtok_micros": "--max-price", "budget_micros": "--budget", "api_keys": "--api-key"}
+_FLAGS = {"max_price_per_mtok_micros": "--max-price", "max_price_per_gpu_second_micros": "--max-price-gpu-second",
+          "budget_micros": "--budget", "api_keys": "--api-key"}
 
 
 def _flag(loc: tuple) -> str:
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from node.gateway.config import GatewayConfig
 
     values = dict(listen=args.listen, bootstrap=args.bootstrap, mdns=args.mdns, key=args.key,
-                  max_price_per_mtok_micros=args.max_price, budget_micros=args.budget,
+                  max_price_per_mtok_micros=args.max_price,
+                  max_price_per_gpu_second_micros=args.max_price_gpu_second, budget_micros=args.budget,
                   api_keys=tuple(args.api_keys), tls=args.tls, attempts=args.attempts)
     if args.data_dir is not None:
         values["data_dir"] = args.data_dir

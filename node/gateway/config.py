@@ -19,6 +19,7 @@ class GatewayConfig(BaseModel):
     data_dir: Path = DEFAULT_DATA_DIR / "gateway"
     key: Path | None = None                       # default: <data_dir>/client.key
     max_price_per_mtok_micros: int | None = Field(None, ge=0, lt=2**63)
+    max_price_per_gpu_second_micros: int | None = Field(None, ge=0, lt=2**63)   # 0: no time charge
     budget_micros: int | None = Field(None, ge=0, lt=2**63)   # per API key; None = unlimited
     api_keys: tuple[str, ...] = ()
     tls: str = Field("auto", pattern="^(auto|on|off)$")

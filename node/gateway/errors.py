@@ -44,7 +44,7 @@ def network_error(exc: NoWorkerError, model: str) -> ApiError:
             return ApiError(400, f"refused by worker {attempt.peer_id}: {attempt.detail}",
                             code=_REQUEST_FAULTS[Reason(attempt.reason)])
     if not exc.attempts:
-        return ApiError(429, f"no worker serves {model!r} within the gateway's price cap now: {exc}",
+        return ApiError(429, f"no worker serves {model!r} within the gateway's price caps now: {exc}",
                         code="no_capacity")
     if refusals and all(a.reason in _BUSY for a in refusals) and len(refusals) == len(exc.attempts):
         return ApiError(429, f"every worker for {model!r} is busy: {exc}", code="no_capacity")

@@ -88,7 +88,8 @@ class Gateway:
             return await run_with_failover(
                 self.discovery, self.identity, params.model, params.prompt, max_new_tokens=params.max_new_tokens,
                 temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop=params.stop,
-                max_price_per_mtok_micros=self.config.max_price_per_mtok_micros, tls=self.config.tls,
+                max_price_per_mtok_micros=self.config.max_price_per_mtok_micros,
+                max_price_per_gpu_second_micros=self.config.max_price_per_gpu_second_micros, tls=self.config.tls,
                 timeout_s=self.config.timeout_s, max_attempts=self.config.attempts, on_text=on_text,
                 on_worker=on_worker, on_completed=keep_receipt, failover_after_output=False,
                 discovery_wait_s=0.0, connect=self.pool.connect)

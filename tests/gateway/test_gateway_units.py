@@ -173,6 +173,10 @@ def test_audit_names_a_store_row_holding_text_where_bytes_belong(tmp_path, worke
     (["--listen", "0.0.0.0:8080", "--bootstrap", "/ip4/127.0.0.1/tcp/1"], "not a loopback address: give --api-key"),
     (["--bootstrap", "/ip4/127.0.0.1/tcp/1", "--api-key", "short"], "--api-key: an API key must be at least 16"),
     (["--bootstrap", "/ip4/127.0.0.1/tcp/1", "--budget", "-5"], "--budget: Input should be greater than or equal"),
+    (["--bootstrap", "/ip4/127.0.0.1/tcp/1", "--max-price-gpu-second", "-1"],
+     "--max-price-gpu-second: Input should be greater than or equal to 0"),
+    (["--bootstrap", "/ip4/127.0.0.1/tcp/1", "--max-price-gpu-second", str(2**63)],
+     "--max-price-gpu-second: Input should be less than 9223372036854775808"),
     (["--bootstrap", "not-a-multiaddr"], "--bootstrap: 'not-a-multiaddr' is not a multiaddr"),
     ([], "give --bootstrap MULTIADDR (or --mdns)"),
 ])

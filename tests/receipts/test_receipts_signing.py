@@ -10,14 +10,14 @@ from fractions import Fraction
 import grpc
 import pytest
 from hypothesis import given, strategies as st
-from receipts_helpers import CLIENT, OTHER_CLIENT, WORKER, bill, outcome
+from receipts_helpers import CLIENT, OTHER_CLIENT, WORKER, bill, outcome, worker_answer
 
 from dspark.v1 import job_pb2, worker_pb2_grpc
 from dspark.v1.advert_pb2 import CapacityAdvert
 from dspark.v1.receipt_pb2 import Receipt
 from node.client import ClientError, WorkerClient
-from node.envelope import digest, seal
-from node.receipts import (GENESIS_DIGEST, ReceiptError, acknowledgment, billed_amount, check_acknowledgment,
+from node.envelope import seal
+from node.receipts import (ReceiptError, acknowledgment, billed_amount, check_acknowledgment,
                            output_digest, verify_receipt)
 
 
@@ -109,18 +109,6 @@ def test_job_outcome_refuses_bad_values_before_anything_is_written(field, value)
         type(outcome(1))(**kwargs)
 
 
-def _worker_answer(job, price_mtok: int, price_gpu_s: int) -> job_pb2.JobResult:
-    """A JobResult for `job` whose receipt, signed by WORKER, bills by the rule at the given prices."""
-    ids = [1, 2, 3, 4]
-    receipt = Receipt(job_digest=digest(job), job_id=job_pb2.JobRequest.FromString(job.payload).job_id,
-                      client_public_key=CLIENT.public_key, worker_peer_id=WORKER.peer_id, output_tokens=len(ids),
-                      output_digest=output_digest(ids), price_per_mtok_micros=price_mtok,
-                      price_per_gpu_second_micros=price_gpu_s, gpu_seconds=5.0, outcome="completed", sequence=1,
-                      previous_receipt_digest=GENESIS_DIGEST)
-    receipt.amount_micros = billed_amount(len(ids), price_mtok, 5.0, price_gpu_s)
-    return job_pb2.JobResult(output_token_ids=ids, receipt=seal(WORKER, receipt), finish_reason="length")
-
-
 @pytest.mark.asyncio
 @pytest.mark.parametrize("price_mtok,price_gpu_s,refused", [
     (100_000, 0, None),                       # what the worker advertised: accepted
@@ -132,7 +120,7 @@ async def test_client_refuses_a_receipt_above_the_jobs_price_caps(price_mtok, pr
     advert.models.add(id="m")
     async with WorkerClient(grpc.aio.insecure_channel("127.0.0.1:1"), CLIENT, advert) as client:
         job = client.sign_job(text="hi", max_new_tokens=4)
-        result = _worker_answer(job, price_mtok, price_gpu_s)
+        result = worker_answer(job, price_mtok, price_gpu_s)
         if refused is None:
             verified = client._verify(job, job_pb2.JobAccepted(), result, [1, 2, 3, 4], None, 0.1)
             assert verified.receipt.price_per_mtok_micros == 100_000
@@ -149,11 +137,11 @@ async def test_a_gpu_second_cap_the_client_signed_covers_the_workers_time_price(
     async with WorkerClient(grpc.aio.insecure_channel("127.0.0.1:1"), CLIENT, advert) as client:
         job = client.sign_job(text="hi", max_new_tokens=4)     # caps default to the advertised prices
         assert job_pb2.JobRequest.FromString(job.payload).max_price_per_gpu_second_micros == 500
-        verified = client._verify(job, job_pb2.JobAccepted(), _worker_answer(job, 100_000, 500), [1, 2, 3, 4],
+        verified = client._verify(job, job_pb2.JobAccepted(), worker_answer(job, 100_000, 500), [1, 2, 3, 4],
                                   None, 0.1)
         assert verified.receipt.amount_micros == billed_amount(4, 100_000, 5.0, 500)
         with pytest.raises(ClientError, match="per GPU-second"):
-            client._verify(job, job_pb2.JobAccepted(), _worker_answer(job, 100_000, 501), [1, 2, 3, 4], None, 0.1)
+            client._verify(job, job_pb2.JobAccepted(), worker_answer(job, 100_000, 501), [1, 2, 3, 4], None, 0.1)
 
 
 class _ReceiptServer(worker_pb2_grpc.WorkerServicer):
@@ -168,9 +156,9 @@ class _ReceiptServer(worker_pb2_grpc.WorkerServicer):
 
 
 def _fetched(job, **changes) -> Receipt:
-    """The receipt `_worker_answer` would stream for `job` at the advertised prices, with `changes`
+    """The receipt `worker_answer` would stream for `job` at the advertised prices, with `changes`
     applied and re-signed by WORKER (the amount kept by the rule)."""
-    receipt = Receipt.FromString(_worker_answer(job, 100_000, 0).receipt.payload)
+    receipt = Receipt.FromString(worker_answer(job, 100_000, 0).receipt.payload)
     for name, value in changes.items():
         setattr(receipt, name, value)
     receipt.amount_micros = billed_amount(receipt.output_tokens, receipt.price_per_mtok_micros,
