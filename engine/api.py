@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+# Where a draft came from: prompt lookup in the request's own text, lookup in other requests' text of
+# its scope (engine/drafters/corpus.py), or the model drafter (DSpark, DFlash, EAGLE-3).
+DRAFT_SOURCES = ("own", "corpus", "drafter")
 
 
 class RequestRejected(ValueError):
@@ -61,6 +64,13 @@ class GenerationRequest:
 
 
 @dataclass
+class DraftCounts:
+    drafted: int = 0
+    verified: int = 0
+    accepted: int = 0
+
+
+@dataclass
 class RequestStats:
     prompt_tokens: int = 0
     output_tokens: int = 0
@@ -68,6 +78,8 @@ class RequestStats:
     drafted_tokens: int = 0       # tokens the drafter proposed
     verified_tokens: int = 0      # draft tokens sent to the target for verification
     accepted_tokens: int = 0      # draft tokens the target accepted
+    # the three counts above split by DRAFT_SOURCES, for the sources that drafted for this request
+    by_source: dict[str, DraftCounts] = field(default_factory=dict)
     queue_seconds: float = 0.0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -125,6 +137,14 @@ class EngineInfo:
     max_context: int             # prompt + new tokens a request may use
     max_batch: int               # concurrent requests decoded together
     block_size: int              # draft tokens per round (gamma); 0 for plain decoding
+
+
+@dataclass(frozen=True)
+class CorpusFill:
+    """How much text the cross-request lookup corpus holds now."""
+    tokens: int                  # finished requests' text (up to capacity) plus the running ones'
+    documents: int               # one per request
+    capacity: int                # tokens of finished requests' text kept (engine.lookup_corpus_tokens)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import AsyncIterator, Callable
 
-from engine.api import GenerationRequest, GenerationResult, RequestRejected, RoundReport, TokenChunk
+from engine.api import CorpusFill, GenerationRequest, GenerationResult, RequestRejected, RoundReport, TokenChunk
 from engine.build import build_engine
 from engine.config import EngineConfig
 from engine.engine import Engine
@@ -60,6 +60,10 @@ class AsyncEngine:
     @property
     def free_slots(self) -> int:
         return max(0, len(self.engine.free_slots) - self.queue_depth)
+
+    @property
+    def corpus_fill(self) -> CorpusFill | None:
+        return self.engine.drafter.corpus_fill()
 
     def add_round_listener(self, callback: Callable[[RoundReport], None]) -> None:
         self._listeners.append(callback)

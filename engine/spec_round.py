@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from engine.api import RoundReport
+from engine.api import DraftCounts, RoundReport
 from engine.calibration import record as record_confidence, tally_positions
 from engine.drafters.base import Drafter, Horizon, Proposal
 from engine.model import KVCache, TargetModel
@@ -76,6 +76,7 @@ def propose_for(drafter: Drafter, seqs: list[Sequence], drafting: list[bool], ho
         for i, r in enumerate(rows):
             proposal.tokens[r], proposal.probs[r] = part.tokens[i], part.probs[i]
             proposal.confidence[r], proposal.confidence_inputs[r] = part.confidence[i], part.confidence_inputs[i]
+            proposal.sources[r] = part.sources[i]
     return proposal
 
 
@@ -119,7 +120,7 @@ def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seq
         new = commit_tokens(seq, draft, a, bonus, eos_ids)
         seq.tokens.extend(new)
         seq.kv_len += a + 1
-        _count(seq, len(proposal.tokens[r]), L, a)
+        _count(seq, proposal.sources[r], len(proposal.tokens[r]), L, a)
         record_confidence(seq.stats, proposal.confidence[r], proposal.confidence_inputs[r], L, a)
         accepted_total += a
         committed.append(new)
@@ -135,10 +136,13 @@ def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seq
     return report, committed
 
 
-def _count(seq: Sequence, drafted: int, verified: int, accepted: int) -> None:
+def _count(seq: Sequence, source: str, drafted: int, verified: int, accepted: int) -> None:
     s = seq.stats
     s.rounds += 1
     s.drafted_tokens += drafted
     s.verified_tokens += verified
     s.accepted_tokens += accepted
+    if drafted:
+        by = s.by_source.setdefault(source, DraftCounts())
+        by.drafted, by.verified, by.accepted = by.drafted + drafted, by.verified + verified, by.accepted + accepted
     tally_positions(s.reached, s.accepted_at, verified, accepted)

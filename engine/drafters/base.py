@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from engine.api import CorpusFill
 from engine.sequence import Sequence
 
 
@@ -23,12 +24,14 @@ class Proposal:
     confidence: list[torch.Tensor | None] = field(default_factory=list)  # per request [len], c_k in (0, 1)
     # per request [len, 2]: the confidence head's inputs (z_k, u_k) before calibration, recorded for it
     confidence_inputs: list[torch.Tensor | None] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)   # per request, one of engine.api.DRAFT_SOURCES
 
     def __post_init__(self) -> None:
         # A drafter without a confidence head leaves them out: one None per request, so every reader
-        # indexes them like `tokens`.
+        # indexes them like `tokens`. Only lookup drafters name a source other than the model.
         self.confidence = self.confidence or [None] * len(self.tokens)
         self.confidence_inputs = self.confidence_inputs or [None] * len(self.tokens)
+        self.sources = self.sources or ["drafter"] * len(self.tokens)
 
 
 class Horizon(Protocol):
@@ -71,3 +74,8 @@ class Drafter:
 
     def release(self, seq: Sequence) -> None:
         """The request left the batch."""
+
+    def corpus_fill(self) -> CorpusFill | None:
+        """The cross-request lookup corpus's size, for a drafter that keeps one. Read by the node's
+        threads while the engine thread drafts, so it must not take a lock the engine holds."""
+        return None

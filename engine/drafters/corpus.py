@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from engine.api import CorpusFill
+
 
 @dataclass
 class _Document:
@@ -49,6 +51,7 @@ class CorpusIndex:
         self.docs: dict[str, _Document] = {}   # oldest first (insertion order)
         self.by_number: dict[int, _Document] = {}
         self.finished_tokens = 0
+        self.held_tokens = 0                   # all documents', running ones too
         self._serial = 0
 
     def extend(self, doc_id: str, scope: str, tokens: list[int]) -> None:
@@ -62,6 +65,7 @@ class CorpusIndex:
             self._serial += 1
         known = len(doc.tokens)
         doc.tokens.extend(tokens[known:])
+        self.held_tokens += len(doc.tokens) - known
         for key, value in self._entries(doc, known):
             self.table[key] = value
 
@@ -90,6 +94,11 @@ class CorpusIndex:
                 return doc.tokens[t:t + length]
         return []
 
+    def fill(self) -> CorpusFill:
+        """Read by the node's threads while the engine thread indexes: plain reads of an int and a
+        dict's length, each atomic under the GIL, so no lock; they may straddle one update."""
+        return CorpusFill(tokens=self.held_tokens, documents=len(self.docs), capacity=self.capacity)
+
     def _entries(self, doc: _Document, start: int) -> Iterator[tuple[int, int]]:
         """The table entries of `doc`'s n-grams that end before positions start.. . The n-gram ending
         before position t is recorded once token t exists, so that a document's current suffix never
@@ -103,6 +112,7 @@ class CorpusIndex:
             if self.table.get(key) == value:    # not since taken over by a later occurrence
                 del self.table[key]
         self.finished_tokens -= len(doc.tokens)
+        self.held_tokens -= len(doc.tokens)
         del self.docs[doc.doc_id]
         del self.by_number[doc.number]
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.api import CorpusFill
 from engine.calibration import tally_positions
 from engine.drafters.base import Drafter, Horizon, Proposal
 from engine.drafters.corpus import CorpusIndex
@@ -106,18 +107,18 @@ class LookupFirst(Drafter):
                     horizon.fix(seq, self.confidence(seq.request_id, source, len(draft)))
         rest = [seq for seq, (draft, _) in zip(seqs, found) if not draft]
         model = self.model.propose(rest, horizon) if rest else Proposal(tokens=[], probs=[])
-        model_rows = zip(model.tokens, model.probs, model.confidence, model.confidence_inputs)
-        tokens, probs, confidence, inputs = [], [], [], []
+        model_rows = zip(model.tokens, model.probs, model.confidence, model.confidence_inputs, model.sources)
+        tokens, probs, confidence, inputs, sources = [], [], [], [], []
         for seq, (draft, source) in zip(seqs, found):
             if draft:
                 self.pending[seq.request_id] = source
-                row = (draft, None, self.confidence(seq.request_id, source, len(draft)), None)
+                row = (draft, None, self.confidence(seq.request_id, source, len(draft)), None, source)
             else:
                 self.pending.pop(seq.request_id, None)
                 row = next(model_rows)
-            for column, value in zip((tokens, probs, confidence, inputs), row):
+            for column, value in zip((tokens, probs, confidence, inputs, sources), row):
                 column.append(value)
-        return Proposal(tokens=tokens, probs=probs, confidence=confidence, confidence_inputs=inputs)
+        return Proposal(tokens=tokens, probs=probs, confidence=confidence, confidence_inputs=inputs, sources=sources)
 
     def commit(self, seq: Sequence, features: torch.Tensor | None, verified: int, accepted: int) -> None:
         self.model.commit(seq, features, verified, accepted)
@@ -125,6 +126,9 @@ class LookupFirst(Drafter):
         if source is not None:
             self.counts[seq.request_id, source].add(verified, accepted)
             self.node[source].add(verified, accepted)
+
+    def corpus_fill(self) -> CorpusFill | None:
+        return None if self.corpus is None else self.corpus.fill()
 
     def release(self, seq: Sequence) -> None:
         self.model.release(seq)

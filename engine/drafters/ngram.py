@@ -56,4 +56,4 @@ class NgramDrafter(Drafter):
             index: NgramIndex = seq.drafter_state
             index.update(seq.tokens)
             tokens.append(index.lookup(seq.tokens, self.block_size, 1))
-        return Proposal(tokens=tokens, probs=[None] * len(seqs))
+        return Proposal(tokens=tokens, probs=[None] * len(seqs), sources=["own"] * len(seqs))

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 from pydantic import ValidationError
 
+from engine.api import CorpusFill, DraftCounts
 from engine.config import EngineConfig
 from engine.drafters.corpus import CorpusIndex
 from tests.drafters.helpers import request
@@ -70,6 +71,18 @@ def test_a_request_id_used_again_starts_a_new_document():
     assert corpus.finished_tokens == 3
 
 
+def test_the_fill_counts_running_and_kept_text():
+    corpus = CorpusIndex(capacity=10, min_n=2, max_n=2)
+    corpus.extend("old", "s", [1, 2, 3, 4, 5, 6])
+    corpus.finish("old")
+    corpus.extend("running", "s", [1, 2, 7])
+    corpus.extend("running", "s", [1, 2, 7, 8, 9, 10, 11, 12])
+    assert corpus.fill() == CorpusFill(tokens=6 + 8, documents=2, capacity=10)
+    corpus.extend("new", "s", [3, 4, 30, 31, 32])
+    corpus.finish("new")                      # "old" is evicted
+    assert corpus.fill() == CorpusFill(tokens=8 + 5, documents=2, capacity=10)
+
+
 def test_bad_corpus_settings_are_refused():
     with pytest.raises(ValueError, match="min_n <= max_n"):
         CorpusIndex(10, 3, 2)
@@ -108,3 +121,32 @@ def test_the_corpus_is_off_at_capacity_zero(target, tmp_path_factory):
     for _ in range(2):
         run_batch(spec, [dataclasses.replace(request(PROMPT, max_new_tokens=12), corpus_scope="s")])
     assert spec.drafter.node["corpus"].reached[0] == 0
+
+
+def test_drafts_are_counted_by_source(target, tmp_path_factory):
+    """A request repeating an earlier one's prompt in its scope drafts from the corpus and has those
+    drafts accepted; a request of another scope drafts nothing from it. Each request's counts by
+    source add up to its totals, and the corpus reports the text it holds."""
+    spec = engine_for(target, "dspark", drafter_dir(target, tmp_path_factory, "dspark", "vanilla"),
+                      lookup_min_match=2, lookup_corpus_tokens=1000)
+    first, same, other = (dataclasses.replace(request(PROMPT, max_new_tokens=30), corpus_scope=scope)
+                          for scope in ("client-a", "client-a", "client-b"))
+    got = run_batch(spec, [first]) + run_batch(spec, [same]) + run_batch(spec, [other])
+    corpus = [r.stats.by_source.get("corpus", DraftCounts()) for r in got]
+    assert corpus[1].drafted > 0 and corpus[1].accepted > 0, got[1].stats.by_source
+    assert corpus[0].drafted == corpus[2].drafted == 0, (got[0].stats.by_source, got[2].stats.by_source)
+    assert got[0].stats.by_source["drafter"].drafted > 0, "the model drafts where no lookup matches"
+    for r in got:
+        s, counts = r.stats, r.stats.by_source.values()
+        assert set(s.by_source) <= {"own", "corpus", "drafter"}
+        assert (sum(c.drafted for c in counts), sum(c.verified for c in counts), sum(c.accepted for c in counts)) \
+            == (s.drafted_tokens, s.verified_tokens, s.accepted_tokens)
+    held = sum(len(PROMPT) + len(r.output_ids) for r in got)
+    assert spec.drafter.corpus_fill() == CorpusFill(tokens=held, documents=3, capacity=1000)
+
+
+def test_without_a_lookup_every_draft_is_the_drafters_and_there_is_no_corpus(target, tmp_path_factory):
+    spec = engine_for(target, "dspark", drafter_dir(target, tmp_path_factory, "dspark", "vanilla"))
+    (result,) = run_batch(spec, [dataclasses.replace(request(PROMPT, max_new_tokens=12), corpus_scope="s")])
+    assert set(result.stats.by_source) == {"drafter"} and spec.drafter.corpus_fill() is None
+    assert result.stats.by_source["drafter"].drafted == result.stats.drafted_tokens > 0

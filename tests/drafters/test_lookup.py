@@ -70,7 +70,13 @@ def test_a_loop_is_drafted_by_lookup_to_the_full_block(looping_target, tmp_path_
     got = run_batch(spec, [request(p, max_new_tokens=30) for p in LOOPING_PROMPTS])
     assert [r.output_ids for r in got] == want
     assert all(a > 0 for a in spec.drafter.node["own"].accepted), "whole blocks of the loop were accepted"
+    assert all(r.stats.by_source["own"].accepted > 0 for r in got), [r.stats.by_source for r in got]
     assert sum(r.stats.rounds for r in got) < 30
+
+
+def test_the_ngram_method_drafts_from_the_request_own_text(looping_target):
+    got = run_batch(engine_for(looping_target, "ngram"), [request(p, max_new_tokens=30) for p in LOOPING_PROMPTS])
+    assert all(set(r.stats.by_source) == {"own"} and r.stats.by_source["own"].accepted > 0 for r in got)
 
 
 def test_lookup_drafts_are_made_while_the_backoff_pauses_the_request(looping_target, tmp_path_factory):
