@@ -1,8 +1,8 @@
 """Prometheus metrics of the node (`/metrics`, prefix `dspark_`), fed only by EventBus events.
 
-Besides events, a few gauges read live engine state (queue depth, free slots, active requests) at
-scrape time; those are plain attribute reads, never a blocking call. The registry is our own, so
-tests and several nodes in one process never share counters.
+Besides events, a few gauges read live engine state (queue depth, free slots, active requests, the
+lookup corpus's fill) at scrape time; those are plain attribute reads, never a blocking call. The
+registry is our own, so tests and several nodes in one process never share counters.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from engine.api import EngineInfo
+from engine.api import DRAFT_SOURCES, CorpusFill, EngineInfo
 from node.events import (AdvertPublished, AdvertSeen, EngineRound, Event, EventBus, JobAdmitted, JobFinished,
                          JobRefused, PeerChange)
 
@@ -29,6 +29,7 @@ TAU_BUCKETS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0)
 BUDGET_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SPEED_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+NO_CORPUS = CorpusFill(tokens=0, documents=0, capacity=0)
 
 
 class EngineView(Protocol):
@@ -37,6 +38,11 @@ class EngineView(Protocol):
     free_slots: int
     queue_depth: int
     active: int
+    corpus_fill: CorpusFill | None    # None: no cross-request lookup
+
+
+def _corpus(engine: EngineView) -> CorpusFill:
+    return engine.corpus_fill or NO_CORPUS
 
 
 class NodeMetrics:
@@ -72,11 +78,16 @@ class NodeMetrics:
         # Speculation, per finished job. tau over a window = (accepted + rounds) / rounds.
         self.request_rounds = Counter("dspark_request_rounds", "Speculative rounds summed over finished jobs",
                                       registry=reg)
-        self.drafted = Counter("dspark_drafted_tokens", "Draft tokens proposed", registry=reg)
-        self.verified = Counter("dspark_verified_draft_tokens", "Draft tokens sent to the target to verify",
-                                registry=reg)
-        self.accepted = Counter("dspark_accepted_draft_tokens", "Draft tokens the target accepted",
-                                registry=reg)
+        # By source (engine.api.DRAFT_SOURCES), so that an operator sees what the lookup corpus earns.
+        self.drafted = Counter("dspark_drafted_tokens", "Draft tokens proposed, by source", ["source"],
+                               registry=reg)
+        self.verified = Counter("dspark_verified_draft_tokens", "Draft tokens sent to the target to verify, by source",
+                                ["source"], registry=reg)
+        self.accepted = Counter("dspark_accepted_draft_tokens", "Draft tokens the target accepted, by source",
+                                ["source"], registry=reg)
+        for counter in (self.drafted, self.verified, self.accepted):
+            for source in DRAFT_SOURCES:
+                counter.labels(source)
         self.tau = Histogram("dspark_request_tau", "Tokens committed per round (bonus included), per job",
                              buckets=TAU_BUCKETS, registry=reg)
         self.position_reached = Counter(
@@ -110,6 +121,12 @@ class NodeMetrics:
         Gauge("dspark_engine_free_slots", "Batch slots free now", registry=reg).set_function(lambda: engine.free_slots)
         Gauge("dspark_engine_active_requests", "Requests being decoded now",
               registry=reg).set_function(lambda: engine.active)
+        Gauge("dspark_lookup_corpus_tokens", "Tokens of requests' text the cross-request lookup holds now",
+              registry=reg).set_function(lambda: _corpus(engine).tokens)
+        Gauge("dspark_lookup_corpus_documents", "Requests whose text the cross-request lookup holds now",
+              registry=reg).set_function(lambda: _corpus(engine).documents)
+        Gauge("dspark_lookup_corpus_capacity_tokens", "Tokens of finished requests' text the cross-request "
+              "lookup keeps (0: off)", registry=reg).set_function(lambda: _corpus(engine).capacity)
 
         # Billing (receipts signed by this process).
         self.receipts = Counter("dspark_receipts", "Receipts signed", registry=reg)
@@ -170,9 +187,10 @@ class NodeMetrics:
         if stats.output_tokens:
             self.job_speed.observe(stats.tokens_per_second)
         self.request_rounds.inc(stats.rounds)
-        self.drafted.inc(stats.drafted_tokens)
-        self.verified.inc(stats.verified_tokens)
-        self.accepted.inc(stats.accepted_tokens)
+        for source, counts in stats.by_source.items():
+            self.drafted.labels(source).inc(counts.drafted)
+            self.verified.labels(source).inc(counts.verified)
+            self.accepted.labels(source).inc(counts.accepted)
         if stats.rounds:
             self.tau.observe(stats.tau)
         for k, (reached, accepted) in enumerate(zip(stats.reached[:MAX_POSITIONS],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.api import EngineInfo, RequestStats, RoundReport
+from engine.api import CorpusFill, DraftCounts, EngineInfo, RequestStats, RoundReport
 from node.events import EngineRound, JobFinished
 
 
@@ -15,6 +15,7 @@ class EngineState:
     free_slots: int = 8
     queue_depth: int = 0
     active: int = 0
+    corpus_fill: CorpusFill | None = None
 
 
 def engine_info(device: str = "cpu") -> EngineInfo:
@@ -24,12 +25,19 @@ def engine_info(device: str = "cpu") -> EngineInfo:
 
 
 def stats(output_tokens: int, rounds: int, reached: list[int], accepted_at: list[int],
-          prompt_tokens: int = 12, busy_seconds: float = 2.0) -> RequestStats:
-    accepted = sum(accepted_at)
+          prompt_tokens: int = 12, busy_seconds: float = 2.0, corpus: DraftCounts | None = None) -> RequestStats:
+    """`corpus`: the part of the drafts found in other requests' text; the model drafted the rest."""
+    totals = DraftCounts(drafted=sum(reached) + rounds, verified=sum(reached), accepted=sum(accepted_at))
+    by_source = {"drafter": totals}
+    if corpus is not None:
+        by_source = {"corpus": corpus, "drafter": DraftCounts(totals.drafted - corpus.drafted,
+                                                              totals.verified - corpus.verified,
+                                                              totals.accepted - corpus.accepted)}
     return RequestStats(prompt_tokens=prompt_tokens, output_tokens=output_tokens, rounds=rounds,
-                        drafted_tokens=sum(reached) + rounds, verified_tokens=sum(reached),
-                        accepted_tokens=accepted, queue_seconds=0.01, prefill_seconds=busy_seconds / 4,
-                        decode_seconds=busy_seconds * 3 / 4, reached=reached, accepted_at=accepted_at)
+                        drafted_tokens=totals.drafted, verified_tokens=totals.verified,
+                        accepted_tokens=totals.accepted, by_source=by_source, queue_seconds=0.01,
+                        prefill_seconds=busy_seconds / 4, decode_seconds=busy_seconds * 3 / 4, reached=reached,
+                        accepted_at=accepted_at)
 
 
 def finished(job_id: str, outcome: str, s: RequestStats, amount: int, sequence: int, client: str = "ab" * 32,

@@ -8,6 +8,7 @@ import threading
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.api import CorpusFill, DraftCounts
 from node.events import AdvertPublished, AdvertSeen, EventBus, JobAdmitted, JobRefused, PeerChange
 from node.metrics import MAX_REASONS, NodeMetrics
 
@@ -23,7 +24,8 @@ def samples(metrics: NodeMetrics) -> dict[tuple[str, tuple], float]:
 def feed_workload(bus: EventBus) -> None:
     for i in range(3):
         bus.publish(JobAdmitted(job_id=f"{i:032x}", client="ab" * 32, prompt_tokens=12, max_new_tokens=32))
-    bus.publish(finished("0" * 32, "completed", stats(20, 8, [8, 6, 4], [6, 4, 1]), amount=40, sequence=1))
+    bus.publish(finished("0" * 32, "completed", stats(20, 8, [8, 6, 4], [6, 4, 1], corpus=DraftCounts(10, 7, 5)),
+                         amount=40, sequence=1))
     bus.publish(finished("1" * 32, "completed", stats(10, 5, [5, 3], [3, 1]), amount=20, sequence=2, ttft=1.5))
     bus.publish(finished("2" * 32, "cancelled", stats(2, 1, [1], [0]), amount=4, sequence=3, ttft=None))
     bus.publish(JobRefused(reason="replayed", message="job id seen before"))
@@ -81,12 +83,23 @@ def test_job_counters_follow_events(loaded):
 def test_speculation_counters_follow_events(loaded):
     s = samples(loaded[0])
     assert s[("dspark_request_rounds_total", ())] == 14
-    assert s[("dspark_accepted_draft_tokens_total", ())] == 11 + 4 + 0
+    assert sum(v for k, v in s.items() if k[0] == "dspark_accepted_draft_tokens_total") == 11 + 4 + 0
     assert s[("dspark_request_tau_count", ())] == 3
     reached = {k[1][0][1]: v for k, v in s.items() if k[0] == "dspark_draft_position_reached_total"}
     accepted = {k[1][0][1]: v for k, v in s.items() if k[0] == "dspark_draft_position_accepted_total"}
     assert reached == {"1": 14, "2": 9, "3": 4}
     assert accepted == {"1": 9, "2": 5, "3": 1}
+
+
+def test_draft_counters_are_labelled_by_source(loaded):
+    s = samples(loaded[0])
+
+    def by_source(name: str) -> dict[str, float]:
+        return {dict(k[1])["source"]: v for k, v in s.items() if k[0] == name}
+    # the first job's corpus drafts; the model drafted the rest of all three jobs'
+    assert by_source("dspark_drafted_tokens_total") == {"own": 0, "corpus": 10, "drafter": 16 + 13 + 2}
+    assert by_source("dspark_verified_draft_tokens_total") == {"own": 0, "corpus": 7, "drafter": 11 + 8 + 1}
+    assert by_source("dspark_accepted_draft_tokens_total") == {"own": 0, "corpus": 5, "drafter": 6 + 4 + 0}
 
 
 def test_round_metrics_follow_events(loaded):
@@ -119,6 +132,14 @@ def test_engine_gauges_are_read_at_scrape_time(loaded):
             s[("dspark_engine_active_requests", ())]) == (4, 0, 8)
     engine.queue_depth = 1
     assert samples(metrics)[("dspark_engine_queue_depth", ())] == 1
+
+
+def test_corpus_gauges_are_read_at_scrape_time(loaded):
+    metrics, engine = loaded
+    names = ("dspark_lookup_corpus_tokens", "dspark_lookup_corpus_documents", "dspark_lookup_corpus_capacity_tokens")
+    assert [samples(metrics)[(n, ())] for n in names] == [0, 0, 0], "no corpus: all zero"
+    engine.corpus_fill = CorpusFill(tokens=1200, documents=3, capacity=4096)
+    assert [samples(metrics)[(n, ())] for n in names] == [1200, 3, 4096]
 
 
 def test_node_info_labels(loaded):
