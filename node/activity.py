@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from engine.api import DRAFT_SOURCES, DraftCounts
 from node.events import (AdvertPublished, AdvertSeen, EngineRound, Event, EventBus, JobAdmitted, JobFinished,
                          JobProgress, JobRefused, PeerChange)
 
@@ -70,6 +71,7 @@ class Activity:
         self._reached = [0] * MAX_POSITIONS
         self._accepted = [0] * MAX_POSITIONS
         self._positions = 0
+        self._sources = {source: DraftCounts() for source in DRAFT_SOURCES}
         self._active: dict[str, _ActiveJob] = {}
         self._recent: deque[dict] = deque(maxlen=RECENT_JOBS)
         self._problems: deque[dict] = deque(maxlen=RECENT_PROBLEMS)
@@ -135,6 +137,11 @@ class Activity:
             self._reached[k] += reached
             self._accepted[k] += accepted
             self._positions = max(self._positions, k + 1)
+        for source, counts in stats.by_source.items():
+            total = self._sources.setdefault(source, DraftCounts())
+            total.drafted += counts.drafted
+            total.verified += counts.verified
+            total.accepted += counts.accepted
         if event.outcome == "failed":
             self._problems.appendleft({"at": event.at, "kind": "failed", "reason": "job_failed",
                                        "message": f"job {event.job_id} failed after {stats.output_tokens} tokens",
@@ -205,6 +212,12 @@ class Activity:
             positions.append({"position": k + 1, "reached": r, "accepted": a,
                               "acceptance": round(rate, 4), "survival": round(survive, 4)})
         return {"positions": positions}
+
+    def draft_sources(self) -> list[dict]:
+        with self._lock:
+            return [{"source": source, "drafted": c.drafted, "verified": c.verified, "accepted": c.accepted,
+                     "acceptance": round(c.accepted / c.verified, 4) if c.verified else None}
+                    for source, c in self._sources.items()]
 
     def budget(self) -> dict:
         with self._lock:

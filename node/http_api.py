@@ -117,6 +117,9 @@ def build_routes(node: NodeView) -> list:
     async def budget(request: Request) -> Response:
         return JSONResponse(activity.budget())
 
+    async def drafts(request: Request) -> Response:
+        return JSONResponse({"sources": activity.draft_sources(), "corpus": jsonable(node.engine.corpus_fill)})
+
     async def problems(request: Request) -> Response:
         return JSONResponse({"problems": activity.problems()})
 
@@ -179,6 +182,7 @@ def build_routes(node: NodeView) -> list:
         Route(f"{API}/series", series),
         Route(f"{API}/acceptance", acceptance),
         Route(f"{API}/budget", budget),
+        Route(f"{API}/drafts", drafts),
         Route(f"{API}/problems", problems),
         Route(f"{API}/peers", peers),
         Route(f"{API}/earnings", earnings),

@@ -5,6 +5,7 @@
 const API = "/api/v1";
 const $ = id => document.getElementById(id);
 const state = { series: null, status: null };
+const SOURCE_NAMES = { own: "lookup, own text", corpus: "lookup, other requests", drafter: "model drafter" };
 
 function el(tag, text, cls) {
   const e = document.createElement(tag);
@@ -118,6 +119,18 @@ const panels = {
       [fmt.num(r.mean_budget, 2), "num"], [fmt.num(r.tau, 2), "num"]])), "no rounds yet", 5);
   },
 
+  async drafts() {
+    const d = await api("/drafts");
+    $("draft-sources").tBodies[0].replaceChildren(...d.sources.map(s => row([
+      [SOURCE_NAMES[s.source] || s.source], [String(s.drafted), "num"], [String(s.accepted), "num"],
+      [s.acceptance === null ? "-" : fmt.num(100 * s.acceptance, 0) + "%", "num"]])));
+    const c = d.corpus;
+    $("corpus-fill").textContent = c
+      ? `corpus: ${c.tokens} tokens of ${c.documents} requests, ` +
+        `${fmt.num(100 * c.tokens / c.capacity, 0)}% of its ${c.capacity}-token capacity`
+      : "no corpus (lookup across requests is off)";
+  },
+
   async earnings() {
     const e = await api("/earnings");
     $("earned").textContent = fmt.money(e.amount_micros);
@@ -193,7 +206,8 @@ function connect() {
   source.onerror = () => { live.textContent = "reconnecting"; live.className = "badge off"; };
   source.addEventListener("tick", e => onTick(JSON.parse(e.data)));
   source.addEventListener("admitted", () => refresh("jobs", "status"));
-  source.addEventListener("finished", () => refresh("jobs", "status", "earnings", "acceptance", "budget", "series"));
+  source.addEventListener("finished",
+    () => refresh("jobs", "status", "earnings", "acceptance", "budget", "drafts", "series"));
   source.addEventListener("refused", () => refresh("problems", "jobs"));
   for (const name of ["peers", "advert_published", "advert_seen"]) {
     source.addEventListener(name, () => refresh("peers"));
@@ -203,5 +217,5 @@ function connect() {
 refresh(...Object.keys(panels));
 connect();
 setInterval(() => refresh("jobs", "status"), 2000);
-setInterval(() => refresh("series", "budget", "acceptance", "peers"), 3000);
+setInterval(() => refresh("series", "budget", "acceptance", "drafts", "peers"), 3000);
 setInterval(drawSeries, 1000);

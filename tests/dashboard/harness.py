@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from dspark.v1.advert_pb2 import GpuInfo
+from engine.api import DraftCounts
 from dspark.v1.receipt_pb2 import Receipt
 from node.capacity import CapacityTracker
 from node.config import NodeConfig
@@ -72,8 +73,9 @@ class NodeUnderTest:
         self.bus.publish(JobProgress(job_id=job_id.hex(), output_tokens=tokens, elapsed_seconds=elapsed,
                                      first_token=tokens == 1))
 
-    def finish(self, job_id: bytes, client: Identity, tokens: int, outcome: str = "completed") -> Receipt:
-        s = stats(tokens, rounds=max(1, tokens // 3), reached=[8, 6, 4], accepted_at=[6, 4, 2])
+    def finish(self, job_id: bytes, client: Identity, tokens: int, outcome: str = "completed",
+               corpus: DraftCounts | None = None) -> Receipt:
+        s = stats(tokens, rounds=max(1, tokens // 3), reached=[8, 6, 4], accepted_at=[6, 4, 2], corpus=corpus)
         envelope = self.ledger.finish_job(JobOutcome(
             job_id=job_id, client_key=client.public_key, job_digest=hashlib.sha256(job_id).digest(),
             model=self.engine.info.model_id, model_digest=self.engine.info.model_digest, drafter="ngram",

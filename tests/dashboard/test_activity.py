@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.api import DraftCounts
 from node.activity import MAX_PEERS_SHOWN, SERIES_BUCKET_SECONDS, SERIES_SPAN_SECONDS, Activity
 from node.events import AdvertPublished, AdvertSeen, EventBus, JobAdmitted, JobProgress, JobRefused, PeerChange
 
@@ -62,6 +63,21 @@ def test_acceptance_curve_sums_positions_and_survival(setup):
     assert [(p["position"], p["reached"], p["accepted"]) for p in curve] == [(1, 12, 8), (2, 8, 4), (3, 4, 1)]
     assert [p["acceptance"] for p in curve] == pytest.approx([8 / 12, 0.5, 0.25], abs=1e-4)
     assert curve[2]["survival"] == pytest.approx(8 / 12 * 0.5 * 0.25, abs=1e-4)
+
+
+def test_draft_sources_sum_jobs_by_source(setup):
+    bus, activity, _ = setup
+    assert [(r["source"], r["drafted"], r["acceptance"]) for r in activity.draft_sources()] == [
+        ("own", 0, None), ("corpus", 0, None), ("drafter", 0, None)]
+    bus.publish(finished("a", "completed", stats(20, 8, [8, 6, 4], [6, 4, 1], corpus=DraftCounts(10, 8, 6)),
+                         amount=1, sequence=1))
+    bus.publish(finished("b", "completed", stats(10, 4, [4, 2], [2, 0]), amount=1, sequence=2))
+    rows = {r["source"]: r for r in activity.draft_sources()}
+    assert rows["corpus"] == {"source": "corpus", "drafted": 10, "verified": 8, "accepted": 6, "acceptance": 0.75}
+    # the model drafted the rest: job a's 26 - 10 drafted, 18 - 8 verified, 11 - 6 accepted, and all of job b's
+    assert rows["drafter"] == {"source": "drafter", "drafted": 16 + 10, "verified": 10 + 6, "accepted": 5 + 2,
+                               "acceptance": round(7 / 16, 4)}
+    assert rows["own"]["drafted"] == 0 and rows["own"]["acceptance"] is None
 
 
 def test_budget_grouped_by_concurrency(setup):

@@ -1,5 +1,6 @@
 """The dashboard in Debian's headless Chromium (Playwright): no console errors, the node's identity
-on the page, a job appearing live with its speed, then the earnings panel after its receipt."""
+on the page, a job appearing live with its speed, then the earnings panel after its receipt; where
+drafts came from and how full the lookup corpus is."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.api import CorpusFill, DraftCounts
 from node.identity import Identity
 
 from .harness import NodeUnderTest, new_job_id
@@ -86,4 +88,26 @@ def test_dashboard_live_job_and_earnings(node, page):
         r => r.cells[0].textContent === '1' && r.cells[2].textContent === '100%'
              && r.cells[3].textContent === '4.00')""")
     page.screenshot(path=str(ARTIFACTS / "dashboard-after-job.png"), full_page=True)
+    assert page.console_problems == []
+
+
+def test_draft_sources_and_corpus_fill(node, page):
+    page.goto(node.url + "/")
+    page.wait_for_function("document.getElementById('corpus-fill').textContent.includes('no corpus')")
+    node.engine.corpus_fill = CorpusFill(tokens=3000, documents=4, capacity=12000)
+    try:
+        page.wait_for_function("document.getElementById('corpus-fill').textContent.includes('25%')", timeout=8000)
+        assert "3000 tokens of 4 requests" in page.text_content("#corpus-fill")
+        buyer, job = Identity.generate(), new_job_id()
+        node.admit(job, buyer)
+        node.finish(job, buyer, 9, corpus=DraftCounts(drafted=10, verified=8, accepted=6))
+        # the job's corpus drafts show up live (SSE "finished"): 10 drafted, 6 of 8 verified accepted
+        page.wait_for_function("""() => [...document.querySelectorAll('#draft-sources tbody tr')].some(
+            r => r.cells[0].textContent === 'lookup, other requests' && r.cells[1].textContent === '10'
+                 && r.cells[2].textContent === '6' && r.cells[3].textContent === '75%')""", timeout=8000)
+        sources = [r.text_content() for r in page.query_selector_all("#draft-sources tbody tr td:first-child")]
+        assert sources == ["lookup, own text", "lookup, other requests", "model drafter"]
+        page.screenshot(path=str(ARTIFACTS / "dashboard-draft-sources.png"), full_page=True)
+    finally:
+        node.engine.corpus_fill = None
     assert page.console_problems == []

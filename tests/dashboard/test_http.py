@@ -13,6 +13,7 @@ from contextlib import closing
 import httpx
 import pytest
 
+from engine.api import CorpusFill, DraftCounts
 from node.events import JobRefused
 from node.http_server import COOKIE, HttpConfigError, HttpService
 from node.identity import Identity
@@ -84,6 +85,25 @@ def test_series_acceptance_and_budget_have_data_after_rounds(node, client):
     assert series["points"] and series["points"][-1]["tokens_per_second"] > 0
     assert client.get("/api/v1/acceptance").json()["positions"][0]["reached"] > 0
     assert {r["batch_size"] for r in client.get("/api/v1/budget").json()["rows"]} >= {1, 2}
+
+
+def test_drafts_by_source_and_the_corpus_fill(node, client):
+    def sources() -> dict[str, dict]:
+        return {r["source"]: r for r in client.get("/api/v1/drafts").json()["sources"]}
+    before = sources()
+    buyer, job = Identity.generate(), new_job_id()
+    node.admit(job, buyer)
+    node.finish(job, buyer, tokens=9, corpus=DraftCounts(drafted=5, verified=4, accepted=3))
+    after = sources()
+    assert list(after) == ["own", "corpus", "drafter"]
+    assert [after["corpus"][k] - before["corpus"][k] for k in ("drafted", "verified", "accepted")] == [5, 4, 3]
+    assert after["own"] == before["own"]
+    assert client.get("/api/v1/drafts").json()["corpus"] is None, "the engine keeps no corpus"
+    node.engine.corpus_fill = CorpusFill(tokens=700, documents=2, capacity=4096)
+    try:
+        assert client.get("/api/v1/drafts").json()["corpus"] == {"tokens": 700, "documents": 2, "capacity": 4096}
+    finally:
+        node.engine.corpus_fill = None
 
 
 @pytest.mark.parametrize("query, problem", [("format=xml", "format must be one of"),
