@@ -1,5 +1,6 @@
 """One peer network per test module: a p2p bootstrap peer and two `dspark-node run` workers (tiny
-model, prices 1000 and 5000 micros per million tokens), plus the gateway processes the tests start."""
+model, prices 1000 and 5000 micros per million tokens; the cheap one also charges 1000 per
+GPU-second), plus the gateway processes the tests start."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def network(tmp_path_factory):
     model = make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
     bootstrap = ready_peer(spawn_peer())
     with ThreadPoolExecutor(len(PRICES)) as pool:   # start-up dominates; the two overlap
-        futures = [pool.submit(start_daemon, tmp_path_factory.mktemp(f"worker{price}"),
-                               worker_toml(model, bootstrap.addr, price)) for price in PRICES]
+        futures = [pool.submit(start_daemon, tmp_path_factory.mktemp(f"worker{prices[0]}"),
+                               worker_toml(model, bootstrap.addr, *prices)) for prices in PRICES]
     daemons = [f.result() for f in futures if f.exception() is None]
     try:
         if len(daemons) < len(PRICES):

@@ -15,6 +15,7 @@ from node.ledger import Ledger
 from node.gateway.receipt_store import STORE_FILE, ReceiptStore
 from tests.gateway.conftest import API_KEY
 from tests.gateway.harness import wait_for_workers
+from tests.p2p.test_failover_daemons import TIME_PRICE
 
 pytestmark = pytest.mark.slow
 PROMPT = "Write a haiku about the sea."
@@ -161,6 +162,23 @@ def test_budget_stops_new_requests_and_survives_a_restart(gateway_factory, netwo
         openai.OpenAI(base_url=again.base_url, api_key="x", max_retries=0).chat.completions.create(
             model=network.model, messages=messages, max_tokens=4)
     assert caught.value.status_code == 402
+
+
+def test_a_gpu_second_cap_sends_jobs_past_a_worker_whose_time_price_is_above_it(gateway_factory, network,
+                                                                                 tmp_path):
+    proc = gateway_factory(tmp_path / "capped", "--max-price-gpu-second", str(TIME_PRICE - 1))
+    wait_for_workers(proc.base_url, network.model, 2)
+    capped = openai.OpenAI(base_url=proc.base_url, api_key="unused-on-loopback", max_retries=0, timeout=120)
+    chat = capped.chat.completions.create(model=network.model, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4, temperature=0)
+    # The cheap worker charges TIME_PRICE per GPU-second: without the cap the gateway would choose it.
+    assert chat.model_extra["dspark"]["worker"] == network.dear.peer_id
+    store = ReceiptStore.open_readonly(proc.data_dir / STORE_FILE)
+    try:
+        kept = store.rows()
+    finally:
+        store.close()
+    assert [(worker, row.receipt().price_per_gpu_second_micros) for worker, row in kept] == [(network.dear.peer_id, 0)]
 
 
 def test_a_client_leaving_mid_stream_cancels_the_job_on_its_worker(client, network):

@@ -1,10 +1,13 @@
 """Full daemons (tiny model) on the peer network: a client submits with no --node, discovery picks
-the cheapest worker; when that worker is killed mid-job the job finishes on the next one, under a
-new job id, and the dead worker bills nothing for its partial output."""
+the cheapest worker; a GPU-second price cap below that worker's time price sends the job to the
+other one, and below both workers' prices names each price and cap; when the chosen worker is
+killed mid-job the job finishes on the next one, under a new job id, and the dead worker bills
+nothing for its partial output."""
 
 from __future__ import annotations
 
 import signal
+import sqlite3
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,19 +15,23 @@ from pathlib import Path
 import pytest
 
 from dspark.v1.receipt_pb2 import Receipt
+from node.cli import main as cli_main
 from node.client import JobRefused, WorkerClient
 from node.identity import Identity
 from node.ledger import Ledger
 from node.p2p.failover import submit_via_network
+from node.receipts import billed_amount
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "node"))
 from node_harness import start_daemon  # noqa: E402  (the node tests' daemon harness, reused)
 
 pytestmark = pytest.mark.slow
-PRICES = (1_000, 5_000)
+# (per million tokens, per GPU-second): the cheap worker also prices its time, the dear one does not.
+PRICES = ((1_000, 1_000), (5_000, 0))
+TIME_PRICE = PRICES[0][1]
 
 
-def worker_toml(model: Path, bootstrap: str, price: int) -> str:
+def worker_toml(model: Path, bootstrap: str, price: int, time_price: int = 0) -> str:
     return f"""
 grpc_listen = "127.0.0.1:0"
 http_listen = "127.0.0.1:0"
@@ -40,6 +47,7 @@ max_context = 2048
 threads = 1
 [pricing]
 per_mtok_micros = {price}
+per_gpu_second_micros = {time_price}
 """
 
 
@@ -50,8 +58,8 @@ def swarm(peer_factory, tmp_path_factory):
     model = make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
     bootstrap = peer_factory()          # a p2p-only peer every worker and the client join through
     with ThreadPoolExecutor(len(PRICES)) as pool:
-        daemons = list(pool.map(lambda price: start_daemon(tmp_path_factory.mktemp(f"worker{price}"),
-                                                           worker_toml(model, bootstrap.addr, price)), PRICES))
+        daemons = list(pool.map(lambda prices: start_daemon(tmp_path_factory.mktemp(f"worker{prices[0]}"),
+                                                            worker_toml(model, bootstrap.addr, *prices)), PRICES))
     yield bootstrap, daemons
     for daemon in daemons:
         daemon.stop(signal.SIGKILL)
@@ -76,6 +84,75 @@ async def test_submit_without_node_runs_on_the_cheapest_worker(swarm):
     assert {c.peer_id for c in outcome.candidates} == {cheap.peer_id, dear.peer_id}
     print(f"\nsubmit -> first token {outcome.time_to_first_token_s:.3f} s including discovery "
           f"({outcome.discovery_s:.3f} s joining and finding workers)")
+
+
+def submit(swarm, key: Path, *flags: str, capsys) -> tuple[int, str]:
+    """`dspark-node submit` through the peer network (no --node) as `key`'s client: exit code, stderr."""
+    bootstrap, (cheap, _) = swarm
+    capsys.readouterr()
+    code = cli_main(["submit", "--model", cheap.ready["model"], "--bootstrap", bootstrap.addr, "--key", str(key),
+                     "--prompt", "Hello", "--max-new-tokens", "4", *flags])
+    return code, capsys.readouterr().err
+
+
+def ledger_rows(daemon, client: Path) -> tuple[list[Receipt], int]:
+    """The receipts `client`'s key holds in the worker's ledger, and its rows in the jobs table."""
+    key = Identity.load(client).public_key
+    ledger = Ledger.open_readonly(daemon.data_dir / "ledger.sqlite3")
+    try:
+        receipts = [row.receipt() for row in ledger.latest(100, client_key=key)]
+    finally:
+        ledger.close()
+    conn = sqlite3.connect(f"file:{daemon.data_dir / 'ledger.sqlite3'}?mode=ro", uri=True)
+    try:
+        jobs = conn.execute("SELECT COUNT(*) FROM jobs WHERE client_key = ?", (key,)).fetchone()[0]
+    finally:
+        conn.close()
+    return receipts, jobs
+
+
+@pytest.mark.parametrize("cap", [TIME_PRICE, 3 * TIME_PRICE])
+def test_a_gpu_second_cap_at_or_above_the_time_price_runs_on_the_worker_that_prices_time(swarm, tmp_path,
+                                                                                       capsys, cap):
+    _, (timed, _) = swarm
+    code, err = submit(swarm, tmp_path / "client.key", "--max-price-gpu-second", str(cap), capsys=capsys)
+    assert code == 0 and f"verified (worker {timed.peer_id})" in err, err
+    (receipt,), jobs = ledger_rows(timed, tmp_path / "client.key")
+    assert jobs == 1 and receipt.price_per_gpu_second_micros == TIME_PRICE <= cap and receipt.gpu_seconds > 0
+    assert receipt.amount_micros == billed_amount(receipt.output_tokens, PRICES[0][0], receipt.gpu_seconds,
+                                                  TIME_PRICE)
+    assert f"amount {receipt.amount_micros} micros" in err
+
+
+def test_selection_skips_a_worker_whose_time_price_is_above_the_cap(swarm, tmp_path, capsys):
+    _, (timed, untimed) = swarm       # the timed worker is cheaper per token: chosen first without the cap
+    code, err = submit(swarm, tmp_path / "client.key", "--max-price-gpu-second", str(TIME_PRICE - 1), capsys=capsys)
+    assert code == 0 and f"verified (worker {untimed.peer_id})" in err, err
+    assert ledger_rows(timed, tmp_path / "client.key") == ([], 0)
+    (receipt,), _ = ledger_rows(untimed, tmp_path / "client.key")
+    assert receipt.price_per_gpu_second_micros == 0
+
+
+def test_caps_below_every_workers_price_are_refused_naming_each_price_and_cap(swarm, tmp_path, capsys):
+    _, (timed, untimed) = swarm
+    code, err = submit(swarm, tmp_path / "client.key", "--max-price-gpu-second", str(TIME_PRICE - 1),
+                       "--max-price", str(PRICES[1][0] - 1), capsys=capsys)
+    assert code == 1, err
+    assert f"{timed.peer_id} charges {TIME_PRICE} micros per GPU-second, above the cap of {TIME_PRICE - 1}" in err
+    assert f"{untimed.peer_id} charges {PRICES[1][0]} micros per million tokens, above the cap of " \
+           f"{PRICES[1][0] - 1}" in err
+    assert ledger_rows(timed, tmp_path / "client.key") == ledger_rows(untimed, tmp_path / "client.key") == ([], 0)
+
+
+def test_the_worker_that_prices_time_refuses_a_lower_cap_and_writes_nothing(swarm, tmp_path, capsys):
+    _, (timed, _) = swarm
+    capsys.readouterr()
+    code = cli_main(["submit", "--node", timed.grpc, "--key", str(tmp_path / "client.key"), "--prompt", "Hello",
+                     "--max-new-tokens", "4", "--max-price-gpu-second", str(TIME_PRICE - 1)])
+    err = capsys.readouterr().err
+    assert code == 1 and "price_too_low" in err, err
+    assert f"GPU-second price cap {TIME_PRICE - 1} is below this node's price of {TIME_PRICE}" in err
+    assert ledger_rows(timed, tmp_path / "client.key") == ([], 0)
 
 
 @pytest.mark.asyncio
