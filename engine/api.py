@@ -69,6 +69,11 @@ class DraftCounts:
     verified: int = 0
     accepted: int = 0
 
+    def add(self, drafted: int, verified: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.verified += verified
+        self.accepted += accepted
+
 
 @dataclass
 class RequestStats:

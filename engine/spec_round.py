@@ -143,6 +143,5 @@ def _count(seq: Sequence, source: str, drafted: int, verified: int, accepted: in
     s.verified_tokens += verified
     s.accepted_tokens += accepted
     if drafted:
-        by = s.by_source.setdefault(source, DraftCounts())
-        by.drafted, by.verified, by.accepted = by.drafted + drafted, by.verified + verified, by.accepted + accepted
+        s.by_source.setdefault(source, DraftCounts()).add(drafted, verified, accepted)
     tally_positions(s.reached, s.accepted_at, verified, accepted)

@@ -138,10 +138,7 @@ class Activity:
             self._accepted[k] += accepted
             self._positions = max(self._positions, k + 1)
         for source, counts in stats.by_source.items():
-            total = self._sources.setdefault(source, DraftCounts())
-            total.drafted += counts.drafted
-            total.verified += counts.verified
-            total.accepted += counts.accepted
+            self._sources.setdefault(source, DraftCounts()).add(counts.drafted, counts.verified, counts.accepted)
         if event.outcome == "failed":
             self._problems.appendleft({"at": event.at, "kind": "failed", "reason": "job_failed",
                                        "message": f"job {event.job_id} failed after {stats.output_tokens} tokens",
