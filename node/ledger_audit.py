@@ -44,11 +44,11 @@ class AuditReport:
         return not self.problems
 
 
-class _RowProblem(Exception):
-    pass
+class RowProblem(Exception):
+    """What is wrong with one stored receipt row (the ledger's, or a gateway's receipt store's)."""
 
 
-def _check_columns(row: ReceiptRow, receipt: Receipt) -> None:
+def check_columns(row: ReceiptRow, receipt: Receipt) -> None:
     signed = {"client_key": receipt.client_public_key, "job_id": receipt.job_id,
               "issued_at_ms": receipt.issued_at_ms, "outcome": receipt.outcome,
               "output_tokens": receipt.output_tokens, "amount_micros": receipt.amount_micros}
@@ -56,7 +56,29 @@ def _check_columns(row: ReceiptRow, receipt: Receipt) -> None:
         stored = getattr(row, name)
         if stored != value:
             shown = (stored.hex(), value.hex()) if isinstance(value, bytes) else (stored, value)
-            raise _RowProblem(f"{name} column {shown[0]} differs from the signed receipt's {shown[1]}")
+            raise RowProblem(f"{name} column {shown[0]} differs from the signed receipt's {shown[1]}")
+
+
+def check_stored_receipt(row: ReceiptRow, worker_public_key: bytes) -> tuple[Envelope, Receipt]:
+    """The row's envelope and the receipt it carries, once the digest column matches the stored bytes
+    and the receipt is the worker's signature over a charge by the billing rule."""
+    envelope_bytes = stored_blob(row.envelope_bytes, "envelope")
+    if hashlib.sha256(envelope_bytes).digest() != row.digest:
+        raise RowProblem("digest column does not match the stored envelope (envelope edited?)")
+    try:
+        envelope = Envelope.FromString(envelope_bytes)
+        return envelope, check_receipt(envelope, worker_public_key)
+    except DecodeError:
+        raise RowProblem("stored envelope is not a valid Envelope") from None
+    except ReceiptError as exc:
+        raise RowProblem(str(exc)) from None
+
+
+def check_stored_acknowledgment(ack_bytes: bytes, envelope: Envelope, receipt: Receipt) -> None:
+    try:
+        check_acknowledgment(Envelope.FromString(stored_blob(ack_bytes, "acknowledgment")), envelope, receipt)
+    except (DecodeError, ReceiptError) as exc:
+        raise RowProblem(f"acknowledgment is invalid: {exc}") from None
 
 
 def _check_row(row: ReceiptRow, expected_sequence: int, previous_digest: bytes,
@@ -64,28 +86,15 @@ def _check_row(row: ReceiptRow, expected_sequence: int, previous_digest: bytes,
     if row.sequence != expected_sequence:  # rows come in sequence order, so this is a gap
         gap = (f"receipt {expected_sequence} is" if row.sequence == expected_sequence + 1
                else f"receipts {expected_sequence}..{row.sequence - 1} are")
-        raise _RowProblem(f"expected sequence {expected_sequence}: {gap} missing (deleted?)")
-    envelope_bytes = stored_blob(row.envelope_bytes, "envelope")
-    if hashlib.sha256(envelope_bytes).digest() != row.digest:
-        raise _RowProblem("digest column does not match the stored envelope (envelope edited?)")
-    try:
-        envelope = Envelope.FromString(envelope_bytes)
-        receipt = check_receipt(envelope, worker_public_key)
-    except DecodeError:
-        raise _RowProblem("stored envelope is not a valid Envelope") from None
-    except ReceiptError as exc:
-        raise _RowProblem(str(exc)) from None
+        raise RowProblem(f"expected sequence {expected_sequence}: {gap} missing (deleted?)")
+    envelope, receipt = check_stored_receipt(row, worker_public_key)
     if receipt.sequence != row.sequence:
-        raise _RowProblem(f"the signed receipt says sequence {receipt.sequence} (rows reordered or swapped)")
+        raise RowProblem(f"the signed receipt says sequence {receipt.sequence} (rows reordered or swapped)")
     if receipt.previous_receipt_digest != previous_digest:
-        raise _RowProblem("previous_receipt_digest does not match the previous receipt (chain broken)")
-    _check_columns(row, receipt)
+        raise RowProblem("previous_receipt_digest does not match the previous receipt (chain broken)")
+    check_columns(row, receipt)
     if row.ack_bytes is not None:
-        try:
-            check_acknowledgment(Envelope.FromString(stored_blob(row.ack_bytes, "acknowledgment")), envelope,
-                                 receipt)
-        except (DecodeError, ReceiptError) as exc:
-            raise _RowProblem(f"acknowledgment is invalid: {exc}") from None
+        check_stored_acknowledgment(row.ack_bytes, envelope, receipt)
     return receipt
 
 
@@ -100,7 +109,7 @@ def audit_ledger(ledger: Ledger, worker_public_key: bytes | None = None, max_pro
             receipt = _check_row(row, expected, previous, key)
             report.amount_micros += receipt.amount_micros
             report.acknowledged += row.ack_bytes is not None
-        except (_RowProblem, DamagedRow) as exc:
+        except (RowProblem, DamagedRow) as exc:
             if len(report.problems) < max_problems:
                 report.problems.append(Problem(row.sequence, f"job {row.job_id.hex()}: {exc}"))
         # Continue from what the row holds, so one bad row is reported once, not at every later row

@@ -10,37 +10,26 @@ receipts, so gaps between sequences are expected (other clients' jobs), not repo
 
 from __future__ import annotations
 
-import hashlib
-
-from google.protobuf.message import DecodeError
-
-from dspark.v1.envelope_pb2 import Envelope
 from node.identity import IdentityError, public_key_from_peer_id
-from node.ledger import DamagedRow, ReceiptRow, stored_blob
-from node.ledger_audit import AuditReport, Problem, _check_columns, _RowProblem
-from node.receipts import ReceiptError, check_acknowledgment, check_receipt
+from node.ledger import DamagedRow, ReceiptRow
+from node.ledger_audit import (AuditReport, Problem, RowProblem, check_columns, check_stored_acknowledgment,
+                               check_stored_receipt)
 from node.gateway.receipt_store import ReceiptStore
 
 
 def _check_row(worker: str, row: ReceiptRow, client_key: bytes) -> bytes:
     """Checks one row alone; returns the receipt's previous_receipt_digest."""
-    envelope_bytes = stored_blob(row.envelope_bytes, "envelope")
-    if hashlib.sha256(envelope_bytes).digest() != row.digest:
-        raise _RowProblem("digest column does not match the stored envelope (envelope edited?)")
     try:
-        envelope = Envelope.FromString(envelope_bytes)
-        receipt = check_receipt(envelope, public_key_from_peer_id(worker))
-        check_acknowledgment(Envelope.FromString(stored_blob(row.ack_bytes or b"", "acknowledgment")), envelope,
-                             receipt)
-    except DecodeError:
-        raise _RowProblem("stored envelope or acknowledgment does not parse") from None
-    except (ReceiptError, IdentityError) as exc:
-        raise _RowProblem(str(exc)) from None
+        worker_key = public_key_from_peer_id(worker)
+    except IdentityError as exc:
+        raise RowProblem(str(exc)) from None
+    envelope, receipt = check_stored_receipt(row, worker_key)
+    check_stored_acknowledgment(row.ack_bytes or b"", envelope, receipt)
     if receipt.sequence != row.sequence:
-        raise _RowProblem(f"the signed receipt says sequence {receipt.sequence}, the row {row.sequence}")
+        raise RowProblem(f"the signed receipt says sequence {receipt.sequence}, the row {row.sequence}")
     if receipt.client_public_key != client_key:
-        raise _RowProblem("the receipt is for another client key than this gateway's")
-    _check_columns(row, receipt)
+        raise RowProblem("the receipt is for another client key than this gateway's")
+    check_columns(row, receipt)
     return receipt.previous_receipt_digest
 
 
@@ -57,7 +46,7 @@ def audit_store(store: ReceiptStore, max_problems: int = 50) -> AuditReport:
         report.checked += 1
         try:
             previous = _check_row(worker, row, store.client_public_key)
-        except (_RowProblem, DamagedRow) as exc:
+        except (RowProblem, DamagedRow) as exc:
             problem(row, worker, str(exc))
             continue
         report.amount_micros += row.amount_micros
