@@ -114,6 +114,21 @@ def combine_runs(runs: list[dict], baseline: list[dict]) -> dict:
     return row
 
 
+def add_matched_throughput(rows: list[dict], baseline: str) -> None:
+    """Each row's per-user speed over the baseline's at the same aggregate throughput (issue 5's figure:
+    the paper's Figure 7 read at one x). The baseline's per-user speed there is interpolated linearly
+    between its levels on its (aggregate, per-user) curve; None where the row's aggregate lies outside it,
+    since no concurrency of the baseline was measured there."""
+    curve = sorted((r["tokens_per_s"], r["per_user_tokens_per_s"]) for r in rows if r["method"] == baseline)
+    for row in rows:
+        x, row["per_user_vs_baseline_at_matched_throughput"] = row["tokens_per_s"], None
+        for (x0, y0), (x1, y1) in zip(curve, curve[1:] or curve):
+            if x0 <= x <= x1:
+                at = y0 if x1 == x0 else y0 + (x - x0) / (x1 - x0) * (y1 - y0)
+                row["per_user_vs_baseline_at_matched_throughput"] = row["per_user_tokens_per_s"] / at
+                break
+
+
 def run_serving_bench(settings: BenchSettings, prompts: list[str], concurrencies: list[int],
                       progress=print, repeats: int = 1) -> dict:
     unknown = [m for m in settings.methods if m not in ENGINE_METHODS]
@@ -143,6 +158,7 @@ def run_serving_bench(settings: BenchSettings, prompts: list[str], concurrencies
                          f"budget {run['mean_budget']:.2f}, drafted {run['drafted_share']:.0%}, "
                          f"ttft {run['ttft_s']:.2f} s" + (f" (run {rep + 1}/{repeats})" if repeats > 1 else ""))
         rows += [{"method": name, "concurrency": c, **combine_runs(runs[name], runs[methods[0]])} for name in methods]
+    add_matched_throughput(rows, methods[0])
     return {"model": target.model_id, "device": device_name(settings.device), "dtype": settings.dtype,
             "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
             "n_prompts": len(prompts), "baseline": methods[0], "repeats": repeats, "rows": rows}

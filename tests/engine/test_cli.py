@@ -6,6 +6,7 @@ import statistics
 import pytest
 import torch
 
+from engine.bench_batch import add_matched_throughput
 from engine.loading import load_target
 from node.cli import main
 from tests.conftest import EVAL_DIR
@@ -89,6 +90,23 @@ def test_serving_bench_rows_per_concurrency(tiny_llama, tmp_path, capsys):
     # commits at most 1 + 8, so in a later step)
     assert all(0 < r["ttft_s"] <= r["ttft_p90_s"] < r["wall_s"] and 0 < r["tpot_s"] < r["wall_s"] for r in rows)
     assert (tmp_path / "serving-throughput.png").stat().st_size > 0
+    # on its own curve the baseline matches itself
+    assert [r["per_user_vs_baseline_at_matched_throughput"] for r in rows[0::2]] == [1.0, 1.0]
+
+
+def test_per_user_speed_at_matched_throughput():
+    def row(method, aggregate, per_user):
+        return {"method": method, "tokens_per_s": aggregate, "per_user_tokens_per_s": per_user}
+    rows = [row("ar", 10, 10), row("ar", 30, 7.5), row("ar", 18, 9.6),   # one level out of order
+            row("x", 14, 12), row("x", 30, 6), row("x", 40, 5), row("x", 8, 20)]
+    add_matched_throughput(rows, "ar")
+    ratios = [r["per_user_vs_baseline_at_matched_throughput"] for r in rows]
+    # ar's per-user speed at 14 tokens/s aggregate: halfway between its levels at 10 and 18
+    assert ratios[3] == pytest.approx(12 / 9.8)
+    assert ratios[4] == pytest.approx(6 / 7.5)
+    # outside what ar was measured at, there is nothing to compare with
+    assert ratios[5] is None and ratios[6] is None
+    assert ratios[:3] == [1.0, 1.0, 1.0]
 
 
 def test_bench_refuses_bad_input(capsys):
