@@ -45,17 +45,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     CPU flash kernel then runs one block of Q * G queries per K/V head, where with `enable_gqa` and
     Q > 1 it took 2.1x as long (bf16, 16 rows, context 400: 0.76 against 0.39 ms at Q = 2, 0.98
     against 0.61 at Q = 8). That gap made every verify round with a draft cost ~40% more than a
-    plain one at 16 rows (engine/sps.py).
+    plain one at 16 rows (engine/sps.py). Plain decoding (Q = 1) is folded too: on an AVX-512 host
+    without AMX, `enable_gqa` at Q = 1 took 5-7x as long as the fold (bf16, context 512: 8.2 against
+    1.2 ms at 32 rows), which made a plain step cost twice a step verifying one draft token; on the
+    AMX host it was 0.035 against 0.046 ms at one row and even from 16 rows.
     """
     R, Q, nh, hd = q.shape
     nkv = k.shape[2]
     g = nh // nkv
-    if Q == 1 or g == 1:
-        # One query a row (plain decoding) has its own fast path, faster unfolded at batch 1
-        # (0.035 against 0.046 ms).
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=None if mask is None else mask.unsqueeze(1), scale=scale, enable_gqa=g > 1)
+    if g == 1:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=None if mask is None else mask.unsqueeze(1), scale=scale)
         return out.transpose(1, 2)
     # Head h uses K/V head h // g (the HF grouping), so [nh] splits as [nkv, g].
     qf = q.reshape(R, Q, nkv, g, hd).permute(0, 2, 1, 3, 4).reshape(R, nkv, Q * g, hd)
