@@ -34,11 +34,12 @@ def main() -> None:
     parser.add_argument("--methods", default="ar,dspark-scheduled")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = BenchSettings(model="smollm2-135m-instruct", methods=[], max_new_tokens=args.max_new_tokens,
-                             dtype="float32")
-    target = load_target(settings.model, torch.float32)
+                             dtype=args.dtype)
+    target = load_target(settings.model, getattr(torch, args.dtype))
     prompts = [chat_ids(target.tokenizer, p) for p in load_first_turns(args.prompts, None)]
     c = args.concurrency
     for _ in range(args.repeats):
