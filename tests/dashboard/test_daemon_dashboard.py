@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import httpx
 import pytest
@@ -103,5 +101,3 @@ def test_dashboard_under_concurrent_load(daemon, chromium, promtool):
     check = subprocess.run([promtool, "check", "metrics"], input=metrics.encode(), capture_output=True, timeout=60)
     assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
     assert f'dspark_jobs_finished_total{{outcome="completed"}} {float(len(results))}' in metrics
-    if os.environ.get("DSPARK_DASHBOARD_SCREENSHOT"):   # how docs/img/dashboard.png is made
-        Path(os.environ["DSPARK_DASHBOARD_SCREENSHOT"]).write_bytes((ARTIFACTS / "dashboard-daemon-load.png").read_bytes())
