@@ -1,7 +1,9 @@
 """The node's configuration: embedded defaults < TOML file < `DSPARK_*` environment < CLI flags.
 
 Loaded and validated once at start (`load_config`), then passed down; a bad value is refused with
-a message naming the field (`ConfigError`), before anything is written to the data dir.
+a message naming the field and where it came from (`ConfigError`), before anything is written to
+the data dir. The layering itself (`LayeredSettings`, `load_settings`) is shared with the gateway's
+settings (node/gateway/config.py).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import json
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
@@ -23,7 +27,7 @@ from engine.config import EMBEDDED_MODEL, EMBEDDED_MODEL_ID, EngineConfig
 from node.identity import IdentityError, public_key_from_peer_id
 
 DEFAULT_DATA_DIR = Path("~/.local/share/dspark-node")
-# The parsed TOML file of the load_config call in progress (the settings class has no per-call file).
+# The parsed TOML file of the load_settings call in progress (a settings class has no per-call file).
 _FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("_FILE_VALUES", default={})
 
 
@@ -89,7 +93,8 @@ def client_key_bytes(entry: str) -> bytes:
 
 def _split_list(value: Any) -> Any:
     # From the environment a list comes as one string: a JSON list, or comma-separated values
-    # (multiaddrs, peer IDs and hex keys never contain a comma); '' is the empty list.
+    # (multiaddrs, peer IDs, hex keys and the gateway's API keys never contain a comma); '' is the
+    # empty list.
     if not isinstance(value, str):
         return value
     if value.lstrip().startswith("["):
@@ -194,7 +199,22 @@ class DashboardConfig(_Section):
         return token
 
 
-class NodeConfig(BaseSettings):
+class LayeredSettings(BaseSettings):
+    """Settings read from, lowest first: field defaults, the TOML file of the `load_settings` call
+    in progress, the environment (under the subclass's `env_prefix`), then init kwargs (flags)."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # CLI flags arrive as init kwargs (highest), then the environment, then the TOML file.
+        # No .env or secrets dir: one place per setting.
+        return init_settings, env_settings, _FileSource(settings_cls)
+
+
+class NodeConfig(LayeredSettings):
     model_config = SettingsConfigDict(env_prefix="DSPARK_", env_nested_delimiter="__", extra="forbid")
 
     data_dir: Path = DEFAULT_DATA_DIR
@@ -230,15 +250,6 @@ class NodeConfig(BaseSettings):
             return not is_loopback(split_host_port(self.grpc_listen)[0])
         return self.tls.mode == "on"
 
-    @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource
-                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # CLI flags arrive as init kwargs (highest), then the environment, then the TOML file.
-        # No .env or secrets dir: one place per setting.
-        return init_settings, env_settings, _FileSource(settings_cls)
-
 
 class _FileSource(PydanticBaseSettingsSource):
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
@@ -262,35 +273,94 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
-def _describe(exc: ValidationError, origin: str) -> str:
-    lines = [f"invalid configuration ({origin}):"]
-    for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        lines.append(f"  {field}: {error['msg']}")
-    return "\n".join(lines)
+def _given(values: dict[str, Any], loc: tuple[int | str, ...]) -> bool:
+    """Whether `values` (nested dicts) hold the setting at `loc` (a list or table given whole counts)."""
+    node: Any = values
+    for part in loc:
+        if not isinstance(node, dict):
+            break
+        if part not in node:
+            return False
+        node = node[part]
+    return bool(loc)
 
 
-def _describe_env(exc: SettingsError) -> str:
-    """pydantic-settings could not parse a `DSPARK_*` variable (a table or list that is not JSON)."""
+@dataclass(frozen=True)
+class _Layers:
+    """What one load was given, to say where each refused value came from."""
+    settings: type[BaseSettings]
+    path: Path | None
+    file: dict[str, Any]
+    flags: dict[str, Any]
+    flag_names: Mapping[str, str]     # field path ("p2p.listen") -> the flag that sets it
+
+    def describe(self, exc: ValidationError) -> str:
+        origin = f"{self.path}, environment and flags" if self.path is not None else "environment and flags"
+        return "\n".join([f"invalid configuration ({origin}):", *("  " + self._line(e) for e in exc.errors())])
+
+    def _line(self, error: Any) -> str:
+        loc, message = tuple(error["loc"]), error["msg"].removeprefix("Value error, ")
+        if not loc:          # a check across fields: its message names them
+            return message
+        field = ".".join(str(part) for part in loc)
+        if _given(self.flags, loc):
+            flag = self.flag_names.get(".".join(part for part in loc if isinstance(part, str)))
+            return f"{flag}: {message}" if flag else f"{field}: {message} (from a flag)"
+        variable = self._variable(loc)
+        if variable is not None:
+            return f"{field}: {message} (from {variable})"
+        if _given(self.file, loc):
+            return f"{field}: {message} (in {self.path})"
+        return f"{field}: {message}"
+
+    def _variable(self, loc: tuple[int | str, ...]) -> str | None:
+        """The environment variable that set the value at `loc`: its own, or its section's (as JSON)."""
+        prefix = self.settings.model_config.get("env_prefix", "")
+        delimiter = self.settings.model_config.get("env_nested_delimiter")
+        keys = [part for part in loc if isinstance(part, str)]
+        names = {name.upper(): name for name in os.environ}
+        for depth in range(len(keys) if delimiter else 1, 0, -1):
+            name = names.get((prefix + (delimiter or "").join(keys[:depth])).upper())
+            if name is not None:
+                return name
+        return None
+
+
+def _describe_env(exc: SettingsError, settings: type[BaseSettings]) -> str:
+    """pydantic-settings could not parse a variable of `settings` (a table or list that is not JSON)."""
+    prefix = settings.model_config.get("env_prefix", "")
+    delimiter = settings.model_config.get("env_nested_delimiter")
     field = re.search(r'field "([^"]+)"', str(exc))
-    prefix = f"DSPARK_{field.group(1).upper()}" if field else "DSPARK_"
-    names = sorted(name for name in os.environ if name.upper() == prefix or name.upper().startswith(prefix + "__"))
+    name = f"{prefix}{field.group(1)}".upper() if field else prefix
+    names = sorted(variable for variable in os.environ
+                   if variable.upper() == name or (delimiter and variable.upper().startswith(name + delimiter)))
     cause = f": {exc.__cause__}" if exc.__cause__ else ""
-    return (f"invalid configuration (environment): cannot parse {' or '.join(names) or prefix}{cause}; "
-            f"a table in the environment is JSON, e.g. DSPARK_PRICING__PER_MODEL='{{\"MODEL\": 5000000}}', "
-            f"a list is JSON or comma-separated, e.g. DSPARK_P2P__BOOTSTRAP=/ip4/A/tcp/7442/p2p/ID1,/ip4/B/...")
+    return (f"invalid configuration (environment): cannot parse {' or '.join(names) or name}{cause}; "
+            "a table in the environment is JSON ('{\"KEY\": 5}'), a list is JSON ('[\"a\", \"b\"]') "
+            "or comma-separated (a,b)")
+
+
+Settings = TypeVar("Settings", bound=LayeredSettings)
+
+
+def load_settings(settings: type[Settings], path: Path | None = None, overrides: dict[str, Any] | None = None,
+                  flag_names: Mapping[str, str] | None = None) -> Settings:
+    """`settings` from the TOML file (if given), its environment variables and `overrides` (the flags
+    given, nested dicts). A bad value raises ConfigError naming the field and where it came from;
+    a value from a flag is named by the flag when `flag_names` maps its field path to one."""
+    file_values = _read_toml(path) if path is not None else {}
+    overrides = overrides or {}
+    token = _FILE_VALUES.set(file_values)
+    try:
+        return settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_Layers(settings, path, file_values, overrides, flag_names or {}).describe(exc)) from None
+    except SettingsError as exc:
+        raise ConfigError(_describe_env(exc, settings)) from None
+    finally:
+        _FILE_VALUES.reset(token)
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
     """Build the NodeConfig from TOML (if given), `DSPARK_*` env and `overrides` (CLI flags, nested dicts)."""
-    file_values = _read_toml(path) if path is not None else {}
-    origin = f"{path}, environment and flags" if path is not None else "environment and flags"
-    token = _FILE_VALUES.set(file_values)
-    try:
-        return NodeConfig(**(overrides or {}))
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, origin)) from None
-    except SettingsError as exc:
-        raise ConfigError(_describe_env(exc)) from None
-    finally:
-        _FILE_VALUES.reset(token)
+    return load_settings(NodeConfig, path, overrides)

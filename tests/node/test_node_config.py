@@ -60,6 +60,21 @@ def test_bad_values_name_the_field(tmp_path, text, field):
     assert f"  {field}:" in str(info.value)
 
 
+def test_a_refusal_says_where_the_value_came_from(tmp_path, monkeypatch):
+    path = write(tmp_path, "[p2p]\nadvert_interval_s = 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"  p2p.advert_interval_s: Input should be greater than 0 (in {path})" in str(info.value)
+    monkeypatch.setenv("DSPARK_P2P__ADVERT_INTERVAL_S", "-1")       # over the file's value
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "  p2p.advert_interval_s: Input should be greater than 0 (from DSPARK_P2P__ADVERT_INTERVAL_S)" \
+        in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {"p2p": {"advert_interval_s": 0}})          # over both
+    assert "  p2p.advert_interval_s: Input should be greater than 0 (from a flag)" in str(info.value)
+
+
 def test_bad_env_names_the_field(monkeypatch):
     monkeypatch.setenv("DSPARK_ADMISSION__RATE_PER_MINUTE", "lots")
     with pytest.raises(ConfigError, match="admission.rate_per_minute"):
