@@ -10,33 +10,45 @@ import socket
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
+from node.config import ConfigError, load_settings, split_host_port
+from node.gateway.config import GatewayConfig
 
-from node.config import split_host_port
+_FIELDS = GatewayConfig.model_fields
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("gateway", help="serve the OpenAI API, running each request on the peer network")
-    parser.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
-                        help="HTTP address (default %(default)s; off loopback, --api-key is required)")
-    parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+    parser = subparsers.add_parser(
+        "gateway", help="serve the OpenAI API, running each request on the peer network",
+        description="Serve the OpenAI API, running each request on the peer network. Settings come from, "
+                    "lowest first: defaults, the --config TOML file (field names as in docs/gateway.md, e.g. "
+                    "api_keys = [...]), DSPARK_GATEWAY_* environment variables (e.g. DSPARK_GATEWAY_API_KEYS, a "
+                    "JSON list or comma-separated), then the flags given. API keys in a flag are visible to ps "
+                    "and shell history: prefer the file or the environment.")
+    # No flag has a default: only a flag given overrides the file and the environment.
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file of gateway settings")
+    parser.add_argument("--listen", metavar="HOST:PORT",
+                        help=f"HTTP address (default {_FIELDS['listen'].default}; off loopback, API keys "
+                             "are required)")
+    parser.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
                         help="peer to join the network through (repeatable)")
-    parser.add_argument("--mdns", action="store_true", help="also find peers on the LAN by mDNS")
+    parser.add_argument("--mdns", action="store_true", default=None, help="also find peers on the LAN by mDNS")
     parser.add_argument("--key", type=Path, metavar="FILE", help="client key signing the jobs "
                         "(created if missing; default: DATA_DIR/client.key)")
     parser.add_argument("--data-dir", type=Path, metavar="DIR",
-                        help="key and receipt store (default: ~/.local/share/dspark-node/gateway)")
-    parser.add_argument("--max-price", type=int, metavar="MICROS",
+                        help=f"key and receipt store (default: {_FIELDS['data_dir'].default})")
+    parser.add_argument("--max-price", type=int, metavar="MICROS", dest="max_price_per_mtok_micros",
                         help="highest price per million output tokens to pay (default: any)")
-    parser.add_argument("--max-price-gpu-second", type=int, metavar="MICROS",
+    parser.add_argument("--max-price-gpu-second", type=int, metavar="MICROS", dest="max_price_per_gpu_second_micros",
                         help="highest price per GPU-second to pay (default: any; 0 pays no time charge)")
-    parser.add_argument("--budget", type=int, metavar="AMOUNT",
+    parser.add_argument("--budget", type=int, metavar="AMOUNT", dest="budget_micros",
                         help="micro-units each API key may spend (persisted; default: unlimited)")
-    parser.add_argument("--api-key", action="append", default=[], metavar="KEY", dest="api_keys",
-                        help="accepted bearer key (repeatable); required off loopback")
-    parser.add_argument("--tls", default="auto", choices=["auto", "on", "off"],
+    parser.add_argument("--api-key", action="append", metavar="KEY", dest="api_keys",
+                        help="accepted bearer key (repeatable; replaces those of the file and environment); "
+                             "required off loopback")
+    parser.add_argument("--tls", choices=["auto", "on", "off"],
                         help="TLS to workers: auto = required off loopback (default)")
-    parser.add_argument("--attempts", type=int, default=3, metavar="N", help="workers to try per request")
+    parser.add_argument("--attempts", type=int, metavar="N",
+                        help=f"workers to try per request (default {_FIELDS['attempts'].default})")
     parser.set_defaults(func=run)
 
 
@@ -45,30 +57,24 @@ def _fail(message: str) -> int:
     return 2
 
 
+# Flags named after their field need no entry: --data-dir sets data_dir.
 _FLAGS = {"max_price_per_mtok_micros": "--max-price", "max_price_per_gpu_second_micros": "--max-price-gpu-second",
           "budget_micros": "--budget", "api_keys": "--api-key"}
 
 
-def _flag(loc: tuple) -> str:
-    """The command-line flag a config field came from ("" for a check across flags)."""
-    if not loc:
-        return ""
-    return _FLAGS.get(str(loc[0]), "--" + str(loc[0]).replace("_", "-")) + ": "
+def load(args: argparse.Namespace) -> GatewayConfig:
+    """The settings: the flags given (each dest is its field) laid over the --config file and the
+    environment. Raises ConfigError naming each bad value and where it came from."""
+    given = {field: value for field, value in vars(args).items() if field in _FIELDS and value is not None}
+    flag_names = {field: _FLAGS.get(field, "--" + field.replace("_", "-")) for field in given}
+    return load_settings(GatewayConfig, args.config, given, flag_names)
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.gateway.config import GatewayConfig
-
-    values = dict(listen=args.listen, bootstrap=args.bootstrap, mdns=args.mdns, key=args.key,
-                  max_price_per_mtok_micros=args.max_price,
-                  max_price_per_gpu_second_micros=args.max_price_gpu_second, budget_micros=args.budget,
-                  api_keys=tuple(args.api_keys), tls=args.tls, attempts=args.attempts)
-    if args.data_dir is not None:
-        values["data_dir"] = args.data_dir
     try:
-        config = GatewayConfig(**values)
-    except ValidationError as exc:
-        return _fail("; ".join(f"{_flag(e['loc'])}{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()))
+        config = load(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
     try:
         return asyncio.run(_serve(config))
     except ValueError as exc:     # IdentityError, LedgerError, DiscoveryError...: a setup that cannot work

@@ -1,27 +1,30 @@
-"""The gateway's settings, validated once from the command line (`dspark-node gateway`)."""
+"""The gateway's settings, validated once at start (`dspark-node gateway`): embedded defaults < TOML
+file (`--config`) < `DSPARK_GATEWAY_*` environment < the flags given, as the node's are layered."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from node.config import DEFAULT_DATA_DIR, ListenAddress, P2PConfig, is_loopback, split_host_port
+from node.config import (DEFAULT_DATA_DIR, LayeredSettings, ListenAddress, P2PConfig, StrList, is_loopback,
+                         split_host_port)
 
 MIN_API_KEY_CHARS = 16
 
 
-class GatewayConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class GatewayConfig(LayeredSettings):
+    model_config = SettingsConfigDict(env_prefix="DSPARK_GATEWAY_", extra="forbid", frozen=True)
     listen: ListenAddress = "127.0.0.1:8080"
-    bootstrap: list[str] = Field(default_factory=list)
+    bootstrap: StrList = Field(default_factory=list)
     mdns: bool = False
     data_dir: Path = DEFAULT_DATA_DIR / "gateway"
     key: Path | None = None                       # default: <data_dir>/client.key
     max_price_per_mtok_micros: int | None = Field(None, ge=0, lt=2**63)
     max_price_per_gpu_second_micros: int | None = Field(None, ge=0, lt=2**63)   # 0: no time charge
     budget_micros: int | None = Field(None, ge=0, lt=2**63)   # per API key; None = unlimited
-    api_keys: tuple[str, ...] = ()
+    api_keys: StrList = Field(default_factory=list)
     tls: str = Field("auto", pattern="^(auto|on|off)$")
     attempts: int = Field(3, ge=1, le=16)
     timeout_s: float = Field(600.0, gt=0, le=86400)
@@ -36,11 +39,13 @@ class GatewayConfig(BaseModel):
 
     @field_validator("api_keys")
     @classmethod
-    def _keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+    def _keys(cls, keys: list[str]) -> list[str]:
+        # No comma: DSPARK_GATEWAY_API_KEYS may list keys comma-separated, and a key holding one
+        # would silently become two shorter keys, each accepted.
         for key in keys:
-            if len(key) < MIN_API_KEY_CHARS or not key.isprintable() or " " in key:
+            if len(key) < MIN_API_KEY_CHARS or not key.isprintable() or " " in key or "," in key:
                 raise ValueError(f"an API key must be at least {MIN_API_KEY_CHARS} printable characters "
-                                 "without spaces")
+                                 "without spaces or commas")
         return keys
 
     @field_validator("data_dir", "key")
@@ -52,10 +57,12 @@ class GatewayConfig(BaseModel):
     def _exposed_needs_keys(self) -> GatewayConfig:
         host, _ = split_host_port(self.listen)
         if not is_loopback(host) and not self.api_keys:
-            raise ValueError(f"listen {self.listen!r} is not a loopback address: give --api-key so only "
-                             "holders of a key can spend through this gateway")
+            raise ValueError(f"listen {self.listen!r} is not a loopback address: give --api-key (or api_keys in "
+                             "the --config file, or DSPARK_GATEWAY_API_KEYS) so only holders of a key can spend "
+                             "through this gateway")
         if not self.bootstrap and not self.mdns:
-            raise ValueError("give --bootstrap MULTIADDR (or --mdns) to join the peer network")
+            raise ValueError("give --bootstrap MULTIADDR (or --mdns) to join the peer network (bootstrap or mdns "
+                             "in the --config file or the environment)")
         return self
 
     @property

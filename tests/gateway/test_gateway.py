@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -179,6 +180,21 @@ def test_a_gpu_second_cap_sends_jobs_past_a_worker_whose_time_price_is_above_it(
     finally:
         store.close()
     assert [(worker, row.receipt().price_per_gpu_second_micros) for worker, row in kept] == [(network.dear.peer_id, 0)]
+
+
+def test_keys_and_caps_from_a_config_file_keep_the_keys_out_of_argv(gateway_factory, network, tmp_path):
+    key = "file-key-0123456789abcdef"
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'api_keys = ["{key}"]\nmax_price_per_gpu_second_micros = {TIME_PRICE - 1}\n')
+    proc = gateway_factory(tmp_path / "from-file", "--config", str(config))
+    cmdline = Path(f"/proc/{proc.proc.pid}/cmdline").read_bytes()     # what `ps` shows
+    assert str(config).encode() in cmdline and key.encode() not in cmdline
+    wait_for_workers(proc.base_url, network.model, 2, key)
+    assert httpx.get(f"{proc.base_url}/models").status_code == 401
+    assert httpx.get(f"{proc.base_url}/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 403
+    chat = openai.OpenAI(base_url=proc.base_url, api_key=key, max_retries=0, timeout=120).chat.completions.create(
+        model=network.model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+    assert chat.model_extra["dspark"]["worker"] == network.dear.peer_id      # the file's GPU-second cap held
 
 
 def test_a_client_leaving_mid_stream_cancels_the_job_on_its_worker(client, network):
