@@ -122,8 +122,10 @@ class WorkerClient:
                  top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (), model: str | None = None,
                  max_price_per_mtok_micros: int | None = None, max_price_per_gpu_second_micros: int | None = None,
                  ttl_s: float = 300.0, job_id: bytes | None = None) -> Envelope:
-        """A signed JobRequest for this worker. Exactly one of text / chat / token_ids. Model and
-        price caps default to what the worker advertises; the receipt is refused if it charges more."""
+        """A signed JobRequest for this worker. Exactly one of text / chat / token_ids. The model
+        defaults to the advertised one. Each price the job carries is the worker's advertised price,
+        or the cap given when that is lower (the worker then refuses the job); the receipt is refused
+        if it charges more."""
         if sum(p is not None for p in (text, chat, token_ids)) != 1:
             raise ValueError("give exactly one of text, chat, token_ids")
         try:   # protobuf strings are UTF-8; a str holding lone surrogates (undecodable argv bytes) is not
@@ -140,11 +142,9 @@ class WorkerClient:
         request = job_pb2.JobRequest(
             job_id=job_id if job_id is not None else secrets.token_bytes(16), worker_peer_id=self.peer_id,
             model=model if model is not None else self.advert.models[0].id, sampling=sampling,
-            max_price_per_mtok_micros=(max_price_per_mtok_micros if max_price_per_mtok_micros is not None
-                                       else self.advert.price_per_mtok_micros),
-            max_price_per_gpu_second_micros=(max_price_per_gpu_second_micros
-                                             if max_price_per_gpu_second_micros is not None
-                                             else self.advert.price_per_gpu_second_micros),
+            max_price_per_mtok_micros=_agreed(self.advert.price_per_mtok_micros, max_price_per_mtok_micros),
+            max_price_per_gpu_second_micros=_agreed(self.advert.price_per_gpu_second_micros,
+                                                    max_price_per_gpu_second_micros),
             issued_at_ms=now, expires_at_ms=now + int(ttl_s * 1000))
         if text is not None:
             request.text = text
@@ -255,6 +255,13 @@ class WorkerClient:
         except grpc.aio.AioRpcError as exc:
             raise _refusal(exc) from None
         return _check_advert(envelope, self.peer_id, None)
+
+
+def _agreed(advertised: int, cap: int | None) -> int:
+    """The price a job offers: what the worker advertised, never more than the client's cap. Signing
+    the cap itself would let a worker bill up to it after advertising less; one that raised its price
+    since the advert refuses the job instead (price_too_low), and the client tries another."""
+    return advertised if cap is None else min(cap, advertised)
 
 
 def _check_advert(envelope: Envelope, peer_id: str | None, cert_sha256: bytes | None) -> CapacityAdvert:

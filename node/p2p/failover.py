@@ -122,7 +122,8 @@ async def run_with_failover(
     if not found:
         raise NoWorkerError(f"no live worker advertises model {model!r}", attempts)
     tried: set[str] = set()
-    # One set of caps: workers above either are not chosen (they would refuse), and the job carries both.
+    # One set of caps: workers above either are not chosen (they would refuse); the job is signed at
+    # the chosen worker's advertised prices, which are within them (WorkerClient.sign_job).
     caps = dict(max_price_per_mtok_micros=max_price_per_mtok_micros,
                 max_price_per_gpu_second_micros=max_price_per_gpu_second_micros)
     while len(tried) < max_attempts:

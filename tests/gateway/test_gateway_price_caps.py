@@ -32,7 +32,7 @@ class _TimeWorker(worker_pb2_grpc.WorkerServicer):
     def __init__(self, advertised: int, charged: int):
         self.advertised, self.charged = advertised, charged
         self.endpoint = ""
-        self.jobs = 0
+        self.caps: list[int] = []       # the GPU-second cap each job it was sent carries
 
     def advert(self) -> CapacityAdvert:
         return CapacityAdvert(peer_id=WORKER.peer_id, grpc_endpoint=self.endpoint, models=[ModelOffer(id="m")],
@@ -43,7 +43,7 @@ class _TimeWorker(worker_pb2_grpc.WorkerServicer):
         return seal(WORKER, self.advert())
 
     async def Submit(self, job, context):
-        self.jobs += 1
+        self.caps.append(job_pb2.JobRequest.FromString(job.payload).max_price_per_gpu_second_micros)
         result = worker_answer(job, 100_000, self.charged)
         yield job_pb2.SubmitEvent(accepted=job_pb2.JobAccepted(worker_peer_id=WORKER.peer_id))
         yield job_pb2.SubmitEvent(chunk=job_pb2.TokenChunk(token_ids=result.output_token_ids, text="abcd"))
@@ -91,16 +91,20 @@ async def gateway_before(worker: _TimeWorker, data_dir) -> AsyncIterator[Gateway
 
 
 @pytest.mark.asyncio
-async def test_a_receipt_above_the_gpu_second_cap_is_refused_and_not_kept(tmp_path):
-    worker = _TimeWorker(advertised=500, charged=CAP + 1)      # within the cap in its advert, not in its bill
+@pytest.mark.parametrize("charged", [CAP + 1, CAP])     # above the gateway's cap; within it, above the advert
+async def test_a_receipt_above_the_advertised_gpu_second_price_is_refused_and_not_kept(tmp_path, charged):
+    advertised = CAP // 2
+    worker = _TimeWorker(advertised, charged)
     async with gateway_before(worker, tmp_path) as gateway:
         with pytest.raises(ApiError) as caught:
             await gateway.run(CHAT, LOCAL_KEY, on_text=lambda text: None)
-        assert f"receipt charges {CAP + 1} micros per GPU-second, above the job's cap of {CAP}" in caught.value.message
-        assert worker.jobs == 1 and gateway.store.rows() == []
-        worker.charged = 500                                    # its advertised price: kept, and billed
+        # The job agreed to the advertised price, not to the gateway's cap: a bill above it is refused.
+        assert f"receipt charges {charged} micros per GPU-second, above the job's cap of {advertised}" \
+            in caught.value.message
+        assert worker.caps == [advertised] and gateway.store.rows() == []
+        worker.charged = advertised                             # its advertised price: kept, and billed
         outcome = await gateway.run(CHAT, LOCAL_KEY, on_text=lambda text: None)
-        assert outcome.result.receipt.price_per_gpu_second_micros == 500
+        assert outcome.result.receipt.price_per_gpu_second_micros == advertised
         assert [row.job_id for _, row in gateway.store.rows()] == [outcome.result.job_id]
         assert gateway.store.spent(LOCAL_KEY) == outcome.result.receipt.amount_micros
 
@@ -113,4 +117,4 @@ async def test_a_worker_advertising_above_the_gpu_second_cap_is_not_sent_the_job
             await gateway.run(CHAT, LOCAL_KEY, on_text=lambda text: None)
     assert (caught.value.status, caught.value.code) == (429, "no_capacity")
     assert f"{CAP + 1} micros per GPU-second, above the cap of {CAP}" in caught.value.message
-    assert worker.jobs == 0
+    assert worker.caps == []

@@ -1,8 +1,9 @@
 """Full daemons (tiny model) on the peer network: a client submits with no --node, discovery picks
 the cheapest worker; a GPU-second price cap below that worker's time price sends the job to the
-other one, and below both workers' prices names each price and cap; when the chosen worker is
-killed mid-job the job finishes on the next one, under a new job id, and the dead worker bills
-nothing for its partial output."""
+other one, and below both workers' prices names each price and cap; caps above a worker's prices sign
+its advertised prices, so it cannot bill up to the caps; when the chosen worker is killed mid-job the
+job finishes on the next one, under a new job id, and the dead worker bills nothing for its partial
+output."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from dspark.v1.job_pb2 import JobRequest
 from dspark.v1.receipt_pb2 import Receipt
 from node.cli import main as cli_main
-from node.client import JobRefused, WorkerClient
+from node.client import ClientError, JobRefused, WorkerClient
+from node.envelope import seal
 from node.identity import Identity
 from node.ledger import Ledger
 from node.p2p.failover import submit_via_network
@@ -153,6 +156,29 @@ def test_the_worker_that_prices_time_refuses_a_lower_cap_and_writes_nothing(swar
     assert code == 1 and "price_too_low" in err, err
     assert f"GPU-second price cap {TIME_PRICE - 1} is below this node's price of {TIME_PRICE}" in err
     assert ledger_rows(timed, tmp_path / "client.key") == ([], 0)
+
+
+@pytest.mark.asyncio
+async def test_caps_above_the_advertised_prices_sign_the_advertised_prices(swarm):
+    _, (timed, _) = swarm
+    async with await WorkerClient.connect(timed.grpc, Identity.generate(), peer_id=timed.peer_id) as client:
+        job = client.sign_job(text="Hello", max_new_tokens=4, max_price_per_mtok_micros=50 * PRICES[0][0],
+                              max_price_per_gpu_second_micros=50 * TIME_PRICE)
+        request = JobRequest.FromString(job.payload)
+        assert (request.max_price_per_mtok_micros, request.max_price_per_gpu_second_micros) == PRICES[0]
+        result = await client.run(job)
+    assert (result.receipt.price_per_mtok_micros, result.receipt.price_per_gpu_second_micros) == PRICES[0]
+    # The same worker billing this job one micro above its advert (its own key, amount by the rule):
+    # within the client's caps, but not within what the job agreed to.
+    worker = Identity.load(timed.data_dir / "node.key")
+    for price, advertised in zip(("price_per_mtok_micros", "price_per_gpu_second_micros"), PRICES[0]):
+        dearer = Receipt()
+        dearer.CopyFrom(result.receipt)
+        setattr(dearer, price, advertised + 1)
+        dearer.amount_micros = billed_amount(dearer.output_tokens, dearer.price_per_mtok_micros, dearer.gpu_seconds,
+                                             dearer.price_per_gpu_second_micros)
+        with pytest.raises(ClientError, match=f"receipt refused: .* above the job's cap of {advertised}$"):
+            client._check_receipt(seal(worker, dearer), job, result.output_ids)
 
 
 @pytest.mark.asyncio
