@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+import multiaddr
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
@@ -121,12 +122,27 @@ class P2PConfig(_Section):
     advert_ttl_s: int = Field(30, ge=1, le=86400)
     announce_grpc: str | None = Field(None, description="HOST:PORT clients should dial (default: grpc_listen)")
 
-    @field_validator("listen", "bootstrap")
+    @field_validator("listen")
     @classmethod
     def _multiaddrs(cls, addrs: list[str]) -> list[str]:
         for addr in addrs:
-            if not addr.startswith("/"):
-                raise ValueError(f"{addr!r} is not a multiaddr (e.g. /ip4/127.0.0.1/tcp/7442)")
+            try:
+                multiaddr.Multiaddr(addr)
+            except Exception as exc:  # the multiaddr library raises several unrelated types
+                raise ValueError(f"{addr!r} is not a multiaddr (e.g. /ip4/127.0.0.1/tcp/7442): {exc}") from None
+        return addrs
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _bootstrap(cls, addrs: list[str]) -> list[str]:
+        # Parsed as the host will parse them, so that a typo is refused here, before the node loads
+        # its model and writes to its data dir, not when the host starts. Imported here: libp2p's
+        # import is paid only when a bootstrap peer is given.
+        from node.p2p.host import P2PError, parse_bootstrap
+        try:
+            parse_bootstrap(tuple(addrs))
+        except P2PError as exc:
+            raise ValueError(str(exc).removeprefix("bootstrap address ")) from None
         return addrs
 
     @field_validator("announce_grpc")
@@ -361,6 +377,7 @@ def load_settings(settings: type[Settings], path: Path | None = None, overrides:
         _FILE_VALUES.reset(token)
 
 
-def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None,
+                flag_names: Mapping[str, str] | None = None) -> NodeConfig:
     """Build the NodeConfig from TOML (if given), `DSPARK_*` env and `overrides` (CLI flags, nested dicts)."""
-    return load_settings(NodeConfig, path, overrides)
+    return load_settings(NodeConfig, path, overrides, flag_names)

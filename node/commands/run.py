@@ -25,6 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+# The setting each flag sets, so that a refused value is named by the flag the operator typed.
+FLAG_NAMES = {"data_dir": "--data-dir", "grpc_listen": "--grpc-listen", "http_listen": "--http-listen",
+              "p2p.listen": "--p2p-listen", "p2p.bootstrap": "--bootstrap"}
+
+
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The flags that were given, as a nested dict laid over the config file and environment."""
     values: dict[str, Any] = {}
@@ -43,7 +48,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config, overrides(args))
+        config = load_config(args.config, overrides(args), FLAG_NAMES)
     except ConfigError as exc:
         print(f"dspark-node run: {exc}", file=sys.stderr)
         return 2

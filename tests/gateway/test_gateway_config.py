@@ -12,8 +12,9 @@ import pytest
 
 from node.commands import gateway as command
 from node.config import ConfigError
+from node.identity import Identity
 
-BOOTSTRAP = "/ip4/127.0.0.1/tcp/7442"
+BOOTSTRAP = f"/ip4/127.0.0.1/tcp/7442/p2p/{Identity.generate().peer_id}"
 FILE_KEY, ENV_KEY, FLAG_KEY = "file-key-0123456789abcdef", "env-key-0123456789abcdef", "flag-key-0123456789abcdef"
 
 

@@ -169,15 +169,19 @@ def test_audit_names_a_store_row_holding_text_where_bytes_belong(tmp_path, worke
     assert problems[0].endswith(f"the stored {what} is text, not bytes")
 
 
+BOOTSTRAP = f"/ip4/127.0.0.1/tcp/1/p2p/{WORKER.peer_id}"
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--listen", "0.0.0.0:8080", "--bootstrap", "/ip4/127.0.0.1/tcp/1"], "not a loopback address: give --api-key"),
-    (["--bootstrap", "/ip4/127.0.0.1/tcp/1", "--api-key", "short"], "--api-key: an API key must be at least 16"),
-    (["--bootstrap", "/ip4/127.0.0.1/tcp/1", "--budget", "-5"], "--budget: Input should be greater than or equal"),
-    (["--bootstrap", "/ip4/127.0.0.1/tcp/1", "--max-price-gpu-second", "-1"],
+    (["--listen", "0.0.0.0:8080", "--bootstrap", BOOTSTRAP], "not a loopback address: give --api-key"),
+    (["--bootstrap", BOOTSTRAP, "--api-key", "short"], "--api-key: an API key must be at least 16"),
+    (["--bootstrap", BOOTSTRAP, "--budget", "-5"], "--budget: Input should be greater than or equal"),
+    (["--bootstrap", BOOTSTRAP, "--max-price-gpu-second", "-1"],
      "--max-price-gpu-second: Input should be greater than or equal to 0"),
-    (["--bootstrap", "/ip4/127.0.0.1/tcp/1", "--max-price-gpu-second", str(2**63)],
+    (["--bootstrap", BOOTSTRAP, "--max-price-gpu-second", str(2**63)],
      "--max-price-gpu-second: Input should be less than 9223372036854775808"),
     (["--bootstrap", "not-a-multiaddr"], "--bootstrap: 'not-a-multiaddr' is not a multiaddr"),
+    (["--bootstrap", "/ip4/127.0.0.1/tcp/1"], "--bootstrap: '/ip4/127.0.0.1/tcp/1' is not a multiaddr ending in /p2p/"),
     ([], "give --bootstrap MULTIADDR (or --mdns)"),
 ])
 def test_gateway_command_refuses_bad_flags_before_starting(tmp_path, capsys, flags, message):

@@ -52,6 +52,15 @@ def test_run_refuses_a_bad_config_naming_the_field(tmp_path):
     assert not (tmp_path / "data").exists()          # nothing written before the config is valid
 
 
+def test_run_names_the_flag_of_a_bad_value(tmp_path):
+    config = tmp_path / "node.toml"
+    config.write_text('grpc_listen = "127.0.0.1:0"\n')
+    ran = cli("run", "--config", str(config), "--data-dir", str(tmp_path / "data"), "--http-listen", "nowhere",
+              "--bootstrap", "/ip4/127.0.0.1/tcp/7442/p2p/not-a-peer-id")
+    refused_clearly(ran, 2, "--http-listen: ", "--bootstrap: ")
+    assert "(from a flag)" not in ran.stderr and not (tmp_path / "data").exists()
+
+
 def refused_clearly(ran: subprocess.CompletedProcess, code: int, *words: str) -> None:
     assert ran.returncode == code, (ran.returncode, ran.stderr)
     assert "Traceback" not in ran.stderr, ran.stderr

@@ -14,6 +14,9 @@ from node.capacity import CapacityTracker
 from node.config import EMBEDDED_MODEL_ID, ConfigError, load_config
 from node.identity import Identity
 
+PEER = Identity.generate().peer_id   # bootstrap addresses end in /p2p/<peer id>
+ADDR_1, ADDR_2, ADDR_3 = (f"/ip4/127.0.0.{i}/tcp/1/p2p/{PEER}" for i in (1, 2, 3))
+
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "node.toml"
@@ -47,6 +50,9 @@ def test_precedence_file_env_flags(tmp_path, monkeypatch):
     ('grpc_listen = "nohost"', "grpc_listen"),
     ("[p2p]\nadvert_interval_s = 0", "p2p.advert_interval_s"),
     ('[p2p]\nlisten = ["127.0.0.1:7442"]', "p2p.listen"),
+    ('[p2p]\nlisten = ["/ip4/127.0.0.1/tpc/7442"]', "p2p.listen"),
+    ('[p2p]\nbootstrap = ["/ip4/127.0.0.1/tcp/7442"]', "p2p.bootstrap"),            # no /p2p/<peer id>
+    ('[p2p]\nbootstrap = ["/ip4/127.0.0.1/tcp/7442/p2p/12D3KooWnot"]', "p2p.bootstrap"),
     ("[engine]\nmax_batch = 0", "engine.max_batch"),
     ('[admission]\nmode = "allowlist"', "admission"),
     ('[admission]\ndeny = ["not-a-key"]', "admission.deny"),
@@ -108,14 +114,14 @@ def test_run_flags_override_the_file(tmp_path):
 
     parser = argparse.ArgumentParser()
     run.register(parser.add_subparsers())
-    path = write(tmp_path, '[p2p]\nbootstrap = ["/ip4/10.0.0.1/tcp/7442"]\nmdns = true\n')
+    path = write(tmp_path, f'[p2p]\nbootstrap = ["{ADDR_1}"]\nmdns = true\n')
     args = parser.parse_args(["run", "--config", str(path), "--data-dir", str(tmp_path / "d"), "--grpc-listen",
                               "127.0.0.1:0", "--p2p-listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap",
-                              "/ip4/127.0.0.2/tcp/1", "--bootstrap", "/ip4/127.0.0.3/tcp/1"])
+                              ADDR_2, "--bootstrap", ADDR_3])
     config = load_config(args.config, run.overrides(args))
     assert config.data_dir == tmp_path / "d" and config.grpc_listen == "127.0.0.1:0"
     assert config.p2p.listen == ["/ip4/127.0.0.1/tcp/0"]
-    assert config.p2p.bootstrap == ["/ip4/127.0.0.2/tcp/1", "/ip4/127.0.0.3/tcp/1"] and config.p2p.mdns is True
+    assert config.p2p.bootstrap == [ADDR_2, ADDR_3] and config.p2p.mdns is True
     no_p2p = parser.parse_args(["run", "--p2p-listen", ""])
     assert load_config(None, run.overrides(no_p2p)).p2p.listen == []
 
@@ -127,14 +133,14 @@ def test_run_bootstrap_is_repeatable_like_the_other_commands():
 
     parser = argparse.ArgumentParser()
     run.register(parser.add_subparsers())
-    args = parser.parse_args(["run", "--bootstrap", "/ip4/127.0.0.2/tcp/1", "--bootstrap", "/ip4/127.0.0.3/tcp/1"])
-    assert load_config(None, run.overrides(args)).p2p.bootstrap == ["/ip4/127.0.0.2/tcp/1", "/ip4/127.0.0.3/tcp/1"]
+    args = parser.parse_args(["run", "--bootstrap", ADDR_2, "--bootstrap", ADDR_3])
+    assert load_config(None, run.overrides(args)).p2p.bootstrap == [ADDR_2, ADDR_3]
 
 
 @pytest.mark.parametrize("value, expected", [
-    ("/ip4/1.2.3.4/tcp/1", ["/ip4/1.2.3.4/tcp/1"]),
-    ("/ip4/1.2.3.4/tcp/1, /ip4/1.2.3.5/tcp/1", ["/ip4/1.2.3.4/tcp/1", "/ip4/1.2.3.5/tcp/1"]),
-    ('["/ip4/1.2.3.4/tcp/1"]', ["/ip4/1.2.3.4/tcp/1"]),
+    (ADDR_1, [ADDR_1]),
+    (f"{ADDR_1}, {ADDR_2}", [ADDR_1, ADDR_2]),
+    (f'["{ADDR_1}"]', [ADDR_1]),
 ])
 def test_list_variables_take_json_or_commas(monkeypatch, value, expected):
     monkeypatch.setenv("DSPARK_P2P__BOOTSTRAP", value)
