@@ -19,7 +19,7 @@ import torch
 
 from engine.api import GenerationRequest, SamplingParams
 from engine.bench import BenchSettings, chat_ids
-from engine.build import build_engine
+from engine.build import DTYPES, build_engine
 from engine.loading import load_target
 from engine.prompts import load_first_turns
 
@@ -34,12 +34,12 @@ def main() -> None:
     parser.add_argument("--methods", default="ar,dspark-scheduled")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = BenchSettings(model="smollm2-135m-instruct", methods=[], max_new_tokens=args.max_new_tokens,
                              dtype=args.dtype)
-    target = load_target(settings.model, getattr(torch, args.dtype))
+    target = load_target(settings.model, DTYPES[args.dtype])
     prompts = [chat_ids(target.tokenizer, p) for p in load_first_turns(args.prompts, None)]
     c = args.concurrency
     for _ in range(args.repeats):
