@@ -57,8 +57,9 @@ def main() -> None:
             full = [r for r in reports if r.batch_size == c]
             plain = [r.round_seconds for r in full if r.draft_seconds <= DRAFTED]
             drafted = [r.round_seconds for r in full if r.draft_seconds > DRAFTED]
-            print(f"{name:17s} wall {wall:6.1f} s, {len(reports)} rounds; at batch {c}: {len(plain)} plain "
-                  f"(median {statistics.median(plain) * 1e3:.0f} ms), {len(drafted)} drafted"
+            print(f"{name:17s} wall {wall:6.1f} s, {len(reports)} rounds; at batch {c}: {len(plain)} plain"
+                  + (f" (median {statistics.median(plain) * 1e3:.0f} ms)" if plain else "")
+                  + f", {len(drafted)} drafted"
                   + (f" (mean {statistics.fmean(drafted) * 1e3:.0f} ms)" if drafted else ""), flush=True)
 
 
