@@ -14,6 +14,7 @@ from engine.bench_batch import run_serving_bench
 from engine.drafters.init import KINDS
 from engine.loading import ModelLoadError
 from engine.prompts import PromptFileError, load_first_turns
+from node.commands.flags import flag_errors
 from node.commands.generate import add_engine_arguments
 
 
@@ -100,7 +101,10 @@ def _run(args: argparse.Namespace, bench, methods: list[str]) -> dict | None:
                                  confidence_threshold=args.confidence_threshold,
                                  lookup_min_match=args.lookup_min_match, device=args.device)
         report = bench(settings, prompts, lambda line: print(line, file=sys.stderr))
-    except (ValidationError, ModelLoadError, PromptFileError, ValueError) as exc:
+    except ValidationError as exc:
+        print(f"error: {flag_errors(exc, {'drafters': '--method-drafter'})}", file=sys.stderr)
+        return None
+    except (ModelLoadError, PromptFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
     report["prompts"] = str(args.prompts)

@@ -15,6 +15,7 @@ from engine.build import build_engine
 from engine.config import EMBEDDED_MODEL, EngineConfig, METHODS
 from engine.loading import ModelLoadError
 from engine.prompts import PromptFileError, load_first_turns
+from node.commands.flags import flag_errors
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         prompts = [args.prompt] if args.prompt is not None else load_first_turns(args.prompts, args.limit)
         engine = build_engine(engine_config(args, args.method))
-    except (ValidationError, ModelLoadError, PromptFileError, ValueError) as exc:
+    except ValidationError as exc:
+        print(f"error: {flag_errors(exc)}", file=sys.stderr)
+        return 2
+    except (ModelLoadError, PromptFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p,

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from engine.config import EMBEDDED_MODEL
 from engine.loading import ModelLoadError
+from node.commands.flags import flag_errors
 
 
 def _comma_list(cast, what: str):
@@ -92,8 +93,7 @@ def run(args: argparse.Namespace) -> int:
                             stdlib_tokens=args.stdlib_tokens, max_len=args.max_len, topk=args.topk, threads=args.threads,
                             device=args.device, dtype=args.dtype, cache_only=args.cache_only)
     except ValidationError as exc:
-        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
-        print(f"error: {problems}", file=sys.stderr)
+        print(f"error: {flag_errors(exc)}", file=sys.stderr)
         return 2
     try:
         summary = run_pipeline(opts, log=lambda line: print(line, file=sys.stderr))

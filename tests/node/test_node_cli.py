@@ -127,6 +127,21 @@ def test_submit_refuses_bad_arguments_before_making_a_key(tmp_path, flags, words
     assert not key.exists()
 
 
+
+@pytest.mark.parametrize("command, flags, words", [
+    ("generate", ("--prompt", "hi", "--block-size", "99"), ("error: --block-size: ", "less than or equal to 32")),
+    ("bench", ("--block-size", "0"), ("error: --block-size: ", "greater than or equal to 1")),
+    ("train-drafter", ("--steps", "0"), ("error: --steps: ", "greater than or equal to 1")),
+])
+def test_engine_commands_name_the_flag_of_a_bad_value(tmp_path, command, flags, words):
+    """Not pydantic's dump of the settings class the flags were gathered into."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["hi"]}\n')
+    where = {"bench": ("--prompts", str(prompts), "--limit", "1"), "train-drafter": ("--out", str(tmp_path / "d"))}
+    ran = cli(command, *where.get(command, ()), *flags)
+    refused_clearly(ran, 2, *words)
+    assert "validation error for" not in ran.stderr and "errors.pydantic.dev" not in ran.stderr
+
 def test_keys_new_where_no_file_can_be_written(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
