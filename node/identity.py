@@ -122,6 +122,10 @@ class Identity:
             text = path.read_text()
         except FileNotFoundError:
             raise IdentityError(f"key file {path} does not exist") from None
+        except OSError as exc:     # a directory, a file this user may not read
+            raise IdentityError(f"key file {path} cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise IdentityError(f"{path} is not a dspark-node key file (not text)") from None
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             raise IdentityError(
@@ -133,12 +137,18 @@ class Identity:
             seed = base64.b64decode(text[len(_KEY_FILE_HEADER):].strip(), validate=True)
         except ValueError:
             raise IdentityError(f"key file {path} is corrupt (not base64)") from None
-        return cls.from_seed(seed)
+        try:
+            return cls.from_seed(seed)
+        except IdentityError as exc:
+            raise IdentityError(f"key file {path} is corrupt ({exc})") from None
 
     @classmethod
     def load_or_create(cls, path: Path) -> Identity:
         if path.exists():
             return cls.load(path)
         identity = cls.generate()
-        identity.save(path)
+        try:
+            identity.save(path)
+        except OSError as exc:     # a read-only dir, a dangling link where the key belongs
+            raise IdentityError(f"key file {path} cannot be written: {exc.strerror}") from None
         return identity

@@ -44,6 +44,25 @@ def test_keys_show_refuses_a_readable_key(tmp_path):
     assert shown.returncode == 1 and "chmod 600" in shown.stderr
 
 
+@pytest.mark.parametrize("make, words", [
+    (lambda path: path.write_bytes(bytes(range(128, 256))), "is not a dspark-node key file (not text)"),
+    (lambda path: path.mkdir(), "cannot be read: Is a directory"),
+    (lambda path: path.write_text("dspark-node ed25519 key v1\nAAAA\n"), "is corrupt (an Ed25519 seed is 32 bytes"),
+], ids=["binary", "directory", "short-seed"])
+def test_a_key_file_that_is_not_a_key_is_refused_by_name(tmp_path, make, words):
+    key = tmp_path / "node.key"
+    make(key)
+    key.chmod(0o700 if key.is_dir() else 0o600)
+    refused_clearly(cli("keys", "show", "--key", str(key)), 1, f"{key} ", words)
+    refused_clearly(cli("run", "--data-dir", str(tmp_path), *NO_PORTS), 2, f"{key} ", words)
+
+
+def test_run_where_the_key_cannot_be_written_is_refused_by_name(tmp_path):
+    key = tmp_path / "node.key"
+    key.symlink_to(tmp_path / "absent" / "node.key")      # dangling: no key there, and none can be made
+    refused_clearly(cli("run", "--data-dir", str(tmp_path), *NO_PORTS), 2, f"key file {key} cannot be written")
+
+
 def test_run_refuses_a_bad_config_naming_the_field(tmp_path):
     config = tmp_path / "node.toml"
     config.write_text("[admission]\nrate_per_minute = 0\n")
