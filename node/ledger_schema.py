@@ -49,7 +49,10 @@ def open_keyed_store(path: Path, schema: str, version: bytes, key_name: str, key
     key it belongs to; refuse one stamped with another key. Serves the node's ledger and the
     gateway's client-side store (`what` names it in errors)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    except sqlite3.DatabaseError as exc:    # a directory where the file belongs, a file this user may not open
+        raise LedgerError("storage", f"{path}: cannot open the {what}: {exc}") from None
     try:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
@@ -57,6 +60,8 @@ def open_keyed_store(path: Path, schema: str, version: bytes, key_name: str, key
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("BEGIN IMMEDIATE")
+        # Before the schema is written: a file of another version (a newer node's) is refused untouched.
+        _check_version(conn, path, version, what)
         # statement by statement: executescript() would COMMIT first and break the transaction
         for statement in filter(str.strip, schema.split(";\n")):
             conn.execute(statement)
@@ -76,12 +81,26 @@ def open_keyed_store(path: Path, schema: str, version: bytes, key_name: str, key
     return conn
 
 
+def _check_version(conn: sqlite3.Connection, path: Path, version: bytes, what: str) -> None:
+    """Refuse a database stamped with another schema version; a new file (no meta table yet) passes."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+        return
+    found = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if found is not None and found[0] != version:
+        raise _wrong_schema(path, version, what, found[0])
+
+
+def _wrong_schema(path: Path, version: bytes, what: str, found: object) -> LedgerError:
+    stamped = found.decode(errors="replace") if isinstance(found, bytes) else found
+    return LedgerError("schema", f"{path} is not a dspark-node {what} of schema version "
+                                 f"{version.decode()} (found version {stamped!r})")
+
+
 def stored_key(conn: sqlite3.Connection, path: Path, version: bytes, key_name: str, what: str) -> bytes:
     """The key a receipts database belongs to, after checking its schema version."""
     meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
     if meta.get("schema_version") != version or key_name not in meta:
-        raise LedgerError("schema", f"{path} is not a dspark-node {what} of schema version "
-                                    f"{version.decode()} (found {meta.get('schema_version')!r})")
+        raise _wrong_schema(path, version, what, meta.get("schema_version"))
     return meta[key_name]
 
 

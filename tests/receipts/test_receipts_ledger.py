@@ -180,6 +180,23 @@ def test_a_file_that_is_not_a_ledger_is_refused(tmp_path):
         Ledger.open(tmp_path / "garbage.sqlite3", WORKER)
 
 
+def test_a_ledger_of_a_newer_schema_is_refused_untouched(data_dir, ledger, tamper):
+    bill(ledger, 1)
+    ledger.close()
+    # What a newer node might have written: another version, and an index this version would create.
+    tamper("UPDATE meta SET value = x'32' WHERE key = 'schema_version'", "DROP INDEX receipts_issued")
+    before = (data_dir / LEDGER_FILE).read_bytes()
+    with pytest.raises(LedgerError, match=r"not a dspark-node ledger of schema version 1 \(found version '2'\)"):
+        Ledger.open(data_dir / LEDGER_FILE, WORKER)
+    assert (data_dir / LEDGER_FILE).read_bytes() == before
+
+
+def test_a_ledger_path_that_is_a_directory_is_refused(tmp_path):
+    (tmp_path / LEDGER_FILE).mkdir()
+    with pytest.raises(LedgerError, match="cannot open the ledger"):
+        Ledger.open(tmp_path / LEDGER_FILE, WORKER)
+
+
 def test_an_amount_too_large_to_store_is_refused_and_nothing_is_written(ledger):
     ledger.register_job(CLIENT.public_key, job_id(1), job_digest(CLIENT, 1), 0)
     with pytest.raises(ValueError, match="largest the ledger stores"):
