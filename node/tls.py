@@ -77,6 +77,14 @@ def _usable(material: TlsMaterial, peer_id: str) -> bool:
 
 def load_or_create(tls_dir: Path, peer_id: str) -> TlsMaterial:
     """The node's certificate, made (or renewed near expiry, or after a key change) as needed."""
+    try:
+        return _load_or_create(tls_dir, peer_id)
+    except OSError as exc:     # `tls` is a file, `cert.pem` a directory, a file this user may not read
+        raise TlsError(f"cannot use {exc.filename} ({exc.strerror}); the node keeps its TLS certificate in "
+                       f"the directory {tls_dir}") from None
+
+
+def _load_or_create(tls_dir: Path, peer_id: str) -> TlsMaterial:
     cert_path, key_path = tls_dir / "cert.pem", tls_dir / "key.pem"
     if cert_path.exists() and key_path.exists():
         try:

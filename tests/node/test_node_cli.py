@@ -102,6 +102,19 @@ def test_run_refuses_a_data_dir_that_is_a_file(tmp_path):
     refused_clearly(cli("run", "--data-dir", str(data), *NO_PORTS), 2, f"data_dir {data} is a file")
 
 
+def _cert_is_a_directory(tls):
+    (tls / "cert.pem").mkdir(parents=True)
+    (tls / "key.pem").write_text("")
+
+
+@pytest.mark.parametrize("blocker, make", [("tls", lambda tls: tls.write_text("")),
+                                           ("tls/cert.pem", _cert_is_a_directory)], ids=["tls-file", "cert-dir"])
+def test_run_refuses_tls_material_it_cannot_use_naming_the_path(tmp_path, blocker, make):
+    make(tmp_path / "tls")
+    ran = cli("run", "--data-dir", str(tmp_path), *NO_PORTS, "--grpc-listen", "0.0.0.0:0")   # TLS: not loopback
+    refused_clearly(ran, 2, f"cannot use {tmp_path / blocker} (", f"certificate in the directory {tmp_path / 'tls'}")
+
+
 def test_run_refuses_a_taken_port_before_loading_anything(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
