@@ -57,7 +57,7 @@ class _Body(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
     seed: int | None = Field(None, ge=0, lt=2**64)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = None         # null is OpenAI's default, as for the other optional parameters
     stream_options: StreamOptions | None = None
     user: str | None = None
 
@@ -126,7 +126,7 @@ def parse_request(kind: Literal["chat", "completion"], body: Any) -> JobParams:
         request = schema.model_validate(body)
     except ValidationError as exc:
         error = exc.errors()[0]
-        param = ".".join(str(p) for p in error["loc"] if not str(p).startswith(("str", "list", "function")))
+        param = ".".join(str(p) for p in error["loc"] if not _union_member(p))
         raise ApiError(400, f"invalid parameter {param!r}: {error['msg']}", param=param) from None
     request.unsupported()
     if request.stream_options is not None and not request.stream:
@@ -142,7 +142,14 @@ def parse_request(kind: Literal["chat", "completion"], body: Any) -> JobParams:
         model=model_id(request.model), prompt=prompt, max_new_tokens=max_tokens,
         temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed, stop=tuple(request.stop or ()),
-        stream=request.stream, include_usage=bool(request.stream_options and request.stream_options.include_usage))
+        stream=bool(request.stream), include_usage=bool(request.stream_options and request.stream_options.include_usage))
+
+
+def _union_member(part: str | int) -> bool:
+    """Whether a part of a pydantic error location names the member of a union it was checked
+    against ("str", "list[int]", "function-after[...]"), not a field: no field is named so, while
+    a prefix test would also drop `stream` and `stream_options`."""
+    return isinstance(part, str) and (part == "str" or "[" in part)
 
 
 def _refuse_lone_surrogates(body: dict) -> None:

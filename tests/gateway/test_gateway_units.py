@@ -35,6 +35,12 @@ def test_chat_maps_one_to_one():
     assert params.stream and params.include_usage
 
 
+def test_null_is_an_optional_parameters_default_as_in_openai():
+    params = parse_request("chat", {**CHAT, **dict.fromkeys(("stream", "stream_options", "temperature", "top_p",
+                                                             "max_tokens", "seed", "stop", "n", "user"))})
+    assert params == parse_request("chat", CHAT)
+
+
 def test_the_embedded_models_alias_asks_for_the_id_workers_advertise():
     params = parse_request("chat", {**CHAT, "model": EMBEDDED_MODEL})
     assert params.model == EMBEDDED_MODEL_ID
@@ -55,6 +61,8 @@ def test_completion_prompts_and_defaults():
     ("chat", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("chat", {**CHAT, "max_tokens": 4, "max_completion_tokens": 5}, "max_tokens"),
     ("chat", {**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
+    ("chat", {**CHAT, "stream": "maybe"}, "stream"),
+    ("chat", {**CHAT, "stream": True, "stream_options": {"include_usage": "x"}}, "stream_options.include_usage"),
     ("chat", {"model": "m", "messages": []}, "messages"),
     ("chat", {**CHAT, "messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages.0.name"),
     ("chat", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
