@@ -5,7 +5,8 @@ Mapped: model, messages / prompt, temperature, top_p, max_tokens / max_completio
 stop, stream (+ stream_options.include_usage), n (1 only) and `user` (an end-user tag: it changes
 no output). Any other parameter is refused with a 400 naming it, unless it is given at its
 no-effect value (n=1, presence_penalty=0, logprobs=false, tools=[], response_format text...):
-a client must never believe the network honoured a parameter it ignored.
+a client must never believe the network honoured a parameter it ignored. Values are checked
+strictly, as OpenAI does: "0.5" is not a temperature, nor true a max_tokens of 1.
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)    # 0 would mean "no nucleus filter" on the worker
@@ -79,13 +80,13 @@ class _Body(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
