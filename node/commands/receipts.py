@@ -178,6 +178,7 @@ def _export(args: argparse.Namespace) -> int:
     since, until = _time(args.since), _time(args.until)
     proof_job = _hex(args.proof, "--proof job id") if args.proof else None
     client = _hex(args.client, "--client", 32) if args.client else None
+    summary = None
     with _open(args) as ledger, _output(args.output) as out:
         if isinstance(ledger, ReceiptStore):
             raise _UsageError(f"{args.data_dir} holds a gateway's receipt store: export reads a node's ledger "
@@ -187,8 +188,9 @@ def _export(args: argparse.Namespace) -> int:
             out.write(json.dumps(period_proof(period, proof_job, client), indent=2) + "\n")
         else:
             summary = write_export(period, args.format, out)
-            print(f"{summary['receipts']} receipts, {summary['amount_micros']} micros, "
-                  f"merkle root {summary['merkle_root']}", file=sys.stderr)
+    if summary is not None:     # said once the export is in place, not before a rename that may fail
+        print(f"{summary['receipts']} receipts, {summary['amount_micros']} micros, "
+              f"merkle root {summary['merkle_root']}", file=sys.stderr)
     return 0
 
 
@@ -229,12 +231,20 @@ def _output(path: Path | None) -> Iterator[TextIO]:
             spool.seek(0)
             shutil.copyfileobj(spool, sys.stdout)
         return
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
-                                     newline="") as tmp:
-        try:
+    try:
+        tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, newline="")
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
+    try:
+        with tmp:
             yield tmp
-        except BaseException:
-            tmp.close()
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, path)
+        os.replace(tmp.name, path)
+    except BaseException as exc:     # a refusal midway, or a write or rename that failed: no file left behind
+        os.unlink(tmp.name)
+        if isinstance(exc, OSError):
+            raise _unwritable(path, exc) from None
+        raise
+
+
+def _unwritable(path: Path, exc: OSError) -> _UsageError:
+    return _UsageError(f"--output {path}: cannot write there ({exc.strerror})")

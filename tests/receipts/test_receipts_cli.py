@@ -188,6 +188,17 @@ def test_bad_arguments_are_refused_with_a_message(data_dir, two_periods, cli, ar
     assert message in err
 
 
+@pytest.mark.parametrize("target", ["a-directory", "no-such-dir/bill.csv"])
+def test_export_to_an_output_it_cannot_write_names_it_and_leaves_nothing(data_dir, two_periods, cli, tmp_path,
+                                                                          target):
+    out_dir = tmp_path / "out"
+    (out_dir / "a-directory").mkdir(parents=True)
+    code, out, err = cli("export", "--data-dir", str(data_dir), "--output", str(out_dir / target))
+    assert code == 2 and f"--output {out_dir / target}: cannot write there (" in err
+    assert "merkle root" not in err                      # no summary of an export that was not written
+    assert [p.name for p in out_dir.iterdir()] == ["a-directory"] and not any((out_dir / "a-directory").iterdir())
+
+
 def test_missing_ledger_and_bad_proof_files(tmp_path, cli):
     code, _, err = cli("verify", "--data-dir", str(tmp_path / "nowhere"))
     assert code == 2 and "no ledger at" in err
