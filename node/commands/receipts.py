@@ -123,8 +123,8 @@ def _open(args: argparse.Namespace) -> closing[Ledger | ReceiptStore]:
 
 def _list(args: argparse.Namespace) -> int:
     client = _hex(args.client, "--client", 32) if args.client else None
-    if args.limit < 1:
-        raise _UsageError("--limit must be at least 1")
+    if not 1 <= args.limit < 2**63:       # SQLite integers are signed 64-bit
+        raise _UsageError(f"--limit must be from 1 to 2^63-1, got {args.limit}")
     with _open(args) as ledger:
         rows = ledger.latest(args.limit, client)
     print(f"{'SEQ':>7}  {'ISSUED (UTC)':<19}  {'CLIENT':<12}  {'JOB':<32}  {'OUTCOME':<9}  {'TOKENS':>7}  "
