@@ -195,7 +195,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _verify_proof(args: argparse.Namespace) -> int:
-    text = sys.stdin.read() if str(args.proof) == "-" else args.proof.read_text()
+    try:
+        text = sys.stdin.read() if str(args.proof) == "-" else args.proof.read_text()
+    except UnicodeDecodeError:
+        raise _UsageError(f"{args.proof} is not JSON (not UTF-8 text)") from None
     try:
         proof = json.loads(text)
     except json.JSONDecodeError as exc:

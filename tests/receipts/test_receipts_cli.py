@@ -207,6 +207,9 @@ def test_missing_ledger_and_bad_proof_files(tmp_path, cli):
     bad = tmp_path / "proof.json"
     bad.write_text("[1, 2]")
     assert cli("verify-proof", str(bad))[0] == 2
+    bad.write_bytes(bytes(range(128, 256)))
+    code, _, err = cli("verify-proof", str(bad), "--root", "00" * 32)
+    assert code == 2 and f"{bad} is not JSON (not UTF-8 text)" in err
     bad.write_text('{"merkle_rule": "rfc6962-sha256"}')
     code, _, err = cli("verify-proof", str(bad), "--root", "00" * 32)
     assert code == 1 and "malformed proof" in err
