@@ -15,6 +15,10 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 # Where a draft came from: prompt lookup in the request's own text, lookup in other requests' text of
 # its scope (engine/drafters/corpus.py), or the model drafter (DSpark, DFlash, EAGLE-3).
 DRAFT_SOURCES = ("own", "corpus", "drafter")
+# Sampling limits a request must keep (SamplingParams.validate); clients check them before they sign.
+SEED_LIMIT = 2**63            # seeds are 0 .. SEED_LIMIT - 1
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 256
 
 
 class RequestRejected(ValueError):
@@ -47,10 +51,11 @@ class SamplingParams:
         if self.max_new_tokens > max_new_tokens_limit:
             raise RequestRejected(
                 "too_long", f"max_new_tokens {self.max_new_tokens} exceeds this engine's limit {max_new_tokens_limit}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
             raise RequestRejected("bad_sampling", f"seed must be in [0, 2^63), got {self.seed}")
-        if len(self.stop) > 8 or any(not s or len(s) > 256 for s in self.stop):
-            raise RequestRejected("bad_sampling", "at most 8 stop strings of 1..256 characters")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise RequestRejected("bad_sampling", f"at most {MAX_STOP_STRINGS} stop strings of 1..{MAX_STOP_CHARS} "
+                                                  "characters")
 
 
 @dataclass(frozen=True)

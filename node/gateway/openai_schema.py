@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from engine.api import MAX_STOP_CHARS, SEED_LIMIT
 from node.config import model_id
 from node.gateway.errors import ApiError
 
@@ -56,7 +57,7 @@ class _Body(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)    # 0 would mean "no nucleus filter" on the worker
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    seed: int | None = Field(None, ge=0, lt=2**64)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)   # the worker's limits: refused here, naming the field
     stop: str | list[str] | None = None
     stream: bool | None = None         # null is OpenAI's default, as for the other optional parameters
     stream_options: StreamOptions | None = None
@@ -66,8 +67,8 @@ class _Body(BaseModel):
     @classmethod
     def _stop(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP or any(not s for s in stops):
-            raise ValueError(f"stop takes at most {MAX_STOP} non-empty strings")
+        if len(stops) > MAX_STOP or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes at most {MAX_STOP} strings of 1 to {MAX_STOP_CHARS} characters")
         return stops
 
     def unsupported(self) -> None:
@@ -143,7 +144,8 @@ def parse_request(kind: Literal["chat", "completion"], body: Any) -> JobParams:
         model=model_id(request.model), prompt=prompt, max_new_tokens=max_tokens,
         temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed, stop=tuple(request.stop or ()),
-        stream=bool(request.stream), include_usage=bool(request.stream_options and request.stream_options.include_usage))
+        stream=bool(request.stream),
+        include_usage=bool(request.stream_options and request.stream_options.include_usage))
 
 
 def _union_member(part: str | int) -> bool:

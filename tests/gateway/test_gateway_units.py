@@ -58,6 +58,8 @@ def test_completion_prompts_and_defaults():
     ("chat", {**CHAT, "some_new_knob": 1}, "some_new_knob"),
     ("chat", {**CHAT, "top_p": 0}, "top_p"),
     ("chat", {**CHAT, "seed": -1}, "seed"),
+    ("chat", {**CHAT, "seed": 2**63}, "seed"),           # the worker's limit: refused before a job is sent
+    ("chat", {**CHAT, "stop": ["x" * 257]}, "stop"),
     ("chat", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("chat", {**CHAT, "max_tokens": 4, "max_completion_tokens": 5}, "max_tokens"),
     ("chat", {**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
