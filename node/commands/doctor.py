@@ -6,6 +6,7 @@ Prints one line per check, and under each problem the thing to do; exits 1 if an
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -81,8 +82,9 @@ def render(checks: list[Check]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     for flag, value in (("--min-free-gb", args.min_free_gb), ("--max-skew-s", args.max_skew_s)):
-        if value is not None and value < 0:
-            print(f"doctor: {flag} must not be negative", file=sys.stderr)
+        # Written so that NaN fails too: it would turn the clock check off, and the disk one into a traceback.
+        if value is not None and not 0 <= value < math.inf:
+            print(f"doctor: {flag} must be a finite number, not negative; got {value}", file=sys.stderr)
             return 2
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
     try:

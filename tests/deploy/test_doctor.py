@@ -76,9 +76,11 @@ def test_bad_config_is_reported_not_raised(tmp_path, capsys):
     assert "[FAIL] config:" in out and "grpc_listen" in out
 
 
-def test_negative_threshold_is_refused(capsys):
-    assert doctor(["--min-free-gb", "-1"]) == 2
-    assert "--min-free-gb" in capsys.readouterr().err
+@pytest.mark.parametrize("flag, value", [("--min-free-gb", "-1"), ("--min-free-gb", "nan"), ("--min-free-gb", "inf"),
+                                         ("--max-skew-s", "nan"), ("--max-skew-s", "-0.5")])
+def test_a_threshold_that_is_negative_or_not_finite_is_refused(capsys, flag, value):
+    assert doctor([flag, value]) == 2
+    assert f"doctor: {flag} must be a finite number, not negative; got {float(value)}" in capsys.readouterr().err
 
 
 def test_key_missing_present_open_and_corrupt(data_dir):
