@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Literal, NoReturn
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -71,6 +71,23 @@ def _as_api_error(exc: BaseException) -> ApiError:
     return ApiError(500, f"internal error in the gateway (reference {reference} in its log)")
 
 
+def _json_body(raw: bytes) -> object:
+    try:
+        return json.loads(raw, parse_constant=_not_json)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not JSON: {exc}") from None
+    except ValueError:       # an integer of more digits than Python converts (4300): no parameter takes one
+        raise ApiError(400, "the request body holds a number of thousands of digits") from None
+    except RecursionError:   # a few hundred KB of "[" nest deeper than the parser recurses
+        raise ApiError(400, "the request body nests too deeply to be a request") from None
+
+
+def _not_json(constant: str) -> NoReturn:
+    """json.loads takes NaN and Infinity, which JSON has not: a NaN temperature would be refused as
+    "not <= 2", which names the wrong fault."""
+    raise ApiError(400, f"the request body is not JSON: {constant} is not a JSON number")
+
+
 class GatewayApp:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
@@ -113,13 +130,7 @@ class GatewayApp:
             raw += part
             if len(raw) > MAX_BODY_BYTES:
                 raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="body_too_large")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the request body is not JSON: {exc}") from None
-        except RecursionError:   # a few hundred KB of "[" nest deeper than the parser recurses
-            raise ApiError(400, "the request body nests too deeply to be a request") from None
-        params = parse_request(kind, body)
+        params = parse_request(kind, _json_body(raw))
         self.gateway.check_model(params.model)
         await self.gateway.check_budget(account)
         stream = _Stream(kind, params)

@@ -133,6 +133,17 @@ def test_bodies_that_are_not_requests(gateway):
     assert deep.status_code == 400 and "nests too deeply" in deep.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("number, words", [
+    (b"1" + b"0" * 5000, "a number of thousands of digits"), (b"NaN", "NaN is not a JSON number"),
+    (b"-Infinity", "-Infinity is not a JSON number"),
+])
+def test_numbers_that_json_has_not_are_refused_as_not_json(gateway, number, words):
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": ' + number + b"}"
+    response = httpx.post(f"{gateway.base_url}/chat/completions", content=raw,
+                          headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 400 and words in response.json()["error"]["message"]
+
+
 def test_receipts_commands_work_on_the_gateway_dir(gateway, capsys):
     capsys.readouterr()
     assert cli_main(["receipts", "verify", "--data-dir", str(gateway.data_dir)]) == 0
