@@ -52,8 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("receipts", help="list, show, verify and export the node's signed receipts")
     sub = parser.add_subparsers(dest="receipts_command", metavar="ACTION", required=True)
     ledger_args = argparse.ArgumentParser(add_help=False)
-    ledger_args.add_argument("--data-dir", type=Path,
-                             default=Path(os.environ.get("DSPARK_DATA_DIR") or DEFAULT_DATA_DIR).expanduser(),
+    # Expanded as `run` expands its data_dir: `--data-dir=~/x` reaches us with the ~ unexpanded.
+    ledger_args.add_argument("--data-dir", type=lambda text: Path(text).expanduser(),
+                             default=os.environ.get("DSPARK_DATA_DIR") or str(DEFAULT_DATA_DIR),
                              help=f"the node's data directory, holding {LEDGER_FILE} (default: %(default)s)")
 
     p = sub.add_parser("list", parents=[ledger_args], help="the newest receipts, one line each")

@@ -201,6 +201,12 @@ def test_export_to_an_output_it_cannot_write_names_it_and_leaves_nothing(data_di
     assert [p.name for p in out_dir.iterdir()] == ["a-directory"] and not any((out_dir / "a-directory").iterdir())
 
 
+def test_data_dir_with_a_tilde_is_the_home_directory_as_for_run(data_dir, two_periods, cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code, out, _ = cli("verify", f"--data-dir=~/{data_dir.relative_to(tmp_path)}")   # no shell expands it there
+    assert code == 0 and out.startswith("ok: 6 receipts")
+
+
 def test_missing_ledger_and_bad_proof_files(tmp_path, cli):
     code, _, err = cli("verify", "--data-dir", str(tmp_path / "nowhere"))
     assert code == 2 and "no ledger at" in err
