@@ -177,18 +177,21 @@ class AdmissionConfig(_Section):
         return self
 
 
+# Prices travel in adverts' and receipts' uint64 fields and bill into SQLite's signed 64-bit integers:
+# a larger one would pass here, then fail each advert the node builds.
+Price = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
 class PricingConfig(_Section):
-    per_mtok_micros: int = Field(100_000, ge=0, description="price per million output tokens, micro-units")
-    per_model: dict[str, int] = Field(default_factory=dict, description="keyed by model id or alias")
-    per_gpu_second_micros: int = Field(0, ge=0)
+    per_mtok_micros: Price = Field(100_000, description="price per million output tokens, micro-units")
+    per_model: dict[str, Price] = Field(default_factory=dict, description="keyed by model id or alias")
+    per_gpu_second_micros: Price = 0
 
     @field_validator("per_model")
     @classmethod
     def _by_model_id(cls, prices: dict[str, int]) -> dict[str, int]:
         by_id: dict[str, int] = {}
         for model, price in prices.items():
-            if price < 0:
-                raise ValueError(f"price for {model!r} is negative ({price})")
             if model_id(model) in by_id:
                 raise ValueError(f"{model!r} and {model_id(model)!r} name the same model; give one price")
             by_id[model_id(model)] = price

@@ -57,6 +57,9 @@ def test_precedence_file_env_flags(tmp_path, monkeypatch):
     ('[admission]\nmode = "allowlist"', "admission"),
     ('[admission]\ndeny = ["not-a-key"]', "admission.deny"),
     ("[pricing]\nper_mtok_micros = -1", "pricing.per_mtok_micros"),
+    ("[pricing]\nper_mtok_micros = 18446744073709551616", "pricing.per_mtok_micros"),     # 2^64: no uint64 holds it
+    ("[pricing]\nper_gpu_second_micros = 9223372036854775808", "pricing.per_gpu_second_micros"),
+    (f'[pricing]\nper_model = {{ "{EMBEDDED_MODEL}" = 9223372036854775808 }}', f"pricing.per_model.{EMBEDDED_MODEL}"),
     ('[tls]\nmode = "maybe"', "tls.mode"),
     ("unknown_setting = 1", "unknown_setting"),
 ])
