@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Literal, NoReturn
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -61,6 +62,14 @@ async def _error_response(_request: Request, exc: Exception) -> Response:
     return _as_api_error(exc).response()
 
 
+async def _route_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (no such route: 404, wrong method: 405) in OpenAI's error body, as
+    every other error, so an SDK shows what was wrong rather than a bare "Not Found"."""
+    response = ApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}").response()
+    response.headers.update(exc.headers or {})     # 405's Allow
+    return response
+
+
 def _as_api_error(exc: BaseException) -> ApiError:
     """An ApiError as it is; anything else is a bug: logged here, and the client gets a reference
     to the log line, never the exception text."""
@@ -96,7 +105,7 @@ class GatewayApp:
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/completions", self._completion, methods=["POST"]),
             Route("/v1/models", self._models, methods=["GET"]),
-        ], exception_handlers={ApiError: _error_response, Exception: _error_response})
+        ], exception_handlers={HTTPException: _route_error, ApiError: _error_response, Exception: _error_response})
 
     def _account(self, request: Request) -> str:
         """The spending account of the request's key; raises 401/403."""

@@ -8,7 +8,8 @@ from node.admission import Reason
 from node.p2p.failover import NoWorkerError
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
-          403: "permission_error", 404: "invalid_request_error", 413: "invalid_request_error",
+          403: "permission_error", 404: "invalid_request_error", 405: "invalid_request_error",
+          413: "invalid_request_error",
           429: "rate_limit_error",
           503: "service_unavailable"}
 # Refusals caused by the request itself: every worker would refuse it the same way.

@@ -144,6 +144,18 @@ def test_numbers_that_json_has_not_are_refused_as_not_json(gateway, number, word
     assert response.status_code == 400 and words in response.json()["error"]["message"]
 
 
+def test_a_route_or_method_the_gateway_has_not_is_refused_in_openais_body(gateway, client):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    missing = httpx.get(f"{gateway.base_url}/embeddings", headers=headers)
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "Not Found: GET /v1/embeddings"
+    wrong = httpx.get(f"{gateway.base_url}/chat/completions", headers=headers)
+    assert (wrong.status_code, wrong.headers["allow"]) == (405, "POST")
+    assert wrong.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError) as caught:      # the SDK's models.retrieve: not served here
+        client.models.retrieve("m")
+    assert caught.value.body["message"] == "Not Found: GET /v1/models/m"
+
+
 def test_receipts_commands_work_on_the_gateway_dir(gateway, capsys):
     capsys.readouterr()
     assert cli_main(["receipts", "verify", "--data-dir", str(gateway.data_dir)]) == 0
