@@ -49,9 +49,14 @@ def standalone_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# No probe waits a day; beyond some 10^9 s the socket layer overflows (NaN and inf fail the check too).
+_MAX_TIMEOUT_S = 86400.0
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.timeout <= 0:
-        print("health: --timeout must be positive", file=sys.stderr)
+    if not 0 < args.timeout <= _MAX_TIMEOUT_S:
+        print(f"health: --timeout must be more than 0 and at most {_MAX_TIMEOUT_S:g} seconds, got {args.timeout}",
+              file=sys.stderr)
         return 2
     try:
         status = health_status(args.grpc, args.tls, args.timeout, args.service)

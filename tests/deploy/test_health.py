@@ -61,3 +61,9 @@ def test_bad_endpoint_is_refused_by_the_parser(bad, capsys):
         parse_command(health_command, ["health", "--grpc", bad])
     assert exc.value.code == 2
     assert "--grpc" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "1e308"])
+def test_a_timeout_that_is_not_a_usable_number_of_seconds_is_refused(timeout, capsys):
+    assert health(["--grpc", f"127.0.0.1:{free_port()}", "--timeout", timeout]) == 2
+    assert f"--timeout must be more than 0 and at most 86400 seconds, got {float(timeout)}" in capsys.readouterr().err
