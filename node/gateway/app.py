@@ -114,10 +114,10 @@ class GatewayApp:
                 raise ApiError(403, "this gateway serves loopback clients only (Host header is not a loopback "
                                     "name)", code="forbidden_host")
             return account_of(None)
-        header = request.headers.get("authorization", "")
-        if not header.startswith("Bearer ") or not header[7:].strip():
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:     # the scheme is case-insensitive (RFC 9110, 11.1)
             raise ApiError(401, "this gateway needs an API key: Authorization: Bearer KEY", code="missing_api_key")
-        key = header[7:].strip()
         if not any(hmac.compare_digest(key.encode(), known) for known in self._keys):
             raise ApiError(403, "the API key is not one this gateway accepts", code="invalid_api_key")
         return account_of(key)

@@ -115,6 +115,8 @@ def test_neutral_values_of_unsupported_parameters_are_accepted(client, network):
 def test_keys_and_unknown_model(gateway, client):
     response = httpx.get(f"{gateway.base_url}/models")          # 401: no key
     assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    lower = httpx.get(f"{gateway.base_url}/models", headers={"Authorization": f"bearer {API_KEY}"})
+    assert lower.status_code == 200          # the scheme is case-insensitive; the key is not
     with pytest.raises(openai.PermissionDeniedError):   # 403: a key the gateway does not accept
         openai.OpenAI(base_url=gateway.base_url, api_key="not-the-key-0123456789", max_retries=0).models.list()
     with pytest.raises(openai.NotFoundError) as caught:
