@@ -67,10 +67,15 @@ async def _submit(args: argparse.Namespace, identity: Identity) -> int:
         return 0
 
 
+# A job's deadline is at most a day (the gateway's timeout_s too): grpc's deadline overflows past some
+# 7e9 s and then expires at once, which read as a refusal (DEADLINE_EXCEEDED) of a job never sent.
+_MAX_TIMEOUT_S = 86400.0
+
+
 def _bad_argument(args: argparse.Namespace) -> str | None:
     """What is wrong with the flags, checked before any key is made or peer dialled."""
-    if args.max_new_tokens < 1:
-        return "--max-new-tokens must be at least 1"
+    if not 1 <= args.max_new_tokens < 2**32:      # the job's field is uint32
+        return f"--max-new-tokens must be from 1 to 2^32-1, got {args.max_new_tokens}"
     if not 0 <= args.temperature <= 100:      # also refuses nan
         return f"--temperature must be from 0 to 100, got {args.temperature}"
     if args.seed is not None and not 0 <= args.seed < 2**63:
@@ -78,8 +83,8 @@ def _bad_argument(args: argparse.Namespace) -> str | None:
     for flag, value in (("--max-price", args.max_price), ("--max-price-gpu-second", args.max_price_gpu_second)):
         if value is not None and not 0 <= value < 2**64:     # the job's caps are uint64
             return f"{flag} must be from 0 to 2^64-1 micro-units, got {value}"
-    if not args.timeout > 0:
-        return f"--timeout must be a positive number of seconds, got {args.timeout}"
+    if not 0 < args.timeout <= _MAX_TIMEOUT_S:     # also refuses nan and inf
+        return f"--timeout must be a positive number of seconds up to {_MAX_TIMEOUT_S:g}, got {args.timeout}"
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:

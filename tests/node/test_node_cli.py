@@ -150,6 +150,9 @@ def test_run_names_an_environment_variable_it_cannot_parse(tmp_path):
     (("--max-price-gpu-second", str(2**64)), ("--max-price-gpu-second must be from 0",)),
     (("--temperature", "nan"), ("--temperature must be from 0 to 100",)),
     (("--timeout", "0"), ("--timeout must be a positive",)),
+    (("--timeout", "inf"), ("--timeout must be a positive number of seconds up to 86400, got inf",)),
+    (("--timeout", "1e12"), ("--timeout must be a positive",)),     # past grpc's deadline range
+    (("--max-new-tokens", str(2**32)), ("--max-new-tokens must be from 1 to 2^32-1",)),   # a uint32 field
     (("--prompt", "a\udcff\udcfeb"), ("--prompt is not valid UTF-8",)),
 ])
 def test_submit_refuses_bad_arguments_before_making_a_key(tmp_path, flags, words):
