@@ -53,9 +53,14 @@ async def _collect(args: argparse.Namespace) -> list[LiveAdvert]:
         await discovery.stop()
 
 
+# Adverts come every few seconds (p2p.advert_interval_s); an hour is more than any listing needs, and
+# NaN (it passed "not negative" and listened as 0) or inf (listened forever) is no duration.
+_MAX_WAIT_S = 3600.0
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.wait < 0:
-        print("peers: --wait must not be negative", file=sys.stderr)
+    if not 0 <= args.wait <= _MAX_WAIT_S:
+        print(f"peers: --wait must be from 0 to {_MAX_WAIT_S:g} seconds, got {args.wait}", file=sys.stderr)
         return 2
     try:
         workers = asyncio.run(_collect(args))

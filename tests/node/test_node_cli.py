@@ -190,6 +190,11 @@ def test_endpoint_flags_say_the_form_they_expect(args):
     assert "parse_endpoint" not in ran.stderr
 
 
+@pytest.mark.parametrize("wait", ["-1", "nan", "inf"])
+def test_peers_refuses_a_wait_that_is_no_duration_before_joining(wait):
+    refused_clearly(cli("peers", "--wait", wait), 2, f"--wait must be from 0 to 3600 seconds, got {float(wait)}")
+
+
 @pytest.mark.parametrize("command", ["peers", "submit"])
 def test_model_flags_take_the_embedded_alias(command):
     from node.cli import build_parser
