@@ -15,7 +15,7 @@ from engine.drafters.eagle3 import Eagle3Drafter
 from engine.drafters.lookup import LookupFirst
 from engine.drafters.ngram import NgramDrafter
 from engine.engine import Engine
-from engine.loading import LoadedTarget, cache_root, load_target, resolve_model_dir
+from engine.loading import LoadedTarget, ModelLoadError, cache_root, load_target, resolve_model_dir
 from engine.prefix_scheduler import PrefixScheduler
 from engine.schedulers import build_schedule
 from engine.spec_round import Schedule
@@ -88,7 +88,18 @@ def build_engine(config: EngineConfig, target: LoadedTarget | None = None) -> En
         torch.set_num_threads(config.threads)
     if target is None:
         target = load_target(config.model, DTYPES[config.dtype], config.device, config.allow_download)
+    check_context(config, target)
     return Engine(config, target, build_drafter(config, target), make_schedule(config, target))
+
+
+def check_context(config: EngineConfig, target: LoadedTarget) -> None:
+    """Refuse a max_context past the positions the model has rotary tables for: the engine would
+    start, then fail the first round whose request reaches that far."""
+    positions = target.model.args.max_position_embeddings
+    if config.max_context > positions:
+        raise ModelLoadError(f"max_context {config.max_context} is more than the {positions} positions "
+                             f"{target.model_id} takes (its max_position_embeddings); set max_context to at most "
+                             f"{positions}")
 
 
 def make_schedule(config: EngineConfig, target: LoadedTarget) -> Schedule:

@@ -115,6 +115,13 @@ def test_run_refuses_tls_material_it_cannot_use_naming_the_path(tmp_path, blocke
     refused_clearly(ran, 2, f"cannot use {tmp_path / blocker} (", f"certificate in the directory {tmp_path / 'tls'}")
 
 
+def test_run_refuses_a_max_context_past_the_models_positions(tmp_path, tiny_model):
+    config = tmp_path / "node.toml"       # the tiny model has rotary tables for 4096 positions
+    config.write_text(f'[engine]\nmodel = "{tiny_model}"\nmethod = "ar"\nmax_batch = 1\nmax_context = 4097\n')
+    ran = cli("run", "--config", str(config), "--data-dir", str(tmp_path / "data"), *NO_PORTS)
+    refused_clearly(ran, 2, "max_context 4097 is more than the 4096 positions", "set max_context to at most 4096")
+
+
 def test_run_refuses_a_taken_port_before_loading_anything(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
