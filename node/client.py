@@ -62,6 +62,13 @@ class JobResult:
     time_to_first_token_s: float | None
     elapsed_s: float
 
+    @property
+    def finished(self) -> bool:
+        """Whether the job ran to its end (a stop string, EOS or max_new_tokens). "error" (the
+        worker's engine failed it) and "cancelled" (by the worker, shutting down) also come with a
+        receipt, billing what was produced, but their text is not an answer."""
+        return self.finish_reason in ("stop", "length")
+
 
 class WorkerClient:
     def __init__(self, channel: grpc.aio.Channel, identity: Identity, advert: CapacityAdvert):

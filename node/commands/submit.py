@@ -64,6 +64,8 @@ async def _submit(args: argparse.Namespace, identity: Identity) -> int:
         print(f"[{result.finish_reason}] {receipt.output_tokens} tokens, {receipt.tokens_per_second:.1f} tok/s, "
               f"amount {receipt.amount_micros} micros, receipt #{receipt.sequence} verified "
               f"(worker {client.peer_id})", file=sys.stderr)
+        if not result.finished:
+            return _fail(f"the worker ended the job early ({result.finish_reason}); its receipt bills what it produced")
         return 0
 
 

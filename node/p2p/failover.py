@@ -1,8 +1,8 @@
 """Submit a job through the peer network: discover workers for the model, choose by the policy of
 selection.py, check each worker's gRPC identity against its advertised peer ID, and fail over.
 
-Failover: when a worker refuses, is unreachable, is not who its advert says, or dies mid-job, the
-job is signed again with a NEW job id bound to the next worker (the signed job of one worker is
+Failover: when a worker refuses, is unreachable, is not who its advert says, dies mid-job, or ends
+the job itself (its engine failed it, or it cancelled it shutting down), the job is signed again with a NEW job id bound to the next worker (the signed job of one worker is
 never replayed to another) and runs from the start there. The abandoned job is cancelled if its
 worker still answers, so it stops and bills at most the tokens it produced; a worker that died
 bills nothing (its ledger's crash recovery gives the job a 'failed' receipt of 0 tokens). Only the
@@ -205,14 +205,19 @@ async def _run_on(client: WorkerClient, model: str, prompt: dict[str, Any], samp
 
     endpoint = client.advert.grpc_endpoint
     try:
-        return await client.run(job, on_text=count, timeout_s=timeout_s)
+        result = await client.run(job, on_text=count, timeout_s=timeout_s)
     except JobRefused as exc:
         if received == 0 and exc.reason:
             return Attempt(client.peer_id, endpoint, "refused", str(exc), job_id, reason=exc.reason)
         detail = str(exc)
     except ClientError as exc:
         detail = str(exc)
-    # Broken mid-job: stop the abandoned job if its worker still answers, so it bills no more.
+    else:
+        if result.finished:
+            return result
+        detail = f"the worker ended the job early ({result.finish_reason}) after {len(result.output_ids)} tokens"
+    # Broken or ended early mid-job: stop the abandoned job if its worker still answers, so it bills
+    # no more (a job that ended is not cancelled twice: the worker answers that it has its receipt).
     with contextlib.suppress(JobRefused, ClientError, asyncio.TimeoutError):
         await client.cancel(job_id, timeout_s=2.0)
     log.warning("worker %s failed mid-job after %d chunks: %s", client.peer_id, received, detail)
