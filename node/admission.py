@@ -16,7 +16,7 @@ from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.job_pb2 import JobRequest
 from engine.api import GenerationRequest, RequestRejected, SamplingParams
 from node.config import model_id
-from node.envelope import EnvelopeError, digest, open_envelope
+from node.envelope import EnvelopeError, digest, open_envelope, quoted
 
 JOB_ID_BYTES = 16
 # Trailing-metadata key under which a refused RPC carries its Reason (for programs; people read the message).
@@ -116,7 +116,7 @@ def admit(job: SignedJob, policy: Policy, load: Load, now_ms: int) -> Refusal | 
     if load.draining:
         return Refusal(Reason.SHUTTING_DOWN, "the node is shutting down and admits no new jobs")
     if request.worker_peer_id != policy.worker_peer_id:
-        return Refusal(Reason.WRONG_WORKER, f"job is meant for worker {request.worker_peer_id!r}, "
+        return Refusal(Reason.WRONG_WORKER, f"job is meant for worker {quoted(request.worker_peer_id)}, "
                                             f"this is {policy.worker_peer_id}")
     if request.issued_at_ms > now_ms + policy.clock_skew_ms:
         return Refusal(Reason.NOT_YET_VALID, f"job is issued {(request.issued_at_ms - now_ms) / 1000:.1f} s in "
@@ -142,7 +142,7 @@ def _check_client(client_key: bytes, policy: Policy) -> Refusal | None:
 def _check_offer(job: SignedJob, policy: Policy) -> Refusal | None:
     request = job.request
     if model_id(request.model) != policy.model_id:
-        return Refusal(Reason.UNKNOWN_MODEL, f"model {request.model!r} is not served here "
+        return Refusal(Reason.UNKNOWN_MODEL, f"model {quoted(request.model)} is not served here "
                                              f"(this node serves {policy.model_id!r})")
     if request.max_price_per_mtok_micros < policy.price_per_mtok_micros:
         return Refusal(Reason.PRICE_TOO_LOW, f"price cap {request.max_price_per_mtok_micros} is below this node's "

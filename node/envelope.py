@@ -14,6 +14,7 @@ from node.identity import Identity, verify_signature
 
 DOMAIN = b"dspark/v1"
 MAX_PAYLOAD_BYTES = 1 << 20  # a job with a 1 MiB prompt is already far past any context we serve
+QUOTED_CHARS = 64            # what a refusal shows of a peer's string: enough to recognise it
 
 M = TypeVar("M", bound=Message)
 
@@ -24,6 +25,15 @@ class EnvelopeError(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+def quoted(text: str) -> str:
+    """A peer's string as a refusal quotes it: repr'd, cut to QUOTED_CHARS (and its length given) when
+    longer. Quoted whole, a string of 16 KiB or more passes gRPC's limit on the status message: the
+    peer gets RESOURCE_EXHAUSTED instead of the refusal, and the node's problem log keeps megabytes."""
+    if len(text) <= QUOTED_CHARS:
+        return repr(text)
+    return f"{text[:QUOTED_CHARS]!r}... ({len(text)} characters)"
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -47,7 +57,7 @@ def open_envelope(envelope: Envelope, message_class: type[M]) -> M:
     """Check type, size and signature of `envelope`, then parse its payload as `message_class`."""
     expected = type_name(message_class)
     if envelope.payload_type != expected:
-        raise EnvelopeError("wrong_type", f"envelope carries {envelope.payload_type!r}, expected {expected!r}")
+        raise EnvelopeError("wrong_type", f"envelope carries {quoted(envelope.payload_type)}, expected {expected!r}")
     if len(envelope.payload) > MAX_PAYLOAD_BYTES:
         raise EnvelopeError("too_large", f"payload of {len(envelope.payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     if len(envelope.public_key) != 32:

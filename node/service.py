@@ -22,7 +22,7 @@ from engine.api import GenerationRequest, RequestRejected
 from node import admission
 from node.admission import REFUSAL_KEY, Policy, Reason, Refusal, SignedJob
 from node.config import NodeConfig, client_key_bytes
-from node.envelope import EnvelopeError, open_envelope, seal
+from node.envelope import EnvelopeError, open_envelope, quoted, seal
 from node.events import EventBus, JobRefused
 from node.identity import Identity
 from node.jobs import JobTable
@@ -137,7 +137,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if kind == "chat":
             for message in request.chat.messages:
                 if message.role not in _CHAT_ROLES:
-                    raise ValueError(f"chat role {message.role!r} is not one of {_CHAT_ROLES}")
+                    raise ValueError(f"chat role {quoted(message.role)} is not one of {_CHAT_ROLES}")
             return tuple(self._engine.encode_chat([{"role": m.role, "content": m.content}
                                                    for m in request.chat.messages]))
         if kind == "text":
@@ -157,7 +157,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(code, str(exc))
         if cancel.worker_peer_id != self._policy.worker_peer_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"cancel is meant for worker {cancel.worker_peer_id!r}")
+                                f"cancel is meant for worker {quoted(cancel.worker_peer_id)}")
         if abs(cancel.issued_at_ms - time.time() * 1000) > self._policy.clock_skew_ms:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "cancel request is outside the clock window")
         # Keyed by the signer's key: only the client that submitted a job can find it to cancel it.

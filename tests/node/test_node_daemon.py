@@ -159,6 +159,31 @@ async def test_each_refusal_has_its_status_and_is_counted(daemon):
         assert match and int(float(match.group(1))) >= 1, reason
 
 
+@pytest.mark.asyncio
+async def test_a_refusal_quotes_a_long_field_in_part_and_keeps_its_reason(daemon):
+    """Quoted whole, a field of 20,000 characters passed gRPC's 16 KiB limit on the status message:
+    the client got RESOURCE_EXHAUSTED ("metadata size exceeds hard limit"), not the refusal."""
+    identity, long = Identity.generate(), "x" * 20_000
+    async with await connect(daemon, identity) as client:
+        role = _job(client, max_price_per_gpu_second_micros=client.advert.price_per_gpu_second_micros)
+        role.chat.messages.add(role=long, content="hi")      # replaces the text prompt (a oneof)
+        typed = seal(identity, _job(client))
+        typed.payload_type = long
+        cases = {"unknown_model": seal(identity, _job(client, model=long)), "malformed": typed,
+                 "wrong_worker": seal(identity, _job(client, worker_peer_id=long))}
+        for reason, job in {**cases, "malformed role": seal(identity, role)}.items():
+            error = await refused(client, job)
+            assert reason.startswith(error.reason) and "... (20000 characters)" in error.details, error
+            assert len(error.details) < 300
+    async with grpc.aio.insecure_channel(daemon.grpc) as channel:
+        cancel = job_pb2.CancelJob(job_id=secrets.token_bytes(16), worker_peer_id=long,
+                                   issued_at_ms=int(time.time() * 1000))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await worker_pb2_grpc.WorkerStub(channel).Cancel(seal(identity, cancel), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "... (20000 characters)" in info.value.details()
+
+
 def test_submit_command_sends_its_gpu_second_cap(daemon, tmp_path, capsys):
     from node.cli import main
 
