@@ -12,6 +12,8 @@ import logging
 import threading
 from typing import AsyncIterator, Callable
 
+from jinja2 import TemplateError
+
 from engine.api import CorpusFill, GenerationRequest, GenerationResult, RequestRejected, RoundReport, TokenChunk
 from engine.build import build_engine
 from engine.config import EngineConfig
@@ -39,7 +41,11 @@ class AsyncEngine:
 
     # ---- what the node reads ------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        """The prompt's token ids; ValueError when the model's chat template refuses the messages."""
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except TemplateError as exc:   # raise_exception in the template: Gemma's "System role not supported"...
+            raise ValueError(f"the model's chat template refuses these messages: {exc}") from None
         return list(ids if isinstance(ids, list) else ids["input_ids"])
 
     def encode_text(self, text: str) -> list[int]:
