@@ -153,12 +153,7 @@ class WorkerClient:
             max_price_per_gpu_second_micros=_agreed(self.advert.price_per_gpu_second_micros,
                                                     max_price_per_gpu_second_micros),
             issued_at_ms=now, expires_at_ms=now + int(ttl_s * 1000))
-        if text is not None:
-            request.text = text
-        elif chat is not None:
-            request.chat.messages.extend(job_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in chat)
-        else:
-            request.tokens.ids.extend(token_ids)
+        _set_prompt(request, text, chat, token_ids)
         return seal(self.identity, request)
 
     async def stream(self, job: Envelope, timeout_s: float | None = None) -> AsyncIterator[job_pb2.SubmitEvent]:
@@ -262,6 +257,25 @@ class WorkerClient:
         except grpc.aio.AioRpcError as exc:
             raise _refusal(exc) from None
         return _check_advert(envelope, self.peer_id, None)
+
+
+def _set_prompt(request: job_pb2.JobRequest, text: str | None, chat: Sequence[dict[str, str]] | None,
+                token_ids: Sequence[int] | None) -> None:
+    if text is not None:
+        request.text = text
+    elif chat is not None:
+        request.chat.messages.extend(job_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in chat)
+    else:
+        request.tokens.ids.extend(token_ids)
+
+
+def prompt_bytes(*, text: str | None = None, chat: Sequence[dict[str, str]] | None = None,
+                 token_ids: Sequence[int] | None = None) -> int:
+    """The bytes a prompt (as sign_job takes it) adds to a signed job, whose payload a worker takes up
+    to node.envelope.MAX_PAYLOAD_BYTES."""
+    request = job_pb2.JobRequest()
+    _set_prompt(request, text, chat, token_ids)
+    return request.ByteSize()
 
 
 def _agreed(advertised: int, cap: int | None) -> int:

@@ -18,7 +18,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.api import MAX_STOP_CHARS, SEED_LIMIT
+from node.client import prompt_bytes
 from node.config import model_id
+from node.envelope import MAX_PAYLOAD_BYTES
 from node.gateway.errors import ApiError
 
 # OpenAI's own defaults where the node's would differ (the node's temperature default is greedy).
@@ -26,6 +28,9 @@ DEFAULT_TEMPERATURE = 1.0
 DEFAULT_CHAT_MAX_TOKENS = 256      # OpenAI's is "up to the context": a bounded default bills predictably
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default
 MAX_STOP = 4
+# A worker takes a signed job of at most MAX_PAYLOAD_BYTES; the job's other fields (model <= 256
+# characters, stop <= 4 x 256, ids, prices, times) take well under 8 KiB of it.
+MAX_PROMPT_BYTES = MAX_PAYLOAD_BYTES - 8192
 
 _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "n": lambda v: v in (None, 1),
@@ -140,6 +145,7 @@ def parse_request(kind: Literal["chat", "completion"], body: Any) -> JobParams:
     else:
         max_tokens = request.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
         prompt = _completion_prompt(request.prompt)
+    _check_size(prompt, "messages" if isinstance(request, ChatCompletionRequest) else "prompt")
     return JobParams(
         model=model_id(request.model), prompt=prompt, max_new_tokens=max_tokens,
         temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
@@ -183,6 +189,15 @@ def _shown(text: str) -> str:
 def _refuse_surrogate(param: str) -> None:
     raise ApiError(400, f"invalid parameter {param!r}: the text holds a lone UTF-16 surrogate (such as \\ud800), "
                         "which is not Unicode text", param=param)
+
+
+def _check_size(prompt: dict[str, Any], param: str) -> None:
+    """A prompt too big for a signed job is the client's fault, said here: every worker would refuse
+    it, and past gRPC's 2 MiB it would not even be read (a 503 after trying each worker)."""
+    size = prompt_bytes(**prompt)
+    if size > MAX_PROMPT_BYTES:
+        raise ApiError(400, f"the prompt takes {size} bytes in a signed job, over the {MAX_PROMPT_BYTES} a job "
+                            "carries (far past any worker's context)", param=param, code="context_length_exceeded")
 
 
 def _max_tokens(request: ChatCompletionRequest) -> int:

@@ -158,6 +158,14 @@ def test_a_route_or_method_the_gateway_has_not_is_refused_in_openais_body(gatewa
     assert caught.value.body["message"] == "Not Found: GET /v1/models/m"
 
 
+def test_a_prompt_too_big_for_a_signed_job_is_a_400_not_a_503(client, network):
+    # 3 MB: under the gateway's 4 MiB body limit, over gRPC's 2 MiB (no worker reads it: it was a 503,
+    # which the SDKs retry) and the 1 MiB a signed job carries.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=network.model, prompt="a" * 3_000_000, max_tokens=2)
+    assert (caught.value.body["code"], caught.value.body["param"]) == ("context_length_exceeded", "prompt")
+
+
 def test_receipts_commands_work_on_the_gateway_dir(gateway, capsys):
     capsys.readouterr()
     assert cli_main(["receipts", "verify", "--data-dir", str(gateway.data_dir)]) == 0

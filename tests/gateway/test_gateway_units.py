@@ -12,7 +12,7 @@ from dspark.v1.receipt_pb2 import Receipt
 from engine.config import EMBEDDED_MODEL
 from node.config import EMBEDDED_MODEL_ID
 from node.gateway.errors import ApiError, network_error
-from node.gateway.openai_schema import DEFAULT_COMPLETION_MAX_TOKENS, parse_request
+from node.gateway.openai_schema import DEFAULT_COMPLETION_MAX_TOKENS, MAX_PROMPT_BYTES, parse_request
 from node.gateway.receipt_audit import audit_store
 from node.gateway.receipt_store import LOCAL_KEY, ReceiptStore, account_of
 from node.ledger import Ledger, LedgerError
@@ -75,6 +75,9 @@ def test_completion_prompts_and_defaults():
     ("chat", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages.0.content"),
     ("completion", {"model": "m", "prompt": ["a", "b"]}, "prompt"),
+    ("completion", {"model": "m", "prompt": "a" * MAX_PROMPT_BYTES}, "prompt"),      # more with its field tag
+    ("completion", {"model": "m", "prompt": [2**32 - 1] * 300_000}, "prompt"),       # 5 bytes an id
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "é" * 600_000}]}, "messages"),
     ("completion", {"model": "m", "prompt": "a", "echo": True}, "echo"),
     ("completion", {"model": "m", "prompt": "a", "best_of": 2}, "best_of"),
 ])
