@@ -142,8 +142,8 @@ class WorkerClient:
             raise ValueError(f"the prompt or a stop string is not valid UTF-8 text: character "
                              f"{exc.object[exc.start]!r} at position {exc.start} ({exc.reason})") from None
         now = int(time.time() * 1000)
-        sampling = job_pb2.SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                          stop=list(stop))
+        sampling = job_pb2.SamplingParams(temperature=temperature, top_p=_as_float32_top_p(top_p),
+                                          max_new_tokens=max_new_tokens, stop=list(stop))
         if seed is not None:
             sampling.seed = seed
         request = job_pb2.JobRequest(
@@ -257,6 +257,16 @@ class WorkerClient:
         except grpc.aio.AioRpcError as exc:
             raise _refusal(exc) from None
         return _check_advert(envelope, self.peer_id, None)
+
+
+_MIN_FLOAT32 = 1.401298464324817e-45      # the smallest positive float32
+
+
+def _as_float32_top_p(top_p: float) -> float:
+    """top_p for the job's float32 field. A positive top_p under the smallest float32 would be signed
+    as 0, which the worker reads as "no nucleus filter" (1): the smallest float32 keeps, as the tiny
+    value asked, the likeliest token alone."""
+    return max(top_p, _MIN_FLOAT32) if top_p > 0 else top_p
 
 
 def _set_prompt(request: job_pb2.JobRequest, text: str | None, chat: Sequence[dict[str, str]] | None,

@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import pytest
 
+from dspark.v1 import job_pb2
 from dspark.v1.advert_pb2 import CapacityAdvert, ModelOffer
 from node.client import WorkerClient
 from node.identity import Identity
@@ -35,3 +36,9 @@ def test_text_that_is_not_utf8_is_refused_with_a_message(prompt):
 
 def test_valid_text_is_signed():
     assert sign(text="héllo ✓").payload_type == "dspark.v1.JobRequest"
+
+
+@pytest.mark.parametrize("top_p", [1e-50, 7e-46])
+def test_a_tiny_top_p_is_not_signed_as_0_which_means_no_filter(top_p):
+    sampling = job_pb2.JobRequest.FromString(sign(text="hi", top_p=top_p).payload).sampling
+    assert 0 < sampling.top_p < 1e-44
