@@ -85,6 +85,8 @@ def _bad_argument(args: argparse.Namespace) -> str | None:
     for flag, value in (("--max-price", args.max_price), ("--max-price-gpu-second", args.max_price_gpu_second)):
         if value is not None and not 0 <= value < 2**64:     # the job's caps are uint64
             return f"{flag} must be from 0 to 2^64-1 micro-units, got {value}"
+    if args.attempts < 1:
+        return "--attempts must be at least 1"
     if not 0 < args.timeout <= _MAX_TIMEOUT_S:     # also refuses nan and inf
         return f"--timeout must be a positive number of seconds up to {_MAX_TIMEOUT_S:g}, got {args.timeout}"
     try:

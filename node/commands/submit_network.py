@@ -39,8 +39,6 @@ def run(args: argparse.Namespace, identity: Identity) -> int:
         return _fail("give --node HOST:PORT, or --model MODEL to find a worker on the peer network")
     if not args.bootstrap and not args.mdns:
         return _fail("to find a worker on the peer network give --bootstrap MULTIADDR (or --mdns)")
-    if args.attempts < 1:
-        return _fail("--attempts must be at least 1")
     prompt = {"text": args.prompt} if args.raw else {"chat": [{"role": "user", "content": args.prompt}]}
     try:
         outcome = asyncio.run(submit_via_network(

@@ -160,6 +160,7 @@ def test_run_names_an_environment_variable_it_cannot_parse(tmp_path):
     (("--timeout", "inf"), ("--timeout must be a positive number of seconds up to 86400, got inf",)),
     (("--timeout", "1e12"), ("--timeout must be a positive",)),     # past grpc's deadline range
     (("--max-new-tokens", str(2**32)), ("--max-new-tokens must be from 1 to 2^32-1",)),   # a uint32 field
+    (("--attempts", "0"), ("--attempts must be at least 1",)),
     (("--prompt", "a\udcff\udcfeb"), ("--prompt is not valid UTF-8",)),
 ])
 def test_submit_refuses_bad_arguments_before_making_a_key(tmp_path, flags, words):
