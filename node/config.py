@@ -290,6 +290,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:     # TOML is UTF-8; tomllib lets the decoder's error through
+        raise ConfigError(f"config file {path} is not valid TOML: byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start} is not UTF-8") from None
 
 
 def _given(values: dict[str, Any], loc: tuple[int | str, ...]) -> bool:

@@ -95,6 +95,10 @@ def test_unreadable_files_are_refused_clearly(tmp_path):
         load_config(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "grpc_listen = "))
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[dashboard]\ntoken = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"{latin1} is not valid TOML: byte 0xe9 at offset 24 is not UTF-8"):
+        load_config(latin1)
 
 
 def test_allow_entries_accept_peer_ids_and_hex_keys(tmp_path):
