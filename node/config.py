@@ -54,7 +54,8 @@ class ConfigError(ValueError):
 def split_host_port(value: str) -> tuple[str, int]:
     """`HOST:PORT` (IPv6 as `[::1]:PORT`) -> (host, port); raises ValueError naming the problem."""
     host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
+    # isascii: str.isdigit() also takes '²' (which int() refuses) and '٣' (which int() reads as 3).
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"{value!r} is not HOST:PORT")
     port = int(port_text)
     if port > 65535:

@@ -50,7 +50,8 @@ def parse_endpoint(text: str) -> Endpoint:
             raise ValueError(f"{host!r} in {text!r} is not an IPv6 address") from None
     elif ":" in host:
         raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:7440")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    # isascii: str.isdigit() also takes '²' (which int() refuses) and '٣' (which int() reads as 3).
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"port {port_text!r} in {text!r} is not a number from 1 to 65535")
     return Endpoint(host, int(port_text))
 

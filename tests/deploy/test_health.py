@@ -55,7 +55,8 @@ def test_nothing_listening(capsys):
     assert "cannot connect" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", ["7440", "localhost:", "localhost:0", "localhost:70000", "::1:7440", "[nope]:1"])
+@pytest.mark.parametrize("bad", ["7440", "localhost:", "localhost:0", "localhost:70000", "::1:7440", "[nope]:1",
+                                 "localhost:\u00b2", "localhost:\u0663"])
 def test_bad_endpoint_is_refused_by_the_parser(bad, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_command(health_command, ["health", "--grpc", bad])

@@ -48,6 +48,8 @@ def test_precedence_file_env_flags(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("text, field", [
     ('grpc_listen = "nohost"', "grpc_listen"),
+    ('grpc_listen = "127.0.0.1:\u00b2"', "grpc_listen"),              # a digit to str.isdigit, not to int()
+    ('http_listen = "127.0.0.1:\u0663"', "http_listen"),              # Arabic-Indic 3, which int() reads as 3
     ("[p2p]\nadvert_interval_s = 0", "p2p.advert_interval_s"),
     ('[p2p]\nlisten = ["127.0.0.1:7442"]', "p2p.listen"),
     ('[p2p]\nlisten = ["/ip4/127.0.0.1/tpc/7442"]', "p2p.listen"),
