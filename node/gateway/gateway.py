@@ -79,8 +79,10 @@ class Gateway:
 
     async def run(self, params: JobParams, account: str, on_text: Callable[[str], None],
                   on_worker: Callable[[str], None] | None = None) -> NetworkResult:
-        """Run the job; a worker failing before its first token is replaced, after it the call ends
-        (the client already has text). Raises ApiError on what the client must be told."""
+        """Run the job; a worker failing is replaced by the next one. Once a streamed request's first
+        token has gone out the call ends instead (the client has text that cannot be taken back); a
+        whole answer is sent from the final result only, so it fails over at any point. Raises
+        ApiError on what the client must be told."""
         async def keep_receipt(client: WorkerClient, result: JobResult) -> None:
             await self._keep(client, result, account)
 
@@ -91,7 +93,7 @@ class Gateway:
                 max_price_per_mtok_micros=self.config.max_price_per_mtok_micros,
                 max_price_per_gpu_second_micros=self.config.max_price_per_gpu_second_micros, tls=self.config.tls,
                 timeout_s=self.config.timeout_s, max_attempts=self.config.attempts, on_text=on_text,
-                on_worker=on_worker, on_completed=keep_receipt, failover_after_output=False,
+                on_worker=on_worker, on_completed=keep_receipt, failover_after_output=not params.stream,
                 discovery_wait_s=0.0, connect=self.pool.connect)
         except NoWorkerError as exc:
             raise network_error(exc, params.model) from None

@@ -3,7 +3,9 @@ and the official `openai` SDK as the client. Tests run in file order; the last o
 
 from __future__ import annotations
 
+import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from node.gateway.receipt_store import STORE_FILE, ReceiptStore
 from tests.gateway.conftest import API_KEY
 from tests.gateway.harness import wait_for_workers
 from tests.p2p.test_failover_daemons import TIME_PRICE
+from node_harness import start_daemon  # noqa: E402  (on sys.path via tests.gateway.harness)
 
 pytestmark = pytest.mark.slow
 PROMPT = "Write a haiku about the sea."
@@ -249,6 +252,34 @@ def test_a_client_leaving_mid_stream_cancels_the_job_on_its_worker(client, netwo
         time.sleep(0.2)
     assert latest.outcome == "cancelled" and 0 < latest.output_tokens < 2000
 
+
+def producing(daemon) -> bool:
+    """Whether the daemon has a job with output on its engine (its dashboard's JSON)."""
+    jobs = httpx.get(daemon.ready["http"] + "/api/v1/jobs", timeout=10).json()
+    return any(job["output_tokens"] > 0 for job in jobs["active"])
+
+
+def test_a_whole_answer_fails_over_from_a_worker_dying_after_its_first_token(client, network, gateway, tmp_path):
+    """Not streamed, the answer goes out from the final result only: a worker dying mid-job is
+    replaced as one dying before its first token is, instead of ending the request with a 503."""
+    toml = (network.cheap.data_dir / "node.toml").read_text()
+    cheapest = start_daemon(tmp_path / "cheapest", re.sub(r"per_mtok_micros = \d+", "per_mtok_micros = 500", toml))
+    try:
+        wait_for_workers(gateway.base_url, network.model, 3, API_KEY)
+        answer: dict = {}
+        request = threading.Thread(target=lambda: answer.update(chat=client.chat.completions.create(
+            model=network.model, messages=[{"role": "user", "content": PROMPT}], max_tokens=400, temperature=0)))
+        request.start()
+        deadline = time.monotonic() + 60
+        while not producing(cheapest) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        cheapest.stop(signal.SIGKILL)
+        request.join(timeout=300)
+    finally:
+        cheapest.stop(signal.SIGKILL)
+    extension = answer["chat"].model_extra["dspark"]
+    assert extension["worker"] == network.cheap.peer_id and extension["failovers"] >= 1
+    assert answer["chat"].usage.completion_tokens == 400
 
 def test_a_dead_worker_fails_over_before_the_first_token(client, network):
     network.cheap.stop(signal.SIGKILL)       # its advert stays live until its TTL: the gateway tries it first
