@@ -151,7 +151,8 @@ def combine(torch_probe: Probe, cuda_runtime: str, nvml_probe: Probe, proc_drive
         return GpuReport(torch_probe.devices, True, driver, cuda_runtime, "")
     reason = torch_probe.reason
     if nvml_probe.devices:
-        reason += f"; the driver exposes {len(nvml_probe.devices)} GPU(s) ({nvml_probe.devices[0].name}) that torch cannot use"
+        reason += (f"; the driver exposes {len(nvml_probe.devices)} GPU(s) ({nvml_probe.devices[0].name}) "
+                   "that torch cannot use")
     return GpuReport(nvml_probe.devices, False, driver, cuda_runtime, reason)
 
 

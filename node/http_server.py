@@ -119,10 +119,10 @@ class HttpService:
         activity = Activity(events)
         self.metrics = NodeMetrics(events, engine, identity.peer_id)
         self.feed = LiveFeed(events, activity)
-        self._view = view = NodeView(identity=identity, engine=engine, ledger=ledger, capacity=capacity, activity=activity,
-                        metrics=self.metrics, feed=self.feed,
-                        listen={"grpc": config.grpc_listen, "http": config.http_listen,
-                                "p2p": list(config.p2p.listen)})
+        self._view = view = NodeView(identity=identity, engine=engine, ledger=ledger, capacity=capacity,
+                                     activity=activity, metrics=self.metrics, feed=self.feed,
+                                     listen={"grpc": config.grpc_listen, "http": config.http_listen,
+                                             "p2p": list(config.p2p.listen)})
         self.app = AccessGate(Starlette(routes=build_routes(view)), token)
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task | None = None

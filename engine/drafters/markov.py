@@ -38,7 +38,8 @@ class MarkovHead:
         if kind == "gated":
             self.gate_w, self.gate_b = weights["markov_head.gate_proj.weight"], weights["markov_head.gate_proj.bias"]
         elif kind == "rnn":
-            self.joint_w, self.joint_b = weights["markov_head.joint_proj.weight"], weights["markov_head.joint_proj.bias"]
+            self.joint_w = weights["markov_head.joint_proj.weight"]
+            self.joint_b = weights["markov_head.joint_proj.bias"]
 
     def prev_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """W1[x_{k-1}]: [..., r]."""

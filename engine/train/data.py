@@ -84,7 +84,8 @@ def general_prompts(seed: int) -> list[str]:
 # Word problems made here from templates (numbers drawn per prompt), so that the target's step-by-step
 # arithmetic is in the data without touching GSM8K or MATH.
 MATH_TEMPLATES = [
-    "A baker makes {a} loaves a day and sells {b} of them. How many loaves are left after {c} days? Explain step by step.",
+    "A baker makes {a} loaves a day and sells {b} of them. How many loaves are left after {c} days? "
+    "Explain step by step.",
     "Tom has {a} marbles. He gives {b} to his sister and then buys {c} more. How many marbles does he have now?",
     "A train travels {a} km in {b} hours. At the same speed, how far does it go in {c} hours? Show your work.",
     "A shirt costs ${a}. It is on sale for {b}% off. What is the sale price? Reason step by step.",

@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "time charge)")
     parser.add_argument("--key", type=Path, default=DEFAULT_CLIENT_KEY, metavar="FILE",
                         help="client key (created if missing; default: %(default)s)")
-    parser.add_argument("--peer-id", metavar="PEER_ID", help="the worker's expected peer ID (default: trust its advert)")
+    parser.add_argument("--peer-id", metavar="PEER_ID",
+                        help="the worker's expected peer ID (default: trust its advert)")
     parser.add_argument("--tls", default="auto", choices=["auto", "on", "off"],
                         help="auto: TLS unless the node is on loopback (default)")
     parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="deadline for the job")

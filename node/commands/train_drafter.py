@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
                             gen_minutes=args.gen_minutes,
                             gen_max_new_tokens=args.gen_max_new_tokens, gen_batch=args.gen_batch,
                             gen_temperatures=args.gen_temperatures, gen_skip=args.gen_skip,
-                            stdlib_tokens=args.stdlib_tokens, max_len=args.max_len, topk=args.topk, threads=args.threads,
+                            stdlib_tokens=args.stdlib_tokens, max_len=args.max_len, topk=args.topk,
+                            threads=args.threads,
                             device=args.device, dtype=args.dtype, cache_only=args.cache_only)
     except ValidationError as exc:
         print(f"error: {flag_errors(exc)}", file=sys.stderr)
