@@ -100,7 +100,8 @@ def main() -> int:
         result["advert_payload_published_bytes_per_node_per_min"] = round(statistics.median(sizes) * 60 / args.interval)
         # Accepted adverts only (the validator's count): gossip duplicates are on the wire, below.
         received = statistics.median(s["adverts_received"] for s in lifetime_stats)
-        result["advert_payload_received_bytes_per_node_per_min"] = round(received * statistics.median(sizes) / lived_min)
+        result["advert_payload_received_bytes_per_node_per_min"] = round(
+            received * statistics.median(sizes) / lived_min)
     if wire_before is not None:
         result["wire_bytes_per_node_per_min"] = round((wire_after - wire_before) / args.nodes / window * 60)
     print(json.dumps(result, indent=1))
