@@ -247,6 +247,15 @@ class NodeConfig(LayeredSettings):
     tls: TlsConfig = Field(default_factory=TlsConfig)
     dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        # Path("") is ".": an empty DSPARK_DATA_DIR (a variable the deployment left unset) would put the
+        # node's key and ledger in whatever directory it was started from.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty; give the directory for the node's key and ledger")
+        return value
+
     @field_validator("data_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:

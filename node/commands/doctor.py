@@ -27,7 +27,8 @@ _MARKS = {"ok": "[ok]  ", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("doctor", help="check GPU, CUDA, ports, disk, clock and key; print what to fix")
     parser.add_argument("--config", type=Path, metavar="FILE", help="the node's TOML config (default: none)")
-    parser.add_argument("--data-dir", type=Path, metavar="DIR", help="the node's data dir (overrides the config)")
+    # A string, not a Path: the config refuses '' (which Path would make '.').
+    parser.add_argument("--data-dir", metavar="DIR", help="the node's data dir (overrides the config)")
     parser.add_argument("--peer", type=endpoint_argument, metavar="HOST:PORT",
                         help="another node's gRPC endpoint to compare clocks with (skipped without it)")
     parser.add_argument("--tls", default="auto", choices=["auto", "on", "off"],
@@ -86,9 +87,9 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and not 0 <= value < math.inf:
             print(f"doctor: {flag} must be a finite number, not negative; got {value}", file=sys.stderr)
             return 2
-    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    overrides = {"data_dir": args.data_dir} if args.data_dir is not None else {}
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides, {"data_dir": "--data-dir"})
     except ConfigError as exc:
         print(f"{_MARKS['fail']} config: {exc}\n         fix: correct the file or DSPARK_* variable named above")
         return 1

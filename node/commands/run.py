@@ -14,7 +14,8 @@ from node.config import ConfigError, load_config
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("run", help="run the worker node (gRPC, dashboard, p2p adverts)")
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (default: embedded defaults)")
-    parser.add_argument("--data-dir", type=Path, metavar="DIR", help="key, ledger and replay cache")
+    # A string, not a Path: the config refuses '' (which Path would make '.').
+    parser.add_argument("--data-dir", metavar="DIR", help="key, ledger and replay cache")
     parser.add_argument("--grpc-listen", metavar="HOST:PORT", help="gRPC address (default 127.0.0.1:7440)")
     parser.add_argument("--http-listen", metavar="HOST:PORT", help="metrics + dashboard (default 127.0.0.1:7441)")
     parser.add_argument("--p2p-listen", metavar="MULTIADDR", action="append",

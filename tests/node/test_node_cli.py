@@ -96,6 +96,18 @@ def test_run_and_doctor_refuse_a_config_path_that_is_a_directory(tmp_path):
     refused_clearly(cli("doctor", "--config", str(tmp_path)), 1, "is a directory")
 
 
+@pytest.mark.parametrize("command", ["run", "doctor"])
+def test_an_empty_data_dir_is_refused_not_taken_as_the_current_directory(tmp_path, command):
+    ports = NO_PORTS if command == "run" else ()
+    for given in (("--data-dir", ""), ()):
+        ran = subprocess.run([sys.executable, "-m", "node.cli", command, *given, *ports], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "DSPARK_DATA_DIR": ""})
+        refused_clearly(ran, 2 if command == "run" else 1, "--data-dir: is empty" if given else
+                        "data_dir: is empty; give the directory for the node's key and ledger (from DSPARK_DATA_DIR)")
+    assert list(tmp_path.iterdir()) == []            # no key, no ledger where the node was started from
+
+
 def test_run_refuses_a_data_dir_that_is_a_file(tmp_path):
     data = tmp_path / "data"
     data.write_text("")
