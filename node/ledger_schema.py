@@ -119,6 +119,8 @@ def connect_reader(path: Path) -> tuple[sqlite3.Connection, bytes]:
         return conn, _worker_key(conn, path)
     except sqlite3.DatabaseError as exc:
         conn.close()
+        if exc.sqlite_errorcode == sqlite3.SQLITE_CORRUPT:
+            raise    # a SQLite file with damaged pages (truncated, overwritten): a ledger that does not verify
         raise LedgerError("storage", f"{path} is not a dspark-node ledger: {exc}") from None
     except LedgerError:
         conn.close()

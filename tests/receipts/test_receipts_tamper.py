@@ -150,6 +150,16 @@ def test_a_damaged_ledger_does_not_verify_and_gives_no_traceback(data_dir, fille
     assert err.isascii()    # the undecodable bytes SQLite quotes are not echoed
 
 
+@pytest.mark.parametrize("action", ["verify", "list", "export"])
+def test_a_truncated_ledger_does_not_verify(data_dir, filled, cli, action):
+    """Damaged pages are a damaged ledger (exit 1), not a file that is no ledger at all (exit 2)."""
+    path = data_dir / LEDGER_FILE
+    path.write_bytes(path.read_bytes()[:4096])      # the first page only, as a copy cut short leaves it
+    code, out, err = cli(action, "--data-dir", str(data_dir))
+    assert (code, out) == (1, "")
+    assert f"receipts {action}: FAILED: the ledger cannot be read (database disk image is malformed)" in err
+
+
 def test_export_of_a_ledger_with_a_text_envelope_is_refused_before_any_output(data_dir, filled, tamper, cli):
     tamper("UPDATE receipts SET envelope = hex(envelope) WHERE sequence = 4")
     code, out, err = cli("export", "--data-dir", str(data_dir))
