@@ -181,12 +181,17 @@ def check_disk(label: str, path: Path, min_free_bytes: int) -> Check:
 
 def check_key(data_dir: Path) -> Check:
     path = data_dir / KEY_FILE
+    where = _existing_ancestor(data_dir)
+    if not where.is_dir():     # what `run` refuses at start
+        return Check("key", "fail", f"data_dir {data_dir} cannot hold the key: {where} is a file, not a directory",
+                     "give a directory (--data-dir, data_dir)")
     if not path.exists():
-        where = _existing_ancestor(data_dir)
         if not os.access(where, os.W_OK):
             return Check("key", "fail", f"no key yet, and {where} is not writable by uid {os.geteuid()}",
                          "chown the data dir to the node's user, or pass --data-dir to a writable one")
         return Check("key", "ok", f"no key yet at {path}: one is created (mode 0600) on first start")
+    if not path.is_file():     # a directory's mode would read as "others can read the key"
+        return Check("key", "fail", f"{path} is not a file", "move it away: the node creates its key there")
     info = path.stat()
     if info.st_uid != os.geteuid():
         return Check("key", "fail", f"{path} is owned by uid {info.st_uid}, the node runs as uid {os.geteuid()}",

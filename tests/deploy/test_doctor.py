@@ -97,6 +97,16 @@ def test_key_missing_present_open_and_corrupt(data_dir):
     assert check_key(data_dir).status == "fail"
 
 
+def test_a_data_dir_run_would_refuse_fails_the_key_check(tmp_path):
+    (tmp_path / "file").write_text("")
+    for data_dir in (tmp_path / "file", tmp_path / "file" / "below"):
+        result = check_key(data_dir)
+        assert result.status == "fail" and f"{tmp_path / 'file'} is a file, not a directory" in result.detail
+    (tmp_path / "node.key").mkdir()
+    result = check_key(tmp_path)
+    assert (result.status, result.detail) == ("fail", f"{tmp_path / 'node.key'} is not a file")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the key file to another uid")
 def test_key_owned_by_another_user_fails(data_dir):
     Identity.generate().save(data_dir / "node.key")
