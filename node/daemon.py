@@ -11,8 +11,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import signal
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.async_engine import load_async_engine
@@ -70,10 +73,38 @@ def make_data_dir(path: Path) -> None:
         raise SetupError(f"data_dir {path} cannot be created: {exc.strerror}") from None
 
 
+@dataclass
+class DataDir:
+    made: Path | None      # the topmost directory this start created; None: the data dir was there
+    loaded: bool = False   # set once the model is loaded: from then on the dir is kept, whatever happens
+
+
+@contextlib.contextmanager
+def data_dir_of_this_start(path: Path) -> Iterator[DataDir]:
+    """Make the data dir. A start that made it and fails before the model is loaded (a mistyped
+    model, a device that is not there, Ctrl-C) removes it again, with the key and ledger it wrote:
+    a refused start leaves nothing behind."""
+    made = path.absolute()
+    while not made.parent.exists():
+        made = made.parent
+    data_dir = DataDir(None if made.exists() else made)
+    make_data_dir(path)
+    try:
+        yield data_dir
+    except BaseException:
+        if data_dir.made is not None and not data_dir.loaded:
+            shutil.rmtree(data_dir.made, ignore_errors=True)
+        raise
+
+
 async def run_daemon(config: NodeConfig) -> int:
     """Run the node until SIGTERM/SIGINT; prints one JSON 'ready' line on stdout once serving."""
     check_ports_free(config)
-    make_data_dir(config.data_dir)
+    with data_dir_of_this_start(config.data_dir) as data_dir:
+        return await _run(config, data_dir)
+
+
+async def _run(config: NodeConfig, data_dir: DataDir) -> int:
     identity = Identity.load_or_create(key_path(config))
     tls_material = tls.load_or_create(config.data_dir / "tls", identity.peer_id) if config.grpc_tls else None
     ledger = await asyncio.to_thread(Ledger.open, config.data_dir / "ledger.sqlite3", identity)
@@ -82,6 +113,7 @@ async def run_daemon(config: NodeConfig) -> int:
         if recovered:
             log.warning("ledger: %d job(s) left running by an earlier crash got 'failed' receipts", recovered)
         engine = await asyncio.to_thread(load_async_engine, config.engine)
+        data_dir.loaded = True
         gpu = await asyncio.to_thread(detect_gpus)
         events = EventBus()
         capacity = CapacityTracker(config, identity.peer_id, engine.info, gpu.to_proto(), engine)

@@ -132,6 +132,20 @@ def test_run_refuses_a_max_context_past_the_models_positions(tmp_path, tiny_mode
     config.write_text(f'[engine]\nmodel = "{tiny_model}"\nmethod = "ar"\nmax_batch = 1\nmax_context = 4097\n')
     ran = cli("run", "--config", str(config), "--data-dir", str(tmp_path / "data"), *NO_PORTS)
     refused_clearly(ran, 2, "max_context 4097 is more than the 4096 positions", "set max_context to at most 4096")
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_start_refused_at_the_model_leaves_no_data_dir_behind(tmp_path):
+    config = tmp_path / "node.toml"
+    config.write_text(f'[engine]\nmodel = "{tmp_path / "no-such-model"}"\n')
+    ran = cli("run", "--config", str(config), "--data-dir", str(tmp_path / "new" / "data"), *NO_PORTS)
+    refused_clearly(ran, 2, "no-such-model' not found")
+    assert not (tmp_path / "new").exists()                  # nor the key and ledger the start wrote in it
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    ran = cli("run", "--config", str(config), "--data-dir", str(kept), *NO_PORTS)
+    refused_clearly(ran, 2, "no-such-model' not found")
+    assert kept.is_dir()                                     # a data dir that was there is not removed
 
 
 def test_run_refuses_a_taken_port_before_loading_anything(tmp_path):
