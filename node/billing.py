@@ -250,7 +250,8 @@ def _signed_receipt(envelope_bytes: bytes, worker_peer_id: str | None) -> Receip
     except DecodeError:
         raise BillingError("the proof's envelope is not a dspark Envelope") from None
     try:
-        key = public_key_from_peer_id(worker_peer_id) if worker_peer_id else bytes(envelope.public_key)
+        # `is not None`: an empty --peer-id (an unset variable) is refused, not taken as none given.
+        key = public_key_from_peer_id(worker_peer_id) if worker_peer_id is not None else bytes(envelope.public_key)
     except IdentityError as exc:
         raise BillingError(str(exc)) from None
     try:

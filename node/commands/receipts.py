@@ -153,7 +153,8 @@ def _show(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     try:
-        key = public_key_from_peer_id(args.peer_id) if args.peer_id else None
+        # `is not None`: an empty --peer-id (an unset variable) is refused, not taken as none given.
+        key = public_key_from_peer_id(args.peer_id) if args.peer_id is not None else None
     except IdentityError as exc:
         raise _UsageError(str(exc)) from None
     with _open(args) as ledger:

@@ -117,6 +117,8 @@ def test_inclusion_proof_round_trip_and_tampering(data_dir, two_periods, cli, tm
     assert cli("verify-proof", str(path), "--root", "00" * 32)[0] == 1
     code, _, err = cli("verify-proof", str(path), "--root", root, "--peer-id", OTHER_CLIENT.peer_id)
     assert code == 1 and "not signed by the worker's key" in err
+    code, out, err = cli("verify-proof", str(path), "--root", root, "--peer-id", "")   # not "any worker"
+    assert (code, out) == (1, "") and "'' is not a peer ID" in err
 
 
 def _forged_proof(envelope: bytes, **fields) -> dict:

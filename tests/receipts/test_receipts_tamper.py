@@ -122,6 +122,8 @@ def test_verify_against_an_expected_peer_id(data_dir, filled, cli):
     code, _, err = cli("verify", "--data-dir", str(data_dir), "--peer-id", "not-a-peer-id")
     assert code == 2
     assert "base58" in err
+    code, out, err = cli("verify", "--data-dir", str(data_dir), "--peer-id", "")    # `--peer-id "$UNSET"`
+    assert (code, out) == (2, "") and "'' is not a peer ID" in err
 
 
 def _envelope_bytes(data_dir, sequence: int) -> bytes:
