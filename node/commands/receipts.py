@@ -32,6 +32,8 @@ class _UsageError(ValueError):
 
 
 def _hex(text: str, what: str, size: int | None = None) -> bytes:
+    if not text:
+        raise _UsageError(f"{what} is empty")
     try:
         value = bytes.fromhex(text)
     except ValueError:
@@ -39,6 +41,11 @@ def _hex(text: str, what: str, size: int | None = None) -> bytes:
     if size is not None and len(value) != size:
         raise _UsageError(f"{what} must be {size} bytes ({2 * size} hex digits), got {len(value)}")
     return value
+
+
+def _client(args: argparse.Namespace) -> bytes | None:
+    # `is not None`: an empty --client (an unset variable) is refused, not taken as every client.
+    return _hex(args.client, "--client", 32) if args.client is not None else None
 
 
 def _time(text: str | None) -> int | None:
@@ -123,7 +130,7 @@ def _open(args: argparse.Namespace) -> closing[Ledger | ReceiptStore]:
 
 
 def _list(args: argparse.Namespace) -> int:
-    client = _hex(args.client, "--client", 32) if args.client else None
+    client = _client(args)
     if not 1 <= args.limit < 2**63:       # SQLite integers are signed 64-bit
         raise _UsageError(f"--limit must be from 1 to 2^63-1, got {args.limit}")
     with _open(args) as ledger:
@@ -140,7 +147,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     job_id = _hex(args.job_id, "job id")
-    client = _hex(args.client, "--client", 32) if args.client else None
+    client = _client(args)
     with _open(args) as ledger:
         rows = ledger.find(job_id, client)
     if not rows:
@@ -178,8 +185,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     since, until = _time(args.since), _time(args.until)
-    proof_job = _hex(args.proof, "--proof job id") if args.proof else None
-    client = _hex(args.client, "--client", 32) if args.client else None
+    proof_job = _hex(args.proof, "--proof job id") if args.proof is not None else None
+    client = _client(args)
     summary = None
     with _open(args) as ledger, _output(args.output) as out:
         if isinstance(ledger, ReceiptStore):
