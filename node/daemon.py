@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 
 class SetupError(ValueError):
     """The machine does not allow this config (a port taken, a data dir that cannot be made)."""
+
+
+LOCK_FILE = "node.lock"     # in the data dir, locked by the running node
 
 
 def key_path(config: NodeConfig) -> Path:
@@ -73,6 +78,24 @@ def make_data_dir(path: Path) -> None:
         raise SetupError(f"data_dir {path} cannot be created: {exc.strerror}") from None
 
 
+@contextlib.contextmanager
+def locked(data_dir: Path) -> Iterator[None]:
+    """Hold the data dir's lock while the node runs. A second node on the same dir would sign with
+    the same key, and its start would give the first node's running jobs 'failed' receipts
+    (Ledger.recover): it is refused instead. The kernel drops the lock when the process dies."""
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SetupError(f"data_dir {data_dir} is in use by another running node; stop it, or give this "
+                         "one a data dir of its own (--data-dir)") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class DataDir:
     made: Path | None      # the topmost directory this start created; None: the data dir was there
@@ -90,7 +113,8 @@ def data_dir_of_this_start(path: Path) -> Iterator[DataDir]:
     data_dir = DataDir(None if made.exists() else made)
     make_data_dir(path)
     try:
-        yield data_dir
+        with locked(path):
+            yield data_dir
     except BaseException:
         if data_dir.made is not None and not data_dir.loaded:
             shutil.rmtree(data_dir.made, ignore_errors=True)

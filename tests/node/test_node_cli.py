@@ -14,7 +14,7 @@ import pytest
 from engine.config import EMBEDDED_MODEL
 from node.config import EMBEDDED_MODEL_ID
 from node.identity import Identity
-from node_harness import ROOT
+from node_harness import ROOT, node_toml, start_daemon
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -146,6 +146,18 @@ def test_a_start_refused_at_the_model_leaves_no_data_dir_behind(tmp_path):
     ran = cli("run", "--config", str(config), "--data-dir", str(kept), *NO_PORTS)
     refused_clearly(ran, 2, "no-such-model' not found")
     assert kept.is_dir()                                     # a data dir that was there is not removed
+
+
+def test_a_second_node_on_a_running_nodes_data_dir_is_refused(tmp_path, tiny_model):
+    first = start_daemon(tmp_path / "data", node_toml(tiny_model))
+    try:
+        started = time.monotonic()
+        ran = cli("run", "--config", str(tmp_path / "data" / "node.toml"), "--data-dir", str(tmp_path / "data"))
+        refused_clearly(ran, 2, f"data_dir {tmp_path / 'data'} is in use by another running node")
+        assert time.monotonic() - started < 60          # refused before its model loads
+        assert first.proc.poll() is None
+    finally:
+        assert first.stop() == 0
 
 
 def test_run_refuses_a_taken_port_before_loading_anything(tmp_path):
