@@ -127,6 +127,9 @@ class P2PConfig(_Section):
     @classmethod
     def _multiaddrs(cls, addrs: list[str]) -> list[str]:
         for addr in addrs:
+            if not addr.strip():     # the multiaddr library takes '' as an address; libp2p listens nowhere on it
+                raise ValueError("'' is not a multiaddr; to run without the peer network, give no address "
+                                 "(listen = [] in the file, --p2p-listen '' on the command line)")
             try:
                 multiaddr.Multiaddr(addr)
             except Exception as exc:  # the multiaddr library raises several unrelated types

@@ -53,6 +53,7 @@ def test_precedence_file_env_flags(tmp_path, monkeypatch):
     ("[p2p]\nadvert_interval_s = 0", "p2p.advert_interval_s"),
     ('[p2p]\nlisten = ["127.0.0.1:7442"]', "p2p.listen"),
     ('[p2p]\nlisten = ["/ip4/127.0.0.1/tpc/7442"]', "p2p.listen"),
+    ('[p2p]\nlisten = [""]', "p2p.listen"),                          # not "no peer network": listen = []
     ('[p2p]\nbootstrap = ["/ip4/127.0.0.1/tcp/7442"]', "p2p.bootstrap"),            # no /p2p/<peer id>
     ('[p2p]\nbootstrap = ["/ip4/127.0.0.1/tcp/7442/p2p/12D3KooWnot"]', "p2p.bootstrap"),
     ("[engine]\nmax_batch = 0", "engine.max_batch"),
