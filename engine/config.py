@@ -48,7 +48,9 @@ class EngineConfig(BaseModel):
     prefill_chunk: int = Field(512, ge=16, description=(
         "most prompt tokens prefilled per step, over all new requests: a longer prompt is spread over "
         "steps and the running requests decode in between"))
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    # At most 1024, as max_batch: more than any machine here has cores, while a mistyped 100000 made
+    # torch claim so many threads that the process could start no more (a traceback at load).
+    threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (default: all cores)")
     allow_download: bool = Field(False, description="let an HF id be fetched from the hub when not cached")
 
     @model_validator(mode="after")

@@ -57,6 +57,7 @@ def test_precedence_file_env_flags(tmp_path, monkeypatch):
     ('[p2p]\nbootstrap = ["/ip4/127.0.0.1/tcp/7442"]', "p2p.bootstrap"),            # no /p2p/<peer id>
     ('[p2p]\nbootstrap = ["/ip4/127.0.0.1/tcp/7442/p2p/12D3KooWnot"]', "p2p.bootstrap"),
     ("[engine]\nmax_batch = 0", "engine.max_batch"),
+    ("[engine]\nthreads = 100000", "engine.threads"),
     ('[admission]\nmode = "allowlist"', "admission"),
     ('[admission]\ndeny = ["not-a-key"]', "admission.deny"),
     ("[pricing]\nper_mtok_micros = -1", "pricing.per_mtok_micros"),
