@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -63,8 +64,12 @@ def check_ports_free(config: NodeConfig) -> None:
             try:
                 sock = held.enter_context(bound_socket(host, port))
             except OSError as exc:
-                raise SetupError(f"{field} {listen}: cannot listen there ({exc.strerror}); stop the program "
-                                 f"holding the port (another node?) or change {field}") from None
+                # Only a port in use has a program to stop; an address not on this machine, or a host
+                # name that does not resolve, is the setting's own.
+                in_use = exc.errno == errno.EADDRINUSE
+                holder = "stop the program holding the port (another node?) or " if in_use else ""
+                raise SetupError(f"{field} {listen}: cannot listen there ({exc.strerror}); {holder}change "
+                                 f"{field}") from None
             if port:
                 sock.listen()    # a listening socket is what makes a second bind of the port fail
 

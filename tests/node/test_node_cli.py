@@ -172,6 +172,12 @@ def test_run_refuses_a_taken_port_before_loading_anything(tmp_path):
     assert time.monotonic() - started < 30
 
 
+def test_run_refuses_an_address_not_on_this_machine_without_blaming_another_program(tmp_path):
+    ran = cli("run", "--data-dir", str(tmp_path / "data"), *NO_PORTS, "--http-listen", "192.0.2.1:7441")
+    refused_clearly(ran, 2, "http_listen 192.0.2.1:7441: cannot listen there (", "; change http_listen")
+    assert "stop the program" not in ran.stderr
+
+
 def test_run_refuses_two_settings_naming_one_port(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
