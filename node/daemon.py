@@ -30,7 +30,7 @@ from node.events import EngineRound, EventBus
 from node.gpu import detect_gpus
 from node.http_server import HttpService
 from node.identity import Identity
-from node.ledger import Ledger
+from node.ledger import LEDGER_FILE, Ledger
 from node.lifecycle import Service, Supervisor
 from node.p2p.service import P2PService
 from node.server import GrpcService
@@ -133,10 +133,20 @@ async def run_daemon(config: NodeConfig) -> int:
         return await _run(config, data_dir)
 
 
+def check_key_not_lost(config: NodeConfig) -> None:
+    """A ledger without its key means the key was lost (a volume not mounted, a file deleted): a new
+    key would be another node, which the ledger refuses, and it would be left in the key's place."""
+    ledger = config.data_dir / LEDGER_FILE
+    if ledger.exists() and not key_path(config).exists():
+        raise SetupError(f"{key_path(config)} is missing, but {ledger} holds the receipts it signed: restore the "
+                         "key from backup (a new key would be a new node, with none of these receipts)")
+
+
 async def _run(config: NodeConfig, data_dir: DataDir) -> int:
+    check_key_not_lost(config)
     identity = Identity.load_or_create(key_path(config))
     tls_material = tls.load_or_create(config.data_dir / "tls", identity.peer_id) if config.grpc_tls else None
-    ledger = await asyncio.to_thread(Ledger.open, config.data_dir / "ledger.sqlite3", identity)
+    ledger = await asyncio.to_thread(Ledger.open, config.data_dir / LEDGER_FILE, identity)
     try:
         recovered = await asyncio.to_thread(ledger.recover)
         if recovered:

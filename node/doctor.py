@@ -24,6 +24,7 @@ from node.config import NodeConfig, is_loopback, split_host_port
 from node.envelope import EnvelopeError, open_envelope
 from node.gpu import GpuReport
 from node.identity import Identity, IdentityError
+from node.ledger_schema import LEDGER_FILE
 from node.probe import Endpoint, ProbeError, TlsMode, describe_rpc_error, open_channel
 
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -186,6 +187,9 @@ def check_key(data_dir: Path) -> Check:
         return Check("key", "fail", f"data_dir {data_dir} cannot hold the key: {where} is a file, not a directory",
                      "give a directory (--data-dir, data_dir)")
     if not path.exists():
+        if (data_dir / LEDGER_FILE).exists():      # what `run` refuses: the key was lost, not never made
+            return Check("key", "fail", f"{path} is missing, but {data_dir / LEDGER_FILE} holds the receipts it "
+                         "signed", "restore the key from backup (a new key would be a new node)")
         if not os.access(where, os.W_OK):
             return Check("key", "fail", f"no key yet, and {where} is not writable by uid {os.geteuid()}",
                          "chown the data dir to the node's user, or pass --data-dir to a writable one")

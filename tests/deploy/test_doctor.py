@@ -97,6 +97,13 @@ def test_key_missing_present_open_and_corrupt(data_dir):
     assert check_key(data_dir).status == "fail"
 
 
+def test_a_ledger_without_its_key_fails_the_key_check(data_dir):
+    data_dir.mkdir()
+    (data_dir / "ledger.sqlite3").write_bytes(b"")
+    result = check_key(data_dir)
+    assert result.status == "fail" and "node.key is missing" in result.detail and "backup" in result.fix
+
+
 def test_a_data_dir_run_would_refuse_fails_the_key_check(tmp_path):
     (tmp_path / "file").write_text("")
     for data_dir in (tmp_path / "file", tmp_path / "file" / "below"):

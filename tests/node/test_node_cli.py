@@ -14,6 +14,7 @@ import pytest
 from engine.config import EMBEDDED_MODEL
 from node.config import EMBEDDED_MODEL_ID
 from node.identity import Identity
+from node.ledger import Ledger
 from node_harness import ROOT, node_toml, start_daemon
 
 
@@ -106,6 +107,14 @@ def test_an_empty_data_dir_is_refused_not_taken_as_the_current_directory(tmp_pat
         refused_clearly(ran, 2 if command == "run" else 1, "--data-dir: is empty" if given else
                         "data_dir: is empty; give the directory for the node's key and ledger (from DSPARK_DATA_DIR)")
     assert list(tmp_path.iterdir()) == []            # no key, no ledger where the node was started from
+
+
+def test_run_where_the_key_of_a_ledger_is_missing_makes_no_new_key(tmp_path):
+    Ledger.open(tmp_path / "ledger.sqlite3", Identity.generate()).close()     # a node ran here; its key is gone
+    ran = cli("run", "--data-dir", str(tmp_path), *NO_PORTS)
+    refused_clearly(ran, 2, f"{tmp_path / 'node.key'} is missing, but {tmp_path / 'ledger.sqlite3'} holds",
+                    "restore the key from backup")
+    assert not (tmp_path / "node.key").exists()
 
 
 def test_run_refuses_a_data_dir_that_is_a_file(tmp_path):
