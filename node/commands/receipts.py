@@ -187,6 +187,10 @@ def _export(args: argparse.Namespace) -> int:
     since, until = _time(args.since), _time(args.until)
     proof_job = _hex(args.proof, "--proof job id") if args.proof is not None else None
     client = _client(args)
+    if args.output is not None and args.output.resolve().is_relative_to(args.data_dir.resolve()):
+        # The rename would replace whatever is there: `--output` naming the ledger or the key lost them.
+        raise _UsageError(f"--output {args.output} is inside the data dir {args.data_dir}, beside the ledger and "
+                          "the node key; write the export elsewhere")
     summary = None
     with _open(args) as ledger, _output(args.output) as out:
         if isinstance(ledger, ReceiptStore):

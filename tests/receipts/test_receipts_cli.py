@@ -212,6 +212,16 @@ def test_data_dir_with_a_tilde_is_the_home_directory_as_for_run(data_dir, two_pe
     assert code == 0 and out.startswith("ok: 6 receipts")
 
 
+@pytest.mark.parametrize("target", ["ledger.sqlite3", "node.key", "bill.csv"])
+def test_export_never_writes_into_the_data_dir(data_dir, two_periods, cli, monkeypatch, target):
+    before = {p.name: p.read_bytes() for p in data_dir.iterdir()}
+    monkeypatch.chdir(data_dir.parent)                   # a relative --output names the same file
+    code, out, err = cli("export", "--data-dir", str(data_dir), "--output", f"{data_dir.name}/{target}")
+    assert (code, out) == (2, "") and "is inside the data dir" in err
+    assert {p.name: p.read_bytes() for p in data_dir.iterdir()} == before
+    assert cli("verify", "--data-dir", str(data_dir))[0] == 0
+
+
 def test_missing_ledger_and_bad_proof_files(tmp_path, cli):
     code, _, err = cli("verify", "--data-dir", str(tmp_path / "nowhere"))
     assert code == 2 and "no ledger at" in err
