@@ -77,7 +77,8 @@ def check_advert(data: bytes, origin_peer_id: str | None, at_ms: int, known_sequ
     if last_sequence is not None and advert.sequence <= last_sequence:
         raise AdvertRefused("stale", f"sequence {advert.sequence} is not above {last_sequence} seen before")
     host, sep, port = advert.grpc_endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # isascii: str.isdigit() also takes '²', which int() refuses: a peer's advert must not raise here.
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise AdvertRefused("malformed", f"grpc_endpoint {advert.grpc_endpoint!r} is not host:port")
     return envelope, advert
 

@@ -85,6 +85,8 @@ def test_expired_and_future_adverts_are_refused():
 def test_bad_endpoint_is_malformed():
     assert refusal(signed(endpoint="no-port")) == "malformed"
     assert refusal(signed(endpoint="host:99999")) == "malformed"
+    assert refusal(signed(endpoint="host:\u00b2")) == "malformed"     # '²': isdigit, but no int
+    assert refusal(signed(endpoint="host:\u0663")) == "malformed"     # Arabic-Indic 3, read as 3 by int()
 
 
 def test_own_adverts_are_checked_but_not_listed():
