@@ -23,6 +23,7 @@ from engine.detokenize import Detokenizer
 from engine.draft_backoff import DraftBackoff
 from engine.drafters.base import Drafter
 from engine.loading import LoadedTarget, device_name
+from engine.memory import kv_cache_len
 from engine.prefix_scheduler import PrefixScheduler
 from engine.sampling import first_token
 from engine.sequence import Sequence
@@ -41,8 +42,7 @@ class Engine:
         self.drafter = drafter
         self.detokenizer = Detokenizer(target.tokenizer)
         self.schedule = schedule
-        # Slack past max_context: a round may write padding and draft K/V beyond the last position.
-        self.cache = self.model.new_cache(config.max_batch, config.max_context + config.block_size + 2)
+        self.cache = self.model.new_cache(config.max_batch, kv_cache_len(config))
         self.free_slots = list(range(config.max_batch - 1, -1, -1))
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []   # holding a slot, prompt partly in the cache

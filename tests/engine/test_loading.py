@@ -100,3 +100,29 @@ def test_full_queue_refuses(tiny_engine):
     assert err.value.reason == "queue_full"
     while tiny_engine.has_work:
         tiny_engine.step()
+
+
+def test_a_kv_cache_past_the_free_memory_is_refused_before_it_is_allocated(tmp_path):
+    """Torch would allocate it lazily and the OOM killer would end the node under load."""
+    from engine.memory import available_bytes, kv_cache_bytes, kv_cache_len
+    from engine.testing import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "deep", layers=64, kv_heads=4)     # 32 KiB of K/V a position
+    target = load_target(str(model), torch.float32)
+    free = available_bytes(target.model.device)
+    config = EngineConfig(model=str(model), method="ar", max_batch=1024, max_context=4096)
+    need = kv_cache_bytes(target.model.args, 1024, kv_cache_len(config), torch.float32)
+    if free is None or need <= free:
+        pytest.skip(f"this machine has {free} bytes free, more than a {need}-byte cache")
+    with pytest.raises(ModelLoadError, match=r"KV cache for max_batch 1024 x max_context 4096 needs \d+\.\d GiB"
+                                             r" and cpu has \d+\.\d GiB free; lower max_batch or max_context"):
+        build_engine(config, target)
+
+
+def test_kv_cache_bytes_are_the_cache_the_engine_allocates(tiny_llama):
+    from engine.memory import kv_cache_bytes, kv_cache_len
+
+    config = EngineConfig(model=str(tiny_llama), method="ar", max_batch=3, max_context=64)
+    engine = build_engine(config)
+    cache = engine.cache
+    assert cache.k.nbytes + cache.v.nbytes == kv_cache_bytes(engine.model.args, 3, kv_cache_len(config), torch.float32)
