@@ -186,6 +186,9 @@ def check_key(data_dir: Path) -> Check:
     if not where.is_dir():     # what `run` refuses at start
         return Check("key", "fail", f"data_dir {data_dir} cannot hold the key: {where} is a file, not a directory",
                      "give a directory (--data-dir, data_dir)")
+    if path.is_symlink() and not path.exists():     # `run` cannot create the key through it either
+        return Check("key", "fail", f"{path} is a link to {os.readlink(path)}, which does not exist",
+                     "restore the key it pointed to (a mounted secret?), or remove the link to make a new key")
     if not path.exists():
         if (data_dir / LEDGER_FILE).exists():      # what `run` refuses: the key was lost, not never made
             return Check("key", "fail", f"{path} is missing, but {data_dir / LEDGER_FILE} holds the receipts it "

@@ -97,6 +97,13 @@ def test_key_missing_present_open_and_corrupt(data_dir):
     assert check_key(data_dir).status == "fail"
 
 
+def test_a_key_link_to_nothing_fails_the_key_check_as_run_refuses_it(data_dir):
+    data_dir.mkdir()
+    (data_dir / "node.key").symlink_to(data_dir / "secrets" / "node.key")     # a secret volume not mounted
+    result = check_key(data_dir)
+    assert result.status == "fail" and "which does not exist" in result.detail and "remove the link" in result.fix
+
+
 def test_a_ledger_without_its_key_fails_the_key_check(data_dir):
     data_dir.mkdir()
     (data_dir / "ledger.sqlite3").write_bytes(b"")
