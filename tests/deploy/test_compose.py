@@ -83,6 +83,7 @@ def test_promtool_accepts_the_config(tmp_path):
     config.write_text(text.replace("/run/secrets/dashboard_token", str(token)))
     result = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    config.write_text(text.replace("/run/secrets/dashboard_token", str(token)).replace("scrape_interval", "scrape_intervall", 1))
+    config.write_text(text.replace("/run/secrets/dashboard_token", str(token))
+                      .replace("scrape_interval", "scrape_intervall", 1))
     broken = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
     assert broken.returncode != 0  # and promtool does check: an unknown field fails

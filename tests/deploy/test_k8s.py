@@ -66,7 +66,8 @@ def test_runs_as_the_image_user_without_privileges():
 
 def test_data_volume_is_the_claim():
     pod = resources()[("Deployment", "dspark-node")]["spec"]["template"]["spec"]
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+              for v in pod["volumes"] if "persistentVolumeClaim" in v}
     mounts = {m["mountPath"]: m["name"] for m in node_container()["volumeMounts"]}
     assert claims[mounts["/data"]] == "dspark-node-data"
     assert ("PersistentVolumeClaim", "dspark-node-data") in resources()

@@ -152,7 +152,8 @@ def test_a_round_widens_the_subset_by_the_drafted_requests_own_tokens():
 
 
 def test_confidence_uses_previous_token_temperature_offset_and_draft_weight():
-    w = {"confidence_head.proj.weight": torch.tensor([[1.0, 2.0, -1.0]]), "confidence_head.proj.bias": torch.tensor([0.5])}
+    w = {"confidence_head.proj.weight": torch.tensor([[1.0, 2.0, -1.0]]),
+         "confidence_head.proj.bias": torch.tensor([0.5])}
     hidden = torch.tensor([[[1.0], [1.0]]])
     prev = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
     u = torch.tensor([[2.0, -4.0]])                        # the draft's log-odds of its tokens
@@ -168,7 +169,8 @@ def test_confidence_uses_previous_token_temperature_offset_and_draft_weight():
     assert torch.allclose(head.scale(z, u, sampled), torch.tensor([[sig(0.5 - 0.25 + 1.0), sig(3.5 / 2 + 1.0)]]))
     assert torch.allclose(head.scale(z, u, greedy), torch.tensor([[sig(0.5 / 0.5), sig(3.5 - 1.0)]]))
     both = head.scale(z.expand(2, 2), u.expand(2, 2), torch.tensor([True, False]))   # per row
-    assert torch.allclose(both[0], head.scale(z, u, greedy)[0]) and torch.allclose(both[1], head.scale(z, u, sampled)[0])
+    assert torch.allclose(both[0], head.scale(z, u, greedy)[0])
+    assert torch.allclose(both[1], head.scale(z, u, sampled)[0])
 
 
 def test_confidence_adds_the_weighted_history_of_each_rows_triple():

@@ -117,7 +117,8 @@ async def test_cancel_mid_stream_frees_the_slot(tiny_llama):
         async for event in stream:
             break  # the client goes away after its first chunk
         await stream.aclose()
-        results = [e async for e in engine.generate(GenerationRequest("next", (4, 5), SamplingParams(max_new_tokens=3)))]
+        request = GenerationRequest("next", (4, 5), SamplingParams(max_new_tokens=3))
+        results = [e async for e in engine.generate(request)]
         assert isinstance(results[-1], GenerationResult) and results[-1].finish_reason == "length"
         assert engine.free_slots == 1 and engine.active == 0
     finally:
@@ -129,7 +130,8 @@ async def test_stream_concatenates_to_final_text(tiny_llama):
     engine = AsyncEngine(build_engine(EngineConfig(model=str(tiny_llama), method="ngram", max_batch=2)))
     await engine.start()
     try:
-        events = [e async for e in engine.generate(GenerationRequest("s", (7, 7, 8, 7, 7), SamplingParams(max_new_tokens=20)))]
+        request = GenerationRequest("s", (7, 7, 8, 7, 7), SamplingParams(max_new_tokens=20))
+        events = [e async for e in engine.generate(request)]
         chunks, final = events[:-1], events[-1]
         assert "".join(c.text for c in chunks) == final.text
         assert sum((c.token_ids for c in chunks), ()) == final.output_ids

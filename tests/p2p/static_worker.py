@@ -41,7 +41,8 @@ async def main() -> int:
     args = parse_args()
     identity = Identity.load_or_create(args.key) if args.key else Identity.generate()
     config = NodeConfig(grpc_listen=args.grpc_endpoint, p2p=P2PConfig(
-        listen=[args.listen], bootstrap=args.bootstrap, mdns=args.mdns, advert_interval_s=args.interval, advert_ttl_s=args.ttl))
+        listen=[args.listen], bootstrap=args.bootstrap, mdns=args.mdns, advert_interval_s=args.interval,
+        advert_ttl_s=args.ttl))
     advert = CapacityAdvert(
         grpc_endpoint=args.grpc_endpoint, gpu=GpuInfo(name="cpu", count=1),
         models=[ModelOffer(id=m, max_context=2048) for m in args.model],
