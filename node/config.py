@@ -2,34 +2,26 @@
 
 Loaded and validated once at start (`load_config`), then passed down; a bad value is refused with
 a message naming the field and where it came from (`ConfigError`), before anything is written to
-the data dir. The layering itself (`LayeredSettings`, `load_settings`) is shared with the gateway's
-settings (node/gateway/config.py).
+the data dir. The layering itself is node/settings.py, shared with the gateway's settings.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
-import os
 import re
-import tomllib
 from collections.abc import Mapping
-from contextvars import ContextVar
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import multiaddr
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from engine.config import EMBEDDED_MODEL, EMBEDDED_MODEL_ID, EngineConfig
 from node.identity import IdentityError, public_key_from_peer_id
+from node.settings import LayeredSettings, StrList, load_settings
 
 DEFAULT_DATA_DIR = Path("~/.local/share/dspark-node")
-# The parsed TOML file of the load_settings call in progress (a settings class has no per-call file).
-_FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("_FILE_VALUES", default={})
 
 
 # A model is known on the network by the id the engine serves it under (its Hugging Face id, which
@@ -45,10 +37,6 @@ _DASHBOARD_TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,}")
 def model_id(name: str) -> str:
     """The id a model is served and advertised under, for a name someone gave (id or alias)."""
     return _MODEL_ALIASES.get(name, name)
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names each bad field."""
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -91,24 +79,6 @@ def client_key_bytes(entry: str) -> bytes:
         return public_key_from_peer_id(entry)
     except IdentityError:
         raise ValueError(f"{entry!r} is neither a peer ID (12D3KooW...) nor a 64-hex-digit public key") from None
-
-
-def _split_list(value: Any) -> Any:
-    # From the environment a list comes as one string: a JSON list, or comma-separated values
-    # (multiaddrs, peer IDs, hex keys and the gateway's API keys never contain a comma); '' is the
-    # empty list.
-    if not isinstance(value, str):
-        return value
-    if value.lstrip().startswith("["):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"{value!r} is not a JSON list; write [\"a\", \"b\"] or a,b") from None
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
-# NoDecode: pydantic-settings would json-decode the variable itself and fail on a plain multiaddr.
-StrList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
 
 
 class _Section(BaseModel):
@@ -222,21 +192,6 @@ class DashboardConfig(_Section):
         return token
 
 
-class LayeredSettings(BaseSettings):
-    """Settings read from, lowest first: field defaults, the TOML file of the `load_settings` call
-    in progress, the environment (under the subclass's `env_prefix`), then init kwargs (flags)."""
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource,
-                                   dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource
-                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # CLI flags arrive as init kwargs (highest), then the environment, then the TOML file.
-        # No .env or secrets dir: one place per setting.
-        return init_settings, env_settings, _FileSource(settings_cls)
-
-
 class NodeConfig(LayeredSettings):
     model_config = SettingsConfigDict(env_prefix="DSPARK_", env_nested_delimiter="__", extra="forbid")
 
@@ -281,119 +236,6 @@ class NodeConfig(LayeredSettings):
         if self.tls.mode == "auto":
             return not is_loopback(split_host_port(self.grpc_listen)[0])
         return self.tls.mode == "on"
-
-
-class _FileSource(PydanticBaseSettingsSource):
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return _FILE_VALUES.get().get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(_FILE_VALUES.get())
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a directory; give the TOML file") from None
-    except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    except UnicodeDecodeError as exc:     # TOML is UTF-8; tomllib lets the decoder's error through
-        raise ConfigError(f"config file {path} is not valid TOML: byte {exc.object[exc.start]:#04x} at offset "
-                          f"{exc.start} is not UTF-8") from None
-
-
-def _given(values: dict[str, Any], loc: tuple[int | str, ...]) -> bool:
-    """Whether `values` (nested dicts) hold the setting at `loc` (a list or table given whole counts)."""
-    node: Any = values
-    for part in loc:
-        if not isinstance(node, dict):
-            break
-        if part not in node:
-            return False
-        node = node[part]
-    return bool(loc)
-
-
-@dataclass(frozen=True)
-class _Layers:
-    """What one load was given, to say where each refused value came from."""
-    settings: type[BaseSettings]
-    path: Path | None
-    file: dict[str, Any]
-    flags: dict[str, Any]
-    flag_names: Mapping[str, str]     # field path ("p2p.listen") -> the flag that sets it
-
-    def describe(self, exc: ValidationError) -> str:
-        origin = f"{self.path}, environment and flags" if self.path is not None else "environment and flags"
-        return "\n".join([f"invalid configuration ({origin}):", *("  " + self._line(e) for e in exc.errors())])
-
-    def _line(self, error: Any) -> str:
-        loc, message = tuple(error["loc"]), error["msg"].removeprefix("Value error, ")
-        if not loc:          # a check across fields: its message names them
-            return message
-        field = ".".join(str(part) for part in loc)
-        if _given(self.flags, loc):
-            flag = self.flag_names.get(".".join(part for part in loc if isinstance(part, str)))
-            return f"{flag}: {message}" if flag else f"{field}: {message} (from a flag)"
-        variable = self._variable(loc)
-        if variable is not None:
-            return f"{field}: {message} (from {variable})"
-        if _given(self.file, loc):
-            return f"{field}: {message} (in {self.path})"
-        return f"{field}: {message}"
-
-    def _variable(self, loc: tuple[int | str, ...]) -> str | None:
-        """The environment variable that set the value at `loc`: its own, or its section's (as JSON)."""
-        prefix = self.settings.model_config.get("env_prefix", "")
-        delimiter = self.settings.model_config.get("env_nested_delimiter")
-        keys = [part for part in loc if isinstance(part, str)]
-        names = {name.upper(): name for name in os.environ}
-        for depth in range(len(keys) if delimiter else 1, 0, -1):
-            name = names.get((prefix + (delimiter or "").join(keys[:depth])).upper())
-            if name is not None:
-                return name
-        return None
-
-
-def _describe_env(exc: SettingsError, settings: type[BaseSettings]) -> str:
-    """pydantic-settings could not parse a variable of `settings` (a table or list that is not JSON)."""
-    prefix = settings.model_config.get("env_prefix", "")
-    delimiter = settings.model_config.get("env_nested_delimiter")
-    field = re.search(r'field "([^"]+)"', str(exc))
-    name = f"{prefix}{field.group(1)}".upper() if field else prefix
-    names = sorted(variable for variable in os.environ
-                   if variable.upper() == name or (delimiter and variable.upper().startswith(name + delimiter)))
-    cause = f": {exc.__cause__}" if exc.__cause__ else ""
-    return (f"invalid configuration (environment): cannot parse {' or '.join(names) or name}{cause}; "
-            "a table in the environment is JSON ('{\"KEY\": 5}'), a list is JSON ('[\"a\", \"b\"]') "
-            "or comma-separated (a,b)")
-
-
-Settings = TypeVar("Settings", bound=LayeredSettings)
-
-
-def load_settings(settings: type[Settings], path: Path | None = None, overrides: dict[str, Any] | None = None,
-                  flag_names: Mapping[str, str] | None = None) -> Settings:
-    """`settings` from the TOML file (if given), its environment variables and `overrides` (the flags
-    given, nested dicts). A bad value raises ConfigError naming the field and where it came from;
-    a value from a flag is named by the flag when `flag_names` maps its field path to one."""
-    file_values = _read_toml(path) if path is not None else {}
-    overrides = overrides or {}
-    token = _FILE_VALUES.set(file_values)
-    try:
-        return settings(**overrides)
-    except ValidationError as exc:
-        raise ConfigError(_Layers(settings, path, file_values, overrides, flag_names or {}).describe(exc)) from None
-    except SettingsError as exc:
-        raise ConfigError(_describe_env(exc, settings)) from None
-    finally:
-        _FILE_VALUES.reset(token)
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None,

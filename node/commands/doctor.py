@@ -14,12 +14,13 @@ from pathlib import Path
 import grpc
 
 from engine.loading import cache_root
-from node.config import ConfigError, NodeConfig, load_config
+from node.config import NodeConfig, load_config
 from node.doctor import (Check, check_clock, check_cuda, check_disk, check_exposure, check_gpu, check_key,
                          check_port, tcp_listen_of_multiaddr)
 from node.commands.health import endpoint_argument
 from node.gpu import detect_gpus
 from node.probe import ProbeError, health_status, parse_endpoint
+from node.settings import ConfigError
 
 _MARKS = {"ok": "[ok]  ", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
 

@@ -10,8 +10,9 @@ import socket
 import sys
 from pathlib import Path
 
-from node.config import ConfigError, load_settings, split_host_port
+from node.config import split_host_port
 from node.gateway.config import GatewayConfig
+from node.settings import ConfigError, load_settings
 
 _FIELDS = GatewayConfig.model_fields
 

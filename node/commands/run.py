@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from node.config import ConfigError, load_config
+from node.config import load_config
+from node.settings import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from node.config import (DEFAULT_DATA_DIR, LayeredSettings, ListenAddress, P2PConfig, StrList, is_loopback,
-                         split_host_port)
+from node.config import DEFAULT_DATA_DIR, ListenAddress, P2PConfig, is_loopback, split_host_port
+from node.settings import LayeredSettings, StrList
 
 MIN_API_KEY_CHARS = 16
 

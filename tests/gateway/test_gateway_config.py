@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from node.commands import gateway as command
-from node.config import ConfigError
+from node.settings import ConfigError
 from node.identity import Identity
 
 BOOTSTRAP = f"/ip4/127.0.0.1/tcp/7442/p2p/{Identity.generate().peer_id}"

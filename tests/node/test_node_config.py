@@ -11,8 +11,9 @@ from dspark.v1.advert_pb2 import GpuInfo
 from engine.api import EngineInfo
 from engine.config import EMBEDDED_MODEL
 from node.capacity import CapacityTracker
-from node.config import EMBEDDED_MODEL_ID, ConfigError, load_config
+from node.config import EMBEDDED_MODEL_ID, load_config
 from node.identity import Identity
+from node.settings import ConfigError
 
 PEER = Identity.generate().peer_id   # bootstrap addresses end in /p2p/<peer id>
 ADDR_1, ADDR_2, ADDR_3 = (f"/ip4/127.0.0.{i}/tcp/1/p2p/{PEER}" for i in (1, 2, 3))
