@@ -16,7 +16,7 @@ from engine.drafters.lookup import LookupFirst
 from engine.drafters.ngram import NgramDrafter
 from engine.engine import Engine
 from engine.loading import LoadedTarget, ModelLoadError, cache_root, load_target, resolve_model_dir
-from engine.memory import kv_cache_problem
+from engine.memory import check_kv_cache
 from engine.prefix_scheduler import PrefixScheduler
 from engine.schedulers import build_schedule
 from engine.spec_round import Schedule
@@ -90,9 +90,7 @@ def build_engine(config: EngineConfig, target: LoadedTarget | None = None) -> En
     if target is None:
         target = load_target(config.model, DTYPES[config.dtype], config.device, config.allow_download)
     check_context(config, target)
-    problem = kv_cache_problem(config, target.model.args, target.model.dtype, target.model.device)
-    if problem:
-        raise ModelLoadError(problem)
+    check_kv_cache(config, target.model)
     return Engine(config, target, build_drafter(config, target), make_schedule(config, target))
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig
-from engine.model import ModelArgs
+from engine.loading import ModelLoadError
+from engine.model import ModelArgs, TargetModel
 
 MEMINFO = Path("/proc/meminfo")
 CGROUP = Path("/sys/fs/cgroup")     # cgroup v2: a container's limit (Akash, Kubernetes, docker --memory)
@@ -28,8 +29,7 @@ def kv_cache_len(config: EngineConfig) -> int:
 
 def kv_cache_bytes(args: ModelArgs, slots: int, max_len: int, dtype: torch.dtype) -> int:
     """Bytes of K and V for `slots` sequences of `max_len` positions."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * args.num_layers * slots * max_len * args.num_kv_heads * args.head_dim * itemsize
+    return 2 * args.num_layers * slots * max_len * args.num_kv_heads * args.head_dim * dtype.itemsize
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -62,13 +62,13 @@ def _cgroup_headroom() -> int | None:
         return None
 
 
-def kv_cache_problem(config: EngineConfig, args: ModelArgs, dtype: torch.dtype, device: torch.device) -> str | None:
-    """Why the configured KV cache cannot be allocated here, or None when it fits (or free memory
-    cannot be told)."""
-    need = kv_cache_bytes(args, config.max_batch, kv_cache_len(config), dtype)
-    free = available_bytes(device)
-    if free is None or need <= free:
-        return None
-    gib = 2 ** 30
-    return (f"the KV cache for max_batch {config.max_batch} x max_context {config.max_context} needs "
-            f"{need / gib:.1f} GiB and {device} has {free / gib:.1f} GiB free; lower max_batch or max_context")
+def check_kv_cache(config: EngineConfig, model: TargetModel) -> None:
+    """Refuse a KV cache the device has not the free memory for (nothing is refused where free
+    memory cannot be told)."""
+    need = kv_cache_bytes(model.args, config.max_batch, kv_cache_len(config), model.dtype)
+    free = available_bytes(model.device)
+    if free is not None and need > free:
+        gib = 2 ** 30
+        raise ModelLoadError(f"the KV cache for max_batch {config.max_batch} x max_context {config.max_context} "
+                             f"needs {need / gib:.1f} GiB and {model.device} has {free / gib:.1f} GiB free; lower "
+                             "max_batch or max_context")
