@@ -7,6 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from engine.api import SEED_LIMIT
 from node.client import ClientError, JobRefused, WorkerClient
 from node.commands import submit_network
 from node.commands.keys import DEFAULT_CLIENT_KEY
@@ -81,7 +82,7 @@ def _bad_argument(args: argparse.Namespace) -> str | None:
         return f"--max-new-tokens must be from 1 to 2^32-1, got {args.max_new_tokens}"
     if not 0 <= args.temperature <= 100:      # also refuses nan
         return f"--temperature must be from 0 to 100, got {args.temperature}"
-    if args.seed is not None and not 0 <= args.seed < 2**63:
+    if args.seed is not None and not 0 <= args.seed < SEED_LIMIT:
         return f"--seed must be from 0 to 2^63-1, got {args.seed}"
     for flag, value in (("--max-price", args.max_price), ("--max-price-gpu-second", args.max_price_gpu_second)):
         if value is not None and not 0 <= value < 2**64:     # the job's caps are uint64

@@ -4,10 +4,10 @@ selection.py, check each worker's gRPC identity against its advertised peer ID, 
 Failover: when a worker refuses, is unreachable, is not who its advert says, dies mid-job, or ends
 the job itself (its engine failed it, or it cancelled it shutting down), the job is signed again
 with a NEW job id bound to the next worker (the signed job of one worker is never replayed to
-another) and runs from the start there. The abandoned job is cancelled if its
-worker still answers, so it stops and bills at most the tokens it produced; a worker that died
-bills nothing (its ledger's crash recovery gives the job a 'failed' receipt of 0 tokens). Only the
-final worker's receipt covers the returned output.
+another) and runs from the start there. The abandoned job is cancelled if its worker still
+answers, so it stops and bills at most the tokens it produced; a worker that died bills nothing
+(its ledger's crash recovery gives the job a 'failed' receipt of 0 tokens). Only the final
+worker's receipt covers the returned output.
 """
 
 from __future__ import annotations
