@@ -30,6 +30,11 @@ from node.identity import Identity, IdentityError, peer_id_from_public_key
 from node.receipts import ReceiptError, acknowledgment, check_price_caps, verify_receipt
 from node.tls import SERVER_NAME, TlsError, fetch_server_cert, fingerprint
 
+# A job's deadline is at most a day (`submit --timeout`, the gateway's timeout_s): grpc's deadline
+# overflows past some 7e9 s and then expires at once, which reads as a refusal (DEADLINE_EXCEEDED)
+# of a job never sent.
+MAX_JOB_TIMEOUT_S = 86400.0
+
 
 class ClientError(Exception):
     """The worker could not be reached or is not who it must be, or its answer does not verify."""

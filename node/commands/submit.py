@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from engine.api import SEED_LIMIT
-from node.client import ClientError, JobRefused, WorkerClient
+from node.client import MAX_JOB_TIMEOUT_S, ClientError, JobRefused, WorkerClient
 from node.commands import submit_network
 from node.commands.keys import DEFAULT_CLIENT_KEY
 from node.identity import Identity, IdentityError
@@ -71,11 +71,6 @@ async def _submit(args: argparse.Namespace, identity: Identity) -> int:
         return 0
 
 
-# A job's deadline is at most a day (the gateway's timeout_s too): grpc's deadline overflows past some
-# 7e9 s and then expires at once, which read as a refusal (DEADLINE_EXCEEDED) of a job never sent.
-_MAX_TIMEOUT_S = 86400.0
-
-
 def _bad_argument(args: argparse.Namespace) -> str | None:
     """What is wrong with the flags, checked before any key is made or peer dialled."""
     if not 1 <= args.max_new_tokens < 2**32:      # the job's field is uint32
@@ -89,8 +84,8 @@ def _bad_argument(args: argparse.Namespace) -> str | None:
             return f"{flag} must be from 0 to 2^64-1 micro-units, got {value}"
     if args.attempts < 1:
         return "--attempts must be at least 1"
-    if not 0 < args.timeout <= _MAX_TIMEOUT_S:     # also refuses nan and inf
-        return f"--timeout must be a positive number of seconds up to {_MAX_TIMEOUT_S:g}, got {args.timeout}"
+    if not 0 < args.timeout <= MAX_JOB_TIMEOUT_S:     # also refuses nan and inf
+        return f"--timeout must be a positive number of seconds up to {MAX_JOB_TIMEOUT_S:g}, got {args.timeout}"
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:

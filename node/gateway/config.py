@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from node.client import MAX_JOB_TIMEOUT_S
 from node.config import DEFAULT_DATA_DIR, ListenAddress, P2PConfig, is_loopback, split_host_port
 from node.settings import LayeredSettings, StrList
 
@@ -27,7 +28,7 @@ class GatewayConfig(LayeredSettings):
     api_keys: StrList = Field(default_factory=list)
     tls: str = Field("auto", pattern="^(auto|on|off)$")
     attempts: int = Field(3, ge=1, le=16)
-    timeout_s: float = Field(600.0, gt=0, le=86400)
+    timeout_s: float = Field(600.0, gt=0, le=MAX_JOB_TIMEOUT_S)
 
     @field_validator("bootstrap")
     @classmethod
