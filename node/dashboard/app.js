@@ -4,7 +4,9 @@
 
 const API = "/api/v1";
 const $ = id => document.getElementById(id);
-const state = { series: null, status: null };
+// failures: panel name -> why its last load failed; a panel that loads again clears only its own.
+// unreachableSince: when a request to the node last found nothing listening (null while it answers).
+const state = { series: null, status: null, failures: new Map(), unreachableSince: null };
 const SOURCE_NAMES = { own: "lookup, own text", corpus: "lookup, other requests", drafter: "model drafter" };
 
 function el(tag, text, cls) {
@@ -56,9 +58,16 @@ function showError(message) {
   box.hidden = !message;
 }
 
+class Unreachable extends Error {}
+
 async function api(path) {
-  const response = await fetch(API + path, { credentials: "same-origin", cache: "no-store" });
-  if (!response.ok) throw new Error(`${path}: HTTP ${response.status} ${await response.text()}`);
+  let response;
+  try {
+    response = await fetch(API + path, { credentials: "same-origin", cache: "no-store" });
+  } catch (e) {
+    throw new Unreachable(e.message);   // nothing answered: the node is stopped or the network is down
+  }
+  if (!response.ok) throw new Error(`HTTP ${response.status} ${await response.text()}`);
   return response.json();
 }
 
@@ -179,9 +188,25 @@ function drawSeries() {
 
 async function refresh(...names) {
   const results = await Promise.allSettled(names.map(n => panels[n]()));
-  const failed = results.map((r, i) => r.status === "rejected" ? `${names[i]}: ${r.reason.message}` : null)
-    .filter(Boolean);
-  showError(failed.join(" · "));
+  results.forEach((r, i) => r.status === "rejected"
+    ? state.failures.set(names[i], r.reason) : state.failures.delete(names[i]));
+  if (results.some(r => r.reason instanceof Unreachable)) {
+    state.unreachableSince ??= Date.now() / 1000;
+  } else if (state.unreachableSince !== null && results.some(r => r.status === "fulfilled")) {
+    // The node answers again (perhaps restarted): reload every panel, those redrawn only on events too.
+    state.unreachableSince = null;
+    for (const [name, f] of state.failures) if (f instanceof Unreachable) state.failures.delete(name);
+    refresh(...Object.keys(panels));
+  }
+  // While the node does not answer, every figure on the page is as it was when it last did: say so
+  // and grey them out, rather than leave them looking live.
+  document.body.classList.toggle("stale", state.unreachableSince !== null);
+  if (state.unreachableSince !== null) {
+    showError(`The node is not reachable (since ${fmt.time(state.unreachableSince)}): ` +
+              "the figures shown are from before then, not live. Retrying…");
+  } else {
+    showError([...state.failures].map(([name, f]) => `${name}: ${f.message}`).join(" · "));
+  }
 }
 
 function onTick(live) {

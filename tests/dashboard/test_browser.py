@@ -111,3 +111,34 @@ def test_draft_sources_and_corpus_fill(node, page):
     finally:
         node.engine.corpus_fill = None
     assert page.console_problems == []
+
+
+def test_a_stopped_node_is_said_to_be_unreachable_then_reloaded_when_back(tmp_path, page):
+    first = NodeUnderTest(tmp_path / "first").start()
+    port = first.http.port
+    page.goto(first.url + "/")
+    page.wait_for_function("document.getElementById('live').textContent === 'live'")
+    first.stop()
+    page.wait_for_function("document.getElementById('error').textContent.includes('not reachable')", timeout=8000)
+    # The refreshes every 2 s and 3 s each load some panels; the warning stays whole through both,
+    # and the figures are greyed out as not live.
+    time.sleep(3.5)
+    assert page.text_content("#error").startswith("The node is not reachable (since ")
+    assert page.evaluate("document.body.classList.contains('stale')")
+    page.screenshot(path=str(ARTIFACTS / "dashboard-node-unreachable.png"), full_page=True)
+
+    # A node back on the same address (here with a receipt signed meanwhile): every panel reloads,
+    # the earnings too, which otherwise wait for a job's "finished" event.
+    second = NodeUnderTest(tmp_path / "second", http_listen=f"127.0.0.1:{port}")
+    buyer, job = Identity.generate(), new_job_id()
+    second.admit(job, buyer)
+    second.finish(job, buyer, 5)
+    second.start()
+    try:
+        page.wait_for_function("document.getElementById('receipts').textContent === '1'", timeout=10000)
+        assert not page.evaluate("document.body.classList.contains('stale')")
+        assert page.is_hidden("#error")
+        assert page.text_content("#peer-id") == second.identity.peer_id
+    finally:
+        second.stop()
+
