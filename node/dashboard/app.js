@@ -7,6 +7,7 @@ const $ = id => document.getElementById(id);
 // failures: panel name -> why its last load failed; a panel that loads again clears only its own.
 // unreachableSince: when a request to the node last found nothing listening (null while it answers).
 const state = { series: null, status: null, failures: new Map(), unreachableSince: null };
+const FEED_RETRY_MS = 5000;
 const SOURCE_NAMES = { own: "lookup, own text", corpus: "lookup, other requests", drafter: "model drafter" };
 
 function el(tag, text, cls) {
@@ -228,7 +229,13 @@ function connect() {
   const source = new EventSource(API + "/events");
   const live = $("live");
   source.onopen = () => { live.textContent = "live"; live.className = "badge"; };
-  source.onerror = () => { live.textContent = "reconnecting"; live.className = "badge off"; };
+  source.onerror = () => {
+    live.textContent = "reconnecting";
+    live.className = "badge off";
+    // The browser retries a dropped stream by itself, but not a refused one (503 while too many
+    // dashboards are connected): that one is closed for good, so open a new one later.
+    if (source.readyState === EventSource.CLOSED) setTimeout(connect, FEED_RETRY_MS);
+  };
   source.addEventListener("tick", e => onTick(JSON.parse(e.data)));
   source.addEventListener("admitted", () => refresh("jobs", "status"));
   source.addEventListener("finished",

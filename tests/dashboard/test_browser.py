@@ -142,3 +142,11 @@ def test_a_stopped_node_is_said_to_be_unreachable_then_reloaded_when_back(tmp_pa
     finally:
         second.stop()
 
+
+def test_a_refused_live_feed_is_retried(node, page, monkeypatch):
+    # With every stream slot taken the node answers 503, which a browser does not retry by itself.
+    monkeypatch.setattr("node.live_feed.MAX_CLIENTS", 0)
+    page.goto(node.url + "/")
+    page.wait_for_function("document.getElementById('live').textContent === 'reconnecting'")
+    monkeypatch.setattr("node.live_feed.MAX_CLIENTS", 32)
+    page.wait_for_function("document.getElementById('live').textContent === 'live'", timeout=10000)
