@@ -33,9 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
                         help="peer to join the network through (repeatable)")
     parser.add_argument("--mdns", action="store_true", default=None, help="also find peers on the LAN by mDNS")
-    parser.add_argument("--key", type=Path, metavar="FILE", help="client key signing the jobs "
+    # Strings, not Paths, as `run`'s --data-dir: the config refuses '' (which Path would make '.').
+    parser.add_argument("--key", metavar="FILE", help="client key signing the jobs "
                         "(created if missing; default: DATA_DIR/client.key)")
-    parser.add_argument("--data-dir", type=Path, metavar="DIR",
+    parser.add_argument("--data-dir", metavar="DIR",
                         help=f"key and receipt store (default: {_FIELDS['data_dir'].default})")
     parser.add_argument("--max-price", type=int, metavar="MICROS", dest="max_price_per_mtok_micros",
                         help="highest price per million output tokens to pay (default: any)")

@@ -49,6 +49,15 @@ class GatewayConfig(LayeredSettings):
                                  "without spaces or commas")
         return keys
 
+    @field_validator("data_dir", "key", mode="before")
+    @classmethod
+    def _not_empty(cls, value: object) -> object:
+        # Path("") is ".": an empty DSPARK_GATEWAY_DATA_DIR (a variable the deployment left unset) put
+        # the client key and the receipt store in whatever directory the gateway was started from.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty; give a path (or leave the setting out for its default)")
+        return value
+
     @field_validator("data_dir", "key")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:

@@ -103,3 +103,22 @@ def test_a_bad_file_or_variable_exits_2_naming_it_and_writes_nothing(tmp_path, m
     err = capsys.readouterr().err
     assert err.startswith("dspark-node gateway: ") and message.format(path=path) in err, err
     assert not (tmp_path / "gw").exists()          # nothing written: no key, no store
+
+
+@pytest.mark.parametrize("setting, flag", [("data_dir", "--data-dir"), ("key", "--key")])
+def test_an_empty_path_is_refused_wherever_it_comes_from(tmp_path, monkeypatch, capsys, setting, flag):
+    # Path("") is "."; an unset variable of a deployment made the gateway write its key and receipts there.
+    from node.cli import main
+
+    with pytest.raises(ConfigError, match=rf"{setting}: is empty; give a path .* \(in "):
+        load("--mdns", "--config", str(write(tmp_path, f'{setting} = ""')))
+    with pytest.raises(ConfigError, match=f"{flag}: is empty"):
+        load("--mdns", flag, "")
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv(f"DSPARK_GATEWAY_{setting.upper()}", "")
+    assert main(["gateway", "--mdns"]) == 2
+    assert f"  {setting}: is empty; give a path (or leave the setting out for its default) (from DSPARK_GATEWAY_" \
+        in capsys.readouterr().err
+    assert list(workdir.iterdir()) == []           # no key, no store in the working directory
