@@ -44,7 +44,9 @@ class EngineConfig(BaseModel):
         "requests (~75 bytes each); 0 = each request's own text only"))
     max_batch: int = Field(8, ge=1, le=1024, description="requests decoded together")
     max_context: int = Field(4096, ge=16, description="prompt + new tokens per request")
-    max_queue: int = Field(256, ge=0, description="requests waiting for a slot before new ones are refused")
+    max_queue: int = Field(256, ge=0, description=(
+        "requests waiting for a slot (all max_batch taken) before new ones are refused; 0: serve only "
+        "while a slot is free"))
     prefill_chunk: int = Field(512, ge=16, description=(
         "most prompt tokens prefilled per step, over all new requests: a longer prompt is spread over "
         "steps and the running requests decode in between"))

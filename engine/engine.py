@@ -74,8 +74,10 @@ class Engine:
 
     def add(self, request: GenerationRequest) -> Sequence:
         self.check(request)
-        if len(self.waiting) >= self.config.max_queue:
-            raise RequestRejected("queue_full", f"the queue is full ({self.config.max_queue} waiting)")
+        # Requests already waiting take the free slots first; this one waits only past them.
+        if len(self.waiting) - len(self.free_slots) >= self.config.max_queue:
+            raise RequestRejected("queue_full", f"every slot is taken and {self.config.max_queue} requests "
+                                                "are already waiting for one")
         seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
         seq = Sequence(request=request, generator=torch.Generator().manual_seed(seed),
                        tokens=list(request.prompt_ids), prompt_len=len(request.prompt_ids))

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from engine.api import GenerationRequest, RequestRejected, SamplingParams
+from engine.api import GenerationRequest, GenerationResult, RequestRejected, SamplingParams
 from engine.build import build_engine
 from engine.config import EngineConfig
 from engine.loading import ModelLoadError, load_target
@@ -93,13 +93,28 @@ def test_prompt_tokens_outside_vocab(tiny_engine):
 
 
 def test_full_queue_refuses(tiny_engine):
-    for i in range(2):
-        tiny_engine.add(GenerationRequest(f"q{i}", (1, 2, 3), SamplingParams(max_new_tokens=2)))
-    with pytest.raises(RequestRejected) as err:
-        tiny_engine.add(GenerationRequest("q2", (1, 2, 3), SamplingParams(max_new_tokens=2)))
-    assert err.value.reason == "queue_full"
+    # Two slots, then two waiting: the fifth request is refused, before and after a step.
+    for i in range(4):
+        tiny_engine.add(GenerationRequest(f"q{i}", (1, 2, 3), SamplingParams(max_new_tokens=8)))
+    for _ in range(2):
+        with pytest.raises(RequestRejected) as err:
+            tiny_engine.add(GenerationRequest("q4", (1, 2, 3), SamplingParams(max_new_tokens=2)))
+        assert err.value.reason == "queue_full"
+        tiny_engine.step()
     while tiny_engine.has_work:
         tiny_engine.step()
+
+
+def test_a_queue_of_0_serves_while_a_slot_is_free(tiny_llama):
+    engine = build_engine(EngineConfig(model=str(tiny_llama), max_context=64, max_batch=2, max_queue=0))
+    for i in range(2):
+        engine.add(GenerationRequest(f"q{i}", (1, 2, 3), SamplingParams(max_new_tokens=8)))
+    with pytest.raises(RequestRejected, match="every slot is taken"):
+        engine.add(GenerationRequest("q2", (1, 2, 3), SamplingParams(max_new_tokens=2)))
+    finished = []
+    while engine.has_work:
+        finished += [e.request_id for e in engine.step()[0] if isinstance(e, GenerationResult)]
+    assert sorted(finished) == ["q0", "q1"]
 
 
 def test_a_kv_cache_past_the_free_memory_is_refused_before_it_is_allocated(tmp_path):
