@@ -70,7 +70,7 @@ class Load:
     """The node's state that admission depends on, as the service sees it right now."""
     client_active: int                # this client's jobs still running
     client_recent: int                # this client's jobs admitted in the last 60 s
-    queue_depth: int                  # requests waiting for an engine slot
+    queue_depth: int                  # jobs waiting for an engine slot (all max_batch taken)
     draining: bool = False
 
 

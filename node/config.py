@@ -133,7 +133,8 @@ class AdmissionConfig(_Section):
     deny: StrList = Field(default_factory=list, description="peer IDs or hex public keys")
     rate_per_minute: int = Field(120, ge=1, description="jobs admitted per client per minute")
     max_concurrent_per_client: int = Field(8, ge=1)
-    max_queue: int = Field(64, ge=0, description="jobs waiting for an engine slot before refusing")
+    max_queue: int = Field(64, ge=0, description=(
+        "jobs waiting for an engine slot (all engine.max_batch taken) before refusing; at most engine.max_queue"))
     clock_skew_s: float = Field(30.0, ge=0, le=3600, description="tolerance on issued_at / expires_at")
     grace_s: float = Field(10.0, ge=0, le=3600, description="on SIGTERM, time running jobs get to finish")
 
@@ -228,6 +229,17 @@ class NodeConfig(LayeredSettings):
             if model != served:
                 raise ValueError(f"pricing.per_model has a price for {model!r}, but this node serves "
                                  f"{served!r} (engine.model {self.engine.model!r})")
+        return self
+
+    @model_validator(mode="after")
+    def _queue_within_the_engine(self) -> NodeConfig:
+        # The engine refuses a request past its own queue only after the node has accepted the job,
+        # which then ends failed: the node's admission must refuse first, with a reason the client
+        # can act on (try another worker).
+        if self.admission.max_queue > self.engine.max_queue:
+            raise ValueError(f"admission.max_queue ({self.admission.max_queue}) exceeds engine.max_queue "
+                             f"({self.engine.max_queue}): jobs the node admits would be refused by the engine; "
+                             "lower admission.max_queue or raise engine.max_queue")
         return self
 
     @property

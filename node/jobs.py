@@ -72,7 +72,16 @@ class JobTable:
         while recent and recent[0] < cutoff:
             recent.popleft()
         return Load(client_active=self._active.get(client, 0), client_recent=len(recent or ()),
-                    queue_depth=self._engine.queue_depth, draining=self.draining)
+                    queue_depth=self.waiting_for_slot, draining=self.draining)
+
+    @property
+    def waiting_for_slot(self) -> int:
+        """Jobs this node holds beyond the engine's slots. Counted from the reservations, not the
+        engine's queue: a job admitted a moment ago may still be tokenizing or registering, and
+        admission counting only what the engine has would let a burst past the engine's own limit
+        (which then fails each job it refuses, after it was accepted). A job writing its receipt
+        still counts for those milliseconds, which errs on the side of refusing."""
+        return max(0, sum(self._active.values()) - self._info.max_batch)
 
     def reserve(self, client: bytes) -> None:
         """Count a job against its client's quotas as soon as it passes admission, before any

@@ -1,17 +1,19 @@
-"""A worker whose engine fails every job it admits (engine.max_queue = 0 below the admission queue:
-each job is admitted, then refused by the engine), cheapest on the network so it is chosen first.
-Its jobs end with finish_reason "error" and a receipt of the tokens produced: that is no answer, for
-`submit`, for the failover of `submit` without --node, and for the gateway."""
+"""A worker that fails every job it admits, cheapest on the network so it is chosen first: its
+ledger refuses each receipt (a trigger added once it is up stands for a full disk or a broken
+file), so each job streams its tokens and then ends with finish_reason "error" and no receipt.
+That is no answer, for `submit`, for the failover of `submit` without --node, and for the gateway."""
 
 from __future__ import annotations
 
 import signal
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
 from node.cli import main as cli_main
+from node.ledger_schema import LEDGER_FILE
 from tests.gateway.harness import start_gateway, wait_for_workers
 from tests.p2p.conftest import ready_peer, spawn_peer
 from tests.p2p.test_failover_daemons import worker_toml
@@ -27,8 +29,7 @@ def swarm(tmp_path_factory):
 
     model = make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
     bootstrap = ready_peer(spawn_peer())
-    tomls = {"failing": worker_toml(model, bootstrap.addr, 500).replace("[engine]", "[engine]\nmax_queue = 0"),
-             "good": worker_toml(model, bootstrap.addr, 1_000)}
+    tomls = {"failing": worker_toml(model, bootstrap.addr, 500), "good": worker_toml(model, bootstrap.addr, 1_000)}
     with ThreadPoolExecutor(len(tomls)) as pool:
         futures = [pool.submit(start_daemon, tmp_path_factory.mktemp(name), toml) for name, toml in tomls.items()]
     daemons = [f.result() for f in futures if f.exception() is None]
@@ -36,6 +37,9 @@ def swarm(tmp_path_factory):
     try:
         if len(daemons) < len(tomls):
             raise next(f.exception() for f in futures if f.exception() is not None)
+        with sqlite3.connect(daemons[0].data_dir / LEDGER_FILE) as ledger:
+            ledger.execute("CREATE TRIGGER refuse_receipts BEFORE INSERT ON receipts "
+                           "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
         gateway = start_gateway(tmp_path_factory.mktemp("gateway"), bootstrap.addr)
         wait_for_workers(gateway.base_url, daemons[0].ready["model"], 2)
         yield bootstrap, *daemons, gateway
@@ -53,7 +57,7 @@ def test_submit_exits_1_when_the_worker_ends_the_job_with_an_error(swarm, tmp_pa
     code = cli_main(["submit", "--node", failing.grpc, "--key", str(tmp_path / "c.key"), "--prompt", "hi",
                      "--max-new-tokens", "4"])
     err = capsys.readouterr().err
-    assert code == 1 and "the worker ended the job early (error)" in err, err
+    assert code == 1 and "the job ended (error) without a receipt" in err, err
 
 
 def test_submit_without_node_fails_over_past_it(swarm, tmp_path, capsys):
@@ -63,23 +67,29 @@ def test_submit_without_node_fails_over_past_it(swarm, tmp_path, capsys):
                      str(tmp_path / "c.key"), "--prompt", "hi", "--max-new-tokens", "4"])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert f"[worker {failing.peer_id} died: the worker ended the job early (error)" in err
+    assert f"[worker {failing.peer_id} died: the job ended (error) without a receipt" in err
     assert f"verified (worker {good.peer_id})" in err
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_the_gateway_answers_from_the_next_worker(swarm, stream):
+def test_the_gateway_answers_from_the_next_worker(swarm):
     _, failing, good, gateway = swarm
-    client = openai.OpenAI(base_url=gateway.base_url, api_key="unused-on-loopback", max_retries=0, timeout=120)
-    request = dict(model=good.ready["model"], messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                   temperature=0)
-    if stream:
-        chunks = list(client.chat.completions.create(**request, stream=True))
-        (final,) = [c for c in chunks if c.choices and c.choices[0].finish_reason]
-        finish, extension = final.choices[0].finish_reason, final.model_extra["dspark"]
-    else:
-        chat = client.chat.completions.create(**request)
-        finish, extension = chat.choices[0].finish_reason, chat.model_extra["dspark"]
-        assert chat.usage.completion_tokens == 4
-    assert finish == "length"
-    assert (extension["worker"], extension["failovers"]) == (good.peer_id, 1)
+    chat = _client(gateway).chat.completions.create(**_request(good))
+    assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 4
+    assert (chat.model_extra["dspark"]["worker"], chat.model_extra["dspark"]["failovers"]) == (good.peer_id, 1)
+
+
+def test_a_stream_that_already_sent_the_failed_jobs_text_ends_in_an_error(swarm):
+    # The failing worker's tokens reached the caller before the job failed: the stream cannot take
+    # them back, so it ends with an error event instead of another worker's answer appended.
+    _, failing, good, gateway = swarm
+    with pytest.raises(openai.APIError, match=f"worker {failing.peer_id} failed after"):
+        list(_client(gateway).chat.completions.create(**_request(good), stream=True))
+
+
+def _client(gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key="unused-on-loopback", max_retries=0, timeout=120)
+
+
+def _request(worker) -> dict:
+    return dict(model=worker.ready["model"], messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                temperature=0)

@@ -206,6 +206,13 @@ def test_price_for_a_model_not_served_is_refused(tmp_path):
     assert served.pricing.price_for("/models/mine") == 7
 
 
+def test_an_admission_queue_past_the_engines_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"admission.max_queue \(64\) exceeds engine.max_queue \(8\)"):
+        load_config(write(tmp_path, "[engine]\nmax_queue = 8\n"))
+    config = load_config(write(tmp_path, "[engine]\nmax_queue = 8\n[admission]\nmax_queue = 8\n"))
+    assert (config.admission.max_queue, config.engine.max_queue) == (8, 8)
+
+
 @pytest.mark.parametrize("token", ["abc+defghijklmnopq", "abc;defghijklmnopq", "abc defghijklmnopq",
                                    "abc%2Bdefghijklmno", "short-token"])
 def test_dashboard_token_must_be_url_and_cookie_safe(monkeypatch, token):
