@@ -83,6 +83,32 @@ def _export(ledger: Ledger, fmt: str, since_ms: int | None, until_ms: int | None
     return out.getvalue()
 
 
+def _query_problem(request: Request, allowed: frozenset[str]) -> str | None:
+    """Why the query string cannot be answered as asked: a parameter the endpoint does not take, or
+    one given twice. Ignoring either would answer another question than the one asked (an export
+    with a misspelt `since` is a bill for the whole ledger)."""
+    keys = [key for key, _ in request.query_params.multi_items() if key != "token"]  # token: AccessGate's
+    for key in keys:
+        if key not in allowed:
+            takes = f"takes only {', '.join(sorted(allowed))}" if allowed else "takes no query parameters"
+            return f"unknown query parameter {key!r}: {request.url.path} {takes}"
+        if keys.count(key) > 1:
+            return f"query parameter {key!r} is given {keys.count(key)} times; give it once"
+    return None
+
+
+def _api_route(name: str, handler: Callable[[Request], Any], *params: str) -> Route:
+    """The route for `API/name`, refusing (400) a query the handler does not take."""
+    allowed = frozenset(params)
+
+    async def checked(request: Request) -> Response:
+        problem = _query_problem(request, allowed)
+        if problem is not None:
+            return JSONResponse({"error": problem}, status_code=400)
+        return await handler(request)
+    return Route(f"{API}/{name}", checked)
+
+
 def build_routes(node: NodeView) -> list:
     activity = node.activity
 
@@ -176,18 +202,18 @@ def build_routes(node: NodeView) -> list:
     return [
         Route("/", index),
         Route("/metrics", metrics),
-        Route(f"{API}/status", status),
-        Route(f"{API}/capacity", capacity),
-        Route(f"{API}/jobs", jobs),
-        Route(f"{API}/series", series),
-        Route(f"{API}/acceptance", acceptance),
-        Route(f"{API}/budget", budget),
-        Route(f"{API}/drafts", drafts),
-        Route(f"{API}/problems", problems),
-        Route(f"{API}/peers", peers),
-        Route(f"{API}/earnings", earnings),
-        Route(f"{API}/earnings/export", export),
-        Route(f"{API}/events", events),
+        _api_route("status", status),
+        _api_route("capacity", capacity),
+        _api_route("jobs", jobs),
+        _api_route("series", series),
+        _api_route("acceptance", acceptance),
+        _api_route("budget", budget),
+        _api_route("drafts", drafts),
+        _api_route("problems", problems),
+        _api_route("peers", peers),
+        _api_route("earnings", earnings),
+        _api_route("earnings/export", export, "format", "since", "until"),
+        _api_route("events", events),
         Mount("/static", StaticFiles(directory=DASHBOARD_DIR), name="static"),
     ]
 

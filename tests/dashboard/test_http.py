@@ -211,3 +211,27 @@ def test_capacity_and_listen_use_plain_json(node, client):
     assert advert["models"][0]["digest"] == bytes(range(32)).hex()          # hex, as everywhere in the API
     assert isinstance(advert["sequence"], int) and advert["sequence"] > 0    # a number, not a string
     assert client.get("/api/v1/status").json()["listen"]["http"] == node.url.removeprefix("http://")
+
+
+@pytest.mark.parametrize("path, problem", [
+    ("/api/v1/earnings/export?format=csv&sinse=2026-01-01",
+     "unknown query parameter 'sinse': /api/v1/earnings/export takes only format, since, until"),
+    ("/api/v1/earnings/export?format=csv&format=jsonl", "query parameter 'format' is given 2 times; give it once"),
+    ("/api/v1/jobs?limit=-1", "unknown query parameter 'limit': /api/v1/jobs takes no query parameters"),
+    ("/api/v1/earnings?offset=99999999999999999999",
+     "unknown query parameter 'offset': /api/v1/earnings takes no query parameters"),
+])
+def test_a_query_the_endpoint_does_not_take_is_refused(client, path, problem):
+    # Ignored, a misspelt `since` exported the whole ledger and a `limit` returned everything.
+    response = client.get(path)
+    assert response.status_code == 400 and response.json() == {"error": problem}
+
+
+def test_the_token_may_ride_along_any_query(tmp_path):
+    node = NodeUnderTest(tmp_path, token=TOKEN).start()
+    try:
+        with httpx.Client(base_url=node.url, timeout=10) as c:
+            assert c.get(f"/api/v1/jobs?token={TOKEN}").status_code == 200
+            assert c.get(f"/api/v1/earnings/export?format=csv&token={TOKEN}").status_code == 200
+    finally:
+        node.stop()
