@@ -76,9 +76,22 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         print("no live workers seen")
         return 0
-    print(f"{'PEER ID':54} {'GRPC':21} {'MODELS':24} {'PRICE/MTOK':>10} {'FREE':>4} {'QUEUE':>5} {'TOK/S':>7}")
-    for r in rows:
-        models = ",".join(m["id"] for m in r["models"])
-        print(f"{r['peer_id']:54} {r['grpc_endpoint']:21} {models:24} {r['price_per_mtok_micros']:>10} "
-              f"{r['free_slots']:>4} {r['queue_depth']:>5} {r['tokens_per_second']:>7.1f}")
+    print("\n".join(table(rows)))
     return 0
+
+
+def gpu_text(gpu: dict) -> str:
+    """'2x NVIDIA H200' for a GPU worker, 'cpu' for one that serves on the CPU (count 0)."""
+    return f"{gpu['count']}x {gpu['name']}" if gpu["count"] else gpu["name"]
+
+
+def table(rows: list[dict]) -> list[str]:
+    """The listing's lines: a header, then one line per worker (`describe` rows), columns aligned."""
+    def line(peer, grpc, gpu, models, price, free, queue, speed):
+        return f"{peer:54} {grpc:21} {gpu:20} {models:36} {price:>10} {free:>4} {queue:>5} {speed:>7}"
+    lines = [line("PEER ID", "GRPC", "GPU", "MODELS", "PRICE/MTOK", "FREE", "QUEUE", "TOK/S")]
+    for r in rows:
+        lines.append(line(r["peer_id"], r["grpc_endpoint"], gpu_text(r["gpu"]), ",".join(m["id"] for m in r["models"]),
+                          r["price_per_mtok_micros"], r["free_slots"], r["queue_depth"],
+                          f"{r['tokens_per_second']:.1f}"))
+    return lines

@@ -262,3 +262,25 @@ def test_model_flags_take_the_embedded_alias(command):
 
     argv = [command, "--model", EMBEDDED_MODEL] + (["--prompt", "hi"] if command == "submit" else [])
     assert build_parser(argv).parse_args(argv).model == EMBEDDED_MODEL_ID
+
+
+def test_peers_lists_each_workers_gpu_in_aligned_columns():
+    from dspark.v1.advert_pb2 import CapacityAdvert, GpuInfo, ModelOffer
+    from dspark.v1.envelope_pb2 import Envelope
+
+    from node.commands.peers import describe, table
+    from node.p2p.adverts import LiveAdvert
+
+    def row(gpu: GpuInfo) -> dict:
+        advert = CapacityAdvert(peer_id=Identity.generate().peer_id, grpc_endpoint="203.0.113.5:7440", gpu=gpu,
+                                models=[ModelOffer(id=EMBEDDED_MODEL_ID)], price_per_mtok_micros=100_000,
+                                free_slots=3, queue_depth=1, tokens_per_second=41.25, issued_at_ms=1_000)
+        return describe(LiveAdvert(advert, Envelope(), received_at_ms=1_000, expires_at_ms=31_000), 2_000)
+
+    header, h200, cpu = table([row(GpuInfo(name="NVIDIA H200", count=2, memory_bytes=141 << 30)),
+                               row(GpuInfo(name="cpu"))])
+    assert header.split() == ["PEER", "ID", "GRPC", "GPU", "MODELS", "PRICE/MTOK", "FREE", "QUEUE", "TOK/S"]
+    assert "2x NVIDIA H200" in h200 and " cpu " in cpu and " 0x " not in cpu
+    for line in (h200, cpu):     # each value under its heading, the model id included
+        assert line.index(EMBEDDED_MODEL_ID) == header.index("MODELS")
+        assert line.rstrip().endswith("41.2") and len(line) == len(header)
