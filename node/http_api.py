@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import Message
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -107,6 +108,19 @@ def _api_route(name: str, handler: Callable[[Request], Any], *params: str) -> Ro
             return JSONResponse({"error": problem}, status_code=400)
         return await handler(request)
     return Route(f"{API}/{name}", checked)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's 404 and 405: under the API as JSON, like its other errors; elsewhere as text."""
+    if not request.url.path.startswith(f"{API}/"):
+        return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+    allowed = ", ".join(sorted((exc.headers or {}).get("Allow", "").split(", ")))   # Starlette's order varies
+    problem = (f"{request.method} is not allowed on {request.url.path}; it answers {allowed}"
+               if exc.status_code == 405 else f"no endpoint {request.url.path}; docs/api.md lists them")
+    return JSONResponse({"error": problem}, status_code=exc.status_code, headers=exc.headers)
+
+
+HTTP_ERRORS = {404: _http_error, 405: _http_error}
 
 
 def build_routes(node: NodeView) -> list:

@@ -26,7 +26,7 @@ from dspark.v1 import advert_pb2
 from node.activity import Activity
 from node.config import NodeConfig, is_loopback, split_host_port
 from node.events import EventBus
-from node.http_api import NodeView, build_routes
+from node.http_api import HTTP_ERRORS, NodeView, build_routes
 from node.identity import Identity
 from node.ledger import Ledger
 from node.live_feed import LiveFeed
@@ -123,7 +123,7 @@ class HttpService:
                                      activity=activity, metrics=self.metrics, feed=self.feed,
                                      listen={"grpc": config.grpc_listen, "http": config.http_listen,
                                              "p2p": list(config.p2p.listen)})
-        self.app = AccessGate(Starlette(routes=build_routes(view)), token)
+        self.app = AccessGate(Starlette(routes=build_routes(view), exception_handlers=HTTP_ERRORS), token)
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task | None = None
 

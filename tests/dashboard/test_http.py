@@ -235,3 +235,14 @@ def test_the_token_may_ride_along_any_query(tmp_path):
             assert c.get(f"/api/v1/earnings/export?format=csv&token={TOKEN}").status_code == 200
     finally:
         node.stop()
+
+
+def test_unknown_endpoints_and_methods_under_the_api_are_json(client):
+    missing = client.get("/api/v1/nope")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "no endpoint /api/v1/nope; docs/api.md lists them"}
+    posted = client.post("/api/v1/jobs")
+    assert posted.status_code == 405 and set(posted.headers["allow"].split(", ")) == {"GET", "HEAD"}
+    assert posted.json() == {"error": "POST is not allowed on /api/v1/jobs; it answers GET, HEAD"}
+    assert client.get("/static/nope.js").status_code == 404     # outside the API: plain text, as before
+    assert client.delete("/metrics").headers["content-type"].startswith("text/plain")
