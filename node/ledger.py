@@ -162,6 +162,14 @@ class Ledger:
                 (client_key, job_id, job_digest, int(expires_at_ms), _now_ms()))
             return cur.rowcount == 1
 
+    def forget_job(self, client_key: bytes, job_id: bytes) -> None:
+        """Undo register_job for a job that never started: its id is unused again, as a refused
+        job's is. A job with a receipt is never forgotten."""
+        self._writer()
+        with self._lock:
+            self._conn.execute("DELETE FROM jobs WHERE client_key = ? AND job_id = ? AND status = 'running'",
+                               (client_key, job_id))
+
     def finish_job(self, outcome: JobOutcome) -> Envelope:
         """Sign the job's receipt, chain it, and mark the job finished, in one transaction.
         Idempotent: a job that already has a receipt gets that receipt back, unchanged."""

@@ -8,6 +8,7 @@ a JobRefused event, which is how refusals are counted.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,8 @@ from node.events import EventBus, JobRefused
 from node.identity import Identity
 from node.jobs import JobTable
 from node.ledger import LedgerError
+
+log = logging.getLogger(__name__)
 
 STATUS = {
     Reason.BAD_SIGNATURE: grpc.StatusCode.UNAUTHENTICATED,
@@ -89,11 +92,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._jobs.reserve(client)
         try:
             generation = await self._prepare(job)
-            # Registered last: a job refused above leaves its id unused, so the client may retry it.
-            if not isinstance(generation, Refusal) and not await asyncio.to_thread(
-                    self._ledger.register_job, client, job.request.job_id, job.digest, job.request.expires_at_ms):
-                generation = Refusal(Reason.REPLAYED, f"job id {job.request.job_id.hex()} was already "
-                                                      "submitted by this client")
+            if not isinstance(generation, Refusal):
+                generation = await self._register(job, generation)
         except BaseException:
             self._jobs.release(client, admitted=False)
             raise
@@ -115,6 +115,26 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 # The client cancelled or its deadline passed (grpc cancels this task or closes
                 # this generator): free the slot; the runner still writes the receipt.
                 self._jobs.cancel(running)
+
+    async def _register(self, job: SignedJob, generation: GenerationRequest) -> GenerationRequest | Refusal:
+        """Record the job id as used. Last of the checks: a job refused before this leaves its id
+        unused, so the client may retry it."""
+        registration = asyncio.ensure_future(asyncio.to_thread(
+            self._ledger.register_job, job.client_key, job.request.job_id, job.digest, job.request.expires_at_ms))
+        try:
+            registered = await asyncio.shield(registration)
+        except asyncio.CancelledError:
+            # The client went away (or its deadline passed) while the row was written. It never
+            # heard the job accepted, so the id is unused again; left 'running', the row would get
+            # a 'failed' receipt at the next start and a retry of the job would be refused as replayed.
+            if await registration:
+                await asyncio.to_thread(self._ledger.forget_job, job.client_key, job.request.job_id)
+                log.info("job %s: the client left while it was registered; its id is unused again",
+                         job.request.job_id.hex())
+            raise
+        if not registered:
+            return Refusal(Reason.REPLAYED, f"job id {job.request.job_id.hex()} was already submitted by this client")
+        return generation
 
     async def _prepare(self, job: SignedJob) -> GenerationRequest | Refusal:
         """Tokenize (off the loop: a 1 MiB prompt takes a while) and check that the job fits."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
+import sqlite3
 import time
 
 import grpc
@@ -21,6 +23,7 @@ from engine.api import GenerationRequest, GenerationResult, SamplingParams
 from node.client import ClientError, JobRefused, WorkerClient
 from node.envelope import pae, seal
 from node.identity import Identity
+from node.ledger_schema import LEDGER_FILE
 from node.receipts import billed_amount, verify_receipt
 from node_harness import node_toml, start_daemon
 
@@ -271,6 +274,34 @@ async def test_deadline_cancels_the_job(daemon):
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.1)
         assert receipt.outcome == "cancelled" and receipt.output_tokens < 2000
+
+
+@pytest.mark.asyncio
+async def test_a_job_whose_client_leaves_while_it_is_registered_leaves_its_id_unused(daemon):
+    # Another process holds the ledger's write lock (a backup, an operator's sqlite3 shell), so the
+    # job's registration waits on it; the client's deadline passes meanwhile.
+    async with await connect(daemon) as client:
+        job = client.sign_job(text="Hi", max_new_tokens=1)
+        job_id = job_pb2.JobRequest.FromString(job.payload).job_id
+        holder = sqlite3.connect(daemon.data_dir / LEDGER_FILE, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(JobRefused) as info:
+                await client.run(job, timeout_s=1.0)
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        # Registered once the lock is gone, then forgotten: no 'running' row for the next start to
+        # give a 'failed' receipt.
+        deadline = time.monotonic() + 30
+        while f"job {job_id.hex()}: the client left while it was registered" not in daemon.stderr_text():
+            assert time.monotonic() < deadline, daemon.stderr_text()[-3000:]
+            await asyncio.sleep(0.1)
+        with contextlib.closing(sqlite3.connect(daemon.data_dir / LEDGER_FILE)) as ledger:
+            assert ledger.execute("SELECT status FROM jobs WHERE job_id = ?", (job_id,)).fetchall() == []
+        result = await client.run(job, timeout_s=60)     # the same signed job, not a replay
+        assert result.receipt.outcome == "completed"
 
 
 @pytest.mark.asyncio
