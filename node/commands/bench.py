@@ -33,8 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", default=None,
                    help="serving benchmark: comma-separated concurrencies (e.g. 1,2,4,8); at each, c users "
                         "serve the --limit prompts (at least c) closed-loop, a new request joining as one "
-                        "finishes. Methods from ar, ngram, dspark-fixed, dspark-threshold, dspark-scheduled, "
-                        "dspark-async, dspark-lookup, dspark-lookup-scheduled")
+                        "finishes; --methods as above, less the hf- peers")
     p.add_argument("--repeats", type=int, default=1,
                    help="with --concurrency: run the methods this many times at each level, interleaved in "
                         "rotating order; rows report medians and the median speed ratio to the first method "

@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="a period's receipts (JSON lines or CSV) with totals per client and a Merkle root")
     p.add_argument("--since", help="start of the period, inclusive (ISO 8601 date/time in UTC, or unix ms)")
     p.add_argument("--until", help="end of the period, exclusive")
-    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="(default: %(default)s)")
     p.add_argument("--output", type=Path, help="write here (atomically) instead of standard output")
     p.add_argument("--proof", metavar="JOB_ID", help="print the inclusion proof of this job's receipt instead")
     p.add_argument("--client", help="with --proof: the client's public key (hex)")

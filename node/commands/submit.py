@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the worker's gRPC endpoint (omit to find one on the peer network: --model, --bootstrap)")
     parser.add_argument("--prompt", required=True, metavar="TEXT", help="the user message (chat template applied)")
     parser.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
-    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="(default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
     parser.add_argument("--seed", type=int, metavar="S", help="makes a sampled job reproducible on one worker")
     parser.add_argument("--max-price", type=int, metavar="MICROS",
@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the worker's expected peer ID (default: trust its advert)")
     parser.add_argument("--tls", default="auto", choices=["auto", "on", "off"],
                         help="auto: TLS unless the node is on loopback (default)")
-    parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="deadline for the job")
+    parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="deadline for the job (default: %(default)g)")
     submit_network.add_arguments(parser)
     parser.set_defaults(func=run)
 
