@@ -12,9 +12,13 @@ const Charts = (() => {
     return el;
   }
 
+  // Draws in CSS pixels: the viewBox is made as wide as the chart is shown, so its labels keep their
+  // size on a phone (a fixed 820-unit box shrunk to 300 px left 4 px text).
   function frame(svg) {
     while (svg.firstChild) svg.removeChild(svg.firstChild);
-    const [, , w, h] = svg.getAttribute("viewBox").split(" ").map(Number);
+    const [, , boxWidth, h] = svg.getAttribute("viewBox").split(" ").map(Number);
+    const w = Math.round(svg.clientWidth) || boxWidth;
+    svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
     return { w, h, x0: PAD.left, x1: w - PAD.right, y0: h - PAD.bottom, y1: PAD.top };
   }
 

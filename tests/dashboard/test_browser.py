@@ -150,3 +150,20 @@ def test_a_refused_live_feed_is_retried(node, page, monkeypatch):
     page.wait_for_function("document.getElementById('live').textContent === 'reconnecting'")
     monkeypatch.setattr("node.live_feed.MAX_CLIENTS", 32)
     page.wait_for_function("document.getElementById('live').textContent === 'live'", timeout=10000)
+
+
+def test_a_phone_sees_the_page_without_sideways_scrolling_and_legible_charts(node, browser):
+    context = browser.new_context(viewport={"width": 375, "height": 800}, device_scale_factor=2)
+    try:
+        page = context.new_page()
+        page.goto(node.url + "/")
+        page.wait_for_function("document.getElementById('live').textContent === 'live'")
+        page.wait_for_function("document.querySelector('#chart-tps text') !== null")
+        # The peer ID (52 characters) pushed the page to 587 px; the charts shrank their labels to 4 px.
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        label_heights = page.evaluate("""[...document.querySelectorAll('.chart text')]
+            .map(t => t.getBoundingClientRect().height)""")
+        assert label_heights and min(label_heights) >= 10
+        page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
+    finally:
+        context.close()
