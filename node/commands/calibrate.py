@@ -25,14 +25,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "ECE/AUROC/Brier per position before and after.")
     p.add_argument("--drafter", type=Path, required=True, help="DSpark drafter directory (rewritten in place)")
     p.add_argument("--prompts", type=Path, default=None,
-                   help='JSON-lines {"turns": [...]} (default: the training recipe\'s held-out code requests '
-                        'alternating with unseen word problems)')
+                   help='JSON-lines {"turns": [...]} (default: 177 prompts, in turn the training recipe\'s held-out '
+                        'code requests, unseen word problems and general requests written for calibration)')
     p.add_argument("--model", default=EMBEDDED_MODEL, help="target model (default: %(default)s)")
     p.add_argument("--limit", type=int, default=24, help="prompts to decode (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0,
-                   help="sampling temperature of the held-out decoding; 0 fits the scaling greedy requests "
-                        "take (the confidence_*_greedy fields)")
+                   help="sampling temperature of the held-out decoding (default: %(default)s); 0 fits the "
+                        "scaling greedy requests take (the confidence_*_greedy fields)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--temperature-only", action="store_true",
