@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-drafter", help="train a drafter (DSpark, DFlash or EAGLE-3) for a target",
                        description="Build the target cache (target-generated responses + stdlib code scored by "
                                    "the target), train with the DeepSpec losses, write a DeepSpec checkpoint.")
-    p.add_argument("--kind", choices=["dspark", "dflash", "eagle3"], default="dspark")
+    p.add_argument("--kind", choices=["dspark", "dflash", "eagle3"], default="dspark", help="(default: %(default)s)")
     p.add_argument("--target", default=EMBEDDED_MODEL, help="target model (default: %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="output drafter directory (also holds the resumable state)")
     p.add_argument("--cache-dir", type=Path, default=None,
@@ -43,25 +43,31 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "its draft vocabulary kept")
     p.add_argument("--target-layers", type=_comma_list(int, "layer ids"), default=None,
                    help="tapped target layers, e.g. 1,10,18,27 (default: 4 evenly spaced)")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the LR schedule spans them)")
+    p.add_argument("--steps", type=int, default=1000,
+                   help="optimizer steps (the LR schedule spans them; default: %(default)s)")
     p.add_argument("--minutes", type=float, default=None, help="stop after this long (resumable)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per step")
-    p.add_argument("--anchors", type=int, default=512, help="anchors (blocks) per sequence, at most")
-    p.add_argument("--lr", type=float, default=6e-4)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (default: %(default)s)")
+    p.add_argument("--anchors", type=int, default=512,
+                   help="anchors (blocks) per sequence, at most (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--save-every", type=int, default=100,
-                   help="steps between resumable states (weights + optimizer; raise it for fast GPU steps)")
-    p.add_argument("--gen-minutes", type=float, default=5.0, help="time for target-generated responses")
-    p.add_argument("--gen-max-new-tokens", type=int, default=256)
+                   help="steps between resumable states (weights + optimizer; raise it for fast GPU steps; "
+                        "default: %(default)s)")
+    p.add_argument("--gen-minutes", type=float, default=5.0,
+                   help="time for target-generated responses (default: %(default)s)")
+    p.add_argument("--gen-max-new-tokens", type=int, default=256, help="(default: %(default)s)")
     p.add_argument("--gen-temperatures", type=_comma_list(float, "temperatures"), default=[0.7],
                    help="response n is decoded at the n-th of these, cyclically (0 = greedy; default 0.7)")
-    p.add_argument("--gen-batch", type=int, default=32, help="responses generated at a time")
+    p.add_argument("--gen-batch", type=int, default=32, help="responses generated at a time (default: %(default)s)")
     p.add_argument("--gen-skip", type=int, default=0,
                    help="pass over the first N generation requests (a second cache of new requests)")
-    p.add_argument("--stdlib-tokens", type=int, default=100_000, help="tokens of stdlib code scored by the target")
-    p.add_argument("--max-len", type=int, default=512, help="tokens per training sequence")
-    p.add_argument("--topk", type=int, default=8, help="target probabilities kept per token in the cache")
+    p.add_argument("--stdlib-tokens", type=int, default=100_000,
+                   help="tokens of stdlib code scored by the target (default: %(default)s)")
+    p.add_argument("--max-len", type=int, default=512, help="tokens per training sequence (default: %(default)s)")
+    p.add_argument("--topk", type=int, default=8,
+                   help="target probabilities kept per token in the cache (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda[:N]: where generation, the target cache and training run (default: cpu)")
