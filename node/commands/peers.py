@@ -80,9 +80,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def shown(text: str) -> str:
+    """A peer's string as the terminal may show it: characters that are not printable (escape sequences
+    that recolour or clear the screen, a newline that forges a worker's row) written as escapes."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def gpu_text(gpu: dict) -> str:
     """'2x NVIDIA H200' for a GPU worker, 'cpu' for one that serves on the CPU (count 0)."""
-    return f"{gpu['count']}x {gpu['name']}" if gpu["count"] else gpu["name"]
+    return shown(f"{gpu['count']}x {gpu['name']}" if gpu["count"] else gpu["name"])
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -91,7 +97,8 @@ def table(rows: list[dict]) -> list[str]:
         return f"{peer:54} {grpc:21} {gpu:20} {models:36} {price:>10} {free:>4} {queue:>5} {speed:>7}"
     lines = [line("PEER ID", "GRPC", "GPU", "MODELS", "PRICE/MTOK", "FREE", "QUEUE", "TOK/S")]
     for r in rows:
-        lines.append(line(r["peer_id"], r["grpc_endpoint"], gpu_text(r["gpu"]), ",".join(m["id"] for m in r["models"]),
+        lines.append(line(r["peer_id"], shown(r["grpc_endpoint"]), gpu_text(r["gpu"]),
+                          shown(",".join(m["id"] for m in r["models"])),
                           r["price_per_mtok_micros"], r["free_slots"], r["queue_depth"],
                           f"{r['tokens_per_second']:.1f}"))
     return lines

@@ -284,3 +284,22 @@ def test_peers_lists_each_workers_gpu_in_aligned_columns():
     for line in (h200, cpu):     # each value under its heading, the model id included
         assert line.index(EMBEDDED_MODEL_ID) == header.index("MODELS")
         assert line.rstrip().endswith("41.2") and len(line) == len(header)
+
+
+def test_peers_writes_a_peers_control_characters_as_escapes():
+    from dspark.v1.advert_pb2 import CapacityAdvert, GpuInfo, ModelOffer
+    from dspark.v1.envelope_pb2 import Envelope
+
+    from node.commands.peers import describe, table
+    from node.p2p.adverts import LiveAdvert
+
+    # An advert's strings are the peer's to choose: raw, these cleared the operator's screen, coloured
+    # it, and printed a second, forged worker row.
+    advert = CapacityAdvert(peer_id=Identity.generate().peer_id, grpc_endpoint="\x1b[2Jhost:5",
+                            gpu=GpuInfo(name="\x1b]0;owned\x07gpu", count=1),
+                            models=[ModelOffer(id="m\x1b[31m\n12D3KooWForged 1.2.3.4:1 cheap\u202e")],
+                            issued_at_ms=1_000)
+    header, line = table([describe(LiveAdvert(advert, Envelope(), received_at_ms=1_000, expires_at_ms=9_000), 2_000)])
+    assert all(c.isprintable() for c in line)
+    assert "\\x1b[2Jhost:5" in line and "1x \\x1b]0;owned\\x07gpu" in line
+    assert "m\\x1b[31m\\n12D3KooWForged 1.2.3.4:1 cheap\\u202e" in line
