@@ -1,5 +1,5 @@
-"""Every `dspark-node ...` command shown in the operator guide and the deploy READMEs parses with
-the real CLI: the docs cannot drift from the flags."""
+"""Every `dspark-node ...` command shown in the README, the operator and gateway guides and the deploy
+READMEs parses with the real CLI: the docs cannot drift from the flags."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from deploy_helpers import DEPLOY, REPO
 
 from node.cli import build_parser
 
-DOCS = [REPO / "docs" / "operator-guide.md", *sorted(DEPLOY.rglob("README.md"))]
+DOCS = [REPO / "README.md", REPO / "docs" / "operator-guide.md", REPO / "docs" / "gateway.md",
+        *sorted(DEPLOY.rglob("README.md"))]
 _SHELL_STOP = {">", ">>", "|", "&&", "||", ";", "#"}
 
 
