@@ -8,6 +8,7 @@ const $ = id => document.getElementById(id);
 // unreachableSince: when a request to the node last found nothing listening (null while it answers).
 const state = { series: null, status: null, failures: new Map(), unreachableSince: null };
 const FEED_RETRY_MS = 5000;
+const SHOWN_CLIENTS = 6;
 const SOURCE_NAMES = { own: "lookup, own text", corpus: "lookup, other requests", drafter: "model drafter" };
 
 function el(tag, text, cls) {
@@ -146,9 +147,14 @@ const panels = {
     $("earned").textContent = fmt.money(e.amount_micros);
     $("receipts").textContent = String(e.receipts);
     $("billed-tokens").textContent = String(e.output_tokens);
-    const clients = Object.entries(e.per_client_micros).sort((x, y) => y[1] - x[1]).slice(0, 6);
-    fill($("per-client").tBodies[0], clients.map(([k, v]) => row([[fmt.short(k), "id"], [fmt.money(v), "num"]])),
-         "no receipts yet", 2);
+    const clients = Object.entries(e.per_client_micros).sort((x, y) => y[1] - x[1]);
+    const rows = clients.slice(0, SHOWN_CLIENTS).map(([k, v]) => row([[fmt.short(k), "id"], [fmt.money(v), "num"]]));
+    const rest = clients.slice(SHOWN_CLIENTS);
+    if (rest.length) {  // the rest in one row, so the rows add up to the total earned above
+      rows.push(row([[`${rest.length} more client${rest.length > 1 ? "s" : ""}`, "muted"],
+                     [fmt.money(rest.reduce((sum, [, v]) => sum + v, 0)), "num muted"]]));
+    }
+    fill($("per-client").tBodies[0], rows, "no receipts yet", 2);
     $("export-jsonl").href = e.export.jsonl;
     $("export-csv").href = e.export.csv;
   },
