@@ -219,7 +219,8 @@ async function refresh(...names) {
 function onTick(live) {
   $("uptime").textContent = fmt.duration(live.uptime_seconds);
   $("tps-now").textContent = live.active.length ? `now ${fmt.num(live.tokens_per_second)} tok/s` : "idle";
-  $("tau-now").textContent = live.tau === null ? "" : `now ${fmt.num(live.tau, 2)}`;
+  // live.tau is that of the last 10 to 20 s of rounds: once no job runs it is no longer "now"
+  $("tau-now").textContent = live.tau === null || !live.active.length ? "" : `now ${fmt.num(live.tau, 2)}`;
   // Live speeds of active jobs without refetching the table.
   const speeds = new Map(live.active.map(a => [fmt.short(a.job_id), a]));
   for (const tr of $("active-jobs").tBodies[0].rows) {

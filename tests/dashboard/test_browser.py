@@ -76,6 +76,7 @@ def test_dashboard_live_job_and_earnings(node, page):
                            timeout=8000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard-active-job.png"), full_page=True)
+    assert page.text_content("#tau-now").startswith("now ")
     player.join()
     page.wait_for_function("document.getElementById('receipts').textContent === '1'", timeout=8000)
     earned = float(page.text_content("#earned"))
@@ -87,6 +88,9 @@ def test_dashboard_live_job_and_earnings(node, page):
     page.wait_for_function("""() => [...document.querySelectorAll('#budget-table tbody tr')].some(
         r => r.cells[0].textContent === '1' && r.cells[2].textContent === '100%'
              && r.cells[3].textContent === '4.00')""")
+    # idle: no τ "now" (it said the last rounds' τ for up to 20 s after, beside "idle")
+    page.wait_for_function("document.getElementById('tps-now').textContent === 'idle'")
+    assert page.text_content("#tau-now") == ""
     page.screenshot(path=str(ARTIFACTS / "dashboard-after-job.png"), full_page=True)
     assert page.console_problems == []
 
