@@ -170,7 +170,8 @@ const panels = {
       ? `last advert #${last.sequence} at ${fmt.time(last.at)}: ${last.free_slots} free slots, queue ${last.queue_depth}, ${last.size_bytes} B`
       : (p.listen.length ? "no advert published yet" : "peer network off (no p2p.listen)");
     $("peers-seen").replaceChildren(...p.peers_seen.slice(0, 8).map(s =>
-      el("li", `${fmt.short(s.peer_id)} · ${s.adverts} adverts${s.accepted ? "" : " · dropped: " + s.reason}`)));
+      el("li", `${fmt.short(s.peer_id)} · ${s.adverts} adverts, last at ${fmt.time(s.at)}` +
+               (s.accepted ? "" : " · dropped: " + s.reason))));
   },
 
   async problems() {
