@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -32,6 +33,23 @@ FIELDS = ("input_ids", "loss_mask", "taps", "last_hidden", "topk_ids", "topk_pro
 
 class CacheError(ValueError):
     """A target cache that cannot be used for this run; the message names the problem."""
+
+
+class ShardEntry(BaseModel):
+    """One shard as the manifest lists it: a file of this directory (no other path) and its digest."""
+    file: str = Field(pattern=r"^shard-\d{5}\.safetensors$")
+    sequences: int = Field(ge=1)
+    tokens: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class ManifestCounts(BaseModel):
+    """The parts of manifest.json training reads besides those `expected_manifest` compares."""
+    model_config = ConfigDict(extra="allow")
+
+    shards: list[ShardEntry] = Field(min_length=1)
+    sequences: int = Field(ge=1)
+    tokens: int = Field(ge=1)
 
 
 @dataclass
@@ -155,8 +173,11 @@ def open_cache(directory: Path, want: dict) -> dict:
         if manifest.get(key) != value:
             raise CacheError(f"{directory}: the cache was built with {key}={manifest.get(key)!r}, this run needs "
                              f"{value!r} (another model or layer set: use another --cache-dir or delete it)")
-    if not isinstance(manifest.get("shards"), list) or not manifest["shards"]:
-        raise CacheError(f"{path}: lists no shards")
+    try:
+        ManifestCounts.model_validate(manifest)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise CacheError(f"{path} is damaged ({problems}): delete the directory to rebuild the cache") from None
     return manifest
 
 

@@ -71,6 +71,27 @@ def test_an_unfinished_cache_is_refused(target, tmp_path):
         open_cache(tmp_path, expected_manifest(target, TAPS, 8))
 
 
+@pytest.mark.parametrize("damage,message", [
+    (lambda m: m["shards"][0].pop("sha256"), "shards.0.sha256: Field required"),
+    (lambda m: m.update(shards=[s["file"] for s in m["shards"]]), "shards.0: Input should be a valid dictionary"),
+    (lambda m: m["shards"][0].update(file="../elsewhere/shard-00000.safetensors"), "shards.0.file"),
+    (lambda m: m["shards"][0].update(file=None), "shards.0.file"),
+    (lambda m: m.pop("sequences"), "sequences: Field required"),
+    (lambda m: m.update(shards=[]), "shards: List should have at least 1 item"),
+])
+def test_a_damaged_manifest_is_refused_naming_the_entry(target, cache_dir, tmp_path, damage, message):
+    """A hand-edited or half-restored manifest.json: refused at open, not a KeyError or TypeError
+    while the shards are read."""
+    copy = tmp_path / "c"
+    shutil.copytree(cache_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    damage(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="is damaged") as refused:
+        open_cache(copy, expected_manifest(target, TAPS, 8))
+    assert message in str(refused.value) and "delete the directory to rebuild" in str(refused.value)
+
+
 def test_feature_rms_is_per_feature(sequences):
     x = torch.cat([s.taps.float() for s in sequences])
     torch.testing.assert_close(feature_rms(sequences, max_tokens=10**9), x.pow(2).mean(0).sqrt())
