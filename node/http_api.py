@@ -139,6 +139,7 @@ def build_routes(node: NodeView) -> list:
             "gpu": jsonable(advert.gpu),
             "process_rss_bytes": _rss_bytes(),
             "price_per_mtok_micros": advert.price_per_mtok_micros,
+            "price_per_gpu_second_micros": advert.price_per_gpu_second_micros,
             "listen": node.listen,
         })
 

@@ -91,7 +91,10 @@ const panels = {
     $("slots").textContent = `${s.load.active} active · ${s.load.free_slots} free of ${e.max_batch}`;
     $("queue").textContent = String(s.load.queue_depth);
     $("context").textContent = `${e.max_context} tokens`;
-    $("price").textContent = fmt.money(Number(s.price_per_mtok_micros));
+    // A node that also prices time bills both (docs/receipts.md): the token price alone understated it.
+    const perGpuSecond = Number(s.price_per_gpu_second_micros);
+    $("price").textContent = `${fmt.money(Number(s.price_per_mtok_micros))} per Mtok` +
+      (perGpuSecond ? ` + ${fmt.money(perGpuSecond)} per GPU-second` : "");
     $("uptime").textContent = fmt.duration(s.uptime_seconds);
   },
 

@@ -31,9 +31,11 @@ from .factories import EngineState, engine_info, engine_round, stats
 
 
 class NodeUnderTest:
-    def __init__(self, data_dir: Path, token: str | None = None, http_listen: str = "127.0.0.1:0") -> None:
+    def __init__(self, data_dir: Path, token: str | None = None, http_listen: str = "127.0.0.1:0",
+                 pricing: dict | None = None) -> None:
         self.identity = Identity.generate()
-        self.config = NodeConfig(data_dir=data_dir, http_listen=http_listen, dashboard={"token": token})
+        self.config = NodeConfig(data_dir=data_dir, http_listen=http_listen, dashboard={"token": token},
+                                 pricing=pricing or {})
         self.ledger = Ledger.open(data_dir / "ledger.sqlite3", self.identity)
         self.bus = EventBus()
         self.engine = EngineState(engine_info())

@@ -209,3 +209,13 @@ def test_peers_seen_say_when_each_was_last_heard_and_show_their_strings_as_text(
     assert hostile.startswith("<img src…d=1> · 1 adverts") and hostile.endswith("dropped: <b>stale</b>")
     assert page.query_selector("#peers-seen img, #peers-seen b") is None
     assert page.evaluate("window.pwned") is None
+
+
+def test_a_node_that_prices_time_shows_both_prices(tmp_path, page):
+    node = NodeUnderTest(tmp_path, pricing={"per_mtok_micros": 250_000, "per_gpu_second_micros": 1_500}).start()
+    try:
+        page.goto(node.url + "/")
+        page.wait_for_function("document.getElementById('price').textContent !== '-'")
+        assert page.text_content("#price") == "0.250000 per Mtok + 0.001500 per GPU-second"
+    finally:
+        node.stop()
