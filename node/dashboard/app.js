@@ -51,7 +51,11 @@ const fmt = {
     const d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600), m = Math.floor(s % 3600 / 60);
     return d ? `${d}d ${h}h` : h ? `${h}h ${m}m` : `${m}m ${s % 60}s`;
   },
-  time: t => new Date(t * 1000).toLocaleTimeString(),
+  // the time of day, with the date for another day (a node runs for weeks; "10:04 PM" alone was any day)
+  time: t => {
+    const d = new Date(t * 1000);
+    return d.toDateString() === new Date().toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
+  },
 };
 
 function showError(message) {

@@ -197,14 +197,14 @@ def test_earnings_by_client_add_up_to_the_total_with_many_clients(tmp_path, page
 def test_peers_seen_say_when_each_was_last_heard_and_show_their_strings_as_text(node, page):
     page.goto(node.url + "/")
     page.wait_for_function("document.getElementById('live').textContent === 'live'")
-    an_hour_ago = time.time() - 3600
-    node.bus.publish(AdvertSeen(peer_id="12D3KooWGone", accepted=True, at=an_hour_ago))
+    two_days_ago = time.time() - 2 * 86400
+    node.bus.publish(AdvertSeen(peer_id="12D3KooWGone", accepted=True, at=two_days_ago))
     node.bus.publish(AdvertSeen(peer_id="<img src=x onerror=window.pwned=1>", accepted=False,
                                 reason="<b>stale</b>"))
     page.wait_for_function("document.querySelectorAll('#peers-seen li').length === 2", timeout=8000)
     gone, hostile = page.eval_on_selector_all("#peers-seen li", "items => items.map(li => li.textContent)")[::-1]
-    # A peer that went quiet an hour ago read the same as one advertising now.
-    then = page.evaluate(f"new Date({an_hour_ago} * 1000).toLocaleTimeString()")
+    # A peer that went quiet two days ago read the same as one advertising now; its time says the day.
+    then = page.evaluate(f"new Date({two_days_ago} * 1000).toLocaleString()")
     assert gone == f"12D3KooWGone · 1 adverts, last at {then}"
     assert hostile.startswith("<img src…d=1> · 1 adverts") and hostile.endswith("dropped: <b>stale</b>")
     assert page.query_selector("#peers-seen img, #peers-seen b") is None
