@@ -202,12 +202,15 @@ class Activity:
         with self._lock:
             reached = self._reached[:self._positions]
             accepted = self._accepted[:self._positions]
+        # A position no draft reached (every verify budget stopped short of it) has no acceptance to
+        # show: None, not 0, which would read as drafts there always being rejected.
         positions, survive = [], 1.0
         for k, (r, a) in enumerate(zip(reached, accepted)):
-            rate = a / r if r else 0.0
-            survive *= rate
+            rate = a / r if r else None
+            survive = survive * rate if rate is not None and survive is not None else None
             positions.append({"position": k + 1, "reached": r, "accepted": a,
-                              "acceptance": round(rate, 4), "survival": round(survive, 4)})
+                              "acceptance": None if rate is None else round(rate, 4),
+                              "survival": None if survive is None else round(survive, 4)})
         return {"positions": positions}
 
     def draft_sources(self) -> list[dict]:

@@ -88,8 +88,10 @@ const Charts = (() => {
     let d = "";
     rows.forEach((r, i) => {
       const cx = f.x0 + slot * (i + 0.5);
-      const bh = (f.y0 - f.y1) * r[barKey] / barMax;
-      svg.appendChild(node("rect", { class: "bar-a", x: cx - bw / 2, y: f.y0 - bh, width: bw, height: bh }));
+      if (r[barKey] !== null) {   // null: nothing measured there (no bar, unlike a measured 0)
+        const bh = (f.y0 - f.y1) * r[barKey] / barMax;
+        svg.appendChild(node("rect", { class: "bar-a", x: cx - bw / 2, y: f.y0 - bh, width: bw, height: bh }));
+      }
       svg.appendChild(node("text", { x: cx, y: f.h - 6, "text-anchor": "middle" }, String(r[xKey])));
       if (r[lineKey] !== null) {
         const y = f.y0 - (f.y0 - f.y1) * r[lineKey] / lineMax;

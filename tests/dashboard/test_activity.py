@@ -65,6 +65,14 @@ def test_acceptance_curve_sums_positions_and_survival(setup):
     assert curve[2]["survival"] == pytest.approx(8 / 12 * 0.5 * 0.25, abs=1e-4)
 
 
+def test_acceptance_at_a_position_never_reached_is_unknown_not_zero(setup):
+    bus, activity, _ = setup
+    # every verify budget stopped at 2 drafts: the third position is in the curve, never reached
+    bus.publish(finished("a", "completed", stats(20, 8, [8, 6, 0], [6, 6, 0]), amount=1, sequence=1))
+    third = activity.acceptance()["positions"][2]
+    assert (third["reached"], third["acceptance"], third["survival"]) == (0, None, None)
+
+
 def test_draft_sources_sum_jobs_by_source(setup):
     bus, activity, _ = setup
     assert [(r["source"], r["drafted"], r["acceptance"]) for r in activity.draft_sources()] == [

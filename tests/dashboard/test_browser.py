@@ -14,6 +14,7 @@ from engine.api import CorpusFill, DraftCounts
 from node.events import AdvertSeen
 from node.identity import Identity
 
+from .factories import finished, stats
 from .harness import NodeUnderTest, new_job_id
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -217,5 +218,19 @@ def test_a_node_that_prices_time_shows_both_prices(tmp_path, page):
         page.goto(node.url + "/")
         page.wait_for_function("document.getElementById('price').textContent !== '-'")
         assert page.text_content("#price") == "0.250000 per Mtok + 0.001500 per GPU-second"
+    finally:
+        node.stop()
+
+
+def test_a_draft_position_never_reached_has_no_bar(tmp_path, page):
+    node = NodeUnderTest(tmp_path).start()
+    try:
+        # every verify budget stopped at 2 drafts: position 3 was never reached, which is not "never accepted"
+        node.bus.publish(finished(new_job_id().hex(), "completed", stats(20, 8, [8, 6, 0], [6, 6, 0]),
+                                  amount=1, sequence=1))
+        page.goto(node.url + "/")
+        page.wait_for_function("document.querySelectorAll('#chart-acceptance circle').length === 2")
+        assert page.locator("#chart-acceptance rect").count() == 2
+        assert page.console_problems == []
     finally:
         node.stop()
