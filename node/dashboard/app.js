@@ -9,6 +9,7 @@ const $ = id => document.getElementById(id);
 const state = { series: null, status: null, failures: new Map(), unreachableSince: null };
 const FEED_RETRY_MS = 5000;
 const SHOWN_CLIENTS = 6;
+const EVENT_RELOAD_MS = 500;
 const SOURCE_NAMES = { own: "lookup, own text", corpus: "lookup, other requests", drafter: "model drafter" };
 
 function el(tag, text, cls) {
@@ -224,6 +225,21 @@ async function refresh(...names) {
   }
 }
 
+// Events can come hundreds a second under load: the panels they touch are reloaded together, at most
+// every EVENT_RELOAD_MS, rather than once per event by every open dashboard.
+const stalePanels = new Set();
+let reloadTimer = null;
+
+function reloadSoon(...names) {
+  names.forEach(n => stalePanels.add(n));
+  reloadTimer ??= setTimeout(() => {
+    reloadTimer = null;
+    const due = [...stalePanels];
+    stalePanels.clear();
+    refresh(...due);
+  }, EVENT_RELOAD_MS);
+}
+
 function onTick(live) {
   $("uptime").textContent = fmt.duration(live.uptime_seconds);
   $("tps-now").textContent = live.active.length ? `now ${fmt.num(live.tokens_per_second)} tok/s` : "idle";
@@ -252,12 +268,12 @@ function connect() {
     if (source.readyState === EventSource.CLOSED) setTimeout(connect, FEED_RETRY_MS);
   };
   source.addEventListener("tick", e => onTick(JSON.parse(e.data)));
-  source.addEventListener("admitted", () => refresh("jobs", "status"));
+  source.addEventListener("admitted", () => reloadSoon("jobs", "status"));
   source.addEventListener("finished",
-    () => refresh("jobs", "status", "earnings", "acceptance", "budget", "drafts", "series"));
-  source.addEventListener("refused", () => refresh("problems", "jobs"));
+    () => reloadSoon("jobs", "status", "earnings", "acceptance", "budget", "drafts", "series"));
+  source.addEventListener("refused", () => reloadSoon("problems", "jobs"));
   for (const name of ["peers", "advert_published", "advert_seen"]) {
-    source.addEventListener(name, () => refresh("peers"));
+    source.addEventListener(name, () => reloadSoon("peers"));
   }
 }
 
