@@ -173,6 +173,7 @@ async def _run(config: NodeConfig, data_dir: DataDir) -> int:
         def ready() -> None:
             # What other nodes pass as --bootstrap; the p2p log line saying it is at INFO.
             p2p_addrs = p2p.network.listen_addrs() if p2p is not None and p2p.network is not None else []
+            http.others_listen_on(grpc_service.endpoint, p2p_addrs)
             print(json.dumps({"event": "ready", "peer_id": identity.peer_id, "grpc": grpc_service.endpoint,
                               "tls": tls_material is not None, "http": http.url, "model": engine.info.model_id,
                               "p2p": p2p_addrs, "recovered": recovered}), flush=True)

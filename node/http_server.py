@@ -132,6 +132,11 @@ class HttpService:
         """The bound port (the chosen one when http_listen asked for port 0)."""
         return self._port
 
+    def others_listen_on(self, grpc: str, p2p: list[str]) -> None:
+        """The gRPC and libp2p addresses as bound, once those services listen: the config's may say
+        port 0, which the status would otherwise report as the node's address."""
+        self._view.listen.update(grpc=grpc, p2p=list(p2p))
+
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host

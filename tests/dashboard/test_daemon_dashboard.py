@@ -64,6 +64,12 @@ def run_load(ready: dict, results: list) -> None:
     asyncio.run(load())
 
 
+def test_status_gives_the_addresses_as_bound(daemon):
+    # started with --grpc-listen 127.0.0.1:0: the status said port 0, not the one clients must use
+    listen = httpx.get(daemon["http"] + "/api/v1/status", timeout=10).json()["listen"]
+    assert listen == {"grpc": daemon["grpc"], "http": daemon["http"].removeprefix("http://"), "p2p": []}
+
+
 def test_dashboard_under_concurrent_load(daemon, chromium, promtool):
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
