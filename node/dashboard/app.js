@@ -106,8 +106,9 @@ const panels = {
   async jobs() {
     const j = await api("/jobs");
     const c = j.counts;
+    // since this start, unlike the earnings beside them, which the ledger keeps across restarts
     $("job-counts").textContent =
-      `${c.admitted} admitted · ${c.completed} completed · ${c.cancelled} cancelled · ${c.failed} failed · ${c.refused} refused`;
+      `since start: ${c.admitted} admitted · ${c.completed} completed · ${c.cancelled} cancelled · ${c.failed} failed · ${c.refused} refused`;
     fill($("active-jobs").tBodies[0], j.active.map(a => row([
       [fmt.short(a.job_id), "id"], [fmt.short(a.client), "id"], [String(a.output_tokens), "num"],
       [fmt.num(a.tokens_per_second), "num tps"], [fmt.num(a.age_seconds) + " s", "num"]])), "no active job", 5);

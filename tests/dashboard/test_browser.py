@@ -142,6 +142,8 @@ def test_a_stopped_node_is_said_to_be_unreachable_then_reloaded_when_back(tmp_pa
     second.start()
     try:
         page.wait_for_function("document.getElementById('receipts').textContent === '1'", timeout=10000)
+        # the job counts are this start's, the receipts the ledger's of all time: the counts say so
+        assert page.text_content("#job-counts").startswith("since start: 1 admitted · 1 completed")
         assert not page.evaluate("document.body.classList.contains('stale')")
         assert page.is_hidden("#error")
         assert page.text_content("#peer-id") == second.identity.peer_id
