@@ -225,14 +225,19 @@ def check_fits(c: DrafterConfig, target: LoadedTarget, where: str) -> None:
     for name, mine, theirs in checks:
         if mine != theirs:
             raise CheckpointError(f"{where}: {name} is {mine}, the target {target.model_id} has {theirs}")
-    # The last layer's output feeds the final norm; no DeepSpec drafter is trained on it (§1.1).
-    bad = [i for i in c.target_layer_ids if i > layers - 2]
-    if bad:
-        raise CheckpointError(f"{where}: target_layer_ids {c.target_layer_ids} do not fit the target's "
-                              f"{layers} layers (allowed: -1..{layers - 2}; the final layer is not tapped)")
+    check_target_layers(c.target_layer_ids, layers, f"{where}: target_layer_ids")
     if c.mask_token_id is not None and not 0 <= c.mask_token_id < a.vocab_size:
         raise CheckpointError(f"{where}: mask_token_id {c.mask_token_id} is outside the target's "
                               f"vocabulary of {a.vocab_size}")
+
+
+def check_target_layers(ids: list[int], layers: int, what: str) -> None:
+    """Refuse tapped layer ids a target of `layers` layers cannot give a drafter: -1 (the embedding
+    output) to the second-last. The last layer's output feeds the final norm; no DeepSpec drafter
+    is trained on it (§1.1)."""
+    if any(not -1 <= i <= layers - 2 for i in ids):
+        raise CheckpointError(f"{what} {ids} do not fit the target's {layers} layers "
+                              f"(allowed: -1..{layers - 2}; the final layer is not tapped)")
 
 
 def _rope(config: dict) -> tuple:

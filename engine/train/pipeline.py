@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from engine.build import build_engine
 from engine.config import EMBEDDED_MODEL, EngineConfig
-from engine.drafters.checkpoint import (CALIBRATION_FIELDS, HISTORY_PRIOR_FIELDS, DrafterCheckpoint, load_checkpoint,
-                                        parse_config, write_draft_vocab)
+from engine.drafters.checkpoint import (CALIBRATION_FIELDS, HISTORY_PRIOR_FIELDS, DrafterCheckpoint,
+                                        check_target_layers, load_checkpoint, parse_config, write_draft_vocab)
 from engine.drafters.init import default_layer_ids, init_drafter
 from engine.loading import LoadedTarget, cache_root, device_name, load_target
 from engine.train import data
@@ -46,7 +46,7 @@ class TrainOptions(BaseModel):
     batch: int = Field(4, ge=1, le=256)
     anchors: int = Field(512, ge=1, le=4096)
     lr: float = Field(6e-4, gt=0, lt=1)
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, lt=2**32)   # step n draws with seed * 1_000_003 + n, which must fit in 64 bits
     resume: bool = False
     save_every: int = Field(100, ge=1)
     gen_minutes: float = Field(5.0, ge=0)
@@ -64,7 +64,7 @@ class TrainOptions(BaseModel):
     max_len: int = Field(512, ge=32, le=4096)
     topk: int = Field(8, ge=1, le=1024)
     norm_init: float = Field(0.1, gt=0, le=1)
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=1024)   # as engine.threads: more crash torch (a segfault)
     device: str = "cpu"          # checked by load_target (engine.loading.check_device)
     # The arithmetic of response generation and of training (trainer.py). The cache's features and
     # soft labels are scored in fp32 either way.
@@ -114,10 +114,31 @@ def warm_start(opts: TrainOptions, target: LoadedTarget) -> tuple[dict, DrafterC
     return config, checkpoint, provenance
 
 
+def check_out(opts: TrainOptions) -> None:
+    """Refuse an --out or --cache-dir training cannot write, or an --out whose drafter it would
+    replace, before the target is loaded or any cache built."""
+    state_file = opts.out / STATE_FILE
+    for flag, path in (("--out", opts.out), ("--cache-dir", opts.cache_dir)):
+        existing = next((p for p in (path, *path.parents) if p.exists()), None) if path is not None else None
+        if existing is not None and not existing.is_dir():
+            raise TrainingError(f"{flag} {path}: {existing} is a file, not a directory")
+    if state_file.exists() and not opts.resume:
+        raise TrainingError(f"{opts.out} holds an unfinished or finished run ({STATE_FILE}); "
+                            "pass --resume to continue it or choose another --out")
+    if opts.resume and not state_file.exists():
+        raise TrainingError(f"--resume: {state_file} does not exist")
+    # a drafter no run of ours continues: the shipped one, a calibrated one, the --init-from drafter itself
+    drafter = [name for name in ("config.json", "model.safetensors") if (opts.out / name).exists()]
+    if drafter and not opts.resume:
+        raise TrainingError(f"{opts.out} holds a drafter ({', '.join(drafter)}) and no run to resume: training "
+                            "would replace it; choose another --out")
+
+
 def layer_ids(opts: TrainOptions, target: LoadedTarget) -> list[int]:
     ids = opts.target_layers or default_layer_ids(target.model.args.num_layers, 4)
     if opts.kind == "eagle3" and -1 in ids:
         raise TrainingError("an EAGLE-3 drafter cannot tap the embedding output (-1)")
+    check_target_layers(ids, target.model.args.num_layers, "--target-layers")
     return ids
 
 
@@ -173,12 +194,7 @@ def run(opts: TrainOptions, log=print) -> dict:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
-    state_file = opts.out / STATE_FILE
-    if state_file.exists() and not opts.resume:
-        raise TrainingError(f"{opts.out} holds an unfinished or finished run ({STATE_FILE}); "
-                            "pass --resume to continue it or choose another --out")
-    if opts.resume and not state_file.exists():
-        raise TrainingError(f"--resume: {state_file} does not exist")
+    check_out(opts)
     target = load_target(opts.model, torch.float32, opts.device)
     config, start, provenance = warm_start(opts, target) if opts.init_from else (None, None, None)
     ids = config["target_layer_ids"] if config is not None else layer_ids(opts, target)

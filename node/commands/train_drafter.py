@@ -83,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine.train.cache import CacheError
     from engine.train.pipeline import TrainOptions, run as run_pipeline
-    from engine.train.trainer import TrainingError
+    from engine.train.trainer import STATE_FILE, TrainingError
     from engine.drafters.checkpoint import CheckpointError
 
     try:
@@ -108,7 +108,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted: the state is saved, continue with --resume --out {args.out}", file=sys.stderr)
+        if (args.out / STATE_FILE).exists():
+            print(f"interrupted: the state is saved, continue with --resume --out {args.out}", file=sys.stderr)
+        else:   # stopped while the cache was built or loaded: a cache without its manifest is built again
+            print("interrupted before training began: there is no state to resume; run the command again",
+                  file=sys.stderr)
         return 130
     print(json.dumps(summary, indent=2))
     return 0

@@ -27,14 +27,58 @@ from node.cli import main
     (["--init-from", "/nonexistent/drafter"], "no config.json"),
     (["--init-from", "/nonexistent/drafter", "--layers", "2"], "drop --layers"),
     (["--init-from", "/nonexistent/drafter", "--resume"], "--init-from starts a new one"),
+    # the final layer (3 of 4) and layers the target lacks: a drafter no target could load
+    (["--target-layers", "1,3"], "--target-layers [1, 3] do not fit the target's 4 layers (allowed: -1..2"),
+    (["--target-layers=-5,1"], "do not fit the target's 4 layers"),
+    (["--threads", "100000"], "--threads: Input should be less than or equal to 1024"),   # torch segfaulted
+    (["--seed", str(2**64)], "--seed: Input should be less than 4294967296"),
 ])
 def test_train_drafter_refuses(target, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
     code = main(["train-drafter", "--target", str(target.path), "--out", str(out), "--cache-dir",
-                 str(tmp_path / "cache"), *argv])
+                 str(tmp_path / "cache"), "--steps", "1", "--stdlib-tokens", "500", "--gen-minutes", "0.01", *argv])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (out / "config.json").exists()
+    assert not (tmp_path / "cache").exists()    # refused before any data was generated or scored
+
+
+def test_train_drafter_refuses_an_out_or_cache_dir_it_cannot_use(target, cache_dir, tmp_path, capsys):
+    """A file where a directory goes, and an --out holding a drafter (the --init-from drafter itself,
+    the shipped one), are refused before the target is loaded; they were a FileExistsError traceback
+    after the cache was built, or the drafter was replaced."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a directory")
+    common = ["train-drafter", "--target", str(target.path), "--steps", "1", "--anchors", "8", "--batch", "2"]
+    for argv, message in (
+            (["--out", str(a_file), "--cache-dir", str(cache_dir)], f"--out {a_file}: {a_file} is a file"),
+            (["--out", str(a_file / "run"), "--cache-dir", str(cache_dir)], f"{a_file} is a file, not a directory"),
+            (["--out", str(tmp_path / "o"), "--cache-dir", str(a_file)], f"--cache-dir {a_file}: {a_file} is a file")):
+        assert main([*common, *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert a_file.read_text() == "not a directory" and not (tmp_path / "o").exists()
+
+    config, state = init_drafter(target, "dspark", layers=1, markov_rank=8, block_size=4, target_layer_ids=[-1, 1])
+    drafter = save_checkpoint(tmp_path / "drafter", config, state)
+    before = {f.name: f.read_bytes() for f in drafter.iterdir()}
+    assert main([*common, "--out", str(drafter), "--init-from", str(drafter), "--cache-dir", str(cache_dir)]) == 2
+    assert "holds a drafter (config.json, model.safetensors) and no run to resume" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in drafter.iterdir()} == before
+
+
+def test_train_drafter_interrupted_before_training_says_there_is_nothing_to_resume(target, tmp_path, capsys,
+                                                                                     monkeypatch):
+    import engine.train.pipeline
+
+    def ctrl_c(*args, **kwargs):   # Ctrl-C while the target scores the samples
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.train.pipeline, "build_cache", ctrl_c)
+    out = tmp_path / "out"
+    assert main(["train-drafter", "--target", str(target.path), "--out", str(out), "--cache-dir",
+                 str(tmp_path / "cache"), "--stdlib-tokens", "500", "--gen-minutes", "0", "--steps", "1"]) == 130
+    err = capsys.readouterr().err
+    assert "there is no state to resume" in err and "--resume" not in err
 
 
 def test_train_drafter_refuses_a_cache_of_other_layers(target, cache_dir, tmp_path, capsys):
