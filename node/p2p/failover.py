@@ -30,6 +30,9 @@ from node.p2p.selection import Candidate, over_caps, rank
 log = logging.getLogger(__name__)
 
 PROBE_TOP = 3            # candidates probed at once (identity check + latency) before choosing
+# A round probes PROBE_TOP more candidates than have failed their probes so far (3, 6, 12, ...): adverts
+# whose endpoints never answer (or answer as another peer) cost a few probe timeouts, not one each.
+MAX_PROBE_WIDTH = 64
 # How a worker is dialled: WorkerClient.connect's signature (a long-lived caller may keep connections).
 Connect = Callable[..., Awaitable[WorkerClient]]
 
@@ -113,6 +116,7 @@ async def run_with_failover(
     awaited with the worker's client and the verified result while the connection is still open
     (e.g. to acknowledge the receipt). `started` (monotonic) is when the caller's clock started.
     `connect` dials a worker (default WorkerClient.connect; the gateway passes its connection pool).
+    `max_attempts` counts the workers sent the job; one whose probe fails is skipped without using one.
     Raises NoWorkerError (every worker tried failed)."""
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
@@ -123,17 +127,20 @@ async def run_with_failover(
     if not found:
         raise NoWorkerError(f"no live worker advertises model {model!r}", attempts)
     tried: set[str] = set()
+    sent = 0     # workers sent the job: an advert that fails its probe costs no attempt (anyone can sign one)
     # One set of caps: workers above either are not chosen (they would refuse); the job is signed at
     # the chosen worker's advertised prices, which are within them (WorkerClient.sign_job).
     caps = dict(max_price_per_mtok_micros=max_price_per_mtok_micros,
                 max_price_per_gpu_second_micros=max_price_per_gpu_second_micros)
-    while len(tried) < max_attempts:
+    while sent < max_attempts:
         ranked = rank([a.advert for a in discovery.adverts(model)], model, exclude=frozenset(tried), **caps)
         if not ranked:
             break
-        client = await _choose(ranked[:PROBE_TOP], identity, tls, model, caps, attempts, tried, connect)
+        width = min(PROBE_TOP + sum(a.outcome == "unreachable" for a in attempts), MAX_PROBE_WIDTH)
+        client = await _choose(ranked[:width], identity, tls, model, caps, attempts, tried, connect)
         if client is None:
             continue
+        sent += 1
         async with client:
             if on_worker is not None:
                 on_worker(client.peer_id)

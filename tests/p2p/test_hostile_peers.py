@@ -1,0 +1,80 @@
+"""Hostile or broken peers against a client on real libp2p hosts (loopback): adverts whose endpoints
+do not answer or belong to another worker, exchange responders that stall, and floods of adverts
+from throwaway keys. The client must still find, and run on, the honest worker."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from dspark.v1 import worker_pb2_grpc
+from dspark.v1.advert_pb2 import CapacityAdvert, ModelOffer
+from node.identity import Identity
+from node.p2p.adverts import AdvertSigner
+from node.p2p.discovery import Discovery
+from node.p2p.failover import run_with_failover
+from node.p2p.host import HostConfig
+from node.p2p.network import PeerNetwork
+from tests.gateway.test_gateway_price_caps import _TimeWorker
+from tests.receipts.receipts_helpers import CLIENT, WORKER
+
+LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+
+
+def sybil_advert(endpoint: str, model: str = "m") -> bytes:
+    """A throwaway key's advert for `model`, cheaper than any honest worker, with free slots."""
+    advert = CapacityAdvert(grpc_endpoint=endpoint, models=[ModelOffer(id=model)], price_per_mtok_micros=1,
+                            free_slots=8, tokens_per_second=1e9)
+    return AdvertSigner(Identity.generate(), 60).sign(advert, []).SerializeToString()
+
+
+@contextlib.asynccontextmanager
+async def honest_worker() -> AsyncIterator[_TimeWorker]:
+    """A gRPC worker on a real socket, signed by WORKER, that completes every job at its price."""
+    worker = _TimeWorker(advertised=0, charged=0)
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(worker, server)
+    worker.endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    try:
+        yield worker
+    finally:
+        await server.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def relay_holding(adverts: list[bytes]) -> AsyncIterator[PeerNetwork]:
+    """A real peer holding `adverts` (relayed ones, accepted on their signatures), as any node on the
+    network would after hearing them."""
+    relay = PeerNetwork(Identity.generate(), HostConfig(LOOPBACK))
+    await relay.start()
+    for data in adverts:
+        relay.book.offer(data, origin_peer_id=None)
+    try:
+        yield relay
+    finally:
+        await relay.stop()
+
+
+@pytest.mark.asyncio
+async def test_adverts_whose_endpoints_fail_the_probe_do_not_use_up_the_attempts():
+    """Three cheap adverts: two point at a closed port, one at the honest worker's endpoint under
+    another peer ID (the probe's identity check refuses it). None is sent the job, so none uses up one
+    of the 3 attempts: the job runs on the honest worker (it ended in 'no worker completed the job')."""
+    async with honest_worker() as worker:
+        honest = AdvertSigner(WORKER, 60).sign(worker.advert(), []).SerializeToString()
+        sybils = [sybil_advert("127.0.0.1:1"), sybil_advert("127.0.0.1:1"), sybil_advert(worker.endpoint)]
+        async with relay_holding([honest, *sybils]) as relay:
+            discovery = Discovery(CLIENT, relay.listen_addrs())
+            await discovery.start()
+            try:
+                outcome = await run_with_failover(discovery, CLIENT, "m", {"text": "hi"}, max_new_tokens=4, tls="off")
+            finally:
+                await discovery.stop()
+    assert outcome.worker == WORKER.peer_id and outcome.result.finished
+    probed = [a for a in outcome.attempts if a.outcome == "unreachable"]
+    assert len(probed) == 3 and outcome.attempts[-1].outcome == "completed"
+    assert any(f"not the expected {a.peer_id}" in a.detail for a in probed)   # the impersonation was caught
