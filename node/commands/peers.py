@@ -8,6 +8,7 @@ import asyncio
 import json
 import sys
 
+from node.commands.terminal import shown
 from node.config import model_id
 from node.identity import Identity
 from node.p2p.adverts import LiveAdvert, now_ms
@@ -78,12 +79,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print("\n".join(table(rows)))
     return 0
-
-
-def shown(text: str) -> str:
-    """A peer's string as the terminal may show it: characters that are not printable (escape sequences
-    that recolour or clear the screen, a newline that forges a worker's row) written as escapes."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def gpu_text(gpu: dict) -> str:

@@ -7,10 +7,13 @@ import asyncio
 import sys
 from pathlib import Path
 
+import grpc
+
 from engine.api import SEED_LIMIT
 from node.client import MAX_JOB_TIMEOUT_S, ClientError, JobRefused, WorkerClient
 from node.commands import submit_network
 from node.commands.keys import DEFAULT_CLIENT_KEY
+from node.commands.terminal import answer_printer
 from node.identity import Identity, IdentityError
 
 
@@ -56,9 +59,11 @@ async def _submit(args: argparse.Namespace, identity: Identity) -> int:
                               seed=args.seed, max_price_per_mtok_micros=args.max_price,
                               max_price_per_gpu_second_micros=args.max_price_gpu_second)
         try:
-            result = await client.run(job, on_text=lambda text: print(text, end="", flush=True),
-                                      timeout_s=args.timeout)
+            result = await client.run(job, on_text=answer_printer(), timeout_s=args.timeout)
         except JobRefused as exc:
+            if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return _fail(f"no result within --timeout {args.timeout:g} s; the worker stops the job and its "
+                             "receipt bills what was produced")
             return _fail(f"refused: {exc}")
         except ClientError as exc:
             return _fail(str(exc))

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import sys
 
+from node.commands.terminal import answer_printer
 from node.config import model_id
 from node.identity import Identity
 from node.p2p.discovery import DiscoveryError
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace, identity: Identity) -> int:
             temperature=args.temperature, seed=args.seed, max_price_per_mtok_micros=args.max_price,
             max_price_per_gpu_second_micros=args.max_price_gpu_second, tls=args.tls, timeout_s=args.timeout,
             max_attempts=args.attempts, mdns=args.mdns,
-            on_text=lambda text: print(text, end="", flush=True), on_failover=_failed_over))
+            on_text=answer_printer(), on_failover=_failed_over))
     except (DiscoveryError, NoWorkerError) as exc:
         return _fail(str(exc))
     print()
