@@ -187,6 +187,15 @@ async def test_a_refusal_quotes_a_long_field_in_part_and_keeps_its_reason(daemon
         assert "... (20000 characters)" in info.value.details()
 
 
+def test_submit_past_its_timeout_says_so(daemon, tmp_path, capsys):
+    from node.cli import main
+
+    code = main(["submit", "--node", daemon.grpc, "--raw", "--prompt", "Count:", "--max-new-tokens", "2000",
+                 "--timeout", "0.5", "--key", str(tmp_path / "client.key")])
+    err = capsys.readouterr().err
+    assert code == 1 and "no result within --timeout 0.5 s; the worker stops the job" in err, err
+
+
 def test_submit_command_sends_its_gpu_second_cap(daemon, tmp_path, capsys):
     from node.cli import main
 
