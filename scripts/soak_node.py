@@ -35,31 +35,21 @@ from dspark.v1 import job_pb2  # noqa: E402
 from node.client import ClientError, JobRefused, WorkerClient  # noqa: E402
 from node.identity import Identity  # noqa: E402
 from node.ledger_schema import LEDGER_FILE  # noqa: E402
-from node_harness import start_daemon  # noqa: E402
+from node_harness import node_toml, start_daemon  # noqa: E402
 
 PROMPTS = ["Count: 1 2 3", "def fib(n):", "Hello, my name is", "The capital of France is", "Write a poem"]
 EXPECTED_REFUSALS = {"queue_full", "too_many_concurrent", "rate_limited", "replayed"}
 
 
 def node_config(model: str, method: str) -> str:
-    # Few slots and a short line, so that queueing, refusals and cancellations all happen.
-    return f"""
-grpc_listen = "127.0.0.1:0"
-http_listen = "127.0.0.1:0"
-[p2p]
-listen = []
-[engine]
-model = "{model}"
-method = "{method}"
-max_batch = 4
+    # Two slots (node_toml's) and a short line, so that queueing, refusals and cancellations all happen.
+    return node_toml(Path(model), f"""method = "{method}"
 max_queue = 6
-max_context = 1024
-threads = 1
 [admission]
 max_queue = 6
 rate_per_minute = 100000
 max_concurrent_per_client = 3
-"""
+""")
 
 
 @dataclass

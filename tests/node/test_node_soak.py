@@ -1,4 +1,4 @@
-"""A short soak of a real node (scripts/soak_node.py): sixteen jobs in flight against four slots
+"""A short soak of a real node (scripts/soak_node.py): sixteen jobs in flight against two slots
 and a line of six, submitted, cancelled, closed, timed out, replayed and acknowledged at random;
 afterwards every accepted job has one receipt, none failed, the chain verifies and the counters
 agree with the ledger."""
