@@ -66,8 +66,7 @@ class Discovery:
         providers and fetches their adverts directly, waiting up to `wait_s` for a first one."""
         deadline = time.monotonic() + wait_s
         while not self.adverts(model) and time.monotonic() < deadline:
-            for peer in await self.network.providers(model):
-                await self.network.fetch(peer)
+            await self.network.fetch_all(await self.network.providers(model))
             if not self.adverts(model):
                 await asyncio.sleep(POLL_S)
                 await self.network.refresh()

@@ -4,6 +4,7 @@ lookups, behind an asyncio API."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -101,10 +102,14 @@ class PeerNetwork:
             log.info("fetching adverts from %s failed: %r", peer_id, exc)
             return []
 
+    async def fetch_all(self, peers: list[str]) -> None:
+        """Ask several peers at once: one that accepts the stream and never answers costs its own
+        timeout, not a turn of every peer after it."""
+        await asyncio.gather(*(self.fetch(peer) for peer in peers))
+
     async def refresh(self) -> None:
         """Ask every connected peer for its adverts (a client calls this right after joining)."""
-        for peer in self.host.connected_peers():
-            await self.fetch(peer)
+        await self.fetch_all(self.host.connected_peers())
 
     async def providers(self, model: str) -> list[str]:
         try:

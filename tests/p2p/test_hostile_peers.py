@@ -4,17 +4,21 @@ from throwaway keys. The client must still find, and run on, the honest worker."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import trio
 
 from dspark.v1 import worker_pb2_grpc
 from dspark.v1.advert_pb2 import CapacityAdvert, ModelOffer
 from node.identity import Identity
-from node.p2p.adverts import AdvertSigner
+from node.p2p.adverts import AdvertBook, AdvertSigner
 from node.p2p.discovery import Discovery
+from node.p2p.exchange import FETCH_TIMEOUT_S, PROTOCOL
 from node.p2p.failover import run_with_failover
 from node.p2p.host import HostConfig
 from node.p2p.network import PeerNetwork
@@ -78,3 +82,40 @@ async def test_adverts_whose_endpoints_fail_the_probe_do_not_use_up_the_attempts
     probed = [a for a in outcome.attempts if a.outcome == "unreachable"]
     assert len(probed) == 3 and outcome.attempts[-1].outcome == "completed"
     assert any(f"not the expected {a.peer_id}" in a.detail for a in probed)   # the impersonation was caught
+
+
+async def _never_answer(stream) -> None:
+    await trio.sleep(3600)
+
+
+async def _stall_exchange(network: PeerNetwork) -> None:
+    network.host.host.set_stream_handler(PROTOCOL, _never_answer)
+
+
+@pytest.mark.asyncio
+async def test_peers_that_stall_the_advert_exchange_cost_one_timeout_together():
+    """Three peers accept the exchange stream and never answer; asking every connected peer takes
+    one fetch timeout (it took one per stalling peer, in turn), and the honest relay's advert is in."""
+    stallers = [PeerNetwork(Identity.generate(), HostConfig(LOOPBACK)) for _ in range(3)]
+    await asyncio.gather(*(s.start() for s in stallers))
+    await asyncio.gather(*(s.host.call(_stall_exchange, s) for s in stallers))
+    worker = _TimeWorker(0, 0)
+    worker.endpoint = "127.0.0.1:7440"
+    honest = AdvertSigner(WORKER, 60).sign(worker.advert(), []).SerializeToString()
+    try:
+        async with relay_holding([honest]) as relay:
+            bootstrap = [relay.listen_addrs()[0], *(s.listen_addrs()[0] for s in stallers)]
+            discovery = Discovery(CLIENT, bootstrap)
+            await discovery.start()
+            try:
+                while len(discovery.network.connected_peers()) < len(bootstrap):
+                    await asyncio.sleep(0.05)
+                discovery.network.book = AdvertBook(CLIENT.peer_id)   # forget what start() heard
+                started = time.monotonic()
+                await asyncio.wait_for(discovery.network.refresh(), FETCH_TIMEOUT_S * 2)
+                assert time.monotonic() - started < FETCH_TIMEOUT_S * 1.5
+                assert [a.peer_id for a in discovery.adverts("m")] == [WORKER.peer_id]
+            finally:
+                await discovery.stop()
+    finally:
+        await asyncio.gather(*(s.stop() for s in stallers))
