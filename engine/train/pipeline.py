@@ -114,6 +114,39 @@ def warm_start(opts: TrainOptions, target: LoadedTarget) -> tuple[dict, DrafterC
     return config, checkpoint, provenance
 
 
+def resumed_run(opts: TrainOptions) -> tuple[dict, dict | None]:
+    """(config, provenance) of the untrained drafter of the run saved in --out; flags that would
+    build another one are refused, before any cache is built."""
+    path = opts.out / DRAFT_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TrainingError(f"--resume: {path} is missing, so the saved run cannot be rebuilt "
+                            f"(delete {opts.out} to start over)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TrainingError(f"--resume: {path} cannot be read: {exc}") from None
+    if not isinstance(config, dict):
+        raise TrainingError(f"--resume: {path}: expected a JSON object")
+    provenance, architecture = config.pop("init_from", None), config.pop("architecture", None)
+    asked = {name: getattr(opts, name) for name in FRESH_ARCHITECTURE if getattr(opts, name) is not None}
+    if provenance is not None and asked:
+        raise TrainingError(f"--resume: the run in {opts.out} started from --init-from {provenance.get('path')} and "
+                            f"has its architecture; drop {', '.join(_flag(n) for n in asked)}")
+    changed = [f"{_flag(name)} {architecture[name]} (asked: {value})" for name, value in asked.items()
+               if architecture is not None and architecture.get(name) != value]
+    if opts.target_layers is not None and opts.target_layers != config.get("target_layer_ids"):
+        changed.append(f"--target-layers {config.get('target_layer_ids')} (asked: {opts.target_layers})")
+    if changed:
+        raise TrainingError(f"--resume: the run in {opts.out} was started with {', '.join(changed)}: resume it as "
+                            "it started, or use another --out")
+    parse_config(config, str(path))
+    return config, provenance
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def check_out(opts: TrainOptions) -> None:
     """Refuse an --out or --cache-dir training cannot write, or an --out whose drafter it would
     replace, before the target is loaded or any cache built."""
@@ -196,7 +229,13 @@ def run(opts: TrainOptions, log=print) -> dict:
     torch.manual_seed(opts.seed)
     check_out(opts)
     target = load_target(opts.model, torch.float32, opts.device)
-    config, start, provenance = warm_start(opts, target) if opts.init_from else (None, None, None)
+    start = None
+    if opts.resume:   # the weights come from the saved state; the stored config gives the shapes
+        config, provenance = resumed_run(opts)
+    elif opts.init_from:
+        config, start, provenance = warm_start(opts, target)
+    else:
+        config, provenance = None, None
     ids = config["target_layer_ids"] if config is not None else layer_ids(opts, target)
     t0 = time.monotonic()
     cache_dir, manifest = prepare_cache(opts, target, ids, log)
@@ -205,10 +244,8 @@ def run(opts: TrainOptions, log=print) -> dict:
         return {"cache": str(cache_dir), "cache_seconds": round(cache_seconds, 1), "sequences": manifest["sequences"],
                 "tokens": manifest["tokens"], "sources": manifest.get("sources", {})}
     sequences = load_sequences(cache_dir, manifest)
-    if opts.resume:   # the weights come from the saved state; the stored config gives the shapes
-        config = json.loads((opts.out / DRAFT_CONFIG).read_text())
-        provenance = config.pop("init_from", None)
-        module = build_module(parse_config(config, DRAFT_CONFIG), None)
+    if opts.resume:
+        module = build_module(parse_config(config, str(opts.out / DRAFT_CONFIG)), None)
     elif config is not None:   # --init-from: its weights as they are, no fresh-start scaling
         opts.out.mkdir(parents=True, exist_ok=True)
         (opts.out / DRAFT_CONFIG).write_text(json.dumps(dict(config, init_from=provenance)))
@@ -229,7 +266,8 @@ def run(opts: TrainOptions, log=print) -> dict:
         # columns by 1 / rms gives every feature an equal start; the architecture is unchanged.
         state["fc.weight"] = state["fc.weight"] / feature_rms(sequences)[None, :]
         opts.out.mkdir(parents=True, exist_ok=True)
-        (opts.out / DRAFT_CONFIG).write_text(json.dumps(config))
+        # the flags it was built from, so that --resume refuses others (resumed_run)
+        (opts.out / DRAFT_CONFIG).write_text(json.dumps(dict(config, architecture=architecture)))
         module = build_module(parse_config(config, DRAFT_CONFIG), state)
     settings = TrainSettings(kind=opts.kind, steps=opts.steps, batch=opts.batch, lr=opts.lr, seed=opts.seed,
                              max_len=opts.max_len, max_anchors=opts.anchors, minutes=opts.minutes,

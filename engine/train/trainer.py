@@ -2,9 +2,10 @@
 
 Deterministic with a seed: step n draws its sequences and anchors from a generator seeded with
 (seed, n), so a resumed run replays exactly what an uninterrupted one would. The resumable state
-(`train_state.pt`: weights, optimizer, step) is written atomically every `save_every` steps, at
-the end, when the time budget runs out and on Ctrl-C; the drafter itself (DeepSpec format) is
-written when the run ends, by steps or by time.
+(`train_state.pt`: weights, optimizer, step, the settings the draws and the schedule depend on, and
+the metrics of every step so far) is written atomically every `save_every` steps, at the end, when
+the time budget runs out and on Ctrl-C; the drafter itself (DeepSpec format) is written when the
+run ends, by steps or by time.
 
 dtype bfloat16 runs each step's forward under autocast: matrix products in bf16 (DeepSpec trains in
 bf16 with fp32 master weights, reference §3.4), while the weights, the optimizer and the losses stay
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,11 @@ from engine.train.modules import DSparkTrainable, Eagle3Trainable
 
 STATE_FILE = "train_state.pt"
 NORM_LR_SCALE = 10.0
+# The settings a resumed run must share with the saved one to replay it (the draws, the schedule, the
+# arithmetic), each with the flag that sets it; `minutes` is not among them: a new time budget is
+# how a run stopped by the clock is continued.
+REPLAYED = {"kind": "--kind", "steps": "--steps", "seed": "--seed", "dtype": "--dtype", "lr": "--lr",
+            "batch": "--batch", "max_anchors": "--anchors", "max_len": "--max-len"}
 
 
 class TrainingError(ValueError):
@@ -101,22 +108,19 @@ def train(module: torch.nn.Module, target: TargetModel, data: list[CachedSequenc
     rest = [p for n, p in module.named_parameters() if n != "norm.weight"]
     opt = torch.optim.AdamW([{"params": rest, "lr_scale": 1.0}, {"params": norm, "lr_scale": NORM_LR_SCALE}],
                             lr=settings.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    step = 0
     state_path = out / STATE_FILE
-    if state_path.exists():
-        saved = torch.load(state_path, weights_only=True, map_location=settings.device)
-        # A resumed run replays the uninterrupted one only with the same draws and the same arithmetic.
-        was = (saved["kind"], saved["steps"], saved["seed"], saved.get("dtype", "float32"))
-        if was != (settings.kind, settings.steps, settings.seed, settings.dtype):
-            raise TrainingError(f"{state_path} is a {was[0]} run of {was[1]} steps with seed {was[2]} in {was[3]}; "
-                                f"this one asks for {settings.kind}, {settings.steps}, {settings.seed}, "
-                                f"{settings.dtype} (use another --out or the same settings)")
-        module.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        step = saved["step"]
-    result = TrainResult(steps_done=step, finished=False)
+    saved = _load_state(state_path, settings, module, opt) if state_path.exists() else {}
+    step = saved.get("step", 0)
+    # the metrics, time and blocks of the steps before a resume, so the record covers the whole run
+    result = TrainResult(steps_done=step, finished=False, history=list(saved.get("history", [])))
+    earlier_seconds, earlier_anchors = saved.get("seconds", 0.0), saved.get("anchors", 0)
     deadline = None if settings.minutes is None else time.monotonic() + settings.minutes * 60
     start, anchors = time.monotonic(), 0
+
+    def save() -> None:
+        _save_state(state_path, module, opt, step, settings, result.history,
+                    earlier_seconds + time.monotonic() - start, earlier_anchors + anchors)
+
     bar = tqdm(total=settings.steps, initial=step, desc=f"train {settings.kind}", unit="step", mininterval=5)
     try:
         while step < settings.steps:
@@ -135,17 +139,41 @@ def train(module: torch.nn.Module, target: TargetModel, data: list[CachedSequenc
             if settings.on_step is not None:
                 settings.on_step(step, metrics)
             if step % settings.save_every == 0:
-                _save_state(state_path, module, opt, step, settings)
+                save()
     except KeyboardInterrupt:
-        _save_state(state_path, module, opt, step, settings)
+        save()
         bar.close()
         raise
     bar.close()
-    _save_state(state_path, module, opt, step, settings)
+    save()
     result.steps_done, result.finished = step, step >= settings.steps
-    result.seconds = time.monotonic() - start
-    result.anchors_per_s = anchors / max(result.seconds, 1e-9)
+    result.seconds = earlier_seconds + time.monotonic() - start
+    result.anchors_per_s = (earlier_anchors + anchors) / max(result.seconds, 1e-9)
     return result
+
+
+def _load_state(path: Path, settings: TrainSettings, module, opt) -> dict:
+    """The saved run, loaded into `module` and `opt`; refused when unreadable or when its settings
+    differ from these (a resumed run replays the uninterrupted one only with the same draws,
+    schedule and arithmetic). States saved before a setting was recorded are taken to share it."""
+    try:
+        saved = torch.load(path, weights_only=True, map_location=settings.device)
+        now = {name: getattr(settings, name) for name in REPLAYED}
+        changed = [f"{flag} {saved.get(name, now[name])} (asked: {now[name]})"
+                   for name, flag in REPLAYED.items() if saved.get(name, now[name]) != now[name]]
+        if changed:
+            raise TrainingError(f"{path} is a run saved with {', '.join(changed)}: resume it with the settings it "
+                                "started with, or use another --out")
+        module.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        saved["step"] = int(saved["step"])
+    except TrainingError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError, pickle.UnpicklingError) as exc:
+        first_line = str(exc).split("\n")[0].split(". ")[0][:200]   # torch's own messages run to a paragraph
+        raise TrainingError(f"{path} cannot be resumed ({type(exc).__name__}: {first_line}): it is damaged or "
+                            "not a train-drafter state; delete it to start over") from None
+    return saved
 
 
 def _step(module, target, data, settings: TrainSettings, opt, step: int, spent: float) -> dict:
@@ -180,10 +208,12 @@ def _step(module, target, data, settings: TrainSettings, opt, step: int, spent: 
             "accept": [round(a, 4) for a in accept], "lr": opt.param_groups[0]["lr"], "anchors": anchors}
 
 
-def _save_state(path: Path, module, opt, step: int, settings: TrainSettings) -> None:
+def _save_state(path: Path, module, opt, step: int, settings: TrainSettings, history: list[dict], seconds: float,
+                anchors: int) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": module.state_dict(), "optimizer": opt.state_dict(), "step": step, "kind": settings.kind,
-                "steps": settings.steps, "seed": settings.seed, "dtype": settings.dtype}, tmp)
+    torch.save({"model": module.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                **{name: getattr(settings, name) for name in REPLAYED},
+                "history": history, "seconds": seconds, "anchors": anchors}, tmp)
     os.replace(tmp, path)
 
 

@@ -240,3 +240,36 @@ def test_calibrate_fits_and_stores_temperatures_offsets_and_draft_weights(target
     loaded = load_checkpoint(tmp_path, target).config
     assert loaded.confidence_offsets_greedy == printed["offsets"]
     assert main([*argv, "--temperature", "-1"]) == 2
+
+
+def test_train_drafter_resume_refuses_another_drafter_and_keeps_the_whole_record(target, cache_dir, tmp_path,
+                                                                                  capsys):
+    """--resume rebuilds the drafter the run started with: architecture flags or target layers that
+    differ were ignored (or trained on another cache's taps), and are refused before any cache is
+    built; a missing draft_config.json was a traceback; a finished run resumed again exported an
+    empty training record."""
+    import json
+
+    out = tmp_path / "run"
+    common = ["train-drafter", "--target", str(target.path), "--out", str(out), "--cache-dir", str(cache_dir),
+              "--steps", "2", "--anchors", "8", "--batch", "2", "--threads", "1", "--block-size", "4",
+              "--target-layers=-1,1"]
+    assert main(common) == 0
+    first = json.loads(capsys.readouterr().out)
+    for extra, message in ((["--block-size", "5"], "was started with --block-size 4 (asked: 5)"),
+                           (["--layers", "2"], "--layers 1 (asked: 2)"),
+                           (["--target-layers", "0,1", "--cache-dir", str(tmp_path / "other-cache")],
+                            "--target-layers [-1, 1] (asked: [0, 1])"),
+                           (["--lr", "0.01"], "--lr 0.0006 (asked: 0.01)")):
+        assert main([*common, "--resume", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "other-cache").exists()
+
+    assert main([*common, "--resume"]) == 0     # the same command again: re-exported, the record kept
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["final_accept"] == first["final_accept"] and len(summary["final_accept"]) == 4
+    assert len(json.loads((out / "train_log.json").read_text())) == 2
+
+    (out / "draft_config.json").unlink()
+    assert main([*common, "--resume"]) == 2
+    assert "draft_config.json is missing" in capsys.readouterr().err

@@ -3,6 +3,8 @@ exported checkpoint is one the engine serves, losslessly."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -71,7 +73,7 @@ def test_baselines_train_too(target, sequences, tmp_path, kind):
 
 def test_resume_gives_the_uninterrupted_result(target, sequences, tmp_path):
     config, whole = fresh(target)
-    train(whole, target.model, sequences, settings(steps=6), tmp_path / "whole", config)
+    uninterrupted = train(whole, target.model, sequences, settings(steps=6), tmp_path / "whole", config)
 
     class Stop(KeyboardInterrupt):
         pass
@@ -86,12 +88,41 @@ def test_resume_gives_the_uninterrupted_result(target, sequences, tmp_path):
     assert torch.load(tmp_path / "part" / STATE_FILE, weights_only=True)["step"] == 3
     config, resumed = fresh(target)
     result = train(resumed, target.model, sequences, settings(steps=6), tmp_path / "part", config)
-    assert result.steps_done == 6 and len(result.history) == 3
+    assert result.steps_done == 6
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    # the record covers the whole run (the exported summary's final acceptance, train_log.json), not
+    # the resumed steps alone: a finished run resumed again exported an empty one
+    assert [h["loss"] for h in result.history] == [h["loss"] for h in uninterrupted.history]
+    again = train(resumed, target.model, sequences, settings(steps=6), tmp_path / "part", config)
+    assert again.history == result.history and again.steps_done == 6
     with pytest.raises(TrainingError, match="seed"):     # another run's state is not silently reused
         train(resumed, target.model, sequences, TrainSettings(kind="dspark", steps=6, seed=6), tmp_path / "part",
               config)
+
+
+@pytest.mark.parametrize("change,message", [(dict(lr=1e-2), "--lr 0.003 (asked: 0.01)"),
+                                            (dict(batch=3), "--batch 2 (asked: 3)"),
+                                            (dict(max_anchors=8), "--anchors 48 (asked: 8)")])
+def test_resume_refuses_other_settings_than_the_run_started_with(target, sequences, tmp_path, change, message):
+    """Another learning rate, batch or anchor count gives neither the uninterrupted run nor the
+    recorded one; they were taken silently."""
+    config, module = fresh(target)
+    train(module, target.model, sequences, settings(steps=2), tmp_path, config)
+    other = settings(steps=2)
+    for name, value in change.items():
+        setattr(other, name, value)
+    with pytest.raises(TrainingError, match=re.escape(message)):
+        train(module, target.model, sequences, other, tmp_path, config)
+
+
+def test_a_damaged_state_is_refused_with_what_to_do(target, sequences, tmp_path):
+    config, module = fresh(target)
+    train(module, target.model, sequences, settings(steps=2), tmp_path, config)
+    state = tmp_path / STATE_FILE
+    state.write_bytes(state.read_bytes()[:100_000])     # a copy cut short
+    with pytest.raises(TrainingError, match="cannot be resumed .*delete it to start over"):
+        train(module, target.model, sequences, settings(steps=2), tmp_path, config)
 
 
 def test_the_exported_drafter_is_served_losslessly(target, sequences, tmp_path):
