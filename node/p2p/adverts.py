@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,6 +27,9 @@ MAX_ADVERT_BYTES = 16 * 1024     # a real advert is ~400 bytes; 16 KiB leaves ro
 MAX_TTL_S = 86_400             # same bound as the node config (p2p.advert_ttl_s)
 MAX_CLOCK_SKEW_MS = 30_000
 MAX_REMEMBERED_PEERS = 10_000    # bound on the sequence memory (replay protection)
+# Bound on the live adverts' serialized bytes: without it a flood of 16 KiB adverts signed by
+# throwaway keys held ~0.5 GB (10,000 peers at ~47 KB of memory each, measured).
+MAX_LIVE_BYTES = 16 * 1024 * 1024
 
 
 def now_ms() -> int:
@@ -100,14 +104,18 @@ class LiveAdvert:
 
 class AdvertBook:
     """Live adverts by peer, plus the last sequence seen per peer (kept past expiry, so an old
-    advert replayed after its sender went quiet is still refused). Thread-safe: the libp2p thread
-    writes, the asyncio side reads."""
+    advert replayed after its sender went quiet is still refused). Both are bounded; when full,
+    the peer that advertised least recently is forgotten first: a worker re-advertises every few
+    seconds, so a flood of adverts from throwaway keys must outpace that across the whole table to
+    push it out. Thread-safe: the libp2p thread writes, the asyncio side reads."""
 
     def __init__(self, self_peer_id: str = ""):
         self._self = self_peer_id
         self._lock = threading.Lock()
-        self._live: dict[str, LiveAdvert] = {}
-        self._last_sequence: dict[str, int] = {}
+        # Both in the order peers last advertised, least recent first.
+        self._live: OrderedDict[str, LiveAdvert] = OrderedDict()
+        self._live_bytes = 0
+        self._last_sequence: OrderedDict[str, int] = OrderedDict()
 
     def offer(self, data: bytes, origin_peer_id: str | None, at_ms: int | None = None) -> LiveAdvert:
         """Check and store an advert; raise AdvertRefused. Our own adverts are checked, not stored."""
@@ -119,23 +127,27 @@ class AdvertBook:
             live = LiveAdvert(advert, envelope, at, min(advert.issued_at_ms, at) + advert.ttl_seconds * 1000)
             if advert.peer_id == self._self:
                 return live
-            if len(self._last_sequence) >= MAX_REMEMBERED_PEERS and advert.peer_id not in self._last_sequence:
-                self._forget_oldest()
+            self._last_sequence.pop(advert.peer_id, None)
             self._last_sequence[advert.peer_id] = advert.sequence
+            while len(self._last_sequence) > MAX_REMEMBERED_PEERS:
+                self._drop_live(self._last_sequence.popitem(last=False)[0])
+            self._drop_live(advert.peer_id)
             self._live[advert.peer_id] = live
+            self._live_bytes += envelope.ByteSize()
+            while self._live_bytes > MAX_LIVE_BYTES:
+                self._drop_live(next(iter(self._live)))
             return live
 
-    def _forget_oldest(self) -> None:
-        expired = [p for p in self._last_sequence if p not in self._live]
-        victim = expired[0] if expired else next(iter(self._last_sequence))
-        self._last_sequence.pop(victim, None)
-        self._live.pop(victim, None)
+    def _drop_live(self, peer_id: str) -> None:
+        dropped = self._live.pop(peer_id, None)
+        if dropped is not None:
+            self._live_bytes -= dropped.envelope.ByteSize()
 
     def live(self, at_ms: int | None = None) -> list[LiveAdvert]:
         at = now_ms() if at_ms is None else at_ms
         with self._lock:
             for peer in [p for p, a in self._live.items() if a.expires_at_ms <= at]:
-                del self._live[peer]
+                self._drop_live(peer)
             return list(self._live.values())
 
     def get(self, peer_id: str, at_ms: int | None = None) -> LiveAdvert | None:

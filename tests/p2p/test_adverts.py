@@ -8,6 +8,7 @@ from dspark.v1.advert_pb2 import CapacityAdvert, ModelOffer
 from dspark.v1.envelope_pb2 import Envelope
 from node.envelope import seal
 from node.identity import Identity
+from node.p2p import adverts
 from node.p2p.adverts import MAX_ADVERT_BYTES, AdvertBook, AdvertRefused, AdvertSigner, now_ms
 
 WORKER = Identity.from_seed(bytes(range(32)))
@@ -87,6 +88,23 @@ def test_bad_endpoint_is_malformed():
     assert refusal(signed(endpoint="host:99999")) == "malformed"
     assert refusal(signed(endpoint="host:\u00b2")) == "malformed"     # '²': isdigit, but no int
     assert refusal(signed(endpoint="host:\u0663")) == "malformed"     # Arabic-Indic 3, read as 3 by int()
+
+
+def test_live_adverts_are_bounded_by_their_bytes_forgetting_the_least_recent_advertiser(monkeypatch):
+    """Near-maximal adverts from throwaway keys: the book holds what fits in MAX_LIVE_BYTES (lowered
+    here to 64 KiB; it kept every one, ~47 KB of memory each), and a peer that advertised again
+    since outlives the ones heard once."""
+    monkeypatch.setattr(adverts, "MAX_LIVE_BYTES", 64 * 1024)
+    big = CapacityAdvert(grpc_endpoint="127.0.0.1:1", models=[ModelOffer(id="x" * 200) for _ in range(60)])
+    book = AdvertBook()
+    veteran = AdvertSigner(WORKER, ttl_seconds=30)
+    book.offer(veteran.sign(big, []).SerializeToString(), None)
+    for _ in range(8):
+        book.offer(AdvertSigner(Identity.generate(), 30).sign(big, []).SerializeToString(), None)
+        book.offer(veteran.sign(big, []).SerializeToString(), None)
+    held = book.live()
+    assert sum(a.envelope.ByteSize() for a in held) <= 64 * 1024 and 3 <= len(held) < 9
+    assert WORKER.peer_id in {a.peer_id for a in held}
 
 
 def test_own_adverts_are_checked_but_not_listed():

@@ -15,10 +15,13 @@ import trio
 
 from dspark.v1 import worker_pb2_grpc
 from dspark.v1.advert_pb2 import CapacityAdvert, ModelOffer
+from dspark.v1.envelope_pb2 import Envelope
+from dspark.v1.p2p_pb2 import AdvertList
 from node.identity import Identity
+from node.p2p import adverts
 from node.p2p.adverts import AdvertBook, AdvertSigner
 from node.p2p.discovery import Discovery
-from node.p2p.exchange import FETCH_TIMEOUT_S, PROTOCOL
+from node.p2p.exchange import FETCH_TIMEOUT_S, MAX_ADVERTS, PROTOCOL
 from node.p2p.failover import run_with_failover
 from node.p2p.host import HostConfig
 from node.p2p.network import PeerNetwork
@@ -119,3 +122,44 @@ async def test_peers_that_stall_the_advert_exchange_cost_one_timeout_together():
                 await discovery.stop()
     finally:
         await asyncio.gather(*(s.stop() for s in stallers))
+
+
+async def _serve_batches(network: PeerNetwork, batches: list[list[bytes]]) -> None:
+    """Each exchange request is answered with the next batch of adverts."""
+
+    async def handle(stream) -> None:
+        batch = batches.pop(0) if batches else []
+        await stream.write(AdvertList(adverts=[Envelope.FromString(a) for a in batch]).SerializeToString())
+        await stream.close()
+
+    network.host.host.set_stream_handler(PROTOCOL, handle)
+
+
+@pytest.mark.asyncio
+async def test_a_flood_of_adverts_from_throwaway_keys_does_not_push_out_a_worker_that_keeps_advertising(
+        peer_factory, monkeypatch):
+    """A peer hands the client batch after batch of valid adverts, each signed by a new key, past the
+    book's bound (lowered to 600 peers here, 10,000 in use). The honest worker advertises every second
+    and stays listed throughout; the book kept the peers in the order first heard and pushed out the
+    honest worker, heard first, as soon as the bound was reached."""
+    monkeypatch.setattr(adverts, "MAX_REMEMBERED_PEERS", 600)
+    worker = peer_factory("--model", "m", "--interval", "1", "--ttl", "30", "--price", "100000")
+    flooder = PeerNetwork(Identity.generate(), HostConfig(LOOPBACK))
+    await flooder.start()
+    batches = [[sybil_advert("127.0.0.1:1") for _ in range(MAX_ADVERTS)] for _ in range(4)]
+    await flooder.host.call(_serve_batches, flooder, batches)
+    discovery = Discovery(CLIENT, [worker.addr, *flooder.listen_addrs()])
+    try:
+        await discovery.start()
+        deadline = time.monotonic() + 10
+        while discovery.network.book.get(worker.peer_id) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert discovery.network.book.get(worker.peer_id) is not None
+        while batches:
+            await asyncio.sleep(1.2)    # an advert interval of the honest worker
+            assert len(await discovery.network.fetch(flooder.identity.peer_id)) == MAX_ADVERTS
+            listed = {a.peer_id for a in discovery.adverts("m")}
+            assert worker.peer_id in listed and len(listed) <= 600
+    finally:
+        await discovery.stop()
+        await flooder.stop()
