@@ -9,6 +9,7 @@ than the peer it describes), stale (sequence not above the last one seen from th
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -80,6 +81,10 @@ def check_advert(data: bytes, origin_peer_id: str | None, at_ms: int, known_sequ
     last_sequence = known_sequences.get(advert.peer_id)
     if last_sequence is not None and advert.sequence <= last_sequence:
         raise AdvertRefused("stale", f"sequence {advert.sequence} is not above {last_sequence} seen before")
+    # A rate clients rank by and show: inf made the gateway's GET /v1/models a 500 (JSON has no
+    # Infinity) and `peers --json` print a line that is not JSON.
+    if not (math.isfinite(advert.tokens_per_second) and advert.tokens_per_second >= 0):
+        raise AdvertRefused("malformed", f"tokens_per_second {advert.tokens_per_second} is not a finite rate >= 0")
     host, sep, port = advert.grpc_endpoint.rpartition(":")
     # isascii: str.isdigit() also takes '²', which int() refuses: a peer's advert must not raise here.
     if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:

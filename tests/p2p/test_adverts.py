@@ -107,6 +107,13 @@ def test_live_adverts_are_bounded_by_their_bytes_forgetting_the_least_recent_adv
     assert WORKER.peer_id in {a.peer_id for a in held}
 
 
+@pytest.mark.parametrize("rate", [float("inf"), float("nan"), -1.0])
+def test_a_speed_that_is_no_rate_is_malformed(rate):
+    advert = capacity()
+    advert.tokens_per_second = rate
+    assert refusal(AdvertSigner(WORKER, 30).sign(advert, []).SerializeToString()) == "malformed"
+
+
 def test_own_adverts_are_checked_but_not_listed():
     book = AdvertBook(self_peer_id=WORKER.peer_id)
     book.offer(signed(), WORKER.peer_id)

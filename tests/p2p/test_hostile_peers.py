@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 
 import grpc
+import httpx
 import pytest
 import trio
 
@@ -17,6 +19,9 @@ from dspark.v1 import worker_pb2_grpc
 from dspark.v1.advert_pb2 import CapacityAdvert, ModelOffer
 from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.p2p_pb2 import AdvertList
+from node.gateway.app import GatewayApp
+from node.gateway.config import GatewayConfig
+from node.gateway.gateway import Gateway
 from node.identity import Identity
 from node.p2p import adverts
 from node.p2p.adverts import AdvertBook, AdvertSigner
@@ -163,3 +168,31 @@ async def test_a_flood_of_adverts_from_throwaway_keys_does_not_push_out_a_worker
     finally:
         await discovery.stop()
         await flooder.stop()
+
+
+@pytest.mark.asyncio
+async def test_an_advert_claiming_an_infinite_speed_does_not_break_the_gateways_model_list(tmp_path):
+    """A peer hands a real gateway the honest worker's advert and one with tokens_per_second = inf:
+    GET /v1/models answered 500 (JSON has no Infinity) for every user. That advert is dropped as
+    malformed; the honest worker is listed."""
+    worker = _TimeWorker(0, 0)
+    worker.endpoint = "127.0.0.1:7440"
+    honest = AdvertSigner(WORKER, 60).sign(worker.advert(), []).SerializeToString()
+    infinite = CapacityAdvert(grpc_endpoint="127.0.0.1:1", models=[ModelOffer(id="m")], free_slots=1,
+                              tokens_per_second=float("inf"))
+    liar = AdvertSigner(Identity.generate(), 60).sign(infinite, []).SerializeToString()
+    relay = PeerNetwork(Identity.generate(), HostConfig(LOOPBACK))
+    await relay.start()
+    await relay.host.call(_serve_batches, relay, [[honest, liar]])
+    gateway = Gateway(GatewayConfig(bootstrap=relay.listen_addrs(), data_dir=tmp_path, tls="off"), CLIENT)
+    try:
+        await gateway.start()
+        transport = httpx.ASGITransport(GatewayApp(gateway).app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            response = await http.get("/v1/models")
+    finally:
+        await gateway.stop()
+        await relay.stop()
+    assert response.status_code == 200, response.text
+    card = json.loads(response.text, parse_constant=lambda c: pytest.fail(f"{c} in the model list"))["data"][0]
+    assert card["id"] == "m" and card["dspark"]["workers"] == 1
