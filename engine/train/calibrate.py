@@ -287,7 +287,10 @@ def default_prompts(limit: int, seed: int) -> list[str]:
     4% on the benchmark sets). 59 of each: 177 in all."""
     from engine.train.data import function_prompts, math_prompts
 
-    code, math_, chat = function_prompts()[1], math_prompts(limit, CALIBRATION_SEED + seed), chat_prompts()
+    code, chat = function_prompts()[1], chat_prompts()
+    # no more word problems than the other kinds can pair (the first n draws are the same for any
+    # count): --limit 100000000 drew them all, for half an hour, before decoding the 177 there are
+    math_ = math_prompts(min(limit, len(code), len(chat)), CALIBRATION_SEED + seed)
     mixed = [p for kinds in zip(code, math_, chat) for p in kinds]
     return mixed[:limit]
 

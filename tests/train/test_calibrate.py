@@ -166,3 +166,14 @@ def test_default_prompts_take_held_out_code_unseen_word_problems_and_general_req
     # the general requests are neither training requests nor evaluation prompts
     evaluation = {json.loads(line)["turns"][0] for f in EVAL_DIR.glob("*.jsonl") for line in f.open()}
     assert evaluation and not set(chat_prompts()) & (set(general_prompts(0)) | set(general_prompts(42)) | evaluation)
+
+
+def test_a_limit_past_the_pool_takes_the_pool_at_once():
+    """--limit 100000000 drew as many word problems (half an hour, gigabytes) before decoding the 177
+    prompts the pool holds; a smaller limit is the same prefix."""
+    import time
+
+    start = time.monotonic()
+    pool = default_prompts(10**9, seed=2)
+    assert pool == default_prompts(177, seed=2) and pool[:10] == default_prompts(10, seed=2)
+    assert time.monotonic() - start < 60
