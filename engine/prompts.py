@@ -13,9 +13,11 @@ class PromptFileError(ValueError):
 def load_first_turns(path: Path, limit: int | None = None) -> list[str]:
     """The first user turn of each line (what the field reports accepted length on)."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise PromptFileError(f"cannot read prompt file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"{path} is not UTF-8 text (byte {exc.start}): expected JSON lines") from None
     prompts = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

@@ -310,11 +310,12 @@ def split_holdout(prompts: list, holdout: float) -> tuple[list, list]:
 
 def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limit: int, max_new_tokens: int,
                       temperature: float, seed: int, write: bool = True, temperature_only: bool = False,
-                      device: str = "cpu", holdout: float = 0.0) -> dict:
+                      device: str = "cpu", holdout: float = 0.0, prompt_source: dict | None = None) -> dict:
     """Decode held-out prompts with the drafter, fit the per-position scaling, store it (and the
     report) in its config.json. With `holdout` > 0 that share of the prompts is decoded apart and
     never fitted on, and the before/after report is measured on it (on the fitting set, ECE after
-    a fit is optimistic)."""
+    a fit is optimistic). `prompt_source` says where given `prompts` came from (recorded with the
+    fit, so a calibration on an evaluation set shows; the default pool records itself)."""
     from engine.bench import chat_ids
     from engine.build import build_engine
     from engine.config import EngineConfig
@@ -338,6 +339,8 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
                       head.history_weights[int(greedy)].tolist() if prior is not None else None, prior)
     if prompts is None:
         prompts = default_prompts(limit, seed)
+        prompt_source = {"pool": "engine/train/calibrate.py default_prompts: held-out code requests, word problems "
+                                  f"drawn with seed {CALIBRATION_SEED + seed}, general requests for calibration only"}
     tok = engine.tokenizer
     ids = [chat_ids(tok, p) for p in prompts[:limit]]
     fit_ids, report_ids = split_holdout(ids, holdout)
@@ -368,6 +371,7 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
         raw["calibration" + suffix] = {
             "method": "STS" if temperature_only else "STS with offsets, draft and history weights", "rounds": rounds,
             "temperature": temperature, "max_new_tokens": max_new_tokens, "prompts": len(fit_ids),
+            "prompt_source": prompt_source or {},
             "reported_on": result["reported_on"], "held_out_prompts": len(report_ids),
             "ece_before": [round(r["ece"], 4) for r in result["before"]],
             "ece_after": [round(r["ece"], 4) for r in result["after"]]}

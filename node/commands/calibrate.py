@@ -4,6 +4,7 @@ of a DSpark drafter's confidence head."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -53,10 +54,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         prompts = load_first_turns(args.prompts, args.limit) if args.prompts else None
+        # the file itself, so that a fit on an evaluation set (shared/eval) shows in the drafter's record
+        source = {"file": str(args.prompts.resolve()),
+                  "sha256": hashlib.sha256(args.prompts.read_bytes()).hexdigest()} if args.prompts else None
         result = calibrate_drafter(args.drafter, args.model, prompts, args.limit, args.max_new_tokens,
                                    args.temperature, args.seed, write=not args.dry_run,
                                    temperature_only=args.temperature_only, device=args.device,
-                                   holdout=args.holdout)
+                                   holdout=args.holdout, prompt_source=source)
     except (ValidationError, ModelLoadError, PromptFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -217,6 +217,7 @@ def test_calibrate_fits_and_stores_temperatures_offsets_and_draft_weights(target
     assert stored["confidence_history_weights"] == printed["history_weights"] and len(printed["history_weights"]) == 4
     assert stored["confidence_history_prior"] == printed["history_prior"] and 0 < printed["history_prior"] < 1
     assert stored["calibration"]["prompts"] == 4
+    assert stored["calibration"]["prompt_source"]["pool"].startswith("engine/train/calibrate.py default_prompts")
     loaded = load_checkpoint(tmp_path, target).config
     assert loaded.confidence_offsets == printed["offsets"]
     assert loaded.confidence_draft_weights == printed["draft_weights"]
@@ -273,3 +274,29 @@ def test_train_drafter_resume_refuses_another_drafter_and_keeps_the_whole_record
     (out / "draft_config.json").unlink()
     assert main([*common, "--resume"]) == 2
     assert "draft_config.json is missing" in capsys.readouterr().err
+
+
+def test_calibrate_records_the_prompt_file_it_fitted_on(target, tmp_path, capsys):
+    """A fit on a --prompts file (an evaluation set from shared/eval, say) records the file and its
+    digest with the calibration; nothing said where the prompts came from. A file that is not UTF-8
+    is refused naming it (it was the codec's message alone)."""
+    import hashlib
+    import json
+
+    config, state = init_drafter(target, "dspark", layers=1, markov_rank=8, block_size=4, target_layer_ids=[-1, 1])
+    drafter = save_checkpoint(tmp_path / "drafter", config, state)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"turns": [f"Count to {n}."]}) + "\n" for n in range(3, 6)))
+    argv = ["calibrate", "--drafter", str(drafter), "--model", str(target.path), "--limit", "3",
+            "--max-new-tokens", "8"]
+    assert main([*argv, "--prompts", str(prompts)]) == 0
+    record = json.loads((drafter / "config.json").read_text())["calibration"]
+    assert record["prompt_source"] == {"file": str(prompts.resolve()),
+                                       "sha256": hashlib.sha256(prompts.read_bytes()).hexdigest()}
+    assert record["prompts"] == 3
+
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(json.dumps({"turns": ["caf\u00e9"]}, ensure_ascii=False).encode("latin-1"))
+    capsys.readouterr()
+    assert main([*argv, "--prompts", str(latin1)]) == 2
+    assert f"{latin1} is not UTF-8 text" in capsys.readouterr().err
