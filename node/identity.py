@@ -24,6 +24,9 @@ _B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _KEY_FILE_HEADER = "dspark-node ed25519 key v1\n"
 
 
+PEER_ID_CHARS = 52     # base58 of the identity multihash of a libp2p Ed25519 key: "12D3KooW" + 44
+
+
 class IdentityError(ValueError):
     """A key file or a peer ID that cannot be used; the message says why."""
 
@@ -59,6 +62,10 @@ def peer_id_from_public_key(public_key: bytes) -> str:
 
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """Inverse of `peer_id_from_public_key`; refuses peer IDs that do not embed an Ed25519 key."""
+    # Checked before decoding: base58 decoding is quadratic in the length, and a peer's advert may
+    # carry a 16,000-character peer ID (60 ms each, on the libp2p thread, before this check).
+    if len(peer_id) != PEER_ID_CHARS:
+        raise IdentityError(f"a peer ID of an Ed25519 key is {PEER_ID_CHARS} characters, got {len(peer_id)}")
     raw = _b58decode(peer_id)
     header = _IDENTITY_MULTIHASH_PREFIX + _LIBP2P_ED25519_PREFIX
     if len(raw) != len(header) + 32 or not raw.startswith(header):

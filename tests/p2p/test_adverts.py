@@ -114,6 +114,15 @@ def test_a_speed_that_is_no_rate_is_malformed(rate):
     assert refusal(AdvertSigner(WORKER, 30).sign(advert, []).SerializeToString()) == "malformed"
 
 
+def test_a_peer_id_too_long_to_be_one_is_malformed_and_not_quoted():
+    advert = capacity()
+    advert.peer_id = "z" * 15_000
+    with pytest.raises(AdvertRefused) as info:
+        AdvertBook().offer(seal(WORKER, advert).SerializeToString(), None)
+    assert info.value.reason == "malformed" and "52 characters, got 15000" in str(info.value)
+    assert len(str(info.value)) < 200
+
+
 def test_own_adverts_are_checked_but_not_listed():
     book = AdvertBook(self_peer_id=WORKER.peer_id)
     book.offer(signed(), WORKER.peer_id)

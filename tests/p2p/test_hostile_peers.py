@@ -22,6 +22,7 @@ from dspark.v1.p2p_pb2 import AdvertList
 from node.gateway.app import GatewayApp
 from node.gateway.config import GatewayConfig
 from node.gateway.gateway import Gateway
+from node.envelope import seal
 from node.identity import Identity
 from node.p2p import adverts
 from node.p2p.adverts import AdvertBook, AdvertSigner
@@ -196,3 +197,27 @@ async def test_an_advert_claiming_an_infinite_speed_does_not_break_the_gateways_
     assert response.status_code == 200, response.text
     card = json.loads(response.text, parse_constant=lambda c: pytest.fail(f"{c} in the model list"))["data"][0]
     assert card["id"] == "m" and card["dspark"]["workers"] == 1
+
+
+@pytest.mark.asyncio
+async def test_adverts_with_huge_peer_ids_are_refused_without_decoding_them():
+    """A peer hands the client 200 validly signed adverts whose peer_id is 15,000 base58 characters:
+    each cost ~60 ms of the libp2p thread to decode (12 s for the batch, the host unresponsive
+    meanwhile) before it was found not to be a peer ID. Each is now refused on its length."""
+    adverts_sent = []
+    for _ in range(200):
+        advert = CapacityAdvert(peer_id="z" * 15_000, grpc_endpoint="127.0.0.1:1", models=[ModelOffer(id="m")],
+                                ttl_seconds=60, issued_at_ms=int(time.time() * 1000))
+        adverts_sent.append(seal(Identity.generate(), advert).SerializeToString())
+    relay = PeerNetwork(Identity.generate(), HostConfig(LOOPBACK))
+    await relay.start()
+    await relay.host.call(_serve_batches, relay, [[], adverts_sent])   # the first batch goes to start()
+    discovery = Discovery(CLIENT, relay.listen_addrs())
+    try:
+        await discovery.start()
+        started = time.monotonic()
+        assert await discovery.network.fetch(relay.identity.peer_id) == []
+        assert time.monotonic() - started < 3.0
+    finally:
+        await discovery.stop()
+        await relay.stop()
