@@ -151,7 +151,8 @@ def check_out(opts: TrainOptions) -> None:
     """Refuse an --out or --cache-dir training cannot write, or an --out whose drafter it would
     replace, before the target is loaded or any cache built."""
     state_file = opts.out / STATE_FILE
-    for flag, path in (("--out", opts.out), ("--cache-dir", opts.cache_dir)):
+    # --cache-only writes nothing to --out (the recipes give it a throwaway one)
+    for flag, path in (("--out", None if opts.cache_only else opts.out), ("--cache-dir", opts.cache_dir)):
         existing = next((p for p in (path, *path.parents) if p.exists()), None) if path is not None else None
         if existing is not None and not existing.is_dir():
             raise TrainingError(f"{flag} {path}: {existing} is a file, not a directory")
@@ -162,7 +163,7 @@ def check_out(opts: TrainOptions) -> None:
         raise TrainingError(f"--resume: {state_file} does not exist")
     # a drafter no run of ours continues: the shipped one, a calibrated one, the --init-from drafter itself
     drafter = [name for name in ("config.json", "model.safetensors") if (opts.out / name).exists()]
-    if drafter and not opts.resume:
+    if drafter and not opts.resume and not opts.cache_only:
         raise TrainingError(f"{opts.out} holds a drafter ({', '.join(drafter)}) and no run to resume: training "
                             "would replace it; choose another --out")
 

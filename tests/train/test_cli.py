@@ -64,6 +64,11 @@ def test_train_drafter_refuses_an_out_or_cache_dir_it_cannot_use(target, cache_d
     assert main([*common, "--out", str(drafter), "--init-from", str(drafter), "--cache-dir", str(cache_dir)]) == 2
     assert "holds a drafter (config.json, model.safetensors) and no run to resume" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in drafter.iterdir()} == before
+    # --cache-only writes nothing there: any --out does
+    for out in (drafter, a_file):
+        assert main([*common, "--out", str(out), "--cache-dir", str(cache_dir), "--target-layers=-1,1",
+                     "--cache-only"]) == 0
+    assert {f.name: f.read_bytes() for f in drafter.iterdir()} == before and a_file.read_text() == "not a directory"
 
 
 def test_train_drafter_interrupted_before_training_says_there_is_nothing_to_resume(target, tmp_path, capsys,
