@@ -344,7 +344,13 @@ def save_checkpoint(path: str | Path, config: dict, state: dict[str, torch.Tenso
     config = dict(config, shares_target_embeddings=not all(n in state for n in SHARED))
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v if dtype is None else v.to(dtype)).detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    (path / "model.safetensors").chmod(0o644)   # safetensors writes 0600; a node may run as another user
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    weights, weights_partial = path / "model.safetensors", path / "model.safetensors.partial"
+    config_file, config_partial = path / "config.json", path / "config.json.partial"
+    save_file(tensors, weights_partial, metadata={"format": "pt"})
+    weights_partial.chmod(0o644)   # safetensors writes 0600; a node may run as another user
+    config_partial.write_text(json.dumps(config, indent=2, sort_keys=True))
+    # Both complete before either replaces its predecessor: a write cut short (Ctrl-C, a full disk)
+    # leaves the earlier checkpoint as it was, not a truncated weights file beside its config.
+    weights_partial.replace(weights)
+    config_partial.replace(config_file)
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -118,6 +119,33 @@ def test_file_problems_are_refused(target, tmp_path):
     (path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(path, target)
+
+
+def test_a_save_cut_short_leaves_the_earlier_checkpoint(target, tmp_path, monkeypatch):
+    """Ctrl-C (or a full disk) while train-drafter exports over an earlier export: the earlier
+    checkpoint stays whole and loadable; model.safetensors was written in place, truncated beside
+    its config."""
+    import engine.drafters.checkpoint
+
+    path = write_drafter(target, tmp_path / "d", "dspark")
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+    config, state = init_drafter(target, "dspark", layers=2, markov_rank=16, block_size=5,
+                                 target_layer_ids=[-1, 1], seed=8)
+
+    def cut_short(tensors, filename, metadata=None):
+        save_file(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:1000])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.drafters.checkpoint, "save_file", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, config, state)
+    assert {f.name: f.read_bytes() for f in path.iterdir() if not f.name.endswith(".partial")} == before
+    load_checkpoint(path, target)
+    monkeypatch.undo()
+    save_checkpoint(path, config, state)     # the next save completes, and leaves no partial file
+    assert sorted(f.name for f in path.iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(load_checkpoint(path, target).weights["fc.weight"], state["fc.weight"])
 
 
 def test_draft_vocabulary_round_trip_changes_the_digest_only(target, tmp_path):
