@@ -64,8 +64,9 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
     """Inverse of `peer_id_from_public_key`; refuses peer IDs that do not embed an Ed25519 key."""
     # Checked before decoding: base58 decoding is quadratic in the length, and a peer's advert may
     # carry a 16,000-character peer ID (60 ms each, on the libp2p thread, before this check).
-    if len(peer_id) != PEER_ID_CHARS:
-        raise IdentityError(f"a peer ID of an Ed25519 key is {PEER_ID_CHARS} characters, got {len(peer_id)}")
+    if len(peer_id) > PEER_ID_CHARS:
+        raise IdentityError(f"{peer_id[:PEER_ID_CHARS]!r}... is not a peer ID of an Ed25519 key "
+                            f"({PEER_ID_CHARS} characters, not {len(peer_id)})")
     raw = _b58decode(peer_id)
     header = _IDENTITY_MULTIHASH_PREFIX + _LIBP2P_ED25519_PREFIX
     if len(raw) != len(header) + 32 or not raw.startswith(header):
