@@ -105,8 +105,9 @@ class DrafterConfig(BaseModel):
     @field_validator("confidence_temperatures", "confidence_temperatures_greedy")
     @classmethod
     def _positive(cls, temps: list[float] | None) -> list[float] | None:
-        if temps is not None and any(not t > 0 for t in temps):
-            raise ValueError(f"temperatures must be > 0, got {temps}")
+        # an infinite one zeroes the head's logit: every confidence the bare offset, whatever the head says
+        if temps is not None and any(not 0 < t < math.inf for t in temps):
+            raise ValueError(f"temperatures must be finite and > 0, got {temps}")
         return temps
 
     @field_validator("confidence_offsets", "confidence_offsets_greedy", "confidence_draft_weights",

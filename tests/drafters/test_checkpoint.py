@@ -77,7 +77,9 @@ REFUSALS = [
     ("not a drafter", lambda c, p: c.update(architectures=["Qwen3ForCausalLM"])),
     ("unexpected tensor", lambda c, p: c.update(markov_head_type="vanilla")),  # weights are gated
     ("fc.weight", lambda c, p: c.update(target_layer_ids=[-1, 0, 1])),        # fc is [H, 2H]
-    ("temperatures must be > 0", lambda c, p: c.update(confidence_temperatures=[1.0, 0.0] + [1.0] * 3)),
+    ("temperatures must be finite and > 0", lambda c, p: c.update(confidence_temperatures=[1.0, 0.0] + [1.0] * 3)),
+    ("confidence_temperatures_greedy: Value error, temperatures must be finite and > 0",
+     lambda c, p: c.update(confidence_temperatures_greedy=[1.0, float("inf")] + [1.0] * 3)),
     ("confidence_offsets has 2 entries", lambda c, p: c.update(confidence_offsets=[0.1, 0.2])),
     ("confidence_offsets: Value error, must be finite", lambda c, p: c.update(confidence_offsets=[float("inf")] * 5)),
     ("confidence_draft_weights_greedy: Value error, must be finite",
