@@ -221,6 +221,9 @@ def prepare_cache(opts: TrainOptions, target: LoadedTarget, ids: list[int], log)
         }
         log(f"scoring {len(samples)} sequences ({sum(len(s.input_ids) for s in samples)} tokens) with the target")
         build_cache(target, samples, directory, ids, opts.topk, sources=sources)
+    elif not opts.resume:   # the data flags asked for data that is not made: say so (a resume expects it)
+        log(f"using the target cache in {directory} as built (--gen-*, --stdlib-tokens and --max-len do not "
+            "apply to it; another --cache-dir builds a new one)")
     return directory, open_cache(directory, want)
 
 
