@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 from google.protobuf.message import DecodeError
 
@@ -27,6 +28,9 @@ TOPIC = "/dspark/capacity/1"
 MAX_ADVERT_BYTES = 16 * 1024     # a real advert is ~400 bytes; 16 KiB leaves room for many models
 MAX_TTL_S = 86_400             # same bound as the node config (p2p.advert_ttl_s)
 MAX_CLOCK_SKEW_MS = 30_000
+# A worker serves one model (capacity.py); 16 KiB held ~3,000 tiny ones, and every client's lookup of
+# a model walks each advert's list: 1,000 such adverts made one lookup take 0.6 s.
+MAX_MODELS_PER_ADVERT = 64
 MAX_REMEMBERED_PEERS = 10_000    # bound on the sequence memory (replay protection)
 # Bound on the live adverts' serialized bytes: without it a flood of 16 KiB adverts signed by
 # throwaway keys held ~0.5 GB (10,000 peers at ~47 KB of memory each, measured).
@@ -81,6 +85,8 @@ def check_advert(data: bytes, origin_peer_id: str | None, at_ms: int, known_sequ
     last_sequence = known_sequences.get(advert.peer_id)
     if last_sequence is not None and advert.sequence <= last_sequence:
         raise AdvertRefused("stale", f"sequence {advert.sequence} is not above {last_sequence} seen before")
+    if len(advert.models) > MAX_MODELS_PER_ADVERT:
+        raise AdvertRefused("malformed", f"advert lists {len(advert.models)} models, more than {MAX_MODELS_PER_ADVERT}")
     # A rate clients rank by and show: inf made the gateway's GET /v1/models a 500 (JSON has no
     # Infinity) and `peers --json` print a line that is not JSON.
     if not (math.isfinite(advert.tokens_per_second) and advert.tokens_per_second >= 0):
@@ -103,8 +109,12 @@ class LiveAdvert:
     def peer_id(self) -> str:
         return self.advert.peer_id
 
+    @cached_property
+    def model_ids(self) -> frozenset[str]:
+        return frozenset(offer.id for offer in self.advert.models)
+
     def serves(self, model: str) -> bool:
-        return any(offer.id == model for offer in self.advert.models)
+        return model in self.model_ids
 
 
 class AdvertBook:

@@ -123,6 +123,13 @@ def test_a_peer_id_too_long_to_be_one_is_malformed_and_not_quoted():
     assert len(str(info.value)) < 200
 
 
+def test_an_advert_listing_more_models_than_a_worker_serves_is_malformed():
+    advert = CapacityAdvert(grpc_endpoint="127.0.0.1:1", models=[ModelOffer(id=f"m{i}") for i in range(64)])
+    assert AdvertBook().offer(AdvertSigner(WORKER, 30).sign(advert, []).SerializeToString(), None).serves("m63")
+    advert.models.add(id="m64")
+    assert refusal(AdvertSigner(WORKER, 30).sign(advert, []).SerializeToString()) == "malformed"
+
+
 def test_own_adverts_are_checked_but_not_listed():
     book = AdvertBook(self_peer_id=WORKER.peer_id)
     book.offer(signed(), WORKER.peer_id)

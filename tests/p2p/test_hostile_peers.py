@@ -221,3 +221,23 @@ async def test_adverts_with_huge_peer_ids_are_refused_without_decoding_them():
     finally:
         await discovery.stop()
         await relay.stop()
+
+
+@pytest.mark.asyncio
+async def test_adverts_listing_thousands_of_models_are_refused():
+    """A peer hands the client 255 adverts of 3,000 model ids each (16 KiB), 'm' last: every lookup
+    of 'm' walked them all (0.6 s per lookup with 1,000 of them). They are refused as malformed."""
+    crowded = CapacityAdvert(grpc_endpoint="127.0.0.1:1", free_slots=1,
+                             models=[ModelOffer(id=str(i % 10)) for i in range(3000)] + [ModelOffer(id="m")])
+    batch = [AdvertSigner(Identity.generate(), 60).sign(crowded, []).SerializeToString() for _ in range(MAX_ADVERTS)]
+    relay = PeerNetwork(Identity.generate(), HostConfig(LOOPBACK))
+    await relay.start()
+    await relay.host.call(_serve_batches, relay, [[], batch])   # the first batch goes to start()
+    discovery = Discovery(CLIENT, relay.listen_addrs())
+    try:
+        await discovery.start()
+        assert await discovery.network.fetch(relay.identity.peer_id) == []
+        assert discovery.adverts("m") == []
+    finally:
+        await discovery.stop()
+        await relay.stop()
