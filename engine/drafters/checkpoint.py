@@ -273,10 +273,15 @@ def load_checkpoint(path: str | Path, target: LoadedTarget) -> DrafterCheckpoint
     shapes = expected_shapes(config)
     weights: dict[str, torch.Tensor] = {}
     d2t: torch.Tensor | None = None
+    origin: dict[str, Path] = {}   # a tensor in two files (a copy kept beside the weights) is ambiguous
     for f in files:
         try:
             with safe_open(f, framework="pt") as fh:
                 for name in fh.keys():
+                    if name in origin:
+                        raise CheckpointError(f"{path}: tensor {name} is in both {origin[name].name} and {f.name} "
+                                              "(keep one copy of the weights in the directory)")
+                    origin[name] = f
                     if name == DRAFT_VOCAB:
                         d2t = fh.get_tensor(name)
                     elif name in SHARED:  # the target's copy is used; only check it is the same shape

@@ -121,6 +121,13 @@ def test_file_problems_are_refused(target, tmp_path):
     (path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(path, target)
+    # a copy of the weights kept beside them (other weights under the same names): which one is served
+    # was the order of the file names
+    path = write_drafter(target, tmp_path / "f", "dspark")
+    save_file(load_file(write_drafter(target, tmp_path / "g", "dspark", seed=9) / "model.safetensors"),
+              path / "model_older.safetensors")
+    with pytest.raises(CheckpointError, match="is in both model.safetensors and model_older.safetensors"):
+        load_checkpoint(path, target)
 
 
 def test_a_save_cut_short_leaves_the_earlier_checkpoint(target, tmp_path, monkeypatch):
