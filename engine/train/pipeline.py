@@ -156,6 +156,9 @@ def check_out(opts: TrainOptions) -> None:
         existing = next((p for p in (path, *path.parents) if p.exists()), None) if path is not None else None
         if existing is not None and not existing.is_dir():
             raise TrainingError(f"{flag} {path}: {existing} is a file, not a directory")
+    if not opts.cache_only and opts.cache_dir is not None and opts.cache_dir.resolve() == opts.out.resolve():
+        # the shards are *.safetensors too: the drafter directory would not load (a tensor input_ids)
+        raise TrainingError(f"--out and --cache-dir are the same directory ({opts.out}): give the drafter its own")
     if state_file.exists() and not opts.resume:
         raise TrainingError(f"{opts.out} holds an unfinished or finished run ({STATE_FILE}); "
                             "pass --resume to continue it or choose another --out")

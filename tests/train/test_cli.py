@@ -57,6 +57,11 @@ def test_train_drafter_refuses_an_out_or_cache_dir_it_cannot_use(target, cache_d
         assert main([*common, *argv]) == 2
         assert message in capsys.readouterr().err
     assert a_file.read_text() == "not a directory" and not (tmp_path / "o").exists()
+    # the cache's shards beside the drafter's weights: a drafter directory that would not load
+    stamp = {f.name: f.stat().st_mtime_ns for f in cache_dir.iterdir()}
+    assert main([*common, "--out", str(cache_dir / "."), "--cache-dir", str(cache_dir)]) == 2
+    assert "--out and --cache-dir are the same directory" in capsys.readouterr().err
+    assert {f.name: f.stat().st_mtime_ns for f in cache_dir.iterdir()} == stamp
 
     config, state = init_drafter(target, "dspark", layers=1, markov_rank=8, block_size=4, target_layer_ids=[-1, 1])
     drafter = save_checkpoint(tmp_path / "drafter", config, state)
