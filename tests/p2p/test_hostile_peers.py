@@ -241,3 +241,42 @@ async def test_adverts_listing_thousands_of_models_are_refused():
     finally:
         await discovery.stop()
         await relay.stop()
+
+
+def _peak_rss_mb() -> float:
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmHWM"].split()[0]) / 1024
+
+
+@pytest.mark.asyncio
+async def test_an_answer_of_millions_of_empty_entries_is_not_parsed_whole():
+    """A peer answers the exchange with the honest worker's advert and then 4 MiB of empty entries
+    (~2 million): parsed whole, that was ~176 MB per answer. Only the first MAX_ADVERTS entries are
+    read, and the honest advert is taken."""
+    worker = _TimeWorker(0, 0)
+    worker.endpoint = "127.0.0.1:7440"
+    honest = AdvertSigner(WORKER, 60).sign(worker.advert(), [])
+    answer = AdvertList(adverts=[honest]).SerializeToString() + b"\x0a\x00" * (2 * 1024 * 1024 - 1024)
+
+    async def handle(stream) -> None:
+        await stream.write(answer)
+        await stream.close()
+
+    async def install(network: PeerNetwork) -> None:
+        network.host.host.set_stream_handler(PROTOCOL, handle)
+
+    relay = PeerNetwork(Identity.generate(), HostConfig(LOOPBACK))
+    await relay.start()
+    await relay.host.call(install, relay)
+    discovery = Discovery(CLIENT, relay.listen_addrs())
+    try:
+        await discovery.start()
+        discovery.network.book = AdvertBook(CLIENT.peer_id)   # forget what start() heard
+        with open("/proc/self/clear_refs", "w") as refs:   # restart the peak-memory count here
+            refs.write("5")
+        before = _peak_rss_mb()
+        assert [a.peer_id for a in await discovery.network.fetch(relay.identity.peer_id)] == [WORKER.peer_id]
+        assert _peak_rss_mb() - before < 60
+    finally:
+        await discovery.stop()
+        await relay.stop()
