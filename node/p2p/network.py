@@ -20,6 +20,7 @@ from node.p2p.host import HostConfig, P2PError, P2PHost
 
 log = logging.getLogger(__name__)
 
+FETCH_CONCURRENCY = 16     # peers asked for adverts at once (up to 4 MiB of answer each)
 # (peer ID of the advertised worker or origin, accepted, reason)
 SeenCallback = Callable[[str, bool, str], None]
 
@@ -104,8 +105,15 @@ class PeerNetwork:
 
     async def fetch_all(self, peers: list[str]) -> None:
         """Ask several peers at once: one that accepts the stream and never answers costs its own
-        timeout, not a turn of every peer after it."""
-        await asyncio.gather(*(self.fetch(peer) for peer in peers))
+        timeout, not a turn of every peer after it. At most FETCH_CONCURRENCY at a time, as each
+        answer may hold up to exchange.MAX_RESPONSE_BYTES until it is read."""
+        slots = asyncio.Semaphore(FETCH_CONCURRENCY)
+
+        async def fetch(peer: str) -> None:
+            async with slots:
+                await self.fetch(peer)
+
+        await asyncio.gather(*(fetch(peer) for peer in peers))
 
     async def refresh(self) -> None:
         """Ask every connected peer for its adverts (a client calls this right after joining)."""

@@ -24,7 +24,8 @@ from node.gateway.config import GatewayConfig
 from node.gateway.gateway import Gateway
 from node.envelope import seal
 from node.identity import Identity
-from node.p2p import adverts
+from node.p2p import adverts, exchange
+from node.p2p import network as network_module
 from node.p2p.adverts import AdvertBook, AdvertSigner
 from node.p2p.discovery import Discovery
 from node.p2p.exchange import FETCH_TIMEOUT_S, MAX_ADVERTS, PROTOCOL
@@ -99,6 +100,38 @@ async def _never_answer(stream) -> None:
 
 async def _stall_exchange(network: PeerNetwork) -> None:
     network.host.host.set_stream_handler(PROTOCOL, _never_answer)
+
+
+@pytest.mark.asyncio
+async def test_peers_are_asked_for_adverts_a_bounded_number_at_a_time(monkeypatch):
+    """Each answer may hold 4 MiB until read, so a client connected to many peers asks at most
+    FETCH_CONCURRENCY of them at once (lowered to 2 here, with six peers that never answer)."""
+    monkeypatch.setattr(network_module, "FETCH_CONCURRENCY", 2)
+    monkeypatch.setattr(exchange, "FETCH_TIMEOUT_S", 0.5)
+    asked_at: list[float] = []
+
+    async def count_and_stall(stream) -> None:
+        asked_at.append(time.monotonic())
+        await trio.sleep(3600)
+
+    async def install(network: PeerNetwork) -> None:
+        network.host.host.set_stream_handler(PROTOCOL, count_and_stall)
+
+    stallers = [PeerNetwork(Identity.generate(), HostConfig(LOOPBACK)) for _ in range(6)]
+    await asyncio.gather(*(s.start() for s in stallers))
+    await asyncio.gather(*(s.host.call(install, s) for s in stallers))
+    client = PeerNetwork(CLIENT, HostConfig(LOOPBACK, tuple(s.listen_addrs()[0] for s in stallers)))
+    await client.start()
+    try:
+        while len(client.connected_peers()) < len(stallers):
+            await asyncio.sleep(0.05)
+        await client.refresh()
+        # Two at a time, the next two once those timed out: waves 0.5 s apart.
+        assert len(asked_at) == 6
+        assert max(sum(t <= at < t + 0.3 for at in asked_at) for t in asked_at) == 2
+    finally:
+        await client.stop()
+        await asyncio.gather(*(s.stop() for s in stallers))
 
 
 @pytest.mark.asyncio
