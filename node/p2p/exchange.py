@@ -26,6 +26,7 @@ PROTOCOL = TProtocol("/dspark/adverts/1")
 MAX_ADVERTS = 256
 MAX_RESPONSE_BYTES = MAX_ADVERTS * (MAX_ADVERT_BYTES + 16)
 FETCH_TIMEOUT_S = 5.0
+SERVE_CONCURRENCY = 8
 
 
 _ADVERTS_FIELD = 1                   # AdvertList.adverts
@@ -73,19 +74,30 @@ def advert_entries(data: bytes) -> list[bytes]:
 
 
 def serve_adverts(host: P2PHost, book: AdvertBook, own: Callable[[], Envelope | None]) -> None:
-    """Trio side: register the responder on the host."""
+    """Trio side: register the responder on the host. An answer (up to MAX_RESPONSE_BYTES) is held
+    until the asker reads it: at most SERVE_CONCURRENCY are built at once, each for at most
+    FETCH_TIMEOUT_S, and a stream asked beyond that is closed unanswered (the asker still has gossip).
+    Unbounded, peers that opened streams and never read made the host hold 4 MiB per stream."""
+    answering = trio.CapacityLimiter(SERVE_CONCURRENCY)
 
     async def handle(stream) -> None:
+        try:
+            answering.acquire_nowait()
+        except trio.WouldBlock:
+            await stream.close()
+            return
         try:
             response = AdvertList()
             mine = own()
             if mine is not None:
                 response.adverts.append(mine)
             response.adverts.extend(a.envelope for a in book.live()[: MAX_ADVERTS - 1])
-            await stream.write(response.SerializeToString())
+            with trio.move_on_after(FETCH_TIMEOUT_S):
+                await stream.write(response.SerializeToString())
         except Exception as exc:  # a peer that hangs up early is not our failure
             log.debug("serving adverts failed: %s", exc)
         finally:
+            answering.release()
             await stream.close()
 
     host.host.set_stream_handler(PROTOCOL, handle)

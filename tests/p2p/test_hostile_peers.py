@@ -14,6 +14,7 @@ import grpc
 import httpx
 import pytest
 import trio
+from libp2p.peer.id import ID
 
 from dspark.v1 import worker_pb2_grpc
 from dspark.v1.advert_pb2 import CapacityAdvert, ModelOffer
@@ -313,3 +314,42 @@ async def test_an_answer_of_millions_of_empty_entries_is_not_parsed_whole():
     finally:
         await discovery.stop()
         await relay.stop()
+
+
+@pytest.mark.asyncio
+async def test_peers_that_ask_for_adverts_and_never_read_cannot_make_the_host_hold_an_answer_each():
+    """A relay holds 255 near-maximal adverts (a 4 MiB answer). A peer opens 40 exchange streams and
+    reads none: the relay held a 4 MiB answer per stream (+250 MB here). It builds at most
+    SERVE_CONCURRENCY at a time and closes the others unanswered; an honest asker is answered after."""
+    big = CapacityAdvert(grpc_endpoint="127.0.0.1:1", models=[ModelOffer(id=f"{i:03}" + "x" * 200) for i in range(64)])
+    held = [AdvertSigner(Identity.generate(), 60).sign(big, []).SerializeToString() for _ in range(MAX_ADVERTS - 1)]
+    async with relay_holding(held) as relay:
+        greedy = PeerNetwork(Identity.generate(), HostConfig(LOOPBACK, (relay.listen_addrs()[0],)))
+        await greedy.start()
+        streams: list = []
+
+        async def open_streams() -> None:
+            target = ID.from_base58(relay.identity.peer_id)
+            for _ in range(40):
+                streams.append(await greedy.host.host.new_stream(target, [PROTOCOL]))
+            await trio.sleep(1.0)   # the relay builds its answers meanwhile
+
+        try:
+            while not greedy.connected_peers():
+                await asyncio.sleep(0.05)
+            with open("/proc/self/clear_refs", "w") as refs:   # restart the peak-memory count here
+                refs.write("5")
+            before = _peak_rss_mb()
+            await greedy.host.call(open_streams)
+            assert _peak_rss_mb() - before < 100
+        finally:
+            await greedy.stop()
+        await asyncio.sleep(FETCH_TIMEOUT_S)      # the answers that were being written time out
+        asker = PeerNetwork(CLIENT, HostConfig(LOOPBACK, (relay.listen_addrs()[0],)))
+        await asker.start()
+        try:
+            while not asker.connected_peers():
+                await asyncio.sleep(0.05)
+            assert len(await asker.fetch(relay.identity.peer_id)) == MAX_ADVERTS - 1
+        finally:
+            await asker.stop()
