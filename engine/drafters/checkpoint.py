@@ -60,8 +60,10 @@ class CheckpointError(ModelLoadError):
 
 
 class DrafterConfig(BaseModel):
-    """The fields of config.json a drafter needs; the rest (inherited from the target) is kept aside."""
-    model_config = ConfigDict(extra="allow")
+    """The fields of config.json a drafter needs; the rest (inherited from the target) is kept aside.
+    Strict types: JSON has them, and a lax `true` read as 1 or `"7"` as 7 (a hand edit gone wrong)
+    would serve a drafter other than the one written."""
+    model_config = ConfigDict(extra="allow", strict=True)
 
     architectures: list[str] = Field(min_length=1)
     hidden_size: int = Field(gt=0)

@@ -78,6 +78,9 @@ REFUSALS = [
     ("unexpected tensor", lambda c, p: c.update(markov_head_type="vanilla")),  # weights are gated
     ("fc.weight", lambda c, p: c.update(target_layer_ids=[-1, 0, 1])),        # fc is [H, 2H]
     ("temperatures must be finite and > 0", lambda c, p: c.update(confidence_temperatures=[1.0, 0.0] + [1.0] * 3)),
+    ("block_size: Input should be a valid integer", lambda c, p: c.update(block_size=True)),   # was 1 draft token
+    ("hidden_size: Input should be a valid integer", lambda c, p: c.update(hidden_size=str(c["hidden_size"]))),
+    ("enable_confidence_head: Input should be a valid boolean", lambda c, p: c.update(enable_confidence_head="no")),
     ("confidence_temperatures_greedy: Value error, temperatures must be finite and > 0",
      lambda c, p: c.update(confidence_temperatures_greedy=[1.0, float("inf")] + [1.0] * 3)),
     ("confidence_offsets has 2 entries", lambda c, p: c.update(confidence_offsets=[0.1, 0.2])),
