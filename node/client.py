@@ -113,7 +113,7 @@ class WorkerClient:
         except grpc.aio.AioRpcError as exc:
             await channel.close()
             raise ClientError(f"cannot reach the worker at {target}: {exc.code().name}: {exc.details()}") from None
-        except ClientError:
+        except BaseException:   # ClientError, or cancelled (a probe outpaced by another worker's)
             await channel.close()
             raise
         return cls(channel, identity, advert)

@@ -43,9 +43,11 @@ class WorkerPool:
             try:
                 client.advert = await client.capacity(timeout_s=timeout_s)
                 return client
-            except (JobRefused, ClientError):
+            except BaseException as exc:   # cancelled too (a probe outpaced by another): closed, not leaked
                 self._keys.pop(id(client), None)
                 await client.discard()
+                if not isinstance(exc, (JobRefused, ClientError)):
+                    raise
         client = await PooledClient.connect(target, identity, peer_id=peer_id, tls=tls, timeout_s=timeout_s)
         client.pool = self
         self._keys[id(client)] = key

@@ -30,6 +30,10 @@ from node.p2p.selection import Candidate, over_caps, rank
 log = logging.getLogger(__name__)
 
 PROBE_TOP = 3            # candidates probed at once (identity check + latency) before choosing
+PROBE_TIMEOUT_S = 10.0
+# Once one candidate has answered its probe, how much longer the others are waited for: an endpoint
+# that never answers (any advert can name one) held every job for the whole probe timeout.
+PROBE_GRACE_S = 1.0
 # A round probes PROBE_TOP more candidates than have failed their probes so far (3, 6, 12, ...): adverts
 # whose endpoints never answer (or answer as another peer) cost a few probe timeouts, not one each.
 MAX_PROBE_WIDTH = 64
@@ -178,7 +182,7 @@ async def _choose(top: list[Candidate], identity: Identity, tls: str, model: str
                   attempts: list[Attempt], tried: set[str], connect: Connect) -> WorkerClient | None:
     """Probe the top candidates at once; keep the best verified one (latency now known), close the
     others. Candidates that fail the probe are recorded and excluded."""
-    probes = await asyncio.gather(*(_probe(c, identity, tls, 10.0, connect) for c in top))
+    probes = await _probe_all(top, identity, tls, connect)
     alive: dict[str, WorkerClient] = {}
     for candidate, client, error in probes:
         if client is None:
@@ -196,6 +200,24 @@ async def _choose(top: list[Candidate], identity: Identity, tls: str, model: str
         return None
     tried.add(best[0].peer_id)
     return alive[best[0].peer_id]
+
+
+async def _probe_all(top: list[Candidate], identity: Identity, tls: str,
+                     connect: Connect) -> list[tuple[Candidate, WorkerClient | None, str]]:
+    """Probe candidates at once. After the first verified answer the others get PROBE_GRACE_S, then
+    are left out of this round: not failed, only slow, so a later round may probe them again."""
+    tasks = [asyncio.create_task(_probe(c, identity, tls, PROBE_TIMEOUT_S, connect)) for c in top]
+    try:
+        pending = set(tasks)
+        while pending and not any(t.done() and t.result()[1] is not None for t in tasks):
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=PROBE_GRACE_S)
+    finally:
+        for task in tasks:
+            task.cancel()      # those still probing (the client closes a half-open channel)
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return [t.result() for t in tasks if not t.cancelled()]
 
 
 async def _run_on(client: WorkerClient, model: str, prompt: dict[str, Any], sampling: dict[str, Any],

@@ -30,7 +30,7 @@ from node.p2p import network as network_module
 from node.p2p.adverts import AdvertBook, AdvertSigner
 from node.p2p.discovery import Discovery
 from node.p2p.exchange import FETCH_TIMEOUT_S, MAX_ADVERTS, PROTOCOL
-from node.p2p.failover import run_with_failover
+from node.p2p.failover import PROBE_GRACE_S, run_with_failover
 from node.p2p.host import HostConfig
 from node.p2p.network import PeerNetwork
 from tests.gateway.test_gateway_price_caps import _TimeWorker
@@ -72,6 +72,42 @@ async def relay_holding(adverts: list[bytes]) -> AsyncIterator[PeerNetwork]:
         yield relay
     finally:
         await relay.stop()
+
+
+@contextlib.asynccontextmanager
+async def silent_endpoint() -> AsyncIterator[str]:
+    """A TCP endpoint that accepts connections and never says a word (as one whose packets are
+    dropped does, for the whole probe timeout)."""
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+@pytest.mark.asyncio
+async def test_a_cheap_advert_whose_endpoint_never_answers_does_not_hold_every_job_for_the_probe_timeout():
+    """A throwaway key advertises the lowest price at an endpoint that accepts and never answers. The
+    client probed its top three and waited for all of them: every job started 10 s late (the probe
+    timeout). Once a candidate has answered, the others get a short grace; the job runs at once."""
+    async with honest_worker() as worker, silent_endpoint() as silent:
+        honest = AdvertSigner(WORKER, 60).sign(worker.advert(), []).SerializeToString()
+        async with relay_holding([honest, sybil_advert(silent)]) as relay:
+            discovery = Discovery(CLIENT, relay.listen_addrs())
+            await discovery.start()
+            try:
+                started = time.monotonic()
+                outcome = await run_with_failover(discovery, CLIENT, "m", {"text": "hi"}, max_new_tokens=4, tls="off")
+                elapsed = time.monotonic() - started
+            finally:
+                await discovery.stop()
+    assert outcome.worker == WORKER.peer_id and outcome.result.finished
+    assert elapsed < PROBE_GRACE_S + 3
+    assert [a.outcome for a in outcome.attempts] == ["completed"]   # the silent one was not tried
 
 
 @pytest.mark.asyncio
