@@ -13,7 +13,7 @@ class PromptFileError(ValueError):
 def load_first_turns(path: Path, limit: int | None = None) -> list[str]:
     """The first user turn of each line (what the field reports accepted length on)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()   # a BOM (Windows editors) is no text
     except OSError as exc:
         raise PromptFileError(f"cannot read prompt file {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
