@@ -206,7 +206,11 @@ def prepare_cache(opts: TrainOptions, target: LoadedTarget, ids: list[int], log)
         if opts.stdlib_tokens:
             samples += data.stdlib_samples(tok, eot, opts.stdlib_tokens, opts.max_len, opts.seed)
         if not samples:
-            raise TrainingError("no training data: give --gen-minutes or --stdlib-tokens")
+            generated = (f"--gen-minutes {opts.gen_minutes} gave no response of {data.MIN_LOSS_TOKENS}+ tokens"
+                         if opts.gen_minutes > 0 else "--gen-minutes is 0")
+            stdlib = (f"--stdlib-tokens {opts.stdlib_tokens} gave no chunk" if opts.stdlib_tokens
+                      else "--stdlib-tokens is 0")
+            raise TrainingError(f"no training data: {generated} and {stdlib}; give more of either")
         sources = {
             "generated": {"prompts": "engine/train/data.py: code requests from Python stdlib "
                                      "signatures + docstrings, in prose or as a stub to complete (STUB_TASKS; "

@@ -32,6 +32,9 @@ from node.cli import main
     (["--target-layers=-5,1"], "do not fit the target's 4 layers"),
     (["--threads", "100000"], "--threads: Input should be less than or equal to 1024"),   # torch segfaulted
     (["--seed", str(2**64)], "--seed: Input should be less than 4294967296"),
+    # it said "give --gen-minutes or --stdlib-tokens" to a run that gave --gen-minutes
+    (["--gen-minutes", "1e-9", "--stdlib-tokens", "0"],
+     "no training data: --gen-minutes 1e-09 gave no response of 14+ tokens and --stdlib-tokens is 0"),
 ])
 def test_train_drafter_refuses(target, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
