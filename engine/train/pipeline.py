@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -282,7 +283,9 @@ def run(opts: TrainOptions, log=print) -> dict:
         module = build_module(parse_config(config, DRAFT_CONFIG), state)
     settings = TrainSettings(kind=opts.kind, steps=opts.steps, batch=opts.batch, lr=opts.lr, seed=opts.seed,
                              max_len=opts.max_len, max_anchors=opts.anchors, minutes=opts.minutes,
-                             save_every=opts.save_every, device=opts.device, dtype=opts.dtype)
+                             save_every=opts.save_every, device=opts.device, dtype=opts.dtype,
+                             # a cache rebuilt with other data under the same directory is not the run resumed
+                             data=hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest())
     result = train(module, target.model, sequences, settings, opts.out, config)
     last = result.history[-20:]
     summary = {

@@ -38,7 +38,7 @@ NORM_LR_SCALE = 10.0
 # arithmetic), each with the flag that sets it; `minutes` is not among them: a new time budget is
 # how a run stopped by the clock is continued.
 REPLAYED = {"kind": "--kind", "steps": "--steps", "seed": "--seed", "dtype": "--dtype", "lr": "--lr",
-            "batch": "--batch", "max_anchors": "--anchors", "max_len": "--max-len"}
+            "batch": "--batch", "max_anchors": "--anchors", "max_len": "--max-len", "data": "--cache-dir data digest"}
 
 
 class TrainingError(ValueError):
@@ -60,6 +60,7 @@ class TrainSettings:
     minutes: float | None = None       # stop (resumably) after this long
     device: str = "cpu"                # where the drafter, the target's shared weights and the cache live
     dtype: str = "float32"             # float32, or bfloat16 (autocast; weights and optimizer stay fp32)
+    data: str = ""                     # what identifies the training data (pipeline: its shards' digests)
     on_step: Callable[[int, dict], None] | None = None
 
 

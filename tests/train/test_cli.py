@@ -316,3 +316,21 @@ def test_calibrate_records_the_prompt_file_it_fitted_on(target, tmp_path, capsys
     capsys.readouterr()
     assert main([*argv, "--prompts", str(latin1)]) == 2
     assert f"{latin1} is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_train_drafter_resume_refuses_a_cache_rebuilt_with_other_data(target, tmp_path, capsys):
+    """The default cache directory is named by the target and layers alone: deleted and built again
+    with other data, it was trained on by a resumed run as if nothing had changed."""
+    import shutil
+
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    build = ["train-drafter", "--target", str(target.path), "--out", str(tmp_path / "unused"), "--cache-dir",
+             str(cache), "--target-layers=-1,1", "--max-len", "96", "--gen-minutes", "0", "--cache-only"]
+    train = ["train-drafter", "--target", str(target.path), "--out", str(out), "--cache-dir", str(cache),
+             "--target-layers=-1,1", "--steps", "2", "--anchors", "8", "--batch", "2", "--block-size", "4"]
+    assert main([*build, "--stdlib-tokens", "600"]) == 0 and main(train) == 0
+    shutil.rmtree(cache)
+    assert main([*build, "--stdlib-tokens", "900"]) == 0
+    capsys.readouterr()
+    assert main([*train, "--resume"]) == 2
+    assert "is a run saved with --cache-dir data digest" in capsys.readouterr().err

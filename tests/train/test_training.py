@@ -103,10 +103,12 @@ def test_resume_gives_the_uninterrupted_result(target, sequences, tmp_path):
 
 @pytest.mark.parametrize("change,message", [(dict(lr=1e-2), "--lr 0.003 (asked: 0.01)"),
                                             (dict(batch=3), "--batch 2 (asked: 3)"),
-                                            (dict(max_anchors=8), "--anchors 48 (asked: 8)")])
+                                            (dict(max_anchors=8), "--anchors 48 (asked: 8)"),
+                                            # the cache deleted and built again, of other data
+                                            (dict(data="0f" * 32), f"--cache-dir data digest  (asked: {'0f' * 32})")])
 def test_resume_refuses_other_settings_than_the_run_started_with(target, sequences, tmp_path, change, message):
-    """Another learning rate, batch or anchor count gives neither the uninterrupted run nor the
-    recorded one; they were taken silently."""
+    """Another learning rate, batch, anchor count or training data gives neither the uninterrupted
+    run nor the recorded one; they were taken silently."""
     config, module = fresh(target)
     train(module, target.model, sequences, settings(steps=2), tmp_path, config)
     other = settings(steps=2)
