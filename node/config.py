@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from pydantic_settings import SettingsConfigDict
 
 from engine.config import EMBEDDED_MODEL, EMBEDDED_MODEL_ID, EngineConfig
+from node.envelope import quoted
 from node.identity import IdentityError, public_key_from_peer_id
 from node.settings import LayeredSettings, StrList, load_settings
 
@@ -40,15 +41,35 @@ def model_id(name: str) -> str:
 
 
 def split_host_port(value: str) -> tuple[str, int]:
-    """`HOST:PORT` (IPv6 as `[::1]:PORT`) -> (host, port); raises ValueError naming the problem."""
+    """`HOST:PORT` (IPv6 as `[::1]:PORT`) -> (host, port); raises ValueError naming the problem.
+
+    HOST is a host name or an IP address: the whole string is what gRPC dials, and gRPC reads a
+    prefix such as `unix:`, `ipv4:` or `dns:///` as an address scheme (a peer's advert could name a
+    local socket)."""
     host, sep, port_text = value.rpartition(":")
     # isascii: str.isdigit() also takes '²' (which int() refuses) and '٣' (which int() reads as 3).
     if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
-        raise ValueError(f"{value!r} is not HOST:PORT")
+        raise ValueError(f"{quoted(value)} is not HOST:PORT")
     port = int(port_text)
     if port > 65535:
-        raise ValueError(f"port {port} in {value!r} is above 65535")
-    return host.strip("[]"), port
+        raise ValueError(f"port {port} in {quoted(value)} is above 65535")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not (_HOST_NAME.fullmatch(host) or _is_ip(bare) and (bare == host) == (":" not in bare)):
+        raise ValueError(f"{quoted(value)} is not HOST:PORT: the host is neither a host name nor an IP address "
+                         "(an IPv6 address in [brackets])")
+    return bare, port
+
+
+_HOST_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_HOST_LABEL}(\.{_HOST_LABEL})*\.?")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _checked_listen(value: str) -> str:

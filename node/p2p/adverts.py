@@ -21,7 +21,8 @@ from google.protobuf.message import DecodeError
 
 from dspark.v1.advert_pb2 import CapacityAdvert
 from dspark.v1.envelope_pb2 import Envelope
-from node.envelope import EnvelopeError, open_envelope, seal
+from node.config import split_host_port
+from node.envelope import EnvelopeError, open_envelope, quoted, seal
 from node.identity import Identity, IdentityError, public_key_from_peer_id
 
 TOPIC = "/dspark/capacity/1"
@@ -91,10 +92,12 @@ def check_advert(data: bytes, origin_peer_id: str | None, at_ms: int, known_sequ
     # Infinity) and `peers --json` print a line that is not JSON.
     if not (math.isfinite(advert.tokens_per_second) and advert.tokens_per_second >= 0):
         raise AdvertRefused("malformed", f"tokens_per_second {advert.tokens_per_second} is not a finite rate >= 0")
-    host, sep, port = advert.grpc_endpoint.rpartition(":")
-    # isascii: str.isdigit() also takes '²', which int() refuses: a peer's advert must not raise here.
-    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise AdvertRefused("malformed", f"grpc_endpoint {advert.grpc_endpoint!r} is not host:port")
+    try:
+        _, port = split_host_port(advert.grpc_endpoint)
+    except ValueError as exc:
+        raise AdvertRefused("malformed", f"grpc_endpoint {exc}") from None
+    if port == 0:
+        raise AdvertRefused("malformed", f"grpc_endpoint {quoted(advert.grpc_endpoint)} has port 0")
     return envelope, advert
 
 

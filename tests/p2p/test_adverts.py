@@ -88,6 +88,11 @@ def test_bad_endpoint_is_malformed():
     assert refusal(signed(endpoint="host:99999")) == "malformed"
     assert refusal(signed(endpoint="host:\u00b2")) == "malformed"     # '²': isdigit, but no int
     assert refusal(signed(endpoint="host:\u0663")) == "malformed"     # Arabic-Indic 3, read as 3 by int()
+    assert refusal(signed(endpoint="host:0")) == "malformed"
+    # gRPC dials the whole string, reading these prefixes as address schemes: a local socket, a list.
+    for endpoint in ("unix:/run/docker.sock:80", "unix-abstract:x:1", "ipv4:10.0.0.1:1,127.0.0.1:2", "::1:7440"):
+        assert refusal(signed(endpoint=endpoint)) == "malformed", endpoint
+    assert AdvertBook().offer(signed(endpoint="[::1]:7440"), WORKER.peer_id).advert.grpc_endpoint == "[::1]:7440"
 
 
 def test_live_adverts_are_bounded_by_their_bytes_forgetting_the_least_recent_advertiser(monkeypatch):
