@@ -34,6 +34,7 @@ from node.tls import SERVER_NAME, TlsError, fetch_server_cert, fingerprint
 # overflows past some 7e9 s and then expires at once, which reads as a refusal (DEADLINE_EXCEEDED)
 # of a job never sent.
 MAX_JOB_TIMEOUT_S = 86400.0
+GPU_TIME_SLACK_S = 0.05     # the worker's and the client's clocks are not one clock
 
 
 class ClientError(Exception):
@@ -202,6 +203,11 @@ class WorkerClient:
         if not result.HasField("receipt"):
             raise ClientError(f"the job ended ({result.finish_reason}) without a receipt")
         receipt = self._check_receipt(result.receipt, job, output_ids)   # its job_id is the job's (checked)
+        # The worker states the GPU time it bills; the job cannot have held its device longer than this
+        # client waited for it. At an agreed time price, inflated seconds were an overcharge by the rule.
+        if receipt.gpu_seconds > elapsed + GPU_TIME_SLACK_S:
+            raise ClientError(f"receipt bills {receipt.gpu_seconds:g} GPU-seconds for a job that took "
+                              f"{elapsed:.3f} s")
         return JobResult(job_id=receipt.job_id, accepted=accepted, text=result.text, output_ids=output_ids,
                          finish_reason=result.finish_reason, receipt_envelope=result.receipt, receipt=receipt,
                          time_to_first_token_s=first_token, elapsed_s=elapsed)

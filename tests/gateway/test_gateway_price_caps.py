@@ -27,10 +27,11 @@ CHAT = parse_request("chat", {"model": "m", "messages": [{"role": "user", "conte
 
 
 class _TimeWorker(worker_pb2_grpc.WorkerServicer):
-    """Advertises `advertised` micros per GPU-second and bills each job at `charged`."""
+    """Advertises `advertised` micros per GPU-second and bills each job at `charged`, for `gpu_seconds`
+    (a job here takes milliseconds: a worker billing more time than the client waited is caught)."""
 
-    def __init__(self, advertised: int, charged: int):
-        self.advertised, self.charged = advertised, charged
+    def __init__(self, advertised: int, charged: int, gpu_seconds: float = 0.001):
+        self.advertised, self.charged, self.gpu_seconds = advertised, charged, gpu_seconds
         self.endpoint = ""
         self.caps: list[int] = []       # the GPU-second cap each job it was sent carries
 
@@ -44,7 +45,7 @@ class _TimeWorker(worker_pb2_grpc.WorkerServicer):
 
     async def Submit(self, job, context):
         self.caps.append(job_pb2.JobRequest.FromString(job.payload).max_price_per_gpu_second_micros)
-        result = worker_answer(job, 100_000, self.charged)
+        result = worker_answer(job, 100_000, self.charged, self.gpu_seconds)
         yield job_pb2.SubmitEvent(accepted=job_pb2.JobAccepted(worker_peer_id=WORKER.peer_id))
         yield job_pb2.SubmitEvent(chunk=job_pb2.TokenChunk(token_ids=result.output_token_ids, text="abcd"))
         yield job_pb2.SubmitEvent(result=result)

@@ -30,7 +30,7 @@ from node.p2p import network as network_module
 from node.p2p.adverts import AdvertBook, AdvertSigner
 from node.p2p.discovery import Discovery
 from node.p2p.exchange import FETCH_TIMEOUT_S, MAX_ADVERTS, PROTOCOL
-from node.p2p.failover import PROBE_GRACE_S, run_with_failover
+from node.p2p.failover import PROBE_GRACE_S, NoWorkerError, run_with_failover
 from node.p2p.host import HostConfig
 from node.p2p.network import PeerNetwork
 from tests.gateway.test_gateway_price_caps import _TimeWorker
@@ -389,3 +389,26 @@ async def test_peers_that_ask_for_adverts_and_never_read_cannot_make_the_host_ho
             assert len(await asker.fetch(relay.identity.peer_id)) == MAX_ADVERTS - 1
         finally:
             await asker.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_receipt_billing_more_gpu_time_than_the_job_took_is_refused():
+    """A worker that prices time at what it advertised bills 5 GPU-seconds for a job the client saw
+    end in milliseconds: the amount follows the billing rule at an agreed price, so the receipt was
+    accepted. It is refused (and no job completes there); billing its real time, it is accepted."""
+    async with honest_worker() as worker:
+        worker.advertised = worker.charged = 1_000
+        worker.gpu_seconds = 5.0
+        advert = AdvertSigner(WORKER, 60).sign(worker.advert(), []).SerializeToString()
+        async with relay_holding([advert]) as relay:
+            discovery = Discovery(CLIENT, relay.listen_addrs())
+            await discovery.start()
+            try:
+                with pytest.raises(NoWorkerError) as refused:
+                    await run_with_failover(discovery, CLIENT, "m", {"text": "hi"}, max_new_tokens=4, tls="off")
+                worker.gpu_seconds = 0.001
+                outcome = await run_with_failover(discovery, CLIENT, "m", {"text": "hi"}, max_new_tokens=4, tls="off")
+            finally:
+                await discovery.stop()
+    assert "receipt bills 5 GPU-seconds for a job that took" in str(refused.value)
+    assert outcome.result.receipt.gpu_seconds == 0.001 and outcome.result.receipt.price_per_gpu_second_micros == 1_000

@@ -45,14 +45,14 @@ def bill(ledger: Ledger, n: int, client: Identity = CLIENT, **kwargs):
     return ledger.finish_job(outcome(n, client, **kwargs))
 
 
-def worker_answer(job: Envelope, price_mtok: int, price_gpu_s: int) -> job_pb2.JobResult:
-    """A JobResult for CLIENT's `job` whose receipt, signed by WORKER, bills four tokens and 5 GPU-seconds
+def worker_answer(job: Envelope, price_mtok: int, price_gpu_s: int, gpu_seconds: float = 5.0) -> job_pb2.JobResult:
+    """A JobResult for CLIENT's `job` whose receipt, signed by WORKER, bills four tokens and `gpu_seconds`
     by the rule at the given prices: what a worker charging those prices sends."""
     ids = [1, 2, 3, 4]
     receipt = Receipt(job_digest=digest(job), job_id=job_pb2.JobRequest.FromString(job.payload).job_id,
                       client_public_key=CLIENT.public_key, worker_peer_id=WORKER.peer_id, output_tokens=len(ids),
                       output_digest=output_digest(ids), price_per_mtok_micros=price_mtok,
-                      price_per_gpu_second_micros=price_gpu_s, gpu_seconds=5.0, outcome="completed", sequence=1,
+                      price_per_gpu_second_micros=price_gpu_s, gpu_seconds=gpu_seconds, outcome="completed", sequence=1,
                       previous_receipt_digest=GENESIS_DIGEST)
-    receipt.amount_micros = billed_amount(len(ids), price_mtok, 5.0, price_gpu_s)
+    receipt.amount_micros = billed_amount(len(ids), price_mtok, gpu_seconds, price_gpu_s)
     return job_pb2.JobResult(output_token_ids=ids, receipt=seal(WORKER, receipt), finish_reason="length")

@@ -122,11 +122,11 @@ async def test_client_refuses_a_receipt_above_the_jobs_price_caps(price_mtok, pr
         job = client.sign_job(text="hi", max_new_tokens=4)
         result = worker_answer(job, price_mtok, price_gpu_s)
         if refused is None:
-            verified = client._verify(job, job_pb2.JobAccepted(), result, [1, 2, 3, 4], None, 0.1)
+            verified = client._verify(job, job_pb2.JobAccepted(), result, [1, 2, 3, 4], None, 6.0)
             assert verified.receipt.price_per_mtok_micros == 100_000
         else:
             with pytest.raises(ClientError) as info:
-                client._verify(job, job_pb2.JobAccepted(), result, [1, 2, 3, 4], None, 0.1)
+                client._verify(job, job_pb2.JobAccepted(), result, [1, 2, 3, 4], None, 6.0)
             assert refused in str(info.value) and "above the job's cap" in str(info.value)
 
 
@@ -138,10 +138,10 @@ async def test_a_gpu_second_cap_the_client_signed_covers_the_workers_time_price(
         job = client.sign_job(text="hi", max_new_tokens=4)     # caps default to the advertised prices
         assert job_pb2.JobRequest.FromString(job.payload).max_price_per_gpu_second_micros == 500
         verified = client._verify(job, job_pb2.JobAccepted(), worker_answer(job, 100_000, 500), [1, 2, 3, 4],
-                                  None, 0.1)
+                                  None, 6.0)
         assert verified.receipt.amount_micros == billed_amount(4, 100_000, 5.0, 500)
         with pytest.raises(ClientError, match="per GPU-second"):
-            client._verify(job, job_pb2.JobAccepted(), worker_answer(job, 100_000, 501), [1, 2, 3, 4], None, 0.1)
+            client._verify(job, job_pb2.JobAccepted(), worker_answer(job, 100_000, 501), [1, 2, 3, 4], None, 6.0)
 
 
 class _ReceiptServer(worker_pb2_grpc.WorkerServicer):
