@@ -162,6 +162,7 @@ class AdvertBook:
             self._live_bytes -= dropped.envelope.ByteSize()
 
     def live(self, at_ms: int | None = None) -> list[LiveAdvert]:
+        """The unexpired adverts, the peer that advertised least recently first."""
         at = now_ms() if at_ms is None else at_ms
         with self._lock:
             for peer in [p for p, a in self._live.items() if a.expires_at_ms <= at]:

@@ -91,7 +91,9 @@ def serve_adverts(host: P2PHost, book: AdvertBook, own: Callable[[], Envelope | 
             mine = own()
             if mine is not None:
                 response.adverts.append(mine)
-            response.adverts.extend(a.envelope for a in book.live()[: MAX_ADVERTS - 1])
+            # The freshest: a worker that joined after hundreds of others (or of a flood's adverts)
+            # is still passed on, and the quiet ones are the likeliest gone.
+            response.adverts.extend(a.envelope for a in book.live()[-(MAX_ADVERTS - 1):])
             with trio.move_on_after(FETCH_TIMEOUT_S):
                 await stream.write(response.SerializeToString())
         except Exception as exc:  # a peer that hangs up early is not our failure

@@ -412,3 +412,20 @@ async def test_a_receipt_billing_more_gpu_time_than_the_job_took_is_refused():
                 await discovery.stop()
     assert "receipt bills 5 GPU-seconds for a job that took" in str(refused.value)
     assert outcome.result.receipt.gpu_seconds == 0.001 and outcome.result.receipt.price_per_gpu_second_micros == 1_000
+
+
+@pytest.mark.asyncio
+async def test_a_relay_holding_more_adverts_than_an_answer_passes_on_the_freshest():
+    """A relay holds 300 adverts from throwaway keys, then hears a new honest worker. An answer
+    carries 255 relayed adverts: those first heard, so a client joining through it never heard of
+    the new worker from it. The freshest are passed on."""
+    worker = _TimeWorker(0, 0)
+    worker.endpoint = "127.0.0.1:7440"
+    honest = AdvertSigner(WORKER, 60).sign(worker.advert(), []).SerializeToString()
+    async with relay_holding([*(sybil_advert("127.0.0.1:1") for _ in range(300)), honest]) as relay:
+        discovery = Discovery(CLIENT, relay.listen_addrs())
+        await discovery.start()
+        try:
+            assert discovery.network.book.get(WORKER.peer_id) is not None
+        finally:
+            await discovery.stop()
