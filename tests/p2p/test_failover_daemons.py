@@ -30,7 +30,8 @@ from node_harness import start_daemon  # noqa: E402  (the node tests' daemon har
 
 pytestmark = pytest.mark.slow
 # (per million tokens, per GPU-second): the cheap worker also prices its time, the dear one does not.
-PRICES = ((1_000, 1_000), (5_000, 0))
+# The worker that prices time is the cheaper one at any speed of a token a second or more.
+PRICES = ((1_000, 1), (5_000_000, 0))
 TIME_PRICE = PRICES[0][1]
 
 

@@ -21,14 +21,34 @@ def test_only_workers_serving_the_model_within_the_price_cap():
     assert order(ads) == ["c", "b"]
 
 
+def timed(peer: str, price: int, per_second: int, tps: float = 10.0) -> CapacityAdvert:
+    ad = advert(peer, price=price, tps=tps)
+    ad.price_per_gpu_second_micros = per_second
+    return ad
+
+
 def test_a_gpu_second_cap_skips_workers_that_charge_more_for_time():
-    timed = advert("timed", price=1)
-    timed.price_per_gpu_second_micros = 50
-    ads = [timed, advert("untimed", price=900)]
-    assert order(ads) == ["timed", "untimed"]                               # no cap: the cheaper token price
+    ads = [timed("timed", 1, 50, tps=1e6), advert("untimed", price=900)]    # 1 + 50 per Mtok with its time
+    assert order(ads) == ["timed", "untimed"]
     assert order(ads, max_price_per_gpu_second_micros=50) == ["timed", "untimed"]
     assert order(ads, max_price_per_gpu_second_micros=49) == ["untimed"]    # it would refuse the job
     assert order(ads, max_price_per_gpu_second_micros=0) == ["untimed"]     # 0 agrees to no time charge
+
+
+def test_the_time_charge_counts_in_the_price_at_the_advertised_speed():
+    # 0 per token but 1,000 per GPU-second at 10 tokens/s is 100,000,000 per million tokens.
+    ads = [timed("free-tokens-dear-time", 0, 1_000), advert("honest", price=5_000)]
+    assert order(ads) == ["honest", "free-tokens-dear-time"]
+    # At 100 tokens/s, 2 per GPU-second is 20,000 per million tokens: 120,000 in all, below 200,000.
+    ads = [timed("timed", 100_000, 2, tps=100), advert("untimed", price=200_000)]
+    assert order(ads) == ["timed", "untimed"]
+
+
+def test_a_time_price_at_an_unmeasured_speed_counts_as_one_token_a_second():
+    # 1 per GPU-second at 1 token/s: 1,000,000 per million tokens.
+    unmeasured = timed("unmeasured", 0, 1, tps=0)
+    assert order([unmeasured, advert("cheaper", price=999_999)]) == ["cheaper", "unmeasured"]
+    assert order([unmeasured, advert("dearer", price=1_000_001)]) == ["unmeasured", "dearer"]
 
 
 def test_over_caps_names_each_price_above_its_cap():
