@@ -16,6 +16,7 @@ from node.gateway.receipt_store import STORE_FILE, ReceiptStore
 from node.identity import Identity
 from node.p2p.discovery import Discovery
 from node.p2p.failover import NetworkResult, NoWorkerError, run_with_failover
+from node.p2p.recent_failures import RecentFailures
 from node.receipts import acknowledgment
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class Gateway:
         self.store = ReceiptStore.open(config.data_dir / STORE_FILE, identity.public_key)
         self._spent: dict[str, int] = {}     # account -> micros, loaded from the store on first use
         self.pool = WorkerPool()
+        self.recent_failures = RecentFailures()
 
     async def start(self) -> None:
         await self.discovery.start()
@@ -87,16 +89,19 @@ class Gateway:
             await self._keep(client, result, account)
 
         try:
-            return await run_with_failover(
+            result = await run_with_failover(
                 self.discovery, self.identity, params.model, params.prompt, max_new_tokens=params.max_new_tokens,
                 temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop=params.stop,
                 max_price_per_mtok_micros=self.config.max_price_per_mtok_micros,
                 max_price_per_gpu_second_micros=self.config.max_price_per_gpu_second_micros, tls=self.config.tls,
                 timeout_s=self.config.timeout_s, max_attempts=self.config.attempts, on_text=on_text,
                 on_worker=on_worker, on_completed=keep_receipt, failover_after_output=not params.stream,
-                discovery_wait_s=0.0, connect=self.pool.connect)
+                discovery_wait_s=0.0, connect=self.pool.connect, demoted=self.recent_failures.demoted())
         except NoWorkerError as exc:
+            self.recent_failures.record(exc.attempts)
             raise network_error(exc, params.model) from None
+        self.recent_failures.record(result.attempts)
+        return result
 
     async def _keep(self, client: WorkerClient, result: JobResult, account: str) -> None:
         """The receipt (verified by WorkerClient.run) is stored with the gateway's acknowledgment

@@ -109,7 +109,8 @@ async def run_with_failover(
         on_worker: Callable[[str], None] | None = None,
         on_completed: Callable[[WorkerClient, JobResult], Awaitable[None]] | None = None,
         failover_after_output: bool = True, discovery_wait_s: float = 5.0,
-        started: float | None = None, connect: Connect = WorkerClient.connect) -> NetworkResult:
+        started: float | None = None, connect: Connect = WorkerClient.connect,
+        demoted: frozenset[str] = frozenset()) -> NetworkResult:
     """Run one job on the best live worker for `model`, through an already started `discovery`
     (a long-lived client such as the gateway keeps one). `prompt` is one of {"text": str},
     {"chat": [{"role", "content"}...]}, {"token_ids": [...]} (as WorkerClient.sign_job takes).
@@ -121,6 +122,7 @@ async def run_with_failover(
     (e.g. to acknowledge the receipt). `started` (monotonic) is when the caller's clock started.
     `connect` dials a worker (default WorkerClient.connect; the gateway passes its connection pool).
     `max_attempts` counts the workers sent the job; one whose probe fails is skipped without using one.
+    `demoted` workers are tried after every other (selection.rank).
     Raises NoWorkerError (every worker tried failed)."""
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
@@ -136,12 +138,13 @@ async def run_with_failover(
     # the chosen worker's advertised prices, which are within them (WorkerClient.sign_job).
     caps = dict(max_price_per_mtok_micros=max_price_per_mtok_micros,
                 max_price_per_gpu_second_micros=max_price_per_gpu_second_micros)
+    ranking = dict(caps, demoted=demoted)
     while sent < max_attempts:
-        ranked = rank([a.advert for a in discovery.adverts(model)], model, exclude=frozenset(tried), **caps)
+        ranked = rank([a.advert for a in discovery.adverts(model)], model, exclude=frozenset(tried), **ranking)
         if not ranked:
             break
         width = min(PROBE_TOP + sum(a.outcome == "unreachable" for a in attempts), MAX_PROBE_WIDTH)
-        client = await _choose(ranked[:width], identity, tls, model, caps, attempts, tried, connect)
+        client = await _choose(ranked[:width], identity, tls, model, ranking, attempts, tried, connect)
         if client is None:
             continue
         sent += 1
@@ -178,7 +181,7 @@ def _none_within_caps(adverts: list[LiveAdvert], caps: dict[str, int | None]) ->
     return "none within the price caps: " + "; ".join(over) if over else "none eligible"
 
 
-async def _choose(top: list[Candidate], identity: Identity, tls: str, model: str, caps: dict[str, int | None],
+async def _choose(top: list[Candidate], identity: Identity, tls: str, model: str, ranking: dict[str, Any],
                   attempts: list[Attempt], tried: set[str], connect: Connect) -> WorkerClient | None:
     """Probe the top candidates at once; keep the best verified one (latency now known), close the
     others. Candidates that fail the probe are recorded and excluded."""
@@ -191,7 +194,7 @@ async def _choose(top: list[Candidate], identity: Identity, tls: str, model: str
         else:
             alive[candidate.peer_id] = client
     latencies = {c.peer_id: c.latency_s for c, client, _ in probes if client is not None}
-    best = rank([client.advert for client in alive.values()], model, latencies=latencies, **caps)
+    best = rank([client.advert for client in alive.values()], model, latencies=latencies, **ranking)
     for peer, client in alive.items():
         if not best or peer != best[0].peer_id:
             await client.close()

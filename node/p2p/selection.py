@@ -82,12 +82,14 @@ def over_caps(advert: CapacityAdvert, max_price_per_mtok_micros: int | None = No
 
 def rank(adverts: Iterable[CapacityAdvert], model: str, max_price_per_mtok_micros: int | None = None,
          exclude: frozenset[str] = frozenset(), latencies: Mapping[str, float] | None = None, *,
-         max_price_per_gpu_second_micros: int | None = None) -> list[Candidate]:
-    """Candidates for `model`, best first (policy in the module docstring)."""
+         max_price_per_gpu_second_micros: int | None = None, demoted: frozenset[str] = frozenset()
+         ) -> list[Candidate]:
+    """Candidates for `model`, best first (policy in the module docstring); `demoted` workers (a
+    long-lived client's recent failures) come after all the others, in the same order among themselves."""
     latencies = latencies or {}
     eligible = [
         Candidate.from_advert(a, latencies.get(a.peer_id)) for a in adverts
         if any(m.id == model for m in a.models) and a.peer_id not in exclude
         and not over_caps(a, max_price_per_mtok_micros, max_price_per_gpu_second_micros)
     ]
-    return sorted(eligible, key=_key)
+    return sorted(eligible, key=lambda c: (c.peer_id in demoted, _key(c)))

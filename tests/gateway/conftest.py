@@ -1,6 +1,7 @@
 """One peer network per test module: a p2p bootstrap peer and two `dspark-node run` workers (tiny
-model, prices 1000 and 5000 micros per million tokens; the cheap one also charges 1000 per
-GPU-second), plus the gateway processes the tests start."""
+model, tests.p2p.test_failover_daemons.PRICES: the cheap one charges 1000 micros per million tokens
+and 1 per GPU-second, the dear one 5,000,000 per million tokens), plus the gateway processes the
+tests start."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from node.cli import main as cli_main
+from node.identity import Identity
 from node.ledger import Ledger
 from node.gateway.receipt_store import STORE_FILE, ReceiptStore
 from tests.gateway.conftest import API_KEY
@@ -257,6 +258,26 @@ def producing(daemon) -> bool:
     """Whether the daemon has a job with output on its engine (its dashboard's JSON)."""
     jobs = httpx.get(daemon.ready["http"] + "/api/v1/jobs", timeout=10).json()
     return any(job["output_tokens"] > 0 for job in jobs["active"])
+
+
+def test_a_worker_that_refused_is_tried_last_by_the_next_requests(client, network, gateway, tmp_path):
+    # The cheapest worker on the network, but it admits only a client that is not the gateway.
+    toml = (network.cheap.data_dir / "node.toml").read_text()
+    toml = re.sub(r"per_gpu_second_micros = \d+", "per_gpu_second_micros = 0", toml)
+    toml = re.sub(r"per_mtok_micros = \d+", "per_mtok_micros = 100", toml)
+    toml += f'[admission]\nmode = "allowlist"\nallow = ["{Identity.generate().peer_id}"]\n'
+    refuser = start_daemon(tmp_path / "refuser", toml)
+    try:
+        wait_for_workers(gateway.base_url, network.model, 3, API_KEY)
+        failovers = []
+        for _ in range(2):
+            chat = client.chat.completions.create(model=network.model, max_tokens=2, temperature=0,
+                                                  messages=[{"role": "user", "content": PROMPT}])
+            failovers.append(chat.model_extra["dspark"]["failovers"])
+            assert chat.model_extra["dspark"]["worker"] == network.cheap.peer_id
+        assert failovers == [1, 0]
+    finally:
+        refuser.stop(signal.SIGKILL)
 
 
 def test_a_whole_answer_fails_over_from_a_worker_dying_after_its_first_token(client, network, gateway, tmp_path):
