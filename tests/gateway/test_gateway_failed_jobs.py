@@ -78,12 +78,18 @@ def test_the_gateway_answers_from_the_next_worker(swarm):
     assert (chat.model_extra["dspark"]["worker"], chat.model_extra["dspark"]["failovers"]) == (good.peer_id, 1)
 
 
-def test_a_stream_that_already_sent_the_failed_jobs_text_ends_in_an_error(swarm):
+def test_a_stream_that_already_sent_the_failed_jobs_text_ends_in_an_error(swarm, tmp_path):
     # The failing worker's tokens reached the caller before the job failed: the stream cannot take
-    # them back, so it ends with an error event instead of another worker's answer appended.
-    _, failing, good, gateway = swarm
-    with pytest.raises(openai.APIError, match=f"worker {failing.peer_id} failed after"):
-        list(_client(gateway).chat.completions.create(**_request(good), stream=True))
+    # them back, so it ends with an error event instead of another worker's answer appended. A
+    # gateway of its own: the module's tries the failing worker last once it has failed there.
+    bootstrap, failing, good, _ = swarm
+    gateway = start_gateway(tmp_path / "gateway", bootstrap.addr)
+    try:
+        wait_for_workers(gateway.base_url, good.ready["model"], 2)
+        with pytest.raises(openai.APIError, match=f"worker {failing.peer_id} failed after"):
+            list(_client(gateway).chat.completions.create(**_request(good), stream=True))
+    finally:
+        gateway.stop(signal.SIGKILL)
 
 
 def _client(gateway) -> openai.OpenAI:
