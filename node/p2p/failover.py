@@ -184,13 +184,23 @@ def _none_within_caps(adverts: list[LiveAdvert], caps: dict[str, int | None]) ->
 async def _choose(top: list[Candidate], identity: Identity, tls: str, model: str, ranking: dict[str, Any],
                   attempts: list[Attempt], tried: set[str], connect: Connect) -> WorkerClient | None:
     """Probe the top candidates at once; keep the best verified one (latency now known), close the
-    others. Candidates that fail the probe are recorded and excluded."""
+    others. Candidates that fail the probe, or quote a price above the one they were chosen for, are
+    recorded and excluded."""
+    advertised = {c.peer_id: c for c in top}
     probes = await _probe_all(top, identity, tls, connect)
     alive: dict[str, WorkerClient] = {}
     for candidate, client, error in probes:
+        raised = "" if client is None else _raised_prices(advertised[candidate.peer_id], candidate)
         if client is None:
             tried.add(candidate.peer_id)
             attempts.append(Attempt(candidate.peer_id, candidate.grpc_endpoint, "unreachable", error))
+        elif raised:
+            # Ranked on its network advert, it would be run at the price it quotes now: a worker could
+            # gossip a low price to be chosen and charge a higher one.
+            tried.add(candidate.peer_id)
+            await client.close()
+            attempts.append(Attempt(candidate.peer_id, candidate.grpc_endpoint, "refused",
+                                    f"quotes more than its advert on the network: {raised}"))
         else:
             alive[candidate.peer_id] = client
     latencies = {c.peer_id: c.latency_s for c, client, _ in probes if client is not None}
@@ -203,6 +213,15 @@ async def _choose(top: list[Candidate], identity: Identity, tls: str, model: str
         return None
     tried.add(best[0].peer_id)
     return alive[best[0].peer_id]
+
+
+def _raised_prices(advertised: Candidate, quoted: Candidate) -> str:
+    """Which unit prices the worker quotes above those of the advert it was ranked by ("" if none)."""
+    raised = [f"{now} micros {unit}, not {before}" for unit, before, now in (
+        ("per million tokens", advertised.price_per_mtok_micros, quoted.price_per_mtok_micros),
+        ("per GPU-second", advertised.price_per_gpu_second_micros, quoted.price_per_gpu_second_micros))
+        if now > before]
+    return " and ".join(raised)
 
 
 async def _probe_all(top: list[Candidate], identity: Identity, tls: str,

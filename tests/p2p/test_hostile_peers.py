@@ -429,3 +429,24 @@ async def test_a_relay_holding_more_adverts_than_an_answer_passes_on_the_freshes
             assert discovery.network.book.get(WORKER.peer_id) is not None
         finally:
             await discovery.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_worker_quoting_more_than_it_advertised_on_the_network_is_not_sent_the_job():
+    """Bait and switch: the worker gossips 1 micro per million tokens to be ranked first, and its
+    GetCapacity quotes 100,000. The client ranked on the gossip used to sign the job at the quote."""
+    async with honest_worker() as worker:
+        bait = worker.advert()
+        bait.price_per_mtok_micros = 1
+        async with relay_holding([AdvertSigner(WORKER, 60).sign(bait, []).SerializeToString()]) as relay:
+            discovery = Discovery(CLIENT, relay.listen_addrs())
+            await discovery.start()
+            try:
+                with pytest.raises(NoWorkerError) as failed:
+                    await run_with_failover(discovery, CLIENT, "m", {"text": "hi"}, max_new_tokens=4, tls="off")
+            finally:
+                await discovery.stop()
+    (attempt,) = failed.value.attempts
+    assert (attempt.peer_id, attempt.outcome) == (WORKER.peer_id, "refused")
+    assert "quotes more than its advert on the network: 100000 micros per million tokens, not 1" in attempt.detail
+    assert worker.caps == []        # no job was sent
