@@ -176,7 +176,8 @@ const panels = {
       (p.adverts_seen.dropped ? ` (+${p.adverts_seen.dropped} dropped)` : "");
     const last = p.recent_adverts[0];
     $("last-advert").textContent = last
-      ? `last advert #${last.sequence} at ${fmt.time(last.at)}: ${last.free_slots} free slots, queue ${last.queue_depth}, ${last.size_bytes} B`
+      // Without its sequence, a millisecond clock (docs/api.md): "#1796172726478" read as a count.
+      ? `last advert at ${fmt.time(last.at)}: ${last.free_slots} free slots, queue ${last.queue_depth}, ${last.size_bytes} B`
       : (p.listen.length ? "no advert published yet" : "peer network off (no p2p.listen)");
     $("peers-seen").replaceChildren(...p.peers_seen.slice(0, 8).map(s =>
       el("li", `${fmt.short(s.peer_id)} · ${s.adverts} adverts, last at ${fmt.time(s.at)}` +

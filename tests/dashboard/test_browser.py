@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.api import CorpusFill, DraftCounts
-from node.events import AdvertSeen
+from node.events import AdvertPublished, AdvertSeen
 from node.identity import Identity
 
 from .factories import finished, stats
@@ -195,6 +195,17 @@ def test_earnings_by_client_add_up_to_the_total_with_many_clients(tmp_path, page
         assert float(page.text_content("#earned")) * 1e6 == pytest.approx(ledger.amount_micros)
     finally:
         node.stop()
+
+
+def test_the_last_advert_says_when_and_what_without_its_clock_sequence(node, page):
+    page.goto(node.url + "/")
+    page.wait_for_function("document.getElementById('live').textContent === 'live'")
+    at = time.time()
+    node.bus.publish(AdvertPublished(sequence=1796172726478, free_slots=3, queue_depth=2, size_bytes=446, at=at))
+    page.wait_for_function("document.getElementById('last-advert').textContent.startsWith('last advert at')",
+                           timeout=8000)
+    shown = page.evaluate(f"new Date({at} * 1000).toLocaleTimeString()")
+    assert page.text_content("#last-advert") == f"last advert at {shown}: 3 free slots, queue 2, 446 B"
 
 
 def test_peers_seen_say_when_each_was_last_heard_and_show_their_strings_as_text(node, page):
