@@ -14,17 +14,16 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from engine.async_engine import load_async_engine
 from node import tls
 from node.capacity import CapacityTracker
 from node.config import NodeConfig, split_host_port
+from node.data_dir import DataDir, removed_if_the_start_fails
 from node.doctor import bound_socket, tcp_listen_of_multiaddr
 from node.events import EngineRound, EventBus
 from node.gpu import detect_gpus
@@ -101,29 +100,15 @@ def locked(data_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-@dataclass
-class DataDir:
-    made: Path | None      # the topmost directory this start created; None: the data dir was there
-    loaded: bool = False   # set once the model is loaded: from then on the dir is kept, whatever happens
-
-
 @contextlib.contextmanager
 def data_dir_of_this_start(path: Path) -> Iterator[DataDir]:
-    """Make the data dir. A start that made it and fails before the model is loaded (a mistyped
-    model, a device that is not there, Ctrl-C) removes it again, with the key and ledger it wrote:
-    a refused start leaves nothing behind."""
-    made = path.absolute()
-    while not made.parent.exists():
-        made = made.parent
-    data_dir = DataDir(None if made.exists() else made)
-    make_data_dir(path)
-    try:
+    """Make and lock the data dir. A start that made it and fails before the model is loaded (a
+    mistyped model, a device that is not there, Ctrl-C) removes it again, with the key and ledger it
+    wrote."""
+    with removed_if_the_start_fails(path) as data_dir:
+        make_data_dir(path)
         with locked(path):
             yield data_dir
-    except BaseException:
-        if data_dir.made is not None and not data_dir.loaded:
-            shutil.rmtree(data_dir.made, ignore_errors=True)
-        raise
 
 
 async def run_daemon(config: NodeConfig) -> int:
@@ -152,7 +137,7 @@ async def _run(config: NodeConfig, data_dir: DataDir) -> int:
         if recovered:
             log.warning("ledger: %d job(s) left running by an earlier crash got 'failed' receipts", recovered)
         engine = await asyncio.to_thread(load_async_engine, config.engine)
-        data_dir.loaded = True
+        data_dir.kept = True
         gpu = await asyncio.to_thread(detect_gpus)
         events = EventBus()
         capacity = CapacityTracker(config, identity.peer_id, engine.info, gpu.to_proto(), engine)

@@ -88,6 +88,7 @@ async def _serve(config) -> int:
 
     from node.gateway.app import GatewayApp
     from node.gateway.gateway import Gateway
+    from node.data_dir import removed_if_the_start_fails
     from node.identity import Identity
     from node.p2p.discovery import DiscoveryError
 
@@ -99,14 +100,16 @@ async def _serve(config) -> int:
     except OSError as exc:
         sock.close()
         raise ValueError(f"cannot listen on {config.listen}: {exc.strerror}") from None
-    identity = Identity.load_or_create(config.key_path)
-    gateway = Gateway(config, identity)
-    try:
-        await gateway.start()
-    except DiscoveryError as exc:
-        gateway.store.close()
-        sock.close()
-        raise ValueError(f"cannot join the peer network: {exc}") from None
+    with removed_if_the_start_fails(config.data_dir) as data_dir:
+        identity = Identity.load_or_create(config.key_path)
+        gateway = Gateway(config, identity)
+        try:
+            await gateway.start()
+        except DiscoveryError as exc:
+            gateway.store.close()
+            sock.close()
+            raise ValueError(f"cannot join the peer network: {exc}") from None
+        data_dir.kept = True
     server = uvicorn.Server(uvicorn.Config(GatewayApp(gateway).app, log_level="warning", access_log=False,
                                            lifespan="off", timeout_graceful_shutdown=3))
     serving = asyncio.create_task(server.serve(sockets=[sock]))

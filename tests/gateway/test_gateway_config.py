@@ -122,3 +122,18 @@ def test_an_empty_path_is_refused_wherever_it_comes_from(tmp_path, monkeypatch, 
     assert f"  {setting}: is empty; give a path (or leave the setting out for its default) (from DSPARK_GATEWAY_" \
         in capsys.readouterr().err
     assert list(workdir.iterdir()) == []           # no key, no store in the working directory
+
+
+def test_a_gateway_that_cannot_join_the_network_removes_the_data_dir_it_made(tmp_path, capsys):
+    from node.cli import main
+
+    # Nothing listens on port 1: the bootstrap peer cannot be reached.
+    unreachable = f"/ip4/127.0.0.1/tcp/1/p2p/{Identity.generate().peer_id}"
+    fresh = tmp_path / "new" / "gw"
+    assert main(["gateway", "--listen", "127.0.0.1:0", "--bootstrap", unreachable, "--data-dir", str(fresh)]) == 2
+    assert "cannot join the peer network" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()       # no client key, no empty receipt store left behind
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert main(["gateway", "--listen", "127.0.0.1:0", "--bootstrap", unreachable, "--data-dir", str(kept)]) == 2
+    assert kept.is_dir()                         # a data dir that was there stays, with what was written
