@@ -41,9 +41,10 @@ PROMPTS = ["Count: 1 2 3", "def fib(n):", "Hello, my name is", "The capital of F
 EXPECTED_REFUSALS = {"queue_full", "too_many_concurrent", "rate_limited", "replayed"}
 
 
-def node_config(model: str, method: str) -> str:
+def node_config(model: str, method: str, device: str) -> str:
     # Two slots (node_toml's) and a short line, so that queueing, refusals and cancellations all happen.
     return node_toml(Path(model), f"""method = "{method}"
+device = "{device}"
 max_queue = 6
 [admission]
 max_queue = 6
@@ -151,6 +152,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=10, help="client identities submitting at once")
     ap.add_argument("--model", default="", help="engine.model (default: a tiny random Llama)")
     ap.add_argument("--method", default="auto", help="engine.method")
+    ap.add_argument("--device", default="cpu", help="engine.device (cuda on a GPU)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="dspark-soak-") as tmp:
         problems = asyncio.run(soak(Path(tmp), args))
@@ -164,7 +166,7 @@ async def soak(tmp: Path, args: argparse.Namespace) -> list[str]:
         from engine.testing import make_tiny_model
         model = str(make_tiny_model(tmp / "tiny"))
     data = tmp / "node"
-    node = start_daemon(data, node_config(model, args.method))
+    node = start_daemon(data, node_config(model, args.method, args.device))
     print("serving on", node.ready["grpc"], node.ready["http"], flush=True)
     book = Book()
     until = time.monotonic() + args.seconds

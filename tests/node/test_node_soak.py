@@ -23,5 +23,6 @@ async def test_a_short_soak_finds_no_problem(tmp_path):
     soak_node = importlib.util.module_from_spec(spec)
     sys.modules["soak_node"] = soak_node      # its dataclass looks its module up there
     spec.loader.exec_module(soak_node)
-    problems = await soak_node.soak(tmp_path, argparse.Namespace(seconds=15, clients=8, model="", method="auto"))
+    args = argparse.Namespace(seconds=15, clients=8, model="", method="auto", device="cpu")
+    problems = await soak_node.soak(tmp_path, args)
     assert problems == []
