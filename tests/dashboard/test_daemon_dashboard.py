@@ -19,7 +19,10 @@ from node.identity import Identity
 from .test_browser import ARTIFACTS, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.slow
-CLIENTS, JOBS_PER_CLIENT, NEW_TOKENS = 3, 2, 32
+# Jobs long enough (seconds each) that the page, which lists active jobs 0.5 s after they are
+# admitted and updates their tokens once a second, sees several running: at 32 tokens a quiet box
+# finished them in ~1.6 s, and the listing sometimes caught none with 8 tokens yet.
+CLIENTS, JOBS_PER_CLIENT, NEW_TOKENS = 3, 2, 96
 PROMPT = "Write a Python function that returns the sum of the squares of a list of numbers, with a docstring."
 
 
