@@ -41,6 +41,11 @@ class Reason(StrEnum):
     SHUTTING_DOWN = "shutting_down"
 
 
+# Refusals of the request itself, which every worker would give alike: no fault of the worker's (a
+# client fails over past them in vain; the gateway answers them as the request's error).
+REQUEST_FAULTS = frozenset({Reason.TOO_LONG, Reason.BAD_SAMPLING, Reason.MALFORMED})
+
+
 @dataclass(frozen=True)
 class Refusal:
     reason: Reason

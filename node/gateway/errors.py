@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-from node.admission import Reason
+from node.admission import REQUEST_FAULTS, Reason
 from node.p2p.failover import NoWorkerError
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
@@ -12,9 +12,9 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insuf
           413: "invalid_request_error",
           429: "rate_limit_error",
           503: "service_unavailable"}
-# Refusals caused by the request itself: every worker would refuse it the same way.
-_REQUEST_FAULTS = {Reason.TOO_LONG: "context_length_exceeded", Reason.BAD_SAMPLING: "invalid_sampling",
-                   Reason.MALFORMED: "invalid_request"}
+# OpenAI's codes for the refusals of the request itself (node.admission.REQUEST_FAULTS).
+_FAULT_CODES = {Reason.TOO_LONG: "context_length_exceeded", Reason.BAD_SAMPLING: "invalid_sampling",
+                Reason.MALFORMED: "invalid_request"}
 # Refusals that say "busy or too dear now": the client may retry later.
 _BUSY = {Reason.RATE_LIMITED, Reason.TOO_MANY_CONCURRENT, Reason.QUEUE_FULL, Reason.PRICE_TOO_LOW,
          Reason.SHUTTING_DOWN}
@@ -41,9 +41,9 @@ def network_error(exc: NoWorkerError, model: str) -> ApiError:
     """What a failed run_with_failover means to an OpenAI client."""
     refusals = [a for a in exc.attempts if a.outcome == "refused"]
     for attempt in refusals:
-        if attempt.reason in _REQUEST_FAULTS:
+        if attempt.reason in REQUEST_FAULTS:
             return ApiError(400, f"refused by worker {attempt.peer_id}: {attempt.detail}",
-                            code=_REQUEST_FAULTS[Reason(attempt.reason)])
+                            code=_FAULT_CODES[Reason(attempt.reason)])
     if not exc.attempts:
         return ApiError(429, f"no worker serves {model!r} within the gateway's price caps now: {exc}",
                         code="no_capacity")

@@ -11,12 +11,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from node.admission import Reason
+from node.admission import REQUEST_FAULTS
 from node.p2p.failover import Attempt
 
 DEMOTION_S = 60.0       # about two advert lifetimes: a worker back on its feet re-earns its place soon
-# Refusals of the request itself (every worker would give them): no fault of the worker's.
-_REQUEST_FAULTS = frozenset({Reason.TOO_LONG, Reason.BAD_SAMPLING, Reason.MALFORMED})
 
 
 class RecentFailures:
@@ -29,7 +27,7 @@ class RecentFailures:
         for attempt in attempts:
             if attempt.outcome == "completed":
                 self._failed_at.pop(attempt.peer_id, None)
-            elif attempt.reason not in _REQUEST_FAULTS:
+            elif attempt.reason not in REQUEST_FAULTS:
                 self._failed_at[attempt.peer_id] = now
 
     def demoted(self) -> frozenset[str]:
