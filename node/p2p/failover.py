@@ -190,11 +190,10 @@ async def _choose(top: list[Candidate], identity: Identity, tls: str, model: str
     probes = await _probe_all(top, identity, tls, connect)
     alive: dict[str, WorkerClient] = {}
     for candidate, client, error in probes:
-        raised = "" if client is None else _raised_prices(advertised[candidate.peer_id], candidate)
         if client is None:
             tried.add(candidate.peer_id)
             attempts.append(Attempt(candidate.peer_id, candidate.grpc_endpoint, "unreachable", error))
-        elif raised:
+        elif raised := _raised_prices(advertised[candidate.peer_id], candidate):
             # Ranked on its network advert, it would be run at the price it quotes now: a worker could
             # gossip a low price to be chosen and charge a higher one.
             tried.add(candidate.peer_id)
