@@ -1,0 +1,102 @@
+"""Choosing and paying a worker among hostile or broken ones, on real libp2p hosts (loopback) and
+real gRPC: adverts whose endpoints do not answer or belong to another worker, a worker that bills
+more GPU time than the job took, and one that quotes more than it advertised. The client must still
+run on, and pay, the honest worker as agreed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from node.p2p.failover import PROBE_GRACE_S, NoWorkerError, run_with_failover
+from tests.p2p.hostile import honest_worker, joined, relay_holding, signed, sybil_advert
+from tests.receipts.receipts_helpers import CLIENT, WORKER
+
+
+@contextlib.asynccontextmanager
+async def silent_endpoint() -> AsyncIterator[str]:
+    """A TCP endpoint that accepts connections and never says a word (as one whose packets are
+    dropped does, for the whole probe timeout)."""
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+async def run_job(discovery):
+    return await run_with_failover(discovery, CLIENT, "m", {"text": "hi"}, max_new_tokens=4, tls="off")
+
+
+@pytest.mark.asyncio
+async def test_a_cheap_advert_whose_endpoint_never_answers_does_not_hold_every_job_for_the_probe_timeout():
+    """A throwaway key advertises the lowest price at an endpoint that accepts and never answers. The
+    client probed its top three and waited for all of them: every job started 10 s late (the probe
+    timeout). Once a candidate has answered, the others get a short grace; the job runs at once."""
+    async with honest_worker() as worker, silent_endpoint() as silent:
+        honest = signed(worker.advert(), WORKER)
+        async with relay_holding([honest, sybil_advert(silent)]) as relay, joined(relay.listen_addrs()) as discovery:
+            started = time.monotonic()
+            outcome = await run_job(discovery)
+            elapsed = time.monotonic() - started
+    assert outcome.worker == WORKER.peer_id and outcome.result.finished
+    assert elapsed < PROBE_GRACE_S + 3
+    assert [a.outcome for a in outcome.attempts] == ["completed"]   # the silent one was not tried
+
+
+@pytest.mark.asyncio
+async def test_adverts_whose_endpoints_fail_the_probe_do_not_use_up_the_attempts():
+    """Three cheap adverts: two point at a closed port, one at the honest worker's endpoint under
+    another peer ID (the probe's identity check refuses it). None is sent the job, so none uses up one
+    of the 3 attempts: the job runs on the honest worker (it ended in 'no worker completed the job')."""
+    async with honest_worker() as worker:
+        honest = signed(worker.advert(), WORKER)
+        sybils = [sybil_advert("127.0.0.1:1"), sybil_advert("127.0.0.1:1"), sybil_advert(worker.endpoint)]
+        async with relay_holding([honest, *sybils]) as relay, joined(relay.listen_addrs()) as discovery:
+            outcome = await run_job(discovery)
+    assert outcome.worker == WORKER.peer_id and outcome.result.finished
+    probed = [a for a in outcome.attempts if a.outcome == "unreachable"]
+    assert len(probed) == 3 and outcome.attempts[-1].outcome == "completed"
+    assert any(f"not the expected {a.peer_id}" in a.detail for a in probed)   # the impersonation was caught
+
+
+@pytest.mark.asyncio
+async def test_a_receipt_billing_more_gpu_time_than_the_job_took_is_refused():
+    """A worker that prices time at what it advertised bills 5 GPU-seconds for a job the client saw
+    end in milliseconds: the amount follows the billing rule at an agreed price, so the receipt was
+    accepted. It is refused (and no job completes there); billing its real time, it is accepted."""
+    async with honest_worker() as worker:
+        worker.advertised = worker.charged = 1_000
+        worker.gpu_seconds = 5.0
+        async with relay_holding([signed(worker.advert(), WORKER)]) as relay, \
+                joined(relay.listen_addrs()) as discovery:
+            with pytest.raises(NoWorkerError) as refused:
+                await run_job(discovery)
+            worker.gpu_seconds = 0.001
+            outcome = await run_job(discovery)
+    assert "receipt bills 5 GPU-seconds for a job that took" in str(refused.value)
+    assert outcome.result.receipt.gpu_seconds == 0.001 and outcome.result.receipt.price_per_gpu_second_micros == 1_000
+
+
+@pytest.mark.asyncio
+async def test_a_worker_quoting_more_than_it_advertised_on_the_network_is_not_sent_the_job():
+    """Bait and switch: the worker gossips 1 micro per million tokens to be ranked first, and its
+    GetCapacity quotes 100,000. The client ranked on the gossip used to sign the job at the quote."""
+    async with honest_worker() as worker:
+        bait = worker.advert()
+        bait.price_per_mtok_micros = 1
+        async with relay_holding([signed(bait, WORKER)]) as relay, joined(relay.listen_addrs()) as discovery:
+            with pytest.raises(NoWorkerError) as failed:
+                await run_job(discovery)
+    (attempt,) = failed.value.attempts
+    assert (attempt.peer_id, attempt.outcome) == (WORKER.peer_id, "refused")
+    assert "quotes more than its advert on the network: 100000 micros per million tokens, not 1" in attempt.detail
+    assert worker.caps == []        # no job was sent
