@@ -15,6 +15,8 @@ from node.commands import submit_network
 from node.commands.keys import DEFAULT_CLIENT_KEY
 from node.commands.terminal import answer_printer
 from node.identity import Identity, IdentityError
+from node.p2p.discovery import DiscoveryError
+from node.p2p.failover import NoWorkerError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,9 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 1) -> int:
     print(f"dspark-node submit: {message}", file=sys.stderr)
-    return 1
+    return code
 
 
 async def _submit(args: argparse.Namespace, identity: Identity) -> int:
@@ -96,13 +98,13 @@ def _bad_argument(args: argparse.Namespace) -> str | None:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:
         return "--prompt is not valid UTF-8 text (check the terminal's or the file's encoding)"
-    return None
+    return submit_network.missing_flag(args) if args.node is None else None
 
 
 def run(args: argparse.Namespace) -> int:
     problem = _bad_argument(args)
     if problem:
-        return _fail(problem)
+        return _fail(problem, 2)     # a usage error, as argparse and the other commands exit
     path = args.key.expanduser()
     try:
         if not path.exists():
@@ -111,5 +113,8 @@ def run(args: argparse.Namespace) -> int:
     except IdentityError as exc:
         return _fail(str(exc))
     if args.node is None:
-        return submit_network.run(args, identity)
+        try:
+            return submit_network.run(args, identity)
+        except (DiscoveryError, NoWorkerError) as exc:
+            return _fail(str(exc))
     return asyncio.run(_submit(args, identity))

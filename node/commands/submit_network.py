@@ -1,5 +1,5 @@
 """The peer-network path of `dspark-node submit` (no --node): its flags and its run, called by
-node/commands/submit.py. Finds a worker for --model through --bootstrap peers (or mDNS), with
+node/commands/submit.py, which checks the flags and reports a DiscoveryError or NoWorkerError. Finds a worker for --model through --bootstrap peers (or mDNS), with
 failover (node/p2p/failover.py)."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import sys
 from node.commands.terminal import answer_printer
 from node.config import model_id
 from node.identity import Identity
-from node.p2p.discovery import DiscoveryError
-from node.p2p.failover import Attempt, NoWorkerError, submit_via_network
+from node.p2p.failover import Attempt, submit_via_network
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,31 +24,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="workers to try before giving up (default: %(default)s)")
 
 
-def _fail(message: str) -> int:
-    print(f"dspark-node submit: {message}", file=sys.stderr)
-    return 1
-
-
 def _failed_over(attempt: Attempt) -> None:
     print(f"\n[worker {attempt.peer_id} {attempt.outcome}: {attempt.detail}; trying the next one]",
           file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace, identity: Identity) -> int:
+def missing_flag(args: argparse.Namespace) -> str | None:
+    """What the peer-network path lacks, when --node is not given."""
     if not args.model:
-        return _fail("give --node HOST:PORT, or --model MODEL to find a worker on the peer network")
+        return "give --node HOST:PORT, or --model MODEL to find a worker on the peer network"
     if not args.bootstrap and not args.mdns:
-        return _fail("to find a worker on the peer network give --bootstrap MULTIADDR (or --mdns)")
+        return "to find a worker on the peer network give --bootstrap MULTIADDR (or --mdns)"
+    return None
+
+
+def run(args: argparse.Namespace, identity: Identity) -> int:
     prompt = {"text": args.prompt} if args.raw else {"chat": [{"role": "user", "content": args.prompt}]}
-    try:
-        outcome = asyncio.run(submit_via_network(
-            identity, args.bootstrap, args.model, prompt, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, seed=args.seed, max_price_per_mtok_micros=args.max_price,
-            max_price_per_gpu_second_micros=args.max_price_gpu_second, tls=args.tls, timeout_s=args.timeout,
-            max_attempts=args.attempts, mdns=args.mdns,
-            on_text=answer_printer(), on_failover=_failed_over))
-    except (DiscoveryError, NoWorkerError) as exc:
-        return _fail(str(exc))
+    outcome = asyncio.run(submit_via_network(
+        identity, args.bootstrap, args.model, prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, seed=args.seed, max_price_per_mtok_micros=args.max_price,
+        max_price_per_gpu_second_micros=args.max_price_gpu_second, tls=args.tls, timeout_s=args.timeout,
+        max_attempts=args.attempts, mdns=args.mdns,
+        on_text=answer_printer(), on_failover=_failed_over))
     print()
     receipt = outcome.result.receipt
     first = f"{outcome.time_to_first_token_s:.2f} s" if outcome.time_to_first_token_s is not None else "n/a"

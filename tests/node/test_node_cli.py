@@ -219,9 +219,18 @@ def test_run_names_an_environment_variable_it_cannot_parse(tmp_path):
 def test_submit_refuses_bad_arguments_before_making_a_key(tmp_path, flags, words):
     key = tmp_path / "client.key"
     ran = cli("submit", "--node", "127.0.0.1:9", "--key", str(key), "--prompt", "hi", *flags)
-    refused_clearly(ran, 1, *words)
+    refused_clearly(ran, 2, *words)
     assert not key.exists()
 
+
+@pytest.mark.parametrize("flags, words", [
+    ((), ("give --node HOST:PORT, or --model MODEL",)),
+    (("--model", EMBEDDED_MODEL), ("give --bootstrap MULTIADDR (or --mdns)",)),
+])
+def test_submit_without_a_node_refuses_missing_network_flags_before_making_a_key(tmp_path, flags, words):
+    key = tmp_path / "client.key"
+    refused_clearly(cli("submit", "--key", str(key), "--prompt", "hi", *flags), 2, *words)
+    assert not key.exists()
 
 
 @pytest.mark.parametrize("command, flags, words", [
@@ -237,6 +246,7 @@ def test_engine_commands_name_the_flag_of_a_bad_value(tmp_path, command, flags, 
     ran = cli(command, *where.get(command, ()), *flags)
     refused_clearly(ran, 2, *words)
     assert "validation error for" not in ran.stderr and "errors.pydantic.dev" not in ran.stderr
+
 
 def test_keys_new_where_no_file_can_be_written(tmp_path):
     blocker = tmp_path / "file"
