@@ -113,10 +113,6 @@ class RequestStats:
         busy = self.prefill_seconds + self.decode_seconds
         return self.output_tokens / busy if busy > 0 else 0.0
 
-    @property
-    def per_position_acceptance(self) -> list[float]:
-        return [a / r if r else 0.0 for a, r in zip(self.accepted_at, self.reached)]
-
 
 @dataclass(frozen=True)
 class TokenChunk:
