@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dspark.v1 import job_pb2
@@ -52,7 +53,7 @@ class RunningJob:
 
 class JobTable:
     def __init__(self, engine, ledger, events: EventBus, info: EngineInfo, price_per_mtok_micros: int,
-                 price_per_gpu_second_micros: int):
+                 price_per_gpu_second_micros: int, clock: Callable[[], float] = time.monotonic):
         self._engine = engine
         self._ledger = ledger
         self._events = events
@@ -60,15 +61,17 @@ class JobTable:
         self._price = price_per_mtok_micros
         self._price_gpu_s = price_per_gpu_second_micros
         self._jobs: dict[tuple[bytes, bytes], RunningJob] = {}
+        self._clock = clock
         self._active: dict[bytes, int] = defaultdict(int)
-        self._admitted: dict[bytes, deque[float]] = defaultdict(deque)
+        # Admission times of the last window per client, the client that admitted least recently first.
+        self._admitted: OrderedDict[bytes, deque[float]] = OrderedDict()
         self.draining = False
 
     # --- quotas -------------------------------------------------------------------------------
 
     def load(self, client: bytes) -> Load:
         recent = self._admitted.get(client)
-        cutoff = time.monotonic() - _WINDOW_S
+        cutoff = self._clock() - _WINDOW_S
         while recent and recent[0] < cutoff:
             recent.popleft()
         return Load(client_active=self._active.get(client, 0), client_recent=len(recent or ()),
@@ -86,8 +89,20 @@ class JobTable:
     def reserve(self, client: bytes) -> None:
         """Count a job against its client's quotas as soon as it passes admission, before any
         await, so concurrent submissions from one client cannot all slip under the limit."""
+        now = self._clock()
         self._active[client] += 1
-        self._admitted[client].append(time.monotonic())
+        self._admitted.setdefault(client, deque()).append(now)
+        self._admitted.move_to_end(client)
+        self._forget_quiet_clients(now - _WINDOW_S)
+
+    def _forget_quiet_clients(self, cutoff: float) -> None:
+        """Drop the clients with no admission since `cutoff`: they have no rate left to count. A
+        client may sign each job with a new key, and every key it ever used would stay otherwise."""
+        while self._admitted:
+            recent = next(iter(self._admitted.values()))
+            if recent and recent[-1] >= cutoff:
+                return
+            self._admitted.popitem(last=False)
 
     def release(self, client: bytes, admitted: bool) -> None:
         self._active[client] -= 1

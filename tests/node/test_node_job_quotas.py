@@ -1,0 +1,49 @@
+"""The job table's per-client quota memory: it counts what admission needs and forgets the rest."""
+
+from __future__ import annotations
+
+from engine.api import EngineInfo
+from node.events import EventBus
+from node.jobs import JobTable
+
+INFO = EngineInfo(model_id="m", model_digest=b"", method="ar", drafter_id="", drafter_digest=b"", device="cpu",
+                  dtype="float32", max_context=100, max_batch=2, block_size=0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def table(clock: Clock) -> JobTable:
+    return JobTable(engine=None, ledger=None, events=EventBus(), info=INFO, price_per_mtok_micros=0,
+                    price_per_gpu_second_micros=0, clock=clock)
+
+
+def test_clients_quiet_for_a_minute_are_forgotten():
+    """A client may sign every job with a fresh key: a week of that must not leave a week of keys."""
+    clock = Clock()
+    jobs = table(clock)
+    for n in range(1000):
+        client = n.to_bytes(32, "big")
+        jobs.reserve(client)
+        jobs.release(client, admitted=True)
+        clock.now += 1.0
+    assert len(jobs._admitted) <= 61     # the keys that admitted a job in the last 60 s
+
+
+def test_a_client_still_admitting_keeps_its_rate_while_others_are_forgotten():
+    clock = Clock()
+    jobs = table(clock)
+    busy = b"b" * 32
+    for n in range(100):
+        jobs.reserve(busy)
+        jobs.release(busy, admitted=True)
+        jobs.reserve(n.to_bytes(32, "big"))
+        jobs.release(n.to_bytes(32, "big"), admitted=True)
+        clock.now += 1.0
+    assert jobs.load(busy).client_recent == 60      # its admissions of the last 60 s
+    assert len(jobs._admitted) <= 1 + 61     # it and the keys seen in the last 60 s
