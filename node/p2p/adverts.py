@@ -105,7 +105,6 @@ def check_advert(data: bytes, origin_peer_id: str | None, at_ms: int, known_sequ
 class LiveAdvert:
     advert: CapacityAdvert
     envelope: Envelope
-    received_at_ms: int
     expires_at_ms: int
 
     @property
@@ -142,7 +141,7 @@ class AdvertBook:
             envelope, advert = check_advert(data, origin_peer_id, at, self._last_sequence)
             # The receiver's clock bounds the lifetime too: a worker whose clock runs ahead must
             # not stay listed longer than its TTL.
-            live = LiveAdvert(advert, envelope, at, min(advert.issued_at_ms, at) + advert.ttl_seconds * 1000)
+            live = LiveAdvert(advert, envelope, min(advert.issued_at_ms, at) + advert.ttl_seconds * 1000)
             if advert.peer_id == self._self:
                 return live
             self._last_sequence.pop(advert.peer_id, None)

@@ -65,7 +65,7 @@ class _Network:
 
     def adverts(self, model: str | None = None) -> list[LiveAdvert]:
         envelope = seal(WORKER, self.worker.advert())
-        return [LiveAdvert(self.worker.advert(), envelope, 0, 2**62)] if model in (None, "m") else []
+        return [LiveAdvert(self.worker.advert(), envelope, 2**62)] if model in (None, "m") else []
 
     async def find_workers(self, model: str, wait_s: float = 0.0) -> list[LiveAdvert]:
         return self.adverts(model)

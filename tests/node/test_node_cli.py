@@ -285,7 +285,7 @@ def test_peers_lists_each_workers_gpu_in_aligned_columns():
         advert = CapacityAdvert(peer_id=Identity.generate().peer_id, grpc_endpoint="203.0.113.5:7440", gpu=gpu,
                                 models=[ModelOffer(id=EMBEDDED_MODEL_ID)], price_per_mtok_micros=100_000,
                                 free_slots=3, queue_depth=1, tokens_per_second=41.25, issued_at_ms=1_000)
-        return describe(LiveAdvert(advert, Envelope(), received_at_ms=1_000, expires_at_ms=31_000), 2_000)
+        return describe(LiveAdvert(advert, Envelope(), expires_at_ms=31_000), 2_000)
 
     header, h200, cpu = table([row(GpuInfo(name="NVIDIA H200", count=2, memory_bytes=141 << 30)),
                                row(GpuInfo(name="cpu"))])
@@ -309,7 +309,7 @@ def test_peers_writes_a_peers_control_characters_as_escapes():
                             gpu=GpuInfo(name="\x1b]0;owned\x07gpu", count=1),
                             models=[ModelOffer(id="m\x1b[31m\n12D3KooWForged 1.2.3.4:1 cheap\u202e")],
                             issued_at_ms=1_000)
-    header, line = table([describe(LiveAdvert(advert, Envelope(), received_at_ms=1_000, expires_at_ms=9_000), 2_000)])
+    header, line = table([describe(LiveAdvert(advert, Envelope(), expires_at_ms=9_000), 2_000)])
     assert all(c.isprintable() for c in line)
     assert "\\x1b[2Jhost:5" in line and "1x \\x1b]0;owned\\x07gpu" in line
     assert "m\\x1b[31m\\n12D3KooWForged 1.2.3.4:1 cheap\\u202e" in line
