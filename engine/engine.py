@@ -13,13 +13,14 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
+from dataclasses import replace
 
 import torch
 
 from engine.api import (EngineInfo, GenerationRequest, GenerationResult, RequestRejected, RoundReport,
                         TokenChunk)
 from engine.config import EngineConfig
-from engine.detokenize import Detokenizer
+from engine.detokenize import DecodeState, Detokenizer
 from engine.draft_backoff import DraftBackoff
 from engine.drafters.base import Drafter
 from engine.loading import LoadedTarget, device_name
@@ -30,6 +31,13 @@ from engine.sequence import Sequence
 from engine.spec_round import Schedule, full_block, speculative_round
 
 Event = TokenChunk | GenerationResult
+
+
+def first_stop(text: str, stops: tuple[str, ...], searched: int) -> int | None:
+    """Where the earliest stop string in `text` starts, if any; `text[:searched]` held none when it was
+    searched last."""
+    cuts = [cut for stop in stops if (cut := text.find(stop, max(0, searched - len(stop) + 1))) >= 0]
+    return min(cuts) if cuts else None
 
 
 class Engine:
@@ -175,20 +183,25 @@ class Engine:
     def _emit(self, seqs: list[Sequence]) -> list[Event]:
         """Decode what the last commit added to each request (one batched tokenizer call), stream it,
         and finish the requests that are done."""
+        # The requests with stop strings keep their decode state from before the commit, to replay it
+        # token by token when a stop string is found (`_back_to_stop`).
+        before = {seq.request_id: replace(seq.decoded) for seq in seqs if seq.request.sampling.stop}
         self.detokenizer.update([(seq.decoded, seq.output_ids) for seq in seqs])
-        return [event for seq in seqs for event in self._after_commit(seq)]
+        return [event for seq in seqs for event in self._after_commit(seq, before.get(seq.request_id))]
 
-    def _after_commit(self, seq: Sequence) -> list[Event]:
+    def _after_commit(self, seq: Sequence, before: DecodeState | None) -> list[Event]:
         """Stream what the last commit added (`seq.decoded` is up to date), then finish the request
-        if it is done."""
+        if it is done. `before`: the decode state before the commit, for a request with stop strings."""
+        stops = seq.request.sampling.stop
+        cut = first_stop(seq.decoded.full_text, stops, seq.stop_searched)
+        if cut is not None and before is not None:
+            cut = self._back_to_stop(seq, before, cut)
         out = seq.output_ids
         seq.stats.output_tokens = len(out)
-        decoded, stops = seq.decoded, seq.request.sampling.stop
+        decoded = seq.decoded
         text, reason = decoded.full_text, None
-        # The text before `stop_searched` held no stop string when it was searched last round.
-        cuts = [cut for stop in stops if (cut := text.find(stop, max(0, seq.stop_searched - len(stop) + 1))) >= 0]
-        if cuts:
-            text, reason = text[:min(cuts)], "stop"
+        if cut is not None:
+            text, reason = text[:cut], "stop"
         seq.stop_searched = len(decoded.text)
         if out and out[-1] in self.target.eos_token_ids:
             reason = "stop"
@@ -209,6 +222,21 @@ class Engine:
         if reason:
             events.append(self._finish(seq, reason))
         return events
+
+    def _back_to_stop(self, seq: Sequence, state: DecodeState, cut: int) -> int:
+        """Plain decoding stops at the first token whose text completes a stop string; a round that
+        committed several tokens (a verified draft block) may have gone past it. Replays the commit's
+        tokens one at a time from `state`, drops those after that token (they are neither streamed
+        nor counted), and returns where the stop string starts in the text kept."""
+        out = seq.output_ids
+        for n in range(seq.sent_tokens + 1, len(out)):
+            self.detokenizer.update([(state, out[:n])])
+            early = first_stop(state.full_text, seq.request.sampling.stop, seq.stop_searched)
+            if early is not None:
+                del seq.tokens[seq.prompt_len + n:]
+                seq.decoded = state
+                return early
+        return cut
 
     def _finish(self, seq: Sequence, reason: str) -> GenerationResult:
         seq.finish_reason = reason

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.api import GenerationRequest, SamplingParams
+from engine.api import GenerationRequest, SamplingParams, TokenChunk
 from engine.build import build_engine
 from engine.config import EngineConfig
 from tests.conftest import eval_prompts
@@ -52,3 +52,29 @@ def test_max_token_edges(engines, smollm_fp32, n):
     spec = run(engines["ngram"], ids, n)
     assert len(spec.output_ids) == n and spec.output_ids == plain.output_ids
     assert spec.finish_reason == "length"
+
+
+def streamed(engine, request):
+    """The request's result and the token ids its chunks streamed."""
+    engine.add(request)
+    ids = []
+    while engine.has_work:
+        for event in engine.step()[0]:
+            if isinstance(event, TokenChunk):
+                ids += event.token_ids
+            elif event.request_id == request.request_id:
+                return event, tuple(ids)
+
+
+def test_a_stop_string_inside_a_verified_block_ends_the_output_where_plain_decoding_does(engines, smollm_fp32):
+    """Tokens a block commits past the one that completes a stop string are neither returned, streamed
+    nor counted: the output is plain decoding's, token for token."""
+    ids = chat(smollm_fp32.tokenizer, "Write a Python function that reverses a list, then repeat it.")
+    text = run(engines["ar"], ids, N_TOKENS).text
+    for k in range(10, 45, 7):
+        sampling = SamplingParams(max_new_tokens=N_TOKENS, stop=(text[k:k + 3],))
+        plain = engines["ar"].generate(GenerationRequest("p", ids, sampling))
+        spec, sent = streamed(engines["ngram"], GenerationRequest("s", ids, sampling))
+        assert plain.finish_reason == spec.finish_reason == "stop"
+        assert spec.output_ids == plain.output_ids and spec.text == plain.text
+        assert sent == spec.output_ids and spec.stats.output_tokens == len(plain.output_ids)
