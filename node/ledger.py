@@ -245,8 +245,9 @@ class Ledger:
         return len(running)
 
     def totals(self, recent: int = 20) -> LedgerTotals:
-        """Counts for metrics and the dashboard. Receipts are append-only, so the sums carry on from
-        the last call over the new rows only (a dashboard poll costs the same at 100k receipts)."""
+        """Counts for the dashboard's earnings (/api/earnings; the Prometheus counters come from job
+        events, node/metrics.py). Receipts are append-only, so the sums carry on from the last call
+        over the new rows only (a dashboard poll costs the same at 100k receipts)."""
         with self._lock:
             tally = self._tally
             for sequence, client_key, amount, tokens in self._conn.execute(
