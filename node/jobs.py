@@ -13,13 +13,18 @@ import time
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dspark.v1 import job_pb2
 from dspark.v1.receipt_pb2 import Receipt
 from engine.api import EngineInfo, GenerationRequest, GenerationResult, RequestStats, TokenChunk
 from node.admission import Load, SignedJob
 from node.events import EventBus, JobAdmitted, JobFinished, JobProgress
+from node.ledger import Ledger
 from node.receipts import JobOutcome
+
+if TYPE_CHECKING:     # engine.async_engine imports torch; the node loads it once, in the daemon
+    from engine.async_engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +57,9 @@ class RunningJob:
 
 
 class JobTable:
-    def __init__(self, engine, ledger, events: EventBus, info: EngineInfo, price_per_mtok_micros: int,
-                 price_per_gpu_second_micros: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, engine: AsyncEngine, ledger: Ledger, events: EventBus, info: EngineInfo,
+                 price_per_mtok_micros: int, price_per_gpu_second_micros: int,
+                 clock: Callable[[], float] = time.monotonic):
         self._engine = engine
         self._ledger = ledger
         self._events = events

@@ -8,6 +8,7 @@ are then cancelled (each still gets its receipt), and only then does the server 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,8 +21,12 @@ from node.events import EventBus
 from node.identity import Identity
 from node.interceptor import ErrorInterceptor
 from node.jobs import JobTable
+from node.ledger import Ledger
 from node.service import WorkerServicer, build_policy
 from node.tls import TlsMaterial
+
+if TYPE_CHECKING:     # engine.async_engine imports torch; the daemon has loaded it by then
+    from engine.async_engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +37,8 @@ _MAX_MESSAGE_BYTES = 2 << 20     # an envelope's payload is capped at 1 MiB (nod
 class GrpcService:
     name = "grpc"
 
-    def __init__(self, config: NodeConfig, identity: Identity, engine, ledger, events: EventBus,
-                 capacity: CapacityTracker, tls: TlsMaterial | None):
+    def __init__(self, config: NodeConfig, identity: Identity, engine: AsyncEngine, ledger: Ledger,
+                 events: EventBus, capacity: CapacityTracker, tls: TlsMaterial | None):
         self._config = config
         self._tls = tls
         self._capacity = capacity
