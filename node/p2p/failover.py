@@ -56,7 +56,7 @@ class Attempt:
     outcome: Literal["completed", "refused", "unreachable", "died"]
     detail: str = ""
     job_id: bytes = b""            # empty when no job was sent
-    chunks_received: int = 0       # streamed chunks before it ended
+    chunks_received: int = 0       # streamed chunks before it failed; a completed one: its output tokens
     reason: str = ""               # the worker's refusal tag (node.admission.Reason), when it gave one
 
 
