@@ -59,7 +59,7 @@ def calibration_metrics(samples: list[tuple[int, float, bool]]) -> list[dict]:
 
 def ece(p: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> float:
     """sum over bins of |bin| / n * |mean prediction - accuracy|; bin b holds p in [b/bins, (b+1)/bins)."""
-    return float(ece_rows(p[None], y)[0])
+    return float(ece_rows(p[None], y, bins)[0])
 
 
 def ece_floor(p: torch.Tensor, trials: int = 64, seed: int = 0) -> float:

@@ -223,6 +223,13 @@ def test_calibration_metrics_on_a_small_case():
     assert rows[1]["auroc"] is None and rows[1]["n"] == 1
 
 
+def test_ece_takes_the_bins_it_is_given():
+    p = torch.tensor([0.9, 0.8, 0.3, 0.1], dtype=torch.float64)
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    assert math.isclose(ece(p, y, bins=1), abs(2.1 - 2.0) / 4)              # one bin: |mean p - mean y|
+    assert math.isclose(ece(p, y, bins=2), (abs(0.4 - 1.0) + abs(1.7 - 1.0)) / 4)   # [0, .5), [.5, 1)
+
+
 def test_ece_floor_is_what_a_calibrated_head_measures_and_shrinks_with_the_sample():
     g = torch.Generator().manual_seed(3)
     small, large = (torch.rand(n, generator=g, dtype=torch.float64) * 0.8 + 0.1 for n in (400, 6400))
