@@ -184,6 +184,9 @@ class JobTable:
             price_per_mtok_micros=self._price, price_per_gpu_second_micros=self._price_gpu_s)
         event = job_pb2.JobResult(finish_reason=result.finish_reason, text=result.text,
                                   output_token_ids=result.output_ids)
+        # Without a receipt the job still ended (the dashboard and metrics must not count it running
+        # for ever): as 'failed', which is what the next start's Ledger.recover bills its row as.
+        billed, amount, sequence = "failed", 0, 0
         try:
             # Shielded: a drain that cancels this task must not lose the receipt mid-write.
             envelope = await asyncio.shield(asyncio.to_thread(self._ledger.finish_job, outcome))
@@ -193,10 +196,10 @@ class JobTable:
         else:
             event.receipt.CopyFrom(envelope)
             receipt = Receipt.FromString(envelope.payload)
-            self._events.publish(JobFinished(
-                job_id=job.request.job_id.hex(), client=job.client_key.hex(), outcome=outcome.outcome,
-                stats=result.stats, amount_micros=receipt.amount_micros, receipt_sequence=receipt.sequence,
-                time_to_first_token=ttft))
+            billed, amount, sequence = outcome.outcome, receipt.amount_micros, receipt.sequence
+        self._events.publish(JobFinished(
+            job_id=job.request.job_id.hex(), client=job.client_key.hex(), outcome=billed, stats=result.stats,
+            amount_micros=amount, receipt_sequence=sequence, time_to_first_token=ttft))
         running.stream.put_nowait(job_pb2.SubmitEvent(result=event))
 
     async def drain(self, grace_s: float, cancel_wait_s: float = 10.0) -> int:
