@@ -96,12 +96,14 @@ class AsyncEngine:
 
     # ---- requests -----------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk | GenerationResult]:
-        if not self._running:
-            raise RequestRejected("stopping", "the engine is not running")
         self.engine.check(request)
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         with self._wake:
+            # The engine thread drains the inbox under this lock when it ends: a request is either
+            # refused here or answered there.
+            if not self._running:
+                raise RequestRejected("stopping", "the engine is not running")
             self._inbox.append((request, queue, loop))
             self._wake.notify()
         finished = False
@@ -131,13 +133,9 @@ class AsyncEngine:
         target = self._queues.get(request_id)
         if target is None:
             return
-        queue, loop = target
         if isinstance(event, GenerationResult):
             del self._queues[request_id]
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-        except RuntimeError:  # the request's event loop has closed
-            pass
+        _put(*target, event)
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -170,6 +168,13 @@ class AsyncEngine:
             for request_id in list(self._queues):
                 self._deliver(request_id, RuntimeError(f"engine failed: {exc}"))
         finally:
+            with self._wake:
+                self._running = False
+                unserved, self._inbox = self._inbox, []
+            # Requests that arrived during the last round never reached the engine: they end too.
+            for _, queue, request_loop in unserved:
+                _put(queue, request_loop, RuntimeError(f"engine failed: {self.failure}") if self.failure
+                     else RequestRejected("stopping", "the engine stopped before serving the request"))
             for result in self.engine.abort_all():
                 self._deliver(result.request_id, result)
             try:
@@ -184,6 +189,13 @@ class AsyncEngine:
             self._done.set_exception(RuntimeError(f"engine thread failed: {self.failure}"))
         else:
             self._done.set_result(None)
+
+
+def _put(queue: asyncio.Queue, loop: asyncio.AbstractEventLoop, event) -> None:
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+    except RuntimeError:  # the request's event loop has closed
+        pass
 
 
 def load_async_engine(config: EngineConfig) -> AsyncEngine:

@@ -3,6 +3,7 @@ when it joins or leaves, or how many drafts the scheduler verifies for it."""
 
 import asyncio
 import random
+import threading
 
 import pytest
 
@@ -152,4 +153,38 @@ async def test_a_failing_model_fails_requests_and_wakes_the_supervisor(tiny_llam
             pass
     with pytest.raises(RuntimeError, match="device lost"):
         await asyncio.wait_for(engine.wait(), 10)
+    await engine.stop()
+
+
+@pytest.mark.asyncio
+async def test_requests_that_reach_a_failed_engine_are_failed_not_left_waiting(tiny_llama):
+    """One request arrives while the failing round runs (it is still in the inbox when the engine
+    thread dies), another after: both end, with an error, instead of waiting forever."""
+    engine = AsyncEngine(build_engine(EngineConfig(model=str(tiny_llama), max_batch=1)))
+    entered, fail = threading.Event(), threading.Event()
+
+    def failing_forward(*args, **kwargs):
+        entered.set()
+        fail.wait(10)
+        raise RuntimeError("CUDA error: device lost")
+    engine.engine.model.forward = failing_forward
+    await engine.start()
+
+    async def outcome(request_id: str) -> BaseException | None:
+        try:
+            async for _ in engine.generate(GenerationRequest(request_id, (1, 2), SamplingParams(max_new_tokens=4))):
+                pass
+        except Exception as exc:
+            return exc
+        return None
+    first = asyncio.create_task(outcome("first"))
+    await asyncio.to_thread(entered.wait, 10)
+    during = asyncio.create_task(outcome("during"))
+    while engine.queue_depth == 0:          # "during" is in the inbox, the engine thread in the forward
+        await asyncio.sleep(0.01)
+    fail.set()
+    failures = await asyncio.wait_for(asyncio.gather(first, during, outcome("after")), 10)
+    assert all(isinstance(exc, Exception) for exc in failures), failures
+    with pytest.raises(RuntimeError, match="device lost"):
+        await engine.wait()
     await engine.stop()
