@@ -286,7 +286,7 @@ def run(opts: TrainOptions, log=print) -> dict:
                              save_every=opts.save_every, device=opts.device, dtype=opts.dtype,
                              # a cache rebuilt with other data under the same directory is not the run resumed
                              data=hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest())
-    result = train(module, target.model, sequences, settings, opts.out, config)
+    result = train(module, target.model, sequences, settings, opts.out)
     last = result.history[-20:]
     summary = {
         "kind": opts.kind, "device": device_name(opts.device), "dtype": opts.dtype, "steps_done": result.steps_done,

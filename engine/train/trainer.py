@@ -93,7 +93,7 @@ def build_module(config, state: dict[str, torch.Tensor] | None) -> torch.nn.Modu
 
 
 def train(module: torch.nn.Module, target: TargetModel, data: list[CachedSequence], settings: TrainSettings,
-          out: Path, config: dict) -> TrainResult:
+          out: Path) -> TrainResult:
     """Train `module` in place; resumes from out/train_state.pt when it exists."""
     if not data:
         raise TrainingError("the training set is empty")

@@ -21,11 +21,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_training_on_cuda_follows_cpu(target, sequences, tmp_path):
-    config, on_cpu = fresh(target)
+    _, on_cpu = fresh(target)
     _, on_gpu = fresh(target)
-    cpu = train(on_cpu, target.model, sequences, settings(steps=4), tmp_path / "cpu", config)
+    cpu = train(on_cpu, target.model, sequences, settings(steps=4), tmp_path / "cpu")
     gpu_target = load_target(str(target.path), torch.float32, "cuda")
-    gpu = train(on_gpu, gpu_target.model, sequences, settings(steps=4, device="cuda"), tmp_path / "gpu", config)
+    gpu = train(on_gpu, gpu_target.model, sequences, settings(steps=4, device="cuda"), tmp_path / "gpu")
     assert [h["loss"] for h in gpu.history] == pytest.approx([h["loss"] for h in cpu.history], rel=1e-3)
     for (name, a), b in zip(on_cpu.state_dict().items(), on_gpu.state_dict().values()):
         assert torch.allclose(a, b.cpu(), rtol=1e-3, atol=1e-5), name
@@ -34,12 +34,12 @@ def test_training_on_cuda_follows_cpu(target, sequences, tmp_path):
 def test_bf16_training_on_cuda_follows_cpu_bf16_loosely(target, sequences, tmp_path):
     """Autocast on both devices: bf16 products differ between kernels, so only the losses' trend
     and scale are compared."""
-    config, on_cpu = fresh(target)
+    _, on_cpu = fresh(target)
     _, on_gpu = fresh(target)
-    cpu = train(on_cpu, target.model, sequences, settings(steps=4, dtype="bfloat16"), tmp_path / "cpu", config)
+    cpu = train(on_cpu, target.model, sequences, settings(steps=4, dtype="bfloat16"), tmp_path / "cpu")
     gpu_target = load_target(str(target.path), torch.float32, "cuda")
     gpu = train(on_gpu, gpu_target.model, sequences, settings(steps=4, device="cuda", dtype="bfloat16"),
-                tmp_path / "gpu", config)
+                tmp_path / "gpu")
     assert [h["loss"] for h in gpu.history] == pytest.approx([h["loss"] for h in cpu.history], rel=0.05)
     assert all(p.dtype == torch.float32 for p in on_gpu.parameters())
 

@@ -37,11 +37,11 @@ def eval_loss(module, target, sequences) -> float:
 
 
 def test_a_few_steps_reduce_the_loss(target, sequences, tmp_path):
-    config, module = fresh(target)
+    _, module = fresh(target)
     before = eval_loss(module, target, sequences)
     s = settings(steps=40)
     s.lr = 1e-2
-    result = train(module, target.model, sequences, s, tmp_path, config)
+    result = train(module, target.model, sequences, s, tmp_path)
     assert result.finished and result.steps_done == 40
     after = eval_loss(module, target, sequences)
     assert after < 0.92 * before    # measured 0.90 (the outside-vocabulary column is most of what is left)
@@ -49,31 +49,31 @@ def test_a_few_steps_reduce_the_loss(target, sequences, tmp_path):
 
 
 def test_bf16_autocast_trains_fp32_weights_and_is_not_resumed_as_fp32(target, sequences, tmp_path):
-    config, module = fresh(target)
+    _, module = fresh(target)
     before = eval_loss(module, target, sequences)
     s = settings(steps=40, dtype="bfloat16")
     s.lr = 1e-2
-    result = train(module, target.model, sequences, s, tmp_path / "bf16", config)
+    result = train(module, target.model, sequences, s, tmp_path / "bf16")
     assert all(p.dtype == torch.float32 for p in module.parameters())   # master weights stay fp32
     assert eval_loss(module, target, sequences) < 0.92 * before
     # Same weights and draws at step 0, other arithmetic: autocast was on.
     _, ref = fresh(target)
-    fp32 = train(ref, target.model, sequences, settings(steps=1), tmp_path / "fp32", config).history[0]["loss"]
+    fp32 = train(ref, target.model, sequences, settings(steps=1), tmp_path / "fp32").history[0]["loss"]
     assert result.history[0]["loss"] != fp32 and abs(result.history[0]["loss"] - fp32) < 0.05 * fp32
     with pytest.raises(TrainingError, match="bfloat16"):
-        train(module, target.model, sequences, settings(steps=40), tmp_path / "bf16", config)
+        train(module, target.model, sequences, settings(steps=40), tmp_path / "bf16")
 
 
 @pytest.mark.parametrize("kind", ["dflash", "eagle3"])
 def test_baselines_train_too(target, sequences, tmp_path, kind):
-    config, module = fresh(target, kind)
-    history = train(module, target.model, sequences, settings(kind, steps=12), tmp_path, config).history
+    _, module = fresh(target, kind)
+    history = train(module, target.model, sequences, settings(kind, steps=12), tmp_path).history
     assert sum(h["loss"] for h in history[-3:]) < sum(h["loss"] for h in history[:3])
 
 
 def test_resume_gives_the_uninterrupted_result(target, sequences, tmp_path):
-    config, whole = fresh(target)
-    uninterrupted = train(whole, target.model, sequences, settings(steps=6), tmp_path / "whole", config)
+    _, whole = fresh(target)
+    uninterrupted = train(whole, target.model, sequences, settings(steps=6), tmp_path / "whole")
 
     class Stop(KeyboardInterrupt):
         pass
@@ -82,23 +82,22 @@ def test_resume_gives_the_uninterrupted_result(target, sequences, tmp_path):
         if step == 3:
             raise Stop()
 
-    config, part = fresh(target)
+    _, part = fresh(target)
     with pytest.raises(KeyboardInterrupt):               # Ctrl-C mid-run: the state is saved
-        train(part, target.model, sequences, settings(steps=6, on_step=stop_at_3), tmp_path / "part", config)
+        train(part, target.model, sequences, settings(steps=6, on_step=stop_at_3), tmp_path / "part")
     assert torch.load(tmp_path / "part" / STATE_FILE, weights_only=True)["step"] == 3
-    config, resumed = fresh(target)
-    result = train(resumed, target.model, sequences, settings(steps=6), tmp_path / "part", config)
+    _, resumed = fresh(target)
+    result = train(resumed, target.model, sequences, settings(steps=6), tmp_path / "part")
     assert result.steps_done == 6
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
     # the record covers the whole run (the exported summary's final acceptance, train_log.json), not
     # the resumed steps alone: a finished run resumed again exported an empty one
     assert [h["loss"] for h in result.history] == [h["loss"] for h in uninterrupted.history]
-    again = train(resumed, target.model, sequences, settings(steps=6), tmp_path / "part", config)
+    again = train(resumed, target.model, sequences, settings(steps=6), tmp_path / "part")
     assert again.history == result.history and again.steps_done == 6
     with pytest.raises(TrainingError, match="seed"):     # another run's state is not silently reused
-        train(resumed, target.model, sequences, TrainSettings(kind="dspark", steps=6, seed=6), tmp_path / "part",
-              config)
+        train(resumed, target.model, sequences, TrainSettings(kind="dspark", steps=6, seed=6), tmp_path / "part")
 
 
 @pytest.mark.parametrize("change,message", [(dict(lr=1e-2), "--lr 0.003 (asked: 0.01)"),
@@ -109,27 +108,27 @@ def test_resume_gives_the_uninterrupted_result(target, sequences, tmp_path):
 def test_resume_refuses_other_settings_than_the_run_started_with(target, sequences, tmp_path, change, message):
     """Another learning rate, batch, anchor count or training data gives neither the uninterrupted
     run nor the recorded one; they were taken silently."""
-    config, module = fresh(target)
-    train(module, target.model, sequences, settings(steps=2), tmp_path, config)
+    _, module = fresh(target)
+    train(module, target.model, sequences, settings(steps=2), tmp_path)
     other = settings(steps=2)
     for name, value in change.items():
         setattr(other, name, value)
     with pytest.raises(TrainingError, match=re.escape(message)):
-        train(module, target.model, sequences, other, tmp_path, config)
+        train(module, target.model, sequences, other, tmp_path)
 
 
 def test_a_damaged_state_is_refused_with_what_to_do(target, sequences, tmp_path):
-    config, module = fresh(target)
-    train(module, target.model, sequences, settings(steps=2), tmp_path, config)
+    _, module = fresh(target)
+    train(module, target.model, sequences, settings(steps=2), tmp_path)
     state = tmp_path / STATE_FILE
     state.write_bytes(state.read_bytes()[:100_000])     # a copy cut short
     with pytest.raises(TrainingError, match="cannot be resumed .*delete it to start over"):
-        train(module, target.model, sequences, settings(steps=2), tmp_path, config)
+        train(module, target.model, sequences, settings(steps=2), tmp_path)
 
 
 def test_the_exported_drafter_is_served_losslessly(target, sequences, tmp_path):
     config, module = fresh(target)
-    train(module, target.model, sequences, settings(steps=10), tmp_path / "run", config)
+    train(module, target.model, sequences, settings(steps=10), tmp_path / "run")
     path = export(module, config, tmp_path / "drafter")
     ckpt = load_checkpoint(path, target)
     assert ckpt.config.shares_target_embeddings and "embed_tokens.weight" not in ckpt.weights
