@@ -40,7 +40,9 @@ class Gateway:
             await self.pool.close()
             await self.discovery.stop()
         finally:
-            self.store.close()
+            # Off the loop, as every other store call: closing waits for a write still in its thread
+            # (the store's lock) and checkpoints the WAL.
+            await asyncio.to_thread(self.store.close)
 
     def models(self) -> ModelList:
         """Each model workers advertise now, with its best price and best measured speed."""
