@@ -1,6 +1,6 @@
 """The peer-network path of `dspark-node submit` (no --node): its flags and its run, called by
-node/commands/submit.py, which checks the flags and reports a DiscoveryError or NoWorkerError. Finds a worker for --model through --bootstrap peers (or mDNS), with
-failover (node/p2p/failover.py)."""
+node/commands/submit.py, which checks the flags and reports a DiscoveryError or NoWorkerError. Finds
+a worker for --model through --bootstrap peers (or mDNS), with failover (node/p2p/failover.py)."""
 
 from __future__ import annotations
 
