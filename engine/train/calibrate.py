@@ -325,6 +325,8 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
     config_file = drafter / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{drafter}: no config.json (a DeepSpec drafter directory is expected)")
+    if write:
+        check_storable(config_file)
     engine = build_engine(EngineConfig(model=model, method="dspark", drafter=str(drafter), max_batch=16,
                                        max_context=2048, device=device))
     c = engine.drafter.config
@@ -375,7 +377,34 @@ def calibrate_drafter(drafter: Path, model: str, prompts: list[str] | None, limi
             "reported_on": result["reported_on"], "held_out_prompts": len(report_ids),
             "ece_before": [round(r["ece"], 4) for r in result["before"]],
             "ece_after": [round(r["ece"], 4) for r in result["after"]]}
-        tmp = config_file.with_suffix(".tmp")
+        store_config(config_file, raw)
+    return result
+
+
+def store_config(config_file: Path, raw: dict) -> None:
+    """Replace the drafter's config.json whole (a write cut short leaves the old one)."""
+    tmp = config_file.with_suffix(".tmp")
+    try:
         tmp.write_text(json.dumps(raw, indent=2, sort_keys=True))
         tmp.replace(config_file)
-    return result
+    except OSError as exc:
+        if tmp.is_file():
+            tmp.unlink()
+        raise cannot_store(config_file, exc) from exc
+
+
+def check_storable(config_file: Path) -> None:
+    """Write and remove the file `store_config` writes first: a directory that cannot take it is refused
+    before minutes of decoding, not after them."""
+    tmp = config_file.with_suffix(".tmp")
+    try:
+        tmp.write_text("")
+        tmp.unlink()
+    except OSError as exc:
+        raise cannot_store(config_file, exc) from exc
+
+
+def cannot_store(config_file: Path, exc: OSError) -> Exception:
+    from engine.drafters.checkpoint import CheckpointError
+
+    return CheckpointError(f"cannot store the fit in {config_file}: {exc}; fix that, or report only with --dry-run")

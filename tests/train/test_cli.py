@@ -112,6 +112,26 @@ def test_calibrate_refuses_a_drafter_without_confidence_head(target, tmp_path, c
     assert "'gpu' is not a torch device" in capsys.readouterr().err
 
 
+def test_calibrate_refuses_a_drafter_directory_it_cannot_store_the_fit_in_before_decoding(target, tmp_path, capsys):
+    """It decoded for minutes and then died on the write with a traceback (root writes anywhere, so a
+    directory in the way of the temporary file stands for a read-only one here)."""
+    from engine.drafters.checkpoint import CheckpointError
+    from engine.train.calibrate import store_config
+
+    config, state = init_drafter(target, "dspark", layers=1, markov_rank=8, block_size=4, target_layer_ids=[-1, 1])
+    drafter = save_checkpoint(tmp_path / "drafter", config, state)
+    (drafter / "config.tmp").mkdir()
+    before = (drafter / "config.json").read_text()
+    argv = ["calibrate", "--drafter", str(drafter), "--model", str(target.path), "--limit", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot store the fit in {drafter / 'config.json'}" in err and "--dry-run" in err
+    with pytest.raises(CheckpointError, match="cannot store the fit"):
+        store_config(drafter / "config.json", {"block_size": 4})
+    assert (drafter / "config.json").read_text() == before
+    assert main([*argv, "--max-new-tokens", "4", "--dry-run"]) == 0     # reporting needs no write
+
+
 def test_train_drafter_end_to_end_builds_one_cache_for_two_kinds(target, tmp_path, capsys):
     """Generated responses (decoded in bf16) + stdlib text -> cache (--cache-only) -> a DSpark run in
     bf16 and a DFlash run in fp32 from it."""
