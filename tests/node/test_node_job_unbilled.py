@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from dspark.v1 import job_pb2
-from engine.api import EngineInfo, GenerationResult, RequestStats, SamplingParams, TokenChunk
+from engine.api import EngineInfo, GenerationResult, RequestStats, TokenChunk
 from node.activity import Activity
 from node.admission import generation_request, open_job
 from node.envelope import seal
