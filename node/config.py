@@ -133,6 +133,8 @@ class P2PConfig(_Section):
         # Parsed as the host will parse them, so that a typo is refused here, before the node loads
         # its model and writes to its data dir, not when the host starts. Imported here: libp2p's
         # import is paid only when a bootstrap peer is given.
+        if not addrs:
+            return addrs
         from node.p2p.host import P2PError, parse_bootstrap
         try:
             parse_bootstrap(tuple(addrs))
