@@ -118,6 +118,9 @@ def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seq
         else:
             a, bonus = verify_block(draft, None if probs is None else probs[:L], dists[r], seq.generator)
         new = commit_tokens(seq, draft, a, bonus, eos_ids)
+        # An accepted EOS ends the round: the drafts verified after it are not accepted (reference §4.3
+        # step 5, "truncate a to include it"), for the stats, calibration records and lookup counts.
+        a = min(a, len(new))
         seq.tokens.extend(new)
         seq.kv_len += a + 1
         _count(seq, proposal.sources[r], len(proposal.tokens[r]), L, a)

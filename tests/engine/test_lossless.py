@@ -1,5 +1,7 @@
 """fp32 greedy speculative decoding is token-for-token plain decoding, on real prompts."""
 
+import dataclasses
+
 import pytest
 
 from engine.api import GenerationRequest, SamplingParams, TokenChunk
@@ -78,3 +80,17 @@ def test_a_stop_string_inside_a_verified_block_ends_the_output_where_plain_decod
         assert plain.finish_reason == spec.finish_reason == "stop"
         assert spec.output_ids == plain.output_ids and spec.text == plain.text
         assert sent == spec.output_ids and spec.stats.output_tokens == len(plain.output_ids)
+
+
+def test_drafts_verified_after_an_accepted_eos_are_not_counted_as_accepted(engines, smollm_fp32):
+    """Each token of the reply in turn is made the EOS: the output ends on it as plain decoding's does,
+    and a block that ran on past an accepted EOS counts only the drafts up to it as accepted
+    (reference §4.3 step 5), so the stats a receipt signs never claim more drafts than were emitted."""
+    ids = chat(smollm_fp32.tokenizer, "Write a Python function that reverses a list, then repeat it.")
+    reply = run(engines["ar"], ids, N_TOKENS).output_ids
+    for pos in [p for p in range(1, 12) if reply[p] not in reply[:p]]:
+        target = dataclasses.replace(smollm_fp32, eos_token_ids=(reply[pos],))
+        spec = run(build_engine(EngineConfig(method="ngram", max_batch=1, max_context=2048, block_size=5), target),
+                   ids, N_TOKENS)
+        assert spec.output_ids == reply[:pos + 1] and spec.finish_reason == "stop"
+        assert spec.stats.accepted_tokens + spec.stats.rounds <= len(spec.output_ids)
