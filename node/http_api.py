@@ -173,6 +173,7 @@ def build_routes(node: NodeView) -> list:
             "receipts": totals.receipts, "amount_micros": totals.amount_micros,
             "output_tokens": totals.output_tokens, "acknowledged": totals.acknowledged,
             "per_client_micros": totals.per_client_micros,
+            "other_clients": {"clients": totals.other_clients, "amount_micros": totals.other_clients_micros},
             "recent": [{"sequence": r.sequence, "issued_at_ms": r.issued_at_ms, "client": r.client_key.hex(),
                         "job_id": r.job_id.hex(), "outcome": r.outcome, "output_tokens": r.output_tokens,
                         "amount_micros": r.amount_micros, "acknowledged": r.ack_bytes is not None}

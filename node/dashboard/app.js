@@ -159,9 +159,10 @@ const panels = {
     const clients = Object.entries(e.per_client_micros).sort((x, y) => y[1] - x[1]);
     const rows = clients.slice(0, SHOWN_CLIENTS).map(([k, v]) => row([[fmt.short(k), "id"], [fmt.money(v), "num"]]));
     const rest = clients.slice(SHOWN_CLIENTS);
-    if (rest.length) {  // the rest in one row, so the rows add up to the total earned above
-      rows.push(row([[`${rest.length} more client${rest.length > 1 ? "s" : ""}`, "muted"],
-                     [fmt.money(rest.reduce((sum, [, v]) => sum + v, 0)), "num muted"]]));
+    const more = rest.length + e.other_clients.clients;   // the API names only the clients billed most
+    if (more) {  // the rest in one row, so the rows add up to the total earned above
+      rows.push(row([[`${more} more client${more > 1 ? "s" : ""}`, "muted"],
+                     [fmt.money(rest.reduce((sum, [, v]) => sum + v, e.other_clients.amount_micros)), "num muted"]]));
     }
     fill($("per-client").tBodies[0], rows, "no receipts yet", 2);
     $("export-jsonl").href = e.export.jsonl;

@@ -75,6 +75,23 @@ def test_a_job_shows_in_jobs_earnings_metrics_and_export(node, client):
     assert csv_lines[0].startswith("record,") and len(csv_lines) == len(records) + 1
 
 
+def test_earnings_name_the_clients_billed_most_and_sum_the_others(tmp_path):
+    """A node whose clients sign with fresh keys has a client per job: the answer must not grow with them."""
+    node = NodeUnderTest(tmp_path)
+    amounts = []
+    for tokens in range(1000, 13_000, 1000):     # twelve clients, one receipt each
+        buyer, job = Identity.generate(), new_job_id()
+        node.admit(job, buyer)
+        amounts.append(node.finish(job, buyer, tokens).amount_micros)
+    node.start()
+    try:
+        earnings = httpx.get(f"{node.url}/api/v1/earnings", timeout=10).json()
+    finally:
+        node.stop()
+    assert sorted(earnings["per_client_micros"].values()) == sorted(amounts)[2:]
+    assert earnings["other_clients"] == {"clients": 2, "amount_micros": sum(sorted(amounts)[:2])}
+
+
 def test_series_acceptance_and_budget_have_data_after_rounds(node, client):
     job = new_job_id()
     buyer = Identity.generate()
