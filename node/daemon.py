@@ -8,6 +8,7 @@ the gRPC service drains (node/server.py), then the engine. Exit 0 when every par
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
@@ -16,10 +17,12 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from engine.async_engine import load_async_engine
+from engine.async_engine import AsyncEngine, load_async_engine
+from engine.config import EngineConfig
 from node import tls
 from node.capacity import CapacityTracker
 from node.config import NodeConfig, split_host_port
@@ -127,6 +130,24 @@ def check_key_not_lost(config: NodeConfig) -> None:
                          "key from backup (a new key would be a new node, with none of these receipts)")
 
 
+async def load_engine(config: EngineConfig) -> AsyncEngine:
+    """Load the model in a daemon thread. A load (a conversion, an SPS profile: a minute on a CPU, more
+    for a large model) cannot be interrupted, and the process waits at exit for asyncio.to_thread's
+    threads: there, a Ctrl-C during the load held the node until the load ended. A daemon thread is
+    left to die with the process; the caches it writes are renamed into place, never left half made."""
+    loaded: concurrent.futures.Future[AsyncEngine] = concurrent.futures.Future()
+
+    def load() -> None:
+        loaded.set_running_or_notify_cancel()    # a running future stays settable after the await is cancelled
+        try:
+            loaded.set_result(load_async_engine(config))
+        except BaseException as exc:
+            loaded.set_exception(exc)
+
+    threading.Thread(target=load, name="model-load", daemon=True).start()
+    return await asyncio.wrap_future(loaded)
+
+
 async def _run(config: NodeConfig, data_dir: DataDir) -> int:
     check_key_not_lost(config)
     identity = Identity.load_or_create(key_path(config))
@@ -136,7 +157,7 @@ async def _run(config: NodeConfig, data_dir: DataDir) -> int:
         recovered = await asyncio.to_thread(ledger.recover)
         if recovered:
             log.warning("ledger: %d job(s) left running by an earlier crash got 'failed' receipts", recovered)
-        engine = await asyncio.to_thread(load_async_engine, config.engine)
+        engine = await load_engine(config.engine)
         data_dir.kept = True
         gpu = await asyncio.to_thread(detect_gpus)
         events = EventBus()

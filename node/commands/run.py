@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,3 +63,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:   # SetupError, IdentityError, TlsError, ModelLoadError...: a bad setup
         print(f"dspark-node run: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Only a Ctrl-C before the node serves ends up here (later, the daemon stops gracefully), and
+        # the start has removed what it made. The model load it cut short may still run in its thread
+        # (node.daemon.load_engine): the interpreter's exit would abort inside torch ('terminate
+        # called without an active exception', status -6), so the process leaves without one.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
