@@ -141,7 +141,7 @@ async def load_engine(config: EngineConfig) -> AsyncEngine:
         loaded.set_running_or_notify_cancel()    # a running future stays settable after the await is cancelled
         try:
             loaded.set_result(load_async_engine(config))
-        except BaseException as exc:
+        except BaseException as exc:    # whatever ends the load must reach the await, or the start hangs
             loaded.set_exception(exc)
 
     threading.Thread(target=load, name="model-load", daemon=True).start()
