@@ -110,7 +110,10 @@ def _runner(method: str, settings: BenchSettings, target: LoadedTarget):
     engine = build_engine(settings.engine_config(method, 1, max(4096, settings.max_new_tokens + 2048)), target)
 
     def run(ids: list[int], n: int):
-        sampling = SamplingParams(temperature=settings.temperature, max_new_tokens=n, seed=settings.seed)
+        # Unseeded, as most clients send: a seed would take the position-coupled draws (engine/sampling.py).
+        # The same generator seed for every prompt and method, as before that existed.
+        engine.rng.seed(settings.seed)
+        sampling = SamplingParams(temperature=settings.temperature, max_new_tokens=n)
         result = engine.generate(GenerationRequest(uuid.uuid4().hex, tuple(ids), sampling))
         return list(result.output_ids), result.stats
     return run

@@ -45,8 +45,10 @@ def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, set
 
     def join() -> None:
         i, ids = queue.pop(0)
-        sampling = SamplingParams(temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
-                                  seed=settings.seed + i)
+        # Unseeded, as most clients send (a seed takes the position-coupled draws, engine/sampling.py);
+        # the generator seeds repeat from run to run all the same.
+        engine.rng.seed(settings.seed + i)
+        sampling = SamplingParams(temperature=settings.temperature, max_new_tokens=settings.max_new_tokens)
         copy = copies[tuple(ids)] = copies.get(tuple(ids), -1) + 1
         request = GenerationRequest(uuid.uuid4().hex, tuple(ids), sampling, corpus_scope=f"{run_id}-{copy}")
         engine.add(request)

@@ -56,6 +56,9 @@ class Engine:
         self.prefilling: list[Sequence] = []   # holding a slot, prompt partly in the cache
         self.active: list[Sequence] = []       # prompt cached, decoding
         self.cancelled: set[str] = set()
+        # Seeds the generators of requests without a seed of their own (their drafts and rejection
+        # sampling, engine/sampling.py); a benchmark seeds it for repeatable runs.
+        self.rng = random.Random()
         # Only a confidence-driven schedule can decide a draft is not worth verifying.
         confidence_driven = config.scheduler != "static" or config.confidence_threshold > 0
         self.backoff = DraftBackoff() if confidence_driven and drafter.block_size else None
@@ -86,7 +89,7 @@ class Engine:
         if len(self.waiting) - len(self.free_slots) >= self.config.max_queue:
             raise RequestRejected("queue_full", f"every slot is taken and {self.config.max_queue} requests "
                                                 "are already waiting for one")
-        seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
+        seed = request.sampling.seed if request.sampling.seed is not None else self.rng.getrandbits(63)
         seq = Sequence(request=request, generator=torch.Generator().manual_seed(seed),
                        tokens=list(request.prompt_ids), prompt_len=len(request.prompt_ids))
         self.waiting.append(seq)

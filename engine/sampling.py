@@ -5,9 +5,22 @@ probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection sample the bonus
 normalize(max(0, p - q)), otherwise from the target's next distribution. The committed tokens are
 then distributed exactly as the target alone would sample them. Under greedy decoding p is one-hot
 at the argmax, so a draft token is accepted iff it equals the target's argmax.
+
+A request with a seed is sampled another way, so that its output is a function of its seed alone:
+the same tokens whatever the method, the drafts, the verification budgets and the other requests in
+the batch. Rejection sampling cannot give that: which token it commits depends on the draft, and
+the draft on where the round began. So output position t is drawn by the Gumbel-max trick with
+noise g_t that depends only on (seed, t): y_t = argmax(log p_t + g_t), exactly a draw from p_t
+(Gumbel-max trick), and a draft token is accepted iff it equals y_t. The drafter draws its own token
+for t with the same g_t (`sample_coupled` over q), so that where q is close to p it proposes the
+same token: P(x = y) >= (1 - TV(p, q)) / (1 + TV(p, q)) (Daliri, Musco and Suresh 2024, "Coupling
+without communication and drafter-invariant speculative decoding"), against 1 - TV(p, q) for
+rejection sampling and sum(p * q) for a draft drawn independently.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
@@ -70,11 +83,28 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator) -> int:
     return int(torch.searchsorted(cdf, u * cdf[-1], right=True))
 
 
+def position_noise(seed: int, position: int, vocab_size: int) -> torch.Tensor:
+    """Gumbel noise [V] (float64, on the host) for output position `position` of a request seeded with
+    `seed`: a function of the two alone, so every method and schedule draws position t alike."""
+    digest = hashlib.blake2b(seed.to_bytes(8, "big") + position.to_bytes(8, "big"), digest_size=8).digest()
+    u = torch.rand(vocab_size, generator=torch.Generator().manual_seed(int.from_bytes(digest, "big")),
+                   dtype=torch.float64)
+    return -torch.log(-torch.log(u))    # u = 0 gives -inf: that token is never drawn
+
+
+def sample_coupled(probs: torch.Tensor, seed: int, position: int) -> int:
+    """Draw from `probs` [V] with output position `position`'s noise (see the module docstring)."""
+    noise = position_noise(seed, position, probs.shape[-1])
+    return int((probs.cpu().double().log() + noise).argmax())
+
+
 def first_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """The token sampled from the prefill's last logit (not a speculative round, reference §4.2)."""
+    """The token sampled from the prefill's last logit (not a speculative round, reference §4.2):
+    output position 0."""
     if params.greedy:
         return int(logits.argmax())
-    return sample_from(target_distribution(logits[None], params)[0], generator)
+    probs = target_distribution(logits[None], params)[0]
+    return sample_from(probs, generator) if params.seed is None else sample_coupled(probs, params.seed, 0)
 
 
 def accept_greedy(draft: list[int], choice: list[int]) -> tuple[int, int]:
@@ -114,3 +144,15 @@ def verify_block(draft: list[int], draft_probs: torch.Tensor | None, p: torch.Te
         residual = residual / mass if mass > 1e-8 else p[i]
         return i, sample_from(residual, generator)
     return len(draft), sample_from(p[len(draft)], generator)
+
+
+def verify_seeded(draft: list[int], p: torch.Tensor, seed: int, position: int) -> tuple[int, int]:
+    """Verification for a sampled request with a seed: the target's own draws y_i = `sample_coupled`
+    (p[i], seed, position + i) for output positions position, position + 1, ...; the longest prefix
+    of `draft` equal to them is accepted and the bonus token is the draw after it. p as in
+    `verify_block`."""
+    for i, x in enumerate(draft):
+        y = sample_coupled(p[i], seed, position + i)
+        if x != y:
+            return i, y
+    return len(draft), sample_coupled(p[len(draft)], seed, position + len(draft))

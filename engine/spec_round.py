@@ -16,7 +16,7 @@ from engine.calibration import record as record_confidence, tally_positions
 from engine.drafters.base import Drafter, Horizon, Proposal
 from engine.model import KVCache, TargetModel
 from engine.prefix_scheduler import PrefixScheduler
-from engine.sampling import accept_greedy, target_distributions, verify_block
+from engine.sampling import accept_greedy, target_distributions, verify_block, verify_seeded
 from engine.sequence import Sequence
 
 # (seqs, proposal, caps) -> per-request number of draft tokens to verify, each <= its cap
@@ -115,6 +115,8 @@ def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seq
         probs = proposal.probs[r]
         if seq.request.sampling.greedy:
             a, bonus = accept_greedy(draft, argmax[r][:L + 1])
+        elif seq.request.sampling.seed is not None:
+            a, bonus = verify_seeded(draft, dists[r], seq.request.sampling.seed, len(seq.output_ids))
         else:
             a, bonus = verify_block(draft, None if probs is None else probs[:L], dists[r], seq.generator)
         new = commit_tokens(seq, draft, a, bonus, eos_ids)

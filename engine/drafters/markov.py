@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from engine.drafters.vocab import DraftVocab
-from engine.sampling import sample_from, target_distributions
+from engine.sampling import sample_coupled, sample_from, target_distributions
 from engine.sequence import Sequence
 from kernels.ops import pack_linear
 
@@ -141,4 +141,8 @@ def sample_step(logits: torch.Tensor, seqs: list[Sequence], out: torch.Tensor,
         qs = target_distributions([(logits[r:r + 1], seqs[r].request.sampling) for r in sampled])
         for r, q in zip(sampled, qs):
             vocab.spread(q[0], probs[r][k])
-            out[r] = vocab.token(sample_from(q[0], seqs[r].generator))
+            seed = seqs[r].request.sampling.seed
+            # A seeded request's draft for output position t takes the noise the target's draw for t
+            # will take (engine/sampling.py), over q spread on the target's vocabulary.
+            out[r] = (vocab.token(sample_from(q[0], seqs[r].generator)) if seed is None
+                      else sample_coupled(probs[r][k], seed, len(seqs[r].output_ids) + k))

@@ -122,9 +122,12 @@ def collect(engine: Engine, prompts: list[list[int]], max_new_tokens: int, tempe
     """Decode the prompts (batched as the engine allows) and return each request's rounds, in the
     order they were decoded (requests in the order they finished)."""
     rounds: list[list[Round]] = []
+    # Unseeded requests, whose acceptance is what the node's clients mostly see (a seed takes the
+    # position-coupled draws, engine/sampling.py); their generators seeded from seed + i all the same.
     requests = [GenerationRequest(uuid.uuid4().hex, tuple(p), SamplingParams(
-        temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + i)) for i, p in enumerate(prompts)]
-    for r in requests:
+        temperature=temperature, max_new_tokens=max_new_tokens)) for p in prompts]
+    for i, r in enumerate(requests):
+        engine.rng.seed(seed + i)
         engine.add(r)
     done = 0
     while done < len(requests):

@@ -46,7 +46,7 @@ def write_drafter(target: LoadedTarget, directory: Path, kind: str, **kwargs) ->
     return save_checkpoint(directory, config, state)
 
 
-def request(prompt: list[int], temperature: float = 0.0, max_new_tokens: int = 24, seed: int = 0,
+def request(prompt: list[int], temperature: float = 0.0, max_new_tokens: int = 24, seed: int | None = 0,
             top_p: float = 1.0) -> GenerationRequest:
     return GenerationRequest(uuid.uuid4().hex, tuple(prompt),
                              SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,

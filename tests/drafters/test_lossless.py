@@ -129,13 +129,17 @@ def exact_pair_distribution(target, prompt, temperature, top_p):
 
 
 def draw_pairs(engine, prompt: list[int], exact: dict[tuple[int, int], float], temperature: float, top_p: float,
-               draws: int) -> tuple[dict[tuple[int, int], int], int]:
-    """The first two tokens of `draws` seeded requests, counted, and the drafts accepted in all. Three
-    tokens each: the one round after prefill then verifies one draft for the second token."""
+               draws: int, seeded: bool = False) -> tuple[dict[tuple[int, int], int], int]:
+    """The first two tokens of `draws` requests, counted, and the drafts accepted in all. Three
+    tokens each: the one round after prefill then verifies one draft for the second token.
+    Unseeded requests go through rejection sampling (their generators seeded from `engine.rng`,
+    fixed here so the test is deterministic); seeded ones through position-coupled draws."""
     counts: dict[tuple[int, int], int] = {}
     accepted = 0
+    engine.rng.seed(1)
     for seed in range(draws):
-        result = engine.generate(request(prompt, temperature=temperature, top_p=top_p, max_new_tokens=3, seed=seed))
+        result = engine.generate(request(prompt, temperature=temperature, top_p=top_p, max_new_tokens=3,
+                                         seed=seed if seeded else None))
         key = tuple(result.output_ids[:2])
         assert key in exact, f"{key} has probability 0 under the target"
         counts[key] = counts.get(key, 0) + 1
@@ -162,11 +166,14 @@ def assert_follows(exact: dict[tuple[int, int], float], counts: dict[tuple[int, 
     assert stat < chi2.ppf(0.999, cells - 1), f"chi-square {stat:.1f} over {cells} cells"
 
 
-@pytest.mark.parametrize("kind,markov_type,subset", [("dspark", "gated", False), ("eagle3", None, False),
-                                                      ("dspark", "gated", True)])
-def test_sampling_distribution_matches_target(target, tmp_path_factory, kind, markov_type, subset):
+@pytest.mark.parametrize("kind,markov_type,subset,seeded", [("dspark", "gated", False, False),
+                                                             ("eagle3", None, False, False),
+                                                             ("dspark", "gated", True, False),
+                                                             ("dspark", "gated", True, True)])
+def test_sampling_distribution_matches_target(target, tmp_path_factory, kind, markov_type, subset, seeded):
     """subset: the drafter samples from a draft vocabulary holding every other token the target can
-    emit second (by probability), so q is zero on the others."""
+    emit second (by probability), so q is zero on the others. seeded: requests with seeds, drafted
+    and verified with position-coupled draws (engine/sampling.py)."""
     if target.model.args.family != "qwen3":
         pytest.skip("one family is enough for the distribution test (the greedy tests cover both)")
     prompt, temperature, top_p, draws = PROMPTS[1], 0.5, 0.8, 400
@@ -178,7 +185,7 @@ def test_sampling_distribution_matches_target(target, tmp_path_factory, kind, ma
         second = sorted({x2 for _, x2 in exact}, key=lambda t: -sum(p for k, p in exact.items() if k[1] == t))
         write_draft_vocab(path, torch.tensor(sorted(second[::2])), {})
     engine = engine_for(target, kind, path)
-    counts, accepted = draw_pairs(engine, prompt, exact, temperature, top_p, draws)
+    counts, accepted = draw_pairs(engine, prompt, exact, temperature, top_p, draws, seeded)
     assert_follows(exact, counts, draws)
     if kind != "eagle3":
         assert accepted > 0  # the accept path, not only the residual path, was exercised

@@ -7,7 +7,7 @@ from scipy.stats import chisquare
 from engine.api import GenerationRequest, SamplingParams
 from engine.build import build_engine
 from engine.config import EngineConfig
-from engine.sampling import target_distribution, target_distributions, verify_block
+from engine.sampling import sample_coupled, target_distribution, target_distributions, verify_block, verify_seeded
 
 V = 4
 PARAMS = SamplingParams(temperature=1.0)
@@ -46,6 +46,36 @@ def test_verification_preserves_joint_distribution(deterministic):
     expected = (P1[:, None] * P2) * n
     stat = chisquare(counts.flatten().numpy(), expected.flatten().numpy())
     assert stat.pvalue > 1e-3, (counts, expected)
+
+
+def test_seeded_verification_preserves_the_joint_distribution_and_couples_the_draft():
+    """Seeded requests: the drafter draws x1 with position 0's noise over Q1 and x2 with position 1's
+    over Q2[x1]; verification keeps the drafts equal to the target's own coupled draws. Over seeds
+    the committed pair follows P1 x P2, and x1 matches the target's draw more often than an
+    independent draft would (sum P1 * Q1 = 0.2); the Gumbel coupling's bound is (1 - TV) / (1 + TV)."""
+    n = 8000
+    counts, matched = torch.zeros(V, V), 0
+    for seed in range(n):
+        x1 = sample_coupled(Q1, seed, 0)
+        draft = [x1, sample_coupled(Q2[x1], seed, 1)]
+        rows = [P1, P2[x1], torch.full((V,), 1 / V)]
+        a, bonus = verify_seeded(draft, target_distribution(torch.stack(rows).log(), PARAMS), seed, 0)
+        out = [*draft[:a], bonus]
+        if len(out) < 2:
+            out.append(sample_coupled(P2[out[0]], seed, 1))
+        counts[out[0], out[1]] += 1
+        matched += a >= 1
+    stat = chisquare(counts.flatten().numpy(), (P1[:, None] * P2 * n).flatten().numpy())
+    assert stat.pvalue > 1e-3, counts
+    tv = 0.5 * float((P1 - Q1).abs().sum())
+    assert matched / n > (1 - tv) / (1 + tv) - 0.02 > float((P1 * Q1).sum())
+
+
+def test_a_seeded_draw_depends_on_its_seed_and_position_alone():
+    probs = torch.softmax(torch.randn(49152, generator=torch.Generator().manual_seed(0)), -1)
+    draws = [sample_coupled(probs, 7, t) for t in range(6)]
+    assert draws == [sample_coupled(probs.clone(), 7, t) for t in range(6)]
+    assert len(set(draws)) > 1 and draws != [sample_coupled(probs, 8, t) for t in range(6)]
 
 
 def test_top_p_keeps_the_nucleus():
@@ -101,9 +131,12 @@ def tiny_engines(tiny_llama):
 
 
 @pytest.mark.parametrize("method", ["ar", "ngram"])
-def test_end_to_end_distribution_of_first_tokens(tmp_path_factory, method):
+@pytest.mark.parametrize("seeded", [True, False])
+def test_end_to_end_distribution_of_first_tokens(tmp_path_factory, method, seeded):
     """Sampling on a real (tiny, 12-token vocabulary) model: the first two tokens follow the
-    target's joint distribution computed exactly from its logits, with top-p and temperature."""
+    target's joint distribution computed exactly from its logits, with top-p and temperature.
+    seeded: the requests' own seeds (position-coupled draws); otherwise rejection sampling, the
+    generators seeded from `engine.rng`, fixed so that the test is deterministic."""
     from engine.loading import load_target
     from engine.testing import make_tiny_model
 
@@ -126,8 +159,10 @@ def test_end_to_end_distribution_of_first_tokens(tmp_path_factory, method):
     engine = build_engine(EngineConfig(model=str(path), method=method, max_batch=1, max_context=32))
     n = 1500
     counts = dict.fromkeys(joint, 0)
+    engine.rng.seed(1)
     for seed in range(n):
-        out = engine.generate(GenerationRequest("s", prompt, SamplingParams(**{**params.__dict__, "seed": seed})))
+        sampling = SamplingParams(**{**params.__dict__, "seed": seed if seeded else None})
+        out = engine.generate(GenerationRequest("s", prompt, sampling))
         counts[tuple(out.output_ids)] += 1
     keys = [k for k in joint if joint[k] * n >= 5]
     assert len(keys) >= 4  # a distribution worth testing, not one near-certain pair
