@@ -28,7 +28,7 @@ from engine.memory import kv_cache_len
 from engine.prefix_scheduler import PrefixScheduler
 from engine.sampling import first_token
 from engine.sequence import Sequence
-from engine.spec_round import Schedule, full_block, speculative_round
+from engine.spec_round import Schedule, full_block, speculative_round, uncount_dropped
 
 Event = TokenChunk | GenerationResult
 
@@ -229,14 +229,16 @@ class Engine:
     def _back_to_stop(self, seq: Sequence, state: DecodeState, cut: int) -> int:
         """Plain decoding stops at the first token whose text completes a stop string; a round that
         committed several tokens (a verified draft block) may have gone past it. Replays the commit's
-        tokens one at a time from `state`, drops those after that token (they are neither streamed
-        nor counted), and returns where the stop string starts in the text kept."""
+        tokens one at a time from `state`, drops those after that token (they are neither streamed nor
+        counted, as tokens or as accepted drafts), and returns where the stop string starts in the text
+        kept."""
         out = seq.output_ids
         for n in range(seq.sent_tokens + 1, len(out)):
             self.detokenizer.update([(state, out[:n])])
             early = first_stop(state.full_text, seq.request.sampling.stop, seq.stop_searched)
             if early is not None:
                 del seq.tokens[seq.prompt_len + n:]
+                uncount_dropped(seq, n - seq.sent_tokens)
                 seq.decoded = state
                 return early
         return cut

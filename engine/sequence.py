@@ -28,6 +28,9 @@ class Sequence:
     text: str = ""                         # decoded output so far (stop strings cut it)
     sent_text_len: int = 0                 # how much of `text` was streamed
     sent_tokens: int = 0
+    # the last round's (draft source, drafts verified, drafts accepted, confidence recorded), for
+    # `spec_round.uncount_dropped` when a stop string cuts that round's tokens short
+    last_round: tuple[str, int, int, bool] | None = None
     enqueued_at: float = field(default_factory=time.perf_counter)
 
     @property

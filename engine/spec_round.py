@@ -127,6 +127,7 @@ def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seq
         seq.kv_len += a + 1
         _count(seq, proposal.sources[r], len(proposal.tokens[r]), L, a)
         record_confidence(seq.stats, proposal.confidence[r], proposal.confidence_inputs[r], L, a)
+        seq.last_round = (proposal.sources[r], L, a, proposal.confidence[r] is not None)
         accepted_total += a
         committed.append(new)
         drafter.commit(seq, None if out.taps is None else out.taps[r, :a + 1], L, a)
@@ -139,6 +140,29 @@ def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seq
         expected_accepted=expected, accepted=accepted_total, committed=sum(map(len, committed)),
         draft_seconds=t1 - t0, schedule_seconds=t2 - t1, verify_seconds=t3 - t2, round_seconds=t3 - t0)
     return report, committed
+
+
+def uncount_dropped(seq: Sequence, kept: int) -> None:
+    """The last round's tokens after its first `kept` were dropped (a stop string completed there,
+    `Engine._back_to_stop`): its drafts past them are not accepted, as after an accepted EOS, in the
+    stats a receipt signs and the calibration records. The drafter's own counts keep them: the target
+    did take those drafts."""
+    source, verified, accepted, recorded = seq.last_round
+    if accepted <= kept:
+        return
+    s = seq.stats
+    s.accepted_tokens -= accepted - kept
+    s.by_source[source].accepted -= accepted - kept
+    # as `tally_positions` would have counted the round with `kept` accepted
+    for k in range(kept, accepted):
+        s.accepted_at[k] -= 1
+    for k in range(kept + 1, min(verified, accepted + 1)):
+        s.reached[k] -= 1
+    if recorded:   # the round's records are the last `verified` (engine/calibration.py `record`)
+        first = len(s.confidence_samples) - verified
+        for k in range(kept, accepted):
+            position, survival, _ = s.confidence_samples[first + k]
+            s.confidence_samples[first + k] = (position, survival, False)
 
 
 def _count(seq: Sequence, source: str, drafted: int, verified: int, accepted: int) -> None:

@@ -70,7 +70,7 @@ def streamed(engine, request):
 
 def test_a_stop_string_inside_a_verified_block_ends_the_output_where_plain_decoding_does(engines, smollm_fp32):
     """Tokens a block commits past the one that completes a stop string are neither returned, streamed
-    nor counted: the output is plain decoding's, token for token."""
+    nor counted (as output or as accepted drafts): the output is plain decoding's, token for token."""
     ids = chat(smollm_fp32.tokenizer, "Write a Python function that reverses a list, then repeat it.")
     text = run(engines["ar"], ids, N_TOKENS).text
     for k in range(10, 45, 7):
@@ -80,6 +80,10 @@ def test_a_stop_string_inside_a_verified_block_ends_the_output_where_plain_decod
         assert plain.finish_reason == spec.finish_reason == "stop"
         assert spec.output_ids == plain.output_ids and spec.text == plain.text
         assert sent == spec.output_ids and spec.stats.output_tokens == len(plain.output_ids)
+        # the dropped tokens' drafts are not signed as accepted either (as after an accepted EOS)
+        stats = spec.stats
+        assert stats.accepted_tokens + stats.rounds <= len(spec.output_ids)
+        assert stats.accepted_tokens == sum(stats.accepted_at) == sum(c.accepted for c in stats.by_source.values())
 
 
 def test_drafts_verified_after_an_accepted_eos_are_not_counted_as_accepted(engines, smollm_fp32):
