@@ -78,9 +78,9 @@ def sample_block(base_logits: torch.Tensor, hidden: torch.Tensor, anchors: torch
     own distribution (its corrected logits at temperature 1) gives its likeliest token at each slot
     (a greedy row's drafted token), the confidence head's second input
     (engine/drafters/confidence.py). Each row samples with its own request's temperature / top_p
-    and generator. `after_slot(k, previous tokens [R], log-odds [R] or
-    None)` is called after slot k (0-based; the previous tokens are the anchors for k = 0) and ends
-    the block there when it returns False, so L <= length.
+    and generator, or with a seeded request's position noise (`sample_step`). `after_slot(k,
+    previous tokens [R], log-odds [R] or None)` is called after slot k (0-based; the previous tokens
+    are the anchors for k = 0) and ends the block there when it returns False, so L <= length.
     """
     R = base_logits.shape[0]
     tokens = torch.empty((R, length), dtype=torch.long)
