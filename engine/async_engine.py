@@ -147,8 +147,11 @@ class AsyncEngine:
                         break
                     inbox, self._inbox = self._inbox, []
                     cancels, self._cancels = self._cancels, []
-                for request, queue, loop in inbox:
-                    self._queues[request.request_id] = (queue, loop)
+                # All registered before any is added: should an add fail beyond a refusal, the
+                # handler below answers the whole inbox, not only the requests before it.
+                for request, queue, request_loop in inbox:
+                    self._queues[request.request_id] = (queue, request_loop)
+                for request, _, _ in inbox:
                     try:
                         self.engine.add(request)
                     except RequestRejected as exc:

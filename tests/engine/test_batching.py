@@ -191,3 +191,44 @@ async def test_requests_that_reach_a_failed_engine_are_failed_not_left_waiting(t
     with pytest.raises(RuntimeError, match="device lost"):
         await engine.wait()
     await engine.stop()
+
+
+@pytest.mark.asyncio
+async def test_an_add_that_fails_ends_every_request_that_arrived_with_it(tiny_llama):
+    """Requests reach the engine thread in batches (its inbox); when adding one raises something no
+    refusal, the engine fails, and the requests behind it in the batch must end too, not wait forever."""
+    engine = AsyncEngine(build_engine(EngineConfig(model=str(tiny_llama), max_batch=1)))
+    entered, release = threading.Event(), threading.Event()
+    forward, add = engine.engine.model.forward, engine.engine.add
+
+    def held_forward(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return forward(*args, **kwargs)
+
+    def failing_add(request):
+        if request.request_id == "bad":
+            raise RuntimeError("tokenizer state lost")
+        return add(request)
+    engine.engine.model.forward, engine.engine.add = held_forward, failing_add
+    await engine.start()
+
+    async def outcome(request_id: str) -> BaseException | None:
+        try:
+            async for _ in engine.generate(GenerationRequest(request_id, (1, 2), SamplingParams(max_new_tokens=2))):
+                pass
+        except (RuntimeError, RequestRejected) as exc:
+            return exc
+        return None
+    held = asyncio.create_task(outcome("held"))
+    await asyncio.to_thread(entered.wait, 10)
+    behind = [asyncio.create_task(outcome(request_id)) for request_id in ("bad", "good")]
+    while engine.queue_depth < 2:       # both in the inbox while the engine thread is in the forward
+        await asyncio.sleep(0.01)
+    release.set()
+    failures = await asyncio.wait_for(asyncio.gather(*behind), 10)
+    assert all(isinstance(exc, RuntimeError) for exc in failures), failures
+    await held
+    with pytest.raises(RuntimeError, match="tokenizer state lost"):
+        await engine.wait()
+    await engine.stop()
