@@ -65,9 +65,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         # Only a Ctrl-C before the node serves ends up here (later, the daemon stops gracefully), and
-        # the start has removed a data dir it made (one it found is kept, ledger closed). The model load it cut short may still run in its thread
-        # (node.daemon.load_engine): the interpreter's exit would abort inside torch ('terminate
-        # called without an active exception', status -6), so the process leaves without one.
+        # the start has removed a data dir it made (one it found is kept). The model load it cut short
+        # may still run in its thread (node.daemon.load_engine): the interpreter's exit would abort
+        # inside torch ('terminate called without an active exception', status -6), so the process
+        # leaves without one.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
