@@ -156,6 +156,16 @@ async def test_a_failing_model_fails_requests_and_wakes_the_supervisor(tiny_llam
     await engine.stop()
 
 
+async def outcome(engine: AsyncEngine, request_id: str) -> BaseException | None:
+    """How a short request ends: None when it completes, else the error it ended with."""
+    try:
+        async for _ in engine.generate(GenerationRequest(request_id, (1, 2), SamplingParams(max_new_tokens=4))):
+            pass
+    except (RuntimeError, RequestRejected) as exc:
+        return exc
+    return None
+
+
 @pytest.mark.asyncio
 async def test_requests_that_reach_a_failed_engine_are_failed_not_left_waiting(tiny_llama):
     """One request arrives while the failing round runs (it is still in the inbox when the engine
@@ -170,23 +180,16 @@ async def test_requests_that_reach_a_failed_engine_are_failed_not_left_waiting(t
     engine.engine.model.forward = failing_forward
     await engine.start()
 
-    async def outcome(request_id: str) -> BaseException | None:
-        try:
-            async for _ in engine.generate(GenerationRequest(request_id, (1, 2), SamplingParams(max_new_tokens=4))):
-                pass
-        except (RuntimeError, RequestRejected) as exc:
-            return exc
-        return None
-    first = asyncio.create_task(outcome("first"))
+    first = asyncio.create_task(outcome(engine, "first"))
     await asyncio.to_thread(entered.wait, 10)
-    during = asyncio.create_task(outcome("during"))
+    during = asyncio.create_task(outcome(engine, "during"))
 
     async def queued() -> None:         # "during" is in the inbox, the engine thread in the forward
         while engine.queue_depth == 0:
             await asyncio.sleep(0.01)
     await asyncio.wait_for(queued(), 10)
     fail.set()
-    failures = await asyncio.wait_for(asyncio.gather(first, during, outcome("after")), 10)
+    failures = await asyncio.wait_for(asyncio.gather(first, during, outcome(engine, "after")), 10)
     assert all(exc is not None for exc in failures), failures
     with pytest.raises(RuntimeError, match="device lost"):
         await engine.wait()
@@ -213,16 +216,9 @@ async def test_an_add_that_fails_ends_every_request_that_arrived_with_it(tiny_ll
     engine.engine.model.forward, engine.engine.add = held_forward, failing_add
     await engine.start()
 
-    async def outcome(request_id: str) -> BaseException | None:
-        try:
-            async for _ in engine.generate(GenerationRequest(request_id, (1, 2), SamplingParams(max_new_tokens=2))):
-                pass
-        except (RuntimeError, RequestRejected) as exc:
-            return exc
-        return None
-    held = asyncio.create_task(outcome("held"))
+    held = asyncio.create_task(outcome(engine, "held"))
     await asyncio.to_thread(entered.wait, 10)
-    behind = [asyncio.create_task(outcome(request_id)) for request_id in ("bad", "good")]
+    behind = [asyncio.create_task(outcome(engine, request_id)) for request_id in ("bad", "good")]
     while engine.queue_depth < 2:       # both in the inbox while the engine thread is in the forward
         await asyncio.sleep(0.01)
     release.set()
