@@ -1,8 +1,9 @@
 """The daemon: NodeConfig -> identity -> ledger -> engine -> event bus -> services, supervised.
 
-Services start in this order and stop in reverse: engine, gRPC, HTTP (metrics + dashboard), p2p
+Services start in this order and stop in reverse: engine, HTTP (metrics + dashboard), gRPC, p2p
 (only when p2p.listen is set). SIGTERM / SIGINT start the graceful stop: adverts stop first, then
-the gRPC service drains (node/server.py), then the engine. Exit 0 when every part stopped cleanly.
+the gRPC service drains (node/server.py) while the dashboard and metrics still show the jobs
+finishing, then HTTP, then the engine. Exit 0 when every part stopped cleanly.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ async def _run(config: NodeConfig, data_dir: DataDir) -> int:
         engine.add_round_listener(lambda report: loop.call_soon_threadsafe(events.publish, EngineRound(report)))
         grpc_service = GrpcService(config, identity, engine, ledger, events, capacity, tls_material)
         http = HttpService(config, identity, engine, ledger, events, capacity)
-        services: list[Service] = [engine, grpc_service, http]
+        services: list[Service] = [engine, http, grpc_service]
         p2p = P2PService(config, identity, events, capacity) if config.p2p.listen else None
         if p2p is not None:
             services.append(p2p)

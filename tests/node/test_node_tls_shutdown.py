@@ -4,11 +4,13 @@ SIGTERM during a job, and what survives a restart (key, certificate, replay cach
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import stat
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -29,6 +31,11 @@ mode = "on"
 [admission]
 grace_s = {GRACE_S}
 """
+
+
+def http_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +120,9 @@ async def test_sigterm_during_a_job_then_restart(daemon, tiny_model, data_dir):
         with pytest.raises(JobRefused) as info:
             await client.run(client.sign_job(text="Hi", max_new_tokens=1), timeout_s=30)
         assert (info.value.code, info.value.reason) == (grpc.StatusCode.UNAVAILABLE, "shutting_down")
+        # The dashboard and metrics stay up while the running job drains (they stopped at the signal).
+        status = await asyncio.to_thread(http_json, daemon.ready["http"] + "/api/v1/status")
+        assert status["load"]["active"] == 1
         rest = [event async for event in events]
         result = rest[-1].result
         assert result.finish_reason == "cancelled"
