@@ -23,6 +23,7 @@ from dspark.v1 import job_pb2, worker_pb2, worker_pb2_grpc
 from dspark.v1.advert_pb2 import CapacityAdvert
 from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.receipt_pb2 import Receipt
+from node import keepalive
 from node.admission import REFUSAL_KEY
 from node.config import is_loopback, split_host_port
 from node.envelope import EnvelopeError, digest, open_envelope, seal
@@ -34,14 +35,6 @@ from node.tls import SERVER_NAME, TlsError, fetch_server_cert, fingerprint
 # overflows past some 7e9 s and then expires at once, which reads as a refusal (DEADLINE_EXCEEDED)
 # of a job never sent.
 MAX_JOB_TIMEOUT_S = 86400.0
-# HTTP/2 keepalive. A worker whose machine vanished mid-job without closing the connection (a rented
-# VM preempted, a network path cut) held the call to its deadline, 600 s by default; with these the
-# call fails UNAVAILABLE within about 30 s and the client (or the gateway) fails over. The ping
-# timeout is set as well: with keepalive_timeout alone grpcio 1.85 timed out neither the keepalive
-# ping nor a bandwidth probe's ping left unanswered by a frozen path (measured). The node's server
-# takes pings this often (node/server.py).
-KEEPALIVE_MS = 20_000
-PING_TIMEOUT_MS = 10_000
 GPU_TIME_SLACK_S = 0.05     # the worker's and the client's clocks are not one clock
 
 
@@ -110,8 +103,7 @@ class WorkerClient:
                 if required:
                     raise ClientError(str(exc)) from None
         use_tls = bool(cert_pem)
-        options = [("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", PING_TIMEOUT_MS),
-                   ("grpc.http2.ping_timeout_ms", PING_TIMEOUT_MS)]
+        options = keepalive.channel_options()
         if use_tls:
             channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=cert_pem),
                                               options=[*options, ("grpc.ssl_target_name_override", SERVER_NAME)])

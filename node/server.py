@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dspark.v1 import worker_pb2, worker_pb2_grpc
+from node import keepalive
 from node.capacity import CapacityTracker
 from node.config import NodeConfig, split_host_port
 from node.events import EventBus
@@ -52,12 +53,9 @@ class GrpcService:
         self.endpoint = ""          # HOST:PORT actually bound (the configured port may be 0)
 
     async def start(self) -> None:
-        # Clients ping every 20 s on a call (node/client.py KEEPALIVE_MS), also while a job waits in
-        # line or prefills and no data flows; grpc's default (one ping per 5 min without data, two
-        # strikes) would end those calls with GOAWAY too_many_pings.
         server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000)])
+            *keepalive.server_options()])
         worker_pb2_grpc.add_WorkerServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

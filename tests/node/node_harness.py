@@ -3,6 +3,8 @@ serving a tiny random model (engine.testing.make_tiny_model) so a job takes mill
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -93,3 +95,37 @@ def start_daemon(data_dir: Path, toml: str, args: tuple[str, ...] = ()) -> Daemo
             ready = json.loads(line)
             if ready.get("event") == "ready":
                 return Daemon(proc, data_dir, ready, lines)
+
+
+class FreezingRelay:
+    """A TCP relay to an endpoint that can stop passing bytes without closing anything: the path
+    to a machine that vanished (a preempted VM sends no FIN)."""
+
+    def __init__(self, target: str) -> None:
+        self.host, _, port = target.rpartition(":")
+        self.port = int(port)
+        self.frozen = asyncio.Event()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc) -> None:
+        for writer in self._writers:
+            writer.close()
+        self._server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(self.host, self.port)
+        self._writers += [writer, upstream_writer]
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                if self.frozen.is_set():
+                    return          # bytes stop here; both connections stay open
+                sink.write(data)
+                await sink.drain()
+        with contextlib.suppress(ConnectionError):
+            await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))

@@ -20,12 +20,13 @@ from hypothesis import strategies as st
 from dspark.v1 import job_pb2, worker_pb2, worker_pb2_grpc
 from dspark.v1.envelope_pb2 import Envelope
 from engine.api import GenerationRequest, GenerationResult, SamplingParams
+from node import keepalive
 from node.client import ClientError, JobRefused, WorkerClient
 from node.envelope import pae, seal
 from node.identity import Identity
 from node.ledger_schema import LEDGER_FILE
 from node.receipts import billed_amount, verify_receipt
-from node_harness import node_toml, start_daemon
+from node_harness import FreezingRelay, node_toml, start_daemon
 
 pytestmark = pytest.mark.slow
 
@@ -313,48 +314,12 @@ async def test_a_job_whose_client_leaves_while_it_is_registered_leaves_its_id_un
         assert result.receipt.outcome == "completed"
 
 
-class FreezingRelay:
-    """A TCP relay to an endpoint that can stop passing bytes without closing anything: the path
-    to a machine that vanished (a preempted VM sends no FIN)."""
-
-    def __init__(self, target: str) -> None:
-        self.host, _, port = target.rpartition(":")
-        self.port = int(port)
-        self.frozen = asyncio.Event()
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> str:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc) -> None:
-        for writer in self._writers:
-            writer.close()
-        self._server.close()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection(self.host, self.port)
-        self._writers += [writer, upstream_writer]
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            while data := await source.read(65536):
-                if self.frozen.is_set():
-                    return          # bytes stop here; both connections stay open
-                sink.write(data)
-                await sink.drain()
-        with contextlib.suppress(ConnectionError):
-            await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
-
-
 @pytest.mark.asyncio
 async def test_a_path_that_goes_dead_mid_job_fails_the_call_within_seconds(daemon, monkeypatch):
     """No FIN, no RST, no bytes: without keepalive the client waited for the job's deadline (600 s by
     default) before it could fail over. Keepalive shortened here from 20 s + 10 s."""
-    import node.client
-
-    monkeypatch.setattr(node.client, "KEEPALIVE_MS", 1000)
-    monkeypatch.setattr(node.client, "PING_TIMEOUT_MS", 1000)
+    monkeypatch.setattr(keepalive, "KEEPALIVE_MS", 1000)
+    monkeypatch.setattr(keepalive, "PING_TIMEOUT_MS", 1000)
     relay = FreezingRelay(daemon.grpc)
     async with relay as endpoint, await WorkerClient.connect(endpoint, Identity.generate(),
                                                              peer_id=daemon.peer_id) as client:

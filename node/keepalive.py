@@ -1,0 +1,28 @@
+"""HTTP/2 keepalive between the node's clients and workers: one policy, read by both ends.
+
+A worker whose machine vanished mid-job without closing the connection (a rented VM preempted, a
+network path cut: no FIN, no RST) held a client's call until the job's deadline, 600 s by default.
+With these options the client pings every KEEPALIVE_MS and ends the call UNAVAILABLE when a ping
+goes unanswered for PING_TIMEOUT_MS, so the client (or the gateway) fails over within ~30 s.
+"""
+
+from __future__ import annotations
+
+KEEPALIVE_MS = 20_000
+PING_TIMEOUT_MS = 10_000
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", PING_TIMEOUT_MS),
+            # With keepalive_timeout alone grpcio 1.85 timed out neither the keepalive ping nor a
+            # bandwidth probe's ping left unanswered by a frozen path (measured).
+            ("grpc.http2.ping_timeout_ms", PING_TIMEOUT_MS),
+            # A client sends nothing after its job, and grpc stops pinging after two pings without
+            # data of its own (the default): a path that died later in a long answer went unnoticed.
+            ("grpc.http2.max_pings_without_data", 0)]
+
+
+def server_options() -> list[tuple[str, int]]:
+    # The clients' pings come also while a job waits in line and no data flows; grpc's default (one
+    # per 5 min without data, then two strikes) ended such a call with GOAWAY "Too many pings".
+    return [("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2)]
