@@ -6,14 +6,14 @@ normalize(max(0, p - q)), otherwise from the target's next distribution. The com
 then distributed exactly as the target alone would sample them. Under greedy decoding p is one-hot
 at the argmax, so a draft token is accepted iff it equals the target's argmax.
 
-A request with a seed is sampled another way, so that its output is a function of its seed alone:
-the same tokens whatever the method, the drafts, the verification budgets and the other requests in
-the batch. Rejection sampling cannot give that: which token it commits depends on the draft, and
-the draft on where the round began. So output position t is drawn by the Gumbel-max trick with
-noise g_t that depends only on (seed, t): y_t = argmax(log p_t + g_t), exactly a draw from p_t
-(Gumbel-max trick), and a draft token is accepted iff it equals y_t. The drafter draws its own token
-for t with the same g_t (`sample_coupled` over q), so that where q is close to p it proposes the
-same token: P(x = y) >= (1 - TV(p, q)) / (1 + TV(p, q)) (Daliri, Musco and Suresh 2024, "Coupling
+A request with a seed is sampled another way, so that its output is a function of its prompt and
+seed alone: the same tokens whatever the method, the drafts, the verification budgets and the other
+requests in the batch. Rejection sampling cannot give that: which token it commits depends on the
+draft, and the draft on where the round began. So output position t is drawn by the Gumbel-max
+trick with noise g_t that depends only on (seed, t): y_t = argmax(log p_t + g_t), exactly a draw
+from p_t, and a draft token is accepted iff it equals y_t. The drafter draws its own token for t
+with the same g_t (`sample_coupled` over q), so that where q is close to p it proposes the same
+token: P(x = y) >= (1 - TV(p, q)) / (1 + TV(p, q)) (Daliri, Musco and Suresh 2024, "Coupling
 without communication and drafter-invariant speculative decoding"), against 1 - TV(p, q) for
 rejection sampling and sum(p * q) for a draft drawn independently.
 """
