@@ -3,7 +3,9 @@
 A worker whose machine vanished mid-job without closing the connection (a rented VM preempted, a
 network path cut: no FIN, no RST) held a client's call until the job's deadline, 600 s by default.
 With these options the client pings every KEEPALIVE_MS and ends the call UNAVAILABLE when a ping
-goes unanswered for PING_TIMEOUT_MS, so the client (or the gateway) fails over within ~30 s.
+goes unanswered for PING_TIMEOUT_MS, so the client (or the gateway) fails over within ~30 s. The
+worker pings its clients alike: the job of a client that vanished is cancelled (and billed for what
+it produced) instead of running on to its last token in a slot others wait for.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ def channel_options() -> list[tuple[str, int]]:
             # With keepalive_timeout alone grpcio 1.85 timed out neither the keepalive ping nor a
             # bandwidth probe's ping left unanswered by a frozen path (measured).
             ("grpc.http2.ping_timeout_ms", PING_TIMEOUT_MS),
-            # A client sends nothing after its job, and grpc stops pinging after two pings without
-            # data of its own (the default): a path that died later in a long answer went unnoticed.
+            # grpc stops pinging after two pings without data of its own (the default): a client
+            # sends nothing after its job, and a worker nothing while the job waits in line.
             ("grpc.http2.max_pings_without_data", 0)]
 
 
 def server_options() -> list[tuple[str, int]]:
-    # The clients' pings come also while a job waits in line and no data flows; grpc's default (one
-    # per 5 min without data, then two strikes) ended such a call with GOAWAY "Too many pings".
-    return [("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2)]
+    # The same pings towards the clients. And the clients' pings come also while a job waits in line
+    # and no data flows: grpc's default (one per 5 min without data, then two strikes) ended such a
+    # call with GOAWAY "Too many pings".
+    return [*channel_options(), ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2)]

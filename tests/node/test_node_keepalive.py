@@ -1,6 +1,6 @@
 """The keepalive policy both ends read (node/keepalive.py), on real gRPC calls over loopback with the
-intervals shortened: a call that waits without data survives the pings, and a path that dies late in
-a long answer is noticed."""
+intervals shortened: a call that waits without data survives the pings, a path that dies while the
+client waits is noticed by the client, and one that dies mid-answer by the server."""
 
 from __future__ import annotations
 
@@ -20,12 +20,17 @@ def short_keepalive(monkeypatch):
     monkeypatch.setattr(keepalive, "PING_TIMEOUT_MS", 1000)
 
 
-async def serve(messages: int, every_s: float, first_after_s: float = 0.0) -> tuple[grpc.aio.Server, str]:
+async def serve(messages: int, every_s: float, first_after_s: float = 0.0,
+                ended: asyncio.Event | None = None) -> tuple[grpc.aio.Server, str]:
     async def answer(request, context):
-        await asyncio.sleep(first_after_s)
-        for _ in range(messages):
-            yield b"token"
-            await asyncio.sleep(every_s)
+        try:
+            await asyncio.sleep(first_after_s)
+            for _ in range(messages):
+                yield b"token"
+                await asyncio.sleep(every_s)
+        finally:
+            if ended is not None:
+                ended.set()
     server = grpc.aio.server(options=keepalive.server_options())
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         "t.Worker", {"Submit": grpc.unary_stream_rpc_method_handler(answer)})])
@@ -65,5 +70,26 @@ async def test_a_path_that_dies_while_the_call_waits_without_data_ends_it():
                     pass
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
         assert time.monotonic() - frozen_at < 8
+    finally:
+        await server.stop(None)
+
+
+@pytest.mark.asyncio
+async def test_a_client_whose_path_dies_mid_answer_ends_the_servers_call():
+    """On a worker, the call's end cancels the job and frees its slot; without the server's own pings
+    the job of a vanished client ran on to its last token."""
+    ended = asyncio.Event()
+    server, endpoint = await serve(messages=400, every_s=0.05, ended=ended)
+    relay = FreezingRelay(endpoint)
+    try:
+        async with relay as through, grpc.aio.insecure_channel(through, options=keepalive.channel_options()) as ch:
+            call = ch.unary_stream("/t.Worker/Submit")(b"", timeout=60)
+            received = 0
+            async for _ in call:
+                received += 1
+                if received == 10:
+                    break
+            relay.frozen.set()      # the client is still there, its path is not
+            await asyncio.wait_for(ended.wait(), 8)     # the answer had 15 s to run
     finally:
         await server.stop(None)
