@@ -126,7 +126,9 @@ def add_matched_throughput(rows: list[dict], baseline: str) -> None:
         x, row["per_user_vs_baseline_at_matched_throughput"] = row["tokens_per_s"], None
         for (x0, y0), (x1, y1) in zip(curve, curve[1:] or curve):
             if x0 <= x <= x1:
-                at = y0 if x1 == x0 else y0 + (x - x0) / (x1 - x0) * (y1 - y0)
+                # (1 - t) y0 + t y1 is exact at both ends: on its own curve the baseline reads 1.0
+                t = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
+                at = (1 - t) * y0 + t * y1
                 row["per_user_vs_baseline_at_matched_throughput"] = row["per_user_tokens_per_s"] / at
                 break
 

@@ -107,6 +107,10 @@ def test_per_user_speed_at_matched_throughput():
     # outside what ar was measured at, there is nothing to compare with
     assert ratios[5] is None and ratios[6] is None
     assert ratios[:3] == [1.0, 1.0, 1.0]
+    # exactly 1.0 at the upper end of a segment too, where y0 + (y1 - y0) is not y1 in floats
+    rows = [row("ar", 10, 38.35), row("ar", 30, 1.1)]
+    add_matched_throughput(rows, "ar")
+    assert [r["per_user_vs_baseline_at_matched_throughput"] for r in rows] == [1.0, 1.0]
 
 
 def test_bench_refuses_bad_input(capsys):
