@@ -153,11 +153,13 @@ def uncount_dropped(seq: Sequence, kept: int) -> None:
     s = seq.stats
     s.accepted_tokens -= accepted - kept
     s.by_source[source].accepted -= accepted - kept
-    # as `tally_positions` would have counted the round with `kept` accepted
-    for k in range(kept, accepted):
-        s.accepted_at[k] -= 1
-    for k in range(kept + 1, min(verified, accepted + 1)):
-        s.reached[k] -= 1
+    # the round's per-position tallies as counted, replaced by those `tally_positions` gives `kept`
+    counted, corrected = ([], []), ([], [])
+    tally_positions(*counted, verified, accepted)
+    tally_positions(*corrected, verified, kept)
+    for k in range(verified):
+        s.reached[k] += corrected[0][k] - counted[0][k]
+        s.accepted_at[k] += corrected[1][k] - counted[1][k]
     if recorded:   # the round's records are the last `verified` (engine/calibration.py `record`)
         first = len(s.confidence_samples) - verified
         for k in range(kept, accepted):
