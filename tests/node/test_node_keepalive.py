@@ -1,6 +1,7 @@
 """The keepalive policy both ends read (node/keepalive.py), on real gRPC calls over loopback with the
-intervals shortened: a call that waits without data survives the pings, a path that dies while the
-client waits is noticed by the client, and one that dies mid-answer by the server."""
+intervals shortened: a job whose worker's path dies fails the client's call within seconds, a call
+that waits without data survives the pings, a path that dies while the client waits is noticed by
+the client, and one that dies mid-answer by the server."""
 
 from __future__ import annotations
 
@@ -11,13 +12,37 @@ import grpc
 import pytest
 
 from node import keepalive
-from node_harness import FreezingRelay
+from node.client import JobRefused, WorkerClient
+from node.identity import Identity
+from node_harness import FreezingRelay, node_toml, start_daemon
 
 
 @pytest.fixture(autouse=True)
 def short_keepalive(monkeypatch):
     monkeypatch.setattr(keepalive, "KEEPALIVE_MS", 500)
     monkeypatch.setattr(keepalive, "PING_TIMEOUT_MS", 1000)
+
+
+@pytest.mark.asyncio
+async def test_a_path_that_goes_dead_mid_job_fails_the_call_within_seconds(tiny_model, tmp_path):
+    """A real worker. No FIN, no RST, no bytes: without keepalive the client waited for the job's
+    deadline (600 s by default) before it could fail over."""
+    daemon = start_daemon(tmp_path / "node", node_toml(tiny_model))
+    try:
+        relay = FreezingRelay(daemon.grpc)
+        async with relay as endpoint, await WorkerClient.connect(endpoint, Identity.generate(),
+                                                                 peer_id=daemon.peer_id) as client:
+            frozen_at = None
+            with pytest.raises(JobRefused) as info:
+                async for event in client.stream(client.sign_job(text="Count:", max_new_tokens=2000),
+                                                 timeout_s=60):
+                    if event.WhichOneof("event") == "chunk" and frozen_at is None:
+                        relay.frozen.set()
+                        frozen_at = time.monotonic()
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE, info.value
+            assert time.monotonic() - frozen_at < 15
+    finally:
+        assert daemon.stop() == 0, daemon.stderr_text()[-3000:]
 
 
 async def serve(messages: int, every_s: float, first_after_s: float = 0.0,
