@@ -2,13 +2,15 @@
 
 A request whose bytes do not parse is refused with INVALID_ARGUMENT before the servicer sees it;
 an exception the servicer did not expect becomes INTERNAL with a request id, and the traceback goes
-to the log under that id. A peer never sees a traceback or an exception's text.
+to the log under that id. A peer never sees a traceback or an exception's text. A call the client
+ended while its answer was being sent is one line in the log, not a traceback (AnswerTooLate).
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -72,6 +74,33 @@ def _stream(inner: Callable[..., AsyncIterator[Any]], method: str) -> Callable[.
         except Exception:
             await _fail(context, method, rid)
     return behavior
+
+
+class AnswerTooLate(logging.Filter):
+    """grpc's aio server logs a traceback at ERROR ("ExecuteBatchError raised in core by servicer
+    method [...]") when a handler's answer or status goes out after the call ended on the wire: the
+    client's deadline passed, or it went away, at that moment. It is the client's own doing and
+    nothing it still waits for is lost (a job's cancellation or receipt does not depend on it), so the
+    record becomes one INFO line. Installed on grpc's logger by `install` (once per process)."""
+
+    LOGGER = "grpc._cython.cygrpc"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if type(exc).__name__ != "ExecuteBatchError":   # the class lives in grpc's private module
+            return True
+        method = re.search(r"\[(.*)\]", record.getMessage())
+        record.msg = "%s: the call ended (the client's deadline passed, or it left) as its answer was sent"
+        record.args = (method.group(1) if method else "a call",)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+    @classmethod
+    def install(cls) -> None:
+        logger = logging.getLogger(cls.LOGGER)
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

@@ -20,7 +20,7 @@ from node.capacity import CapacityTracker
 from node.config import NodeConfig, split_host_port
 from node.events import EventBus
 from node.identity import Identity
-from node.interceptor import ErrorInterceptor
+from node.interceptor import AnswerTooLate, ErrorInterceptor
 from node.jobs import JobTable
 from node.ledger import Ledger
 from node.service import WorkerServicer, build_policy
@@ -53,6 +53,7 @@ class GrpcService:
         self.endpoint = ""          # HOST:PORT actually bound (the configured port may be 0)
 
     async def start(self) -> None:
+        AnswerTooLate.install()
         server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0),
             *keepalive.server_options()])
