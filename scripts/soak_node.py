@@ -228,7 +228,8 @@ async def soak(tmp: Path, args: argparse.Namespace) -> list[str]:
     log = node.stderr_text()
     if "Traceback" in log:
         at = log.index("Traceback")
-        problems.append(f"the node logged a traceback:\n{log[max(0, at - 300):at + 2000]}")
+        problems.append(f"the node logged a traceback (whole log: {data / 'stderr.log'}):\n"
+                        f"{log[max(0, at - 1500):at + 4000]}")
     print(json.dumps({"receipts": len(receipts), "outcomes": outcomes, "client_refusals": book.refusals,
                       "outputs_compared": book.repeats,
                       "verify": verify.stdout.strip(), "resources": {"warm": warm, "end": end}}, default=str),

@@ -25,4 +25,4 @@ async def test_a_short_soak_finds_no_problem(tmp_path):
     spec.loader.exec_module(soak_node)
     args = argparse.Namespace(seconds=15, clients=8, model="", method="auto", device="cpu")
     problems = await soak_node.soak(tmp_path, args)
-    assert problems == []
+    assert not problems, "\n\n".join(problems)
