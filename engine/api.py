@@ -21,6 +21,11 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256
 
 
+class EngineFailed(RuntimeError):
+    """What a request ends with when the engine can serve nothing more: its thread died, or a round
+    stalled. The engine logs the cause once; the message repeats it."""
+
+
 class RequestRejected(ValueError):
     """The engine cannot serve this request (too long, bad sampling values...); message says why."""
 

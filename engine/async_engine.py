@@ -2,7 +2,8 @@
 
 Requests and cancellations cross into the thread through a lock-protected inbox; events come back
 to each request's asyncio queue with `call_soon_threadsafe`. Torch releases the GIL inside its
-kernels, so the event loop stays responsive while a round runs.
+kernels, so the event loop stays responsive while a round runs, and a watchdog on the loop notices
+a round that never ends (a hung GPU): see `_watch_for_stall`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import AsyncIterator, Callable
 
 from jinja2 import TemplateError
 
-from engine.api import CorpusFill, GenerationRequest, GenerationResult, RequestRejected, RoundReport, TokenChunk
+from engine.api import (CorpusFill, EngineFailed, GenerationRequest, GenerationResult, RequestRejected, RoundReport,
+                        TokenChunk)
 from engine.build import build_engine
 from engine.config import EngineConfig
 from engine.engine import Engine
@@ -22,11 +25,16 @@ from engine.engine import Engine
 log = logging.getLogger(__name__)
 
 
+class EngineStalled(RuntimeError):
+    """A round ran past `EngineConfig.stall_timeout_s`."""
+
+
 class AsyncEngine:
     name = "engine"
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, stall_timeout_s: float = 0.0):
         self.engine = engine
+        self.stall_timeout_s = stall_timeout_s
         self.info = engine.info
         self.tokenizer = engine.tokenizer
         self._lock = threading.Lock()
@@ -37,6 +45,8 @@ class AsyncEngine:
         self._listeners: list[Callable[[RoundReport], None]] = []
         self._thread: threading.Thread | None = None
         self._running = False
+        self._round_started: float | None = None     # monotonic; None while the thread waits for work
+        self._watchdog: asyncio.Task | None = None
         self.failure: BaseException | None = None
 
     # ---- what the node reads ------------------------------------------------------------
@@ -81,6 +91,8 @@ class AsyncEngine:
         self._done = loop.create_future()
         self._thread = threading.Thread(target=self._run, args=(loop,), name="dspark-engine", daemon=True)
         self._thread.start()
+        if self.stall_timeout_s:
+            self._watchdog = loop.create_task(self._watch_for_stall(), name="engine-watchdog")
 
     async def wait(self) -> None:
         """Returns when the engine thread ends; raises what killed it (the daemon's supervisor
@@ -88,9 +100,15 @@ class AsyncEngine:
         await asyncio.shield(self._done)
 
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         with self._wake:
             self._running = False
             self._wake.notify()
+        if isinstance(self.failure, EngineStalled):
+            # Its thread is inside a call that does not return; it is a daemon thread and ends with
+            # the process. Joining it would hold the node's stop until the supervisor's time limit.
+            return
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
@@ -147,6 +165,7 @@ class AsyncEngine:
                         break
                     inbox, self._inbox = self._inbox, []
                     cancels, self._cancels = self._cancels, []
+                self._round_started = time.monotonic()
                 # All registered before any is added: should an add fail beyond a refusal, the
                 # handler below answers the whole inbox, not only the requests before it.
                 for request, queue, request_loop in inbox:
@@ -165,18 +184,19 @@ class AsyncEngine:
                 if report is not None:
                     for listener in self._listeners:
                         listener(report)
+                self._round_started = None
         except BaseException as exc:  # the model failed: fail every waiting request, surface it
             log.exception("engine loop failed")
             self.failure = exc
             for request_id in list(self._queues):
-                self._deliver(request_id, RuntimeError(f"engine failed: {exc}"))
+                self._deliver(request_id, EngineFailed(f"engine failed: {exc}"))
         finally:
             with self._wake:
                 self._running = False
                 unserved, self._inbox = self._inbox, []
             # Requests that arrived during the last round never reached the engine: they end too.
             for _, queue, request_loop in unserved:
-                _put(queue, request_loop, RuntimeError(f"engine failed: {self.failure}") if self.failure
+                _put(queue, request_loop, EngineFailed(f"engine failed: {self.failure}") if self.failure
                      else RequestRejected("stopping", "the engine stopped before serving the request"))
             for result in self.engine.abort_all():
                 self._deliver(result.request_id, result)
@@ -184,6 +204,35 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(self._finish_wait)
             except RuntimeError:  # the loop is already closed
                 pass
+
+    async def _watch_for_stall(self) -> None:
+        """A GPU that hangs (an Xid error, a driver fault) leaves the engine thread in a kernel call
+        that never returns. The node would go on advertising and accepting jobs that never finish,
+        each client waiting out its deadline. A round past the limit fails every request now, so the
+        clients can go to another worker, and ends `wait()`, so the node stops and its supervisor
+        (systemd, Docker, Akash) restarts it: a new process gets a new CUDA context."""
+        limit = self.stall_timeout_s
+        while not self._done.done():
+            await asyncio.sleep(min(limit / 4, 5.0))
+            started = self._round_started
+            if started is not None and time.monotonic() - started > limit:
+                self._fail_stalled(time.monotonic() - started)
+                return
+
+    def _fail_stalled(self, seconds: float) -> None:
+        with self._wake:
+            self._running = False     # new requests are refused; should the round ever end, the thread ends
+            unserved, self._inbox = self._inbox, []
+        self.failure = EngineStalled(
+            f"engine stalled: a round has run {seconds:.3g} s (engine.stall_timeout_s = {self.stall_timeout_s:g}); "
+            f"the device or its driver may be hung, and a restart of the node is the fix")
+        log.critical("%s; failing %d request(s) and stopping", self.failure, len(self._queues) + len(unserved))
+        # Left in self._queues: should the round end after all, the thread's events for them go to
+        # queues nobody reads, and their consumers' cancels still find them.
+        waiting = [*self._queues.values(), *((queue, loop) for _, queue, loop in unserved)]
+        for queue, request_loop in waiting:
+            _put(queue, request_loop, EngineFailed(f"engine failed: {self.failure}"))
+        self._done.set_exception(self.failure)
 
     def _finish_wait(self) -> None:
         if self._done.done():
@@ -202,4 +251,4 @@ def _put(queue: asyncio.Queue, loop: asyncio.AbstractEventLoop, event) -> None:
 
 
 def load_async_engine(config: EngineConfig) -> AsyncEngine:
-    return AsyncEngine(build_engine(config))
+    return AsyncEngine(build_engine(config), config.stall_timeout_s)

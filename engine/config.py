@@ -50,6 +50,11 @@ class EngineConfig(BaseModel):
     prefill_chunk: int = Field(512, ge=16, description=(
         "most prompt tokens prefilled per step, over all new requests: a longer prompt is spread over "
         "steps and the running requests decode in between"))
+    # Generous: a round is milliseconds to seconds, a 512-token prefill chunk of a large model on a
+    # CPU under a minute; only a device that stopped answering takes minutes.
+    stall_timeout_s: float = Field(300.0, ge=0.0, description=(
+        "a round (one target forward and its drafts) running longer than this means the device or its "
+        "driver hangs: the node fails its requests and stops, for its supervisor to restart it; 0 = off"))
     # At most 1024, as max_batch: more than any machine here has cores, while a mistyped 100000 made
     # torch claim so many threads that the process could start no more (a traceback at load).
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (default: all cores)")

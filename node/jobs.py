@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from dspark.v1 import job_pb2
 from dspark.v1.receipt_pb2 import Receipt
-from engine.api import EngineInfo, GenerationRequest, GenerationResult, RequestStats, TokenChunk
+from engine.api import EngineFailed, EngineInfo, GenerationRequest, GenerationResult, RequestStats, TokenChunk
 from node.admission import Load, SignedJob
 from node.events import EventBus, JobAdmitted, JobFinished, JobProgress
 from node.ledger import Ledger
@@ -160,6 +160,8 @@ class JobTable:
                         result = item
             finally:
                 await generation.aclose()
+        except EngineFailed as exc:     # the engine logged its cause, with the traceback if it has one
+            log.error("job %s: %s", job.request.job_id.hex(), exc)
         except Exception:
             log.exception("job %s failed in the engine", job.request.job_id.hex())
         try:
