@@ -21,7 +21,8 @@ from engine.build import SHIPPED_DRAFTERS, build_engine
 from engine.calibration import calibration_metrics
 from engine.config import EMBEDDED_MODEL, EngineConfig
 from engine.prompts import load_first_turns
-from engine.train.calibrate import Scaling, collect, default_prompts, predictions
+from engine.train.calibrate import collect, default_prompts
+from engine.train.sts import Scaling, predictions
 
 SETS = ("humaneval", "mbpp", "gsm8k", "mt-bench")
 

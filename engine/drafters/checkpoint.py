@@ -8,7 +8,7 @@ The embedding and LM head are the target's at run time: a stored copy is never l
 shape is checked), and the checkpoints we write leave them out and say so with
 `"shares_target_embeddings": true`. Extensions we add to the config, both optional:
 `shares_target_embeddings`, `confidence_temperatures` (per-position STS temperatures, §4.5),
-`confidence_offsets` (per-position offsets added after them, engine/train/calibrate.py),
+`confidence_offsets` (per-position offsets added after them, engine/train/sts.py),
 `confidence_draft_weights` (per-position weights of the draft's own log-odds for its token) and the
 same triple for greedy requests, with the suffix `_greedy` (engine/drafters/confidence.py), and
 per triple the request-history term's `confidence_history_weights` (per position) and

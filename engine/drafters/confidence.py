@@ -5,7 +5,7 @@ Markov input), the conditional probability that draft slot k is accepted given s
 x_{k-1} is the sampled draft token (the anchor for slot 0). T_k, b_k and w_k come from the
 checkpoint's `confidence_temperatures`, `confidence_offsets` and `confidence_draft_weights`
 (calibration); they default to 1, 0 and 0, which is the trained head alone. The paper's STS fits
-T_k only; b_k and w_k are our extensions (engine/train/calibrate.py says why).
+T_k only; b_k and w_k are our extensions (engine/train/sts.py says why).
 
 u_k is the log-odds that the draft's own distribution (its corrected logits at temperature 1) gives
 its likeliest token at slot k. For a greedy request that is the token it proposed, and a draft is
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 # (temperatures, offsets, draft weights) as the checkpoint config gives them, None where absent; calibrate
-# fits the complete triple, engine/train/calibrate.py Scaling
+# fits the complete triple, engine/train/sts.py Scaling
 ConfigScaling = tuple[list[float] | None, list[float] | None, list[float] | None]
 # (weights v_k, prior) of the history term as the checkpoint config gives them, None where absent
 ConfigHistory = tuple[list[float] | None, float | None]

@@ -231,7 +231,7 @@ def test_the_engine_reads_each_requests_history_as_calibrate_does(target, tmp_pa
     its earlier rounds (engine/drafters/confidence.py). The confidences the engine recorded while
     Algorithm 1 scheduled with them equal those `calibrate` computes offline from the same rounds,
     so the engine's h reads exactly the rounds before; greedy output stays plain decoding's."""
-    from engine.train.calibrate import Scaling, predictions, rounds_from_records
+    from engine.train.sts import Scaling, predictions, rounds_from_records
 
     path = drafter_dir(target, tmp_path_factory, "dspark", "vanilla")
     config = json.loads((path / "config.json").read_text())

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from engine.calibration import calibration_metrics
-from engine.train.calibrate import (Round, Scaling, chat_prompts, default_prompts, predictions, rounds_from_records,
-                                    sequential_scaling)
+from engine.train.calibrate import chat_prompts, default_prompts
+from engine.train.sts import Round, Scaling, predictions, rounds_from_records, sequential_scaling
 
 ZEROS = [0.0] * 4
 IDENTITY = Scaling.identity(4)
