@@ -215,9 +215,9 @@ class Engine:
         visible = text
         if not reason:
             # While running, hold back anything a stop string could start with (decoded.text already
-            # leaves out an incomplete UTF-8 character).
+            # leaves out an incomplete UTF-8 character). Not below 0: a negative end counts from the end.
             hold = max((len(s) - 1 for s in stops), default=0)
-            visible = decoded.text[:len(decoded.text) - hold] if hold else decoded.text
+            visible = decoded.text[:max(0, len(decoded.text) - hold)]
         if len(out) > seq.sent_tokens or len(visible) > seq.sent_text_len:
             events.append(TokenChunk(seq.request_id, tuple(out[seq.sent_tokens:]),
                                      visible[seq.sent_text_len:]))
