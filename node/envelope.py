@@ -53,13 +53,13 @@ def seal(identity: Identity, message: Message) -> Envelope:
                     signature=identity.sign(pae(payload_type, payload)))
 
 
-def open_envelope(envelope: Envelope, message_class: type[M]) -> M:
+def open_envelope(envelope: Envelope, message_class: type[M], max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> M:
     """Check type, size and signature of `envelope`, then parse its payload as `message_class`."""
     expected = type_name(message_class)
     if envelope.payload_type != expected:
         raise EnvelopeError("wrong_type", f"envelope carries {quoted(envelope.payload_type)}, expected {expected!r}")
-    if len(envelope.payload) > MAX_PAYLOAD_BYTES:
-        raise EnvelopeError("too_large", f"payload of {len(envelope.payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    if len(envelope.payload) > max_payload_bytes:
+        raise EnvelopeError("too_large", f"payload of {len(envelope.payload)} bytes exceeds {max_payload_bytes}")
     if len(envelope.public_key) != 32:
         raise EnvelopeError("bad_key", f"public key must be 32 bytes, got {len(envelope.public_key)}")
     if len(envelope.signature) != 64:

@@ -33,6 +33,9 @@ _ROW_COLUMNS = ("r.sequence, r.client_key, r.job_id, r.digest, r.issued_at_ms, r
                 "r.amount_micros, r.envelope, a.envelope")
 _ROW_FROM = "receipts r LEFT JOIN acknowledgments a ON a.sequence = r.sequence"
 TOP_CLIENTS = 10     # the clients Ledger.totals names; the rest are summed
+# An Acknowledgment's fields take ~100 bytes. The ledger keeps a client's acknowledgment for ever, so
+# one padded with fields the node does not know (up to the 1 MiB of any payload) is refused.
+MAX_ACK_PAYLOAD_BYTES = 1024
 
 
 def _now_ms() -> int:
@@ -218,7 +221,7 @@ class Ledger:
         A repeated acknowledgment of the same receipt keeps the first one stored."""
         self._writer()
         try:
-            receipt_digest = open_envelope(ack, Acknowledgment).receipt_digest
+            receipt_digest = open_envelope(ack, Acknowledgment, MAX_ACK_PAYLOAD_BYTES).receipt_digest
         except EnvelopeError as exc:
             raise LedgerError(exc.reason, f"acknowledgment refused: {exc}") from None
         with self._lock, self._transaction():
@@ -231,8 +234,12 @@ class Ledger:
                 check_acknowledgment(ack, receipt_envelope, Receipt.FromString(receipt_envelope.payload))
             except ReceiptError as exc:
                 raise LedgerError(exc.reason, str(exc)) from None
+            # Only what the signature covers, and the signer: fields of the envelope the node does not
+            # know (a client's padding, up to gRPC's 2 MiB) are not the client's acknowledgment.
+            signed = Envelope(payload_type=ack.payload_type, payload=ack.payload, public_key=ack.public_key,
+                              signature=ack.signature)
             self._conn.execute("INSERT OR IGNORE INTO acknowledgments VALUES (?, ?, ?)",
-                               (row[0], _now_ms(), ack.SerializeToString(deterministic=True)))
+                               (row[0], _now_ms(), signed.SerializeToString(deterministic=True)))
             return row[0]
 
     def recover(self) -> int:
