@@ -38,6 +38,14 @@ MAX_JOB_TIMEOUT_S = 86400.0
 GPU_TIME_SLACK_S = 0.05     # the worker's and the client's clocks are not one clock
 
 
+def _deadline(timeout_s: float | None) -> float | None:
+    """`timeout_s` as a call's deadline (None: none). Past MAX_JOB_TIMEOUT_S (inf and nan too) the
+    caller is told so: grpc's call would fail at once, as a JobRefused that reads as the worker's."""
+    if timeout_s is not None and not timeout_s <= MAX_JOB_TIMEOUT_S:
+        raise ValueError(f"timeout_s must be at most {MAX_JOB_TIMEOUT_S:g} s (or None: no deadline), got {timeout_s}")
+    return timeout_s
+
+
 class ClientError(Exception):
     """The worker could not be reached or is not who it must be, or its answer does not verify."""
 
@@ -94,6 +102,7 @@ class WorkerClient:
             host, port = split_host_port(target)
         except ValueError as exc:
             raise ClientError(str(exc)) from None
+        _deadline(timeout_s)
         required = tls == "on" or (tls == "auto" and not is_loopback(host))
         cert_pem = b""
         if tls != "off":
@@ -166,7 +175,7 @@ class WorkerClient:
 
     async def stream(self, job: Envelope, timeout_s: float | None = None) -> AsyncIterator[job_pb2.SubmitEvent]:
         """The raw event stream; raises JobRefused on a refusal or a failed RPC."""
-        call = self._stub.Submit(job, timeout=timeout_s)
+        call = self._stub.Submit(job, timeout=_deadline(timeout_s))
         try:
             async for event in call:
                 yield event
@@ -236,7 +245,7 @@ class WorkerClient:
         envelope = seal(self.identity, job_pb2.CancelJob(job_id=job_id, worker_peer_id=self.peer_id,
                                                          issued_at_ms=int(time.time() * 1000)))
         try:
-            return (await self._stub.Cancel(envelope, timeout=timeout_s)).cancelled
+            return (await self._stub.Cancel(envelope, timeout=_deadline(timeout_s))).cancelled
         except grpc.aio.AioRpcError as exc:
             raise _refusal(exc) from None
 
@@ -247,7 +256,7 @@ class WorkerClient:
         job_id = job_pb2.JobRequest.FromString(job.payload).job_id
         try:
             envelope = await self._stub.GetReceipt(worker_pb2.GetReceiptRequest(
-                job_id=job_id, client_public_key=self.identity.public_key), timeout=timeout_s)
+                job_id=job_id, client_public_key=self.identity.public_key), timeout=_deadline(timeout_s))
         except grpc.aio.AioRpcError as exc:
             raise _refusal(exc) from None
         return self._check_receipt(envelope, job, None)
@@ -259,14 +268,14 @@ class WorkerClient:
         if ack is None:
             ack = acknowledgment(self.identity, receipt_envelope)
         try:
-            response = await self._stub.Acknowledge(ack, timeout=timeout_s)
+            response = await self._stub.Acknowledge(ack, timeout=_deadline(timeout_s))
         except grpc.aio.AioRpcError as exc:
             raise _refusal(exc) from None
         return response.sequence
 
     async def capacity(self, timeout_s: float = 10.0) -> CapacityAdvert:
         try:
-            envelope = await self._stub.GetCapacity(worker_pb2.GetCapacityRequest(), timeout=timeout_s)
+            envelope = await self._stub.GetCapacity(worker_pb2.GetCapacityRequest(), timeout=_deadline(timeout_s))
         except grpc.aio.AioRpcError as exc:
             raise _refusal(exc) from None
         return _check_advert(envelope, self.peer_id, None)

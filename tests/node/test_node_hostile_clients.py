@@ -77,3 +77,17 @@ async def test_an_acknowledgment_padded_with_unknown_fields_does_not_fill_the_le
         stored = ledger.execute("SELECT envelope FROM acknowledgments WHERE sequence = ?",
                                 (result.receipt.sequence,)).fetchone()[0]
     assert stored == honest.SerializeToString(deterministic=True)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("timeout_s", [float("inf"), float("nan"), 1e10])
+async def test_a_deadline_grpc_cannot_hold_is_the_callers_error_not_a_refusal(daemon, timeout_s):
+    """grpc's deadline overflows past some 7e9 s: the call failed at once with DEADLINE_EXCEEDED, as a
+    JobRefused that reads as the worker's answer (a caller fails over to the next worker in vain)."""
+    async with await connect(daemon) as client:
+        job = client.sign_job(text="Hi", max_new_tokens=1)
+        with pytest.raises(ValueError, match="timeout_s must be at most 86400"):
+            await client.run(job, timeout_s=timeout_s)
+        with pytest.raises(ValueError, match="timeout_s must be at most 86400"):
+            await client.capacity(timeout_s=timeout_s)
+        assert (await client.run(job, timeout_s=60)).finished     # never sent: its id is unused
