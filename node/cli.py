@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+# grpc's core logs on its own, past --log-level, and at INFO writes a line for each connection that
+# fails the TLS handshake: anyone who can reach the port (a scanner) wrote into the node's log at will.
+# Its errors still show. Read when grpc loads, so set before any command imports it; the operator's
+# own GRPC_VERBOSITY wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func=run(args) -> int`.
 COMMANDS = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -87,6 +88,23 @@ async def test_a_relaying_man_in_the_middle_is_detected(daemon, tmp_path):
         finally:
             await mitm.stop(None)
 
+
+
+@pytest.mark.asyncio
+async def test_connections_that_fail_the_tls_handshake_leave_nothing_in_the_log(daemon):
+    """Anyone may connect: grpc's core wrote a line per failed handshake ("Handshake failed with error
+    SSL_ERROR_SSL: ...") whatever the --log-level, so a port scanner wrote into the node's log at will."""
+    host, port = daemon.grpc.rsplit(":", 1)
+    for hello in (b"\x16\x03\x01\x00\x05hello", b"GET / HTTP/1.1\r\n\r\n") * 5:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(hello)
+            try:
+                sock.recv(1024)     # the server's alert, or its close
+            except ConnectionResetError:
+                pass
+    async with await WorkerClient.connect(daemon.grpc, Identity.generate(), peer_id=daemon.peer_id) as client:
+        await client.run(client.sign_job(text="Hi", max_new_tokens=1), timeout_s=60)
+    assert "Handshake failed" not in daemon.stderr_text()
 
 def test_submit_command_streams_and_verifies(daemon, tmp_path):
     key = tmp_path / "client.key"
