@@ -74,7 +74,23 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
     return raw[len(header):]
 
 
+# The Ed25519 public keys of small order, as libsodium lists them (its ge25519_has_small_order): compared
+# without the sign bit, and with y >= p, as OpenSSL takes them too. With R the identity point and S = 0
+# a "signature" under such a key verifies for every message (order 1) or for one in 2, 4 or 8: anyone
+# signs as it, so a job, receipt or acknowledgment under it binds no one.
+_SMALL_ORDER = frozenset(bytes.fromhex(key) for key in (
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"))
+
+
 def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    if len(public_key) == 32 and public_key[:31] + bytes([public_key[31] & 0x7F]) in _SMALL_ORDER:
+        return False
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
     except (InvalidSignature, ValueError):

@@ -4,11 +4,16 @@ consistent with themselves, and nothing the client does ends up as a traceback i
 from __future__ import annotations
 
 import contextlib
+import secrets
 import sqlite3
+import time
 
 import grpc
 import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from dspark.v1 import job_pb2
 from dspark.v1.envelope_pb2 import Envelope
 from node.client import JobRefused, WorkerClient
 from node.envelope import pae
@@ -91,3 +96,41 @@ async def test_a_deadline_grpc_cannot_hold_is_the_callers_error_not_a_refusal(da
         with pytest.raises(ValueError, match="timeout_s must be at most 86400"):
             await client.capacity(timeout_s=timeout_s)
         assert (await client.run(job, timeout_s=60)).finished     # never sent: its id is unused
+
+
+
+IDENTITY_POINT = bytes([1]) + bytes(31)
+ORDER_8_POINT = bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a")
+
+
+def forged(public_key: bytes, client: WorkerClient) -> Envelope:
+    """A job "signed" by a small-order key without any private key: R the identity point, S = 0. It
+    verifies for a job whose hash is 0 modulo the key's order: every one for the identity, one in 8
+    for a point of order 8 (its job id is ground until it does)."""
+    signature = bytes([1]) + bytes(63)
+    while True:
+        now = int(time.time() * 1000)
+        request = job_pb2.JobRequest(
+            job_id=secrets.token_bytes(16), worker_peer_id=client.peer_id, model=client.advert.models[0].id,
+            text="Hi", sampling=job_pb2.SamplingParams(max_new_tokens=1),
+            max_price_per_mtok_micros=client.advert.price_per_mtok_micros, issued_at_ms=now, expires_at_ms=now + 60_000)
+        envelope = Envelope(payload_type="dspark.v1.JobRequest", payload=request.SerializeToString(),
+                            public_key=public_key, signature=signature)
+        try:
+            Ed25519PublicKey.from_public_bytes(public_key).verify(signature, pae(envelope.payload_type,
+                                                                                 envelope.payload))
+        except InvalidSignature:
+            continue
+        return envelope
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("public_key", [IDENTITY_POINT, ORDER_8_POINT])
+async def test_a_key_anyone_can_sign_for_is_refused(daemon, public_key):
+    """Ed25519 keys of small order verify signatures no one made. The node ran such jobs and billed
+    a client key with no owner: its jobs and acknowledgments prove nothing in a billing dispute."""
+    async with await connect(daemon) as client:
+        with pytest.raises(JobRefused) as info:
+            async for _ in client.stream(forged(public_key, client), timeout_s=60):
+                pass
+    assert (info.value.code, info.value.reason) == (grpc.StatusCode.UNAUTHENTICATED, "bad_signature")
