@@ -138,10 +138,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def _prepare(self, job: SignedJob) -> GenerationRequest | Refusal:
         """Tokenize (off the loop: a 1 MiB prompt takes a while) and check that the job fits."""
+        encoding = asyncio.ensure_future(asyncio.to_thread(self._encode, job.request))
         try:
-            prompt_ids = await asyncio.to_thread(self._encode, job.request)
+            prompt_ids = await asyncio.shield(encoding)
         except ValueError as exc:
             return Refusal(Reason.MALFORMED, str(exc))
+        except asyncio.CancelledError:
+            # The client left (or its deadline passed), but the thread runs on: until it ends, the job
+            # counts against the client's quotas. Freed at once, a client leaving each job after 100 ms
+            # had a prompt tokenizing in every thread of the pool, past its limit of concurrent jobs.
+            await asyncio.gather(encoding, return_exceptions=True)
+            raise
         refusal = admission.check_fit(len(prompt_ids), job.sampling, self._policy)
         if refusal:
             return refusal

@@ -3,6 +3,7 @@ consistent with themselves, and nothing the client does ends up as a traceback i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import sqlite3
@@ -27,7 +28,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def daemon(tiny_model, tmp_path_factory):
-    node = start_daemon(tmp_path_factory.mktemp("hostile"), node_toml(tiny_model))
+    # One job at a time per client: this module's clients run theirs one after another.
+    node = start_daemon(tmp_path_factory.mktemp("hostile"),
+                        node_toml(tiny_model, "[admission]\nmax_concurrent_per_client = 1\n"))
     yield node
     assert node.stop() == 0, node.stderr_text()[-3000:]
 
@@ -134,3 +137,28 @@ async def test_a_key_anyone_can_sign_for_is_refused(daemon, public_key):
             async for _ in client.stream(forged(public_key, client), timeout_s=60):
                 pass
     assert (info.value.code, info.value.reason) == (grpc.StatusCode.UNAUTHENTICATED, "bad_signature")
+
+
+
+@pytest.mark.asyncio
+async def test_a_job_its_client_left_counts_against_its_quota_until_its_prompt_is_tokenized(daemon):
+    """Tokenizing runs in a thread, which goes on when the client leaves. The job's quota was freed at
+    once: a client leaving each job after 100 ms had as many prompts tokenizing as the pool has
+    threads (min(32, CPUs + 4)), past its limit of concurrent jobs."""
+    identity = Identity.generate()
+    async with await connect(daemon, identity) as client:
+        messages = [{"role": "user", "content": ""}] * 120_000      # seconds of chat template, 1 MiB
+        with pytest.raises(JobRefused) as info:
+            await client.run(client.sign_job(chat=messages, max_new_tokens=1), timeout_s=0.2)
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(JobRefused) as info:
+            await client.run(client.sign_job(text="Hi", max_new_tokens=1), timeout_s=60)
+        assert info.value.reason == "too_many_concurrent", info.value
+        deadline = time.monotonic() + 60
+        while True:     # admitted once the first prompt is tokenized (and refused as too long)
+            try:
+                assert (await client.run(client.sign_job(text="Hi", max_new_tokens=1), timeout_s=60)).finished
+                break
+            except JobRefused as error:
+                assert error.reason == "too_many_concurrent" and time.monotonic() < deadline, error
+                await asyncio.sleep(0.2)
