@@ -67,6 +67,9 @@ class Policy:
     max_concurrent_per_client: int
     max_queue: int
     clock_skew_ms: int
+    # The most UTF-8 bytes of prompt text one token of the model stands for (node/service.py
+    # longest_token_bytes): with max_context, what bounds a prompt before it is tokenized.
+    longest_token_bytes: int
     price_per_gpu_second_micros: int = 0
 
 
@@ -162,6 +165,28 @@ def _check_offer(job: SignedJob, policy: Policy) -> Refusal | None:
         job.sampling.validate(policy.max_new_tokens_limit)
     except RequestRejected as exc:
         return refusal_for_rejection(exc)
+    return _check_prompt_size(request, policy)
+
+
+def _check_prompt_size(request: JobRequest, policy: Policy) -> Refusal | None:
+    """A prompt that cannot fit the context whatever it tokenizes to, refused before it is. Rendering
+    a chat template is Python holding the GIL: a 1 MiB chat of 120k empty messages took 3.4 s to
+    tokenize, and four at once made another client's job 5x slower. A chat message renders to at
+    least one token (its role's markers), and no token covers more than `longest_token_bytes` of
+    text, so past either bound the prompt alone is longer than the context."""
+    limit, kind = policy.max_context, request.WhichOneof("prompt")
+    if kind == "tokens" and len(request.tokens.ids) > limit:
+        return Refusal(Reason.TOO_LONG, f"the prompt's {len(request.tokens.ids)} tokens exceed the context of "
+                                        f"{limit} tokens")
+    if kind == "chat" and len(request.chat.messages) > limit:
+        return Refusal(Reason.TOO_LONG, f"the prompt's {len(request.chat.messages)} chat messages, at least one "
+                                        f"token each, exceed the context of {limit} tokens")
+    if kind != "tokens":
+        text = request.text if kind == "text" else "".join(m.content for m in request.chat.messages)
+        size = len(text.encode())
+        if size > limit * policy.longest_token_bytes:
+            return Refusal(Reason.TOO_LONG, f"the prompt's {size} bytes are more than the context of {limit} tokens "
+                                            f"can hold (no token covers more than {policy.longest_token_bytes} bytes)")
     return None
 
 

@@ -62,7 +62,18 @@ def build_policy(config: NodeConfig, peer_id: str, engine) -> Policy:
         rate_per_minute=config.admission.rate_per_minute,
         max_concurrent_per_client=config.admission.max_concurrent_per_client,
         max_queue=config.admission.max_queue, clock_skew_ms=int(config.admission.clock_skew_s * 1000),
-        price_per_gpu_second_micros=config.pricing.per_gpu_second_micros)
+        price_per_gpu_second_micros=config.pricing.per_gpu_second_micros,
+        longest_token_bytes=longest_token_bytes(engine.tokenizer))
+
+
+def longest_token_bytes(tokenizer) -> int:
+    """The most UTF-8 bytes of text one token stands for, at most: its vocabulary's longest token
+    string. Byte-level BPE writes a byte as one character of one or two bytes, SentencePiece a space as
+    '▁' (three), so the strings only overstate (SmolLM2: 162, for a run of 81 spaces). A normalizer
+    that shrinks text (NFKC's ligatures) could make it understate; none of the chat models here has
+    one."""
+    return max(len(token.encode()) for token in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+               if token)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):

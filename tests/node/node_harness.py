@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180        # imports torch + transformers + libp2p; minutes on a loaded 2-core box
+CONTEXT = 2048               # engine.max_context of node_toml's nodes
 
 
 def node_toml(model: Path, extra: str = "") -> str:
@@ -29,7 +30,7 @@ listen = []
 [engine]
 model = "{model}"
 max_batch = 2
-max_context = 2048
+max_context = {CONTEXT}
 threads = 1
 {extra}
 """

@@ -24,7 +24,7 @@ CLIENT = Identity.from_seed(b"c" * 32)
 NOW = 1_800_000_000_000
 POLICY = Policy(worker_peer_id=WORKER.peer_id, model_id="m", max_context=100, max_new_tokens_limit=99,
                 price_per_mtok_micros=1000, mode="open", allow=frozenset(), deny=frozenset(), rate_per_minute=3,
-                max_concurrent_per_client=2, max_queue=4, clock_skew_ms=5000)
+                max_concurrent_per_client=2, max_queue=4, clock_skew_ms=5000, longest_token_bytes=4)
 IDLE = Load(client_active=0, client_recent=0, queue_depth=0)
 
 
@@ -33,8 +33,8 @@ def request(**fields) -> job_pb2.JobRequest:
                              sampling=job_pb2.SamplingParams(max_new_tokens=10), max_price_per_mtok_micros=1000,
                              issued_at_ms=NOW, expires_at_ms=NOW + 60_000)
     for name, value in fields.items():
-        if name == "sampling":
-            job.sampling.CopyFrom(value)
+        if name in ("sampling", "chat", "tokens"):     # message fields; a prompt's replaces the text
+            getattr(job, name).CopyFrom(value)
         else:
             setattr(job, name, value)
     return job
@@ -115,6 +115,21 @@ def test_a_node_that_prices_time_refuses_a_job_that_does_not_agree_to_its_gpu_se
     refusal = admit(opened(max_price_per_gpu_second_micros=49), timed, IDLE, NOW)
     assert reason(refusal) is Reason.PRICE_TOO_LOW and "GPU-second" in refusal.message
     assert admit(opened(max_price_per_gpu_second_micros=50), timed, IDLE, NOW) is None
+
+
+def test_a_prompt_longer_than_the_context_whatever_it_tokenizes_to_is_refused_before_tokenizing():
+    """POLICY: a context of 100 tokens, none covering more than 4 bytes."""
+    def chat(*contents: str) -> job_pb2.ChatPrompt:
+        return job_pb2.ChatPrompt(messages=[job_pb2.ChatMessage(role="user", content=c) for c in contents])
+    fits = [opened(text="a" * 400), opened(text="é" * 200), opened(chat=chat(*[""] * 100)),
+            opened(chat=chat("a" * 200, "b" * 200)), opened(tokens=job_pb2.TokenPrompt(ids=[1] * 100))]
+    assert [admit(job, POLICY, IDLE, NOW) for job in fits] == [None] * 5
+    for job, says in [(opened(text="a" * 401), "401 bytes"), (opened(text="é" * 201), "402 bytes"),
+                      (opened(chat=chat(*[""] * 101)), "101 chat messages"),
+                      (opened(chat=chat("a" * 200, "b" * 201)), "401 bytes"),
+                      (opened(tokens=job_pb2.TokenPrompt(ids=[1] * 101)), "101 tokens")]:
+        refusal = admit(job, POLICY, IDLE, NOW)
+        assert reason(refusal) is Reason.TOO_LONG and says in refusal.message, refusal
 
 
 def test_clock_skew_window_is_inclusive():

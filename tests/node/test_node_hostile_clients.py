@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import secrets
 import sqlite3
+import string
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from transformers import AutoTokenizer
 
 from dspark.v1 import job_pb2
 from dspark.v1.envelope_pb2 import Envelope
@@ -21,7 +25,8 @@ from node.envelope import pae
 from node.identity import Identity
 from node.ledger_schema import LEDGER_FILE
 from node.receipts import acknowledgment
-from node_harness import node_toml, start_daemon
+from node.service import longest_token_bytes
+from node_harness import CONTEXT, node_toml, start_daemon
 
 pytestmark = pytest.mark.slow
 
@@ -140,16 +145,23 @@ async def test_a_key_anyone_can_sign_for_is_refused(daemon, public_key):
 
 
 
+def slowest_prompt(model: Path) -> str:
+    """Random ASCII as long as admission lets through untokenized (0.4 s to tokenize on a 2-core box):
+    the most tokens per byte, so the longest tokenization (runs of one character or words are faster)."""
+    size = CONTEXT * longest_token_bytes(AutoTokenizer.from_pretrained(model))
+    rng = random.Random(0)
+    return "".join(rng.choice(string.ascii_lowercase + string.digits + " ,.;") for _ in range(size))
+
+
 @pytest.mark.asyncio
-async def test_a_job_its_client_left_counts_against_its_quota_until_its_prompt_is_tokenized(daemon):
+async def test_a_job_its_client_left_counts_against_its_quota_until_its_prompt_is_tokenized(daemon, tiny_model):
     """Tokenizing runs in a thread, which goes on when the client leaves. The job's quota was freed at
     once: a client leaving each job after 100 ms had as many prompts tokenizing as the pool has
     threads (min(32, CPUs + 4)), past its limit of concurrent jobs."""
     identity = Identity.generate()
     async with await connect(daemon, identity) as client:
-        messages = [{"role": "user", "content": ""}] * 120_000      # seconds of chat template, 1 MiB
         with pytest.raises(JobRefused) as info:
-            await client.run(client.sign_job(chat=messages, max_new_tokens=1), timeout_s=0.2)
+            await client.run(client.sign_job(text=slowest_prompt(tiny_model), max_new_tokens=1), timeout_s=0.1)
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         with pytest.raises(JobRefused) as info:
             await client.run(client.sign_job(text="Hi", max_new_tokens=1), timeout_s=60)
@@ -162,3 +174,20 @@ async def test_a_job_its_client_left_counts_against_its_quota_until_its_prompt_i
             except JobRefused as error:
                 assert error.reason == "too_many_concurrent" and time.monotonic() < deadline, error
                 await asyncio.sleep(0.2)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["chat", "text"])
+async def test_a_prompt_no_tokenization_could_fit_is_refused_before_it_is_tokenized(daemon, tiny_model, kind):
+    """A 1 MiB chat of 120k empty messages took 3.4 s of chat template, holding the GIL (four at once
+    made another client's 600-token job 5x slower), and 1 MiB of text 1 s. Refused at admission now:
+    its refusal counts no tokens. One byte less than this text is tokenized (the test above)."""
+    async with await connect(daemon) as client:
+        job = (client.sign_job(chat=[{"role": "user", "content": ""}] * 120_000, max_new_tokens=1) if kind == "chat"
+               else client.sign_job(text=slowest_prompt(tiny_model) + "x", max_new_tokens=1))
+        with pytest.raises(JobRefused) as info:
+            await client.run(job, timeout_s=60)
+    assert info.value.reason == "too_long", info.value
+    expected = ("120000 chat messages, at least one token each" if kind == "chat"
+                else f"{CONTEXT * longest_token_bytes(AutoTokenizer.from_pretrained(tiny_model)) + 1} bytes are more")
+    assert expected in str(info.value), info.value
