@@ -92,4 +92,5 @@ class GrpcService:
         # The drained jobs' final events (results with receipts) are queued; give the RPCs a moment
         # to deliver them before the server closes.
         await self._server.stop(grace=2.0)
+        self._servicer.close()
         self._server = None
