@@ -222,6 +222,11 @@ def generation_request(job: SignedJob, prompt_ids: tuple[int, ...], nonce: str) 
                              sampling=job.sampling, corpus_scope=job.client_key.hex())
 
 
+# The engine's reasons (engine/engine.py check, engine/api.py SamplingParams.validate) as the node's.
+_ENGINE_REASONS = {"too_long": Reason.TOO_LONG, "bad_sampling": Reason.BAD_SAMPLING,
+                   "empty_prompt": Reason.MALFORMED, "bad_tokens": Reason.MALFORMED}
+
+
 def refusal_for_rejection(exc: RequestRejected) -> Refusal:
-    """The engine's own last word (KV budget, sampling values) as a refusal."""
-    return Refusal(Reason.TOO_LONG if exc.reason == "too_long" else Reason.BAD_SAMPLING, str(exc))
+    """The engine's own last word (context, sampling values, token ids) as a refusal."""
+    return Refusal(_ENGINE_REASONS[exc.reason], str(exc))

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from dspark.v1 import job_pb2
 from dspark.v1.envelope_pb2 import Envelope
-from engine.api import SamplingParams
+from engine.api import RequestRejected, SamplingParams
 from engine.config import EMBEDDED_MODEL
 from node.admission import (Load, Policy, Reason, Refusal, SignedJob, admit, check_fit, generation_request,
-                            open_job)
+                            open_job, refusal_for_rejection)
 from node.config import EMBEDDED_MODEL_ID
 from node.envelope import pae, seal
 from node.identity import Identity
@@ -130,6 +130,16 @@ def test_a_prompt_longer_than_the_context_whatever_it_tokenizes_to_is_refused_be
                       (opened(tokens=job_pb2.TokenPrompt(ids=[1] * 101)), "101 tokens")]:
         refusal = admit(job, POLICY, IDLE, NOW)
         assert reason(refusal) is Reason.TOO_LONG and says in refusal.message, refusal
+
+
+@pytest.mark.parametrize("engine_reason, expected", [
+    ("too_long", Reason.TOO_LONG), ("bad_sampling", Reason.BAD_SAMPLING),
+    ("empty_prompt", Reason.MALFORMED), ("bad_tokens", Reason.MALFORMED)])
+def test_the_engines_refusals_keep_their_kind(engine_reason, expected):
+    """A prompt of token ids the model has no row for (a tokenizer larger than its embedding) was
+    refused as bad_sampling."""
+    refusal = refusal_for_rejection(RequestRejected(engine_reason, "why"))
+    assert refusal.reason is expected and refusal.message == "why"
 
 
 def test_clock_skew_window_is_inclusive():
