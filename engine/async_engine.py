@@ -215,8 +215,9 @@ class AsyncEngine:
         while not self._done.done():
             await asyncio.sleep(min(limit / 4, 5.0))
             started = self._round_started
-            if started is not None and time.monotonic() - started > limit:
-                self._fail_stalled(time.monotonic() - started)
+            elapsed = 0.0 if started is None else time.monotonic() - started
+            if elapsed > limit:
+                self._fail_stalled(elapsed)
                 return
 
     def _fail_stalled(self, seconds: float) -> None:

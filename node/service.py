@@ -162,8 +162,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def _prepare(self, job: SignedJob) -> GenerationRequest | Refusal:
         """Tokenize (off the loop: a 1 MiB prompt takes a while) and check that the job fits."""
-        encoding = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(self._tokenizing, self._encode,
-                                                                                    job.request))
+        encoding = asyncio.get_running_loop().run_in_executor(self._tokenizing, self._encode, job.request)
         try:
             prompt_ids = await asyncio.shield(encoding)
         except ValueError as exc:
