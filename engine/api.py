@@ -96,8 +96,12 @@ class RequestStats:
     # the three counts above split by DRAFT_SOURCES, for the sources that drafted for this request
     by_source: dict[str, DraftCounts] = field(default_factory=dict)
     queue_seconds: float = 0.0
-    prefill_seconds: float = 0.0
+    prefill_seconds: float = 0.0      # wall time of the passes this request was in: what its user waited
     decode_seconds: float = 0.0
+    # This request's share of the device's time (`share_pass_time`): what a time price bills. The wall
+    # times above count a batched pass once for every request in it, so 32 requests decoding together
+    # for one second would bill 32 GPU-seconds.
+    device_seconds: float = 0.0
     # accepted_at[k] / reached[k]: conditional acceptance of draft position k+1 given 1..k accepted
     reached: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
@@ -117,6 +121,16 @@ class RequestStats:
     def tokens_per_second(self) -> float:
         busy = self.prefill_seconds + self.decode_seconds
         return self.output_tokens / busy if busy > 0 else 0.0
+
+
+def share_pass_time(rows: list[tuple[RequestStats, int]], seconds: float) -> None:
+    """Split one pass's wall time among the requests in it, in proportion to the query tokens each
+    put in it (prompt tokens in a prefill pass, verified positions in a round). The shares add up to
+    the pass: summed over a node's receipts, billed device time is the device's busy time, not that
+    times the batch size."""
+    total = sum(n for _, n in rows)
+    for stats, n in rows:
+        stats.device_seconds += seconds * n / total
 
 
 @dataclass(frozen=True)

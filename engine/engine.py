@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 
 from engine.api import (EngineInfo, GenerationRequest, GenerationResult, RequestRejected, RoundReport,
-                        TokenChunk)
+                        TokenChunk, share_pass_time)
 from engine.config import EngineConfig
 from engine.detokenize import DecodeState, Detokenizer
 from engine.draft_backoff import DraftBackoff
@@ -181,6 +181,7 @@ class Engine:
         elapsed = time.perf_counter() - start
         for seq, _ in rows:
             seq.stats.prefill_seconds += elapsed
+        share_pass_time([(seq.stats, n) for seq, n in rows], elapsed)
         return done
 
     def _emit(self, seqs: list[Sequence]) -> list[Event]:

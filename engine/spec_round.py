@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from engine.api import DraftCounts, RoundReport
+from engine.api import DraftCounts, RoundReport, share_pass_time
 from engine.calibration import record as record_confidence, tally_positions
 from engine.drafters.base import Drafter, Horizon, Proposal
 from engine.model import KVCache, TargetModel
@@ -134,6 +134,7 @@ def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seq
     t3 = time.perf_counter()
     for seq in seqs:
         seq.stats.decode_seconds += t3 - t0
+    share_pass_time([(seq.stats, L + 1) for seq, L in zip(seqs, budgets)], t3 - t0)
     report = RoundReport(
         batch_size=len(seqs), drafted=sum(drafting) if drafter.block_size else 0,
         verify_tokens=sum(budgets) + len(seqs), budgets=tuple(budgets),

@@ -35,7 +35,7 @@ class CapacityTracker:
         self._info = info
         self._gpu = gpu
         self._engine = engine_load
-        self._recent: deque[tuple[int, float]] = deque(maxlen=_RECENT_JOBS)   # (tokens, busy seconds)
+        self._recent: deque[tuple[int, float]] = deque(maxlen=_RECENT_JOBS)   # (tokens, device seconds)
         self._lock = threading.Lock()
         self._sequence = 0
         # Filled in by the gRPC service once it is listening (the port may have been 0).
@@ -45,9 +45,11 @@ class CapacityTracker:
     def observe(self, event: Event) -> None:
         """EventBus subscriber: remember the throughput of finished jobs that produced tokens."""
         if isinstance(event, JobFinished) and event.stats.output_tokens:
-            busy = event.stats.prefill_seconds + event.stats.decode_seconds
+            # Per billed GPU-second (the job's share of the device), not per second its user waited:
+            # clients turn a time price into a token price with it (node/p2p/selection.py), and under
+            # batching it is the node's throughput, where the wall time would give one user's speed.
             with self._lock:
-                self._recent.append((event.stats.output_tokens, busy))
+                self._recent.append((event.stats.output_tokens, event.stats.device_seconds))
 
     def tokens_per_second(self) -> float:
         with self._lock:

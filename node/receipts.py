@@ -5,7 +5,11 @@ Billing rule (docs/receipts.md): the client pays for the tokens the target accep
 
     amount = ceil(output_tokens * price_per_mtok_micros / 10^6)
            + ceil(gpu_us * price_per_gpu_second_micros / 10^6)
-    gpu_us = round_half_even(gpu_seconds * 10^6)   (gpu_seconds = prefill + decode wall time)
+    gpu_us = round_half_even(gpu_seconds * 10^6)
+
+`gpu_seconds` is the job's share of the device's time: each batched pass's wall time split among the
+requests in it by the tokens each put in it (engine/api.py share_pass_time), so it is at most the job's
+own prefill + decode wall time, and equal to it when the job ran alone.
 
 Both terms are exact integer arithmetic once `gpu_us` is taken from the receipt's double, so any
 language (or a settlement contract fed `gpu_us`) recomputes the same amount.
@@ -28,6 +32,7 @@ from node.envelope import EnvelopeError, digest, open_envelope, seal
 from node.identity import Identity, IdentityError, peer_id_from_public_key, public_key_from_peer_id
 
 OUTCOMES = ("completed", "cancelled", "failed")
+_GPU_TIME_ROUNDING_S = 1e-6
 GENESIS_DIGEST = bytes(32)     # previous_receipt_digest of the first receipt in a ledger
 _U32 = 2**32
 _MAX_AMOUNT = 2**63     # SQLite integers are signed 64-bit
@@ -103,7 +108,7 @@ def build_receipt(outcome: JobOutcome, worker_peer_id: str, sequence: int,
                   previous_receipt_digest: bytes, issued_at_ms: int) -> Receipt:
     stats = outcome.stats
     output_tokens = len(outcome.output_ids)  # what the client got; stats may count differently
-    gpu_seconds = max(0.0, stats.prefill_seconds + stats.decode_seconds)
+    gpu_seconds = max(0.0, stats.device_seconds)
     amount = billed_amount(output_tokens, outcome.price_per_mtok_micros, gpu_seconds,
                            outcome.price_per_gpu_second_micros)
     if amount >= _MAX_AMOUNT:
@@ -158,6 +163,12 @@ def check_receipt(envelope: Envelope, worker_public_key: bytes) -> Receipt:
     if receipt.amount_micros != expected:
         raise ReceiptError("bad_amount", f"receipt bills {receipt.amount_micros} micros, the billing "
                                          f"rule gives {expected}")
+    # A job's share of its passes cannot exceed the passes' time (the shares are sums of fractions of
+    # them; the allowance is float rounding only).
+    passes = receipt.prefill_seconds + receipt.decode_seconds
+    if not receipt.gpu_seconds <= passes * (1 + 1e-9) + _GPU_TIME_ROUNDING_S:
+        raise ReceiptError("bad_gpu_time", f"receipt bills {receipt.gpu_seconds:g} GPU-seconds, more than the "
+                                           f"{passes:g} s of prefill and decode it reports")
     return receipt
 
 

@@ -37,7 +37,7 @@ def outcome(n: int) -> JobOutcome:
         model="smollm2-135m-instruct", model_digest=bytes(32), drafter="ngram", drafter_digest=b"",
         outcome="completed", stats=RequestStats(prompt_tokens=40, output_tokens=128, rounds=60, drafted_tokens=240,
                                                 verified_tokens=240, accepted_tokens=68, prefill_seconds=0.05,
-                                                decode_seconds=2.0),
+                                                decode_seconds=2.0, device_seconds=2.05),
         output_ids=tuple(range(128)), device="cpu", price_per_mtok_micros=250_000, price_per_gpu_second_micros=0)
 
 

@@ -6,9 +6,10 @@ The policy, in order:
    the client has not already failed over away from it.
 2. Workers with a free slot come before saturated ones; saturated ones by shortest queue.
 3. Then the lower price per million output tokens, the time charge included: the GPU-second price
-   over the advertised speed (tokens per busy second of its recent jobs, which is what a job's
-   billed GPU-seconds are). A worker with no measured speed yet is priced as if it made one token a
-   second: an unknown speed is no licence to bill time, and a worker that slow has nothing to sell.
+   over the advertised speed (output tokens per billed GPU-second of its recent jobs: a job's
+   GPU-seconds are its share of the device's time, node/receipts.py). A worker with no measured
+   speed yet is priced as if it made one token a second: an unknown speed is no licence to bill
+   time, and a worker that slow has nothing to sell.
    Ranked on the token price alone, a worker advertising 0 per token and any price per GPU-second
    came first, and a client without a GPU-second cap paid it. (A worker that overstates its speed
    to look cheap still bills at most the wall time the client waited: the client refuses more.)
@@ -50,7 +51,7 @@ class Candidate:
 
     @property
     def speed(self) -> float:
-        """Advertised tokens per busy second; 0 when unmeasured (or not a finite positive number)."""
+        """Advertised tokens per billed GPU-second; 0 when unmeasured (or not a finite positive number)."""
         return self.tokens_per_second if math.isfinite(self.tokens_per_second) and self.tokens_per_second > 0 else 0.0
 
     @property

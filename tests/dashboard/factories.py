@@ -36,7 +36,8 @@ def stats(output_tokens: int, rounds: int, reached: list[int], accepted_at: list
     return RequestStats(prompt_tokens=prompt_tokens, output_tokens=output_tokens, rounds=rounds,
                         drafted_tokens=totals.drafted, verified_tokens=totals.verified,
                         accepted_tokens=totals.accepted, by_source=by_source, queue_seconds=0.01,
-                        prefill_seconds=busy_seconds / 4, decode_seconds=busy_seconds * 3 / 4, reached=reached,
+                        prefill_seconds=busy_seconds / 4, decode_seconds=busy_seconds * 3 / 4,
+                        device_seconds=busy_seconds, reached=reached,
                         accepted_at=accepted_at)
 
 

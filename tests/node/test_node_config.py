@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 
 from dspark.v1.advert_pb2 import GpuInfo
-from engine.api import EngineInfo
+from engine.api import EngineInfo, RequestStats
 from engine.config import EMBEDDED_MODEL
 from node.capacity import CapacityTracker
 from node.config import EMBEDDED_MODEL_ID, load_config
+from node.events import JobFinished
 from node.identity import Identity
 from node.settings import ConfigError
 
@@ -193,6 +194,22 @@ def test_price_given_under_the_alias_is_the_served_models_price(tmp_path):
     load = SimpleNamespace(free_slots=1, queue_depth=0)
     advert = CapacityTracker(config, Identity.generate().peer_id, info, GpuInfo(), load)()
     assert advert.price_per_mtok_micros == 5_000_000 and advert.models[0].id == EMBEDDED_MODEL_ID
+
+
+def test_advertised_speed_is_output_tokens_per_billed_gpu_second():
+    """Clients turn a time price into a token price with the advertised speed (node/p2p/selection.py),
+    so it is counted per GPU-second billed: two jobs of 100 tokens that shared 1 s of passes made 200
+    tokens in 1 s of device time, though each user waited 1 s for 100."""
+    info = EngineInfo(model_id=EMBEDDED_MODEL_ID, model_digest=bytes(32), method="ar", drafter_id="",
+                      drafter_digest=b"", device="cpu", dtype="float32", max_context=64, max_batch=2, block_size=0)
+    tracker = CapacityTracker(load_config(), Identity.generate().peer_id, info, GpuInfo(),
+                              SimpleNamespace(free_slots=2, queue_depth=0))
+    assert tracker().tokens_per_second == 0.0
+    for job in ("a", "b"):
+        stats = RequestStats(output_tokens=100, prefill_seconds=0.1, decode_seconds=0.9, device_seconds=0.5)
+        tracker.observe(JobFinished(job_id=job, client="", outcome="completed", stats=stats, amount_micros=0,
+                                    receipt_sequence=1, time_to_first_token=0.1))
+    assert tracker().tokens_per_second == pytest.approx(200.0)
 
 
 def test_price_for_a_model_not_served_is_refused(tmp_path):

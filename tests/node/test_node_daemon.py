@@ -109,6 +109,23 @@ async def test_receipt_can_be_fetched_and_acknowledged(daemon):
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.asyncio
+async def test_jobs_batched_together_split_the_gpu_seconds_they_bill(daemon):
+    """Two clients' jobs decode in the same passes (max_batch 2): together they bill the device's time
+    once. Billed at each job's wall time, as before, the pair billed those passes twice."""
+    async with await connect(daemon) as first, await connect(daemon) as second:
+        jobs = [(c, c.sign_job(text=f"Story number {i}:", max_new_tokens=160)) for i, c in enumerate((first, second))]
+        started = time.monotonic()
+        results = await asyncio.gather(*(c.run(job, timeout_s=60) for c, job in jobs))
+        elapsed = time.monotonic() - started
+    receipts = [r.receipt for r in results]
+    assert all(r.output_tokens == 160 for r in receipts)
+    assert sum(r.gpu_seconds for r in receipts) <= elapsed
+    for r in receipts:
+        assert 0 < r.gpu_seconds < r.prefill_seconds + r.decode_seconds
+        assert r.amount_micros == billed_amount(r.output_tokens, 250_000, r.gpu_seconds, 1000)
+
+
 def _job(client: WorkerClient, **fields) -> job_pb2.JobRequest:
     now = int(time.time() * 1000)
     request = job_pb2.JobRequest(job_id=secrets.token_bytes(16), worker_peer_id=client.peer_id,

@@ -29,10 +29,12 @@ def job_digest(client: Identity, n: int) -> bytes:
 
 def outcome(n: int, client: Identity = CLIENT, output_ids: tuple[int, ...] = (11, 12, 13), outcome: str = "completed",
             price_mtok: int = 250_000, price_gpu_s: int = 0, prefill: float = 0.05, decode: float = 0.2,
-            drafted: int = 8, accepted: int = 5) -> JobOutcome:
+            drafted: int = 8, accepted: int = 5, device_seconds: float | None = None) -> JobOutcome:
+    """`device_seconds`: the job's share of the device (default: all of its passes, as when it ran alone)."""
     stats = RequestStats(prompt_tokens=7, output_tokens=len(output_ids), rounds=2, drafted_tokens=drafted,
                          verified_tokens=drafted, accepted_tokens=accepted, queue_seconds=0.01,
-                         prefill_seconds=prefill, decode_seconds=decode)
+                         prefill_seconds=prefill, decode_seconds=decode,
+                         device_seconds=prefill + decode if device_seconds is None else device_seconds)
     return JobOutcome(job_id=job_id(n), client_key=client.public_key, job_digest=job_digest(client, n),
                       model="smollm2-135m-instruct", model_digest=hashlib.sha256(b"weights").digest(),
                       drafter="ngram", drafter_digest=b"", outcome=outcome, stats=stats, output_ids=output_ids,
@@ -52,7 +54,8 @@ def worker_answer(job: Envelope, price_mtok: int, price_gpu_s: int, gpu_seconds:
     receipt = Receipt(job_digest=digest(job), job_id=job_pb2.JobRequest.FromString(job.payload).job_id,
                       client_public_key=CLIENT.public_key, worker_peer_id=WORKER.peer_id, output_tokens=len(ids),
                       output_digest=output_digest(ids), price_per_mtok_micros=price_mtok,
-                      price_per_gpu_second_micros=price_gpu_s, gpu_seconds=gpu_seconds, outcome="completed", sequence=1,
+                      price_per_gpu_second_micros=price_gpu_s, gpu_seconds=gpu_seconds, decode_seconds=gpu_seconds,
+                      outcome="completed", sequence=1,
                       previous_receipt_digest=GENESIS_DIGEST)
     receipt.amount_micros = billed_amount(len(ids), price_mtok, gpu_seconds, price_gpu_s)
     return job_pb2.JobResult(output_token_ids=ids, receipt=seal(WORKER, receipt), finish_reason="length")

@@ -46,6 +46,11 @@ def test_receipt_carries_both_measures_for_token_and_time_pricing(ledger):
     assert receipt.gpu_seconds == pytest.approx(1.75)
     assert receipt.amount_micros == 1000 * 1_500_000 // 10**6 + 175 * 2_000_000 // 100
     assert receipt.tau == pytest.approx((5 + 2) / 2)
+    # Batched, the job had a share of those passes: the time charge is that share, the wall times stay.
+    shared = Receipt.FromString(bill(ledger, 2, price_gpu_s=2_000_000, prefill=0.25, decode=1.5,
+                                     device_seconds=0.5).payload)
+    assert (shared.gpu_seconds, shared.prefill_seconds, shared.decode_seconds) == (0.5, 0.25, 1.5)
+    assert shared.amount_micros == 1 + 1_000_000
 
 
 def test_output_digest_is_sha256_of_u32_little_endian_ids():
@@ -81,6 +86,20 @@ def test_client_refuses_a_receipt_that_does_not_hold(ledger, problem):
         envelope = seal(OTHER_CLIENT, receipt)
     with pytest.raises(ReceiptError):
         verify_receipt(envelope, worker, ids)
+
+
+def test_a_receipt_billing_more_gpu_time_than_its_own_passes_is_refused():
+    """A job's GPU-seconds are its share of the passes it was in, so never more than their wall time;
+    a receipt claiming more is refused even though its amount follows the rule."""
+    receipt = Receipt(worker_peer_id=WORKER.peer_id, outcome="completed", output_tokens=4, prefill_seconds=0.25,
+                      decode_seconds=0.75, price_per_gpu_second_micros=1000, gpu_seconds=1.5)
+    receipt.amount_micros = billed_amount(4, 0, 1.5, 1000)
+    with pytest.raises(ReceiptError, match="bills 1.5 GPU-seconds, more than the 1 s of prefill and decode") as info:
+        verify_receipt(seal(WORKER, receipt), WORKER.peer_id)
+    assert info.value.reason == "bad_gpu_time"
+    receipt.gpu_seconds = 1.0
+    receipt.amount_micros = billed_amount(4, 0, 1.0, 1000)
+    assert verify_receipt(seal(WORKER, receipt), WORKER.peer_id).gpu_seconds == 1.0
 
 
 def test_a_worker_cannot_sign_a_receipt_that_breaks_the_billing_rule():
