@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT / "tests" / "node"))
 import grpc  # noqa: E402
 
 from dspark.v1 import job_pb2  # noqa: E402
+from dspark.v1.envelope_pb2 import Envelope  # noqa: E402
+from dspark.v1.receipt_pb2 import Receipt  # noqa: E402
 from node.client import ClientError, JobRefused, WorkerClient  # noqa: E402
 from node.identity import Identity  # noqa: E402
 from node.ledger_schema import LEDGER_FILE  # noqa: E402
@@ -195,11 +197,13 @@ async def soak(tmp: Path, args: argparse.Namespace) -> list[str]:
     node = start_daemon(data, node_config(model, args.method, args.device))
     print("serving on", node.ready["grpc"], node.ready["http"], flush=True)
     book = Book()
-    until = time.monotonic() + args.seconds
+    started = time.monotonic()
+    until = started + args.seconds
     sampled = asyncio.create_task(sample_resources(node.proc.pid, data, args.seconds))
     await asyncio.gather(*(client_loop(node.ready["grpc"], node.peer_id, book, i, until) for i in range(args.clients)))
     warm, end = await sampled
     await asyncio.sleep(3)      # cancelled jobs' receipts are written after their streams end
+    served_s = time.monotonic() - started
     counters = metrics(node.ready["http"])
     rc = node.stop()
     problems = book.problems
@@ -210,6 +214,7 @@ async def soak(tmp: Path, args: argparse.Namespace) -> list[str]:
     with contextlib.closing(sqlite3.connect(data / LEDGER_FILE)) as conn:
         running = conn.execute("SELECT count(*) FROM jobs WHERE status = 'running'").fetchone()[0]
         receipts = dict(conn.execute("SELECT job_id, outcome FROM receipts").fetchall())
+        envelopes = [Envelope.FromString(row[0]) for row in conn.execute("SELECT envelope FROM receipts")]
     if running:
         problems.append(f"{running} jobs left 'running' in the ledger")
     problems += [f"accepted job {job_id.hex()} has no receipt" for job_id, want in book.accepted.items()
@@ -221,6 +226,11 @@ async def soak(tmp: Path, args: argparse.Namespace) -> list[str]:
         counted = counters.get(f'dspark_jobs_finished_total{{outcome="{outcome}"}}', 0)
         if counted != count:
             problems.append(f"the node counted {counted:.0f} {outcome} jobs, its ledger holds {count}")
+    # One device, one engine thread: its jobs' shares of the passes cannot add up to more time than
+    # the node served (receipts billed each pass's whole time once per job in it, 2x with two slots).
+    billed_s = sum(Receipt.FromString(e.payload).gpu_seconds for e in envelopes)
+    if billed_s > served_s:
+        problems.append(f"the receipts bill {billed_s:.1f} GPU-seconds for {served_s:.1f} s of serving")
     verify = subprocess.run([sys.executable, "-m", "node.cli", "receipts", "verify", "--data-dir", str(data)],
                             cwd=ROOT, capture_output=True, text=True)
     if verify.returncode != 0:
@@ -231,6 +241,7 @@ async def soak(tmp: Path, args: argparse.Namespace) -> list[str]:
         problems.append(f"the node logged a traceback (whole log: {data / 'stderr.log'}):\n"
                         f"{log[max(0, at - 1500):at + 4000]}")
     print(json.dumps({"receipts": len(receipts), "outcomes": outcomes, "client_refusals": book.refusals,
+                      "gpu_seconds_billed": round(billed_s, 2), "served_seconds": round(served_s, 2),
                       "outputs_compared": book.repeats,
                       "verify": verify.stdout.strip(), "resources": {"warm": warm, "end": end}}, default=str),
           flush=True)
