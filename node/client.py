@@ -46,8 +46,21 @@ def _deadline(timeout_s: float | None) -> float | None:
     return timeout_s
 
 
+def checked_idle_timeout(idle_timeout_s: float | None) -> float | None:
+    """`idle_timeout_s` checked: None (off) or a positive number of seconds up to MAX_JOB_TIMEOUT_S."""
+    if idle_timeout_s is not None and not 0 < idle_timeout_s <= MAX_JOB_TIMEOUT_S:    # also refuses nan
+        raise ValueError(f"idle_timeout_s must be a positive number of seconds up to {MAX_JOB_TIMEOUT_S:g} "
+                         f"(or None: off), got {idle_timeout_s}")
+    return idle_timeout_s
+
+
 class ClientError(Exception):
     """The worker could not be reached or is not who it must be, or its answer does not verify."""
+
+
+class WorkerSilent(ClientError):
+    """The worker sent nothing for the call's idle timeout (a worker sends a progress event at least
+    every node.keepalive.HEARTBEAT_S while it holds a job); the call was cancelled."""
 
 
 class JobRefused(Exception):
@@ -173,11 +186,22 @@ class WorkerClient:
         _set_prompt(request, text, chat, token_ids)
         return seal(self.identity, request)
 
-    async def stream(self, job: Envelope, timeout_s: float | None = None) -> AsyncIterator[job_pb2.SubmitEvent]:
-        """The raw event stream; raises JobRefused on a refusal or a failed RPC."""
+    async def stream(self, job: Envelope, timeout_s: float | None = None,
+                     idle_timeout_s: float | None = None) -> AsyncIterator[job_pb2.SubmitEvent]:
+        """The raw event stream, progress events included; raises JobRefused on a refusal or a failed
+        RPC, and WorkerSilent (the call cancelled) when no event came for `idle_timeout_s`."""
+        idle = checked_idle_timeout(idle_timeout_s)
         call = self._stub.Submit(job, timeout=_deadline(timeout_s))
         try:
-            async for event in call:
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        event = await call.read()
+                except TimeoutError:
+                    raise WorkerSilent(f"the worker sent nothing for {idle:g} s (idle_timeout_s); "
+                                       "the call is cancelled") from None
+                if event is grpc.aio.EOF:
+                    return
                 yield event
         except grpc.aio.AioRpcError as exc:
             raise _refusal(exc) from None
@@ -185,14 +209,17 @@ class WorkerClient:
             call.cancel()
 
     async def run(self, job: Envelope, on_text: Callable[[str], None] | None = None,
-                  timeout_s: float | None = None) -> JobResult:
+                  timeout_s: float | None = None, idle_timeout_s: float | None = None) -> JobResult:
         """Submit, stream (text to `on_text` as it comes), and verify the receipt; raises
-        JobRefused on refusal and ClientError when the result does not verify."""
+        JobRefused on refusal, WorkerSilent when no event came for `idle_timeout_s` (None: wait
+        up to the deadline), and ClientError when the result does not verify."""
         started = time.monotonic()
         first_token: float | None = None
         accepted = job_pb2.JobAccepted()
         streamed: list[int] = []
-        async for event in self.stream(job, timeout_s):
+        # Progress events only prove the worker alive; an event this client does not know (a newer
+        # worker's) reads as no member set. Both are skipped.
+        async for event in self.stream(job, timeout_s, idle_timeout_s):
             kind = event.WhichOneof("event")
             if kind == "accepted":
                 accepted = event.accepted

@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from pydantic_settings import SettingsConfigDict
 
 from engine.config import EMBEDDED_MODEL, EMBEDDED_MODEL_ID, EngineConfig
+from node import keepalive
 from node.envelope import quoted
 from node.identity import IdentityError, public_key_from_peer_id
 from node.settings import LayeredSettings, StrList, load_settings
@@ -222,6 +223,9 @@ class NodeConfig(LayeredSettings):
     data_dir: Path = DEFAULT_DATA_DIR
     grpc_listen: ListenAddress = "127.0.0.1:7440"
     http_listen: ListenAddress = "127.0.0.1:7441"
+    heartbeat_s: float = Field(keepalive.HEARTBEAT_S, gt=0, le=keepalive.HEARTBEAT_S, description=(
+        "a job with nothing else to send gets a progress event this often; clients give up on a worker "
+        "silent for their idle timeout, set above the protocol's HEARTBEAT_S, so never longer"))
     p2p: P2PConfig = Field(default_factory=P2PConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)

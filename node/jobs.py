@@ -39,6 +39,7 @@ class RunningJob:
     # SubmitEvents for the RPC to stream: chunks as committed, then exactly one result.
     stream: asyncio.Queue[job_pb2.SubmitEvent] = field(default_factory=asyncio.Queue)
     runner: asyncio.Task[None] | None = None
+    output_tokens: int = 0      # produced so far, for progress events
     _held: job_pb2.SubmitEvent | None = None
 
     async def next_event(self) -> job_pb2.SubmitEvent:
@@ -136,6 +137,16 @@ class JobTable:
     def cancel(self, running: RunningJob) -> bool:
         return self._engine.cancel(running.request.request_id)
 
+    def progress(self, running: RunningJob) -> job_pb2.SubmitEvent:
+        """The heartbeat of a job with nothing else to send. Its place in line is read from this
+        table, not the engine's queue (which the engine thread changes under us): jobs start in the
+        order they were admitted and the engine gives slots in the order it was handed them, so the
+        first max_batch jobs here hold the slots (give or take one finishing its receipt). A job gone
+        from the table has ended: its result is on its way."""
+        index = next((i for i, other in enumerate(self._jobs.values()) if other is running), 0)
+        return job_pb2.SubmitEvent(progress=job_pb2.JobProgress(
+            queue_position=max(0, index - self._info.max_batch + 1), output_tokens=running.output_tokens))
+
     async def _run(self, running: RunningJob) -> None:
         job = running.job
         admitted_at = time.monotonic()
@@ -151,6 +162,7 @@ class JobTable:
                         if first:
                             first_token_at = time.monotonic()
                         output.extend(item.token_ids)
+                        running.output_tokens = len(output)
                         running.stream.put_nowait(job_pb2.SubmitEvent(
                             chunk=job_pb2.TokenChunk(token_ids=item.token_ids, text=item.text)))
                         self._events.publish(JobProgress(job_id=job.request.job_id.hex(), output_tokens=len(output),

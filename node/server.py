@@ -47,7 +47,7 @@ class GrpcService:
         self.jobs = JobTable(engine, ledger, events, info, config.pricing.price_for(info.model_id),
                              config.pricing.per_gpu_second_micros)
         self._servicer = WorkerServicer(identity, build_policy(config, identity.peer_id, engine), engine,
-                                        ledger, events, self.jobs, capacity)
+                                        ledger, events, self.jobs, capacity, config.heartbeat_s)
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.endpoint = ""          # HOST:PORT actually bound (the configured port may be 0)

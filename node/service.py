@@ -86,7 +86,7 @@ def longest_token_bytes(tokenizer) -> int:
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, identity: Identity, policy: Policy, engine, ledger, events: EventBus, jobs: JobTable,
-                 capacity: Callable[[], CapacityAdvert]):
+                 capacity: Callable[[], CapacityAdvert], heartbeat_s: float):
         self._identity = identity
         self._policy = policy
         self._engine = engine
@@ -94,6 +94,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._events = events
         self._jobs = jobs
         self._capacity = capacity
+        self._heartbeat_s = heartbeat_s
         self._tokenizing = concurrent.futures.ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
 
     def close(self) -> None:
@@ -131,7 +132,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 job_id=job.request.job_id, worker_peer_id=self._policy.worker_peer_id,
                 prompt_tokens=len(generation.prompt_ids), queue_position=self._engine.queue_depth))
             while not finished:
-                event = await running.next_event()
+                try:
+                    async with asyncio.timeout(self._heartbeat_s):
+                        event = await running.next_event()
+                except TimeoutError:
+                    # Nothing to send (the job waits in line, or prefills): say so, or the client
+                    # cannot tell this worker from one that took its job and went silent.
+                    event = self._jobs.progress(running)
                 yield event
                 finished = event.HasField("result")
         finally:

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 
 from engine.api import SEED_LIMIT
+from node import keepalive
 from node.client import MAX_JOB_TIMEOUT_S, ClientError, JobRefused, WorkerClient
 from node.commands import submit_network
 from node.commands.keys import DEFAULT_CLIENT_KEY
@@ -41,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="auto: TLS unless the node is on loopback (default)")
     parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                         help="deadline for the job (default: %(default)g)")
+    parser.add_argument("--idle-timeout", type=float, default=keepalive.IDLE_TIMEOUT_S, metavar="SECONDS",
+                        help="give up on a worker that sends nothing, not even a progress event, for this long "
+                             f"(more than {keepalive.HEARTBEAT_S:g}; default: %(default)g)")
     submit_network.add_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -61,7 +65,8 @@ async def _submit(args: argparse.Namespace, identity: Identity) -> int:
                               seed=args.seed, max_price_per_mtok_micros=args.max_price,
                               max_price_per_gpu_second_micros=args.max_price_gpu_second)
         try:
-            result = await client.run(job, on_text=answer_printer(), timeout_s=args.timeout)
+            result = await client.run(job, on_text=answer_printer(), timeout_s=args.timeout,
+                                      idle_timeout_s=args.idle_timeout)
         except JobRefused as exc:
             if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return _fail(f"no result within --timeout {args.timeout:g} s; the worker stops the job and its "
@@ -94,6 +99,9 @@ def _bad_argument(args: argparse.Namespace) -> str | None:
         return "--attempts must be at least 1"
     if not 0 < args.timeout <= MAX_JOB_TIMEOUT_S:     # also refuses nan and inf
         return f"--timeout must be a positive number of seconds up to {MAX_JOB_TIMEOUT_S:g}, got {args.timeout}"
+    if not keepalive.HEARTBEAT_S < args.idle_timeout <= MAX_JOB_TIMEOUT_S:
+        return (f"--idle-timeout must be more than {keepalive.HEARTBEAT_S:g} s (a worker sends a progress event "
+                f"that often while a job waits) and at most {MAX_JOB_TIMEOUT_S:g}, got {args.idle_timeout}")
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:

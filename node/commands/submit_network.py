@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, identity: Identity) -> int:
         identity, args.bootstrap, args.model, prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, seed=args.seed, max_price_per_mtok_micros=args.max_price,
         max_price_per_gpu_second_micros=args.max_price_gpu_second, tls=args.tls, timeout_s=args.timeout,
-        max_attempts=args.attempts, mdns=args.mdns,
+        idle_timeout_s=args.idle_timeout, max_attempts=args.attempts, mdns=args.mdns,
         on_text=answer_printer(), on_failover=_failed_over))
     print()
     receipt = outcome.result.receipt

@@ -96,9 +96,10 @@ class Gateway:
                 temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop=params.stop,
                 max_price_per_mtok_micros=self.config.max_price_per_mtok_micros,
                 max_price_per_gpu_second_micros=self.config.max_price_per_gpu_second_micros, tls=self.config.tls,
-                timeout_s=self.config.timeout_s, max_attempts=self.config.attempts, on_text=on_text,
-                on_worker=on_worker, on_completed=keep_receipt, failover_after_output=not params.stream,
-                discovery_wait_s=0.0, connect=self.pool.connect, demoted=self.recent_failures.demoted())
+                timeout_s=self.config.timeout_s, idle_timeout_s=self.config.idle_timeout_s,
+                max_attempts=self.config.attempts, on_text=on_text, on_worker=on_worker, on_completed=keep_receipt,
+                failover_after_output=not params.stream, discovery_wait_s=0.0, connect=self.pool.connect,
+                demoted=self.recent_failures.demoted())
         except NoWorkerError as exc:
             self.recent_failures.record(exc.attempts)
             raise network_error(exc, params.model) from None

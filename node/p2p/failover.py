@@ -1,13 +1,13 @@
 """Submit a job through the peer network: discover workers for the model, choose by the policy of
 selection.py, check each worker's gRPC identity against its advertised peer ID, and fail over.
 
-Failover: when a worker refuses, is unreachable, is not who its advert says, dies mid-job, or ends
-the job itself (its engine failed it, or it cancelled it shutting down), the job is signed again
-with a NEW job id bound to the next worker (the signed job of one worker is never replayed to
-another) and runs from the start there. The abandoned job is cancelled if its worker still
-answers, so it stops and bills at most the tokens it produced; a worker that died bills nothing
-(its ledger's crash recovery gives the job a 'failed' receipt of 0 tokens). Only the final
-worker's receipt covers the returned output.
+Failover: when a worker refuses, is unreachable, is not who its advert says, dies mid-job, goes
+silent (no event, not even a progress heartbeat, for `idle_timeout_s`), or ends the job itself (its
+engine failed it, or it cancelled it shutting down), the job is signed again with a NEW job id bound
+to the next worker (the signed job of one worker is never replayed to another) and runs from the
+start there. The abandoned job is cancelled if its worker still answers, so it stops and bills at
+most the tokens it produced; a worker that died bills nothing (its ledger's crash recovery gives the
+job a 'failed' receipt of 0 tokens). Only the final worker's receipt covers the returned output.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dspark.v1.job_pb2 import JobRequest
-from node.client import ClientError, JobRefused, JobResult, WorkerClient
+from node.client import ClientError, JobRefused, JobResult, WorkerClient, WorkerSilent, checked_idle_timeout
 from node.identity import Identity
 from node.p2p.adverts import LiveAdvert
 from node.p2p.discovery import Discovery
@@ -53,7 +53,7 @@ class NoWorkerError(RuntimeError):
 class Attempt:
     peer_id: str
     endpoint: str
-    outcome: Literal["completed", "refused", "unreachable", "died"]
+    outcome: Literal["completed", "refused", "unreachable", "died", "silent"]
     detail: str = ""
     job_id: bytes = b""            # empty when no job was sent
     chunks_received: int = 0       # streamed chunks before it failed; a completed one: its output tokens
@@ -104,7 +104,7 @@ async def run_with_failover(
         max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
         stop: Sequence[str] = (), max_price_per_mtok_micros: int | None = None,
         max_price_per_gpu_second_micros: int | None = None, tls: Literal["auto", "on", "off"] = "auto",
-        timeout_s: float = 600.0, max_attempts: int = 3,
+        timeout_s: float = 600.0, idle_timeout_s: float | None = None, max_attempts: int = 3,
         on_text: Callable[[str], None] | None = None, on_failover: Callable[[Attempt], None] | None = None,
         on_worker: Callable[[str], None] | None = None,
         on_completed: Callable[[WorkerClient, JobResult], Awaitable[None]] | None = None,
@@ -122,10 +122,12 @@ async def run_with_failover(
     (e.g. to acknowledge the receipt). `started` (monotonic) is when the caller's clock started.
     `connect` dials a worker (default WorkerClient.connect; the gateway passes its connection pool).
     `max_attempts` counts the workers sent the job; one whose probe fails is skipped without using one.
-    `demoted` workers are tried after every other (selection.rank).
+    `demoted` workers are tried after every other (selection.rank). `idle_timeout_s`: a worker that
+    sends no event for that long is left for the next (None: only `timeout_s` ends a job).
     Raises NoWorkerError (every worker tried failed)."""
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
+    checked_idle_timeout(idle_timeout_s)      # refused here, not as each worker's failure
     started = time.monotonic() if started is None else started
     attempts: list[Attempt] = []
     found = await discovery.find_workers(model, wait_s=discovery_wait_s)
@@ -153,7 +155,7 @@ async def run_with_failover(
                 on_worker(client.peer_id)
             outcome = await _run_on(client, model, prompt, dict(
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                **caps), on_text, timeout_s)
+                **caps), on_text, timeout_s, idle_timeout_s)
             if isinstance(outcome, JobResult) and on_completed is not None:
                 await on_completed(client, outcome)
         if isinstance(outcome, JobResult):
@@ -242,8 +244,9 @@ async def _probe_all(top: list[Candidate], identity: Identity, tls: str,
 
 
 async def _run_on(client: WorkerClient, model: str, prompt: dict[str, Any], sampling: dict[str, Any],
-                  on_text: Callable[[str], None] | None, timeout_s: float) -> JobResult | Attempt:
-    """Run the job on one worker; an Attempt (refused / died) instead of raising."""
+                  on_text: Callable[[str], None] | None, timeout_s: float,
+                  idle_timeout_s: float | None) -> JobResult | Attempt:
+    """Run the job on one worker; an Attempt (refused / died / silent) instead of raising."""
     job = client.sign_job(**prompt, model=model, **sampling)   # a new job id, bound to this worker
     job_id = JobRequest.FromString(job.payload).job_id
     received = 0
@@ -255,12 +258,15 @@ async def _run_on(client: WorkerClient, model: str, prompt: dict[str, Any], samp
             on_text(text)
 
     endpoint = client.advert.grpc_endpoint
+    outcome = "died"
     try:
-        result = await client.run(job, on_text=count, timeout_s=timeout_s)
+        result = await client.run(job, on_text=count, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s)
     except JobRefused as exc:
         if received == 0 and exc.reason:
             return Attempt(client.peer_id, endpoint, "refused", str(exc), job_id, reason=exc.reason)
         detail = str(exc)
+    except WorkerSilent as exc:     # its call is cancelled already; an honest worker stops the job on that
+        outcome, detail = "silent", str(exc)
     except ClientError as exc:
         detail = str(exc)
     else:
@@ -272,4 +278,4 @@ async def _run_on(client: WorkerClient, model: str, prompt: dict[str, Any], samp
     with contextlib.suppress(JobRefused, ClientError, asyncio.TimeoutError):
         await client.cancel(job_id, timeout_s=2.0)
     log.warning("worker %s failed mid-job after %d chunks: %s", client.peer_id, received, detail)
-    return Attempt(client.peer_id, endpoint, "died", detail, job_id, received)
+    return Attempt(client.peer_id, endpoint, outcome, detail, job_id, received)

@@ -137,3 +137,18 @@ def test_a_gateway_that_cannot_join_the_network_removes_the_data_dir_it_made(tmp
     kept.mkdir()
     assert main(["gateway", "--listen", "127.0.0.1:0", "--bootstrap", unreachable, "--data-dir", str(kept)]) == 2
     assert kept.is_dir()                         # a data dir that was there stays, with what was written
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "5"])
+def test_an_idle_timeout_at_or_below_a_workers_heartbeat_is_refused(tmp_path, monkeypatch, value):
+    # 5 s is a worker's heartbeat (node/keepalive.py): at it, a healthy worker with a queue would be given up.
+    message = rf"idle_timeout_s: must be more than 5 s \(a worker sends a progress event that often .*got {value}"
+    with pytest.raises(ConfigError, match=message):
+        load("--mdns", "--config", str(write(tmp_path, f"idle_timeout_s = {value}")))
+    monkeypatch.setenv("DSPARK_GATEWAY_IDLE_TIMEOUT_S", value)
+    with pytest.raises(ConfigError, match=message):
+        load("--mdns")
+    monkeypatch.setenv("DSPARK_GATEWAY_IDLE_TIMEOUT_S", "5.5")
+    assert load("--mdns").idle_timeout_s == 5.5
+    monkeypatch.delenv("DSPARK_GATEWAY_IDLE_TIMEOUT_S")
+    assert load("--mdns").idle_timeout_s == 30

@@ -212,6 +212,9 @@ def test_run_names_an_environment_variable_it_cannot_parse(tmp_path):
     (("--timeout", "0"), ("--timeout must be a positive",)),
     (("--timeout", "inf"), ("--timeout must be a positive number of seconds up to 86400, got inf",)),
     (("--timeout", "1e12"), ("--timeout must be a positive",)),     # past grpc's deadline range
+    (("--idle-timeout", "0"), ("--idle-timeout must be more than 5 s", "got 0.0")),
+    (("--idle-timeout", "5"), ("--idle-timeout must be more than 5 s (a worker sends a progress event",)),
+    (("--idle-timeout", "nan"), ("--idle-timeout must be more than 5 s", "got nan")),
     (("--max-new-tokens", str(2**32)), ("--max-new-tokens must be from 1 to 2^32-1",)),   # a uint32 field
     (("--attempts", "0"), ("--attempts must be at least 1",)),
     (("--prompt", "a\udcff\udcfeb"), ("--prompt is not valid UTF-8",)),

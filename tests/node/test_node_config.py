@@ -68,6 +68,9 @@ def test_precedence_file_env_flags(tmp_path, monkeypatch):
     (f'[pricing]\nper_model = {{ "{EMBEDDED_MODEL}" = 9223372036854775808 }}', f"pricing.per_model.{EMBEDDED_MODEL}"),
     ('[tls]\nmode = "maybe"', "tls.mode"),
     ("unknown_setting = 1", "unknown_setting"),
+    ("heartbeat_s = 0", "heartbeat_s"),
+    ("heartbeat_s = nan", "heartbeat_s"),
+    ("heartbeat_s = 6", "heartbeat_s"),         # above the protocol's HEARTBEAT_S: clients would give up on it
 ])
 def test_bad_values_name_the_field(tmp_path, text, field):
     with pytest.raises(ConfigError) as info:

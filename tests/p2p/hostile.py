@@ -3,15 +3,17 @@ peer network: adverts and their exchange) and test_hostile_workers.py (choosing 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
 
-from dspark.v1 import worker_pb2_grpc
+from dspark.v1 import job_pb2, worker_pb2, worker_pb2_grpc
 from dspark.v1.advert_pb2 import CapacityAdvert, ModelOffer
 from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.p2p_pb2 import AdvertList
+from node.envelope import seal
 from node.identity import Identity
 from node.p2p.adverts import AdvertSigner
 from node.p2p.discovery import Discovery
@@ -46,6 +48,50 @@ def honest_advert() -> bytes:
 async def honest_worker() -> AsyncIterator[_TimeWorker]:
     """A gRPC worker on a real socket, signed by WORKER, that completes every job at its price."""
     worker = _TimeWorker(advertised=0, charged=0)
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(worker, server)
+    worker.endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    try:
+        yield worker
+    finally:
+        await server.stop(None)
+
+
+class SilentWorker(worker_pb2_grpc.WorkerServicer):
+    """Takes a job (sends `accepted`) and then nothing, its connection open and its pings answered:
+    a buggy or malicious worker. The cheapest advert on the network, under a key of its own."""
+
+    def __init__(self) -> None:
+        self.identity = Identity.generate()
+        self.endpoint = ""
+        self.holding = 0                        # jobs it holds now
+        self.abandoned = asyncio.Event()        # a client ended a job's call (cancelled it)
+
+    def advert(self) -> CapacityAdvert:
+        return CapacityAdvert(peer_id=self.identity.peer_id, grpc_endpoint=self.endpoint,
+                              models=[ModelOffer(id="m")], price_per_mtok_micros=1, free_slots=8)
+
+    async def GetCapacity(self, request, context):
+        return seal(self.identity, self.advert())
+
+    async def Submit(self, job, context):
+        yield job_pb2.SubmitEvent(accepted=job_pb2.JobAccepted(worker_peer_id=self.identity.peer_id))
+        self.holding += 1
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.holding -= 1
+            self.abandoned.set()
+
+    async def Cancel(self, request, context):
+        return worker_pb2.CancelResponse(cancelled=True)
+
+
+@contextlib.asynccontextmanager
+async def silent_worker() -> AsyncIterator[SilentWorker]:
+    """A SilentWorker on a real socket."""
+    worker = SilentWorker()
     server = grpc.aio.server()
     worker_pb2_grpc.add_WorkerServicer_to_server(worker, server)
     worker.endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"

@@ -1,7 +1,7 @@
 """Choosing and paying a worker among hostile or broken ones, on real libp2p hosts (loopback) and
 real gRPC: adverts whose endpoints do not answer or belong to another worker, a worker that bills
-more GPU time than the job took, and one that quotes more than it advertised. The client must still
-run on, and pay, the honest worker as agreed."""
+more GPU time than the job took, one that quotes more than it advertised, and one that takes the job
+and then sends nothing. The client must still run on, and pay, the honest worker as agreed."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from node.client import WorkerClient, WorkerSilent
 from node.p2p.failover import PROBE_GRACE_S, NoWorkerError, run_with_failover
-from tests.p2p.hostile import honest_worker, joined, relay_holding, signed, sybil_advert
+from tests.p2p.hostile import honest_worker, joined, relay_holding, signed, silent_worker, sybil_advert
 from tests.receipts.receipts_helpers import CLIENT, WORKER
 
 
@@ -100,3 +101,49 @@ async def test_a_worker_quoting_more_than_it_advertised_on_the_network_is_not_se
     assert (attempt.peer_id, attempt.outcome) == (WORKER.peer_id, "refused")
     assert "quotes more than its advert on the network: 100000 micros per million tokens, not 1" in attempt.detail
     assert worker.caps == []        # no job was sent
+
+
+@pytest.mark.asyncio
+async def test_a_worker_that_takes_the_job_and_goes_silent_is_given_up_at_the_idle_timeout():
+    """It answers the connection's pings, so keepalive holds: the client waited for the job's whole
+    deadline (600 s at the gateway). With an idle timeout the call ends once nothing came for it, and
+    is cancelled (the worker's Submit sees it)."""
+    async with silent_worker() as worker:
+        async with await WorkerClient.connect(worker.endpoint, CLIENT, peer_id=worker.identity.peer_id,
+                                              tls="off") as client:
+            started = time.monotonic()
+            with pytest.raises(WorkerSilent, match="sent nothing for 1 s"):
+                await client.run(client.sign_job(text="hi", max_new_tokens=4), timeout_s=60, idle_timeout_s=1)
+            assert 1 <= time.monotonic() - started < 2.5
+            await asyncio.wait_for(worker.abandoned.wait(), 5)
+            assert worker.holding == 0
+
+
+@pytest.mark.asyncio
+async def test_failover_leaves_a_silent_worker_for_the_next_one():
+    """The silent worker is the cheapest, so it is chosen first; the job moves on to the honest worker
+    after the idle timeout, not after timeout_s."""
+    async with silent_worker() as silent, honest_worker() as worker:
+        adverts = [signed(silent.advert(), silent.identity), signed(worker.advert(), WORKER)]
+        async with relay_holding(adverts) as relay, joined(relay.listen_addrs()) as discovery:
+            started = time.monotonic()
+            outcome = await run_with_failover(discovery, CLIENT, "m", {"text": "hi"}, max_new_tokens=4, tls="off",
+                                              timeout_s=60, idle_timeout_s=1)
+            elapsed = time.monotonic() - started
+            await asyncio.wait_for(silent.abandoned.wait(), 5)
+    assert outcome.worker == WORKER.peer_id and outcome.result.finished
+    assert [(a.peer_id, a.outcome) for a in outcome.attempts] == [(silent.identity.peer_id, "silent"),
+                                                                 (WORKER.peer_id, "completed")]
+    assert elapsed < 10 and silent.holding == 0
+
+
+@pytest.mark.parametrize("idle_timeout_s", [0, -1, float("nan"), float("inf")])
+@pytest.mark.asyncio
+async def test_an_idle_timeout_that_is_not_a_positive_number_of_seconds_is_refused(idle_timeout_s):
+    async with honest_worker() as worker:
+        async with await WorkerClient.connect(worker.endpoint, CLIENT, peer_id=WORKER.peer_id, tls="off") as client:
+            with pytest.raises(ValueError, match="idle_timeout_s must be a positive number of seconds"):
+                await client.run(client.sign_job(text="hi", max_new_tokens=4), idle_timeout_s=idle_timeout_s)
+        with pytest.raises(ValueError, match="idle_timeout_s must be a positive number of seconds"):
+            await run_with_failover(None, CLIENT, "m", {"text": "hi"}, idle_timeout_s=idle_timeout_s)
+    assert worker.caps == []        # refused before any job was sent
