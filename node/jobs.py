@@ -40,6 +40,11 @@ class RunningJob:
     stream: asyncio.Queue[job_pb2.SubmitEvent] = field(default_factory=asyncio.Queue)
     runner: asyncio.Task[None] | None = None
     output_tokens: int = 0      # produced so far, for progress events
+    # A cancel can come before the runner has handed the request to the engine (the engine knows
+    # nothing of it then): the runner reads this first and ends the job without running it.
+    cancel_requested: bool = False
+    in_engine: bool = False
+    first_token_at: float | None = None     # monotonic
     _held: job_pb2.SubmitEvent | None = None
 
     async def next_event(self) -> job_pb2.SubmitEvent:
@@ -68,6 +73,8 @@ class JobTable:
         self._price = price_per_mtok_micros
         self._price_gpu_s = price_per_gpu_second_micros
         self._jobs: dict[tuple[bytes, bytes], RunningJob] = {}
+        # Jobs admitted and not yet started (tokenizing, registering) -> whether a Cancel came for them.
+        self._preparing: dict[tuple[bytes, bytes], bool] = {}
         self._clock = clock
         self._active: dict[bytes, int] = defaultdict(int)
         # Admission times of the last window per client, the client that admitted least recently first.
@@ -122,12 +129,31 @@ class JobTable:
 
     # --- running --------------------------------------------------------------------------------
 
+    def preparing(self, job: SignedJob) -> None:
+        """The job passed admission and is being tokenized and registered (after `reserve`): a Cancel
+        for it must be kept until it starts, or the client is told there is no such job while it
+        goes on to run and be billed."""
+        self._preparing[(job.client_key, job.request.job_id)] = False
+
+    def withdraw(self, job: SignedJob) -> None:
+        """The prepared job was refused (or its client left) before it started."""
+        self._preparing.pop((job.client_key, job.request.job_id), None)
+        self.release(job.client_key, admitted=False)
+
+    def cancel_preparing(self, client: bytes, job_id: bytes) -> bool:
+        key = (client, job_id)
+        if key not in self._preparing:
+            return False
+        self._preparing[key] = True
+        return True
+
     def find(self, client: bytes, job_id: bytes) -> RunningJob | None:
         return self._jobs.get((client, job_id))
 
     def start(self, job: SignedJob, request: GenerationRequest) -> RunningJob:
-        running = RunningJob(job, request)
-        self._jobs[(job.client_key, job.request.job_id)] = running
+        key = (job.client_key, job.request.job_id)
+        running = RunningJob(job, request, cancel_requested=self._preparing.pop(key, False))
+        self._jobs[key] = running
         self._events.publish(JobAdmitted(job_id=job.request.job_id.hex(), client=job.client_key.hex(),
                                          prompt_tokens=len(request.prompt_ids),
                                          max_new_tokens=request.sampling.max_new_tokens))
@@ -135,7 +161,9 @@ class JobTable:
         return running
 
     def cancel(self, running: RunningJob) -> bool:
-        return self._engine.cancel(running.request.request_id)
+        """True when the job had not finished: the engine had it, or the runner has yet to hand it over."""
+        running.cancel_requested = True
+        return self._engine.cancel(running.request.request_id) or not running.in_engine
 
     def progress(self, running: RunningJob) -> job_pb2.SubmitEvent:
         """The heartbeat of a job with nothing else to send. Its place in line is read from this
@@ -150,38 +178,50 @@ class JobTable:
     async def _run(self, running: RunningJob) -> None:
         job = running.job
         admitted_at = time.monotonic()
-        first_token_at: float | None = None
         output: list[int] = []
         result: GenerationResult | None = None
         try:
-            generation = self._engine.generate(running.request)
-            try:
-                async for item in generation:
-                    if isinstance(item, TokenChunk):
-                        first = first_token_at is None
-                        if first:
-                            first_token_at = time.monotonic()
-                        output.extend(item.token_ids)
-                        running.output_tokens = len(output)
-                        running.stream.put_nowait(job_pb2.SubmitEvent(
-                            chunk=job_pb2.TokenChunk(token_ids=item.token_ids, text=item.text)))
-                        self._events.publish(JobProgress(job_id=job.request.job_id.hex(), output_tokens=len(output),
-                                                         elapsed_seconds=time.monotonic() - admitted_at,
-                                                         first_token=first))
-                    else:
-                        result = item
-            finally:
-                await generation.aclose()
+            if running.cancel_requested:      # before the engine had it: the job ends with nothing run
+                result = GenerationResult(running.request.request_id, (), "", "cancelled",
+                                          RequestStats(prompt_tokens=len(running.request.prompt_ids)))
+            else:
+                result = await self._generate(running, output, admitted_at)
         except EngineFailed as exc:     # the engine logged its cause, with the traceback if it has one
             log.error("job %s: %s", job.request.job_id.hex(), exc)
         except Exception:
             log.exception("job %s failed in the engine", job.request.job_id.hex())
         try:
             await self._finish(running, result, tuple(output),
-                               None if first_token_at is None else first_token_at - admitted_at)
+                               None if running.first_token_at is None else running.first_token_at - admitted_at)
         finally:
             del self._jobs[(job.client_key, job.request.job_id)]
             self.release(job.client_key, admitted=True)
+
+    async def _generate(self, running: RunningJob, output: list[int], admitted_at: float) -> GenerationResult | None:
+        """Run the job on the engine, its chunks to the RPC's stream (and `output`) as they come; the
+        engine's result. Nothing awaits between `_run` reading `cancel_requested` and the request
+        entering the engine's inbox (generate's first step), so a cancel finds one or the other."""
+        job, result = running.job, None
+        running.in_engine = True
+        generation = self._engine.generate(running.request)
+        try:
+            async for item in generation:
+                if isinstance(item, TokenChunk):
+                    first = running.first_token_at is None
+                    if first:
+                        running.first_token_at = time.monotonic()
+                    output.extend(item.token_ids)
+                    running.output_tokens = len(output)
+                    running.stream.put_nowait(job_pb2.SubmitEvent(
+                        chunk=job_pb2.TokenChunk(token_ids=item.token_ids, text=item.text)))
+                    self._events.publish(JobProgress(job_id=job.request.job_id.hex(), output_tokens=len(output),
+                                                     elapsed_seconds=time.monotonic() - admitted_at,
+                                                     first_token=first))
+                else:
+                    result = item
+        finally:
+            await generation.aclose()
+        return result
 
     async def _finish(self, running: RunningJob, result: GenerationResult | None, streamed: tuple[int, ...],
                       ttft: float | None) -> None:

@@ -115,15 +115,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if refusal:
             await self._refuse(context, refusal, client)
         self._jobs.reserve(client)
+        self._jobs.preparing(job)
         try:
             generation = await self._prepare(job)
             if not isinstance(generation, Refusal):
                 generation = await self._register(job, generation)
         except BaseException:
-            self._jobs.release(client, admitted=False)
+            self._jobs.withdraw(job)
             raise
         if isinstance(generation, Refusal):
-            self._jobs.release(client, admitted=False)
+            self._jobs.withdraw(job)
             await self._refuse(context, generation, client)
         running = self._jobs.start(job, generation)
         finished = False
@@ -222,6 +223,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         running = self._jobs.find(bytes(request.public_key), cancel.job_id)
         if running is not None:
             return worker_pb2.CancelResponse(cancelled=self._jobs.cancel(running))
+        if self._jobs.cancel_preparing(bytes(request.public_key), cancel.job_id):
+            # Still being tokenized or registered: it starts cancelled (or is refused before that).
+            return worker_pb2.CancelResponse(cancelled=True)
         if await asyncio.to_thread(self._ledger.receipt, bytes(request.public_key), cancel.job_id) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no job with this id from this client")
         return worker_pb2.CancelResponse(cancelled=False)
