@@ -155,7 +155,8 @@ class AdmissionConfig(_Section):
     mode: Literal["open", "allowlist", "denylist"] = "open"
     allow: StrList = Field(default_factory=list, description="peer IDs or hex public keys")
     deny: StrList = Field(default_factory=list, description="peer IDs or hex public keys")
-    rate_per_minute: int = Field(120, ge=1, description="jobs admitted per client per minute")
+    rate_per_minute: int = Field(120, ge=1, description=(
+        "jobs admitted per client per minute, those refused once tokenized (too long, replayed) included"))
     max_concurrent_per_client: int = Field(8, ge=1)
     max_queue: int = Field(64, ge=0, description=(
         "jobs waiting for an engine slot (all engine.max_batch taken) before refusing; at most engine.max_queue"))

@@ -118,14 +118,14 @@ class JobTable:
                 return
             self._admitted.popitem(last=False)
 
-    def release(self, client: bytes, admitted: bool) -> None:
+    def release(self, client: bytes) -> None:
+        """The job ended, or was refused after admission. Its admission still counts against the
+        client's rate either way: a job refused once its prompt was tokenized (too long for the context,
+        a replayed id) cost the node that work, and a client sending only such jobs had no rate to
+        spend and no limit on how much of it the node did."""
         self._active[client] -= 1
         if self._active[client] <= 0:
             del self._active[client]
-        if not admitted and self._admitted.get(client):
-            self._admitted[client].pop()      # a job refused later (replay, fit) uses no rate
-        if not self._admitted.get(client, True):
-            del self._admitted[client]
 
     # --- running --------------------------------------------------------------------------------
 
@@ -138,7 +138,7 @@ class JobTable:
     def withdraw(self, job: SignedJob) -> None:
         """The prepared job was refused (or its client left) before it started."""
         self._preparing.pop((job.client_key, job.request.job_id), None)
-        self.release(job.client_key, admitted=False)
+        self.release(job.client_key)
 
     def cancel_preparing(self, client: bytes, job_id: bytes) -> bool:
         key = (client, job_id)
@@ -195,7 +195,7 @@ class JobTable:
                                None if running.first_token_at is None else running.first_token_at - admitted_at)
         finally:
             del self._jobs[(job.client_key, job.request.job_id)]
-            self.release(job.client_key, admitted=True)
+            self.release(job.client_key)
 
     async def _generate(self, running: RunningJob, output: list[int], admitted_at: float) -> GenerationResult | None:
         """Run the job on the engine, its chunks to the RPC's stream (and `output`) as they come; the

@@ -238,6 +238,18 @@ async def test_rate_limit_per_client(daemon):
             await other.run(other.sign_job(text="Hi", max_new_tokens=1), timeout_s=60)
 
 
+@pytest.mark.asyncio
+async def test_jobs_refused_once_tokenized_count_against_the_rate(daemon):
+    """A prompt short enough in bytes to be tokenized and too long in tokens is refused after the
+    node did that work: a client sending only those is rate-limited like any other."""
+    async with await connect(daemon) as client:
+        for _ in range(RATE):
+            error = await refused(client, client.sign_job(text="hello " * 2100, max_new_tokens=1))
+            assert error.reason == "too_long" and "exceeds the context" in str(error)
+        error = await refused(client, client.sign_job(text="Hi", max_new_tokens=1))
+        assert error.reason == "rate_limited"
+
+
 async def _first_chunk(stream) -> None:
     async for event in stream:
         if event.WhichOneof("event") == "chunk":

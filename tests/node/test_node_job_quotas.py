@@ -30,7 +30,7 @@ def test_clients_quiet_for_a_minute_are_forgotten():
     for n in range(1000):
         client = n.to_bytes(32, "big")
         jobs.reserve(client)
-        jobs.release(client, admitted=True)
+        jobs.release(client)
         clock.now += 1.0
     assert len(jobs._admitted) <= 61     # the keys that admitted a job in the last 60 s
 
@@ -41,9 +41,9 @@ def test_a_client_still_admitting_keeps_its_rate_while_others_are_forgotten():
     busy = b"b" * 32
     for n in range(100):
         jobs.reserve(busy)
-        jobs.release(busy, admitted=True)
+        jobs.release(busy)
         jobs.reserve(n.to_bytes(32, "big"))
-        jobs.release(n.to_bytes(32, "big"), admitted=True)
+        jobs.release(n.to_bytes(32, "big"))
         clock.now += 1.0
     assert jobs.load(busy).client_recent == 60      # its admissions of the last 60 s
     assert len(jobs._admitted) <= 1 + 61     # it and the keys seen in the last 60 s
