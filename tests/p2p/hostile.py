@@ -45,9 +45,8 @@ def honest_advert() -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def honest_worker() -> AsyncIterator[_TimeWorker]:
-    """A gRPC worker on a real socket, signed by WORKER, that completes every job at its price."""
-    worker = _TimeWorker(advertised=0, charged=0)
+async def serving(worker):
+    """`worker` (a Worker servicer with an `endpoint`) on a real loopback socket."""
     server = grpc.aio.server()
     worker_pb2_grpc.add_WorkerServicer_to_server(worker, server)
     worker.endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
@@ -56,6 +55,13 @@ async def honest_worker() -> AsyncIterator[_TimeWorker]:
         yield worker
     finally:
         await server.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def honest_worker() -> AsyncIterator[_TimeWorker]:
+    """A gRPC worker on a real socket, signed by WORKER, that completes every job at its price."""
+    async with serving(_TimeWorker(advertised=0, charged=0)) as worker:
+        yield worker
 
 
 class SilentWorker(worker_pb2_grpc.WorkerServicer):
@@ -91,15 +97,8 @@ class SilentWorker(worker_pb2_grpc.WorkerServicer):
 @contextlib.asynccontextmanager
 async def silent_worker() -> AsyncIterator[SilentWorker]:
     """A SilentWorker on a real socket."""
-    worker = SilentWorker()
-    server = grpc.aio.server()
-    worker_pb2_grpc.add_WorkerServicer_to_server(worker, server)
-    worker.endpoint = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    await server.start()
-    try:
+    async with serving(SilentWorker()) as worker:
         yield worker
-    finally:
-        await server.stop(None)
 
 
 @contextlib.asynccontextmanager
