@@ -54,6 +54,16 @@ def checked_idle_timeout(idle_timeout_s: float | None) -> float | None:
     return idle_timeout_s
 
 
+def idle_timeout_problem(idle_timeout_s: float) -> str | None:
+    """What is wrong with an idle timeout a person set (`submit --idle-timeout`, the gateway's
+    idle_timeout_s), or None. A worker's job waiting in line sends a progress event every
+    keepalive.HEARTBEAT_S: a limit at or below that would leave healthy workers that have a queue."""
+    if keepalive.HEARTBEAT_S < idle_timeout_s <= MAX_JOB_TIMEOUT_S:      # also refuses nan
+        return None
+    return (f"must be more than {keepalive.HEARTBEAT_S:g} s (a worker sends a progress event that often while a "
+            f"job waits) and at most {MAX_JOB_TIMEOUT_S:g} s, got {idle_timeout_s}")
+
+
 class ClientError(Exception):
     """The worker could not be reached or is not who it must be, or its answer does not verify."""
 

@@ -39,7 +39,7 @@ class RunningJob:
     # SubmitEvents for the RPC to stream: chunks as committed, then exactly one result.
     stream: asyncio.Queue[job_pb2.SubmitEvent] = field(default_factory=asyncio.Queue)
     runner: asyncio.Task[None] | None = None
-    output_tokens: int = 0      # produced so far, for progress events
+    output: list[int] = field(default_factory=list)     # token ids streamed so far
     # A cancel can come before the runner has handed the request to the engine (the engine knows
     # nothing of it then): the runner reads this first and ends the job without running it.
     cancel_requested: bool = False
@@ -173,32 +173,31 @@ class JobTable:
         from the table has ended: its result is on its way."""
         index = next((i for i, other in enumerate(self._jobs.values()) if other is running), 0)
         return job_pb2.SubmitEvent(progress=job_pb2.JobProgress(
-            queue_position=max(0, index - self._info.max_batch + 1), output_tokens=running.output_tokens))
+            queue_position=max(0, index - self._info.max_batch + 1), output_tokens=len(running.output)))
 
     async def _run(self, running: RunningJob) -> None:
         job = running.job
         admitted_at = time.monotonic()
-        output: list[int] = []
         result: GenerationResult | None = None
         try:
             if running.cancel_requested:      # before the engine had it: the job ends with nothing run
                 result = GenerationResult(running.request.request_id, (), "", "cancelled",
                                           RequestStats(prompt_tokens=len(running.request.prompt_ids)))
             else:
-                result = await self._generate(running, output, admitted_at)
+                result = await self._generate(running, admitted_at)
         except EngineFailed as exc:     # the engine logged its cause, with the traceback if it has one
             log.error("job %s: %s", job.request.job_id.hex(), exc)
         except Exception:
             log.exception("job %s failed in the engine", job.request.job_id.hex())
         try:
-            await self._finish(running, result, tuple(output),
+            await self._finish(running, result, tuple(running.output),
                                None if running.first_token_at is None else running.first_token_at - admitted_at)
         finally:
             del self._jobs[(job.client_key, job.request.job_id)]
             self.release(job.client_key)
 
-    async def _generate(self, running: RunningJob, output: list[int], admitted_at: float) -> GenerationResult | None:
-        """Run the job on the engine, its chunks to the RPC's stream (and `output`) as they come; the
+    async def _generate(self, running: RunningJob, admitted_at: float) -> GenerationResult | None:
+        """Run the job on the engine, its chunks to the RPC's stream (and `running.output`) as they come; the
         engine's result. Nothing awaits between `_run` reading `cancel_requested` and the request
         entering the engine's inbox (generate's first step), so a cancel finds one or the other."""
         job, result = running.job, None
@@ -210,11 +209,10 @@ class JobTable:
                     first = running.first_token_at is None
                     if first:
                         running.first_token_at = time.monotonic()
-                    output.extend(item.token_ids)
-                    running.output_tokens = len(output)
+                    running.output.extend(item.token_ids)
                     running.stream.put_nowait(job_pb2.SubmitEvent(
                         chunk=job_pb2.TokenChunk(token_ids=item.token_ids, text=item.text)))
-                    self._events.publish(JobProgress(job_id=job.request.job_id.hex(), output_tokens=len(output),
+                    self._events.publish(JobProgress(job_id=job.request.job_id.hex(), output_tokens=len(running.output),
                                                      elapsed_seconds=time.monotonic() - admitted_at,
                                                      first_token=first))
                 else:

@@ -11,7 +11,7 @@ import grpc
 
 from engine.api import SEED_LIMIT
 from node import keepalive
-from node.client import MAX_JOB_TIMEOUT_S, ClientError, JobRefused, WorkerClient
+from node.client import MAX_JOB_TIMEOUT_S, ClientError, JobRefused, WorkerClient, idle_timeout_problem
 from node.commands import submit_network
 from node.commands.keys import DEFAULT_CLIENT_KEY
 from node.commands.terminal import answer_printer
@@ -99,9 +99,9 @@ def _bad_argument(args: argparse.Namespace) -> str | None:
         return "--attempts must be at least 1"
     if not 0 < args.timeout <= MAX_JOB_TIMEOUT_S:     # also refuses nan and inf
         return f"--timeout must be a positive number of seconds up to {MAX_JOB_TIMEOUT_S:g}, got {args.timeout}"
-    if not keepalive.HEARTBEAT_S < args.idle_timeout <= MAX_JOB_TIMEOUT_S:
-        return (f"--idle-timeout must be more than {keepalive.HEARTBEAT_S:g} s (a worker sends a progress event "
-                f"that often while a job waits) and at most {MAX_JOB_TIMEOUT_S:g}, got {args.idle_timeout}")
+    problem = idle_timeout_problem(args.idle_timeout)
+    if problem:
+        return f"--idle-timeout {problem}"
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:

@@ -9,7 +9,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from node import keepalive
-from node.client import MAX_JOB_TIMEOUT_S
+from node.client import MAX_JOB_TIMEOUT_S, idle_timeout_problem
 from node.config import DEFAULT_DATA_DIR, ListenAddress, P2PConfig, is_loopback, split_host_port
 from node.settings import LayeredSettings, StrList
 
@@ -35,11 +35,9 @@ class GatewayConfig(LayeredSettings):
     @field_validator("idle_timeout_s")
     @classmethod
     def _above_heartbeat(cls, value: float) -> float:
-        # A worker's job waiting in line sends a progress event every HEARTBEAT_S: a shorter limit
-        # would leave healthy workers with a queue.
-        if not keepalive.HEARTBEAT_S < value <= MAX_JOB_TIMEOUT_S:      # also refuses nan
-            raise ValueError(f"must be more than {keepalive.HEARTBEAT_S:g} s (a worker sends a progress event "
-                             f"that often while a job waits) and at most {MAX_JOB_TIMEOUT_S:g} s, got {value}")
+        problem = idle_timeout_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("bootstrap")

@@ -92,7 +92,7 @@ async def test_a_withdrawn_job_forgets_its_cancel_and_a_running_one_still_cancel
     table.reserve(other.client_key)
     table.preparing(other)
     running = table.start(other, generation_request(other, (1, 2, 3), "c"))
-    while not running.output_tokens:        # running in the engine now
+    while not running.output:        # running in the engine now
         await asyncio.sleep(0.01)
     assert table.cancel(running)
     events = await ended(running)
