@@ -8,7 +8,9 @@ service runs it last, after everything here has passed.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import urllib.parse
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -71,6 +73,7 @@ class Policy:
     # longest_token_bytes): with max_context, what bounds a prompt before it is tokenized.
     longest_token_bytes: int
     price_per_gpu_second_micros: int = 0
+    address_rate_per_minute: int = 0  # Submit calls per source network per minute; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,35 @@ class SignedJob:
     client_key: bytes
     digest: bytes                     # sha256 of the envelope (receipts bind it)
     sampling: SamplingParams
+
+
+def source_network(peer: str) -> str:
+    """Where a Submit call comes from, as the address limit counts it: the IPv4 address, or the IPv6
+    /64 (one host's prefix: a client given a /64 has 2^64 addresses to call from). `peer` is gRPC's
+    `context.peer()`: "ipv4:1.2.3.4:5678", "ipv6:%5B::1%5D:5678"; any other kind (a Unix socket)
+    is one source."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return peer
+    host = urllib.parse.unquote(rest).rpartition(":")[0].strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return peer
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:    # a dual-stack socket's IPv4 client
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+def admit_source(source: str, arrivals: int, policy: Policy) -> Refusal | None:
+    """The limit on Submit calls per source network, checked before the signature: keys are free, so
+    the per-client rate alone does not bound the work a flood of freshly signed jobs costs the node."""
+    if policy.address_rate_per_minute and arrivals >= policy.address_rate_per_minute:
+        return Refusal(Reason.RATE_LIMITED, f"{source} sent {arrivals} jobs in the last minute "
+                                            f"(limit {policy.address_rate_per_minute} per address)")
+    return None
 
 
 def open_job(envelope: Envelope) -> SignedJob | Refusal:

@@ -157,6 +157,9 @@ class AdmissionConfig(_Section):
     deny: StrList = Field(default_factory=list, description="peer IDs or hex public keys")
     rate_per_minute: int = Field(120, ge=1, description=(
         "jobs admitted per client per minute, those refused once tokenized (too long, replayed) included"))
+    address_rate_per_minute: int = Field(600, ge=0, description=(
+        "Submit calls per source address (IPv4, or IPv6 /64) per minute, whatever keys sign them; 0: no limit. "
+        "A gateway sends all its users' jobs from one address: raise this with rate_per_minute for it"))
     max_concurrent_per_client: int = Field(8, ge=1)
     max_queue: int = Field(64, ge=0, description=(
         "jobs waiting for an engine slot (all engine.max_batch taken) before refusing; at most engine.max_queue"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -21,6 +21,7 @@ from engine.api import EngineFailed, EngineInfo, GenerationRequest, GenerationRe
 from node.admission import Load, SignedJob
 from node.events import EventBus, JobAdmitted, JobFinished, JobProgress
 from node.ledger import Ledger
+from node.rate_window import RecentCounts
 from node.receipts import JobOutcome
 
 if TYPE_CHECKING:     # engine.async_engine imports torch; the node loads it once, in the daemon
@@ -28,7 +29,6 @@ if TYPE_CHECKING:     # engine.async_engine imports torch; the node loads it onc
 
 log = logging.getLogger(__name__)
 
-_WINDOW_S = 60.0
 _OUTCOMES = {"stop": "completed", "length": "completed", "cancelled": "cancelled", "error": "failed"}
 
 
@@ -77,18 +77,15 @@ class JobTable:
         self._preparing: dict[tuple[bytes, bytes], bool] = {}
         self._clock = clock
         self._active: dict[bytes, int] = defaultdict(int)
-        # Admission times of the last window per client, the client that admitted least recently first.
-        self._admitted: OrderedDict[bytes, deque[float]] = OrderedDict()
+        self._admitted = RecentCounts()     # admissions per client key
+        self._arrived = RecentCounts()      # Submit calls past the address limit, per source network
         self.draining = False
 
     # --- quotas -------------------------------------------------------------------------------
 
     def load(self, client: bytes) -> Load:
-        recent = self._admitted.get(client)
-        cutoff = self._clock() - _WINDOW_S
-        while recent and recent[0] < cutoff:
-            recent.popleft()
-        return Load(client_active=self._active.get(client, 0), client_recent=len(recent or ()),
+        return Load(client_active=self._active.get(client, 0),
+                    client_recent=self._admitted.count(client, self._clock()),
                     queue_depth=self.waiting_for_slot, draining=self.draining)
 
     @property
@@ -103,20 +100,18 @@ class JobTable:
     def reserve(self, client: bytes) -> None:
         """Count a job against its client's quotas as soon as it passes admission, before any
         await, so concurrent submissions from one client cannot all slip under the limit."""
-        now = self._clock()
         self._active[client] += 1
-        self._admitted.setdefault(client, deque()).append(now)
-        self._admitted.move_to_end(client)
-        self._forget_quiet_clients(now - _WINDOW_S)
+        self._admitted.add(client, self._clock())
 
-    def _forget_quiet_clients(self, cutoff: float) -> None:
-        """Drop the clients with no admission since `cutoff`: they have no rate left to count. A
-        client may sign each job with a new key, and every key it ever used would stay otherwise."""
-        while self._admitted:
-            recent = next(iter(self._admitted.values()))
-            if recent and recent[-1] >= cutoff:
-                return
-            self._admitted.popitem(last=False)
+    def arrivals(self, source: str) -> int:
+        """Submit calls from this source network (node/admission.py source_network) let past its
+        limit in the last minute."""
+        return self._arrived.count(source, self._clock())
+
+    def arrive(self, source: str) -> None:
+        """Count a Submit call from `source`, before its signature is checked: keys are free, and
+        this is the limit a client cannot sidestep by signing each job with a new one."""
+        self._arrived.add(source, self._clock())
 
     def release(self, client: bytes) -> None:
         """The job ended, or was refused after admission. Its admission still counts against the

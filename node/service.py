@@ -71,6 +71,7 @@ def build_policy(config: NodeConfig, peer_id: str, engine) -> Policy:
         max_concurrent_per_client=config.admission.max_concurrent_per_client,
         max_queue=config.admission.max_queue, clock_skew_ms=int(config.admission.clock_skew_s * 1000),
         price_per_gpu_second_micros=config.pricing.per_gpu_second_micros,
+        address_rate_per_minute=config.admission.address_rate_per_minute,
         longest_token_bytes=longest_token_bytes(engine.tokenizer))
 
 
@@ -107,6 +108,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                             trailing_metadata=((REFUSAL_KEY, refusal.reason.value),))
 
     async def Submit(self, request: Envelope, context: grpc.aio.ServicerContext) -> AsyncIterator[job_pb2.SubmitEvent]:
+        source = admission.source_network(context.peer())
+        refusal = admission.admit_source(source, self._jobs.arrivals(source), self._policy)
+        if refusal:
+            await self._refuse(context, refusal)
+        self._jobs.arrive(source)
         job = admission.open_job(request)
         if isinstance(job, Refusal):
             await self._refuse(context, job)

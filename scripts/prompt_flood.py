@@ -6,8 +6,10 @@ flooding client (its own key) sends pre-signed jobs one after another: `chat`, 1
 (1 MiB; refused before tokenizing since 82725e8), or `text`, random ASCII as long as admission lets
 through untokenized (tokenized, then refused as too long). Meanwhile one honest client runs a
 600-token job, three times; medians printed, one JSON row per flood kind. Linux only (taskset).
+The flooders call from ::1 and the honest client from 127.0.0.1, two sources for the node's limit
+on calls per address (`--address-rates`: one node per value, in turn; 0 is no limit).
 
-    .venv/bin/python scripts/prompt_flood.py --kinds none,chat,text,none --clients 4
+    .venv/bin/python scripts/prompt_flood.py --kinds none,chat,text,none --clients 4 --address-rates 0,600
 """
 
 from __future__ import annotations
@@ -36,10 +38,14 @@ from node.service import longest_token_bytes  # noqa: E402
 from node_harness import CONTEXT, node_toml, start_daemon  # noqa: E402
 
 
+def dial(grpc: str, host: str) -> str:
+    return f"{host}:{grpc.rpartition(':')[2]}"
+
+
 async def flood(grpc: str, peer_id: str, kind: str, text_bytes: int, seconds: float, seed: int) -> int:
     """One flooding client: eight pre-signed jobs sent in turn for `seconds`; returns how many were sent."""
     rng = random.Random(seed)
-    async with await WorkerClient.connect(grpc, Identity.generate(), peer_id=peer_id) as client:
+    async with await WorkerClient.connect(dial(grpc, "[::1]"), Identity.generate(), peer_id=peer_id) as client:
         jobs = [client.sign_job(chat=[{"role": "user", "content": ""}] * 120_000, max_new_tokens=1, ttl_s=3600)
                 if kind == "chat" else
                 client.sign_job(text="".join(rng.choice(string.ascii_lowercase + " ,.;") for _ in range(text_bytes)),
@@ -62,7 +68,7 @@ async def flooders(args: argparse.Namespace) -> None:
 
 
 async def honest_job(grpc: str, peer_id: str) -> float:
-    async with await WorkerClient.connect(grpc, Identity.generate(), peer_id=peer_id) as client:
+    async with await WorkerClient.connect(dial(grpc, "127.0.0.1"), Identity.generate(), peer_id=peer_id) as client:
         started = time.monotonic()
         await client.run(client.sign_job(text="Count: 1 2 3", max_new_tokens=600), timeout_s=600)
         return time.monotonic() - started
@@ -74,26 +80,35 @@ async def measure(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="dspark-flood-") as tmp:
         model = make_tiny_model(Path(tmp) / "tiny")
         text_bytes = CONTEXT * longest_token_bytes(AutoTokenizer.from_pretrained(model))
-        node = start_daemon(Path(tmp) / "node", node_toml(model, "[admission]\nrate_per_minute = 1000000\n"))
-        try:
-            subprocess.run(["taskset", "-a", "-cp", "0", str(node.proc.pid)], check=True, capture_output=True)
-            os.sched_setaffinity(0, {1})     # this process and the flooders it starts
-            for kind in args.kinds.split(","):
-                proc = None
-                if kind != "none":
-                    proc = subprocess.Popen([sys.executable, __file__, "--flood", kind, "--grpc", node.grpc,
-                                             "--peer-id", node.peer_id, "--text-bytes", str(text_bytes),
-                                             "--clients", str(args.clients), "--seconds", str(args.seconds)],
-                                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
-                    for _ in range(args.clients):
-                        proc.stdout.readline()      # "ready": its jobs are signed
-                times = [await honest_job(node.grpc, node.peer_id) for _ in range(3)]
-                sent = json.loads(proc.communicate()[0])["sent"] if proc else []
-                print(json.dumps({"flood": kind, "clients": len(sent), "flood_jobs_sent": sum(sent),
-                                  "honest_job_s": [round(t, 2) for t in times],
-                                  "honest_job_median_s": round(statistics.median(times), 2)}), flush=True)
-        finally:
-            node.stop()
+        os.sched_setaffinity(0, {1})     # this process and the flooders it starts
+        for rate in map(int, args.address_rates.split(",")):
+            await measure_node(args, model, text_bytes, Path(tmp) / f"node-{rate}", rate)
+
+
+async def measure_node(args: argparse.Namespace, model: Path, text_bytes: int, data_dir: Path, rate: int) -> None:
+    # Every address of the host, plaintext (TLS is on by default off loopback), for the two sources.
+    toml = node_toml(model, f"[admission]\nrate_per_minute = 1000000\naddress_rate_per_minute = {rate}\n"
+                            "[tls]\nmode = \"off\"\n")
+    node = start_daemon(data_dir, toml.replace('grpc_listen = "127.0.0.1:0"', 'grpc_listen = "[::]:0"'))
+    try:
+        subprocess.run(["taskset", "-a", "-cp", "0", str(node.proc.pid)], check=True, capture_output=True)
+        for kind in args.kinds.split(","):
+            proc = None
+            if kind != "none":
+                proc = subprocess.Popen([sys.executable, __file__, "--flood", kind, "--grpc", node.grpc,
+                                         "--peer-id", node.peer_id, "--text-bytes", str(text_bytes),
+                                         "--clients", str(args.clients), "--seconds", str(args.seconds)],
+                                        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                for _ in range(args.clients):
+                    proc.stdout.readline()      # "ready": its jobs are signed
+            times = [await honest_job(node.grpc, node.peer_id) for _ in range(3)]
+            sent = json.loads(proc.communicate()[0])["sent"] if proc else []
+            print(json.dumps({"address_rate_per_minute": rate, "flood": kind, "clients": len(sent),
+                              "flood_jobs_sent": sum(sent),
+                              "honest_job_s": [round(t, 2) for t in times],
+                              "honest_job_median_s": round(statistics.median(times), 2)}), flush=True)
+    finally:
+        node.stop()
 
 
 def main() -> None:
@@ -101,6 +116,8 @@ def main() -> None:
     ap.add_argument("--kinds", default="none,chat,text,none", help="flood kinds in turn: none, chat, text")
     ap.add_argument("--clients", type=int, default=4, help="flooding clients, each with its own key")
     ap.add_argument("--seconds", type=float, default=25, help="how long each flood lasts")
+    ap.add_argument("--address-rates", default="600", help="the node's admission.address_rate_per_minute, "
+                                                            "one node per value in turn (0: no limit)")
     ap.add_argument("--flood", help=argparse.SUPPRESS)           # internal: run as the flooding process
     ap.add_argument("--grpc", help=argparse.SUPPRESS)
     ap.add_argument("--peer-id", help=argparse.SUPPRESS)

@@ -13,8 +13,8 @@ from dspark.v1 import job_pb2
 from dspark.v1.envelope_pb2 import Envelope
 from engine.api import RequestRejected, SamplingParams
 from engine.config import EMBEDDED_MODEL
-from node.admission import (Load, Policy, Reason, Refusal, SignedJob, admit, check_fit, generation_request,
-                            open_job, refusal_for_rejection)
+from node.admission import (Load, Policy, Reason, Refusal, SignedJob, admit, admit_source, check_fit,
+                            generation_request, open_job, refusal_for_rejection, source_network)
 from node.config import EMBEDDED_MODEL_ID
 from node.envelope import pae, seal
 from node.identity import Identity
@@ -189,6 +189,28 @@ def test_load_refusals(load, expected):
 
 def test_load_just_under_the_limits_is_admitted():
     assert admit(opened(), POLICY, Load(client_active=1, client_recent=2, queue_depth=3), NOW) is None
+
+
+@pytest.mark.parametrize(("peer", "source"), [
+    ("ipv4:203.0.113.7:50286", "203.0.113.7"),
+    ("ipv6:%5B2001:db8:1:2:aaaa:bbbb:cccc:dddd%5D:40816", "2001:db8:1:2::/64"),
+    ("ipv6:%5B2001:db8:1:2::1%5D:1", "2001:db8:1:2::/64"),            # the same /64: one source
+    ("ipv6:%5B2001:db8:1:3::1%5D:1", "2001:db8:1:3::/64"),
+    ("ipv6:[::1]:5", "::/64"),
+    ("ipv6:%5B::ffff:203.0.113.7%5D:9", "203.0.113.7"),                # IPv4 on a dual-stack socket
+    ("unix:/run/dspark.sock", "unix:/run/dspark.sock"),
+    ("ipv4:not-an-address:1", "ipv4:not-an-address:1"),
+])
+def test_source_network_groups_a_host_s_addresses(peer, source):
+    assert source_network(peer) == source
+
+
+def test_the_address_limit_refuses_at_its_count_and_zero_is_none():
+    limited = dataclasses.replace(POLICY, address_rate_per_minute=5)
+    assert admit_source("203.0.113.7", 4, limited) is None
+    refusal = admit_source("203.0.113.7", 5, limited)
+    assert refusal == Refusal(Reason.RATE_LIMITED, "203.0.113.7 sent 5 jobs in the last minute (limit 5 per address)")
+    assert admit_source("203.0.113.7", 10**6, dataclasses.replace(POLICY, address_rate_per_minute=0)) is None
 
 
 def test_fit_counts_prompt_and_new_tokens():

@@ -47,3 +47,20 @@ def test_a_client_still_admitting_keeps_its_rate_while_others_are_forgotten():
         clock.now += 1.0
     assert jobs.load(busy).client_recent == 60      # its admissions of the last 60 s
     assert len(jobs._admitted) <= 1 + 61     # it and the keys seen in the last 60 s
+
+
+def test_an_address_counts_its_calls_for_a_minute_and_quiet_ones_are_forgotten():
+    clock = Clock()
+    jobs = table(clock)
+    for n in range(5):
+        jobs.arrive("203.0.113.7")
+        clock.now += 10.0
+    assert jobs.arrivals("203.0.113.7") == 5
+    assert jobs.arrivals("198.51.100.1") == 0
+    clock.now += 15.0      # the first call is 65 s old now, the second 55 s
+    assert jobs.arrivals("203.0.113.7") == 4
+    for n in range(200):   # a new address a second: only the last minute's stay
+        jobs.arrive(f"2001:db8:{n:x}::/64")
+        clock.now += 1.0
+    assert len(jobs._arrived) <= 61
+    assert jobs.arrivals("203.0.113.7") == 0
