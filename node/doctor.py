@@ -23,7 +23,7 @@ from dspark.v1 import advert_pb2, worker_pb2, worker_pb2_grpc
 from node.config import NodeConfig, is_loopback, split_host_port
 from node.envelope import EnvelopeError, open_envelope
 from node.gpu import GpuReport
-from node.identity import Identity, IdentityError
+from node.identity import Identity, IdentityError, peer_id_from_public_key
 from node.ledger_schema import LEDGER_FILE
 from node.probe import Endpoint, ProbeError, TlsMode, describe_rpc_error, open_channel
 
@@ -103,22 +103,57 @@ def _reachable(host: str, port: int, timeout: float) -> bool:
     return True
 
 
-def check_port(field: str, listen: str, node_running: bool, timeout: float = 1.0) -> Check:
-    """`listen` (HOST:PORT) can be bound, or is already served from here by the running node
-    (`node_running`: its gRPC health service answered SERVING)."""
+def node_peer_id(endpoint: Endpoint, tls: TlsMode, timeout: float) -> str | None:
+    """The peer ID of the dspark node answering at `endpoint`: the key that signed its capacity advert
+    (signature checked). None when what answers there is not a node."""
+    try:
+        with open_channel(endpoint, tls, timeout) as channel:
+            envelope = worker_pb2_grpc.WorkerStub(channel).GetCapacity(worker_pb2.GetCapacityRequest(),
+                                                                       timeout=timeout)
+        open_envelope(envelope, advert_pb2.CapacityAdvert)
+    except (ProbeError, EnvelopeError, grpc.RpcError):
+        return None
+    return peer_id_from_public_key(envelope.public_key)
+
+
+def data_dir_peer_id(data_dir: Path) -> str | None:
+    """The peer ID of the key in `data_dir`; None when there is no usable key (check_key says why):
+    then no node runs from this data dir, as `run` refuses such a key."""
+    try:
+        return Identity.load(data_dir / KEY_FILE).peer_id
+    except IdentityError:
+        return None
+
+
+def _held_port(field: str, listen: str, serving: str | None, own: str | None) -> Check:
+    # The peer ID decides, not the address the node holds: this data dir's node on 127.0.0.1 frees
+    # the port for a config now wanting 0.0.0.0 when it restarts with it (one key, one ledger: it never
+    # runs twice), while another data dir's node keeps it, on whichever address, and `run` fails.
+    if serving is None:
+        return Check(f"port {field}", "fail", f"{listen} is held by a program that is not a dspark node "
+                     "(no signed capacity advert on the gRPC port)",
+                     f"stop what holds the port or change {field}; if the node is just starting, "
+                     "rerun doctor in a minute")
+    if serving != own:
+        return Check(f"port {field}", "fail", f"{listen} is held by another dspark node (peer ID {serving}), "
+                     "not this data dir's",
+                     f"stop that node or change {field}; if it is the node meant, pass its --data-dir")
+    return Check(f"port {field}", "ok", f"{listen} is served by the running node and reachable from inside")
+
+
+def check_port(field: str, listen: str, serving: str | None, own: str | None, timeout: float = 1.0) -> Check:
+    """`listen` (HOST:PORT) can be bound, or is already served from here by this data dir's node.
+
+    `serving` is the peer ID of the node answering on the config's gRPC port (None: no node answers),
+    `own` that of the data dir's key (None: none yet); a port in use is taken to be held by the node
+    that holds the gRPC port."""
     host, port = split_host_port(listen)
     error = _bind_error(host, port)
     if error is None:
         return Check(f"port {field}", "ok", f"{listen} is free")
     if error.errno == errno.EADDRINUSE:
         if _reachable(host, port, timeout):
-            if node_running:
-                return Check(f"port {field}", "ok", f"{listen} is served by the running node "
-                             "and reachable from inside")
-            return Check(f"port {field}", "fail", f"{listen} is held by a program that is not a "
-                         "serving node (no SERVING answer on the gRPC port)",
-                         f"stop what holds the port or change {field}; if the node is just starting, "
-                         "rerun doctor in a minute")
+            return _held_port(field, listen, serving, own)
         return Check(f"port {field}", "fail", f"{listen} is in use but does not accept connections",
                      f"stop what holds the port or change {field}")
     if error.errno == errno.EADDRNOTAVAIL:
@@ -138,6 +173,32 @@ def tcp_listen_of_multiaddr(addr: str) -> str | None:
     return None
 
 
+def _loopback_multiaddr(addr: str) -> bool:
+    parts = addr.strip("/").split("/")
+    return len(parts) >= 2 and parts[0] in ("ip4", "ip6") and is_loopback(parts[1])
+
+
+def _on_all_interfaces(addr: str) -> str:
+    """`/ip4/127.0.0.1/tcp/P` -> `/ip4/0.0.0.0/tcp/P` (`/ip6/::/...` for IPv6): the fix to suggest."""
+    parts = addr.strip("/").split("/")
+    return "/" + "/".join([parts[0], "::" if parts[0] == "ip6" else "0.0.0.0", *parts[2:]])
+
+
+def _check_p2p_exposure(config: NodeConfig) -> Check | None:
+    """A node serving the market whose adverts no peer elsewhere can receive: clients never find it."""
+    listen = config.p2p.listen
+    announced = config.p2p.announce_grpc
+    public = (not is_loopback(split_host_port(config.grpc_listen)[0])
+              or announced is not None and not is_loopback(split_host_port(announced)[0]))
+    # No listen address at all is a node run without the peer network on purpose.
+    if not (public and listen and all(map(_loopback_multiaddr, listen))):
+        return None
+    return Check("exposure p2p", "warn", f"p2p.listen {' '.join(listen)} is loopback only: peers on other "
+                 "machines never receive this node's adverts, so no client finds it",
+                 f"set [p2p] listen = [\"{_on_all_interfaces(listen[0])}\"] (DSPARK_P2P__LISTEN) "
+                 "and let peers reach that port")
+
+
 def check_exposure(config: NodeConfig) -> list[Check]:
     """Settings under which clients and peers outside this machine cannot reach the node."""
     checks = []
@@ -151,6 +212,9 @@ def check_exposure(config: NodeConfig) -> list[Check]:
                             f"({config.grpc_listen}) that clients cannot dial",
                             "set p2p.announce_grpc to the public HOST:PORT the provider forwards to "
                             "this port (DSPARK_P2P__ANNOUNCE_GRPC)"))
+    p2p = _check_p2p_exposure(config)
+    if p2p is not None:
+        checks.append(p2p)
     http_host, _ = split_host_port(config.http_listen)
     if not is_loopback(http_host) and not config.dashboard.token:
         checks.append(Check("exposure http", "fail", f"http_listen {config.http_listen} is not loopback "
@@ -171,6 +235,9 @@ def _existing_ancestor(path: Path) -> Path:
 def check_disk(label: str, path: Path, min_free_bytes: int) -> Check:
     """Free space where `path` is (or will be created): models are converted and cached there."""
     where = _existing_ancestor(path)
+    if not where.is_dir():     # the free space of the file's disk would pass a path `run` refuses
+        return Check(f"disk {label}", "fail", f"{where} is a file, not a directory ({path})",
+                     "move the file away, or point the path at a directory")
     free = shutil.disk_usage(where).free
     gib = free / 2**30
     if free < min_free_bytes:

@@ -11,15 +11,13 @@ import os
 import sys
 from pathlib import Path
 
-import grpc
-
 from engine.loading import cache_root
 from node.config import NodeConfig, load_config
 from node.doctor import (Check, check_clock, check_cuda, check_disk, check_exposure, check_gpu, check_key,
-                         check_port, tcp_listen_of_multiaddr)
+                         check_port, data_dir_peer_id, node_peer_id, tcp_listen_of_multiaddr)
 from node.commands.health import endpoint_argument
 from node.gpu import detect_gpus
-from node.probe import ProbeError, health_status, parse_endpoint
+from node.probe import parse_endpoint
 from node.settings import ConfigError
 
 _MARKS = {"ok": "[ok]  ", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
@@ -43,24 +41,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _local_node_serving(config: NodeConfig, tls: str) -> bool:
-    """Whether a node already answers SERVING on this config's gRPC port (then its ports are in use
-    by it, not by a conflicting program)."""
+def _grpc_port_peer_id(config: NodeConfig, tls: str) -> str | None:
+    """The peer ID of the node already answering on this config's gRPC port (then its ports are in
+    use by it, not by a conflicting program); None when no node answers there."""
     endpoint = parse_endpoint(config.grpc_listen.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:"))
-    try:
-        return health_status(endpoint, tls, timeout=1.0) == "SERVING"
-    except (ProbeError, grpc.RpcError):
-        return False
+    return node_peer_id(endpoint, tls, timeout=2.0)
 
 
 def diagnose(config: NodeConfig, args: argparse.Namespace) -> list[Check]:
     report = detect_gpus()
     checks = [check_gpu(report, config.engine.device, args.require_gpu), check_cuda(report)]
     checks += check_exposure(config)
-    running = _local_node_serving(config, args.tls)
+    serving, own = _grpc_port_peer_id(config, args.tls), data_dir_peer_id(config.data_dir)
     listens = [("grpc_listen", config.grpc_listen), ("http_listen", config.http_listen)]
     listens += [("p2p.listen", tcp) for tcp in map(tcp_listen_of_multiaddr, config.p2p.listen) if tcp]
-    checks += [check_port(field, listen, running) for field, listen in listens]
+    checks += [check_port(field, listen, serving, own) for field, listen in listens]
     min_free = int(args.min_free_gb * 2**30)
     checks.append(check_disk("data_dir", config.data_dir, min_free))
     checks.append(check_disk("model cache", cache_root(), min_free))

@@ -131,29 +131,67 @@ def test_key_owned_by_another_user_fails(data_dir):
 
 def test_port_free_held_and_not_local():
     port = free_port()
-    assert check_port("grpc_listen", f"127.0.0.1:{port}", node_running=False).status == "ok"
+    own, other = Identity.generate().peer_id, Identity.generate().peer_id
+    assert check_port("grpc_listen", f"127.0.0.1:{port}", serving=None, own=own).status == "ok"
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", port))
         holder.listen()
-        held = check_port("grpc_listen", f"127.0.0.1:{port}", node_running=False)
+        held = check_port("grpc_listen", f"127.0.0.1:{port}", serving=None, own=own)
         assert held.status == "fail" and "grpc_listen" in held.fix
-        assert check_port("grpc_listen", f"127.0.0.1:{port}", node_running=True).status == "ok"
+        assert check_port("grpc_listen", f"127.0.0.1:{port}", serving=own, own=own).status == "ok"
+        taken = check_port("grpc_listen", f"127.0.0.1:{port}", serving=other, own=own)
+        assert taken.status == "fail" and other in taken.detail and "--data-dir" in taken.fix
+        assert check_port("grpc_listen", f"127.0.0.1:{port}", serving=other, own=None).status == "fail"
     # 192.0.2.0/24 is reserved for documentation: never an address of this machine; bind sends nothing.
-    foreign = check_port("http_listen", "192.0.2.1:7441", node_running=False)
+    foreign = check_port("http_listen", "192.0.2.1:7441", serving=None, own=own)
     assert foreign.status == "fail" and "not an address of this machine" in foreign.detail
 
 
-def test_running_node_ports_are_recognised(data_dir, monkeypatch, capsys):
-    """A node already serving on the configured gRPC port: its ports are in use, and that is fine."""
-    servicer = health.HealthServicer()
-    server, port = start_server([lambda s: health_pb2_grpc.add_HealthServicer_to_server(servicer, s)], tls=False)
-    try:
-        free_listens(monkeypatch)
-        monkeypatch.setenv("DSPARK_GRPC_LISTEN", f"127.0.0.1:{port}")
-        doctor(["--data-dir", str(data_dir), "--min-free-gb", "0"])
-        assert f"[ok]   port grpc_listen: 127.0.0.1:{port} is served by the running node" in capsys.readouterr().out
-    finally:
-        server.stop(grace=None)
+@pytest.fixture
+def node_on_grpc_port(monkeypatch):
+    """A gRPC server answering as a node does: SERVING, and capacity adverts signed by its own key
+    (the other two ports free)."""
+    servicer = _Peer()
+    server, port = start_server([lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s),
+                                 lambda s: health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), s)],
+                                tls=False)
+    free_listens(monkeypatch)
+    yield servicer.identity, port
+    server.stop(grace=None)
+
+
+# The server holds 127.0.0.1: a config wanting 0.0.0.0 cannot bind that port either while it runs.
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_ports_of_this_data_dirs_running_node_are_recognised(host, node_on_grpc_port, data_dir, monkeypatch,
+                                                             capsys):
+    identity, port = node_on_grpc_port
+    identity.save(data_dir / "node.key")
+    monkeypatch.setenv("DSPARK_GRPC_LISTEN", f"{host}:{port}")
+    doctor(["--data-dir", str(data_dir), "--min-free-gb", "0"])
+    assert f"[ok]   port grpc_listen: {host}:{port} is served by the running node" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+@pytest.mark.parametrize("key", ["another key", "no key yet"])
+def test_ports_held_by_a_node_of_another_data_dir_fail(key, host, node_on_grpc_port, data_dir, monkeypatch, capsys):
+    identity, port = node_on_grpc_port
+    if key == "another key":
+        Identity.generate().save(data_dir / "node.key")
+    monkeypatch.setenv("DSPARK_GRPC_LISTEN", f"{host}:{port}")
+    assert doctor(["--data-dir", str(data_dir), "--min-free-gb", "0"]) == 1
+    out = capsys.readouterr().out
+    assert (f"[FAIL] port grpc_listen: {host}:{port} is held by another dspark node (peer ID {identity.peer_id}), "
+            "not this data dir's") in out
+    assert "served by the running node" not in out
+
+
+def test_a_health_service_alone_is_not_taken_for_a_node(health_server, data_dir, monkeypatch, capsys):
+    _, port, _ = health_server
+    free_listens(monkeypatch)
+    monkeypatch.setenv("DSPARK_GRPC_LISTEN", f"127.0.0.1:{port}")
+    assert doctor(["--data-dir", str(data_dir), "--min-free-gb", "0"]) == 1
+    assert f"[FAIL] port grpc_listen: 127.0.0.1:{port} is held by a program that is not a dspark node" in \
+        capsys.readouterr().out
 
 
 def test_multiaddr_ports():
@@ -164,18 +202,58 @@ def test_multiaddr_ports():
 
 def test_exposure_warnings():
     assert check_exposure(load_config())[0].status == "warn"  # loopback gRPC: no market client reaches it
-    public = load_config(overrides={"grpc_listen": "0.0.0.0:7440", "p2p": {"announce_grpc": "203.0.113.7:31440"}})
+    public_p2p = {"listen": ["/ip4/0.0.0.0/tcp/7442"], "announce_grpc": "203.0.113.7:31440"}
+    public = load_config(overrides={"grpc_listen": "0.0.0.0:7440", "p2p": public_p2p})
     assert [c.status for c in check_exposure(public)] == ["ok"]
-    unannounced = check_exposure(load_config(overrides={"grpc_listen": "0.0.0.0:7440"}))
+    unannounced = check_exposure(load_config(overrides={"grpc_listen": "0.0.0.0:7440",
+                                                        "p2p": {"listen": ["/ip4/0.0.0.0/tcp/7442"]}}))
     assert unannounced[0].status == "warn" and "announce_grpc" in unannounced[0].fix
     open_dashboard = check_exposure(load_config(overrides={"grpc_listen": "0.0.0.0:7440", "http_listen": "0.0.0.0:7441",
-                                                           "p2p": {"announce_grpc": "203.0.113.7:31440"}}))
+                                                           "p2p": public_p2p}))
     assert open_dashboard[0].status == "fail" and "dashboard.token" in open_dashboard[0].fix
+
+
+def test_public_grpc_with_loopback_p2p_warns_through_the_environment(data_dir, monkeypatch, capsys):
+    """The reported case: gRPC exposed and announced, p2p.listen left on its loopback default."""
+    free_listens(monkeypatch)
+    monkeypatch.setenv("DSPARK_GRPC_LISTEN", f"0.0.0.0:{free_port()}")
+    monkeypatch.setenv("DSPARK_P2P__ANNOUNCE_GRPC", "1.2.3.4:7440")
+    monkeypatch.delenv("DSPARK_P2P__LISTEN")
+    doctor(["--data-dir", str(data_dir), "--min-free-gb", "0"])
+    out = capsys.readouterr().out
+    assert "[warn] exposure p2p: p2p.listen /ip4/127.0.0.1/tcp/7442 is loopback only" in out
+    assert "[p2p] listen" in out and "DSPARK_P2P__LISTEN" in out
+    assert "[ok]   exposure:" not in out
+
+
+@pytest.mark.parametrize("grpc_listen, announce, listen, warned", [
+    ("0.0.0.0:7440", "203.0.113.7:7440", ["/ip4/127.0.0.1/tcp/7442", "/ip6/::1/tcp/7442"], True),
+    ("127.0.0.1:7440", "203.0.113.7:7440", ["/ip4/127.0.0.1/udp/7442/quic-v1"], True),    # announced publicly
+    ("0.0.0.0:7440", "203.0.113.7:7440", ["/ip4/127.0.0.1/tcp/7442", "/ip4/0.0.0.0/tcp/7443"], False),
+    ("0.0.0.0:7440", "203.0.113.7:7440", [], False),                    # no peer network at all: nothing to see
+    ("127.0.0.1:7440", None, ["/ip4/127.0.0.1/tcp/7442"], False),       # a node for this machine only
+])
+def test_p2p_exposure(grpc_listen, announce, listen, warned):
+    config = load_config(overrides={"grpc_listen": grpc_listen, "p2p": {"listen": listen, "announce_grpc": announce}})
+    p2p = [check for check in check_exposure(config) if check.name == "exposure p2p"]
+    assert bool(p2p) == warned
+    if warned:
+        assert p2p[0].status == "warn" and "DSPARK_P2P__LISTEN" in p2p[0].fix
 
 
 def test_disk_threshold(tmp_path):
     assert check_disk("data_dir", tmp_path / "not" / "yet", 0).status == "ok"
     assert check_disk("data_dir", tmp_path, 1 << 62).status == "fail"
+
+
+def test_disk_of_a_data_dir_that_is_a_file_fails(tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("")
+    for path in (tmp_path / "afile", tmp_path / "afile" / "below"):
+        result = check_disk("data_dir", path, 0)
+        assert result.status == "fail" and f"{tmp_path / 'afile'} is a file, not a directory" in result.detail
+    free_listens(monkeypatch)
+    assert doctor(["--data-dir", str(tmp_path / "afile"), "--min-free-gb", "0"]) == 1
+    assert "[FAIL] disk data_dir:" in capsys.readouterr().out
 
 
 class _Peer(worker_pb2_grpc.WorkerServicer):

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from deploy_helpers import free_port
 
+from node.identity import Identity
 from node.probe import ProbeError, health_status, parse_endpoint
 
 pytestmark = pytest.mark.slow
@@ -83,6 +84,20 @@ def test_doctor_recognises_the_running_node_and_reads_its_clock(node):
     assert "[ok]   clock: this clock is" in out  # the node's signed advert, verified, same machine
     key = home / "data" / "node.key"
     assert f"[ok]   key: {key} (mode 600), peer ID 12D3KooW" in out
+
+
+def test_doctor_fails_the_ports_of_the_running_node_for_another_data_dir(node, tmp_path):
+    """The node runs from one data dir; doctor for a config with its ports but another data dir (the
+    operator's second node, or a forgotten --data-dir) would see `run` fail with the port in use."""
+    _, env, grpc_listen, home = node
+    peer_id = Identity.load(home / "data" / "node.key").peer_id
+    result = cli("doctor", "--data-dir", str(tmp_path / "other"), "--min-free-gb", "0", env=env)
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    held = f"is held by another dspark node (peer ID {peer_id}), not this data dir's"
+    assert f"[FAIL] port grpc_listen: {grpc_listen} {held}" in out
+    assert "[FAIL] port http_listen:" in out and held in out.split("http_listen:")[1]
+    assert "served by the running node" not in out
 
 
 def test_healthcheck_fails_once_the_node_stops(node):
