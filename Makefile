@@ -7,6 +7,7 @@ setup:
 run: setup
 	.venv/bin/dspark-node run
 
-test: setup
+test:
+	@EXTRAS=test bash scripts/setup.sh
 	@bash scripts/test-deps.sh
 	.venv/bin/pytest
