@@ -57,6 +57,14 @@ _CHAT_ROLES = ("system", "user", "assistant")
 # instead of 1.3 s on a node given one core; 4.6 s with one such thread (the rest is that core's
 # share). Ledger writes no longer wait behind them in that pool either.
 TOKENIZE_THREADS = max(1, (os.cpu_count() or 1) // 4)
+# A call from an address past its limit is answered this late. Refused at once, a flooding client
+# only sent faster: four clients on one address sent 690 refused 1 MiB jobs a second, and receiving
+# them took the core a running job needed (docs/benchmarks.md, the prompt flood). A client that
+# waits for its answers now sends one call a second per stream. Held calls are capped, so that one
+# opening many streams at once costs the node no more than that many idle tasks (the job itself is
+# not kept); past the cap the refusal is immediate.
+TARPIT_S = 1.0
+MAX_TARPITTED = 256
 
 
 def build_policy(config: NodeConfig, peer_id: str, engine) -> Policy:
@@ -97,6 +105,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._capacity = capacity
         self._heartbeat_s = heartbeat_s
         self._tokenizing = concurrent.futures.ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize")
+        self._tarpitted = 0
 
     def close(self) -> None:
         """After the server stopped: no call is left to wait for a tokenization."""
@@ -111,6 +120,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         source = admission.source_network(context.peer())
         refusal = admission.admit_source(source, self._jobs.arrivals(source), self._policy)
         if refusal:
+            del request
+            await self._tarpit()
             await self._refuse(context, refusal)
         self._jobs.arrive(source)
         job = admission.open_job(request)
@@ -153,6 +164,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 # The client cancelled or its deadline passed (grpc cancels this task or closes
                 # this generator): free the slot; the runner still writes the receipt.
                 self._jobs.cancel(running)
+
+    async def _tarpit(self) -> None:
+        if self._tarpitted >= MAX_TARPITTED:
+            return
+        self._tarpitted += 1
+        try:
+            await asyncio.sleep(TARPIT_S)
+        finally:
+            self._tarpitted -= 1
 
     async def _register(self, job: SignedJob, generation: GenerationRequest) -> GenerationRequest | Refusal:
         """Record the job id as used. Last of the checks: a job refused before this leaves its id

@@ -3,12 +3,15 @@ loopback: jobs signed by new keys each are refused past it, and another address 
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 
 from node.admission import Reason
 from node.client import JobRefused, WorkerClient
 from node.identity import Identity
+from node.service import TARPIT_S
 from node_harness import node_toml, start_daemon
 
 pytestmark = pytest.mark.slow
@@ -45,6 +48,9 @@ async def test_new_keys_from_one_address_meet_its_limit_and_another_address_does
     assert ipv4[:LIMIT] == ["served"] * LIMIT, ipv4
     assert ipv4[LIMIT].startswith(f"{Reason.RATE_LIMITED}: "), ipv4
     assert f"127.0.0.1 sent {LIMIT} jobs in the last minute (limit {LIMIT} per address)" in ipv4[LIMIT]
-    # The refused call was not counted: the address stays at its limit, no further behind.
+    # The refused call was not counted: the address stays at its limit, no further behind. Its
+    # answer is held back, so a flooder waiting for answers cannot send faster for being refused.
+    started = time.monotonic()
     assert (await submit(daemon, "127.0.0.1")).startswith(f"{Reason.RATE_LIMITED}: 127.0.0.1 sent {LIMIT} jobs")
+    assert time.monotonic() - started >= TARPIT_S
     assert await submit(daemon, "[::1]") == "served"
