@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -72,6 +73,21 @@ def parse_bootstrap(addrs: tuple[str, ...]) -> list[PeerInfo]:
     return infos
 
 
+def route_libp2p_logs() -> None:
+    """py-libp2p turns its loggers off unless LIBP2P_DEBUG is set (then it formats them itself),
+    which leaves its warnings and errors to logging's last-resort handler: bare lines on stderr, no
+    time or logger name, and an ERROR for each redial of a peer that has left (16-20 for every
+    departed gateway or `peers` run). They now go through the node's own handler, formatted, and only
+    at --log-level DEBUG: the node logs what the network's state means for it (peers, adverts,
+    bootstrap) itself."""
+    if os.environ.get("LIBP2P_DEBUG"):
+        return
+    logger = logging.getLogger("libp2p")
+    logger.propagate = True
+    debugging = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    logger.setLevel(logging.WARNING if debugging else logging.CRITICAL + 1)
+
+
 def _key_pair(identity: Identity) -> KeyPair:
     private = P2PPrivateKey.new(identity.seed)
     return KeyPair(private, private.get_public_key())
@@ -100,6 +116,7 @@ class P2PHost:
 
     # -- asyncio side -----------------------------------------------------------------------
     async def start(self) -> None:
+        route_libp2p_logs()
         self._ended = asyncio.get_running_loop().create_future()
         self._thread = threading.Thread(target=self._thread_main, name="libp2p-trio", daemon=True)
         self._thread.start()
