@@ -46,12 +46,26 @@ def _chosen_command(argv: list[str]) -> str | None:
     return None
 
 
+def _add_global_flags(parser: argparse.ArgumentParser, default: str | None = argparse.SUPPRESS) -> None:
+    parser.add_argument("--log-level", default=default,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity (stderr)")
+
+
+def _accept_global_flags(parser: argparse.ArgumentParser) -> None:
+    """The global flags on every (sub)command too: `submit ... --log-level DEBUG` is how people type
+    it. Their default there is SUPPRESS, so a command not given one keeps the top level's value."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _add_global_flags(command)
+                _accept_global_flags(command)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dspark-node",
         description="Worker node for decentralized GPU markets, serving DSpark speculative decoding.")
-    parser.add_argument("--log-level", default="WARNING",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity (stderr)")
+    _add_global_flags(parser, "WARNING")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     names = {command_name(m): m for m in COMMANDS}
     chosen = _chosen_command(sys.argv[1:] if argv is None else argv)
@@ -63,6 +77,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             sub.add_parser(name)
         else:
             importlib.import_module(module).register(sub)
+    _accept_global_flags(parser)
     return parser
 
 

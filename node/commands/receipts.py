@@ -20,7 +20,7 @@ from typing import Callable, Iterator, TextIO
 from node.billing import (BillingError, UnverifiedReceipt, check_proof, iso_time, load_period, parse_time_ms,
                           period_proof, receipt_record, write_export)
 from node.config import DEFAULT_DATA_DIR
-from node.identity import IdentityError, public_key_from_peer_id
+from node.identity import IdentityError, peer_id_from_public_key, public_key_from_peer_id
 from node.ledger import LEDGER_FILE, DamagedRow, Ledger, LedgerError, unreadable
 from node.ledger_audit import audit_ledger
 from node.gateway.receipt_audit import audit_store
@@ -170,6 +170,11 @@ def _verify(args: argparse.Namespace) -> int:
                 raise _UsageError("--peer-id applies to a node's ledger; a gateway's store holds many "
                                   "workers' receipts")
             report = audit_store(ledger)
+        elif key is not None and key != ledger.worker_public_key:
+            # Every row would fail its signature check, one line each, hiding the one cause.
+            print(f"FAILED: this ledger belongs to {_owner(ledger.worker_public_key)} (the key it stores), not "
+                  f"to {args.peer_id}, so no receipt in it is signed by {args.peer_id}", file=sys.stderr)
+            return 1
         else:
             report = audit_ledger(ledger, key)
     if report.ok:
@@ -181,6 +186,13 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"  also: {problem}", file=sys.stderr)
     print(f"{report.checked} receipts checked, {len(report.problems)} problems", file=sys.stderr)
     return 1
+
+
+def _owner(stored_key: bytes) -> str:
+    try:
+        return f"peer ID {peer_id_from_public_key(stored_key)}"
+    except (IdentityError, TypeError):      # a meta table edited to a key of another size, or to TEXT
+        return "a key that is not an Ed25519 public key (the ledger's meta table is damaged)"
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -248,17 +260,23 @@ def _output(path: Path | None) -> Iterator[TextIO]:
             shutil.copyfileobj(spool, sys.stdout)
         return
     try:
-        tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, newline="")
+        with atomic_file(path) as out:
+            yield out
     except OSError as exc:
         raise _unwritable(path, exc) from None
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[TextIO]:
+    """`path` written under a temporary name beside it and renamed over it when complete (also for
+    `submit --receipt-out`). OSError as raised: the directory refuses the file, a write or the rename fails."""
+    tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, newline="")
     try:
         with tmp:
             yield tmp
         os.replace(tmp.name, path)
-    except BaseException as exc:     # a refusal midway, or a write or rename that failed: no file left behind
+    except BaseException:     # a refusal midway, or a write or rename that failed: no file left behind
         os.unlink(tmp.name)
-        if isinstance(exc, OSError):
-            raise _unwritable(path, exc) from None
         raise
 
 

@@ -1,23 +1,34 @@
-"""`dspark-node submit`: sign a job, stream its text to stdout, verify the receipt."""
+"""`dspark-node submit`: sign a job, stream its text to stdout, verify the receipt, countersign it
+(an Acknowledgment, docs/receipts.md) and keep a copy (--receipt-out)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import json
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from dspark.v1.envelope_pb2 import Envelope
 from engine.api import SEED_LIMIT
 from node import keepalive
-from node.client import MAX_JOB_TIMEOUT_S, ClientError, JobRefused, WorkerClient, idle_timeout_problem
+from node.billing import receipt_record
+from node.client import MAX_JOB_TIMEOUT_S, ClientError, JobRefused, JobResult, WorkerClient, idle_timeout_problem
 from node.commands import submit_network
 from node.commands.keys import DEFAULT_CLIENT_KEY
+from node.commands.receipts import atomic_file
 from node.commands.terminal import answer_printer
+from node.envelope import digest
 from node.identity import Identity, IdentityError
+from node.ledger import ReceiptRow
 from node.p2p.discovery import DiscoveryError
 from node.p2p.failover import NoWorkerError
+from node.receipts import acknowledgment
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--idle-timeout", type=float, default=keepalive.IDLE_TIMEOUT_S, metavar="SECONDS",
                         help="give up on a worker that sends nothing, not even a progress event, for this long "
                              f"(more than {keepalive.HEARTBEAT_S:g}; default: %(default)g)")
+    parser.add_argument("--no-acknowledge", dest="acknowledge", action="store_false",
+                        help="do not countersign the verified receipt (by default the worker is sent the client's "
+                             "acknowledgment, so its ledger shows the bill as accepted)")
+    parser.add_argument("--receipt-out", type=lambda text: Path(text).expanduser(), metavar="FILE",
+                        help="write the verified receipt and the acknowledgment to FILE (JSON: the fields of "
+                             "`receipts show`, with the envelopes in base64)")
     submit_network.add_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -54,7 +71,65 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-async def _submit(args: argparse.Namespace, identity: Identity) -> int:
+@dataclass
+class ReceiptKeeper:
+    """What submit does with a verified receipt, on either path (--node, or the peer network):
+    `countersign` while the worker's connection is open, then `report` once the answer and the
+    receipt line are printed."""
+    acknowledge: bool
+    out: Path | None
+    key: Path
+    ack: Envelope | None = None
+    refusal: str = ""
+
+    async def countersign(self, client: WorkerClient, result: JobResult) -> None:
+        # A job the worker ended early is not an answer: its bill is kept (--receipt-out) but not
+        # accepted. (The peer network gives no such result: it tries the next worker.)
+        if not self.acknowledge or not result.finished:
+            return
+        ack = acknowledgment(client.identity, result.receipt_envelope)
+        try:
+            await client.acknowledge(result.receipt_envelope, ack=ack)
+        except (JobRefused, ClientError) as exc:
+            self.refusal = str(exc)
+        else:
+            self.ack = ack
+
+    def report(self, result: JobResult) -> int:
+        """Say what was done with the receipt; the exit status it calls for."""
+        sequence = result.receipt.sequence
+        if self.ack is not None:
+            print(f"receipt #{sequence} acknowledged (countersigned with the client key {self.key})", file=sys.stderr)
+        elif self.refusal:
+            # Exit 0 all the same: the answer and its verified receipt stand, and the acknowledgment
+            # only adds the client's signature to the worker's copy. A script that retried on a
+            # non-zero status would run, and pay for, the job again.
+            print(f"dspark-node submit: warning: the worker did not take the acknowledgment of receipt "
+                  f"#{sequence} ({self.refusal}); its ledger shows the bill as not acknowledged", file=sys.stderr)
+        if self.out is None:
+            return 0
+        try:
+            with atomic_file(self.out) as out:
+                json.dump(self._record(result), out, indent=2)
+                out.write("\n")
+        except OSError as exc:
+            # Asked for and not written: the receipt stays in the worker's ledger (WorkerClient.get_receipt).
+            return _fail(f"--receipt-out {self.out}: cannot write the receipt there ({exc.strerror})")
+        print(f"receipt #{sequence} written to {self.out}", file=sys.stderr)
+        return 0
+
+    def _record(self, result: JobResult) -> dict[str, object]:
+        """`receipts show`'s record of the receipt (with the worker's envelope, for re-verifying), and
+        the acknowledgment envelope the worker took (null when none)."""
+        envelope = result.receipt_envelope.SerializeToString(deterministic=True)
+        ack = self.ack.SerializeToString(deterministic=True) if self.ack is not None else None
+        r = result.receipt
+        row = ReceiptRow(r.sequence, r.client_public_key, r.job_id, digest(result.receipt_envelope), r.issued_at_ms,
+                         r.outcome, r.output_tokens, r.amount_micros, envelope, ack)
+        return {**receipt_record(row, r), "acknowledgment": base64.b64encode(ack).decode() if ack is not None else None}
+
+
+async def _submit(args: argparse.Namespace, identity: Identity, keeper: ReceiptKeeper) -> int:
     try:
         client = await WorkerClient.connect(args.node, identity, peer_id=args.peer_id, tls=args.tls)
     except ClientError as exc:
@@ -74,14 +149,16 @@ async def _submit(args: argparse.Namespace, identity: Identity) -> int:
             return _fail(f"refused: {exc}")
         except ClientError as exc:
             return _fail(str(exc))
-        print()
-        receipt = result.receipt
-        print(f"[{result.finish_reason}] {receipt.output_tokens} tokens, {receipt.tokens_per_second:.1f} tok/s, "
-              f"amount {receipt.amount_micros} micros, receipt #{receipt.sequence} verified "
-              f"(worker {client.peer_id})", file=sys.stderr)
-        if not result.finished:
-            return _fail(f"the worker ended the job early ({result.finish_reason}); its receipt bills what it produced")
-        return 0
+        await keeper.countersign(client, result)
+    print()
+    receipt = result.receipt
+    print(f"[{result.finish_reason}] {receipt.output_tokens} tokens, {receipt.tokens_per_second:.1f} tok/s, "
+          f"amount {receipt.amount_micros} micros, receipt #{receipt.sequence} verified "
+          f"(worker {client.peer_id})", file=sys.stderr)
+    code = keeper.report(result)
+    if not result.finished:
+        return _fail(f"the worker ended the job early ({result.finish_reason}); its receipt bills what it produced")
+    return code
 
 
 def _bad_argument(args: argparse.Namespace) -> str | None:
@@ -102,11 +179,27 @@ def _bad_argument(args: argparse.Namespace) -> str | None:
     problem = idle_timeout_problem(args.idle_timeout)
     if problem:
         return f"--idle-timeout {problem}"
+    if args.receipt_out is not None:
+        problem = _unwritable(args.receipt_out)
+        if problem:
+            return f"--receipt-out {args.receipt_out}: {problem}"
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:
         return "--prompt is not valid UTF-8 text (check the terminal's or the file's encoding)"
     return submit_network.missing_flag(args) if args.node is None else None
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why no file can be written at `path`, found before the job is paid for. A file made and
+    dropped in its directory, not os.access: root passes that on a read-only directory."""
+    if path.is_dir():
+        return "is a directory"
+    try:
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as exc:
+        return f"cannot write there ({exc.strerror})"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,9 +213,10 @@ def run(args: argparse.Namespace) -> int:
         identity = Identity.load_or_create(path)
     except IdentityError as exc:
         return _fail(str(exc))
+    keeper = ReceiptKeeper(args.acknowledge, args.receipt_out, path)
     if args.node is None:
         try:
-            return submit_network.run(args, identity)
+            return submit_network.run(args, identity, keeper)
         except (DiscoveryError, NoWorkerError) as exc:
             return _fail(str(exc))
-    return asyncio.run(_submit(args, identity))
+    return asyncio.run(_submit(args, identity, keeper))

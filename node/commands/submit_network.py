@@ -1,5 +1,6 @@
 """The peer-network path of `dspark-node submit` (no --node): its flags and its run, called by
-node/commands/submit.py, which checks the flags and reports a DiscoveryError or NoWorkerError. Finds
+node/commands/submit.py, which checks the flags, reports a DiscoveryError or NoWorkerError, and
+keeps the receipt as on the --node path (its ReceiptKeeper). Finds
 a worker for --model through --bootstrap peers (or mDNS), with failover (node/p2p/failover.py)."""
 
 from __future__ import annotations
@@ -7,11 +8,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import TYPE_CHECKING
 
 from node.commands.terminal import answer_printer
 from node.config import model_id
 from node.identity import Identity
 from node.p2p.failover import Attempt, submit_via_network
+
+if TYPE_CHECKING:      # submit.py imports this module
+    from node.commands.submit import ReceiptKeeper
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,18 +43,18 @@ def missing_flag(args: argparse.Namespace) -> str | None:
     return None
 
 
-def run(args: argparse.Namespace, identity: Identity) -> int:
+def run(args: argparse.Namespace, identity: Identity, keeper: ReceiptKeeper) -> int:
     prompt = {"text": args.prompt} if args.raw else {"chat": [{"role": "user", "content": args.prompt}]}
     outcome = asyncio.run(submit_via_network(
         identity, args.bootstrap, args.model, prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, seed=args.seed, max_price_per_mtok_micros=args.max_price,
         max_price_per_gpu_second_micros=args.max_price_gpu_second, tls=args.tls, timeout_s=args.timeout,
         idle_timeout_s=args.idle_timeout, max_attempts=args.attempts, mdns=args.mdns,
-        on_text=answer_printer(), on_failover=_failed_over))
+        on_text=answer_printer(), on_failover=_failed_over, on_completed=keeper.countersign))
     print()
     receipt = outcome.result.receipt
     first = f"{outcome.time_to_first_token_s:.2f} s" if outcome.time_to_first_token_s is not None else "n/a"
     print(f"[{outcome.result.finish_reason}] {receipt.output_tokens} tokens, {receipt.tokens_per_second:.1f} tok/s, "
           f"amount {receipt.amount_micros} micros, receipt #{receipt.sequence} verified (worker {outcome.worker}); "
           f"discovery {outcome.discovery_s:.2f} s, first token {first}", file=sys.stderr)
-    return 0
+    return keeper.report(outcome.result)

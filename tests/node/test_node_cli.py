@@ -236,6 +236,47 @@ def test_submit_without_a_node_refuses_missing_network_flags_before_making_a_key
     assert not key.exists()
 
 
+@pytest.mark.parametrize("where, words", [
+    ("file/receipt.json", ("--receipt-out", "file/receipt.json: cannot write there (Not a directory)")),
+    ("missing/receipt.json", ("missing/receipt.json: cannot write there (No such file or directory)",)),
+    (".", ("--receipt-out", ": is a directory")),
+])
+def test_submit_refuses_a_receipt_out_it_cannot_write_before_making_a_key(tmp_path, where, words):
+    """Found before the job is paid for, not once its receipt has nowhere to go."""
+    (tmp_path / "file").write_text("")
+    key = tmp_path / "client.key"
+    ran = cli("submit", "--node", "127.0.0.1:9", "--key", str(key), "--prompt", "hi",
+              "--receipt-out", str(tmp_path / where))
+    refused_clearly(ran, 2, *words)
+    assert not key.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--log-level", "DEBUG", "keys", "show"],
+    ["keys", "show", "--log-level", "DEBUG"],
+    ["receipts", "verify", "--log-level", "DEBUG"],       # a subcommand's own action
+    ["--log-level", "ERROR", "submit", "--prompt", "hi", "--log-level", "DEBUG"],     # the last one given
+])
+def test_the_log_level_is_taken_before_or_after_the_command(argv):
+    from node.cli import build_parser
+
+    assert build_parser(argv).parse_args(argv).log_level == "DEBUG"
+
+
+def test_a_command_given_no_log_level_keeps_the_default():
+    from node.cli import build_parser
+
+    assert build_parser(["keys", "show"]).parse_args(["keys", "show"]).log_level == "WARNING"
+
+
+def test_submit_takes_the_log_level_after_its_flags(tmp_path):
+    """It was refused: `unrecognized arguments: --log-level DEBUG`."""
+    ran = cli("submit", "--node", "127.0.0.1:9", "--key", str(tmp_path / "client.key"), "--prompt", "hi",
+              "--timeout", "5", "--log-level", "DEBUG")
+    refused_clearly(ran, 1, "cannot reach the worker at 127.0.0.1:9")
+    assert " DEBUG " in ran.stderr      # a log line at that level
+
+
 @pytest.mark.parametrize("command, flags, words", [
     ("generate", ("--prompt", "hi", "--block-size", "99"), ("error: --block-size: ", "less than or equal to 32")),
     ("bench", ("--block-size", "0"), ("error: --block-size: ", "greater than or equal to 1")),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import re
 import secrets
 import sqlite3
@@ -16,12 +18,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dspark.v1 import job_pb2, worker_pb2_grpc
+from dspark.v1.envelope_pb2 import Envelope
 from engine.api import GenerationRequest, GenerationResult, SamplingParams
 from node.client import ClientError, JobRefused, WorkerClient
 from node.envelope import seal
 from node.identity import Identity
 from node.ledger_schema import LEDGER_FILE
-from node.receipts import billed_amount, verify_receipt
+from node.receipts import billed_amount, check_acknowledgment, verify_receipt
 from node_harness import node_toml, start_daemon
 
 pytestmark = pytest.mark.slow
@@ -222,6 +225,42 @@ def test_submit_command_sends_its_gpu_second_cap(daemon, tmp_path, capsys):
     assert code == 1 and "GPU-second price cap 999 is below this node's price of 1000" in err, err
     code, err = submit("--max-price-gpu-second", "1000")
     assert code == 0 and "verified" in err, err
+
+
+def test_submit_command_acknowledges_its_receipt_and_keeps_a_copy(daemon, tmp_path, capsys):
+    """The node's ledger showed `ACK no` for every job sent with `submit`, which kept no receipt either."""
+    from node.cli import main
+
+    key, out = tmp_path / "client.key", tmp_path / "receipts" / "job.json"
+    out.parent.mkdir()
+
+    def submit(*flags: str) -> tuple[dict, str]:
+        code = main(["submit", "--node", daemon.grpc, "--prompt", "Hi", "--max-new-tokens", "2", "--key", str(key),
+                     "--receipt-out", str(out), *flags])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        assert [p.name for p in out.parent.iterdir()] == ["job.json"]     # no temporary file left beside it
+        return json.loads(out.read_text()), err
+
+    def acks_listed() -> list[str]:
+        main(["receipts", "list", "--data-dir", str(daemon.data_dir), "--client", Identity.load(key).public_key.hex()])
+        return [line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:]]
+
+    record, err = submit()
+    envelope = Envelope.FromString(base64.b64decode(record["envelope"]))
+    receipt = verify_receipt(envelope, daemon.peer_id)
+    ack = Envelope.FromString(base64.b64decode(record["acknowledgment"]))
+    check_acknowledgment(ack, envelope, receipt)
+    assert ack.public_key == Identity.load(key).public_key and record["acknowledged"] is True
+    assert (record["sequence"], record["job_id"]) == (receipt.sequence, receipt.job_id.hex())
+    assert f"receipt #{receipt.sequence} acknowledged (countersigned with the client key {key})" in err
+    assert f"receipt #{receipt.sequence} written to {out}" in err
+    assert acks_listed() == ["yes"]
+
+    record, err = submit("--no-acknowledge")        # the file is replaced, whole
+    assert (record["acknowledgment"], record["acknowledged"]) == (None, False)
+    assert record["sequence"] > receipt.sequence and "acknowledged (" not in err
+    assert acks_listed() == ["no", "yes"]
 
 
 @pytest.mark.asyncio

@@ -3,10 +3,12 @@ the cheapest worker; a GPU-second price cap below that worker's time price sends
 other one, and below both workers' prices names each price and cap; caps above a worker's prices sign
 its advertised prices, so it cannot bill up to the caps; when the chosen worker is killed mid-job the
 job finishes on the next one, under a new job id, and the dead worker bills nothing for its partial
-output."""
+output; `submit` acknowledges the receipt on this path too."""
 
 from __future__ import annotations
 
+import base64
+import json
 import signal
 import sqlite3
 import sys
@@ -157,6 +159,24 @@ def test_the_worker_that_prices_time_refuses_a_lower_cap_and_writes_nothing(swar
     assert code == 1 and "price_too_low" in err, err
     assert f"GPU-second price cap {TIME_PRICE - 1} is below this node's price of {TIME_PRICE}" in err
     assert ledger_rows(timed, tmp_path / "client.key") == ([], 0)
+
+
+def test_submit_on_the_network_acknowledges_the_receipt_and_writes_it_out(swarm, tmp_path, capsys):
+    """As with --node (tests/node/test_node_daemon.py): the worker's ledger holds the client's
+    countersignature, and --receipt-out the receipt and that acknowledgment."""
+    _, (timed, _) = swarm       # the cheaper per token: chosen without caps
+    key, out = tmp_path / "client.key", tmp_path / "receipt.json"
+    code, err = submit(swarm, key, "--receipt-out", str(out), capsys=capsys)
+    assert code == 0, err
+    ledger = Ledger.open_readonly(timed.data_dir / "ledger.sqlite3")
+    try:
+        (row,) = ledger.latest(100, client_key=Identity.load(key).public_key)
+    finally:
+        ledger.close()
+    record = json.loads(out.read_text())
+    assert row.ack_bytes is not None and base64.b64decode(record["acknowledgment"]) == row.ack_bytes
+    assert (record["receipt_digest"], record["worker_peer_id"]) == (row.digest.hex(), timed.peer_id)
+    assert f"receipt #{row.sequence} acknowledged (countersigned with the client key {key})" in err
 
 
 @pytest.mark.asyncio

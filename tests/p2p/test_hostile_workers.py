@@ -1,21 +1,32 @@
 """Choosing and paying a worker among hostile or broken ones, on real libp2p hosts (loopback) and
 real gRPC: adverts whose endpoints do not answer or belong to another worker, a worker that bills
-more GPU time than the job took, one that quotes more than it advertised, and one that takes the job
-and then sends nothing. The client must still run on, and pay, the honest worker as agreed."""
+more GPU time than the job took, one that quotes more than it advertised, one that takes the job
+and then sends nothing, and one that refuses the client's acknowledgment. The client must still run
+on, and pay, the honest worker as agreed."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import grpc
 import pytest
 
+from dspark.v1.envelope_pb2 import Envelope
 from node.client import WorkerClient, WorkerSilent
 from node.p2p.failover import PROBE_GRACE_S, NoWorkerError, run_with_failover
-from tests.p2p.hostile import honest_worker, joined, relay_holding, signed, silent_worker, sybil_advert
+from node.receipts import verify_receipt
+from tests.gateway.test_gateway_price_caps import _TimeWorker
+from tests.p2p.hostile import honest_worker, joined, relay_holding, serving, signed, silent_worker, sybil_advert
 from tests.receipts.receipts_helpers import CLIENT, WORKER
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextlib.asynccontextmanager
@@ -147,3 +158,35 @@ async def test_an_idle_timeout_that_is_not_a_positive_number_of_seconds_is_refus
         with pytest.raises(ValueError, match="idle_timeout_s must be a positive number of seconds"):
             await run_with_failover(None, CLIENT, "m", {"text": "hi"}, idle_timeout_s=idle_timeout_s)
     assert worker.caps == []        # refused before any job was sent
+
+
+class _AckRefusingWorker(_TimeWorker):
+    """Completes the job and signs its receipt, then refuses the client's acknowledgment of it (its
+    ledger unavailable, or the network gone between the two calls)."""
+
+    async def Acknowledge(self, request, context):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "ledger unavailable")
+
+
+@pytest.mark.parametrize("path", ["--node", "network"])
+@pytest.mark.asyncio
+async def test_submit_keeps_the_answer_and_the_receipt_of_a_worker_refusing_the_acknowledgment(tmp_path, path):
+    """The real CLI, in a child process, on both paths: exit 0 with the answer, a warning, and the
+    receipt written without an acknowledgment."""
+    key, out = tmp_path / "client.key", tmp_path / "receipt.json"
+    CLIENT.save(key)        # the key the worker's receipts are for
+    async with serving(_AckRefusingWorker(0, 0)) as worker, relay_holding([signed(worker.advert(), WORKER)]) as relay:
+        where = (["--node", worker.endpoint] if path == "--node"
+                 else ["--model", "m", "--bootstrap", relay.listen_addrs()[0]])
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "node.cli", "submit", *where, "--tls", "off", "--key", str(key), "--prompt", "hi",
+            "--raw", "--receipt-out", str(out), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        answer, err = (data.decode() for data in await asyncio.wait_for(child.communicate(), 120))
+    assert (child.returncode, answer) == (0, "abcd\n"), err
+    assert ("dspark-node submit: warning: the worker did not take the acknowledgment of receipt #1 "
+            "(UNAVAILABLE: ledger unavailable)") in err
+    assert "receipt #1 verified" in err and f"receipt #1 written to {out}" in err
+    record = json.loads(out.read_text())
+    assert (record["acknowledgment"], record["acknowledged"]) == (None, False)
+    assert verify_receipt(Envelope.FromString(base64.b64decode(record["envelope"])), WORKER.peer_id).sequence == 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from receipts_helpers import CLIENT, OTHER_CLIENT, bill
+from receipts_helpers import CLIENT, OTHER_CLIENT, WORKER, bill
 
 from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.receipt_pb2 import Receipt
@@ -118,12 +118,24 @@ def test_forged_acknowledgment_is_named(data_dir, filled, tamper):
 
 
 def test_verify_against_an_expected_peer_id(data_dir, filled, cli):
-    assert cli("verify", "--data-dir", str(data_dir), "--peer-id", OTHER_CLIENT.peer_id)[0] == 1
+    code, out, err = cli("verify", "--data-dir", str(data_dir), "--peer-id", OTHER_CLIENT.peer_id)
+    # One line naming both peers, not one "not signed by the worker's key" per receipt.
+    assert (code, out, len(err.splitlines())) == (1, "", 1), err
+    assert f"belongs to peer ID {WORKER.peer_id} (the key it stores), not to {OTHER_CLIENT.peer_id}" in err
+    assert cli("verify", "--data-dir", str(data_dir), "--peer-id", WORKER.peer_id)[0] == 0
     code, _, err = cli("verify", "--data-dir", str(data_dir), "--peer-id", "not-a-peer-id")
     assert code == 2
     assert "base58" in err
     code, out, err = cli("verify", "--data-dir", str(data_dir), "--peer-id", "")    # `--peer-id "$UNSET"`
     assert (code, out) == (2, "") and "'' is not a peer ID" in err
+
+
+@pytest.mark.parametrize("value", ["x'00'", "'text'"])
+def test_verify_against_a_peer_id_names_a_damaged_ledger_key(data_dir, filled, tamper, cli, value):
+    tamper(f"UPDATE meta SET value = {value} WHERE key = 'worker_public_key'")
+    code, _, err = cli("verify", "--data-dir", str(data_dir), "--peer-id", WORKER.peer_id)
+    assert (code, len(err.splitlines())) == (1, 1), err
+    assert "a key that is not an Ed25519 public key (the ledger's meta table is damaged)" in err
 
 
 def _envelope_bytes(data_dir, sequence: int) -> bytes:
