@@ -7,6 +7,7 @@ names the field and the layer it came from (`ConfigError`): the flag, the variab
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BeforeValidator, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsError
 
 # The parsed TOML file of the load_settings call in progress (a settings class has no per-call file).
@@ -69,7 +70,8 @@ class _FileSource(PydanticBaseSettingsSource):
         return dict(_FILE_VALUES.get())
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path) -> dict[str, Any]:
+    """The parsed TOML file; ConfigError saying why when it cannot be read or parsed."""
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
@@ -115,6 +117,14 @@ class _Layers:
         loc, message = tuple(error["loc"]), error["msg"].removeprefix("Value error, ")
         if not loc:          # a check across fields: its message names them
             return message
+        # pydantic's "Extra inputs are not permitted" does not say that the name is what is wrong.
+        if error["type"] == "extra_forbidden":
+            known = _known_settings(self.settings, loc)
+            return self._where(loc, "unknown setting") + (f"; {known}" if known else "")
+        return self._where(loc, message)
+
+    def _where(self, loc: tuple[int | str, ...], message: str) -> str:
+        """`field: message`, with the flag, the variable or the file that gave the value."""
         field = ".".join(str(part) for part in loc)
         if _given(self.flags, loc):
             flag = self.flag_names.get(".".join(part for part in loc if isinstance(part, str)))
@@ -139,6 +149,28 @@ class _Layers:
         return None
 
 
+# A section with more settings than this is not spelled out when an unknown name is like none of them.
+_LISTED_SETTINGS = 15
+
+
+def _known_settings(settings: type[BaseModel], loc: tuple[int | str, ...]) -> str | None:
+    """For the unknown setting at `loc`: the name it was likely meant as, else its section's names if few."""
+    model: Any = settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+    names = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    if close:
+        return f"did you mean {close[0]}?"
+    if len(names) > _LISTED_SETTINGS:
+        return None
+    section = f"the settings of [{'.'.join(map(str, loc[:-1]))}]" if len(loc) > 1 else "the top-level settings"
+    return f"{section} are {', '.join(names)}"
+
+
 def _describe_env(exc: SettingsError, settings: type[BaseSettings]) -> str:
     """pydantic-settings could not parse a variable of `settings` (a table or list that is not JSON)."""
     prefix = settings.model_config.get("env_prefix", "")
@@ -161,7 +193,7 @@ def load_settings(settings: type[Settings], path: Path | None = None, overrides:
     """`settings` from the TOML file (if given), its environment variables and `overrides` (the flags
     given, nested dicts). A bad value raises ConfigError naming the field and where it came from;
     a value from a flag is named by the flag when `flag_names` maps its field path to one."""
-    file_values = _read_toml(path) if path is not None else {}
+    file_values = read_toml(path) if path is not None else {}
     overrides = overrides or {}
     token = _FILE_VALUES.set(file_values)
     try:

@@ -93,6 +93,27 @@ def test_a_refusal_says_where_the_value_came_from(tmp_path, monkeypatch):
     assert "  p2p.advert_interval_s: Input should be greater than 0 (from a flag)" in str(info.value)
 
 
+def test_an_unknown_setting_is_named_as_such_with_the_name_it_was_likely_meant_as(tmp_path, monkeypatch):
+    path = write(tmp_path, "[engine]\nmax_bach = 4\n[admission]\nquota = 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"  engine.max_bach: unknown setting (in {path}); did you mean max_batch?" in str(info.value)
+    # Nothing like "quota" in a short section: its names, to choose from.
+    assert (f"  admission.quota: unknown setting (in {path}); the settings of [admission] are mode, allow, deny, "
+            "rate_per_minute, address_rate_per_minute, max_concurrent_per_client, max_queue, clock_skew_s, "
+            "grace_s") in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "gprc_listen = '127.0.0.1:7440'\n[engine]\nzzz = 1\n"))
+    assert "  gprc_listen: unknown setting (in " in str(info.value) and "did you mean grpc_listen?" in str(info.value)
+    # Too many settings in [engine] (19) to list: the line ends where the value came from.
+    assert f"  engine.zzz: unknown setting (in {tmp_path / 'node.toml'})" in str(info.value).splitlines()
+    monkeypatch.setenv("DSPARK_ENGINE__MAX_BACH", "4")
+    with pytest.raises(ConfigError) as info:
+        load_config()
+    assert "  engine.max_bach: unknown setting (from DSPARK_ENGINE__MAX_BACH); did you mean max_batch?" \
+        in str(info.value)
+
+
 def test_bad_env_names_the_field(monkeypatch):
     monkeypatch.setenv("DSPARK_ADMISSION__RATE_PER_MINUTE", "lots")
     with pytest.raises(ConfigError, match="admission.rate_per_minute"):
