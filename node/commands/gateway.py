@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from node.config import split_host_port
-from node.gateway.config import GatewayConfig
+from node.gateway.config import GatewayConfig, refuse_readable_keys
 from node.settings import ConfigError, load_settings
 
 _FIELDS = GatewayConfig.model_fields
@@ -66,10 +66,14 @@ _FLAGS = {"max_price_per_mtok_micros": "--max-price", "max_price_per_gpu_second_
 
 def load(args: argparse.Namespace) -> GatewayConfig:
     """The settings: the flags given (each dest is its field) laid over the --config file and the
-    environment. Raises ConfigError naming each bad value and where it came from."""
+    environment. Raises ConfigError naming each bad value and where it came from, or a --config file
+    whose API keys others may read."""
     given = {field: value for field, value in vars(args).items() if field in _FIELDS and value is not None}
     flag_names = {field: _FLAGS.get(field, "--" + field.replace("_", "-")) for field in given}
-    return load_settings(GatewayConfig, args.config, given, flag_names)
+    config = load_settings(GatewayConfig, args.config, given, flag_names)
+    if args.config is not None:     # checked whatever overrides its keys: the file still holds them
+        refuse_readable_keys(args.config)
+    return config
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ file (`--config`) < `DSPARK_GATEWAY_*` environment < the flags given, as the nod
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -11,7 +12,7 @@ from pydantic_settings import SettingsConfigDict
 from node import keepalive
 from node.client import MAX_JOB_TIMEOUT_S, idle_timeout_problem
 from node.config import DEFAULT_DATA_DIR, ListenAddress, P2PConfig, is_loopback, split_host_port
-from node.settings import LayeredSettings, StrList
+from node.settings import ConfigError, LayeredSettings, StrList, read_toml
 
 MIN_API_KEY_CHARS = 16
 
@@ -88,3 +89,17 @@ class GatewayConfig(LayeredSettings):
     @property
     def key_path(self) -> Path:
         return self.key if self.key is not None else self.data_dir / "client.key"
+
+
+def refuse_readable_keys(path: Path) -> None:
+    """Raise ConfigError if the --config file `path` holds API keys that users other than its owner
+    may read or change.
+
+    A refusal, not a warning: a key is the operator's money, as the node's key is, and the node
+    refuses a node.key others can read; a warning would scroll past in a service's log while the
+    keys stay readable. Where the file must be shared (a group-readable config, a container's
+    mount), the keys belong in DSPARK_GATEWAY_API_KEYS."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077 and read_toml(path).get("api_keys"):
+        raise ConfigError(f"config file {path} holds api_keys and has mode {mode:o}: users other than its owner "
+                          f"can read them and spend through this gateway; chmod 600 {path}")

@@ -223,6 +223,7 @@ def test_keys_and_caps_from_a_config_file_keep_the_keys_out_of_argv(gateway_fact
     key = "file-key-0123456789abcdef"
     config = tmp_path / "gateway.toml"
     config.write_text(f'api_keys = ["{key}"]\nmax_price_per_gpu_second_micros = {TIME_PRICE - 1}\n')
+    config.chmod(0o600)       # the gateway refuses a file of keys that others may read
     proc = gateway_factory(tmp_path / "from-file", "--config", str(config))
     cmdline = Path(f"/proc/{proc.proc.pid}/cmdline").read_bytes()     # what `ps` shows
     assert str(config).encode() in cmdline and key.encode() not in cmdline

@@ -25,9 +25,10 @@ def no_gateway_variables(monkeypatch):
         monkeypatch.delenv(name)
 
 
-def write(tmp_path: Path, text: str) -> Path:
+def write(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
     path = tmp_path / "gateway.toml"
     path.write_text(text)
+    path.chmod(mode)
     return path
 
 
@@ -80,7 +81,10 @@ def test_a_key_holding_a_comma_is_refused_wherever_it_comes_from(tmp_path, monke
 @pytest.mark.parametrize("text, env, message", [
     (None, {}, "config file {path} does not exist"),
     ("api_keys = [", {}, "config file {path} is not valid TOML"),
-    (f'api_key = "{FILE_KEY}"', {}, "  api_key: Extra inputs are not permitted (in {path})"),
+    (f'api_key = "{FILE_KEY}"', {}, "  api_key: unknown setting (in {path}); did you mean api_keys?"),
+    ("zzz = 1", {}, "  zzz: unknown setting (in {path}); the top-level settings are listen, bootstrap, mdns, "
+                    "data_dir, key, max_price_per_mtok_micros, max_price_per_gpu_second_micros, budget_micros, "
+                    "api_keys, tls, attempts, timeout_s, idle_timeout_s"),
     ('api_keys = ["short"]', {}, "  api_keys: an API key must be at least 16 printable characters without spaces "
                                  "or commas (in {path})"),
     ("max_price_per_mtok_micros = -1", {}, "  max_price_per_mtok_micros: Input should be greater than or equal to 0 "
@@ -103,6 +107,28 @@ def test_a_bad_file_or_variable_exits_2_naming_it_and_writes_nothing(tmp_path, m
     err = capsys.readouterr().err
     assert err.startswith("dspark-node gateway: ") and message.format(path=path) in err, err
     assert not (tmp_path / "gw").exists()          # nothing written: no key, no store
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604], ids=oct)
+def test_a_file_of_api_keys_others_may_read_is_refused_with_the_fix(tmp_path, monkeypatch, capsys, mode):
+    from node.cli import main
+
+    path = write(tmp_path, f'api_keys = ["{FILE_KEY}"]\n', mode)
+    assert main(["gateway", "--config", str(path), "--data-dir", str(tmp_path / "gw"), "--mdns"]) == 2
+    assert f"dspark-node gateway: config file {path} holds api_keys and has mode {mode:o}: users other than its " \
+        f"owner can read them and spend through this gateway; chmod 600 {path}" in capsys.readouterr().err
+    assert not (tmp_path / "gw").exists()
+    monkeypatch.setenv("DSPARK_GATEWAY_API_KEYS", ENV_KEY)
+    with pytest.raises(ConfigError, match="chmod 600"):     # keys given elsewhere too: the file still holds its own
+        load("--mdns", "--config", str(path))
+    path.chmod(0o600)
+    assert load("--mdns", "--config", str(path)).api_keys == [ENV_KEY]
+
+
+def test_a_readable_file_without_api_keys_is_taken(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARK_GATEWAY_API_KEYS", ENV_KEY)
+    path = write(tmp_path, f'bootstrap = ["{BOOTSTRAP}"]\napi_keys = []\n', 0o644)
+    assert load("--config", str(path)).api_keys == [ENV_KEY]
 
 
 @pytest.mark.parametrize("setting, flag", [("data_dir", "--data-dir"), ("key", "--key")])
