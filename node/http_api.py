@@ -13,7 +13,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,14 +110,22 @@ def _api_route(name: str, handler: Callable[[Request], Any], *params: str) -> Ro
     return Route(f"{API}/{name}", checked)
 
 
+def error_response(path: str, status: int, problem: str, headers: Mapping[str, str] | None = None) -> Response:
+    """An error under the API as `{"error": ...}`, as the API answers everything; elsewhere (the
+    dashboard's pages, /metrics) as text, for a person reading it in a browser or a scraper's log."""
+    if path.startswith(f"{API}/"):
+        return JSONResponse({"error": problem}, status_code=status, headers=headers)
+    return PlainTextResponse(f"{problem}\n", status_code=status, headers=headers)
+
+
 async def _http_error(request: Request, exc: HTTPException) -> Response:
-    """Starlette's 404 and 405: under the API as JSON, like its other errors; elsewhere as text."""
-    if not request.url.path.startswith(f"{API}/"):
-        return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
-    allowed = ", ".join(sorted((exc.headers or {}).get("Allow", "").split(", ")))   # Starlette's order varies
-    problem = (f"{request.method} is not allowed on {request.url.path}; it answers {allowed}"
-               if exc.status_code == 405 else f"no endpoint {request.url.path}; docs/api.md lists them")
-    return JSONResponse({"error": problem}, status_code=exc.status_code, headers=exc.headers)
+    """Starlette's 404 and 405; under the API in words that name the path and the methods it answers."""
+    path, problem = request.url.path, exc.detail
+    if path.startswith(f"{API}/"):
+        allowed = ", ".join(sorted((exc.headers or {}).get("Allow", "").split(", ")))   # Starlette's order varies
+        problem = (f"{request.method} is not allowed on {path}; it answers {allowed}"
+                   if exc.status_code == 405 else f"no endpoint {path}; docs/api.md lists them")
+    return error_response(path, exc.status_code, problem, exc.headers)
 
 
 HTTP_ERRORS = {404: _http_error, 405: _http_error}

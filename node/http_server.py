@@ -4,7 +4,9 @@ Access: bound to a loopback address, anyone on this machine may read it, but onl
 header naming a loopback host (a web page elsewhere cannot reach it by DNS rebinding). Bound to
 any other address it refuses to start without `dashboard.token`. With a token set, every request
 needs it: `Authorization: Bearer TOKEN`, `?token=TOKEN` (which also sets a cookie, so the page's
-own requests and its event stream carry it), or that cookie.
+own requests and its event stream carry it), or that cookie. A refusal (421, 401) under /api/v1 is
+`{"error": ...}`, as the API's other errors are, so a script reads one shape; elsewhere, on the
+dashboard's pages and /metrics, it stays text, for a person at a browser.
 """
 
 from __future__ import annotations
@@ -19,14 +21,13 @@ from urllib.parse import parse_qs
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dspark.v1 import advert_pb2
 from node.activity import Activity
 from node.config import NodeConfig, is_loopback, split_host_port
 from node.events import EventBus
-from node.http_api import HTTP_ERRORS, NodeView, build_routes
+from node.http_api import HTTP_ERRORS, NodeView, build_routes, error_response
 from node.identity import Identity
 from node.ledger import Ledger
 from node.live_feed import LiveFeed
@@ -62,9 +63,8 @@ class AccessGate:
         if self.token is None:
             host = headers.get("host", "")
             if not is_loopback(_host_of(host)):
-                return await PlainTextResponse(
-                    f"Host {host!r} is not a loopback name; this node's dashboard is local only\n",
-                    status_code=421)(scope, receive, send)
+                return await error_response(scope["path"], 421, f"Host {host!r} is not a loopback name; this "
+                                            "node's dashboard is local only")(scope, receive, send)
             return await self.app(scope, receive, send)
         query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
         if query and self._matches(query):
@@ -73,8 +73,8 @@ class AccessGate:
         cookie = _cookie(headers.get("cookie", ""), COOKIE)
         if (bearer.startswith("Bearer ") and self._matches(bearer[7:].strip())) or (cookie and self._matches(cookie)):
             return await self.app(scope, receive, send)
-        await PlainTextResponse("this node's dashboard needs its token: Authorization: Bearer TOKEN or ?token=TOKEN\n",
-                                status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        await error_response(scope["path"], 401, "this node's dashboard needs its token: Authorization: Bearer TOKEN "
+                             "or ?token=TOKEN", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
 
     def _matches(self, candidate: str) -> bool:
         return hmac.compare_digest(candidate.encode(), self.token)

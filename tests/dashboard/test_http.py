@@ -203,6 +203,26 @@ def test_token_is_required_everywhere_when_set(tmp_path):
         node.stop()
 
 
+def test_refusals_under_the_api_are_json_like_its_other_errors(tmp_path, client):
+    refused = client.get("/api/v1/status", headers={"Host": "evil.example:7441"})
+    assert refused.status_code == 421 and refused.headers["content-type"] == "application/json"
+    assert refused.json() == {"error": "Host 'evil.example:7441' is not a loopback name; this node's dashboard is "
+                                       "local only"}
+    node = NodeUnderTest(tmp_path / "with-token", token=TOKEN).start()
+    try:
+        with httpx.Client(base_url=node.url, timeout=10) as c:
+            for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token"}):
+                refused = c.get("/api/v1/status", headers=headers)
+                assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+                assert refused.json() == {"error": "this node's dashboard needs its token: Authorization: Bearer "
+                                                   "TOKEN or ?token=TOKEN"}
+            page = c.get("/")      # a person at a browser reads the words, not JSON
+            assert page.status_code == 401 and page.headers["content-type"].startswith("text/plain")
+            assert page.text.startswith("this node's dashboard needs its token")
+    finally:
+        node.stop()
+
+
 def _service(node: NodeUnderTest, **changes) -> HttpService:
     config = node.config.model_copy(update=changes)
     return HttpService(config, node.identity, node.engine, node.ledger, node.bus, node.capacity)
