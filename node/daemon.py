@@ -117,8 +117,11 @@ def data_dir_of_this_start(path: Path) -> Iterator[DataDir]:
 
 async def run_daemon(config: NodeConfig) -> int:
     """Run the node until SIGTERM/SIGINT; prints one JSON 'ready' line on stdout once serving."""
-    check_ports_free(config)
+    # The lock first: a second node on this data dir with the same settings would find the first
+    # one's ports taken, and be told to stop "the program holding the port", not that the data dir
+    # is in use. A data dir this start made is removed again when a port is taken.
     with data_dir_of_this_start(config.data_dir) as data_dir:
+        check_ports_free(config)
         return await _run(config, data_dir)
 
 
