@@ -177,7 +177,7 @@ def test_run_refuses_a_taken_port_before_loading_anything(tmp_path):
         started = time.monotonic()
         ran = cli("run", "--data-dir", str(tmp_path / "data"), *NO_PORTS, "--grpc-listen", f"127.0.0.1:{port}")
     refused_clearly(ran, 2, f"grpc_listen 127.0.0.1:{port}", "change grpc_listen")
-    assert not (tmp_path / "data").exists()              # refused before the data dir, let alone the model
+    assert not (tmp_path / "data").exists()              # the data dir this start made is removed again
     assert time.monotonic() - started < 30
 
 
