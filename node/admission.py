@@ -214,12 +214,21 @@ def _check_prompt_size(request: JobRequest, policy: Policy) -> Refusal | None:
         return Refusal(Reason.TOO_LONG, f"the prompt's {len(request.chat.messages)} chat messages, at least one "
                                         f"token each, exceed the context of {limit} tokens")
     if kind != "tokens":
-        text = request.text if kind == "text" else "".join(m.content for m in request.chat.messages)
-        size = len(text.encode())
+        size = prompt_text_bytes(request)
         if size > limit * policy.longest_token_bytes:
             return Refusal(Reason.TOO_LONG, f"the prompt's {size} bytes are more than the context of {limit} tokens "
                                             f"can hold (no token covers more than {policy.longest_token_bytes} bytes)")
     return None
+
+
+def prompt_text_bytes(request: JobRequest) -> int:
+    """The UTF-8 bytes of text the prompt has to be tokenized from (a chat's contents; none for
+    token ids), which is about what tokenizing it costs."""
+    kind = request.WhichOneof("prompt")
+    if kind == "tokens":
+        return 0
+    text = request.text if kind == "text" else "".join(m.content for m in request.chat.messages)
+    return len(text.encode())
 
 
 def _check_load(policy: Policy, load: Load) -> Refusal | None:

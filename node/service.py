@@ -31,6 +31,7 @@ from node.events import EventBus, JobRefused
 from node.identity import Identity
 from node.jobs import JobTable
 from node.ledger import LedgerError
+from node.smallest_first import SmallestFirst
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._capacity = capacity
         self._heartbeat_s = heartbeat_s
         self._tokenizing = tokenizer_pool()
+        self._tokenize_order = SmallestFirst(TOKENIZE_THREADS)
         self._tarpitted = 0
 
     def close(self) -> None:
@@ -216,18 +218,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return generation
 
     async def _prepare(self, job: SignedJob) -> GenerationRequest | Refusal:
-        """Tokenize (off the loop: a 1 MiB prompt takes a while) and check that the job fits."""
-        encoding = asyncio.get_running_loop().run_in_executor(self._tokenizing, self._encode, job.request)
-        try:
-            prompt_ids = await asyncio.shield(encoding)
-        except ValueError as exc:
-            return Refusal(Reason.MALFORMED, str(exc))
-        except asyncio.CancelledError:
-            # The client left (or its deadline passed), but the thread runs on: until it ends, the job
-            # counts against the client's quotas. Freed at once, a client leaving each job after 100 ms
-            # had a prompt tokenizing in every thread of the pool, past its limit of concurrent jobs.
-            await asyncio.gather(encoding, return_exceptions=True)
-            raise
+        """Tokenize (off the loop, smallest prompt first: a 1 MiB prompt takes a while) and check that
+        the job fits."""
+        async with self._tokenize_order.slot(admission.prompt_text_bytes(job.request)):
+            encoding = asyncio.get_running_loop().run_in_executor(self._tokenizing, self._encode, job.request)
+            try:
+                prompt_ids = await asyncio.shield(encoding)
+            except ValueError as exc:
+                return Refusal(Reason.MALFORMED, str(exc))
+            except asyncio.CancelledError:
+                # The client left (or its deadline passed), but the thread runs on: until it ends, the
+                # job counts against the client's quotas and holds its thread. Freed at once, a client
+                # leaving each job after 100 ms had a prompt tokenizing in every thread of the pool,
+                # past its limit of concurrent jobs.
+                await asyncio.gather(encoding, return_exceptions=True)
+                raise
         refusal = admission.check_fit(len(prompt_ids), job.sampling, self._policy)
         if refusal:
             return refusal
