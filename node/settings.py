@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import re
 import tomllib
@@ -20,6 +21,8 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsError
+
+log = logging.getLogger(__name__)
 
 # The parsed TOML file of the load_settings call in progress (a settings class has no per-call file).
 _FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("_FILE_VALUES", default={})
@@ -188,6 +191,28 @@ def _describe_env(exc: SettingsError, settings: type[BaseSettings]) -> str:
 Settings = TypeVar("Settings", bound=LayeredSettings)
 
 
+def misspelt_variables(settings: type[BaseSettings], environ: Mapping[str, str]) -> list[str]:
+    """Variables with the settings' prefix whose top-level name is no setting but close to one.
+    pydantic-settings passes over a variable it has no field for, so a typo in a deployment's
+    environment (DSPARK_GRPC_LISTN) left the default in force without a word. Only near misses are
+    named: other variables share the prefix (the gateway's DSPARK_GATEWAY_*, the model cache's
+    DSPARK_CACHE). A misspelt name inside a section is an error already (extra="forbid")."""
+    prefix = str(settings.model_config.get("env_prefix", "")).upper()
+    delimiter = settings.model_config.get("env_nested_delimiter") or None
+    fields = [name.upper() for name in settings.model_fields]
+    found = []
+    for variable in sorted(environ):
+        if not prefix or not variable.upper().startswith(prefix):
+            continue
+        name = variable.upper()[len(prefix):]
+        head = name.split(delimiter)[0] if delimiter else name
+        close = difflib.get_close_matches(head, fields, n=1, cutoff=0.8)
+        if head not in fields and close:
+            found.append(f"{variable} is not a setting, and is ignored; did you mean "
+                         f"{prefix}{close[0]}{name[len(head):]}?")
+    return found
+
+
 def load_settings(settings: type[Settings], path: Path | None = None, overrides: dict[str, Any] | None = None,
                   flag_names: Mapping[str, str] | None = None) -> Settings:
     """`settings` from the TOML file (if given), its environment variables and `overrides` (the flags
@@ -195,6 +220,8 @@ def load_settings(settings: type[Settings], path: Path | None = None, overrides:
     a value from a flag is named by the flag when `flag_names` maps its field path to one."""
     file_values = read_toml(path) if path is not None else {}
     overrides = overrides or {}
+    for warning in misspelt_variables(settings, os.environ):
+        log.warning("%s", warning)
     token = _FILE_VALUES.set(file_values)
     try:
         return settings(**overrides)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -265,3 +266,17 @@ def test_dashboard_token_must_be_url_and_cookie_safe(monkeypatch, token):
 def test_dashboard_token_of_safe_characters_is_kept(monkeypatch):
     monkeypatch.setenv("DSPARK_DASHBOARD__TOKEN", "Az09._~-Az09._~-")
     assert load_config().dashboard.token == "Az09._~-Az09._~-"
+
+
+def test_a_misspelt_top_level_variable_is_named_with_the_one_meant(tmp_path, monkeypatch, caplog):
+    """pydantic-settings passes over a variable it has no field for: a typo left the default in force."""
+    monkeypatch.setenv("DSPARK_GRPC_LISTN", "0.0.0.0:7440")
+    monkeypatch.setenv("DSPARK_ENGNE__MAX_BATCH", "4")
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))                  # the model cache's, not a setting
+    monkeypatch.setenv("DSPARK_GATEWAY_API_KEYS", "sk-0123456789abcdef")   # the gateway's
+    with caplog.at_level(logging.WARNING, logger="node.settings"):
+        config = load_config()
+    assert config.grpc_listen == "127.0.0.1:7440"        # ignored, as before; now said
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        "DSPARK_ENGNE__MAX_BATCH is not a setting, and is ignored; did you mean DSPARK_ENGINE__MAX_BATCH?",
+        "DSPARK_GRPC_LISTN is not a setting, and is ignored; did you mean DSPARK_GRPC_LISTEN?"]
