@@ -170,6 +170,12 @@ class JobTable:
         return job_pb2.SubmitEvent(progress=job_pb2.JobProgress(
             queue_position=max(0, index - self._info.max_batch + 1), output_tokens=len(running.output)))
 
+    def progress_before_start(self) -> job_pb2.SubmitEvent:
+        """The heartbeat of a job still being prepared (its prompt waiting for a tokenizer thread). It
+        holds no slot yet; its place is counted as `waiting_for_slot` counts, from the reservations
+        (its own among them), and is at least 1."""
+        return job_pb2.SubmitEvent(progress=job_pb2.JobProgress(queue_position=max(1, self.waiting_for_slot)))
+
     async def _run(self, running: RunningJob) -> None:
         job = running.job
         admitted_at = time.monotonic()

@@ -156,11 +156,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await self._refuse(context, refusal, client)
         self._jobs.reserve(client)
         self._jobs.preparing(job)
+        preparation = asyncio.ensure_future(self._prepare_and_register(job))
         try:
-            generation = await self._prepare(job)
-            if not isinstance(generation, Refusal):
-                generation = await self._register(job, generation)
+            while not preparation.done():
+                await asyncio.wait([preparation], timeout=self._heartbeat_s)
+                if not preparation.done():
+                    # The prompt waits for a tokenizer thread (smallest first: a large one may wait
+                    # long): say so, or the client's idle timeout leaves this worker for silent.
+                    yield self._jobs.progress_before_start()
+            generation = preparation.result()
         except BaseException:
+            # Its own cleanup first (a tokenization run to its end, a registered id forgotten), then
+            # the client's quota is given back.
+            preparation.cancel()
+            await asyncio.gather(preparation, return_exceptions=True)
             self._jobs.withdraw(job)
             raise
         if isinstance(generation, Refusal):
@@ -187,6 +196,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 # The client cancelled or its deadline passed (grpc cancels this task or closes
                 # this generator): free the slot; the runner still writes the receipt.
                 self._jobs.cancel(running)
+
+    async def _prepare_and_register(self, job: SignedJob) -> GenerationRequest | Refusal:
+        generation = await self._prepare(job)
+        return generation if isinstance(generation, Refusal) else await self._register(job, generation)
 
     async def _tarpit(self) -> None:
         if self._tarpitted >= MAX_TARPITTED:
