@@ -15,7 +15,7 @@ from typing import Callable
 
 from engine.api import DRAFT_SOURCES, DraftCounts
 from node.events import (AdvertPublished, AdvertSeen, EngineRound, Event, EventBus, JobAdmitted, JobFinished,
-                         JobProgress, JobRefused, PeerChange)
+                         JobProgress, JobRefused, NodeDraining, PeerChange)
 
 SERIES_BUCKET_SECONDS = 10
 SERIES_SPAN_SECONDS = 3600
@@ -65,6 +65,7 @@ class Activity:
     def __init__(self, events: EventBus, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self.started_at = clock()
+        self.draining: dict | None = None       # {"since": ..., "grace_seconds": ...} once the node stops
         self._lock = threading.Lock()
         self._series: deque[_Bucket] = deque(maxlen=SERIES_SPAN_SECONDS // SERIES_BUCKET_SECONDS)
         self._by_concurrency: dict[int, _Concurrency] = {}
@@ -117,6 +118,8 @@ class Activity:
                                                  "size_bytes": event.size_bytes})
             elif isinstance(event, AdvertSeen):
                 self._advert_seen(event)
+            elif isinstance(event, NodeDraining):
+                self.draining = {"since": event.at, "grace_seconds": event.grace_seconds}
 
     def _finished(self, event: JobFinished) -> None:
         job = self._active.pop(event.job_id, None)
@@ -182,6 +185,7 @@ class Activity:
                 "max_new_tokens": j.max_new_tokens, "admitted_at": j.admitted_at,
                 "output_tokens": j.output_tokens, "age_seconds": round(now - j.admitted_at, 3),
                 "tokens_per_second": _streaming_speed(j),
+                "first_token_seconds": j.first_token_seconds,     # null: in line, or prefilling
             } for j in self._active.values()]
             return {"active": active, "recent": list(self._recent), "counts": dict(self._counts)}
 

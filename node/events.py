@@ -87,8 +87,15 @@ class AdvertSeen:
     at: float = field(default_factory=_now)
 
 
+@dataclass(frozen=True)
+class NodeDraining:
+    """The node is stopping: it admits no new job, and its running jobs have `grace_seconds` to end."""
+    grace_seconds: float
+    at: float = field(default_factory=_now)
+
+
 Event = Union[JobAdmitted, JobRefused, JobProgress, JobFinished, EngineRound, PeerChange,
-              AdvertPublished, AdvertSeen]
+              AdvertPublished, AdvertSeen, NodeDraining]
 
 
 class EventBus:

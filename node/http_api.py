@@ -149,6 +149,8 @@ def build_routes(node: NodeView) -> list:
             "price_per_mtok_micros": advert.price_per_mtok_micros,
             "price_per_gpu_second_micros": advert.price_per_gpu_second_micros,
             "listen": node.listen,
+            # null while the node admits jobs; once it stops: since when, and the running jobs' grace
+            "draining": activity.draining,
         })
 
     async def capacity(request: Request) -> Response:

@@ -36,6 +36,7 @@ from node.metrics import EngineView, NodeMetrics
 log = logging.getLogger(__name__)
 COOKIE = "dspark_dashboard_token"
 STOP_SECONDS = 3.0
+FINAL_VIEW_S = 1.5
 
 
 class HttpConfigError(ValueError):
@@ -175,6 +176,11 @@ class HttpService:
     async def stop(self) -> None:
         if self._server is None or self._task is None:
             return
+        if self.feed.connected:
+            # The drained jobs' last events reach open dashboards as this service stops; a dashboard
+            # reloads its panels half a second after an event. Stopped at once, it never showed the
+            # last jobs finished: it went from running to unreachable.
+            await asyncio.sleep(FINAL_VIEW_S)
         self.feed.close()
         self._server.should_exit = True
         try:

@@ -19,7 +19,7 @@ from dspark.v1 import job_pb2
 from dspark.v1.receipt_pb2 import Receipt
 from engine.api import EngineFailed, EngineInfo, GenerationRequest, GenerationResult, RequestStats, TokenChunk
 from node.admission import Load, SignedJob
-from node.events import EventBus, JobAdmitted, JobFinished, JobProgress
+from node.events import EventBus, JobAdmitted, JobFinished, JobProgress, NodeDraining
 from node.ledger import Ledger
 from node.rate_window import RecentCounts
 from node.receipts import JobOutcome
@@ -259,6 +259,7 @@ class JobTable:
         """Stop admitting, let running jobs finish within `grace_s`, cancel the rest (they still
         get receipts). Returns how many had to be cancelled."""
         self.draining = True
+        self._events.publish(NodeDraining(grace_seconds=grace_s))
         runners = [r.runner for r in self._jobs.values() if r.runner]
         if runners:
             await asyncio.wait(runners, timeout=grace_s)

@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 from node.activity import Activity
 from node.events import (AdvertPublished, AdvertSeen, Event, EventBus, JobAdmitted, JobFinished, JobRefused,
-                         PeerChange)
+                         NodeDraining, PeerChange)
 
 CLIENT_QUEUE = 256
 MAX_CLIENTS = 32
@@ -31,7 +31,7 @@ def sse_message(event: Event) -> tuple[str, dict] | None:
                             "amount_micros": event.amount_micros, "receipt_sequence": event.receipt_sequence,
                             "at": event.at}
     names = {JobAdmitted: "admitted", JobRefused: "refused", PeerChange: "peers",
-             AdvertPublished: "advert_published", AdvertSeen: "advert_seen"}
+             AdvertPublished: "advert_published", AdvertSeen: "advert_seen", NodeDraining: "draining"}
     name = names.get(type(event))
     return (name, asdict(event)) if name else None
 
@@ -63,6 +63,10 @@ class LiveFeed:
     @property
     def full(self) -> bool:
         return len(self._clients) >= MAX_CLIENTS
+
+    @property
+    def connected(self) -> int:
+        return len(self._clients)
 
     def _on_event(self, event: Event) -> None:
         loop = self._loop

@@ -93,6 +93,7 @@ const panels = {
     const gpuMem = Number(gpu.memory_bytes || 0);
     $("memory").textContent = (gpuMem ? `${fmt.bytes(gpuMem)} per GPU · ` : "") +
       `process ${fmt.bytes(s.process_rss_bytes)}`;
+    showDraining(s.draining);
     $("slots").textContent = `${s.load.active} active · ${s.load.free_slots} free of ${e.max_batch}`;
     $("queue").textContent = String(s.load.queue_depth);
     $("context").textContent = `${e.max_context} tokens`;
@@ -111,7 +112,9 @@ const panels = {
       `since start: ${c.admitted} admitted · ${c.completed} completed · ${c.cancelled} cancelled · ${c.failed} failed · ${c.refused} refused`;
     fill($("active-jobs").tBodies[0], j.active.map(a => row([
       [fmt.short(a.job_id), "id"], [fmt.short(a.client), "id"], [String(a.output_tokens), "num"],
-      [fmt.num(a.tokens_per_second), "num tps"], [fmt.num(a.age_seconds) + " s", "num"]])), "no active job", 5);
+      [fmt.num(a.tokens_per_second), "num tps"], [fmt.num(a.age_seconds) + " s", "num"],
+      // No token yet: in line for a slot, or its prompt still prefilling.
+      [a.first_token_seconds === null ? "waiting" : "running", "state"]])), "no active job", 6);
     fill($("recent-jobs").tBodies[0], j.recent.slice(0, 8).map(r => row([
       [fmt.short(r.job_id), "id"], [r.outcome, "outcome-" + r.outcome], [String(r.output_tokens), "num"],
       [fmt.num(r.tokens_per_second), "num"], [fmt.num(r.tau, 2), "num"],
@@ -142,7 +145,8 @@ const panels = {
   async drafts() {
     const d = await api("/drafts");
     $("draft-sources").tBodies[0].replaceChildren(...d.sources.map(s => row([
-      [SOURCE_NAMES[s.source] || s.source], [String(s.drafted), "num"], [String(s.accepted), "num"],
+      [SOURCE_NAMES[s.source] || s.source], [String(s.drafted), "num"], [String(s.verified), "num"],
+      [String(s.accepted), "num"],
       [s.acceptance === null ? "-" : fmt.num(100 * s.acceptance, 0) + "%", "num"]])));
     const c = d.corpus;
     $("corpus-fill").textContent = c
@@ -252,11 +256,20 @@ function onTick(live) {
   const speeds = new Map(live.active.map(a => [fmt.short(a.job_id), a]));
   for (const tr of $("active-jobs").tBodies[0].rows) {
     const a = speeds.get(tr.cells[0].textContent);
-    if (a && tr.cells.length === 5) {
+    if (a && tr.cells.length === 6) {
       tr.cells[2].textContent = String(a.output_tokens);
       tr.cells[3].textContent = fmt.num(a.tokens_per_second);
     }
   }
+}
+
+// A stopping node admits nothing and gives its running jobs `grace_seconds`: say so where the
+// operator looks first, not only in the log.
+function showDraining(draining) {
+  $("draining").hidden = !draining;
+  $("admission").textContent = draining
+    ? `draining since ${fmt.time(draining.since)}: no new jobs; running ones get ${fmt.num(draining.grace_seconds, 0)} s`
+    : "open";
 }
 
 function connect() {
@@ -275,6 +288,7 @@ function connect() {
   source.addEventListener("finished",
     () => reloadSoon("jobs", "status", "earnings", "acceptance", "budget", "drafts", "series"));
   source.addEventListener("refused", () => reloadSoon("problems", "jobs"));
+  source.addEventListener("draining", e => { showDraining(JSON.parse(e.data)); reloadSoon("status"); });
   for (const name of ["peers", "advert_published", "advert_seen"]) {
     source.addEventListener(name, () => reloadSoon("peers"));
   }

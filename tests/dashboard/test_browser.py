@@ -110,7 +110,8 @@ def test_draft_sources_and_corpus_fill(node, page):
         # the job's corpus drafts show up live (SSE "finished"): 10 drafted, 6 of 8 verified accepted
         page.wait_for_function("""() => [...document.querySelectorAll('#draft-sources tbody tr')].some(
             r => r.cells[0].textContent === 'lookup, other requests' && r.cells[1].textContent === '10'
-                 && r.cells[2].textContent === '6' && r.cells[3].textContent === '75%')""", timeout=8000)
+                 && r.cells[2].textContent === '8' && r.cells[3].textContent === '6'
+                 && r.cells[4].textContent === '75%')""", timeout=8000)
         sources = [r.text_content() for r in page.query_selector_all("#draft-sources tbody tr td:first-child")]
         assert sources == ["lookup, own text", "lookup, other requests", "model drafter"]
         page.screenshot(path=str(ARTIFACTS / "dashboard-draft-sources.png"), full_page=True)

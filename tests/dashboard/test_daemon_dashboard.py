@@ -91,7 +91,7 @@ def test_dashboard_under_concurrent_load(daemon, chromium, promtool):
         load.start()
         # Several jobs streaming at once, each with a live speed.
         page.wait_for_function("""() => [...document.querySelectorAll('#active-jobs tbody tr')].filter(
-            r => r.cells.length === 5 && parseFloat(r.cells[3].textContent) > 0
+            r => r.cells.length === 6 && parseFloat(r.cells[3].textContent) > 0
                  && parseInt(r.cells[2].textContent) >= 8).length >= 2""", timeout=120_000)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard-daemon-load.png"))
