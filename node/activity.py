@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,6 +76,7 @@ class Activity:
         self._active: dict[str, _ActiveJob] = {}
         self._recent: deque[dict] = deque(maxlen=RECENT_JOBS)
         self._problems: deque[dict] = deque(maxlen=RECENT_PROBLEMS)
+        self._refused_by_reason: Counter[str] = Counter()     # since start; the list above keeps the last ones
         self._counts = {"admitted": 0, "refused": 0, "completed": 0, "cancelled": 0, "failed": 0}
         self._peers_connected = 0
         self._adverts_published = 0
@@ -104,6 +105,7 @@ class Activity:
                 self._finished(event)
             elif isinstance(event, JobRefused):
                 self._counts["refused"] += 1
+                self._refused_by_reason[event.reason] += 1
                 self._problems.appendleft({"at": event.at, "kind": "refused", "reason": event.reason,
                                            "message": event.message, "client": event.client})
             elif isinstance(event, EngineRound):
@@ -239,6 +241,10 @@ class Activity:
     def problems(self) -> list[dict]:
         with self._lock:
             return list(self._problems)
+
+    def refused_by_reason(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._refused_by_reason.most_common())
 
     def peers(self) -> dict:
         with self._lock:

@@ -172,7 +172,7 @@ def build_routes(node: NodeView) -> list:
         return JSONResponse({"sources": activity.draft_sources(), "corpus": jsonable(node.engine.corpus_fill)})
 
     async def problems(request: Request) -> Response:
-        return JSONResponse({"problems": activity.problems()})
+        return JSONResponse({"problems": activity.problems(), "refused_by_reason": activity.refused_by_reason()})
 
     async def peers(request: Request) -> Response:
         return JSONResponse({**activity.peers(), "peer_id": node.identity.peer_id, "listen": node.listen["p2p"]})

@@ -190,12 +190,17 @@ const panels = {
   },
 
   async problems() {
-    const p = (await api("/problems")).problems;
+    const { problems: p, refused_by_reason: byReason } = await api("/problems");
+    const reasons = Object.entries(byReason);
+    $("refusal-counts").textContent = reasons.length
+      ? "refused since start: " + reasons.map(([reason, n]) => `${reason} ${n}`).join(" · ") : "";
     const list = $("problem-list");
     if (!p.length) return list.replaceChildren(el("li", "none", "muted"));
     list.replaceChildren(...p.slice(0, 30).map(x => {
       const li = el("li");
-      li.append(el("span", fmt.time(x.at) + " ", "muted"), el("b", x.reason), " " + x.message);
+      // Who is refused matters as much as why: a client over its rate, or one the operator priced out.
+      li.append(el("span", fmt.time(x.at) + " ", "muted"), el("b", x.reason),
+                x.client ? el("span", ` client ${fmt.short(x.client)}`, "mono") : "", " " + x.message);
       return li;
     }));
   },

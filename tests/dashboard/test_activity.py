@@ -133,6 +133,15 @@ def test_refusals_and_failures_are_problems_newest_first(setup):
     assert problems[1]["message"] == "job expired 3 s ago"
 
 
+def test_refusals_are_counted_per_reason_beyond_the_list_kept(setup):
+    bus, activity, _ = setup
+    for _ in range(150):          # more than the problems list keeps
+        bus.publish(JobRefused(reason="rate_limited", message="203.0.113.7 sent 600 jobs"))
+    bus.publish(JobRefused(reason="price_too_low", message="price cap 1", client="c9"))
+    assert activity.refused_by_reason() == {"rate_limited": 150, "price_too_low": 1}
+    assert len(activity.problems()) < 151
+
+
 def test_peers_and_adverts(setup):
     bus, activity, _ = setup
     bus.publish(PeerChange(connected_peers=2))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.api import CorpusFill, DraftCounts
-from node.events import AdvertPublished, AdvertSeen
+from node.events import AdvertPublished, AdvertSeen, JobRefused
 from node.identity import Identity
 
 from .factories import finished, stats
@@ -208,6 +208,22 @@ def test_the_last_advert_says_when_and_what_without_its_clock_sequence(node, pag
                            timeout=8000)
     shown = page.evaluate(f"new Date({at} * 1000).toLocaleTimeString()")
     assert page.text_content("#last-advert") == f"last advert at {shown}: 3 free slots, queue 2, 446 B"
+
+
+def test_refusals_say_who_was_refused_and_count_each_reason(node, page):
+    page.goto(node.url + "/")
+    page.wait_for_function("document.getElementById('live').textContent === 'live'")
+    client = "ab" * 32
+    node.bus.publish(JobRefused(reason="price_too_low", message="price cap 1 is below this node's price",
+                                client=client))
+    node.bus.publish(JobRefused(reason="rate_limited", message="203.0.113.7 sent 600 jobs in the last minute"))
+    node.bus.publish(JobRefused(reason="rate_limited", message="203.0.113.7 sent 600 jobs in the last minute"))
+    page.wait_for_function("document.getElementById('refusal-counts').textContent.includes('rate_limited 2')",
+                           timeout=8000)
+    assert page.text_content("#refusal-counts").endswith("rate_limited 2 · price_too_low 1")
+    items = [li.text_content() for li in page.query_selector_all("#problem-list li")]
+    assert any("price_too_low" in item and f"client {client[:8]}…{client[-4:]}" in item for item in items), items
+    assert page.console_problems == []
 
 
 def test_peers_seen_say_when_each_was_last_heard_and_show_their_strings_as_text(node, page):
