@@ -50,6 +50,7 @@ class NodeView:
     metrics: NodeMetrics
     feed: LiveFeed
     listen: dict[str, Any]       # {"grpc": ..., "http": ..., "p2p": [...]}
+    bootstrap: tuple[str, ...] = ()     # the peers the node joins the network through (p2p.bootstrap)
 
 
 def jsonable(value: Any) -> Any:
@@ -175,7 +176,8 @@ def build_routes(node: NodeView) -> list:
         return JSONResponse({"problems": activity.problems(), "refused_by_reason": activity.refused_by_reason()})
 
     async def peers(request: Request) -> Response:
-        return JSONResponse({**activity.peers(), "peer_id": node.identity.peer_id, "listen": node.listen["p2p"]})
+        return JSONResponse({**activity.peers(), "peer_id": node.identity.peer_id, "listen": node.listen["p2p"],
+                             "bootstrap": list(node.bootstrap)})
 
     async def earnings(request: Request) -> Response:
         totals = await asyncio.to_thread(node.ledger.totals)

@@ -75,7 +75,8 @@ class AccessGate:
         if (bearer.startswith("Bearer ") and self._matches(bearer[7:].strip())) or (cookie and self._matches(cookie)):
             return await self.app(scope, receive, send)
         await error_response(scope["path"], 401, "this node's dashboard needs its token: Authorization: Bearer TOKEN "
-                             "or ?token=TOKEN", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                             "or ?token=TOKEN (the node's dashboard.token setting, DSPARK_DASHBOARD__TOKEN)",
+                             {"WWW-Authenticate": "Bearer"})(scope, receive, send)
 
     def _matches(self, candidate: str) -> bool:
         return hmac.compare_digest(candidate.encode(), self.token)
@@ -123,7 +124,8 @@ class HttpService:
         self._view = view = NodeView(identity=identity, engine=engine, ledger=ledger, capacity=capacity,
                                      activity=activity, metrics=self.metrics, feed=self.feed,
                                      listen={"grpc": config.grpc_listen, "http": config.http_listen,
-                                             "p2p": list(config.p2p.listen)})
+                                             "p2p": list(config.p2p.listen)},
+                                     bootstrap=tuple(config.p2p.bootstrap))
         self.app = AccessGate(Starlette(routes=build_routes(view), exception_handlers=HTTP_ERRORS), token)
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task | None = None

@@ -184,6 +184,10 @@ const panels = {
       // Without its sequence, a millisecond clock (docs/api.md): "#1796172726478" read as a count.
       ? `last advert at ${fmt.time(last.at)}: ${last.free_slots} free slots, queue ${last.queue_depth}, ${last.size_bytes} B`
       : (p.listen.length ? "no advert published yet" : "peer network off (no p2p.listen)");
+    // 0 peers reads as a fault; without bootstrap peers it is what the operator asked for.
+    $("peers-hint").textContent = !p.listen.length || p.connected ? ""
+      : p.bootstrap.length ? `dialing ${p.bootstrap.length} bootstrap peer(s) (p2p.bootstrap)`
+      : "no bootstrap peers set (p2p.bootstrap): other nodes see this one only if they join through it";
     $("peers-seen").replaceChildren(...p.peers_seen.slice(0, 8).map(s =>
       el("li", `${fmt.short(s.peer_id)} · ${s.adverts} adverts, last at ${fmt.time(s.at)}` +
                (s.accepted ? "" : " · dropped: " + s.reason))));

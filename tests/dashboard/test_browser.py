@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.api import CorpusFill, DraftCounts
-from node.events import AdvertPublished, AdvertSeen, JobRefused
+from node.events import AdvertPublished, AdvertSeen, JobRefused, PeerChange
 from node.identity import Identity
 
 from .factories import finished, stats
@@ -241,6 +241,16 @@ def test_peers_seen_say_when_each_was_last_heard_and_show_their_strings_as_text(
     assert hostile.startswith("<img src…d=1> · 1 adverts") and hostile.endswith("dropped: <b>stale</b>")
     assert page.query_selector("#peers-seen img, #peers-seen b") is None
     assert page.evaluate("window.pwned") is None
+
+
+def test_no_peers_without_bootstrap_peers_is_explained_not_left_to_read_as_a_fault(node, page):
+    page.goto(node.url + "/")
+    page.wait_for_function("document.getElementById('live').textContent === 'live'")
+    node.bus.publish(PeerChange(connected_peers=0))
+    page.wait_for_function("document.getElementById('peers-hint').textContent !== ''", timeout=8000)
+    assert page.text_content("#peers-hint").startswith("no bootstrap peers set (p2p.bootstrap)")
+    node.bus.publish(PeerChange(connected_peers=1))
+    page.wait_for_function("document.getElementById('peers-hint').textContent === ''", timeout=8000)
 
 
 def test_a_node_that_prices_time_shows_both_prices(tmp_path, page):

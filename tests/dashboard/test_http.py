@@ -215,7 +215,8 @@ def test_refusals_under_the_api_are_json_like_its_other_errors(tmp_path, client)
                 refused = c.get("/api/v1/status", headers=headers)
                 assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
                 assert refused.json() == {"error": "this node's dashboard needs its token: Authorization: Bearer "
-                                                   "TOKEN or ?token=TOKEN"}
+                                                   "TOKEN or ?token=TOKEN (the node's dashboard.token setting, "
+                                                   "DSPARK_DASHBOARD__TOKEN)"}
             page = c.get("/")      # a person at a browser reads the words, not JSON
             assert page.status_code == 401 and page.headers["content-type"].startswith("text/plain")
             assert page.text.startswith("this node's dashboard needs its token")
