@@ -173,6 +173,11 @@ def test_a_phone_sees_the_page_without_sideways_scrolling_and_legible_charts(nod
         label_heights = page.evaluate("""[...document.querySelectorAll('.chart text')]
             .map(t => t.getBoundingClientRect().height)""")
         assert label_heights and min(label_heights) >= 10
+        # Nor does a card hide a table's right-hand columns behind a sideways scroll of its own.
+        page.wait_for_function("document.querySelectorAll('#recent-jobs tbody td').length > 1")
+        hidden = page.evaluate("""[...document.querySelectorAll('.card')]
+            .filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.id)""")
+        assert hidden == []
         page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
     finally:
         context.close()
