@@ -132,6 +132,12 @@ def test_a_stopped_node_is_said_to_be_unreachable_then_reloaded_when_back(tmp_pa
     time.sleep(3.5)
     assert page.text_content("#error").startswith("The node is not reachable (since ")
     assert page.evaluate("document.body.classList.contains('stale')")
+    # Scrolled to the end, the warning (fixed to the bottom of the window) covers no card.
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    assert page.evaluate("""(() => {
+        const banner = document.getElementById('error').getBoundingClientRect();
+        return Math.max(...[...document.querySelectorAll('.card')].map(c => c.getBoundingClientRect().bottom))
+               <= banner.top; })()""")
     page.screenshot(path=str(ARTIFACTS / "dashboard-node-unreachable.png"), full_page=True)
 
     # A node back on the same address (here with a receipt signed meanwhile): every panel reloads,
@@ -150,6 +156,16 @@ def test_a_stopped_node_is_said_to_be_unreachable_then_reloaded_when_back(tmp_pa
         assert page.text_content("#peer-id") == second.identity.peer_id
     finally:
         second.stop()
+
+
+def test_the_scrolling_lists_can_be_reached_from_the_keyboard(node, page):
+    page.goto(node.url + "/")
+    page.wait_for_function("document.getElementById('live').textContent === 'live'")
+    reached = set()
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        reached.add(page.evaluate("document.activeElement.id"))
+    assert {"peers-seen", "problem-list"} <= reached, reached
 
 
 def test_a_refused_live_feed_is_retried(node, page, monkeypatch):
