@@ -297,7 +297,8 @@ function connect() {
   source.addEventListener("finished",
     () => reloadSoon("jobs", "status", "earnings", "acceptance", "budget", "drafts", "series"));
   source.addEventListener("refused", () => reloadSoon("problems", "jobs"));
-  source.addEventListener("draining", e => { showDraining(JSON.parse(e.data)); reloadSoon("status"); });
+  // The event's body is the bus event (`at`, not status's `since`): status is the one shape shown.
+  source.addEventListener("draining", () => reloadSoon("status"));
   for (const name of ["peers", "advert_published", "advert_seen"]) {
     source.addEventListener(name, () => reloadSoon("peers"));
   }

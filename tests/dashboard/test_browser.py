@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.api import CorpusFill, DraftCounts
-from node.events import AdvertPublished, AdvertSeen, JobRefused, PeerChange
+from node.events import AdvertPublished, AdvertSeen, JobRefused, NodeDraining, PeerChange
 from node.identity import Identity
 
 from .factories import finished, stats
@@ -156,6 +156,22 @@ def test_a_stopped_node_is_said_to_be_unreachable_then_reloaded_when_back(tmp_pa
         assert page.text_content("#peer-id") == second.identity.peer_id
     finally:
         second.stop()
+
+
+def test_a_draining_node_says_so_in_the_header_and_under_admission(tmp_path, page):
+    node = NodeUnderTest(tmp_path).start()
+    try:
+        page.goto(node.url + "/")
+        page.wait_for_function("document.getElementById('live').textContent === 'live'")
+        assert page.is_hidden("#draining") and page.text_content("#admission") == "open"
+        at = time.time()
+        node.bus.publish(NodeDraining(grace_seconds=10, at=at))
+        page.wait_for_function("!document.getElementById('draining').hidden", timeout=8000)
+        shown = page.evaluate(f"new Date({at} * 1000).toLocaleTimeString()")
+        assert page.text_content("#admission") == f"draining since {shown}: no new jobs; running ones get 10 s"
+        assert page.console_problems == []
+    finally:
+        node.stop()
 
 
 def test_the_scrolling_lists_can_be_reached_from_the_keyboard(node, page):
