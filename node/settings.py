@@ -206,8 +206,10 @@ def misspelt_variables(settings: type[BaseSettings], environ: Mapping[str, str])
             continue
         name = variable.upper()[len(prefix):]
         head = name.split(delimiter)[0] if delimiter else name
+        if head in fields:
+            continue
         close = difflib.get_close_matches(head, fields, n=1, cutoff=0.8)
-        if head not in fields and close:
+        if close:
             found.append(f"{variable} is not a setting, and is ignored; did you mean "
                          f"{prefix}{close[0]}{name[len(head):]}?")
     return found
