@@ -74,6 +74,7 @@ class Policy:
     longest_token_bytes: int
     price_per_gpu_second_micros: int = 0
     address_rate_per_minute: int = 0  # Submit calls per source network per minute; 0: no limit
+    max_concurrent_per_address: int = 0  # jobs held (preparing, waiting, running) per source network; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class SignedJob:
     client_key: bytes
     digest: bytes                     # sha256 of the envelope (receipts bind it)
     sampling: SamplingParams
+    source: str                       # the network the Submit call came from (source_network)
 
 
 def source_network(peer: str) -> str:
@@ -114,17 +116,23 @@ def source_network(peer: str) -> str:
     return str(address)
 
 
-def admit_source(source: str, arrivals: int, policy: Policy) -> Refusal | None:
-    """The limit on Submit calls per source network, checked before the signature: keys are free, so
-    the per-client rate alone does not bound the work a flood of freshly signed jobs costs the node."""
+def admit_source(source: str, arrivals: int, active: int, policy: Policy) -> Refusal | None:
+    """The limits per source network, checked before the signature: keys are free, so the limits per
+    client alone do not bound the work, nor the share of the queue, that one host signing each job
+    with a fresh key takes. Without the second, one address filled the queue with valid jobs and every
+    other client was refused as `queue_full` (docs/benchmarks.md, "Jobs held per address")."""
+    if policy.max_concurrent_per_address and active >= policy.max_concurrent_per_address:
+        return Refusal(Reason.TOO_MANY_CONCURRENT, f"{source} already has {active} job(s) running or waiting "
+                                                   f"(limit {policy.max_concurrent_per_address} per address)")
     if policy.address_rate_per_minute and arrivals >= policy.address_rate_per_minute:
         return Refusal(Reason.RATE_LIMITED, f"{source} sent {arrivals} jobs in the last minute "
                                             f"(limit {policy.address_rate_per_minute} per address)")
     return None
 
 
-def open_job(envelope: Envelope) -> SignedJob | Refusal:
-    """Verify the signature over the exact payload bytes, then parse and check the fields."""
+def open_job(envelope: Envelope, source: str = "local") -> SignedJob | Refusal:
+    """Verify the signature over the exact payload bytes, then parse and check the fields. `source`
+    is where the call came from (source_network), for the limits per address."""
     try:
         request = open_envelope(envelope, JobRequest)
     except EnvelopeError as exc:
@@ -147,7 +155,7 @@ def open_job(envelope: Envelope) -> SignedJob | Refusal:
     if not math.isfinite(sampling.temperature) or not math.isfinite(sampling.top_p):
         return Refusal(Reason.BAD_SAMPLING, "temperature and top_p must be finite numbers")
     return SignedJob(envelope=envelope, request=request, client_key=bytes(envelope.public_key),
-                     digest=digest(envelope), sampling=sampling)
+                     digest=digest(envelope), sampling=sampling, source=source)
 
 
 def admit(job: SignedJob, policy: Policy, load: Load, now_ms: int) -> Refusal | None:

@@ -161,6 +161,9 @@ class AdmissionConfig(_Section):
         "Submit calls per source address (IPv4, or IPv6 /64) per minute, whatever keys sign them; 0: no limit. "
         "A gateway sends all its users' jobs from one address: raise this with rate_per_minute for it"))
     max_concurrent_per_client: int = Field(8, ge=1)
+    max_concurrent_per_address: int = Field(32, ge=0, description=(
+        "jobs per source address (IPv4, or IPv6 /64) being prepared, waiting or running, whatever keys sign them; "
+        "0: no limit. Keeps one host from filling the queue; raise it for a gateway of your own"))
     max_queue: int = Field(64, ge=0, description=(
         "jobs waiting for an engine slot (all engine.max_batch taken) before refusing; at most engine.max_queue"))
     clock_skew_s: float = Field(30.0, ge=0, le=3600, description="tolerance on issued_at / expires_at")

@@ -77,6 +77,7 @@ class JobTable:
         self._preparing: dict[tuple[bytes, bytes], bool] = {}
         self._clock = clock
         self._active: dict[bytes, int] = defaultdict(int)
+        self._held: dict[str, int] = defaultdict(int)     # jobs reserved and not yet released, per source network
         self._admitted = RecentCounts()     # admissions per client key
         self._arrived = RecentCounts()      # Submit calls past the address limit, per source network
         self.draining = False
@@ -97,11 +98,16 @@ class JobTable:
         still counts for those milliseconds, which errs on the side of refusing."""
         return max(0, sum(self._active.values()) - self._info.max_batch)
 
-    def reserve(self, client: bytes) -> None:
-        """Count a job against its client's quotas as soon as it passes admission, before any
-        await, so concurrent submissions from one client cannot all slip under the limit."""
-        self._active[client] += 1
-        self._admitted.add(client, self._clock())
+    def reserve(self, job: SignedJob) -> None:
+        """Count a job against its client's and its address's quotas as soon as it passes admission,
+        before any await, so concurrent submissions cannot all slip under the limits."""
+        self._active[job.client_key] += 1
+        self._held[job.source] += 1
+        self._admitted.add(job.client_key, self._clock())
+
+    def held(self, source: str) -> int:
+        """Jobs from this source network being prepared, waiting or running."""
+        return self._held.get(source, 0)
 
     def arrivals(self, source: str) -> int:
         """Submit calls from this source network (node/admission.py source_network) let past its
@@ -113,14 +119,15 @@ class JobTable:
         this is the limit a client cannot sidestep by signing each job with a new one."""
         self._arrived.add(source, self._clock())
 
-    def release(self, client: bytes) -> None:
+    def release(self, job: SignedJob) -> None:
         """The job ended, or was refused after admission. Its admission still counts against the
         client's rate either way: a job refused once its prompt was tokenized (too long for the context,
         a replayed id) cost the node that work, and a client sending only such jobs had no rate to
         spend and no limit on how much of it the node did."""
-        self._active[client] -= 1
-        if self._active[client] <= 0:
-            del self._active[client]
+        for counts, key in ((self._active, job.client_key), (self._held, job.source)):
+            counts[key] -= 1
+            if counts[key] <= 0:
+                del counts[key]
 
     # --- running --------------------------------------------------------------------------------
 
@@ -133,7 +140,7 @@ class JobTable:
     def withdraw(self, job: SignedJob) -> None:
         """The prepared job was refused (or its client left) before it started."""
         self._preparing.pop((job.client_key, job.request.job_id), None)
-        self.release(job.client_key)
+        self.release(job)
 
     def cancel_preparing(self, client: bytes, job_id: bytes) -> bool:
         key = (client, job_id)
@@ -195,7 +202,7 @@ class JobTable:
                                None if running.first_token_at is None else running.first_token_at - admitted_at)
         finally:
             del self._jobs[(job.client_key, job.request.job_id)]
-            self.release(job.client_key)
+            self.release(job)
 
     async def _generate(self, running: RunningJob, admitted_at: float) -> GenerationResult | None:
         """Run the job on the engine, its chunks to the RPC's stream (and `running.output`) as they come; the

@@ -88,6 +88,7 @@ def build_policy(config: NodeConfig, peer_id: str, engine) -> Policy:
         max_queue=config.admission.max_queue, clock_skew_ms=int(config.admission.clock_skew_s * 1000),
         price_per_gpu_second_micros=config.pricing.per_gpu_second_micros,
         address_rate_per_minute=config.admission.address_rate_per_minute,
+        max_concurrent_per_address=config.admission.max_concurrent_per_address,
         longest_token_bytes=longest_token_bytes(engine.tokenizer))
 
 
@@ -141,20 +142,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def Submit(self, request: Envelope, context: grpc.aio.ServicerContext) -> AsyncIterator[job_pb2.SubmitEvent]:
         source = admission.source_network(context.peer())
-        refusal = admission.admit_source(source, self._jobs.arrivals(source), self._policy)
+        refusal = admission.admit_source(source, self._jobs.arrivals(source), self._jobs.held(source), self._policy)
         if refusal:
             del request
             await self._tarpit()
             await self._refuse(context, refusal)
         self._jobs.arrive(source)
-        job = admission.open_job(request)
+        job = admission.open_job(request, source)
         if isinstance(job, Refusal):
             await self._refuse(context, job)
         client = job.client_key
         refusal = admission.admit(job, self._policy, self._jobs.load(client), int(time.time() * 1000))
         if refusal:
             await self._refuse(context, refusal, client)
-        self._jobs.reserve(client)
+        self._jobs.reserve(job)
         self._jobs.preparing(job)
         preparation = asyncio.ensure_future(self._prepare_and_register(job))
         try:

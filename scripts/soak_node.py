@@ -51,7 +51,7 @@ FD_SLACK = 16
 
 def node_config(model: str, method: str, device: str) -> str:
     # Two slots (node_toml's) and a short line, so that queueing, refusals and cancellations all happen.
-    # No limit per address: every client of the soak calls from loopback.
+    # No limits per address: every client of the soak calls from loopback.
     return node_toml(Path(model), f"""method = "{method}"
 device = "{device}"
 max_queue = 6
@@ -59,6 +59,7 @@ max_queue = 6
 max_queue = 6
 rate_per_minute = 100000
 address_rate_per_minute = 0
+max_concurrent_per_address = 0
 max_concurrent_per_client = 3
 """)
 

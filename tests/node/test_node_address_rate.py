@@ -1,5 +1,6 @@
-"""The limit on Submit calls per source address, in a real daemon listening on both IPv4 and IPv6
-loopback: jobs signed by new keys each are refused past it, and another address is not."""
+"""The limits per source address, in real daemons listening on both IPv4 and IPv6 loopback: on Submit
+calls a minute, and on jobs held at once. Jobs signed by new keys each are refused past them, and
+another address is not."""
 
 from __future__ import annotations
 
@@ -8,24 +9,28 @@ import time
 import grpc
 import pytest
 
+from dspark.v1 import job_pb2
 from node.admission import Reason
 from node.client import JobRefused, WorkerClient
 from node.identity import Identity
 from node.service import TARPIT_S
-from node_harness import node_toml, start_daemon
+from node_harness import CONTEXT, node_toml, start_daemon
 
 pytestmark = pytest.mark.slow
 
 LIMIT = 3
 
 
+def dual_stack_daemon(tiny_model, data_dir, admission: str):
+    # Every address of the host, plaintext (TLS is on by default off loopback): the tests dial it
+    # as 127.0.0.1 and as ::1, two sources.
+    toml = node_toml(tiny_model, f"[admission]\n{admission}\n[tls]\nmode = \"off\"\n")
+    return start_daemon(data_dir, toml.replace('grpc_listen = "127.0.0.1:0"', 'grpc_listen = "[::]:0"'))
+
+
 @pytest.fixture(scope="module")
 def daemon(tiny_model, tmp_path_factory):
-    # Every address of the host, plaintext (TLS is on by default off loopback): the test dials it
-    # as 127.0.0.1 and as ::1, two sources.
-    toml = node_toml(tiny_model, f"[admission]\naddress_rate_per_minute = {LIMIT}\n[tls]\nmode = \"off\"\n")
-    node = start_daemon(tmp_path_factory.mktemp("address-rate"),
-                        toml.replace('grpc_listen = "127.0.0.1:0"', 'grpc_listen = "[::]:0"'))
+    node = dual_stack_daemon(tiny_model, tmp_path_factory.mktemp("address-rate"), f"address_rate_per_minute = {LIMIT}")
     yield node
     assert node.stop() == 0, node.stderr_text()[-3000:]
 
@@ -54,3 +59,27 @@ async def test_new_keys_from_one_address_meet_its_limit_and_another_address_does
     assert (await submit(daemon, "127.0.0.1")).startswith(f"{Reason.RATE_LIMITED}: 127.0.0.1 sent {LIMIT} jobs")
     assert time.monotonic() - started >= TARPIT_S
     assert await submit(daemon, "[::1]") == "served"
+
+
+@pytest.mark.asyncio
+async def test_an_address_holds_at_most_its_limit_of_jobs_whatever_keys_sign_them(tiny_model, tmp_path):
+    node = dual_stack_daemon(tiny_model, tmp_path, "address_rate_per_minute = 0\nmax_concurrent_per_address = 1")
+    try:
+        port = node.grpc.rpartition(":")[2]
+        async with await WorkerClient.connect(f"127.0.0.1:{port}", Identity.generate(), peer_id=node.peer_id) as hog:
+            job = hog.sign_job(text="Count:", max_new_tokens=CONTEXT - 8)
+            events = hog.stream(job, timeout_s=120)
+            assert (await anext(events)).WhichOneof("event") in ("accepted", "progress")
+            started = time.monotonic()
+            refused = await submit(node, "127.0.0.1")
+            assert refused == (f"{Reason.TOO_MANY_CONCURRENT}: 127.0.0.1 already has 1 job(s) running or waiting "
+                               "(limit 1 per address)"), refused
+            assert time.monotonic() - started >= TARPIT_S
+            assert await submit(node, "[::1]") == "served"
+            # Refused while the job was held (the decision is made as the call arrives; the answer
+            # comes after the tarpit). Once the job ends, the address is free again.
+            await hog.cancel(job_pb2.JobRequest.FromString(job.payload).job_id)
+            assert [e.result.finish_reason async for e in events if e.HasField("result")] in (["cancelled"], ["length"])
+        assert await submit(node, "127.0.0.1") == "served"
+    finally:
+        assert node.stop() == 0, node.stderr_text()[-3000:]

@@ -205,12 +205,16 @@ def test_source_network_groups_a_host_s_addresses(peer, source):
     assert source_network(peer) == source
 
 
-def test_the_address_limit_refuses_at_its_count_and_zero_is_none():
-    limited = dataclasses.replace(POLICY, address_rate_per_minute=5)
-    assert admit_source("203.0.113.7", 4, limited) is None
-    refusal = admit_source("203.0.113.7", 5, limited)
+def test_the_address_limits_refuse_at_their_counts_and_zero_is_none():
+    limited = dataclasses.replace(POLICY, address_rate_per_minute=5, max_concurrent_per_address=2)
+    assert admit_source("203.0.113.7", 4, 1, limited) is None
+    refusal = admit_source("203.0.113.7", 5, 1, limited)
     assert refusal == Refusal(Reason.RATE_LIMITED, "203.0.113.7 sent 5 jobs in the last minute (limit 5 per address)")
-    assert admit_source("203.0.113.7", 10**6, dataclasses.replace(POLICY, address_rate_per_minute=0)) is None
+    refusal = admit_source("2001:db8::/64", 0, 2, limited)
+    assert refusal == Refusal(Reason.TOO_MANY_CONCURRENT,
+                              "2001:db8::/64 already has 2 job(s) running or waiting (limit 2 per address)")
+    unlimited = dataclasses.replace(POLICY, address_rate_per_minute=0, max_concurrent_per_address=0)
+    assert admit_source("203.0.113.7", 10**6, 10**6, unlimited) is None
 
 
 def test_fit_counts_prompt_and_new_tokens():

@@ -61,7 +61,7 @@ def assert_cancelled_unrun(events: list[job_pb2.SubmitEvent]) -> None:
 async def test_a_job_cancelled_while_it_is_prepared_starts_cancelled(table):
     job = signed_job(table, 1)
     assert not table.cancel_preparing(job.client_key, job.request.job_id)    # not admitted yet
-    table.reserve(job.client_key)
+    table.reserve(job)
     table.preparing(job)
     assert table.cancel_preparing(job.client_key, job.request.job_id)
     assert not table.cancel_preparing(WORKER.public_key, job.request.job_id)   # only its own client's
@@ -73,7 +73,7 @@ async def test_a_job_cancelled_while_it_is_prepared_starts_cancelled(table):
 @pytest.mark.asyncio
 async def test_a_job_cancelled_before_its_runner_ran_is_not_run(table):
     job = signed_job(table, 2)
-    table.reserve(job.client_key)
+    table.reserve(job)
     table.preparing(job)
     running = table.start(job, generation_request(job, (1, 2, 3), "b"))
     assert table.cancel(running)       # the runner task has not run yet: the engine has never seen it
@@ -83,13 +83,13 @@ async def test_a_job_cancelled_before_its_runner_ran_is_not_run(table):
 @pytest.mark.asyncio
 async def test_a_withdrawn_job_forgets_its_cancel_and_a_running_one_still_cancels(table):
     job = signed_job(table, 3)
-    table.reserve(job.client_key)
+    table.reserve(job)
     table.preparing(job)
     table.withdraw(job)        # refused after admission (too long, replayed) or its client left
     assert not table.cancel_preparing(job.client_key, job.request.job_id)
     assert table.load(job.client_key).client_active == 0
     other = signed_job(table, 4)
-    table.reserve(other.client_key)
+    table.reserve(other)
     table.preparing(other)
     running = table.start(other, generation_request(other, (1, 2, 3), "c"))
     while not running.output:        # running in the engine now

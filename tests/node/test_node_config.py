@@ -101,8 +101,8 @@ def test_an_unknown_setting_is_named_as_such_with_the_name_it_was_likely_meant_a
     assert f"  engine.max_bach: unknown setting (in {path}); did you mean max_batch?" in str(info.value)
     # Nothing like "quota" in a short section: its names, to choose from.
     assert (f"  admission.quota: unknown setting (in {path}); the settings of [admission] are mode, allow, deny, "
-            "rate_per_minute, address_rate_per_minute, max_concurrent_per_client, max_queue, clock_skew_s, "
-            "grace_s") in str(info.value)
+            "rate_per_minute, address_rate_per_minute, max_concurrent_per_client, max_concurrent_per_address, "
+            "max_queue, clock_skew_s, grace_s") in str(info.value)
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, "gprc_listen = '127.0.0.1:7440'\n[engine]\nzzz = 1\n"))
     assert "  gprc_listen: unknown setting (in " in str(info.value) and "did you mean grpc_listen?" in str(info.value)

@@ -40,7 +40,7 @@ async def test_a_job_the_ledger_could_not_bill_leaves_the_dashboards_active_jobs
     job = open_job(seal(client, job_pb2.JobRequest(
         job_id=b"j" * 16, worker_peer_id=worker.peer_id, model="m", text="hi", issued_at_ms=1, expires_at_ms=2,
         sampling=job_pb2.SamplingParams(max_new_tokens=1))))
-    jobs.reserve(job.client_key)
+    jobs.reserve(job)
     running = jobs.start(job, generation_request(job, (1,), "n"))
     await asyncio.wait_for(running.runner, 10)
     events_sent = [running.stream.get_nowait() for _ in range(running.stream.qsize())]
