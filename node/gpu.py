@@ -1,4 +1,5 @@
-"""What accelerator this machine has, for the capacity advert, the dashboard and `doctor`.
+"""What accelerator this machine has, for the capacity advert, the dashboard and `doctor`; and how much
+of its memory this node holds, for the dashboard.
 
 Two sources, because each sees something the other cannot: torch says whether CUDA is *usable*
 (a CPU-only wheel or a container started without GPUs sees nothing), NVML says what the driver
@@ -154,6 +155,39 @@ def combine(torch_probe: Probe, cuda_runtime: str, nvml_probe: Probe, proc_drive
         reason += (f"; the driver exposes {len(nvml_probe.devices)} GPU(s) ({nvml_probe.devices[0].name}) "
                    "that torch cannot use")
     return GpuReport(nvml_probe.devices, False, driver, cuda_runtime, reason)
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    index: int
+    name: str
+    reserved_bytes: int    # held by torch's caching allocator: this node's share of the GPU, less CUDA's own
+    allocated_bytes: int   # in live tensors; the rest of `reserved_bytes` is cache torch reuses without asking
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """GPU memory this process holds, per CUDA device, or none and why."""
+    devices: tuple[DeviceMemory, ...]
+    reason: str            # why there is nothing to report ("" when `devices` says it)
+
+
+def memory_in_use(engine_device: str) -> GpuMemory:
+    """What this process holds on each CUDA device. `engine_device` is EngineInfo.device ("cpu" or the
+    GPU's name): a node decoding on the CPU holds no GPU memory even on a machine that has GPUs.
+
+    Reads torch's allocator counters only, which touch neither the GPU nor other processes: cheap
+    enough for every dashboard refresh."""
+    if engine_device == "cpu":
+        return GpuMemory((), "the engine runs on the CPU")
+    import torch
+    devices = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        devices.append(DeviceMemory(i, props.name, int(torch.cuda.memory_reserved(i)),
+                                    int(torch.cuda.memory_allocated(i)), int(props.total_memory)))
+    return GpuMemory(tuple(devices), "")
 
 
 def detect_gpus() -> GpuReport:

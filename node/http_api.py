@@ -28,6 +28,7 @@ from starlette.staticfiles import StaticFiles
 from dspark.v1 import advert_pb2
 from node.activity import Activity
 from node.billing import BillingError, UnverifiedReceipt, load_period, parse_time_ms, write_export
+from node.gpu import memory_in_use
 from node.identity import Identity
 from node.ledger import Ledger, unreadable
 from node.live_feed import LiveFeed
@@ -146,6 +147,7 @@ def build_routes(node: NodeView) -> list:
             "load": {"active": node.engine.active, "free_slots": node.engine.free_slots,
                      "queue_depth": node.engine.queue_depth},
             "gpu": jsonable(advert.gpu),
+            "gpu_memory": jsonable(memory_in_use(info.device)),
             "process_rss_bytes": _rss_bytes(),
             "price_per_mtok_micros": advert.price_per_mtok_micros,
             "price_per_gpu_second_micros": advert.price_per_gpu_second_micros,

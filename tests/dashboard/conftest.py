@@ -1,11 +1,15 @@
-"""Fixtures for the dashboard tests: tools from Debian packages, installed when missing."""
+"""Fixtures for the dashboard tests: tools from Debian packages, installed when missing; GPUs stood in for."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import pytest
+import torch
+
+from .factories import GIB
 
 
 def debian_tool(binary: str, package: str) -> str:
@@ -38,3 +42,14 @@ def promtool() -> str:
 @pytest.fixture(scope="session")
 def chromium() -> str:
     return debian_tool("chromium", "chromium")
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """Two 141 GiB devices; the engine holds 30 GiB on the first, 24 of them in tensors, and none on the second."""
+    reserved, allocated = {0: 30 * GIB, 1: 0}, {0: 24 * GIB, 1: 0}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(name="NVIDIA H200", total_memory=141 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: reserved[i])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: allocated[i])

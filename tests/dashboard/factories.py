@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from engine.api import CorpusFill, DraftCounts, EngineInfo, RequestStats, RoundReport
 from node.events import EngineRound, JobFinished
 
+GIB = 2**30
+
 
 @dataclass
 class EngineState:

@@ -18,6 +18,7 @@ from node.events import JobRefused
 from node.http_server import COOKIE, HttpConfigError, HttpService
 from node.identity import Identity
 
+from .factories import GIB, engine_info
 from .harness import NodeUnderTest, new_job_id
 
 TOKEN = "s3cret.dash_board~token-0123"   # every non-alphanumeric the token may hold (DashboardConfig)
@@ -44,6 +45,15 @@ def test_status_names_model_device_and_load(node, client):
     assert s["load"] == {"active": node.engine.active, "free_slots": node.engine.free_slots, "queue_depth": 0}
     assert s["gpu"]["name"] == "cpu" and s["process_rss_bytes"] > 10_000_000
     assert s["price_per_mtok_micros"] == node.config.pricing.per_mtok_micros
+    assert s["gpu_memory"] == {"devices": [], "reason": "the engine runs on the CPU"}
+
+
+def test_status_on_a_gpu_reports_the_memory_the_node_holds_on_each_device(node, client, two_gpus, monkeypatch):
+    monkeypatch.setattr(node.engine, "info", engine_info(device="NVIDIA H200"))
+    memory = client.get("/api/v1/status").json()["gpu_memory"]
+    assert memory["reason"] == "" and [d["index"] for d in memory["devices"]] == [0, 1]
+    assert memory["devices"][0] == {"index": 0, "name": "NVIDIA H200", "reserved_bytes": 30 * GIB,
+                                    "allocated_bytes": 24 * GIB, "total_bytes": 141 * GIB}
 
 
 def test_a_job_shows_in_jobs_earnings_metrics_and_export(node, client):
