@@ -11,6 +11,9 @@ const FEED_RETRY_MS = 5000;
 const SHOWN_CLIENTS = 6;
 const EVENT_RELOAD_MS = 500;
 const SOURCE_NAMES = { own: "lookup, own text", corpus: "lookup, other requests", drafter: "model drafter" };
+// The drafter tags of the config and the logs ("dspark+lookup"), in words; the tag stays in a tooltip.
+const DRAFTER_NAMES = { ngram: "prompt lookup", lookup: "prompt lookup", dspark: "DSpark drafter",
+                        dflash: "DFlash drafter", eagle3: "EAGLE-3 drafter" };
 
 function el(tag, text, cls) {
   const e = document.createElement(tag);
@@ -19,9 +22,13 @@ function el(tag, text, cls) {
   return e;
 }
 
+// cells: [text, class, title]; the title (a tooltip) for what the cell shortens
 function row(cells) {
   const tr = document.createElement("tr");
-  for (const [text, cls] of cells) tr.appendChild(el("td", text, cls));
+  for (const [text, cls, title] of cells) {
+    const td = tr.appendChild(el("td", text, cls));
+    if (title) td.title = title;
+  }
   return tr;
 }
 
@@ -41,7 +48,7 @@ const fmt = {
   money: micros => (micros / 1e6).toFixed(6),
   num: (v, digits = 1) => (v === null || v === undefined) ? "-" : Number(v).toFixed(digits),
   bytes: b => {
-    if (!b) return "-";
+    if (b === null || b === undefined) return "-";
     const units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let i = 0;
     while (b >= 1024 && i < units.length - 1) { b /= 1024; i++; }
@@ -56,6 +63,13 @@ const fmt = {
   time: t => {
     const d = new Date(t * 1000);
     return d.toDateString() === new Date().toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
+  },
+  // the same on a 24-hour clock, which is shorter in a table column ("14:03:27", "1 Dec 14:03:27")
+  clock: t => {
+    const d = new Date(t * 1000);
+    const hms = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
+    return d.toDateString() === new Date().toDateString() ? hms
+      : `${d.toLocaleDateString([], { day: "numeric", month: "short" })} ${hms}`;
   },
 };
 
@@ -84,8 +98,12 @@ const panels = {
     const s = state.status = await api("/status");
     const e = s.engine;
     $("peer-id").textContent = s.peer_id;
-    $("model").textContent = `${e.model_id} (${e.dtype}, ${e.model_digest.slice(0, 12)})`;
-    $("drafter").textContent = e.drafter_id ? `${e.method} / ${e.drafter_id}` : `${e.method} (no drafter)`;
+    const digest = el("span", `weights sha256 ${e.model_digest.slice(0, 12)}…`, "mono");
+    digest.title = `sha256 of the model's weights, as receipts name it: ${e.model_digest}`;
+    $("model").replaceChildren(`${e.model_id} (${e.dtype}, `, digest, ")");
+    $("drafter").textContent = e.drafter_id
+      ? e.drafter_id.split("+").map(tag => DRAFTER_NAMES[tag] || tag).join(" + ") : "none: plain decoding";
+    $("drafter").title = `method ${e.method}, drafter ${e.drafter_id || "none"}`;
     const gpu = s.gpu || {};
     $("device").textContent = gpu.name && gpu.name !== "cpu"
       ? `${e.device} · ${gpu.count || 1}× ${gpu.name}${gpu.compute_capability ? " (sm " + gpu.compute_capability + ")" : ""}`
@@ -93,6 +111,10 @@ const panels = {
     const gpuMem = Number(gpu.memory_bytes || 0);
     $("memory").textContent = (gpuMem ? `${fmt.bytes(gpuMem)} per GPU · ` : "") +
       `process ${fmt.bytes(s.process_rss_bytes)}`;
+    const held = s.gpu_memory.devices;
+    $("gpu-memory").textContent = !held.length ? `none: ${s.gpu_memory.reason}` : held.map(d =>
+      (held.length > 1 ? `GPU ${d.index}: ` : "") + `${fmt.bytes(d.reserved_bytes)} reserved of ` +
+      `${fmt.bytes(d.total_bytes)} (${fmt.bytes(d.allocated_bytes)} in tensors)`).join(" · ");
     showDraining(s.draining);
     $("slots").textContent = `${s.load.active} active · ${s.load.free_slots} free of ${e.max_batch}`;
     $("queue").textContent = String(s.load.queue_depth);
@@ -115,11 +137,14 @@ const panels = {
       [fmt.num(a.tokens_per_second), "num tps"], [fmt.num(a.age_seconds) + " s", "num"],
       // No token yet: in line for a slot, or its prompt still prefilling.
       [a.first_token_seconds === null ? "waiting" : "running", "state"]])), "no active job", 6);
-    fill($("recent-jobs").tBodies[0], j.recent.slice(0, 8).map(r => row([
-      [fmt.short(r.job_id), "id"], [r.outcome, "outcome-" + r.outcome], [String(r.output_tokens), "num"],
+    // every job the node keeps (its list scrolls): the one a client asks about is rarely among the last few
+    fill($("recent-jobs").tBodies[0], j.recent.map(r => row([
+      [fmt.clock(r.finished_at), "time", new Date(r.finished_at * 1000).toISOString()],
+      [fmt.short(r.job_id), "id", r.job_id], [fmt.short(r.client), "id", r.client],
+      [r.outcome, "outcome-" + r.outcome], [String(r.output_tokens), "num"],
       [fmt.num(r.tokens_per_second), "num"], [fmt.num(r.tau, 2), "num"],
       [r.time_to_first_token === null ? "-" : fmt.num(r.time_to_first_token, 2) + " s", "num"],
-      [fmt.money(r.amount_micros), "num"]])), "no finished job yet", 7);
+      [fmt.money(r.amount_micros), "num"]])), "no finished job yet", 9);
   },
 
   async series() {
@@ -145,7 +170,8 @@ const panels = {
   async drafts() {
     const d = await api("/drafts");
     $("draft-sources").tBodies[0].replaceChildren(...d.sources.map(s => row([
-      [SOURCE_NAMES[s.source] || s.source], [String(s.drafted), "num"], [String(s.verified), "num"],
+      [SOURCE_NAMES[s.source] || s.source, "", `source ${s.source}`], [String(s.drafted), "num"],
+      [String(s.verified), "num"],
       [String(s.accepted), "num"],
       [s.acceptance === null ? "-" : fmt.num(100 * s.acceptance, 0) + "%", "num"]])));
     const c = d.corpus;

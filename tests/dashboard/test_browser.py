@@ -4,13 +4,17 @@ drafts came from and how full the lookup corpus is."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from engine.api import CorpusFill, DraftCounts
+from node.activity import RECENT_JOBS
 from node.events import AdvertPublished, AdvertSeen, JobRefused, NodeDraining, PeerChange
 from node.identity import Identity
 
@@ -84,7 +88,7 @@ def test_dashboard_live_job_and_earnings(node, page):
     earned = float(page.text_content("#earned"))
     assert earned > 0 and earned * 1e6 == pytest.approx(node.ledger.totals().amount_micros)
     page.wait_for_function(f"""() => [...document.querySelectorAll('#recent-jobs tbody tr')].some(
-        r => r.cells[0].textContent.startsWith('{short}') && r.cells[1].textContent === 'completed')""")
+        r => r.cells[1].textContent.startsWith('{short}') && r.cells[3].textContent === 'completed')""")
     assert page.locator("#chart-tps path").count() == 1         # the throughput line is drawn
     # every round of the played job drafted for its one request and verified 4 draft tokens
     page.wait_for_function("""() => [...document.querySelectorAll('#budget-table tbody tr')].some(
@@ -181,7 +185,7 @@ def test_the_scrolling_lists_can_be_reached_from_the_keyboard(node, page):
     for _ in range(12):
         page.keyboard.press("Tab")
         reached.add(page.evaluate("document.activeElement.id"))
-    assert {"peers-seen", "problem-list"} <= reached, reached
+    assert {"peers-seen", "recent-jobs-list", "problem-list"} <= reached, reached
 
 
 def test_a_refused_live_feed_is_retried(node, page, monkeypatch):
@@ -207,7 +211,7 @@ def test_a_phone_sees_the_page_without_sideways_scrolling_and_legible_charts(nod
         assert label_heights and min(label_heights) >= 10
         # Nor does a card hide a table's right-hand columns behind a sideways scroll of its own.
         page.wait_for_function("document.querySelectorAll('#recent-jobs tbody td').length > 1")
-        hidden = page.evaluate("""[...document.querySelectorAll('.card')]
+        hidden = page.evaluate("""[...document.querySelectorAll('.card, .card .scroll')]
             .filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.id)""")
         assert hidden == []
         page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
@@ -332,3 +336,90 @@ def test_a_burst_of_finished_jobs_reloads_the_panels_a_few_times_not_once_each(t
         assert len(earnings_requests) <= 10
     finally:
         node.stop()
+
+
+def test_recent_jobs_list_all_kept_with_when_each_finished_and_for_whom(tmp_path, browser):
+    node = NodeUnderTest(tmp_path)
+    first = round(time.time()) - 120 + 0.25     # a quarter second: the title's milliseconds are exact
+    clients = [Identity.generate().public_key.hex() for _ in range(RECENT_JOBS + 5)]
+    for i, client in enumerate(clients):
+        node.bus.publish(finished(new_job_id().hex(), "completed", stats(10, 4, [4], [2]), amount=1, sequence=i + 1,
+                                  client=client, at=first + i))
+    node.start()
+    # the operator's clock, not the server's: a time zone of its own, and a 12-hour locale shown a 24-hour clock
+    context = browser.new_context(viewport={"width": 1440, "height": 900}, timezone_id="Asia/Kolkata",
+                                  locale="en-US")
+    try:
+        page = context.new_page()
+        page.goto(node.url + "/")
+        page.wait_for_function(f"document.querySelectorAll('#recent-jobs tbody tr').length === {RECENT_JOBS}")
+        rows = page.eval_on_selector_all("#recent-jobs tbody tr", """rows => rows.map(r => ({
+            cells: [...r.cells].map(c => c.textContent), when: r.cells[0].title}))""")
+        newest, newest_at = rows[0], first + len(clients) - 1
+        shown = datetime.fromtimestamp(newest_at, ZoneInfo("Asia/Kolkata"))
+        if shown.date() == datetime.now(ZoneInfo("Asia/Kolkata")).date():
+            assert newest["cells"][0] == shown.strftime("%H:%M:%S")
+        else:   # run near midnight in Kolkata: the time says the day too
+            assert newest["cells"][0].endswith(shown.strftime(" %H:%M:%S"))
+        assert newest["when"] == datetime.fromtimestamp(newest_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.250Z")
+        assert [r["cells"][2] for r in rows] == [f"{c[:8]}…{c[-4:]}" for c in reversed(clients[-RECENT_JOBS:])]
+        # all 50 in a list that scrolls inside its card and, like the others, takes keyboard focus
+        scrolls = page.eval_on_selector("#recent-jobs-list", "e => [e.scrollHeight > e.clientHeight, e.tabIndex]")
+        assert scrolls == [True, 0]
+    finally:
+        context.close()
+        node.stop()
+
+
+@pytest.mark.parametrize("width", [1440, 900])
+def test_every_row_of_cards_spans_the_page_without_a_gap(node, browser, width):
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(node.url + "/")
+        page.wait_for_function("document.getElementById('live').textContent === 'live'")
+        rows = page.evaluate("""(() => {
+            const main = document.querySelector('main'), style = getComputedStyle(main);
+            const rows = {};
+            for (const card of document.querySelectorAll('main > .card')) {
+                const box = card.getBoundingClientRect();
+                (rows[Math.round(box.top)] ??= []).push([box.left, box.right, card.id]);
+            }
+            return {left: main.getBoundingClientRect().left + parseFloat(style.paddingLeft),
+                    right: main.getBoundingClientRect().right - parseFloat(style.paddingRight),
+                    gap: parseFloat(style.columnGap), rows: Object.values(rows)};
+        })()""")
+        for row in rows["rows"]:
+            row.sort()
+            ids = [card[2] for card in row]
+            assert row[0][0] == pytest.approx(rows["left"], abs=1), ids
+            assert row[-1][1] == pytest.approx(rows["right"], abs=1), ids     # no empty column at the right
+            for (_, right, _), (left, _, _) in zip(row, row[1:]):
+                assert left - right == pytest.approx(rows["gap"], abs=1), ids
+    finally:
+        context.close()
+
+
+def test_the_model_and_drafter_are_said_in_words_with_their_tags_in_tooltips(node, page, monkeypatch):
+    monkeypatch.setattr(node.engine, "info", dataclasses.replace(node.engine.info, method="dspark",
+                                                                 drafter_id="dspark+lookup"))
+    page.goto(node.url + "/")
+    page.wait_for_function("document.getElementById('drafter').textContent !== '-'")
+    digest = bytes(range(32)).hex()
+    assert page.text_content("#model") == f"smollm2-135m-instruct (float32, weights sha256 {digest[:12]}…)"
+    assert digest in page.get_attribute("#model span", "title")
+    assert page.text_content("#drafter") == "DSpark drafter + prompt lookup"
+    assert page.get_attribute("#drafter", "title") == "method dspark, drafter dspark+lookup"
+    page.wait_for_function("document.querySelectorAll('#draft-sources tbody tr').length === 3")
+    assert page.get_attribute("#draft-sources tbody tr:nth-child(2) td", "title") == "source corpus"
+
+
+def test_gpu_memory_says_what_the_node_holds_or_that_it_runs_on_the_cpu(node, page, two_gpus, monkeypatch):
+    page.goto(node.url + "/")
+    page.wait_for_function("document.getElementById('gpu-memory').textContent !== '-'")
+    assert page.text_content("#gpu-memory") == "none: the engine runs on the CPU"
+    monkeypatch.setattr(node.engine, "info", dataclasses.replace(node.engine.info, device="NVIDIA H200"))
+    page.wait_for_function("document.getElementById('gpu-memory').textContent.startsWith('GPU 0')", timeout=8000)
+    assert page.text_content("#gpu-memory") == ("GPU 0: 30.0 GiB reserved of 141.0 GiB (24.0 GiB in tensors) · "
+                                                "GPU 1: 0 B reserved of 141.0 GiB (0 B in tensors)")
+    assert page.console_problems == []
