@@ -396,6 +396,9 @@ def test_every_row_of_cards_spans_the_page_without_a_gap(node, browser, width):
             assert row[-1][1] == pytest.approx(rows["right"], abs=1), ids     # no empty column at the right
             for (_, right, _), (left, _, _) in zip(row, row[1:]):
                 assert left - right == pytest.approx(rows["gap"], abs=1), ids
+        # nor is a card too narrow for its table (the draft sources' was, at 900 px)
+        assert page.evaluate("""[...document.querySelectorAll('.card, .card .scroll')]
+            .filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.id)""") == []
     finally:
         context.close()
 
