@@ -28,6 +28,13 @@ class DecodeState:
         """What decoding every output id at once gives (U+FFFD for an incomplete last character)."""
         return self.text + self.pending
 
+    @property
+    def settled_text(self) -> str:
+        """`full_text` less its last character while that may be an incomplete one (the U+FFFD that
+        ends `pending`): text no later token can change. A stop string "\ufffd" must not match a
+        character that the next token completes."""
+        return self.text + self.pending[:-1]
+
 
 class Detokenizer:
     def __init__(self, tokenizer):

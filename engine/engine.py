@@ -196,8 +196,10 @@ class Engine:
     def _after_commit(self, seq: Sequence, before: DecodeState | None) -> list[Event]:
         """Stream what the last commit added (`seq.decoded` is up to date), then finish the request
         if it is done. `before`: the decode state before the commit, for a request with stop strings."""
-        stops = seq.request.sampling.stop
-        cut = first_stop(seq.decoded.full_text, stops, seq.stop_searched)
+        stops, out = seq.request.sampling.stop, seq.output_ids
+        # Until the request ends, its text's last character may be one the next token completes.
+        ending = bool(out) and out[-1] in self.target.eos_token_ids or seq.remaining <= 0
+        cut = first_stop(seq.decoded.full_text if ending else seq.decoded.settled_text, stops, seq.stop_searched)
         if cut is not None and before is not None:
             cut = self._back_to_stop(seq, before, cut)
         out = seq.output_ids
@@ -236,7 +238,7 @@ class Engine:
         out = seq.output_ids
         for n in range(seq.sent_tokens + 1, len(out)):
             self.detokenizer.update([(state, out[:n])])
-            early = first_stop(state.full_text, seq.request.sampling.stop, seq.stop_searched)
+            early = first_stop(state.settled_text, seq.request.sampling.stop, seq.stop_searched)
             if early is not None:
                 del seq.tokens[seq.prompt_len + n:]
                 uncount_dropped(seq, n - seq.sent_tokens)

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 from transformers import AutoTokenizer
 
-from engine.api import GenerationResult, TokenChunk
+from engine.api import GenerationRequest, GenerationResult, SamplingParams, TokenChunk
 from engine.bench import chat_ids
 from engine.build import build_engine
 from engine.config import EngineConfig
@@ -87,3 +87,22 @@ def test_stop_strings_cut_at_their_first_occurrence_and_are_never_streamed(smoll
         assert result.finish_reason == "stop" and result.text == text
         streamed = "".join(c.text for c in chunks[r.request_id])
         assert streamed == text and not any(s in streamed for s in stops)
+
+
+def test_a_stop_string_matches_no_character_that_a_later_token_completes(smollm_fp32):
+    """Japanese takes two tokens a character here, so after the first the text ends in U+FFFD: a
+    stop string "\ufffd" ended such a reply at its first token, with no text, though its text holds
+    none. Cut off mid-character by its token limit, the U+FFFD is in the final text and is cut."""
+    engine = build_engine(EngineConfig(method="ar", max_batch=1, max_context=256), smollm_fp32)
+    prompt = tuple(chat_ids(smollm_fp32.tokenizer, "Say hello in Japanese."))
+
+    def run_one(n, stop=()):
+        return engine.generate(GenerationRequest("j", prompt, SamplingParams(max_new_tokens=n, stop=stop)))
+    plain = run_one(8)
+    assert "\ufffd" not in plain.text and len(plain.text) < len(plain.output_ids)
+    stopped = run_one(8, ("\ufffd",))
+    assert (stopped.output_ids, stopped.text, stopped.finish_reason) == (plain.output_ids, plain.text, "length")
+    cut_short = run_one(7)
+    assert cut_short.text.endswith("\ufffd")
+    stopped = run_one(7, ("\ufffd",))
+    assert stopped.text == cut_short.text[:-1] and stopped.finish_reason == "stop"
