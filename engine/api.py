@@ -71,6 +71,11 @@ class GenerationRequest:
     # Requests of one scope may draft from each other's text (engine/drafters/corpus.py); None: from
     # no other request's. The node scopes by client, so no client's speed depends on another's text.
     corpus_scope: str | None = None
+    # Who the request is for, in the line for a slot: a free slot goes to the tenant holding the fewest,
+    # oldest request first within one (engine.py slot_order). None: one tenant for all such requests,
+    # which is first come, first served. The node names the source address, so that one host's many
+    # jobs (keys are free) take turns with another host's one instead of going before it.
+    tenant: str | None = None
 
 
 @dataclass

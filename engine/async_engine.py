@@ -73,6 +73,17 @@ class AsyncEngine:
     def queue_depth(self) -> int:
         return len(self.engine.waiting) + len(self._inbox)
 
+    def queue_position(self, request_id: str) -> int:
+        """Requests ahead of this one in line for a slot, plus one; 0 once it holds one (or has
+        ended). The engine's line as of its last step (slot_order); a request handed in since waits
+        behind that line."""
+        line = self.engine.line
+        if request_id in line:
+            return line[request_id]
+        with self._lock:
+            arrived = [request.request_id for request, _, _ in self._inbox]
+        return len(line) + 1 + arrived.index(request_id) if request_id in arrived else 0
+
     @property
     def free_slots(self) -> int:
         return max(0, len(self.engine.free_slots) - self.queue_depth)

@@ -1,18 +1,21 @@
 """The synchronous engine: a queue, a fixed set of KV-cache slots, and continuous batching.
 
-Each `step()` admits waiting requests into free slots, prefills at most `prefill_chunk` prompt tokens
-(oldest request first, one ragged forward; a prompt's last chunk also samples its first token), then
-runs one speculative round over every request whose prompt is in the cache. A long prompt is thus
-spread over several steps and the running requests decode between its chunks instead of waiting
-for all of it (chunked prefill, as in Sarathi-Serve and vLLM). Requests join and leave between
-rounds. `engine/async_engine.py` runs `step()` in a thread for the node.
+Each `step()` admits waiting requests into free slots (the tenant holding the fewest first: `slot_order`),
+prefills at most `prefill_chunk` prompt tokens (oldest request first, one ragged forward; a prompt's
+last chunk also samples its first token), then runs one speculative round over every request whose
+prompt is in the cache. A long prompt is thus spread over several steps and the running requests
+decode between its chunks instead of waiting for all of it (chunked prefill, as in Sarathi-Serve and
+vLLM). Requests join and leave between rounds. `engine/async_engine.py` runs `step()` in a thread
+for the node.
 """
 
 from __future__ import annotations
 
+import heapq
 import random
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import replace
 
 import torch
@@ -40,6 +43,28 @@ def first_stop(text: str, stops: tuple[str, ...], searched: int) -> int | None:
     return min(cuts) if cuts else None
 
 
+def slot_order(waiting: Iterable[Sequence], holding: Iterable[Sequence]) -> list[Sequence]:
+    """The order in which the waiting requests take free slots: each next one is the oldest request of
+    the tenant that would then hold the fewest slots (max-min fair shares of the batch, as a fair
+    queue serves flows), ties going to the older request. With one tenant this is arrival order."""
+    held = Counter(seq.request.tenant for seq in holding)
+    lines: dict[str | None, deque[tuple[int, Sequence]]] = {}
+    for arrival, seq in enumerate(waiting):
+        lines.setdefault(seq.request.tenant, deque()).append((arrival, seq))
+    # (slots held, arrival of its oldest waiting request, tenant): arrivals are unique, so tenants
+    # (None among them) are never compared.
+    heads = [(held[tenant], line[0][0], tenant) for tenant, line in lines.items()]
+    heapq.heapify(heads)
+    order = []
+    while heads:
+        count, _, tenant = heapq.heappop(heads)
+        line = lines[tenant]
+        order.append(line.popleft()[1])
+        if line:
+            heapq.heappush(heads, (count + 1, line[0][0], tenant))
+    return order
+
+
 class Engine:
     def __init__(self, config: EngineConfig, target: LoadedTarget, drafter: Drafter,
                  schedule: Schedule = full_block):
@@ -55,6 +80,9 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []   # holding a slot, prompt partly in the cache
         self.active: list[Sequence] = []       # prompt cached, decoding
+        # request id -> its place in line for a slot (1: next), as of the last step; replaced whole,
+        # so another thread may read it while the engine's runs (AsyncEngine.queue_position).
+        self.line: dict[str, int] = {}
         self.cancelled: set[str] = set()
         # Seeds the generators of requests without a seed of their own (their drafts and rejection
         # sampling, engine/sampling.py); a benchmark seeds it for repeatable runs.
@@ -111,8 +139,15 @@ class Engine:
         for seq in [s for s in (*self.waiting, *self.prefilling, *self.active) if s.request_id in self.cancelled]:
             events.append(self._finish(seq, "cancelled"))
         self.cancelled.clear()
-        while self.waiting and self.free_slots:
-            self._admit(self.waiting.popleft())
+        if self.waiting:
+            order = slot_order(self.waiting, (*self.prefilling, *self.active))
+            admitted, order = order[:len(self.free_slots)], order[len(self.free_slots):]
+            for seq in admitted:
+                self.waiting.remove(seq)
+                self._admit(seq)
+            self.line = {seq.request_id: place for place, seq in enumerate(order, 1)}
+        elif self.line:
+            self.line = {}
         events.extend(self._emit(self._prefill_step()))
         if not self.active:
             return events, None

@@ -266,9 +266,11 @@ def check_fit(prompt_tokens: int, sampling: SamplingParams, policy: Policy) -> R
 def generation_request(job: SignedJob, prompt_ids: tuple[int, ...], nonce: str) -> GenerationRequest:
     """What the engine runs for an admitted job. Its corpus scope is the client: a client's jobs may
     draft from each other's text (engine/drafters/corpus.py), never from another client's, whose
-    content their speed would otherwise hint at."""
+    content their speed would otherwise hint at. Its tenant is the source address: slots go to the
+    address holding the fewest first, so one host signing its jobs with many keys takes turns with
+    the others instead of making them wait behind all its jobs."""
     return GenerationRequest(request_id=f"{job.request.job_id.hex()}-{nonce}", prompt_ids=prompt_ids,
-                             sampling=job.sampling, corpus_scope=job.client_key.hex())
+                             sampling=job.sampling, corpus_scope=job.client_key.hex(), tenant=job.source)
 
 
 # The engine's reasons (engine/engine.py check, engine/api.py SamplingParams.validate) as the node's.

@@ -168,14 +168,13 @@ class JobTable:
         return self._engine.cancel(running.request.request_id) or not running.in_engine
 
     def progress(self, running: RunningJob) -> job_pb2.SubmitEvent:
-        """The heartbeat of a job with nothing else to send. Its place in line is read from this
-        table, not the engine's queue (which the engine thread changes under us): jobs start in the
-        order they were admitted and the engine gives slots in the order it was handed them, so the
-        first max_batch jobs here hold the slots (give or take one finishing its receipt). A job gone
-        from the table has ended: its result is on its way."""
-        index = next((i for i, other in enumerate(self._jobs.values()) if other is running), 0)
-        return job_pb2.SubmitEvent(progress=job_pb2.JobProgress(
-            queue_position=max(0, index - self._info.max_batch + 1), output_tokens=len(running.output)))
+        """The heartbeat of a job with nothing else to send, with its place in the engine's line for
+        a slot (which is not the order of admission: slots go to the address holding the fewest). A
+        job not handed to the engine yet is about to be: it is behind the engine's line."""
+        position = self._engine.queue_position(running.request.request_id) if running.in_engine \
+            else self._engine.queue_depth + 1
+        return job_pb2.SubmitEvent(progress=job_pb2.JobProgress(queue_position=position,
+                                                                output_tokens=len(running.output)))
 
     def progress_before_start(self) -> job_pb2.SubmitEvent:
         """The heartbeat of a job still being prepared (its prompt waiting for a tokenizer thread). It

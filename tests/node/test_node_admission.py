@@ -69,6 +69,13 @@ def test_a_clients_jobs_share_a_corpus_scope_no_other_client_does():
                                                                     opened().sampling)
 
 
+def test_a_job_s_tenant_in_the_line_for_a_slot_is_its_source_address_whatever_key_signed_it():
+    first = generation_request(open_job(seal(CLIENT, request()), "203.0.113.7"), (1, 2, 3), "a")
+    other = generation_request(open_job(seal(Identity.from_seed(b"o" * 32), request()), "203.0.113.7"), (1,), "b")
+    elsewhere = generation_request(open_job(seal(CLIENT, request()), "2001:db8::/64"), (1, 2, 3), "c")
+    assert first.tenant == other.tenant == "203.0.113.7" and elsewhere.tenant == "2001:db8::/64"
+
+
 def test_signature_is_checked_before_parsing():
     envelope = seal(CLIENT, request())
     envelope.payload = envelope.payload + b"\x00"
