@@ -200,14 +200,14 @@ class AsyncEngine:
             log.exception("engine loop failed")
             self.failure = exc
             for request_id in list(self._queues):
-                self._deliver(request_id, EngineFailed(f"engine failed: {exc}"))
+                self._deliver(request_id, self._failed())
         finally:
             with self._wake:
                 self._running = False
                 unserved, self._inbox = self._inbox, []
             # Requests that arrived during the last round never reached the engine: they end too.
             for _, queue, request_loop in unserved:
-                _put(queue, request_loop, EngineFailed(f"engine failed: {self.failure}") if self.failure
+                _put(queue, request_loop, self._failed() if self.failure
                      else RequestRejected("stopping", "the engine stopped before serving the request"))
             for result in self.engine.abort_all():
                 self._deliver(result.request_id, result)
@@ -243,8 +243,12 @@ class AsyncEngine:
         # queues nobody reads, and their consumers' cancels still find them.
         waiting = [*self._queues.values(), *((queue, loop) for _, queue, loop in unserved)]
         for queue, request_loop in waiting:
-            _put(queue, request_loop, EngineFailed(f"engine failed: {self.failure}"))
+            _put(queue, request_loop, self._failed())
         self._done.set_exception(self.failure)
+
+    def _failed(self) -> EngineFailed:
+        """What every request the failure ended is answered with."""
+        return EngineFailed(f"engine failed: {self.failure}")
 
     def _finish_wait(self) -> None:
         if self._done.done():
