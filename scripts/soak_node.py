@@ -51,8 +51,10 @@ FD_SLACK = 16
 
 def node_config(model: str, method: str, device: str) -> str:
     # Two slots (node_toml's) and a short line, so that queueing, refusals and cancellations all happen.
-    # No limits per address: every client of the soak calls from loopback.
-    return node_toml(Path(model), f"""method = "{method}"
+    # No limits per address: the clients call from two loopback addresses, which the engine's line for
+    # a slot takes as two tenants (engine.py slot_order), so that its order is not only arrival's.
+    # Listening on every address, plaintext (TLS is on by default off loopback).
+    toml = node_toml(Path(model), f"""method = "{method}"
 device = "{device}"
 max_queue = 6
 [admission]
@@ -61,7 +63,10 @@ rate_per_minute = 100000
 address_rate_per_minute = 0
 max_concurrent_per_address = 0
 max_concurrent_per_client = 3
+[tls]
+mode = "off"
 """)
+    return toml.replace('grpc_listen = "127.0.0.1:0"', 'grpc_listen = "[::]:0"')
 
 
 @dataclass
@@ -203,7 +208,9 @@ async def soak(tmp: Path, args: argparse.Namespace) -> list[str]:
     started = time.monotonic()
     until = started + args.seconds
     sampled = asyncio.create_task(sample_resources(node.proc.pid, data, args.seconds))
-    await asyncio.gather(*(client_loop(node.ready["grpc"], node.peer_id, book, i, until) for i in range(args.clients)))
+    port = node.ready["grpc"].rpartition(":")[2]
+    await asyncio.gather(*(client_loop(f"{('127.0.0.1', '[::1]')[i % 2]}:{port}", node.peer_id, book, i, until)
+                           for i in range(args.clients)))
     warm, end = await sampled
     await asyncio.sleep(3)      # cancelled jobs' receipts are written after their streams end
     served_s = time.monotonic() - started

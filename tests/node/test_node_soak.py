@@ -1,7 +1,7 @@
-"""A short soak of a real node (scripts/soak_node.py): sixteen jobs in flight against two slots
-and a line of six, submitted, cancelled, closed, timed out, replayed and acknowledged at random;
-afterwards every accepted job has one receipt, none failed, the chain verifies and the counters
-agree with the ledger."""
+"""A short soak of a real node (scripts/soak_node.py): sixteen jobs in flight from two addresses (two
+tenants in the engine's line) against two slots and a line of six, submitted, cancelled, closed,
+timed out, replayed and acknowledged at random; afterwards every accepted job has one receipt, none
+failed, the chain verifies, the counters agree with the ledger, and the outputs of one prompt agree."""
 
 from __future__ import annotations
 
