@@ -144,20 +144,50 @@ class GatewayApp:
         await self.gateway.check_budget(account)
         stream = _Stream(kind, params)
         task = asyncio.create_task(self.gateway.run(params, account, stream.queue.put_nowait, stream.set_worker))
-        if not params.stream:
-            outcome = await task
-            return JSONResponse(stream.whole(outcome).model_dump(), headers=_receipt_headers(outcome))
-        task.add_done_callback(lambda _: stream.queue.put_nowait(None))     # the end of the text
-        # Hold the response until the first token (or the end): errors before it are plain HTTP errors.
         try:
-            first = await stream.queue.get()
-        except asyncio.CancelledError:        # the client left before the first token
-            task.cancel()
-            raise
+            if not params.stream:
+                outcome = await _unless_client_leaves(request, task, task)
+                return JSONResponse(stream.whole(outcome).model_dump(), headers=_receipt_headers(outcome))
+            task.add_done_callback(lambda _: stream.queue.put_nowait(None))     # the end of the text
+            # Hold the response until the first token (or the end): errors before it are plain HTTP errors.
+            first = await _unless_client_leaves(request, task, asyncio.ensure_future(stream.queue.get()))
+        except _ClientLeft:
+            return Response(status_code=499)     # nginx's "client closed request", for the access log only
         if first is None:
             task.result()          # raises the ApiError of a job that failed before any text
         return StreamingResponse(stream.events(task, first), media_type="text/event-stream",
                                  headers={"x-dspark-worker": stream.worker, "cache-control": "no-cache"})
+
+
+class _ClientLeft(Exception):
+    pass
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client closes its connection. Called once the body is read: a receive() then
+    has nothing but the disconnect to wait for."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, job: asyncio.Task, step: asyncio.Future):
+    """The result of `step` (the job, or its first text), unless the client leaves before it: then
+    the job is cancelled on its worker and _ClientLeft raised. uvicorn does not cancel a handler
+    whose client has gone, so without this a whole answer nobody waits for any more (an SDK's
+    timeout, a Ctrl-C) would run to its end, and be billed; a stream, to its first token."""
+    gone = asyncio.create_task(_client_gone(request))
+    try:
+        await asyncio.wait((step, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not step.done():      # the client left, or the gateway is stopping
+            step.cancel()
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ApiError):
+                await job
+    if step.cancelled():
+        raise _ClientLeft
+    return step.result()
 
 
 class _Stream:

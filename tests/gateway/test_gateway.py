@@ -235,24 +235,53 @@ def test_keys_and_caps_from_a_config_file_keep_the_keys_out_of_argv(gateway_fact
     assert chat.model_extra["dspark"]["worker"] == network.dear.peer_id      # the file's GPU-second cap held
 
 
+def latest_receipts(daemon) -> list:
+    """The worker's latest receipt, in a list: none before its first job."""
+    worker = Ledger.open_readonly(daemon.data_dir / "ledger.sqlite3")
+    try:
+        return worker.latest(1)
+    finally:
+        worker.close()
+
+
+def last_sequence(daemon) -> int:
+    return next((row.sequence for row in latest_receipts(daemon)), 0)
+
+
+def next_receipt(daemon, sequence: int):
+    """The worker's receipt after `sequence` (the next job's), waiting up to 30 s for it."""
+    deadline = time.monotonic() + 30
+    while last_sequence(daemon) <= sequence and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (latest,) = latest_receipts(daemon)
+    return latest
+
+
 def test_a_client_leaving_mid_stream_cancels_the_job_on_its_worker(client, network):
+    before = last_sequence(network.cheap)
     stream = client.chat.completions.create(model=network.model, messages=[{"role": "user", "content": PROMPT}],
                                             max_tokens=2000, temperature=0, stream=True)
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             break
     stream.close()
-    deadline = time.monotonic() + 30
-    while True:       # the worker's ledger gets the job's 'cancelled' receipt, billed for what it produced
-        worker = Ledger.open_readonly(network.cheap.data_dir / "ledger.sqlite3")
-        try:
-            (latest,) = worker.latest(1)
-        finally:
-            worker.close()
-        if latest.outcome == "cancelled" or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    # the worker's ledger gets the job's 'cancelled' receipt, billed for what it produced
+    latest = next_receipt(network.cheap, before)
     assert latest.outcome == "cancelled" and 0 < latest.output_tokens < 2000
+
+
+def test_a_client_leaving_before_a_whole_answer_cancels_the_job_on_its_worker(gateway, network):
+    """uvicorn does not cancel a handler whose client has gone: a whole answer nobody waits for any
+    more (an SDK's timeout, a Ctrl-C) would run to its end and be billed."""
+    before, log = last_sequence(network.cheap), gateway.data_dir / "stderr.log"
+    tracebacks = log.read_text().count("Traceback")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway.base_url}/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={"model": network.model, "messages": [{"role": "user", "content": PROMPT}],
+                         "max_tokens": 2000, "temperature": 0}, timeout=httpx.Timeout(60, read=1))
+    latest = next_receipt(network.cheap, before)
+    assert latest.outcome == "cancelled" and latest.output_tokens < 2000
+    assert log.read_text().count("Traceback") == tracebacks
 
 
 def producing(daemon) -> bool:
