@@ -224,7 +224,7 @@ class _Stream:
         else:
             choices = [] if extra.get("usage") else [CompletionChoice(text=text or "", finish_reason=finish)]
             body = CompletionChunk(choices=choices, **common)
-        return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
+        return f"data: {body.model_dump_json()}\n\n"
 
     async def events(self, task: asyncio.Task[NetworkResult], first: str | None) -> AsyncIterator[str]:
         try:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from engine.api import MAX_STOP_CHARS, SEED_LIMIT
 from node.client import prompt_bytes
@@ -277,7 +277,17 @@ class Completion(BaseModel):
     dspark: Extension
 
 
-class ChunkDelta(BaseModel):
+class _OmitsNone(BaseModel):
+    """A body whose absent values are left out, as OpenAI's chunks leave out a delta's role after the
+    first and the usage before the last; a choice's `finish_reason` and `logprobs` are not of these:
+    OpenAI sends them as null (clients read `choice["finish_reason"]`)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler) -> dict[str, Any]:
+        return {name: value for name, value in handler(self).items() if value is not None}
+
+
+class ChunkDelta(_OmitsNone):
     role: Literal["assistant"] | None = None
     content: str | None = None
 
@@ -286,9 +296,10 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
     finish_reason: str | None = None
+    logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_OmitsNone):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -298,7 +309,7 @@ class ChatCompletionChunk(BaseModel):
     dspark: Extension | None = None
 
 
-class CompletionChunk(BaseModel):
+class CompletionChunk(_OmitsNone):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int

@@ -3,6 +3,7 @@ and the official `openai` SDK as the client. Tests run in file order; the last o
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import threading
@@ -96,6 +97,35 @@ def test_streams_equal_the_whole_answers(client, network):
     streamed = list(client.completions.create(model=network.model, prompt=PROMPT, max_tokens=10, temperature=0,
                                               stream=True))
     assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+
+
+def sse_events(gateway, path: str, body: dict) -> list[str]:
+    """The data of each server-sent event, checking OpenAI's framing on the way."""
+    response = httpx.post(f"{gateway.base_url}/{path}", json={**body, "stream": True}, timeout=60,
+                          headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    assert response.text.endswith("\n\n")
+    events = response.text.removesuffix("\n\n").split("\n\n")
+    assert all(event.startswith("data: ") for event in events)
+    return [event.removeprefix("data: ") for event in events]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("chat/completions", {"messages": [{"role": "user", "content": PROMPT}], "stream_options": {"include_usage": True}}),
+    ("completions", {"prompt": PROMPT}),
+])
+def test_stream_chunks_carry_finish_reason_and_logprobs_as_null_until_the_last(gateway, network, path, body):
+    # OpenAI sends both in every choice of every chunk: clients that read the JSON themselves index
+    # choice["finish_reason"], and the SDK's legacy CompletionChoice declares it required.
+    *chunks, done = sse_events(gateway, path, {**body, "model": network.model, "max_tokens": 3, "temperature": 0})
+    assert done == "[DONE]"
+    choices = [chunk["choices"][0] for chunk in map(json.loads, chunks) if chunk["choices"]]
+    assert [choice["finish_reason"] for choice in choices] == [None] * (len(choices) - 1) + ["length"]
+    assert all(choice["logprobs"] is None for choice in choices)
+    if path == "chat/completions":
+        assert choices[0]["delta"] == {"role": "assistant", "content": ""} and choices[-1]["delta"] == {}
+        assert all(choice["delta"].keys() == {"content"} for choice in choices[1:-1])
+        assert json.loads(chunks[-1])["choices"] == [] and json.loads(chunks[-1])["usage"]["completion_tokens"] == 3
 
 
 @pytest.mark.parametrize("extra, param", [
