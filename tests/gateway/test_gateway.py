@@ -111,7 +111,8 @@ def sse_events(gateway, path: str, body: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("path, body", [
-    ("chat/completions", {"messages": [{"role": "user", "content": PROMPT}], "stream_options": {"include_usage": True}}),
+    ("chat/completions", {"messages": [{"role": "user", "content": PROMPT}],
+                          "stream_options": {"include_usage": True}}),
     ("completions", {"prompt": PROMPT}),
 ])
 def test_stream_chunks_carry_finish_reason_and_logprobs_as_null_until_the_last(gateway, network, path, body):
