@@ -32,11 +32,21 @@ MAX_STOP = 4
 # characters, stop <= 4 x 256, ids, prices, times) take well under 8 KiB of it.
 MAX_PROMPT_BYTES = MAX_PAYLOAD_BYTES - 8192
 
+
+def _number(target: int) -> Callable[[Any], bool]:
+    """null or `target` as a JSON number: Python's True == 1, but JSON's true is no number."""
+    return lambda v: v is None or (type(v) in (int, float) and v == target)
+
+
+def _false(v: Any) -> bool:
+    return v is None or v is False       # not 0, which equals False in Python
+
+
 _NEUTRAL: dict[str, Callable[[Any], bool]] = {
-    "n": lambda v: v in (None, 1),
-    "presence_penalty": lambda v: v in (None, 0),
-    "frequency_penalty": lambda v: v in (None, 0),
-    "logprobs": lambda v: v in (None, False),
+    "n": _number(1),
+    "presence_penalty": _number(0),
+    "frequency_penalty": _number(0),
+    "logprobs": _false,
     "top_logprobs": lambda v: v is None,
     "logit_bias": lambda v: v in (None, {}),
     "tools": lambda v: v in (None, []),
@@ -45,8 +55,8 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "function_call": lambda v: v in (None, "none"),
     "parallel_tool_calls": lambda v: v is None,
     "response_format": lambda v: v in (None, {"type": "text"}),
-    "echo": lambda v: v in (None, False),
-    "best_of": lambda v: v in (None, 1),
+    "echo": _false,
+    "best_of": _number(1),
     "suffix": lambda v: v in (None, ""),
 }
 

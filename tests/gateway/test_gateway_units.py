@@ -41,6 +41,14 @@ def test_null_is_an_optional_parameters_default_as_in_openai():
     assert params == parse_request("chat", CHAT)
 
 
+def test_no_effect_values_are_accepted_as_json_numbers_or_false():
+    neutral = {"n": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0, "logprobs": False, "tools": []}
+    assert parse_request("chat", {**CHAT, **neutral}) == parse_request("chat", CHAT)
+    completion = {"model": "m", "prompt": "x"}
+    assert parse_request("completion", {**completion, "echo": False, "best_of": 1}) == parse_request("completion",
+                                                                                                   completion)
+
+
 def test_the_embedded_models_alias_asks_for_the_id_workers_advertise():
     params = parse_request("chat", {**CHAT, "model": EMBEDDED_MODEL})
     assert params.model == EMBEDDED_MODEL_ID
@@ -80,6 +88,12 @@ def test_completion_prompts_and_defaults():
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "é" * 600_000}]}, "messages"),
     ("completion", {"model": "m", "prompt": "a", "echo": True}, "echo"),
     ("completion", {"model": "m", "prompt": "a", "best_of": 2}, "best_of"),
+    # true == 1 and 0 == false in Python, not in JSON: no no-effect value of another type
+    ("chat", {**CHAT, "n": True}, "n"),
+    ("chat", {**CHAT, "presence_penalty": False}, "presence_penalty"),
+    ("chat", {**CHAT, "logprobs": 0}, "logprobs"),
+    ("completion", {"model": "m", "prompt": "a", "echo": 0}, "echo"),
+    ("completion", {"model": "m", "prompt": "a", "best_of": True}, "best_of"),
 ])
 def test_refusals_name_the_parameter(kind, body, param):
     with pytest.raises(ApiError) as caught:
