@@ -142,9 +142,8 @@ def parse_request(kind: Literal["chat", "completion"], body: Any) -> JobParams:
     try:
         request = schema.model_validate(body)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        param = ".".join(str(p) for p in error["loc"] if not _union_member(p))
-        raise ApiError(400, f"invalid parameter {param!r}: {error['msg']}", param=param) from None
+        param, message = _first_fault(exc)
+        raise ApiError(400, f"invalid parameter {param!r}: {message}", param=param) from None
     request.unsupported()
     if request.stream_options is not None and not request.stream:
         raise ApiError(400, "stream_options is only allowed with stream=true", param="stream_options")
@@ -162,6 +161,16 @@ def parse_request(kind: Literal["chat", "completion"], body: Any) -> JobParams:
         top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed, stop=tuple(request.stop or ()),
         stream=bool(request.stream),
         include_usage=bool(request.stream_options and request.stream_options.include_usage))
+
+
+def _first_fault(exc: ValidationError) -> tuple[str, str]:
+    """The first bad parameter and what is wrong with it. A union field (content, stop, prompt) has
+    an error for each member: the deepest names the fault (`messages.0.content.0.type`: should be
+    'text', for an image part) where the first would say only that the value is not a string."""
+    errors = [(tuple(str(p) for p in e["loc"] if not _union_member(p)), e["msg"]) for e in exc.errors()]
+    field = errors[0][0]
+    path, message = max((e for e in errors if e[0][:len(field)] == field), key=lambda e: len(e[0]))
+    return ".".join(path), message
 
 
 def _union_member(part: str | int) -> bool:

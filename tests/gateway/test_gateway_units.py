@@ -102,6 +102,19 @@ def test_refusals_name_the_parameter(kind, body, param):
     assert caught.value.param is not None and caught.value.param.startswith(param)
 
 
+@pytest.mark.parametrize("body, param, message", [
+    ({**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content.0.type", "Input should be 'text'"),
+    ({**CHAT, "stop": ["a", 5]}, "stop.1", "Input should be a valid string"),
+    ({**CHAT, "messages": [{"role": "user", "content": None}]}, "messages.0.content", "Input should be a valid string"),
+])
+def test_a_refusal_of_a_union_field_says_what_is_wrong_with_the_value_given(body, param, message):
+    # Not the first member's error: an image part is not refused for not being a string.
+    with pytest.raises(ApiError) as caught:
+        parse_request("chat", body)
+    assert (caught.value.param, caught.value.message) == (param, f"invalid parameter {param!r}: {message}")
+
+
 @pytest.mark.parametrize("kind, raw, param", [
     ("chat", r'{"model": "m", "messages": [{"role": "user", "content": "hi \ud800"}]}', "messages.0.content"),
     ("chat", r'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}',
