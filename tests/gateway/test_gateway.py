@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -233,10 +234,17 @@ def test_budget_stops_new_requests_and_survives_a_restart(gateway_factory, netwo
     assert caught.value.status_code == 402
 
 
-def test_a_gpu_second_cap_sends_jobs_past_a_worker_whose_time_price_is_above_it(gateway_factory, network,
-                                                                                 tmp_path):
-    proc = gateway_factory(tmp_path / "capped", "--max-price-gpu-second", str(TIME_PRICE - 1))
+@pytest.fixture(scope="module")
+def capped_gateway(gateway_factory, network, tmp_path_factory):
+    """A gateway without keys whose GPU-second cap leaves it the dear worker only (the cheap one prices
+    time)."""
+    proc = gateway_factory(tmp_path_factory.mktemp("capped"), "--max-price-gpu-second", str(TIME_PRICE - 1))
     wait_for_workers(proc.base_url, network.model, 2)
+    return proc
+
+
+def test_a_gpu_second_cap_sends_jobs_past_a_worker_whose_time_price_is_above_it(capped_gateway, network):
+    proc = capped_gateway
     capped = openai.OpenAI(base_url=proc.base_url, api_key="unused-on-loopback", max_retries=0, timeout=120)
     chat = capped.chat.completions.create(model=network.model, messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=4, temperature=0)
@@ -266,26 +274,26 @@ def test_keys_and_caps_from_a_config_file_keep_the_keys_out_of_argv(gateway_fact
     assert chat.model_extra["dspark"]["worker"] == network.dear.peer_id      # the file's GPU-second cap held
 
 
-def latest_receipts(daemon) -> list:
-    """The worker's latest receipt, in a list: none before its first job."""
+def latest_receipts(daemon, count: int) -> list:
     worker = Ledger.open_readonly(daemon.data_dir / "ledger.sqlite3")
     try:
-        return worker.latest(1)
+        return worker.latest(count)
     finally:
         worker.close()
 
 
 def last_sequence(daemon) -> int:
-    return next((row.sequence for row in latest_receipts(daemon)), 0)
+    return next((row.sequence for row in latest_receipts(daemon, 1)), 0)
 
 
-def next_receipt(daemon, sequence: int):
-    """The worker's receipt after `sequence` (the next job's), waiting up to 30 s for it."""
+def receipts_after(daemon, sequence: int, count: int = 1) -> list:
+    """The worker's `count` receipts after `sequence` (the next jobs'), waiting up to 30 s for them."""
     deadline = time.monotonic() + 30
-    while last_sequence(daemon) <= sequence and time.monotonic() < deadline:
+    while True:
+        rows = [row for row in latest_receipts(daemon, count) if row.sequence > sequence]
+        if len(rows) == count or time.monotonic() > deadline:
+            return rows
         time.sleep(0.2)
-    (latest,) = latest_receipts(daemon)
-    return latest
 
 
 def test_a_client_leaving_mid_stream_cancels_the_job_on_its_worker(client, network):
@@ -297,28 +305,50 @@ def test_a_client_leaving_mid_stream_cancels_the_job_on_its_worker(client, netwo
             break
     stream.close()
     # the worker's ledger gets the job's 'cancelled' receipt, billed for what it produced
-    latest = next_receipt(network.cheap, before)
+    (latest,) = receipts_after(network.cheap, before)
     assert latest.outcome == "cancelled" and 0 < latest.output_tokens < 2000
 
 
-def test_a_client_leaving_before_a_whole_answer_cancels_the_job_on_its_worker(gateway, network):
+def test_a_client_leaving_before_its_answer_cancels_the_job_on_its_worker(capped_gateway, network):
     """uvicorn does not cancel a handler whose client has gone: a whole answer nobody waits for any
-    more (an SDK's timeout, a Ctrl-C) would run to its end and be billed."""
-    before, log = last_sequence(network.cheap), gateway.data_dir / "stderr.log"
+    more (an SDK's timeout, a Ctrl-C) would run to its end and be billed, and a stream waiting in a
+    worker's line would wait there for its first token."""
+    worker = network.dear        # the capped gateway's only choice: a full worker is not passed over
+    before = last_sequence(worker)
+    log = capped_gateway.data_dir / "stderr.log"
     tracebacks = log.read_text().count("Traceback")
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{gateway.base_url}/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                   json={"model": network.model, "messages": [{"role": "user", "content": PROMPT}],
-                         "max_tokens": 2000, "temperature": 0}, timeout=httpx.Timeout(60, read=1))
-    latest = next_receipt(network.cheap, before)
-    assert latest.outcome == "cancelled" and latest.output_tokens < 2000
+    url = httpx.URL(capped_gateway.base_url)
+
+    def send(**body) -> socket.socket:     # a raw connection, so the test decides when the client leaves
+        payload = json.dumps({"model": network.model, "messages": [{"role": "user", "content": PROMPT}],
+                              "max_tokens": 2000, "temperature": 0, **body}).encode()
+        connection = socket.create_connection((url.host, url.port), timeout=1)
+        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                           b"application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(payload), payload))
+        return connection
+
+    # Two whole answers fill the worker (max_batch 2), so the stream after them waits in line.
+    connections = [send(), send()]
+    deadline = time.monotonic() + 30
+    while producing(worker) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    connections.append(send(stream=True))
+    with pytest.raises(TimeoutError):      # no first token within a second: the stream is in line
+        connections[-1].recv(1)
+    for connection in connections:
+        connection.close()
+    receipts = receipts_after(worker, before, 3)
+    assert [row.outcome for row in receipts] == ["cancelled"] * 3
+    assert sorted(row.output_tokens for row in receipts)[0] == 0          # the stream, cancelled in line
+    assert all(row.output_tokens < 2000 for row in receipts)
     assert log.read_text().count("Traceback") == tracebacks
 
 
-def producing(daemon) -> bool:
-    """Whether the daemon has a job with output on its engine (its dashboard's JSON)."""
+def producing(daemon) -> int:
+    """How many jobs with output the daemon has on its engine (its dashboard's JSON)."""
     jobs = httpx.get(daemon.ready["http"] + "/api/v1/jobs", timeout=10).json()
-    return any(job["output_tokens"] > 0 for job in jobs["active"])
+    return sum(job["output_tokens"] > 0 for job in jobs["active"])
+
 
 
 def test_a_worker_that_refused_is_tried_last_by_the_next_requests(client, network, gateway, tmp_path):
