@@ -60,6 +60,28 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "suffix": lambda v: v in (None, ""),
 }
 
+# A message's fields the gateway cannot honour, at their no-effect values: the SDK's
+# ChatCompletionMessage.model_dump() writes them all as null, and callers put that dump back into
+# the history as the assistant's turn.
+_MESSAGE_NEUTRAL: dict[str, Callable[[Any], bool]] = {
+    "name": lambda v: v is None,
+    "refusal": lambda v: v is None,
+    "annotations": lambda v: v in (None, []),
+    "audio": lambda v: v is None,
+    "function_call": lambda v: v is None,
+    "tool_calls": lambda v: v in (None, []),
+}
+
+
+def _refuse_unsupported(extra: dict[str, Any] | None, neutral_values: dict[str, Callable[[Any], bool]],
+                        prefix: str = "") -> None:
+    for name, value in (extra or {}).items():
+        neutral = neutral_values.get(name)
+        if neutral is None or not neutral(value):
+            raise ApiError(400, f"parameter {prefix + name!r} is not supported by this gateway"
+                                + (" (only its no-effect value)" if neutral else ""),
+                           param=prefix + name, code="unsupported_parameter")
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -87,12 +109,7 @@ class _Body(BaseModel):
         return stops
 
     def unsupported(self) -> None:
-        for name, value in (self.model_extra or {}).items():
-            neutral = _NEUTRAL.get(name)
-            if neutral is None or not neutral(value):
-                raise ApiError(400, f"parameter {name!r} is not supported by this gateway"
-                                    + (" (only its no-effect value)" if neutral else ""),
-                               param=name, code="unsupported_parameter")
+        _refuse_unsupported(self.model_extra, _NEUTRAL)
 
 
 class TextPart(BaseModel):
@@ -102,7 +119,7 @@ class TextPart(BaseModel):
 
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -148,6 +165,8 @@ def parse_request(kind: Literal["chat", "completion"], body: Any) -> JobParams:
     if request.stream_options is not None and not request.stream:
         raise ApiError(400, "stream_options is only allowed with stream=true", param="stream_options")
     if isinstance(request, ChatCompletionRequest):
+        for i, message in enumerate(request.messages):
+            _refuse_unsupported(message.model_extra, _MESSAGE_NEUTRAL, f"messages.{i}.")
         max_tokens = _max_tokens(request)
         prompt: dict[str, Any] = {"chat": [{"role": "system" if m.role == "developer" else m.role,
                                             "content": m.text()} for m in request.messages]}

@@ -148,6 +148,15 @@ def test_neutral_values_of_unsupported_parameters_are_accepted(client, network):
     assert chat.usage.completion_tokens == 2
 
 
+def test_an_assistant_message_dumped_from_a_response_goes_back_into_the_history(client, network):
+    messages = [{"role": "user", "content": "hi"}]
+    first = client.chat.completions.create(model=network.model, messages=messages, max_tokens=2, temperature=0)
+    # model_dump() writes every field of the SDK's message type: refusal, tool_calls, audio... as null
+    messages += [first.choices[0].message.model_dump(), {"role": "user", "content": "and?"}]
+    again = client.chat.completions.create(model=network.model, messages=messages, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
+
+
 def test_keys_and_unknown_model(gateway, client):
     response = httpx.get(f"{gateway.base_url}/models")          # 401: no key
     assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
