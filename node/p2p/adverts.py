@@ -174,7 +174,10 @@ class AdvertBook:
 
 class AdvertSigner:
     """Stamps and signs this node's adverts with a strictly increasing sequence. The sequence
-    starts at the current unix ms, so a restarted worker's adverts still outrank its old ones."""
+    starts at the current unix ms, so a restarted worker's adverts still outrank its old ones, and
+    is at least the sequence the capacity advert came with: Worker.GetCapacity hands out adverts of
+    the node's capacity tracker (node/capacity.py), whose sequence a burst of calls pushes past the
+    clock, and a client that keeps both kinds must not take the next published one for stale."""
 
     def __init__(self, identity: Identity, ttl_seconds: int):
         if not 1 <= ttl_seconds <= MAX_TTL_S:
@@ -191,7 +194,7 @@ class AdvertSigner:
         advert = CapacityAdvert()
         advert.CopyFrom(capacity)
         at = now_ms()
-        self._sequence = max(self._sequence + 1, at)
+        self._sequence = max(self._sequence + 1, at, capacity.sequence)
         advert.peer_id = self.identity.peer_id
         del advert.listen_addrs[:]
         advert.listen_addrs.extend(listen_addrs)

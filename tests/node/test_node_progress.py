@@ -44,7 +44,7 @@ async def test_a_job_waiting_for_a_slot_gets_a_progress_event_each_heartbeat(tin
         arrivals: list[tuple[float, str, object]] = []
         async for event in waiting:
             kind = event.WhichOneof("event")
-            arrivals.append((time.monotonic(), kind, event.progress))
+            arrivals.append((time.monotonic(), kind, getattr(event, kind)))
             if kind == "accepted":
                 # Second in line for twice its idle timeout (4 heartbeats): the SDK's run takes the
                 # progress events as signs of life (and skips them); without them it gives up on the worker.
@@ -64,6 +64,7 @@ async def test_a_job_waiting_for_a_slot_gets_a_progress_event_each_heartbeat(tin
             await client.close()
         assert daemon.stop() == 0, daemon.stderr_text()[-3000:]
     assert [kind for _, kind, _ in arrivals] == ["accepted"] + ["progress"] * 8, arrivals
+    assert arrivals[0][2].queue_position == 1      # next in line when accepted, as its progress events say
     assert all((p.queue_position, p.output_tokens) == (1, 0) for _, kind, p in arrivals[1:])
     gaps = [later[0] - earlier[0] for earlier, later in zip(arrivals, arrivals[1:])]
     # One heartbeat after the event before, each; the bounds leave a loaded 2-core box its jitter.

@@ -77,6 +77,15 @@ def test_sequence_must_increase_per_peer_even_after_expiry():
     assert refusal(old, book=book, at_ms=later) == "stale"   # ...but its sequence is remembered
 
 
+def test_a_published_advert_outranks_the_get_capacity_adverts_issued_before_it():
+    """GetCapacity's adverts come from the capacity tracker, whose sequence a burst of calls pushes
+    ahead of the clock; a client keeping both kinds must not drop the next published advert as stale."""
+    tracked = capacity()
+    tracked.sequence = now_ms() + 10**6        # the tracker's, after a burst of GetCapacity calls
+    published = CapacityAdvert.FromString(AdvertSigner(WORKER, ttl_seconds=30).sign(tracked, []).payload)
+    assert published.sequence >= tracked.sequence
+
+
 def test_expired_and_future_adverts_are_refused():
     data = signed(AdvertSigner(WORKER, ttl_seconds=2))
     assert refusal(data, at_ms=now_ms() + 2_500) == "expired"
