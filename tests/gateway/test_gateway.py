@@ -305,8 +305,10 @@ def receipts_after(daemon, sequence: int, count: int = 1) -> list:
         time.sleep(0.2)
 
 
-def test_a_client_leaving_mid_stream_cancels_the_job_on_its_worker(client, network):
+def test_a_client_leaving_mid_stream_cancels_the_job_on_its_worker(client, network, gateway):
     before = last_sequence(network.cheap)
+    log = gateway.data_dir / "stderr.log"
+    tracebacks = log.read_text().count("Traceback")
     stream = client.chat.completions.create(model=network.model, messages=[{"role": "user", "content": PROMPT}],
                                             max_tokens=2000, temperature=0, stream=True)
     for chunk in stream:
@@ -316,6 +318,7 @@ def test_a_client_leaving_mid_stream_cancels_the_job_on_its_worker(client, netwo
     # the worker's ledger gets the job's 'cancelled' receipt, billed for what it produced
     (latest,) = receipts_after(network.cheap, before)
     assert latest.outcome == "cancelled" and 0 < latest.output_tokens < 2000
+    assert log.read_text().count("Traceback") == tracebacks
 
 
 def test_a_client_leaving_before_its_answer_cancels_the_job_on_its_worker(capped_gateway, network):
