@@ -85,7 +85,7 @@ def _refuse_unsupported(extra: dict[str, Any] | None, neutral_values: dict[str, 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = False
+    include_usage: bool | None = None
 
 
 class _Body(BaseModel):

@@ -39,6 +39,9 @@ def test_null_is_an_optional_parameters_default_as_in_openai():
     params = parse_request("chat", {**CHAT, **dict.fromkeys(("stream", "stream_options", "temperature", "top_p",
                                                              "max_tokens", "seed", "stop", "n", "user"))})
     assert params == parse_request("chat", CHAT)
+    streamed = {**CHAT, "stream": True}
+    assert parse_request("chat", {**streamed, "stream_options": {"include_usage": None}}) == parse_request("chat",
+                                                                                                        streamed)
 
 
 def test_no_effect_values_are_accepted_as_json_numbers_or_false():
