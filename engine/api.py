@@ -98,6 +98,7 @@ class RequestStats:
     drafted_tokens: int = 0       # tokens the drafter proposed
     verified_tokens: int = 0      # draft tokens sent to the target for verification
     accepted_tokens: int = 0      # draft tokens the target accepted
+    rounds_without_bonus: int = 0  # rounds an accepted EOS (or the token limit) ended before their bonus token
     # the three counts above split by DRAFT_SOURCES, for the sources that drafted for this request
     by_source: dict[str, DraftCounts] = field(default_factory=dict)
     queue_seconds: float = 0.0
@@ -118,9 +119,15 @@ class RequestStats:
     confidence_inputs: list[tuple[float, float]] = field(default_factory=list)
 
     @property
+    def round_tokens(self) -> int:
+        """Tokens the rounds committed (the first token, from prefill, is none of them): each round's
+        accepted drafts and its bonus, which a round ended by an accepted EOS has not (reference §4.4)."""
+        return self.accepted_tokens + self.rounds - self.rounds_without_bonus
+
+    @property
     def tau(self) -> float:
-        """Mean tokens committed per round, bonus included (reference §4.4)."""
-        return (self.accepted_tokens + self.rounds) / self.rounds if self.rounds else 0.0
+        """Mean tokens committed per round (reference §4.4)."""
+        return self.round_tokens / self.rounds if self.rounds else 0.0
 
     @property
     def tokens_per_second(self) -> float:

@@ -51,7 +51,7 @@ class MethodRun:
     tokens_per_s: list[float] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
     rounds: int = 0
-    accepted: int = 0
+    round_tokens: int = 0
     reached: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
     confidence_samples: list[tuple[int, float, bool]] = field(default_factory=list)
@@ -59,7 +59,7 @@ class MethodRun:
     def add_stats(self, stats) -> None:
         self.confidence_samples.extend(stats.confidence_samples)
         self.rounds += stats.rounds
-        self.accepted += stats.accepted_tokens
+        self.round_tokens += stats.round_tokens
         for k, (r, a) in enumerate(zip(stats.reached, stats.accepted_at)):
             if k == len(self.reached):
                 self.reached.append(0)
@@ -153,7 +153,7 @@ def run_bench(settings: BenchSettings, prompts: list[str], progress=print) -> di
         results.append({
             "method": m,
             "tokens_per_s": statistics.median(run.tokens_per_s),
-            "tau": (run.accepted + run.rounds) / run.rounds if run.rounds else None,
+            "tau": run.round_tokens / run.rounds if run.rounds else None,
             "per_position_acceptance": [a / r if r else 0.0 for a, r in zip(run.accepted_at, run.reached)],
             # per draft position: ECE / AUROC / Brier of the running confidence product (DSpark only)
             "calibration": calibration_metrics(run.confidence_samples) if run.confidence_samples else None,

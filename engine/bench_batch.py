@@ -80,12 +80,12 @@ def serve_closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, set
             if len(r.output_ids) > 1]
     out_tokens = sum(len(r.output_ids) for r in results)
     rounds = sum(r.stats.rounds for r in results)
-    accepted = sum(r.stats.accepted_tokens for r in results)
+    round_tokens = sum(r.stats.round_tokens for r in results)
     return {
         "requests": len(results),
         "tokens_per_s": out_tokens / wall,
         "per_user_tokens_per_s": statistics.median(len(r.output_ids) / seconds for r, seconds in finished),
-        "tau": (accepted + rounds) / rounds if rounds else None,
+        "tau": round_tokens / rounds if rounds else None,
         "mean_budget": statistics.fmean(budgets) if budgets else 0.0,
         "drafted_share": drafted / verified if verified else 0.0,
         "ttft_s": statistics.median(ttft),

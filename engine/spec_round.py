@@ -123,6 +123,7 @@ def speculative_round(target: TargetModel, cache: KVCache, drafter: Drafter, seq
         # An accepted EOS ends the round: the drafts verified after it are not accepted (reference §4.3
         # step 5, "truncate a to include it"), for the stats, calibration records and lookup counts.
         a = min(a, len(new))
+        seq.stats.rounds_without_bonus += len(new) == a
         seq.tokens.extend(new)
         seq.kv_len += a + 1
         _count(seq, proposal.sources[r], len(proposal.tokens[r]), L, a)

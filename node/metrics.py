@@ -75,7 +75,8 @@ class NodeMetrics:
                                    "Output tokens per second of busy time, per finished job",
                                    buckets=SPEED_BUCKETS, registry=reg)
 
-        # Speculation, per finished job. tau over a window = (accepted + rounds) / rounds.
+        # Speculation, per finished job. tau over a window is about (accepted + rounds) / rounds: a round an
+        # accepted EOS ended adds no bonus token, which the per-job histogram counts (RequestStats.tau).
         self.request_rounds = Counter("dspark_request_rounds", "Speculative rounds summed over finished jobs",
                                       registry=reg)
         # By source (engine.api.DRAFT_SOURCES), so that an operator sees what the lookup corpus earns.
@@ -88,7 +89,7 @@ class NodeMetrics:
         for counter in (self.drafted, self.verified, self.accepted):
             for source in DRAFT_SOURCES:
                 counter.labels(source)
-        self.tau = Histogram("dspark_request_tau", "Tokens committed per round (bonus included), per job",
+        self.tau = Histogram("dspark_request_tau", "Tokens committed per round, per job",
                              buckets=TAU_BUCKETS, registry=reg)
         self.position_reached = Counter(
             "dspark_draft_position_reached", "Times draft position k was verified with 1..k-1 accepted",

@@ -98,3 +98,5 @@ def test_drafts_verified_after_an_accepted_eos_are_not_counted_as_accepted(engin
                    ids, N_TOKENS)
         assert spec.output_ids == reply[:pos + 1] and spec.finish_reason == "stop"
         assert spec.stats.accepted_tokens + spec.stats.rounds <= len(spec.output_ids)
+        # τ counts what the rounds committed: no bonus after an accepted EOS (reference §4.4)
+        assert spec.stats.round_tokens == len(spec.output_ids) - 1
