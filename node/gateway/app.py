@@ -18,7 +18,7 @@ from typing import Literal, NoReturn
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -35,6 +35,7 @@ from node.p2p.failover import NetworkResult
 
 Kind = Literal["chat", "completion"]
 MAX_BODY_BYTES = 4 * 1024 * 1024      # a prompt far beyond any worker's context still fits
+CLIENT_LEFT = 499     # nginx's "client closed request": the status of a response nobody reads
 log = logging.getLogger(__name__)
 
 
@@ -135,10 +136,13 @@ class GatewayApp:
     async def _complete(self, request: Request, kind: Kind) -> Response:
         account = self._account(request)
         raw = bytearray()
-        async for part in request.stream():     # read at most MAX_BODY_BYTES, whatever Content-Length says
-            raw += part
-            if len(raw) > MAX_BODY_BYTES:
-                raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="body_too_large")
+        try:
+            async for part in request.stream():     # read at most MAX_BODY_BYTES, whatever Content-Length says
+                raw += part
+                if len(raw) > MAX_BODY_BYTES:
+                    raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="body_too_large")
+        except ClientDisconnect:        # gone while sending its request (a timeout, a Ctrl-C): not a fault here
+            return Response(status_code=CLIENT_LEFT)
         params = parse_request(kind, _json_body(raw))
         self.gateway.check_model(params.model)
         await self.gateway.check_budget(account)
@@ -152,7 +156,7 @@ class GatewayApp:
             # Hold the response until the first token (or the end): errors before it are plain HTTP errors.
             first = await _unless_client_leaves(request, task, asyncio.ensure_future(stream.queue.get()))
         except _ClientLeft:
-            return Response(status_code=499)     # nginx's "client closed request", for the access log only
+            return Response(status_code=CLIENT_LEFT)
         if first is None:
             task.result()          # raises the ApiError of a job that failed before any text
         return StreamingResponse(stream.events(task, first), media_type="text/event-stream",

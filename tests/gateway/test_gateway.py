@@ -180,6 +180,19 @@ def test_bodies_that_are_not_requests(gateway):
     assert deep.status_code == 400 and "nests too deeply" in deep.json()["error"]["message"]
 
 
+def test_a_client_leaving_while_it_sends_its_request_is_no_error_of_the_gateways(gateway):
+    log = gateway.data_dir / "stderr.log"
+    tracebacks = log.read_text().count("Traceback")
+    url = httpx.URL(gateway.base_url)
+    with socket.create_connection((url.host, url.port), timeout=10) as connection:
+        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                           + API_KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"model\": ")
+    # The gateway's one event loop sees that connection end before it answers this request.
+    assert httpx.get(f"{gateway.base_url}/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    time.sleep(0.2)
+    assert log.read_text().count("Traceback") == tracebacks
+
+
 @pytest.mark.parametrize("number, words", [
     (b"1" + b"0" * 5000, "a number of thousands of digits"), (b"NaN", "NaN is not a JSON number"),
     (b"-Infinity", "-Infinity is not a JSON number"),
