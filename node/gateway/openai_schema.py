@@ -86,6 +86,8 @@ def _refuse_unsupported(extra: dict[str, Any] | None, neutral_values: dict[str, 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool | None = None
+    # OpenAI pads chunks with random text unless told false; the gateway never pads, so false is what it does.
+    include_obfuscation: Literal[False] | None = None
 
 
 class _Body(BaseModel):

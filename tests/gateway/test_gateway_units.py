@@ -40,8 +40,8 @@ def test_null_is_an_optional_parameters_default_as_in_openai():
                                                              "max_tokens", "seed", "stop", "n", "user"))})
     assert params == parse_request("chat", CHAT)
     streamed = {**CHAT, "stream": True}
-    assert parse_request("chat", {**streamed, "stream_options": {"include_usage": None}}) == parse_request("chat",
-                                                                                                        streamed)
+    for options in ({"include_usage": None}, {"include_obfuscation": None}, {"include_obfuscation": False}):
+        assert parse_request("chat", {**streamed, "stream_options": options}) == parse_request("chat", streamed)
 
 
 def test_no_effect_values_are_accepted_as_json_numbers_or_false():
@@ -81,6 +81,8 @@ def test_completion_prompts_and_defaults():
     ("chat", {**CHAT, "seed": 1.0}, "seed"),
     ("completion", {"model": "m", "prompt": [True, 5]}, "prompt"),
     ("chat", {**CHAT, "stream": True, "stream_options": {"include_usage": "x"}}, "stream_options.include_usage"),
+    ("chat", {**CHAT, "stream": True, "stream_options": {"include_obfuscation": True}},
+     "stream_options.include_obfuscation"),
     ("chat", {"model": "m", "messages": []}, "messages"),
     ("chat", {**CHAT, "messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages.0.name"),
     ("chat", {**CHAT, "messages": [{"role": "assistant", "content": "x", "refusal": "no"}]}, "messages.0.refusal"),
