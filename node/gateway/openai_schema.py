@@ -2,9 +2,10 @@
 request onto a signed job's parameters.
 
 Mapped: model, messages / prompt, temperature, top_p, max_tokens / max_completion_tokens, seed,
-stop, stream (+ stream_options.include_usage), n (1 only) and `user` (an end-user tag: it changes
-no output). Any other parameter is refused with a 400 naming it, unless it is given at its
-no-effect value (n=1, presence_penalty=0, logprobs=false, tools=[], response_format text...):
+stop, stream (+ stream_options.include_usage), n (1 only) and the tags `user`, `safety_identifier`
+and `prompt_cache_key` (they change no output). Any other parameter is refused with a 400 naming
+it, unless it is given at its no-effect value (n=1, presence_penalty=0, logprobs=false, tools=[],
+response_format text, store=false...):
 a client must never believe the network honoured a parameter it ignored. Values are checked
 strictly, as OpenAI does: "0.5" is not a temperature, nor true a max_tokens of 1.
 """
@@ -58,6 +59,7 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "echo": _false,
     "best_of": _number(1),
     "suffix": lambda v: v in (None, ""),
+    "store": _false,            # keep the completion for OpenAI's dashboard: not on this network
 }
 
 # A message's fields the gateway cannot honour, at their no-effect values: the SDK's
@@ -101,6 +103,9 @@ class _Body(BaseModel):
     stream: bool | None = None         # null is OpenAI's default, as for the other optional parameters
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # The SDK's successors of `user` (an end-user tag; a cache-routing hint): no output changes either.
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
 
     @field_validator("stop")
     @classmethod

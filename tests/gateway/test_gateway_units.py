@@ -44,6 +44,11 @@ def test_null_is_an_optional_parameters_default_as_in_openai():
         assert parse_request("chat", {**streamed, "stream_options": options}) == parse_request("chat", streamed)
 
 
+def test_the_tags_that_succeed_user_and_store_false_change_nothing():
+    tags = {"user": "u", "safety_identifier": "u-1", "prompt_cache_key": "k", "store": False}
+    assert parse_request("chat", {**CHAT, **tags}) == parse_request("chat", CHAT)
+
+
 def test_no_effect_values_are_accepted_as_json_numbers_or_false():
     neutral = {"n": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0, "logprobs": False, "tools": []}
     assert parse_request("chat", {**CHAT, **neutral}) == parse_request("chat", CHAT)
@@ -100,6 +105,8 @@ def test_completion_prompts_and_defaults():
     ("chat", {**CHAT, "n": True}, "n"),
     ("chat", {**CHAT, "presence_penalty": False}, "presence_penalty"),
     ("chat", {**CHAT, "logprobs": 0}, "logprobs"),
+    ("chat", {**CHAT, "store": True}, "store"),
+    ("chat", {**CHAT, "safety_identifier": 5}, "safety_identifier"),
     ("completion", {"model": "m", "prompt": "a", "echo": 0}, "echo"),
     ("completion", {"model": "m", "prompt": "a", "best_of": True}, "best_of"),
 ])
