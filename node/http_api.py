@@ -52,6 +52,7 @@ class NodeView:
     feed: LiveFeed
     listen: dict[str, Any]       # {"grpc": ..., "http": ..., "p2p": [...]}
     bootstrap: tuple[str, ...] = ()     # the peers the node joins the network through (p2p.bootstrap)
+    admission: dict[str, Any] = dataclasses.field(default_factory=dict)   # [admission]'s mode and limits
 
 
 def jsonable(value: Any) -> Any:
@@ -152,6 +153,7 @@ def build_routes(node: NodeView) -> list:
             "price_per_mtok_micros": advert.price_per_mtok_micros,
             "price_per_gpu_second_micros": advert.price_per_gpu_second_micros,
             "listen": node.listen,
+            "admission": node.admission,
             # null while the node admits jobs; once it stops: since when, and the running jobs' grace
             "draining": activity.draining,
         })

@@ -125,7 +125,9 @@ class HttpService:
                                      activity=activity, metrics=self.metrics, feed=self.feed,
                                      listen={"grpc": config.grpc_listen, "http": config.http_listen,
                                              "p2p": list(config.p2p.listen)},
-                                     bootstrap=tuple(config.p2p.bootstrap))
+                                     bootstrap=tuple(config.p2p.bootstrap),
+                                     # what a refused client met: the operator reads it beside the refusals
+                                     admission=config.admission.model_dump(exclude={"allow", "deny"}))
         self.app = AccessGate(Starlette(routes=build_routes(view), exception_handlers=HTTP_ERRORS), token)
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task | None = None

@@ -115,7 +115,7 @@ const panels = {
     $("gpu-memory").textContent = !held.length ? `none: ${s.gpu_memory.reason}` : held.map(d =>
       (held.length > 1 ? `GPU ${d.index}: ` : "") + `${fmt.bytes(d.reserved_bytes)} reserved of ` +
       `${fmt.bytes(d.total_bytes)} (${fmt.bytes(d.allocated_bytes)} in tensors)`).join(" · ");
-    showDraining(s.draining);
+    showAdmission(s.draining, s.admission);
     $("slots").textContent = `${s.load.active} active · ${s.load.free_slots} free of ${e.max_batch}`;
     $("queue").textContent = String(s.load.queue_depth);
     $("context").textContent = `${e.max_context} tokens`;
@@ -299,12 +299,17 @@ function onTick(live) {
 }
 
 // A stopping node admits nothing and gives its running jobs `grace_seconds`: say so where the
-// operator looks first, not only in the log.
-function showDraining(draining) {
+// operator looks first, not only in the log. Otherwise the limits a refused client met, beside the
+// refusals they cause.
+function showAdmission(draining, a) {
   $("draining").hidden = !draining;
+  const limit = (n, unit) => n ? `${n} ${unit}` : `no limit ${unit}`;
   $("admission").textContent = draining
     ? `draining since ${fmt.time(draining.since)}: no new jobs; running ones get ${fmt.num(draining.grace_seconds, 0)} s`
-    : "open";
+    : `${a.mode} · per client ${limit(a.max_concurrent_per_client, "at once")}, ` +
+      `${limit(a.rate_per_minute, "a minute")} · per address ${limit(a.max_concurrent_per_address, "at once")}, ` +
+      `${limit(a.address_rate_per_minute, "a minute")} · ${a.max_queue} may wait for a slot`;
+  $("admission").title = draining ? "" : "[admission] settings; an address is an IPv4 address or an IPv6 /64";
 }
 
 function connect() {

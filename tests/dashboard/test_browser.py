@@ -162,12 +162,15 @@ def test_a_stopped_node_is_said_to_be_unreachable_then_reloaded_when_back(tmp_pa
         second.stop()
 
 
-def test_a_draining_node_says_so_in_the_header_and_under_admission(tmp_path, page):
+def test_admission_names_its_limits_until_the_node_drains_then_says_so_in_the_header(tmp_path, page):
     node = NodeUnderTest(tmp_path).start()
     try:
         page.goto(node.url + "/")
         page.wait_for_function("document.getElementById('live').textContent === 'live'")
-        assert page.is_hidden("#draining") and page.text_content("#admission") == "open"
+        # the limits a refused client met (the defaults of [admission])
+        assert page.is_hidden("#draining") and page.text_content("#admission") == (
+            "open · per client 8 at once, 120 a minute · per address 32 at once, 600 a minute · "
+            "64 may wait for a slot")
         at = time.time()
         node.bus.publish(NodeDraining(grace_seconds=10, at=at))
         page.wait_for_function("!document.getElementById('draining').hidden", timeout=8000)

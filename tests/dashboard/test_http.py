@@ -46,6 +46,9 @@ def test_status_names_model_device_and_load(node, client):
     assert s["gpu"]["name"] == "cpu" and s["process_rss_bytes"] > 10_000_000
     assert s["price_per_mtok_micros"] == node.config.pricing.per_mtok_micros
     assert s["gpu_memory"] == {"devices": [], "reason": "the engine runs on the CPU"}
+    # the limits a refused client met; not the allow and deny lists, which name clients
+    assert s["admission"]["max_concurrent_per_address"] == node.config.admission.max_concurrent_per_address
+    assert s["admission"]["mode"] == "open" and not {"allow", "deny"} & s["admission"].keys()
 
 
 def test_status_on_a_gpu_reports_the_memory_the_node_holds_on_each_device(node, client, two_gpus, monkeypatch):
