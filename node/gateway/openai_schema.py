@@ -140,7 +140,7 @@ class ChatCompletionRequest(_Body):
 
 
 class CompletionRequest(_Body):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]     # OpenAI's four forms: a batch is one per prompt
 
 
 @dataclass(frozen=True)
@@ -252,13 +252,13 @@ def _max_tokens(request: ChatCompletionRequest) -> int:
     return request.max_completion_tokens or request.max_tokens or DEFAULT_CHAT_MAX_TOKENS
 
 
-def _completion_prompt(prompt: str | list[str] | list[int]) -> dict[str, Any]:
+def _completion_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> dict[str, Any]:
     if isinstance(prompt, str):
         return {"text": prompt}
-    if prompt and all(isinstance(p, str) for p in prompt):
+    if prompt and all(isinstance(p, (str, list)) for p in prompt):
         if len(prompt) != 1:
             raise ApiError(400, "a batch of prompts is not supported: send one prompt per request", param="prompt")
-        return {"text": prompt[0]}
+        return _completion_prompt(prompt[0])
     if not prompt or any(not 0 <= t < 2**32 for t in prompt):
         raise ApiError(400, "prompt token ids must be a non-empty list of u32", param="prompt")
     return {"token_ids": list(prompt)}

@@ -67,6 +67,7 @@ def test_completion_prompts_and_defaults():
     assert parse_request("completion", {"model": "m", "prompt": "x"}).max_new_tokens == DEFAULT_COMPLETION_MAX_TOKENS
     assert parse_request("completion", {"model": "m", "prompt": [5, 6]}).prompt == {"token_ids": [5, 6]}
     assert parse_request("completion", {"model": "m", "prompt": ["only"]}).prompt == {"text": "only"}
+    assert parse_request("completion", {"model": "m", "prompt": [[5, 6]]}).prompt == {"token_ids": [5, 6]}
 
 
 @pytest.mark.parametrize("kind, body, param", [
@@ -96,6 +97,8 @@ def test_completion_prompts_and_defaults():
     ("chat", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages.0.content"),
     ("completion", {"model": "m", "prompt": ["a", "b"]}, "prompt"),
+    ("completion", {"model": "m", "prompt": [[5], [6]]}, "prompt"),
+    ("completion", {"model": "m", "prompt": [[]]}, "prompt"),
     ("completion", {"model": "m", "prompt": "a" * MAX_PROMPT_BYTES}, "prompt"),      # more with its field tag
     ("completion", {"model": "m", "prompt": [2**32 - 1] * 300_000}, "prompt"),       # 5 bytes an id
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "é" * 600_000}]}, "messages"),
