@@ -1,7 +1,8 @@
 """The gateway's HTTP API (OpenAI-compatible), a Starlette app served by uvicorn:
 POST /v1/chat/completions, POST /v1/completions (JSON, or server-sent events with `stream`),
 GET /v1/models. Access: with API keys, every request needs `Authorization: Bearer KEY`; without
-(loopback only, see config.py), the Host header must name a loopback host (no DNS rebinding).
+(loopback only, see config.py), the Host header must name a loopback host (no DNS rebinding), and
+an Origin header, if any, a loopback origin (no web page of another site).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Literal, NoReturn
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -114,6 +116,13 @@ class GatewayApp:
             if not is_loopback(_host_of(request.headers.get("host", ""))):
                 raise ApiError(403, "this gateway serves loopback clients only (Host header is not a loopback "
                                     "name)", code="forbidden_host")
+            # A web page elsewhere may still post to the loopback gateway (a "simple" no-cors request
+            # needs no preflight, and the body is read as JSON whatever its Content-Type), spending
+            # this machine's budget; a browser names the page in Origin, which SDKs and curl do not send.
+            origin = request.headers.get("origin")
+            if origin is not None and not is_loopback(urlsplit(origin).hostname or ""):
+                raise ApiError(403, f"this gateway without API keys serves no web page of another site (Origin "
+                                    f"{origin!r})", code="forbidden_origin")
             return account_of(None)
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         key = key.strip()

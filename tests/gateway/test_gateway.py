@@ -280,6 +280,19 @@ def test_a_gpu_second_cap_sends_jobs_past_a_worker_whose_time_price_is_above_it(
     assert [(worker, row.receipt().price_per_gpu_second_micros) for worker, row in kept] == [(network.dear.peer_id, 0)]
 
 
+@pytest.mark.parametrize("origin", ["https://evil.example", "null"])
+def test_without_keys_a_web_page_of_another_site_cannot_spend_through_the_gateway(capped_gateway, network, origin):
+    # A page's fetch(..., {mode: "no-cors", body}) is a "simple" request: no preflight, Host the
+    # loopback gateway's own, a text/plain body the gateway reads as JSON. Only its Origin tells it
+    # apart ("null" from a sandboxed frame or a file).
+    body = json.dumps({"model": network.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    response = httpx.post(f"{capped_gateway.base_url}/chat/completions", content=body, timeout=60,
+                          headers={"Content-Type": "text/plain;charset=UTF-8", "Origin": origin})
+    assert response.status_code == 403 and response.json()["error"]["code"] == "forbidden_origin"
+    local = httpx.get(f"{capped_gateway.base_url}/models", headers={"Origin": "http://localhost:3000"})
+    assert local.status_code == 200          # a page of this machine is as local as the Host check allows
+
+
 def test_keys_and_caps_from_a_config_file_keep_the_keys_out_of_argv(gateway_factory, network, tmp_path):
     key = "file-key-0123456789abcdef"
     config = tmp_path / "gateway.toml"
