@@ -37,13 +37,15 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
-def network_error(exc: NoWorkerError, model: str) -> ApiError:
-    """What a failed run_with_failover means to an OpenAI client."""
+def network_error(exc: NoWorkerError, model: str, prompt_param: str) -> ApiError:
+    """What a failed run_with_failover means to an OpenAI client. `prompt_param` is where the request
+    holds its prompt ("messages", "prompt"), which OpenAI names when the context is exceeded."""
     refusals = [a for a in exc.attempts if a.outcome == "refused"]
     for attempt in refusals:
         if attempt.reason in REQUEST_FAULTS:
+            reason = Reason(attempt.reason)
             return ApiError(400, f"refused by worker {attempt.peer_id}: {attempt.detail}",
-                            code=_FAULT_CODES[Reason(attempt.reason)])
+                            param=prompt_param if reason is Reason.TOO_LONG else None, code=_FAULT_CODES[reason])
     if not exc.attempts:
         return ApiError(429, f"no worker serves {model!r} within the gateway's price caps now: {exc}",
                         code="no_capacity")

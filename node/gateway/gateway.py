@@ -102,7 +102,7 @@ class Gateway:
                 demoted=self.recent_failures.demoted())
         except NoWorkerError as exc:
             self.recent_failures.record(exc.attempts)
-            raise network_error(exc, params.model) from None
+            raise network_error(exc, params.model, "messages" if "chat" in params.prompt else "prompt") from None
         self.recent_failures.record(result.attempts)
         return result
 

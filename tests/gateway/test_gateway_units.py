@@ -155,7 +155,7 @@ def test_a_lone_surrogate_is_refused_naming_where(kind, raw, param):
 
 def test_network_failures_map_to_statuses():
     def status(*attempts: Attempt) -> int:
-        return network_error(NoWorkerError("x", list(attempts)), "m").status
+        return network_error(NoWorkerError("x", list(attempts)), "m", "messages").status
 
     assert status() == 429                                            # none within the price cap
     assert status(Attempt("a", "e", "refused", reason="queue_full"), Attempt("b", "e", "refused",
@@ -163,6 +163,11 @@ def test_network_failures_map_to_statuses():
     assert status(Attempt("a", "e", "refused", reason="too_long")) == 400
     assert status(Attempt("a", "e", "unreachable"), Attempt("b", "e", "refused", reason="queue_full")) == 503
     assert status(Attempt("a", "e", "died", chunks_received=3)) == 503
+    # OpenAI names the prompt's parameter when it does not fit the context, and no parameter otherwise
+    too_long = network_error(NoWorkerError("x", [Attempt("a", "e", "refused", reason="too_long")]), "m", "prompt")
+    assert (too_long.param, too_long.code) == ("prompt", "context_length_exceeded")
+    bad = network_error(NoWorkerError("x", [Attempt("a", "e", "refused", reason="bad_sampling")]), "m", "messages")
+    assert bad.param is None
 
 
 @pytest.fixture
