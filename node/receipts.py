@@ -88,9 +88,12 @@ def output_digest(output_ids: Sequence[int]) -> bytes:
 
 
 def gpu_microseconds(gpu_seconds: float) -> int:
-    if not math.isfinite(gpu_seconds) or gpu_seconds < 0:
-        raise ValueError(f"gpu_seconds must be a finite non-negative number, got {gpu_seconds}")
-    return round(gpu_seconds * 1_000_000)
+    # The product, not only the seconds: above ~1.8e302 s it is infinite and round() would raise
+    # OverflowError, which callers (catching ValueError) would let through as a traceback.
+    micros = gpu_seconds * 1_000_000
+    if not math.isfinite(micros) or gpu_seconds < 0:
+        raise ValueError(f"gpu_seconds must be a finite non-negative number of microseconds, got {gpu_seconds}")
+    return round(micros)
 
 
 def _ceil_div(a: int, b: int) -> int:

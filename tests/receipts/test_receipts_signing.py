@@ -109,6 +109,17 @@ def test_a_worker_cannot_sign_a_receipt_that_breaks_the_billing_rule():
         verify_receipt(seal(WORKER, receipt), WORKER.peer_id)
 
 
+@pytest.mark.parametrize("seconds", [1e303, 1.7e308])
+def test_gpu_seconds_whose_microseconds_overflow_are_refused_as_a_bad_amount(seconds):
+    # Finite seconds, but seconds * 10^6 is infinite: round() raised OverflowError, which the client
+    # and `receipts verify-proof` did not catch (a traceback for a worker's hostile receipt).
+    receipt = Receipt(worker_peer_id=WORKER.peer_id, outcome="completed", prefill_seconds=seconds,
+                      gpu_seconds=seconds, price_per_gpu_second_micros=1)
+    with pytest.raises(ReceiptError, match="cannot be recomputed") as info:
+        verify_receipt(seal(WORKER, receipt), WORKER.peer_id)
+    assert info.value.reason == "bad_amount"
+
+
 def test_acknowledgment_binds_the_client_to_that_receipt(ledger):
     first, second = bill(ledger, 1), bill(ledger, 2)
     receipt = Receipt.FromString(first.payload)
