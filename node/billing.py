@@ -22,6 +22,7 @@ from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.receipt_pb2 import Receipt
 from node.identity import IdentityError, public_key_from_peer_id
 from node.ledger import DamagedRow, Ledger, ReceiptRow
+from node.ledger_audit import RowProblem, check_columns, check_stored_acknowledgment, check_stored_receipt
 from node.merkle import inclusion_proof, merkle_root, verify_inclusion
 from node.receipts import ReceiptError, check_receipt
 
@@ -82,13 +83,17 @@ class Period:
     until_ms: int | None
 
     def receipts(self) -> Iterator[tuple[ReceiptRow, Receipt]]:
-        """The period's receipts in sequence order, each re-verified; BillingError names a bad one."""
+        """The period's receipts in sequence order, each re-verified; BillingError names a bad one.
+        Beside the signature, the row's columns the export relies on: `issued_at_ms` chose the period,
+        `digest` is the Merkle leaf, the acknowledgment makes `acknowledged`. An edited column would
+        bill a receipt in another period, or root the period over bytes no client holds."""
         for row in self.ledger.rows(self.since_ms, self.until_ms):
             try:
-                receipt = check_receipt(row.envelope(), self.ledger.worker_public_key)
-            except DamagedRow as exc:      # TEXT where the node wrote a BLOB, or bytes that do not parse
-                raise UnverifiedReceipt(f"{exc}; run `receipts verify`") from None
-            except ReceiptError as exc:
+                envelope, receipt = check_stored_receipt(row, self.ledger.worker_public_key)
+                check_columns(row, receipt)
+                if row.ack_bytes is not None:
+                    check_stored_acknowledgment(row.ack_bytes, envelope, receipt)
+            except (DamagedRow, RowProblem) as exc:
                 raise UnverifiedReceipt(f"sequence {row.sequence}: {exc}; run `receipts verify`") from None
             yield row, receipt
 

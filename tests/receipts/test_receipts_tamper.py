@@ -220,3 +220,27 @@ def test_show_of_an_envelope_that_does_not_parse_does_not_verify(data_dir, fille
     code, out, err = cli("show", Receipt.FromString(filled[3].payload).job_id.hex(), "--data-dir", str(data_dir))
     assert (code, out) == (1, "")
     assert "FAILED: sequence 4: the stored envelope is not a valid Envelope" in err
+
+
+@pytest.mark.parametrize("edit,period,message", [
+    # moved into a period it was not issued in: billed there, and missing from its own
+    ("UPDATE receipts SET issued_at_ms = 1 WHERE sequence = 3", ("--until", "1000"),
+     "issued_at_ms column 1 differs from the signed receipt's"),
+    # the Merkle leaf is the digest column: the root would cover bytes no client holds
+    ("UPDATE receipts SET digest = x'" + "ab" * 32 + "' WHERE sequence = 3", (),
+     "digest column does not match the stored envelope"),
+    ("INSERT INTO acknowledgments SELECT 3, 0, envelope FROM acknowledgments WHERE sequence = 1", (),
+     "acknowledgment is invalid: acknowledgment is over a different receipt digest"),
+    ("INSERT INTO acknowledgments VALUES (3, 0, x'00')", (), "acknowledgment is invalid"),
+])
+def test_export_refuses_index_columns_and_acknowledgments_the_signatures_do_not_back(data_dir, filled, tamper, cli,
+                                                                                    edit, period, message):
+    """Export bills from the signed receipt, but it selects the period, takes the Merkle leaf and counts
+    `acknowledged` from the rows beside it: those must agree with what was signed, as verify checks."""
+    tamper(edit)
+    code, out, err = cli("export", "--data-dir", str(data_dir), *period)
+    assert (code, out) == (1, "")
+    assert "FAILED: sequence 3: " in err and message in err
+    job_id = Receipt.FromString(filled[2].payload).job_id.hex()
+    code, out, err = cli("export", "--data-dir", str(data_dir), "--proof", job_id, *period)
+    assert (code, out) == (1, "") and message in err
