@@ -194,10 +194,12 @@ class Ledger:
             if job[0] != outcome.job_digest:
                 raise LedgerError("digest_mismatch", f"job {outcome.job_id.hex()} was registered with "
                                                      "another job digest")
-            tail = self._conn.execute("SELECT sequence, digest FROM receipts ORDER BY sequence DESC LIMIT 1"
-                                      ).fetchone()
+            tail = self._conn.execute("SELECT sequence, digest, issued_at_ms FROM receipts ORDER BY sequence DESC"
+                                      " LIMIT 1").fetchone()
             sequence, previous = (tail[0] + 1, tail[1]) if tail else (1, GENESIS_DIGEST)
-            now = _now_ms()
+            # Never before the previous receipt: billing periods are cut on issued_at_ms, and a clock
+            # stepped back would put this receipt in a period already exported and settled.
+            now = max(_now_ms(), tail[2]) if tail else _now_ms()
             receipt = build_receipt(outcome, identity.peer_id, sequence, previous, now)
             envelope = sign_receipt(identity, receipt)
             self._conn.execute(

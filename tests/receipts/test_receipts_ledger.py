@@ -203,3 +203,16 @@ def test_an_amount_too_large_to_store_is_refused_and_nothing_is_written(ledger):
         ledger.finish_job(outcome(1, price_gpu_s=2**63 - 1, decode=10.0))
     assert ledger.receipt(CLIENT.public_key, job_id(1)) is None
     assert ledger.recover() == 1   # still 'running', so a restart would bill it as failed
+
+
+def test_a_clock_stepped_back_never_issues_a_receipt_before_the_previous_one(ledger, monkeypatch, cli, data_dir):
+    """Periods are cut on issued_at_ms: once [t0, t1) is exported and its root published, a receipt
+    issued before t1 by a clock an NTP step set back would land in the closed period and be billed
+    in none (or change the published root)."""
+    clock = iter([1_000_000, 1_000_000, 400_000, 400_000])     # register, finish; register, finish
+    monkeypatch.setattr("node.ledger._now_ms", lambda: next(clock))
+    first, second = (Receipt.FromString(bill(ledger, n).payload) for n in (1, 2))
+    assert second.issued_at_ms == first.issued_at_ms == 1_000_000
+    assert audit_ledger(ledger).ok
+    code, out, _ = cli("export", "--data-dir", str(data_dir), "--until", "1000000")
+    assert code == 0 and '"receipts":0' in out
