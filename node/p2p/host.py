@@ -86,6 +86,11 @@ def route_libp2p_logs() -> None:
     logger.propagate = True
     debugging = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
     logger.setLevel(logging.WARNING if debugging else logging.CRITICAL + 1)
+    # Some of its modules set their own logger's level (the auto-connector: INFO, two lines every 10 s
+    # on a node with fewer than 8 peers, printed at any --log-level): they follow the one above.
+    for name, child in logging.root.manager.loggerDict.items():
+        if name.startswith("libp2p.") and isinstance(child, logging.Logger):
+            child.setLevel(logging.NOTSET)
 
 
 def _key_pair(identity: Identity) -> KeyPair:
