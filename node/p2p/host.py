@@ -38,6 +38,7 @@ T = TypeVar("T")
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 2.0     # of STOP_TIMEOUT_S, for saying goodbye to the connected peers
 BOOTSTRAP_RETRY_S = 2.0     # re-dial bootstrap peers while connected to none of them
 # One connection per peer (a second one costs a ~250 ms dial delay per connect), and watermarks
 # sized for a market of tens of peers: the library's defaults (50..100) make the auto-connector
@@ -248,6 +249,11 @@ class P2PHost:
                     log.info("libp2p listening on %s", addr)
                 self._ready.set()
                 await self._stop_event.wait()
+                # Leaving host.run only cancels the swarm's tasks: its sockets stayed open until garbage
+                # collection, so peers kept a stopped client listed as connected (a connection slot and a
+                # pubsub peer each), and a process that joins per job (submit_via_network) leaked them.
+                with trio.move_on_after(CLOSE_TIMEOUT_S):
+                    await self.host.close()
                 nursery.cancel_scope.cancel()
 
     async def _dial(self, info: PeerInfo) -> bool:

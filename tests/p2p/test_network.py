@@ -17,6 +17,7 @@ from node.p2p.dht import model_cid
 from node.p2p.host import HostConfig
 from node.p2p.network import PeerNetwork
 
+LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 TTL_S = 6      # 6 advert intervals: a worker starved by a loaded 2-core box stays listed
 WORKERS = 5
 
@@ -125,6 +126,23 @@ async def test_forged_and_replayed_adverts_are_dropped_by_the_receiver():
     finally:
         await receiver.stop()
         await publisher.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_stopped_host_leaves_its_peers_at_once():
+    """Stopping a host only cancelled its tasks: its sockets stayed open until garbage collection, so
+    the bootstrap peer kept it as a connected peer (30 s and more here), a process joining per job
+    leaking a connection each time. Its peers now see it go when it stops."""
+    hub = PeerNetwork(Identity.generate(), HostConfig(LOOPBACK))
+    await hub.start()
+    try:
+        client = PeerNetwork(Identity.generate(), HostConfig(LOOPBACK, tuple(hub.listen_addrs())))
+        await client.start()
+        await _until(lambda: hub.connected_peers(), "client connected")
+        await client.stop()
+        await _until(lambda: not hub.connected_peers(), "the hub to see the client go", timeout_s=2.0)
+    finally:
+        await hub.stop()
 
 
 async def _remove_validator(network: PeerNetwork) -> None:
