@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -232,6 +233,12 @@ class P2PHost:
             degree_high=12, heartbeat_initial_delay=0.1, heartbeat_interval=1,
             max_messages_per_topic_per_second=MAX_RELAYED_PER_S)
         self.pubsub = Pubsub(self.host, gossipsub)
+        # Peers key messages by (origin, seqno) and drop one whose key they saw or validated in the last
+        # 120-300 s. py-libp2p counts seqnos from the unix second, so a worker that had published more
+        # than once a second and restarted with its key reused recent seqnos: its new adverts were dropped
+        # as already seen, or passed on from the validation cache without reaching the advert table,
+        # and clients kept its old advert. Nanoseconds, as go-libp2p, keep a restart above its past run.
+        self.pubsub.counter = time.time_ns()
         self.dht = KadDHT(self.host, DHTMode.SERVER if self.config.dht_server else DHTMode.CLIENT)
         self._stop_event = trio.Event()
         async with self.host.run(listen_addrs=self._listen), trio.open_nursery() as nursery:

@@ -145,6 +145,37 @@ async def test_a_stopped_host_leaves_its_peers_at_once():
         await hub.stop()
 
 
+@pytest.mark.asyncio
+async def test_a_worker_restarted_with_its_key_is_heard_though_it_published_fast_before():
+    """A busy worker publishes more than once a second, then restarts with its key. Gossipsub keys a
+    message by (origin, seqno), and py-libp2p counted seqnos from the unix second: the new process
+    reused seqnos its peers had just seen, they dropped its adverts as duplicates, and clients kept
+    the old endpoint."""
+    hub = PeerNetwork(Identity.generate(), HostConfig(LOOPBACK))
+    await hub.start()
+    key = Identity.generate()
+
+    async def run(endpoint: str, adverts: int) -> None:
+        worker = PeerNetwork(key, HostConfig(LOOPBACK, tuple(hub.listen_addrs())))
+        await worker.start()
+        try:
+            await _until(lambda: worker.host.pubsub.router.mesh.get(TOPIC), "the worker in the hub's mesh")
+            signer = AdvertSigner(key, ttl_seconds=30)
+            for _ in range(adverts):
+                await worker.publish(signer.sign(CapacityAdvert(grpc_endpoint=endpoint, models=[ModelOffer(id="m")],
+                                                                free_slots=1), []))
+            await _until(lambda: (a := hub.book.get(key.peer_id)) and a.advert.grpc_endpoint == endpoint,
+                         f"the hub to hear of {endpoint}", timeout_s=3.0)
+        finally:
+            await worker.stop()
+
+    try:
+        await run("127.0.0.1:1", adverts=20)
+        await run("127.0.0.1:2", adverts=3)
+    finally:
+        await hub.stop()
+
+
 async def _remove_validator(network: PeerNetwork) -> None:
     network.host.pubsub.remove_topic_validator(TOPIC)
 
