@@ -22,7 +22,7 @@ from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.receipt_pb2 import Receipt
 from node.identity import IdentityError, public_key_from_peer_id
 from node.ledger import DamagedRow, Ledger, ReceiptRow
-from node.ledger_audit import RowProblem, check_columns, check_stored_acknowledgment, check_stored_receipt
+from node.ledger_audit import RowProblem, check_row
 from node.merkle import inclusion_proof, merkle_root, verify_inclusion
 from node.receipts import ReceiptError, check_receipt
 
@@ -86,15 +86,20 @@ class Period:
         """The period's receipts in sequence order, each re-verified; BillingError names a bad one.
         Beside the signature, the row's columns the export relies on: `issued_at_ms` chose the period,
         `digest` is the Merkle leaf, the acknowledgment makes `acknowledged`. An edited column would
-        bill a receipt in another period, or root the period over bytes no client holds."""
+        bill a receipt in another period, or root the period over bytes no client holds. And the chain
+        back to the receipt before each (read from the ledger where it is outside the period): a row
+        deleted or moved would leave a client's receipt out of the root, or its leaves out of order."""
+        before: ReceiptRow | None = None
         for row in self.ledger.rows(self.since_ms, self.until_ms):
             try:
-                envelope, receipt = check_stored_receipt(row, self.ledger.worker_public_key)
-                check_columns(row, receipt)
-                if row.ack_bytes is not None:
-                    check_stored_acknowledgment(row.ack_bytes, envelope, receipt)
+                previous = before.digest if before is not None and before.sequence == row.sequence - 1 \
+                    else self.ledger.envelope_digest(row.sequence - 1)
+                if previous is None:
+                    raise RowProblem(f"receipt {row.sequence - 1} is missing (deleted?)")
+                receipt = check_row(row, row.sequence, previous, self.ledger.worker_public_key)
             except (DamagedRow, RowProblem) as exc:
                 raise UnverifiedReceipt(f"sequence {row.sequence}: {exc}; run `receipts verify`") from None
+            before = row
             yield row, receipt
 
 

@@ -9,6 +9,7 @@ produced: nothing) or 'finished' with its receipt. Calls block (SQLite): async c
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import sqlite3
 import threading
@@ -306,6 +307,15 @@ class Ledger:
             query, params = query + " AND r.client_key = ?", (job_id, client_key)
         with self._lock:
             return [ReceiptRow(*r) for r in self._conn.execute(query + " ORDER BY r.sequence", params)]
+
+    def envelope_digest(self, sequence: int) -> bytes | None:
+        """sha256 of the stored envelope of receipt `sequence` (GENESIS_DIGEST for 0), from its bytes,
+        not its digest column; None if there is no such row."""
+        if sequence == 0:
+            return GENESIS_DIGEST
+        with self._lock:
+            row = self._conn.execute("SELECT envelope FROM receipts WHERE sequence = ?", (sequence,)).fetchone()
+        return None if row is None else hashlib.sha256(stored_blob(row[0], f"envelope of sequence {sequence}")).digest()
 
     def job_problems(self) -> list[str]:
         """Jobs marked finished whose receipt is missing or is another job's, and receipts of jobs

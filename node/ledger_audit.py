@@ -81,8 +81,8 @@ def check_stored_acknowledgment(ack_bytes: bytes, envelope: Envelope, receipt: R
         raise RowProblem(f"acknowledgment is invalid: {exc}") from None
 
 
-def _check_row(row: ReceiptRow, expected_sequence: int, previous_digest: bytes,
-               worker_public_key: bytes) -> Receipt:
+def check_row(row: ReceiptRow, expected_sequence: int, previous_digest: bytes, worker_public_key: bytes) -> Receipt:
+    """Everything one row must hold, given the sequence and envelope digest of the row before it."""
     if row.sequence != expected_sequence:  # rows come in sequence order, so this is a gap
         gap = (f"receipt {expected_sequence} is" if row.sequence == expected_sequence + 1
                else f"receipts {expected_sequence}..{row.sequence - 1} are")
@@ -106,7 +106,7 @@ def audit_ledger(ledger: Ledger, worker_public_key: bytes | None = None, max_pro
     for row in ledger.rows():
         report.checked += 1
         try:
-            receipt = _check_row(row, expected, previous, key)
+            receipt = check_row(row, expected, previous, key)
             report.amount_micros += receipt.amount_micros
             report.acknowledged += row.ack_bytes is not None
         except (RowProblem, DamagedRow) as exc:

@@ -244,3 +244,31 @@ def test_export_refuses_index_columns_and_acknowledgments_the_signatures_do_not_
     job_id = Receipt.FromString(filled[2].payload).job_id.hex()
     code, out, err = cli("export", "--data-dir", str(data_dir), "--proof", job_id, *period)
     assert (code, out) == (1, "") and message in err
+
+
+@pytest.mark.parametrize("edits,message", [
+    # with its job row too, so that only the chain tells
+    (("DELETE FROM receipts WHERE sequence = 3", "DELETE FROM jobs WHERE receipt_sequence = 3"),
+     "sequence 4: receipt 3 is missing (deleted?)"),
+    (("CREATE TEMP TABLE saved AS SELECT * FROM receipts WHERE sequence IN (2, 5)",
+      "DELETE FROM receipts WHERE sequence IN (2, 5)",
+      "INSERT INTO receipts SELECT 7 - sequence, client_key, job_id, digest, issued_at_ms, outcome, output_tokens,"
+      " amount_micros, envelope FROM saved"),
+     "sequence 2: the signed receipt says sequence 5 (rows reordered or swapped)"),
+])
+def test_export_refuses_a_chain_with_a_row_deleted_or_reordered(data_dir, filled, tamper, cli, edits, message):
+    """Otherwise the period's root leaves a receipt out, or takes its leaves out of sequence order, and
+    a client holding that receipt cannot prove it under the published root."""
+    tamper(*edits)
+    code, out, err = cli("export", "--data-dir", str(data_dir))
+    assert (code, out) == (1, "")
+    assert f"FAILED: {message}" in err
+
+
+def test_a_period_checks_its_first_receipt_against_the_one_before_it(data_dir, filled, tamper, cli):
+    issued = [Receipt.FromString(e.payload).issued_at_ms for e in filled]
+    tamper(f"UPDATE receipts SET issued_at_ms = {issued[2] - 1} WHERE sequence = 3",   # kept out of the period
+           "UPDATE receipts SET envelope = x'0a00' WHERE sequence = 3")
+    code, out, err = cli("export", "--data-dir", str(data_dir), "--since", str(issued[2]))
+    assert (code, out) == (1, "")
+    assert "FAILED: sequence 4: previous_receipt_digest does not match the previous receipt (chain broken)" in err
