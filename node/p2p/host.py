@@ -264,6 +264,10 @@ class P2PHost:
                 nursery.cancel_scope.cancel()
 
     async def _dial(self, info: PeerInfo) -> bool:
+        # The swarm refuses for 60 s to dial a peer whose addresses all failed: a bootstrap peer down
+        # when this node started (or restarting) was not dialled again until then, however soon it was
+        # back. Our callers pace their dials themselves.
+        self.host.get_network().unblock_peer(info.peer_id)
         try:
             with trio.fail_after(10):
                 await self.host.connect(info)

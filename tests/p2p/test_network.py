@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from node.identity import Identity
 from node.p2p.adverts import TOPIC, AdvertSigner, now_ms
 from node.p2p.discovery import Discovery, DiscoveryError
 from node.p2p.dht import model_cid
-from node.p2p.host import HostConfig
+from node.p2p.host import BOOTSTRAP_RETRY_S, HostConfig
 from node.p2p.network import PeerNetwork
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
@@ -126,6 +127,28 @@ async def test_forged_and_replayed_adverts_are_dropped_by_the_receiver():
     finally:
         await receiver.stop()
         await publisher.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_bootstrap_peer_down_at_start_is_joined_as_soon_as_it_is_up():
+    """A worker starts before its bootstrap peer. py-libp2p refuses for 60 s to dial a peer whose
+    addresses all failed, so the worker, retrying every 2 s, stayed alone for a minute after the
+    bootstrap peer came up."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    hub_identity = Identity.generate()
+    hub_addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{hub_identity.peer_id}"
+    worker = PeerNetwork(Identity.generate(), HostConfig(LOOPBACK, (hub_addr,)))
+    await worker.start()
+    hub = PeerNetwork(hub_identity, HostConfig((f"/ip4/127.0.0.1/tcp/{port}",)))
+    try:
+        await asyncio.sleep(1.0)    # the first dial has failed
+        await hub.start()
+        await _until(lambda: worker.connected_peers(), "the worker to join the hub", timeout_s=BOOTSTRAP_RETRY_S + 2)
+    finally:
+        await worker.stop()
+        await hub.stop()
 
 
 @pytest.mark.asyncio
