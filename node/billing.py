@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator, TextIO
 
 from google.protobuf.message import DecodeError
@@ -49,6 +49,7 @@ class UnverifiedReceipt(BillingError):
 # bound also keeps a value far inside SQLite's signed 64-bit integers.
 MIN_TIME_MS = 0
 MAX_TIME_MS = 253_402_300_799_999
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def parse_time_ms(text: str) -> int:
@@ -63,7 +64,8 @@ def parse_time_ms(text: str) -> int:
             raise BillingError(f"{text!r} is neither unix milliseconds nor an ISO 8601 date or time") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)
-        ms = int(moment.timestamp() * 1000)
+        # In integers: through float seconds, sub-millisecond digits of a far date round up a millisecond.
+        ms = (moment - _EPOCH) // timedelta(milliseconds=1)
     if not MIN_TIME_MS <= ms <= MAX_TIME_MS:
         raise BillingError(f"{text!r} is out of range: times run from 1970-01-01 ({MIN_TIME_MS}) to "
                            f"9999-12-31 ({MAX_TIME_MS} unix ms)")

@@ -14,6 +14,7 @@ from receipts_helpers import CLIENT, OTHER_CLIENT, WORKER, bill, job_id
 
 from dspark.v1.envelope_pb2 import Envelope
 from dspark.v1.receipt_pb2 import Acknowledgment, Receipt
+from node.billing import parse_time_ms
 from node.envelope import seal
 from node.merkle import merkle_root
 from node.receipts import acknowledgment, verify_receipt
@@ -237,3 +238,12 @@ def test_missing_ledger_and_bad_proof_files(tmp_path, cli):
     bad.write_text(json.dumps(_forged_proof(b"x", sequence="1")))
     code, _, err = cli("verify-proof", str(bad), "--root", "00" * 32)
     assert code == 1 and "sequence must be an integer" in err
+
+
+@pytest.mark.parametrize("text,ms", [("5323-03-08T23:53:11.011992", 105_816_239_591_011),
+                                     ("9999-12-31T23:59:59.999999", 253_402_300_799_999),
+                                     ("2026-12-02T10:00:00.0009+00:00", 1_796_205_600_000)])
+def test_an_iso_period_bound_is_the_millisecond_it_names(text, ms):
+    # Through float seconds, a far date's sub-millisecond digits rounded up into the next millisecond,
+    # and a receipt issued then fell on the wrong side of the bound.
+    assert parse_time_ms(text) == ms
