@@ -23,7 +23,7 @@ from dspark.v1.receipt_pb2 import Receipt
 from node.identity import IdentityError, public_key_from_peer_id
 from node.ledger import DamagedRow, Ledger, ReceiptRow
 from node.ledger_audit import RowProblem, check_row
-from node.merkle import inclusion_proof, merkle_root, verify_inclusion
+from node.merkle import RootBuilder, inclusion_proof, verify_inclusion
 from node.receipts import ReceiptError, check_receipt
 
 MERKLE_RULE = "rfc6962-sha256"   # leaf = SHA256(0x00 || receipt digest), node = SHA256(0x01 || l || r)
@@ -129,39 +129,44 @@ def receipt_record(row: ReceiptRow, r: Receipt) -> dict[str, Any]:
 
 
 class _Summary:
-    """Per-client totals, the period totals and the Merkle leaves, accumulated in one pass."""
+    """Per-client totals, the period totals and the Merkle root, accumulated in one pass. Nothing per
+    receipt is kept (the root is built as the leaves come): 100k receipts of 100k one-job clients
+    held 43 MiB here as digests, sequences and a dict per client, 20 MiB now."""
 
     def __init__(self, period: Period):
         self._period = period
-        self._clients: dict[str, dict[str, int]] = {}
-        self._leaves: list[bytes] = []
-        self._sequences: list[int] = []
+        self._clients: dict[bytes, list[int]] = {}     # key -> receipts, output tokens, amount, acknowledged
+        self._root = RootBuilder()
+        self._first_sequence: int | None = None
+        self._last_sequence: int | None = None
         self._amount = 0
         self._worker = ""
 
     def add(self, row: ReceiptRow, r: Receipt) -> None:
-        t = self._clients.setdefault(r.client_public_key.hex(), dict.fromkeys(_TOTAL_FIELDS[1:], 0))
-        t["receipts"] += 1
-        t["output_tokens"] += r.output_tokens
-        t["amount_micros"] += r.amount_micros
-        t["acknowledged"] += row.ack_bytes is not None
-        self._leaves.append(row.digest)
-        self._sequences.append(r.sequence)
+        t = self._clients.setdefault(r.client_public_key, [0, 0, 0, 0])
+        t[0] += 1
+        t[1] += r.output_tokens
+        t[2] += r.amount_micros
+        t[3] += row.ack_bytes is not None
+        self._root.add(row.digest)
+        if self._first_sequence is None:
+            self._first_sequence = r.sequence
+        self._last_sequence = r.sequence
         self._amount += r.amount_micros
         self._worker = r.worker_peer_id
 
-    def records(self) -> list[dict[str, Any]]:
-        """One 'client_total' record per client (by key hex), then one 'period' record."""
-        records: list[dict[str, Any]] = [{"record": "client_total", "client": client, **t}
-                                         for client, t in sorted(self._clients.items())]
-        records.append({
+    def client_totals(self) -> Iterator[dict[str, Any]]:
+        """One 'client_total' record per client, by key (hex of equal-length keys sorts as the bytes)."""
+        for client in sorted(self._clients):
+            totals = dict(zip(_TOTAL_FIELDS[1:], self._clients[client]))
+            yield {"record": "client_total", "client": client.hex(), **totals}
+
+    def period_record(self) -> dict[str, Any]:
+        return {
             "record": "period", "since_ms": self._period.since_ms, "until_ms": self._period.until_ms,
-            "receipts": len(self._leaves), "amount_micros": self._amount,
-            "first_sequence": self._sequences[0] if self._sequences else None,
-            "last_sequence": self._sequences[-1] if self._sequences else None,
-            "worker_peer_id": self._worker, "merkle_rule": MERKLE_RULE,
-            "merkle_root": merkle_root(self._leaves).hex()})
-        return records
+            "receipts": self._root.size, "amount_micros": self._amount, "first_sequence": self._first_sequence,
+            "last_sequence": self._last_sequence, "worker_peer_id": self._worker, "merkle_rule": MERKLE_RULE,
+            "merkle_root": self._root.root().hex()}
 
 
 def write_export(period: Period, fmt: str, out: TextIO) -> dict[str, Any]:
@@ -181,10 +186,11 @@ def write_export(period: Period, fmt: str, out: TextIO) -> dict[str, Any]:
     for row, r in period.receipts():
         write({"record": "receipt", **receipt_record(row, r)})
         summary.add(row, r)
-    records = summary.records()
-    for record in records:
+    for record in summary.client_totals():
         write(record)
-    return records[-1]
+    period_record = summary.period_record()
+    write(period_record)
+    return period_record
 
 
 def period_proof(period: Period, job_id: bytes, client_key: bytes | None) -> dict[str, Any]:

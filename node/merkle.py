@@ -54,6 +54,32 @@ def merkle_root(leaves: Sequence[bytes]) -> bytes:
     return _root_of_hashes([leaf_hash(d) for d in leaves])
 
 
+class RootBuilder:
+    """`merkle_root` of leaves added one by one, in O(log n) memory: an export of a long period
+    streams its receipts and never holds their digests. Holds the roots of the perfect subtrees
+    the leaves so far make (sizes the binary digits of their count, largest first); the tree of
+    n leaves is those subtrees joined from the right, as MTH's split at the largest power of two."""
+
+    def __init__(self) -> None:
+        self._subtrees: list[tuple[int, bytes]] = []    # (size, root)
+        self.size = 0
+
+    def add(self, leaf: bytes) -> None:
+        size, node = 1, leaf_hash(leaf)
+        while self._subtrees and self._subtrees[-1][0] == size:
+            size, node = 2 * size, node_hash(self._subtrees.pop()[1], node)
+        self._subtrees.append((size, node))
+        self.size += 1
+
+    def root(self) -> bytes:
+        if not self._subtrees:
+            return hashlib.sha256(b"").digest()
+        node = self._subtrees[-1][1]
+        for _, left in reversed(self._subtrees[:-1]):
+            node = node_hash(left, node)
+        return node
+
+
 def _path(index: int, hashes: Sequence[bytes]) -> list[bytes]:
     n = len(hashes)
     if n == 1:

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from node.merkle import inclusion_proof, merkle_root, verify_inclusion
+from node.merkle import RootBuilder, inclusion_proof, merkle_root, verify_inclusion
 
 
 def leaves(n: int) -> list[bytes]:
@@ -28,6 +28,14 @@ def reference_root(items: list[bytes]) -> bytes:
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33])
 def test_root_matches_the_rfc6962_definition(n):
     assert merkle_root(leaves(n)) == reference_root(leaves(n))
+
+
+def test_a_root_built_leaf_by_leaf_is_the_root_of_all_the_leaves():
+    builder, items = RootBuilder(), leaves(70)
+    assert builder.root() == merkle_root([])
+    for n, leaf in enumerate(items, 1):
+        builder.add(leaf)
+        assert (builder.size, builder.root()) == (n, reference_root(items[:n]))
 
 
 def test_every_leaf_of_every_small_tree_has_a_proof_that_verifies():
