@@ -85,24 +85,29 @@ class Period:
     until_ms: int | None
 
     def receipts(self) -> Iterator[tuple[ReceiptRow, Receipt]]:
-        """The period's receipts in sequence order, each re-verified; BillingError names a bad one.
-        Beside the signature, the row's columns the export relies on: `issued_at_ms` chose the period,
-        `digest` is the Merkle leaf, the acknowledgment makes `acknowledged`. An edited column would
-        bill a receipt in another period, or root the period over bytes no client holds. And the chain
-        back to the receipt before each (read from the ledger where it is outside the period): a row
-        deleted or moved would leave a client's receipt out of the root, or its leaves out of order."""
+        """The period's receipts in sequence order, each re-verified (`verified_receipt`); BillingError
+        names a bad one."""
         before: ReceiptRow | None = None
         for row in self.ledger.rows(self.since_ms, self.until_ms):
-            try:
-                previous = before.digest if before is not None and before.sequence == row.sequence - 1 \
-                    else self.ledger.envelope_digest(row.sequence - 1)
-                if previous is None:
-                    raise RowProblem(f"receipt {row.sequence - 1} is missing (deleted?)")
-                receipt = check_row(row, row.sequence, previous, self.ledger.worker_public_key)
-            except (DamagedRow, RowProblem) as exc:
-                raise UnverifiedReceipt(f"sequence {row.sequence}: {exc}; run `receipts verify`") from None
+            yield row, verified_receipt(self.ledger, row, before)
             before = row
-            yield row, receipt
+
+
+def verified_receipt(ledger: Ledger, row: ReceiptRow, before: ReceiptRow | None = None) -> Receipt:
+    """The row's receipt, once it holds as `receipts verify` checks it; UnverifiedReceipt names what
+    does not. Beside the signature, the columns a reader relies on: `issued_at_ms` picks the period,
+    `digest` is the Merkle leaf, the acknowledgment makes `acknowledged`. An edited column would bill
+    a receipt in another period, or root the period over bytes no client holds. And the chain back
+    to the receipt before it (`before` when that is the one, else read from the ledger): a row
+    deleted or moved would leave a client's receipt out of the root, or its leaves out of order."""
+    try:
+        previous = before.digest if before is not None and before.sequence == row.sequence - 1 \
+            else ledger.envelope_digest(row.sequence - 1)
+        if previous is None:
+            raise RowProblem(f"receipt {row.sequence - 1} is missing (deleted?)")
+        return check_row(row, row.sequence, previous, ledger.worker_public_key)
+    except (DamagedRow, RowProblem) as exc:
+        raise UnverifiedReceipt(f"sequence {row.sequence}: {exc}; run `receipts verify`") from None
 
 
 def load_period(ledger: Ledger, since_ms: int | None, until_ms: int | None) -> Period:

@@ -69,7 +69,7 @@ def check_stored_receipt(row: ReceiptRow, worker_public_key: bytes) -> tuple[Env
         envelope = Envelope.FromString(envelope_bytes)
         return envelope, check_receipt(envelope, worker_public_key)
     except DecodeError:
-        raise RowProblem("stored envelope is not a valid Envelope") from None
+        raise RowProblem("the stored envelope is not a valid Envelope") from None
     except ReceiptError as exc:
         raise RowProblem(str(exc)) from None
 

@@ -18,7 +18,7 @@ from contextlib import closing, contextmanager
 from typing import Callable, Iterator, TextIO
 
 from node.billing import (BillingError, UnverifiedReceipt, check_proof, iso_time, load_period, parse_time_ms,
-                          period_proof, receipt_record, write_export)
+                          period_proof, receipt_record, verified_receipt, write_export)
 from node.config import DEFAULT_DATA_DIR
 from node.identity import IdentityError, peer_id_from_public_key, public_key_from_peer_id
 from node.ledger import LEDGER_FILE, DamagedRow, Ledger, LedgerError, unreadable
@@ -150,11 +150,15 @@ def _show(args: argparse.Namespace) -> int:
     client = _client(args)
     with _open(args) as ledger:
         rows = ledger.find(job_id, client)
-    if not rows:
-        raise _UsageError(f"no receipt for job {job_id.hex()}")
-    if len(rows) > 1:
-        raise _UsageError(f"job id {job_id.hex()} was used by {len(rows)} clients; pass --client")
-    print(json.dumps(receipt_record(rows[0], rows[0].receipt()), indent=2))
+        if not rows:
+            raise _UsageError(f"no receipt for job {job_id.hex()}")
+        if len(rows) > 1:
+            raise _UsageError(f"job id {job_id.hex()} was used by {len(rows)} clients; pass --client")
+        # A node's receipt is checked as verify checks it: what an operator reads to answer a dispute
+        # must not be a bill the worker never signed. (A gateway's store holds many workers' receipts,
+        # shown as stored; `verify` audits them.)
+        receipt = verified_receipt(ledger, rows[0]) if isinstance(ledger, Ledger) else rows[0].receipt()
+    print(json.dumps(receipt_record(rows[0], receipt), indent=2))
     return 0
 
 

@@ -204,8 +204,7 @@ def test_an_envelope_stored_as_text_does_not_verify_and_gives_no_traceback(data_
     job_id = Receipt.FromString(filled[2].payload).job_id.hex()
     code, out, err = cli("show", job_id, "--data-dir", str(data_dir))
     assert (code, out) == (1, "")
-    assert err == ("receipts show: FAILED: sequence 3: the stored envelope is text, not bytes; the ledger is "
-                   "damaged and does not verify\n")
+    assert err == "receipts show: FAILED: sequence 3: the stored envelope is text, not bytes; run `receipts verify`\n"
 
 
 def test_an_acknowledgment_stored_as_text_does_not_verify(data_dir, filled, tamper, cli):
@@ -216,7 +215,7 @@ def test_an_acknowledgment_stored_as_text_does_not_verify(data_dir, filled, tamp
 
 
 def test_show_of_an_envelope_that_does_not_parse_does_not_verify(data_dir, filled, tamper, cli):
-    tamper("UPDATE receipts SET envelope = x'ff' WHERE sequence = 4")
+    tamper(f"UPDATE receipts SET envelope = x'ff', digest = x'{_sha256(bytes([255])).hex()}' WHERE sequence = 4")
     code, out, err = cli("show", Receipt.FromString(filled[3].payload).job_id.hex(), "--data-dir", str(data_dir))
     assert (code, out) == (1, "")
     assert "FAILED: sequence 4: the stored envelope is not a valid Envelope" in err
@@ -272,3 +271,30 @@ def test_a_period_checks_its_first_receipt_against_the_one_before_it(data_dir, f
     code, out, err = cli("export", "--data-dir", str(data_dir), "--since", str(issued[2]))
     assert (code, out) == (1, "")
     assert "FAILED: sequence 4: previous_receipt_digest does not match the previous receipt (chain broken)" in err
+
+
+@pytest.mark.parametrize("edit,message", [
+    ("amount_micros = 7", "amount_micros column 7 differs from the signed receipt's 1"),
+    ("envelope = (SELECT envelope FROM receipts WHERE sequence = 2)", "digest column does not match"),
+])
+def test_show_of_a_receipt_that_does_not_verify_fails_instead_of_printing_it(data_dir, filled, tamper, cli, edit,
+                                                                             message):
+    # What an operator reads to answer a client's dispute: a bill the worker never signed, or another
+    # job's, must not print as this job's.
+    tamper(f"UPDATE receipts SET {edit} WHERE sequence = 3")
+    code, out, err = cli("show", Receipt.FromString(filled[2].payload).job_id.hex(), "--data-dir", str(data_dir))
+    assert (code, out) == (1, "")
+    assert err.startswith("receipts show: FAILED: sequence 3: ") and message in err
+
+
+def test_show_of_a_receipt_signed_over_an_edited_amount_fails(data_dir, filled, tamper, cli):
+    data = Envelope.FromString(_envelope_bytes(data_dir, 3))
+    receipt = Receipt.FromString(data.payload)
+    receipt.amount_micros += 1000
+    data.payload = receipt.SerializeToString(deterministic=True)
+    edited = data.SerializeToString(deterministic=True)
+    tamper(f"UPDATE receipts SET envelope = x'{edited.hex()}', digest = x'{_sha256(edited).hex()}',"
+           f" amount_micros = {receipt.amount_micros} WHERE sequence = 3")
+    code, out, err = cli("show", receipt.job_id.hex(), "--data-dir", str(data_dir))
+    assert (code, out) == (1, "")
+    assert "FAILED: sequence 3: " in err and "signature does not verify" in err
