@@ -65,8 +65,10 @@ class Discovery:
         """Live adverts of workers serving `model`. When none is known yet, asks the DHT for
         providers and fetches their adverts directly, waiting up to `wait_s` for a first one."""
         deadline = time.monotonic() + wait_s
-        while not self.adverts(model) and time.monotonic() < deadline:
-            await self.network.fetch_all(await self.network.providers(model))
+        while not self.adverts(model) and (left := deadline - time.monotonic()) > 0:
+            # Cut at the caller's wait: a lookup waits 10 s on each silent peer of the routing table
+            # (a departed worker's machine that drops packets), and a wait of 1 s took 12.
+            await self.network.fetch_all(await self.network.providers(model, timeout_s=left))
             if not self.adverts(model):
                 await asyncio.sleep(POLL_S)
                 await self.network.refresh()

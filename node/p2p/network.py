@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from functools import partial
 
 import trio
 from libp2p.peer.id import ID
@@ -14,7 +15,7 @@ from libp2p.peer.id import ID
 from dspark.v1.envelope_pb2 import Envelope
 from node.identity import Identity
 from node.p2p.adverts import TOPIC, AdvertBook, AdvertRefused, LiveAdvert
-from node.p2p.dht import find_model_providers
+from node.p2p.dht import LOOKUP_TIMEOUT_S, find_model_providers
 from node.p2p.exchange import fetch_adverts, serve_adverts
 from node.p2p.host import HostConfig, P2PError, P2PHost
 
@@ -119,9 +120,9 @@ class PeerNetwork:
         """Ask every connected peer for its adverts (a client calls this right after joining)."""
         await self.fetch_all(self.host.connected_peers())
 
-    async def providers(self, model: str) -> list[str]:
+    async def providers(self, model: str, timeout_s: float = LOOKUP_TIMEOUT_S) -> list[str]:
         try:
-            return await self.host.call(find_model_providers, self.host, model)
+            return await self.host.call(partial(find_model_providers, timeout_s=timeout_s), self.host, model)
         except Exception as exc:  # a DHT lookup failing leaves the gossip view, not an error
             log.info("DHT lookup for %s failed: %s", model, exc)
             return []

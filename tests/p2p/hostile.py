@@ -64,6 +64,21 @@ async def honest_worker() -> AsyncIterator[_TimeWorker]:
         yield worker
 
 
+@contextlib.asynccontextmanager
+async def silent_endpoint() -> AsyncIterator[str]:
+    """A TCP endpoint that accepts connections and never says a word (as one whose packets are
+    dropped does, for the whole probe timeout)."""
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
 class SilentWorker(worker_pb2_grpc.WorkerServicer):
     """Takes a job (sends `accepted`) and then nothing, its connection open and its pings answered:
     a buggy or malicious worker. The cheapest advert on the network, under a key of its own."""

@@ -10,9 +10,11 @@ import json
 import time
 
 import httpx
+import multiaddr
 import pytest
 import trio
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 
 from dspark.v1.advert_pb2 import CapacityAdvert, ModelOffer
 from dspark.v1.envelope_pb2 import Envelope
@@ -28,7 +30,8 @@ from node.p2p.adverts import AdvertBook
 from node.p2p.exchange import FETCH_TIMEOUT_S, MAX_ADVERTS, PROTOCOL
 from node.p2p.host import HostConfig
 from node.p2p.network import PeerNetwork
-from tests.p2p.hostile import LOOPBACK, honest_advert, joined, relay_holding, relay_serving, signed, sybil_advert
+from tests.p2p.hostile import (LOOPBACK, honest_advert, joined, relay_holding, relay_serving, signed, silent_endpoint,
+                               sybil_advert)
 from tests.receipts.receipts_helpers import CLIENT, WORKER
 
 
@@ -102,6 +105,25 @@ async def test_peers_that_stall_the_advert_exchange_cost_one_timeout_together():
                 assert [a.peer_id for a in discovery.adverts("m")] == [WORKER.peer_id]
     finally:
         await asyncio.gather(*(s.stop() for s in stallers))
+
+
+@pytest.mark.asyncio
+async def test_a_silent_peer_in_the_routing_table_does_not_stretch_the_wait_for_workers():
+    """A client's DHT routing table holds a peer that accepts connections and never answers (a departed
+    worker's machine dropping packets). Looking up a model nobody serves waited 10 s on it: a wait for
+    workers of 1 s took 12. The lookup is cut at the wait."""
+    async with silent_endpoint() as silent, relay_holding([]) as relay, joined(relay.listen_addrs()) as discovery:
+        host, port = silent.split(":")
+        ghost = PeerInfo(ID.from_base58(Identity.generate().peer_id), [multiaddr.Multiaddr(f"/ip4/{host}/tcp/{port}")])
+
+        async def remember_ghost() -> None:
+            discovery.network.host.host.get_peerstore().add_addrs(ghost.peer_id, ghost.addrs, 600)
+            await discovery.network.host.dht.routing_table.add_peer(ghost, skip_server_mode_check=True)
+
+        await discovery.network.host.call(remember_ghost)
+        started = time.monotonic()
+        assert await discovery.find_workers("nobody-serves-this", wait_s=1.0) == []
+        assert time.monotonic() - started < 3.0
 
 
 @pytest.mark.asyncio

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -23,25 +21,11 @@ from node.client import WorkerClient, WorkerSilent
 from node.p2p.failover import PROBE_GRACE_S, NoWorkerError, run_with_failover
 from node.receipts import verify_receipt
 from tests.gateway.test_gateway_price_caps import _TimeWorker
-from tests.p2p.hostile import honest_worker, joined, relay_holding, serving, signed, silent_worker, sybil_advert
+from tests.p2p.hostile import (honest_worker, joined, relay_holding, serving, signed, silent_endpoint, silent_worker,
+                               sybil_advert)
 from tests.receipts.receipts_helpers import CLIENT, WORKER
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@contextlib.asynccontextmanager
-async def silent_endpoint() -> AsyncIterator[str]:
-    """A TCP endpoint that accepts connections and never says a word (as one whose packets are
-    dropped does, for the whole probe timeout)."""
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-        writer.close()
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    try:
-        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
 
 
 async def run_job(discovery):
