@@ -232,6 +232,11 @@ def _verify_proof(args: argparse.Namespace) -> int:
         proof = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _UsageError(f"{args.proof} is not JSON: {exc}") from None
+    except RecursionError:
+        raise _UsageError(f"{args.proof} is not JSON: arrays or objects nested too deeply") from None
+    except ValueError as exc:
+        # An integer of more digits than Python converts; its advice (raise the limit) is not the reader's.
+        raise _UsageError(f"{args.proof} is not JSON: {str(exc).partition(';')[0]}") from None
     if not isinstance(proof, dict):
         raise _UsageError(f"{args.proof} is not a proof object")
     if args.root is None:

@@ -240,6 +240,18 @@ def test_missing_ledger_and_bad_proof_files(tmp_path, cli):
     assert code == 1 and "sequence must be an integer" in err
 
 
+@pytest.mark.parametrize("text,why", [("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+                                      ('{"leaf_index": ' + "9" * 5000 + "}", "Exceeds the limit (4300 digits)")])
+def test_a_proof_file_json_cannot_hold_is_refused_without_a_traceback(tmp_path, cli, text, why):
+    # A proof comes from the other side of a dispute: json.loads raised RecursionError and a plain
+    # ValueError here, not JSONDecodeError.
+    bad = tmp_path / "proof.json"
+    bad.write_text(text)
+    code, out, err = cli("verify-proof", str(bad), "--root", "00" * 32)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"receipts verify-proof: {bad} is not JSON: ") and why in err
+
+
 @pytest.mark.parametrize("text,ms", [("5323-03-08T23:53:11.011992", 105_816_239_591_011),
                                      ("9999-12-31T23:59:59.999999", 253_402_300_799_999),
                                      ("2026-12-02T10:00:00.0009+00:00", 1_796_205_600_000)])
