@@ -9,6 +9,7 @@ awaits `call(fn, *args)`, which runs the trio coroutine `fn(*args)` in the host 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -173,19 +174,33 @@ class P2PHost:
             else:
                 future.set_result(result)
 
+        def hand_over(result: Any, error: BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):    # the asyncio loop has closed: nobody is waiting
+                loop.call_soon_threadsafe(settle, result, error)
+
         async def runner() -> None:
+            # Unless fn returns or raises, the host's nursery was cancelled under it (a stop): the
+            # caller must still be answered, or it waits forever.
+            result, error = None, P2PError("libp2p host has stopped")
             try:
                 with scope:
-                    result = await fn(*args)
+                    result, error = await fn(*args), None
                 if scope.cancelled_caught:
-                    loop.call_soon_threadsafe(settle, None, P2PError("cancelled"))
-                else:
-                    loop.call_soon_threadsafe(settle, result, None)
+                    error = P2PError("cancelled")
             except Exception as exc:  # handed to the awaiting asyncio task, re-raised there
-                loop.call_soon_threadsafe(settle, None, exc)
+                error = exc
+            finally:
+                hand_over(result, error)
+
+        def spawn() -> None:
+            # An exception here would kill the whole trio run (and every caller with it).
+            try:
+                self._nursery.start_soon(runner)
+            except RuntimeError:      # the nursery has closed: the host is stopping
+                hand_over(None, P2PError("libp2p host has stopped"))
 
         try:
-            self._token.run_sync_soon(self._nursery.start_soon, runner)
+            self._token.run_sync_soon(spawn)
         except trio.RunFinishedError:
             raise P2PError("libp2p host has stopped") from None
         try:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import trio
 
 from dspark.v1.advert_pb2 import CapacityAdvert, ModelOffer
 from node.config import NodeConfig, P2PConfig
 from node.events import EventBus
 from node.identity import Identity
 from node.lifecycle import Supervisor
+from node.p2p.host import P2PError
 from node.p2p.service import P2PService
 
 
@@ -59,3 +61,26 @@ async def test_the_listen_addresses_are_logged_at_info_not_as_a_warning(caplog):
         assert p2p.identity.peer_id in lines[0].getMessage()          # a full --bootstrap address
     finally:
         await p2p.stop()
+
+
+@pytest.mark.asyncio
+async def test_calls_into_the_host_while_it_stops_end_with_an_error(caplog):
+    """A call in flight when the host stopped never returned (its task was cancelled with the host's
+    nursery, unanswered), and a call arriving as the nursery closed killed the host thread with a
+    traceback, its caller left waiting too: a gateway's requests hung its shutdown."""
+    p2p = service()
+    await p2p.start()
+    host = p2p.network.host
+
+    async def keep_calling() -> None:
+        while True:
+            await host.call(trio.sleep, 0)
+
+    in_flight = asyncio.create_task(host.call(trio.sleep, 3600))
+    callers = [asyncio.create_task(keep_calling()) for _ in range(8)]
+    await asyncio.sleep(0.2)
+    await p2p.stop()
+    for call in (in_flight, *callers):
+        with pytest.raises(P2PError):
+            await asyncio.wait_for(call, 2)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
