@@ -262,8 +262,7 @@ class P2PHost:
             async with background_trio_service(self.pubsub), background_trio_service(gossipsub), \
                     background_trio_service(self.dht):
                 await self.pubsub.wait_until_ready()
-                if self.config.mdns:
-                    self._watch_mdns()
+                stop_watching = self._watch_mdns() if self.config.mdns else None
                 nursery.start_soon(self._keep_bootstrapped)
                 if self._on_started is not None:
                     await self._on_started(self)
@@ -271,6 +270,8 @@ class P2PHost:
                     log.info("libp2p listening on %s", addr)
                 self._ready.set()
                 await self._stop_event.wait()
+                if stop_watching is not None:
+                    stop_watching()
                 # Leaving host.run only cancels the swarm's tasks: its sockets stayed open until garbage
                 # collection, so peers kept a stopped client listed as connected (a connection slot and a
                 # pubsub peer each), and a process that joins per job (submit_via_network) leaked them.
@@ -306,17 +307,25 @@ class P2PHost:
                         dials.start_soon(self._dial, info)
             await trio.sleep(BOOTSTRAP_RETRY_S)
 
-    def _watch_mdns(self) -> None:
-        """mDNS reports peers on a zeroconf thread: hand them to trio and dial them there."""
+    def _watch_mdns(self) -> Callable[[], None]:
+        """mDNS reports peers on a zeroconf thread: hand them to trio and dial them there. Returns
+        what stops watching: the library's handlers are process-wide, and one left registered kept
+        its stopped host alive for the life of the process."""
         from libp2p.discovery.events.peerDiscovery import peerDiscovery
 
         token, nursery = self._token, self._nursery
 
+        def dial_soon(info: PeerInfo) -> None:
+            # Raising here would kill the trio run.
+            with contextlib.suppress(RuntimeError):    # the nursery has closed: the host is stopping
+                nursery.start_soon(self._dial, info)
+
         def discovered(info: PeerInfo) -> None:
             if info.peer_id != self.host.get_id():
                 try:
-                    token.run_sync_soon(nursery.start_soon, self._dial, info)
+                    token.run_sync_soon(dial_soon, info)
                 except trio.RunFinishedError:
                     pass
 
         peerDiscovery.register_peer_discovered_handler(discovered)
+        return lambda: peerDiscovery.unregister_peer_discovered_handler(discovered)

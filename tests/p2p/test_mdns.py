@@ -37,3 +37,6 @@ def test_client_finds_a_worker_by_mdns_alone():
     result = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"\nmDNS: client saw the worker {result['elapsed_s']} s after starting (no bootstrap peer)")
     assert result["seen"] == [result["worker"]]
+    # The library's discovery handlers are process-wide: a stopped client left its own registered, and
+    # with it its whole host, for the life of the process (one per job joined by mDNS).
+    assert result["handlers_left"] == 0
