@@ -26,6 +26,7 @@ PROTOCOL = TProtocol("/dspark/adverts/1")
 MAX_ADVERTS = 256
 MAX_RESPONSE_BYTES = MAX_ADVERTS * (MAX_ADVERT_BYTES + 16)
 FETCH_TIMEOUT_S = 5.0
+RESET_TIMEOUT_S = 1.0
 SERVE_CONCURRENCY = 8
 
 
@@ -122,8 +123,14 @@ async def fetch_adverts(host: P2PHost, book: AdvertBook, peer_id: str) -> list[L
                 if size > MAX_RESPONSE_BYTES:
                     raise ValueError(f"{peer_id} sent more than {MAX_RESPONSE_BYTES} bytes of adverts")
                 chunks.append(chunk)
-        finally:
-            await stream.close()
+        except BaseException:
+            # Cut short (timed out, too much): reset, as a close (already cancelled by the timeout, and
+            # only a half-close) left the stream open on both sides for the connection's life, one more
+            # each time a peer that never answers was asked.
+            with trio.move_on_after(RESET_TIMEOUT_S, shield=True):
+                await stream.reset()
+            raise
+        await stream.close()
     try:
         entries = advert_entries(b"".join(chunks))
     except ValueError as exc:

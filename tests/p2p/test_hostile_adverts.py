@@ -88,7 +88,8 @@ async def test_peers_are_asked_for_adverts_a_bounded_number_at_a_time(monkeypatc
 @pytest.mark.asyncio
 async def test_peers_that_stall_the_advert_exchange_cost_one_timeout_together():
     """Three peers accept the exchange stream and never answer; asking every connected peer takes
-    one fetch timeout (it took one per stalling peer, in turn), and the honest relay's advert is in."""
+    one fetch timeout (it took one per stalling peer, in turn), and the honest relay's advert is in.
+    The streams given up on are not left open (one more per stalling peer each time it was asked)."""
     stallers = [PeerNetwork(Identity.generate(), HostConfig(LOOPBACK)) for _ in range(3)]
     await asyncio.gather(*(s.start() for s in stallers))
     await asyncio.gather(*(s.host.call(_stall_exchange, s) for s in stallers))
@@ -103,6 +104,11 @@ async def test_peers_that_stall_the_advert_exchange_cost_one_timeout_together():
                 await asyncio.wait_for(discovery.network.refresh(), FETCH_TIMEOUT_S * 2)
                 assert time.monotonic() - started < FETCH_TIMEOUT_S * 1.5
                 assert [a.peer_id for a in discovery.adverts("m")] == [WORKER.peer_id]
+                swarm = discovery.network.host.host.get_network()
+                asked = [stream.get_protocol() for s in stallers
+                         for conn in swarm.get_connections(ID.from_base58(s.identity.peer_id))
+                         for stream in conn.get_streams()]
+                assert PROTOCOL not in asked, asked
     finally:
         await asyncio.gather(*(s.stop() for s in stallers))
 
