@@ -145,6 +145,15 @@ def _envelope_bytes(data_dir, sequence: int) -> bytes:
     return row.envelope_bytes
 
 
+def _amount_edited(data_dir, sequence: int) -> tuple[Receipt, bytes]:
+    """Receipt `sequence` with 1000 micros more, in its envelope as stored (the signature left as it was)."""
+    data = Envelope.FromString(_envelope_bytes(data_dir, sequence))
+    receipt = Receipt.FromString(data.payload)
+    receipt.amount_micros += 1000
+    data.payload = receipt.SerializeToString(deterministic=True)
+    return receipt, data.SerializeToString(deterministic=True)
+
+
 def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
@@ -182,11 +191,7 @@ def test_export_of_a_ledger_with_a_text_envelope_is_refused_before_any_output(da
 
 
 def test_export_to_stdout_writes_nothing_when_a_later_receipt_does_not_verify(data_dir, filled, tamper, cli):
-    data = Envelope.FromString(_envelope_bytes(data_dir, 5))
-    receipt = Receipt.FromString(data.payload)
-    receipt.amount_micros += 1000
-    data.payload = receipt.SerializeToString(deterministic=True)
-    edited = data.SerializeToString(deterministic=True)
+    _, edited = _amount_edited(data_dir, 5)
     tamper(f"UPDATE receipts SET envelope = x'{edited.hex()}', digest = x'{_sha256(edited).hex()}' WHERE sequence = 5")
     code, out, err = cli("export", "--data-dir", str(data_dir))
     assert (code, out) == (1, "")       # receipts 1-4 verify, yet none of them is printed
@@ -288,11 +293,7 @@ def test_show_of_a_receipt_that_does_not_verify_fails_instead_of_printing_it(dat
 
 
 def test_show_of_a_receipt_signed_over_an_edited_amount_fails(data_dir, filled, tamper, cli):
-    data = Envelope.FromString(_envelope_bytes(data_dir, 3))
-    receipt = Receipt.FromString(data.payload)
-    receipt.amount_micros += 1000
-    data.payload = receipt.SerializeToString(deterministic=True)
-    edited = data.SerializeToString(deterministic=True)
+    receipt, edited = _amount_edited(data_dir, 3)
     tamper(f"UPDATE receipts SET envelope = x'{edited.hex()}', digest = x'{_sha256(edited).hex()}',"
            f" amount_micros = {receipt.amount_micros} WHERE sequence = 3")
     code, out, err = cli("show", receipt.job_id.hex(), "--data-dir", str(data_dir))
