@@ -15,7 +15,7 @@ from typing import Protocol
 from dspark.v1.advert_pb2 import CapacityAdvert, GpuInfo, ModelOffer
 from engine.api import EngineInfo
 from node.config import NodeConfig
-from node.events import Event, JobFinished
+from node.events import Event, JobFinished, NodeDraining
 
 _RECENT_JOBS = 32
 
@@ -38,12 +38,16 @@ class CapacityTracker:
         self._recent: deque[tuple[int, float]] = deque(maxlen=_RECENT_JOBS)   # (tokens, device seconds)
         self._lock = threading.Lock()
         self._sequence = 0
+        self._draining = False
         # Filled in by the gRPC service once it is listening (the port may have been 0).
         self.grpc_endpoint = config.p2p.announce_grpc or config.grpc_listen
         self.tls_cert_sha256 = b""
 
     def observe(self, event: Event) -> None:
-        """EventBus subscriber: remember the throughput of finished jobs that produced tokens."""
+        """EventBus subscriber: remember the throughput of finished jobs that produced tokens, and
+        that the node is draining (its adverts say so from then on, so clients stop choosing it)."""
+        if isinstance(event, NodeDraining):
+            self._draining = True
         if isinstance(event, JobFinished) and event.stats.output_tokens:
             # Per billed GPU-second (the job's share of the device), not per second its user waited:
             # clients turn a time price into a token price with it (node/p2p/selection.py), and under
@@ -76,12 +80,13 @@ class CapacityTracker:
                                drafter_digest=info.drafter_digest, max_context=info.max_context)],
             price_per_mtok_micros=self._config.pricing.price_for(info.model_id),
             price_per_gpu_second_micros=self._config.pricing.per_gpu_second_micros,
-            free_slots=max(0, self._engine.free_slots),
+            free_slots=0 if self._draining else max(0, self._engine.free_slots),
             queue_depth=max(0, self._engine.queue_depth),
             tokens_per_second=self.tokens_per_second(),
             sequence=self._next_sequence(now_ms),
             ttl_seconds=self._config.p2p.advert_ttl_s,
             issued_at_ms=now_ms,
             tls_cert_sha256=self.tls_cert_sha256,
+            draining=self._draining,
         )
 

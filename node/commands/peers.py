@@ -38,7 +38,7 @@ def describe(live: LiveAdvert, at_ms: int) -> dict:
         "price_per_mtok_micros": a.price_per_mtok_micros, "free_slots": a.free_slots,
         "queue_depth": a.queue_depth, "tokens_per_second": a.tokens_per_second, "sequence": a.sequence,
         "age_s": round((at_ms - a.issued_at_ms) / 1000, 1), "ttl_seconds": a.ttl_seconds,
-        "tls": bool(a.tls_cert_sha256),
+        "tls": bool(a.tls_cert_sha256), "draining": a.draining,
     }
 
 
@@ -89,11 +89,12 @@ def gpu_text(gpu: dict) -> str:
 def table(rows: list[dict]) -> list[str]:
     """The listing's lines: a header, then one line per worker (`describe` rows), columns aligned."""
     def line(peer, grpc, gpu, models, price, free, queue, speed):
-        return f"{peer:54} {grpc:21} {gpu:20} {models:36} {price:>10} {free:>4} {queue:>5} {speed:>7}"
+        return f"{peer:54} {grpc:21} {gpu:20} {models:36} {price:>10} {free:>5} {queue:>5} {speed:>7}"
     lines = [line("PEER ID", "GRPC", "GPU", "MODELS", "PRICE/MTOK", "FREE", "QUEUE", "TOK/S")]
     for r in rows:
         lines.append(line(r["peer_id"], shown(r["grpc_endpoint"]), gpu_text(r["gpu"]),
                           shown(",".join(m["id"] for m in r["models"])),
-                          r["price_per_mtok_micros"], r["free_slots"], r["queue_depth"],
+                          # a worker shutting down takes no job, whatever else its advert says
+                          r["price_per_mtok_micros"], "drain" if r["draining"] else r["free_slots"], r["queue_depth"],
                           f"{r['tokens_per_second']:.1f}"))
     return lines

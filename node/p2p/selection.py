@@ -1,9 +1,10 @@
 """Which worker a client sends its job to: a pure function over the adverts it has seen.
 
 The policy, in order:
-1. Eligible: the worker advertises the model, its prices per million output tokens and per
-   GPU-second are within the client's caps (if any; a worker above one would refuse the job), and
-   the client has not already failed over away from it.
+1. Eligible: the worker advertises the model, is not draining (shutting down: it would refuse the
+   job), its prices per million output tokens and per GPU-second are within the client's caps (if
+   any; a worker above one would refuse the job), and the client has not already failed over away
+   from it.
 2. Workers with a free slot come before saturated ones; saturated ones by shortest queue.
 3. Then the lower price per million output tokens, the time charge included: the GPU-second price
    over the advertised speed (output tokens per billed GPU-second of its recent jobs: a job's
@@ -90,7 +91,7 @@ def rank(adverts: Iterable[CapacityAdvert], model: str, max_price_per_mtok_micro
     latencies = latencies or {}
     eligible = [
         Candidate.from_advert(a, latencies.get(a.peer_id)) for a in adverts
-        if any(m.id == model for m in a.models) and a.peer_id not in exclude
+        if any(m.id == model for m in a.models) and a.peer_id not in exclude and not a.draining
         and not over_caps(a, max_price_per_mtok_micros, max_price_per_gpu_second_micros)
     ]
     return sorted(eligible, key=lambda c: (c.peer_id in demoted, _key(c)))

@@ -24,12 +24,16 @@ log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 0.5     # how often capacity is sampled for changes (and the publish rate cap)
 PEER_POLL_S = 1.0
+LEAVING_PUBLISH_S = 2.0    # the most a stop waits to publish the last (draining) advert
+# Publishing returns before the message has left the host, and stopping the host closes its
+# connections: a draining advert published just before the stop never reached a connected client.
+LEAVING_LINGER_S = 0.5
 
 
 def _fingerprint(advert: CapacityAdvert) -> tuple:
     """What makes an advert worth republishing before its interval is up."""
     return (advert.free_slots, advert.queue_depth, advert.price_per_mtok_micros, advert.grpc_endpoint,
-            tuple((m.id, m.digest, m.drafter) for m in advert.models))
+            tuple((m.id, m.digest, m.drafter) for m in advert.models), advert.draining)
 
 
 class P2PService:
@@ -67,9 +71,24 @@ class P2PService:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._tasks:
+            await self._say_leaving()
         self._tasks = []
         if self.network is not None:
             await self.network.stop()
+
+    async def _say_leaving(self) -> None:
+        """The node is stopping (this service stops first, the running jobs' drain comes next): a
+        last advert says so, and clients stop choosing it now rather than when its last advert
+        expires (p2p.advert_ttl_s), meanwhile sending it jobs it would refuse as shutting_down."""
+        advert = self._advert()
+        advert.draining, advert.free_slots = True, 0
+        try:
+            async with asyncio.timeout(LEAVING_PUBLISH_S):
+                await self._publish(advert)
+            await asyncio.sleep(LEAVING_LINGER_S)
+        except Exception as exc:    # a node that cannot say it leaves still stops
+            log.warning("could not publish the draining advert: %s", exc)
 
     async def wait(self) -> None:
         """For the supervisor: raises when the libp2p thread or an advertising task dies (the node

@@ -325,19 +325,22 @@ def test_peers_lists_each_workers_gpu_in_aligned_columns():
     from node.commands.peers import describe, table
     from node.p2p.adverts import LiveAdvert
 
-    def row(gpu: GpuInfo) -> dict:
+    def row(gpu: GpuInfo, draining: bool = False) -> dict:
         advert = CapacityAdvert(peer_id=Identity.generate().peer_id, grpc_endpoint="203.0.113.5:7440", gpu=gpu,
                                 models=[ModelOffer(id=EMBEDDED_MODEL_ID)], price_per_mtok_micros=100_000,
-                                free_slots=3, queue_depth=1, tokens_per_second=41.25, issued_at_ms=1_000)
+                                free_slots=3, queue_depth=1, tokens_per_second=41.25, issued_at_ms=1_000,
+                                draining=draining)
         return describe(LiveAdvert(advert, Envelope(), expires_at_ms=31_000), 2_000)
 
-    header, h200, cpu = table([row(GpuInfo(name="NVIDIA H200", count=2, memory_bytes=141 << 30)),
-                               row(GpuInfo(name="cpu"))])
+    header, h200, cpu, leaving = table([row(GpuInfo(name="NVIDIA H200", count=2, memory_bytes=141 << 30)),
+                                        row(GpuInfo(name="cpu")), row(GpuInfo(name="cpu"), draining=True)])
     assert header.split() == ["PEER", "ID", "GRPC", "GPU", "MODELS", "PRICE/MTOK", "FREE", "QUEUE", "TOK/S"]
     assert "2x NVIDIA H200" in h200 and " cpu " in cpu and " 0x " not in cpu
-    for line in (h200, cpu):     # each value under its heading, the model id included
+    for line in (h200, cpu, leaving):     # each value under its heading, the model id included
         assert line.index(EMBEDDED_MODEL_ID) == header.index("MODELS")
         assert line.rstrip().endswith("41.2") and len(line) == len(header)
+    free = header.index("FREE") + len("FREE")
+    assert cpu[free - 5:free] == "    3" and leaving[free - 5:free] == "drain"
 
 
 def test_peers_writes_a_peers_control_characters_as_escapes():

@@ -13,7 +13,7 @@ from engine.api import EngineInfo, RequestStats
 from engine.config import EMBEDDED_MODEL
 from node.capacity import CapacityTracker
 from node.config import EMBEDDED_MODEL_ID, load_config
-from node.events import JobFinished
+from node.events import JobFinished, NodeDraining
 from node.identity import Identity
 from node.settings import ConfigError
 
@@ -219,6 +219,17 @@ def test_price_given_under_the_alias_is_the_served_models_price(tmp_path):
     load = SimpleNamespace(free_slots=1, queue_depth=0)
     advert = CapacityTracker(config, Identity.generate().peer_id, info, GpuInfo(), load)()
     assert advert.price_per_mtok_micros == 5_000_000 and advert.models[0].id == EMBEDDED_MODEL_ID
+
+
+def test_a_draining_node_advertises_so_with_no_free_slot():
+    """From SIGTERM on, its adverts (gossip and GetCapacity alike) tell clients to choose another."""
+    info = EngineInfo(model_id=EMBEDDED_MODEL_ID, model_digest=bytes(32), method="ar", drafter_id="",
+                      drafter_digest=b"", device="cpu", dtype="float32", max_context=64, max_batch=2, block_size=0)
+    tracker = CapacityTracker(load_config(None), Identity.generate().peer_id, info, GpuInfo(),
+                              SimpleNamespace(free_slots=2, queue_depth=0))
+    assert (tracker().draining, tracker().free_slots) == (False, 2)
+    tracker.observe(NodeDraining(grace_seconds=10))
+    assert (tracker().draining, tracker().free_slots) == (True, 0)
 
 
 def test_advertised_speed_is_output_tokens_per_billed_gpu_second():

@@ -21,6 +21,13 @@ def test_only_workers_serving_the_model_within_the_price_cap():
     assert order(ads) == ["c", "b"]
 
 
+def test_a_draining_worker_is_never_chosen():
+    """It would refuse the job (shutting_down); saturated workers are still tried after the free ones."""
+    draining = advert("leaving", price=1)
+    draining.draining = True
+    assert order([draining, advert("busy", free=0, queue=9), advert("dear", price=900)]) == ["dear", "busy"]
+
+
 def timed(peer: str, price: int, per_second: int, tps: float = 10.0) -> CapacityAdvert:
     ad = advert(peer, price=price, tps=tps)
     ad.price_per_gpu_second_micros = per_second
