@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+from dspark.v1.advert_pb2 import CapacityAdvert
 from node.client import ClientError, JobRefused, JobResult, WorkerClient
 from node.gateway.config import GatewayConfig
 from node.gateway.errors import ApiError, network_error
@@ -45,24 +46,7 @@ class Gateway:
             await asyncio.to_thread(self.store.close)
 
     def models(self) -> ModelList:
-        """Each model workers advertise now, with its best price and best measured speed."""
-        cards: dict[str, dict] = {}
-        for live in self.discovery.adverts():
-            advert = live.advert
-            for offer in advert.models:
-                card = cards.setdefault(offer.id, {"workers": 0, "best_price_per_mtok_micros": None,
-                                                   "tokens_per_second": 0.0, "free_slots": 0, "drafters": [],
-                                                   "max_context": 0})
-                card["workers"] += 1
-                price = card["best_price_per_mtok_micros"]
-                card["best_price_per_mtok_micros"] = min(advert.price_per_mtok_micros, price if price is not None
-                                                         else advert.price_per_mtok_micros)
-                card["tokens_per_second"] = max(card["tokens_per_second"], advert.tokens_per_second)
-                card["free_slots"] += advert.free_slots
-                card["max_context"] = max(card["max_context"], offer.max_context)
-                if offer.drafter and offer.drafter not in card["drafters"]:
-                    card["drafters"].append(offer.drafter)
-        return ModelList(data=[ModelCard(id=model, dspark=card) for model, card in sorted(cards.items())])
+        return model_list(live.advert for live in self.discovery.adverts())
 
     def check_model(self, model: str) -> None:
         if not any(live.advert.models for live in self.discovery.adverts()):
@@ -118,3 +102,26 @@ class Gateway:
         except (JobRefused, ClientError) as exc:   # the receipt is kept; the worker lacks our countersignature
             log.warning("worker %s did not take the acknowledgment of job %s: %s", client.peer_id,
                         result.job_id.hex(), exc)
+
+
+def model_list(adverts: Iterable[CapacityAdvert]) -> ModelList:
+    """Each model workers advertise now, with its best price and best measured speed. A draining
+    worker (shutting down) takes no job, so it is no worker of any model here."""
+    cards: dict[str, dict] = {}
+    for advert in adverts:
+        if advert.draining:
+            continue
+        for offer in advert.models:
+            card = cards.setdefault(offer.id, {"workers": 0, "best_price_per_mtok_micros": None,
+                                               "tokens_per_second": 0.0, "free_slots": 0, "drafters": [],
+                                               "max_context": 0})
+            card["workers"] += 1
+            price = card["best_price_per_mtok_micros"]
+            card["best_price_per_mtok_micros"] = min(advert.price_per_mtok_micros, price if price is not None
+                                                     else advert.price_per_mtok_micros)
+            card["tokens_per_second"] = max(card["tokens_per_second"], advert.tokens_per_second)
+            card["free_slots"] += advert.free_slots
+            card["max_context"] = max(card["max_context"], offer.max_context)
+            if offer.drafter and offer.drafter not in card["drafters"]:
+                card["drafters"].append(offer.drafter)
+    return ModelList(data=[ModelCard(id=model, dspark=card) for model, card in sorted(cards.items())])

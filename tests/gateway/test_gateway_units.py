@@ -258,3 +258,17 @@ def test_gateway_command_refuses_bad_flags_before_starting(tmp_path, capsys, fla
     assert main(["gateway", "--data-dir", str(tmp_path / "gw"), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "gw").exists()          # nothing written: no key, no store
+
+
+def test_models_count_no_draining_worker():
+    """A worker shutting down takes no job: it is no worker of its model, nor are its slots free."""
+    from dspark.v1.advert_pb2 import CapacityAdvert, ModelOffer
+    from node.gateway.gateway import model_list
+
+    def advert(peer: str, price: int, draining: bool = False) -> CapacityAdvert:
+        return CapacityAdvert(peer_id=peer, models=[ModelOffer(id="m", max_context=2048)], price_per_mtok_micros=price,
+                              free_slots=2, tokens_per_second=9.0, draining=draining)
+    (card,) = model_list([advert("a", 500), advert("b", 100, draining=True)]).data
+    assert (card.id, card.dspark["workers"], card.dspark["free_slots"]) == ("m", 1, 2)
+    assert card.dspark["best_price_per_mtok_micros"] == 500
+    assert model_list([advert("b", 100, draining=True)]).data == []
