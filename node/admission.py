@@ -116,13 +116,13 @@ def source_network(peer: str) -> str:
     return str(address)
 
 
-def admit_source(source: str, arrivals: int, active: int, policy: Policy) -> Refusal | None:
+def admit_source(source: str, arrivals: int, held: int, policy: Policy) -> Refusal | None:
     """The limits per source network, checked before the signature: keys are free, so the limits per
     client alone do not bound the work, nor the share of the queue, that one host signing each job
     with a fresh key takes. Without the second, one address filled the queue with valid jobs and every
     other client was refused as `queue_full` (docs/benchmarks.md, "Jobs held per address")."""
-    if policy.max_concurrent_per_address and active >= policy.max_concurrent_per_address:
-        return Refusal(Reason.TOO_MANY_CONCURRENT, f"{source} already has {active} job(s) running or waiting "
+    if policy.max_concurrent_per_address and held >= policy.max_concurrent_per_address:
+        return Refusal(Reason.TOO_MANY_CONCURRENT, f"{source} already has {held} job(s) running or waiting "
                                                    f"(limit {policy.max_concurrent_per_address} per address)")
     if policy.address_rate_per_minute and arrivals >= policy.address_rate_per_minute:
         return Refusal(Reason.RATE_LIMITED, f"{source} sent {arrivals} jobs in the last minute "

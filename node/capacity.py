@@ -71,7 +71,7 @@ class CapacityTracker:
     def __call__(self) -> CapacityAdvert:
         now_ms = int(time.time() * 1000)
         info = self._info
-        return CapacityAdvert(
+        advert = CapacityAdvert(
             peer_id=self._peer_id,
             listen_addrs=list(self._config.p2p.listen),
             grpc_endpoint=self.grpc_endpoint,
@@ -80,13 +80,19 @@ class CapacityTracker:
                                drafter_digest=info.drafter_digest, max_context=info.max_context)],
             price_per_mtok_micros=self._config.pricing.price_for(info.model_id),
             price_per_gpu_second_micros=self._config.pricing.per_gpu_second_micros,
-            free_slots=0 if self._draining else max(0, self._engine.free_slots),
+            free_slots=max(0, self._engine.free_slots),
             queue_depth=max(0, self._engine.queue_depth),
             tokens_per_second=self.tokens_per_second(),
             sequence=self._next_sequence(now_ms),
             ttl_seconds=self._config.p2p.advert_ttl_s,
             issued_at_ms=now_ms,
             tls_cert_sha256=self.tls_cert_sha256,
-            draining=self._draining,
         )
+        return mark_draining(advert) if self._draining else advert
 
+
+def mark_draining(advert: CapacityAdvert) -> CapacityAdvert:
+    """The advert of a node shutting down: it takes no job, and says so in the field clients check and,
+    for clients built before that field, with no free slot."""
+    advert.draining, advert.free_slots = True, 0
+    return advert

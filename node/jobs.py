@@ -169,12 +169,16 @@ class JobTable:
 
     def progress(self, running: RunningJob) -> job_pb2.SubmitEvent:
         """The heartbeat of a job with nothing else to send, with its place in the engine's line for
-        a slot (which is not the order of admission: slots go to the address holding the fewest). A
-        job not handed to the engine yet is about to be: it is behind the engine's line."""
+        a slot (which is not the order of admission: slots go to the address holding the fewest)."""
         position = self._engine.queue_position(running.request.request_id) if running.in_engine \
-            else self._engine.queue_depth + 1
+            else self.place_in_line()
         return job_pb2.SubmitEvent(progress=job_pb2.JobProgress(queue_position=position,
                                                                 output_tokens=len(running.output)))
+
+    def place_in_line(self) -> int:
+        """Where a job not handed to the engine yet stands, as progress events count: 0 when a slot
+        is free for it, else behind every job waiting (the engine's fair line may put it earlier)."""
+        return 0 if self._engine.free_slots else self._engine.queue_depth + 1
 
     def progress_before_start(self) -> job_pb2.SubmitEvent:
         """The heartbeat of a job still being prepared (its prompt waiting for a tokenizer thread). It

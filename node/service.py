@@ -181,7 +181,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             yield job_pb2.SubmitEvent(accepted=job_pb2.JobAccepted(
                 job_id=job.request.job_id, worker_peer_id=self._policy.worker_peer_id,
-                prompt_tokens=len(generation.prompt_ids), queue_position=self._place_in_line()))
+                prompt_tokens=len(generation.prompt_ids), queue_position=self._jobs.place_in_line()))
             while not finished:
                 try:
                     async with asyncio.timeout(self._heartbeat_s):
@@ -197,11 +197,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 # The client cancelled or its deadline passed (grpc cancels this task or closes
                 # this generator): free the slot; the runner still writes the receipt.
                 self._jobs.cancel(running)
-
-    def _place_in_line(self) -> int:
-        """A job just accepted, as its progress events count (JobTable.progress): 0 when a slot is
-        free for it, else behind every job waiting (the engine's fair line may put it earlier)."""
-        return 0 if self._engine.free_slots else self._engine.queue_depth + 1
 
     async def _prepare_and_register(self, job: SignedJob) -> GenerationRequest | Refusal:
         generation = await self._prepare(job)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from dspark.v1.advert_pb2 import CapacityAdvert
+from node.capacity import mark_draining
 from node.config import NodeConfig
 from node.events import AdvertPublished, AdvertSeen, EventBus, PeerChange
 from node.identity import Identity
@@ -81,8 +82,7 @@ class P2PService:
         """The node is stopping (this service stops first, the running jobs' drain comes next): a
         last advert says so, and clients stop choosing it now rather than when its last advert
         expires (p2p.advert_ttl_s), meanwhile sending it jobs it would refuse as shutting_down."""
-        advert = self._advert()
-        advert.draining, advert.free_slots = True, 0
+        advert = mark_draining(self._advert())
         try:
             async with asyncio.timeout(LEAVING_PUBLISH_S):
                 await self._publish(advert)
