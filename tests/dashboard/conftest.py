@@ -1,4 +1,5 @@
-"""Fixtures for the dashboard tests: tools from Debian packages, installed when missing; GPUs stood in for."""
+"""Fixtures for the dashboard tests: tools from Debian packages, installed when missing; Chromium and a
+page in it; GPUs stood in for."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from .factories import GIB
+from .harness import CHROMIUM_ARGS
 
 
 def debian_tool(binary: str, package: str) -> str:
@@ -53,3 +55,24 @@ def two_gpus(monkeypatch):
                         lambda i: SimpleNamespace(name="NVIDIA H200", total_memory=141 * GIB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: reserved[i])
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: allocated[i])
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A desktop-sized page that records console errors and warnings (tests assert there are none)."""
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    page = context.new_page()
+    page.console_problems = []
+    page.on("console", lambda m: m.type in ("error", "warning") and page.console_problems.append(m.text))
+    page.on("pageerror", lambda e: page.console_problems.append(str(e)))
+    yield page
+    context.close()

@@ -29,6 +29,11 @@ from node.receipts import JobOutcome
 
 from .factories import EngineState, engine_info, engine_round, stats
 
+# Where the browser tests leave their screenshots (not committed), and how they start Debian's Chromium.
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
 
 class NodeUnderTest:
     def __init__(self, data_dir: Path, token: str | None = None, http_listen: str = "127.0.0.1:0",

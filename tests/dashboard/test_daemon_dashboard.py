@@ -16,7 +16,7 @@ import pytest
 from node.client import JobResult, WorkerClient
 from node.identity import Identity
 
-from .test_browser import ARTIFACTS, CHROMIUM_ARGS
+from .harness import ARTIFACTS, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.slow
 # Jobs long enough (seconds each) that the page, which lists active jobs 0.5 s after they are
